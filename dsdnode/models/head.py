@@ -1,0 +1,47 @@
+"""The client's part of the target model: token embeddings, final norm and LM head, no layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from .weights import TensorReader, load_config, materialize, skeleton
+
+
+class Head(nn.Module):
+    def __init__(self, config: PretrainedConfig, embed: nn.Module, norm: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.config, self.embed, self.norm, self.lm_head = config, embed, norm, lm_head
+
+    @classmethod
+    def load(cls, model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> "Head":
+        config = load_config(model_dir)
+        reader = TensorReader(model_dir)
+        borrowed = skeleton(config)
+        embed = materialize(borrowed.model.embed_tokens, reader.with_prefix("model.embed_tokens."), dtype)
+        norm = materialize(borrowed.model.norm, reader.with_prefix("model.norm."), dtype)
+        if reader.has("lm_head.weight"):
+            lm_head = materialize(borrowed.lm_head, reader.with_prefix("lm_head."), dtype)
+        else:  # tied: the output projection is the embedding matrix
+            with torch.device("meta"):
+                lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            lm_head.weight = embed.weight
+        head = cls(config, embed, norm, lm_head)
+        head.loaded_keys = reader.read
+        return head
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> "Head":
+        return cls(model.config, model.model.embed_tokens, model.model.norm, model.lm_head)
+
+    @torch.inference_mode()
+    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
+        return self.embed(torch.tensor([ids]))
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[1, T, H] final hidden states -> [T, V] float32 logits."""
+        return self.lm_head(self.norm(hidden))[0].float()

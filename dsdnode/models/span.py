@@ -1,0 +1,142 @@
+"""A span: decoder layers [start, end) of a model, with a static KV cache per session.
+
+Like gpt-fast, the cache is preallocated and rollback is just moving a position: a block of T new
+positions is written at `commit_len` and everything after it is forgotten in O(1). The layers are
+transformers' own decoder-layer modules, so every Llama/Qwen2-family model works unchanged; we call
+them one by one with an explicit 4-D mask, which lets a block carry any mask (tree verification)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from .weights import TensorReader, load_config, materialize, skeleton
+
+
+class SpanCache:
+    """Keys and values of one session for the layers of one span.
+
+    The attention modules call `update(k, v, layer_idx)`; each writes its block at `write_pos`
+    and attends to everything before it. `length` is the number of valid positions."""
+
+    def __init__(self, config: PretrainedConfig, start: int, end: int, capacity: int, dtype: torch.dtype):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (end - start, 1, config.num_key_value_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype)
+        self.values = torch.zeros(shape, dtype=dtype)
+        self.start = start
+        self.capacity = capacity
+        self.length = 0
+        self.write_pos = 0
+        self.block = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def begin_block(self, commit_len: int, block_len: int) -> None:
+        """Forget everything after commit_len (the rollback) and make room for block_len positions."""
+        if not 0 <= commit_len <= self.length:
+            raise ValueError(f"commit_len {commit_len} is outside the cached 0..{self.length} positions")
+        if commit_len + block_len > self.capacity:
+            raise ValueError(f"{commit_len} cached + {block_len} new positions exceed the session's {self.capacity}")
+        self.write_pos, self.block = commit_len, block_len
+
+    def end_block(self) -> None:
+        self.length = self.write_pos + self.block
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args, **_kwargs):
+        i, end = layer_idx - self.start, self.write_pos + self.block
+        self.keys[i, :, :, self.write_pos:end] = key
+        self.values[i, :, :, self.write_pos:end] = value
+        return self.keys[i, :, :, :end], self.values[i, :, :, :end]
+
+
+def block_mask(commit_len: int, block_len: int, tree_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The [1, 1, T, commit_len+T] boolean mask (True = may attend) for a block.
+
+    Every block position sees the whole committed prefix; within the block, causal order unless a
+    [T, T] tree mask says otherwise. A lone token needs no mask at all."""
+    if tree_mask is None:
+        if block_len == 1:
+            return None
+        tree_mask = torch.ones(block_len, block_len, dtype=torch.bool).tril()
+    prefix = torch.ones(block_len, commit_len, dtype=torch.bool)
+    return torch.cat([prefix, tree_mask.to(torch.bool)], dim=1)[None, None]
+
+
+@dataclass
+class SpanInfo:
+    start: int
+    end: int
+    hidden_size: int
+    num_layers: int  # of the whole model
+
+
+class Span(nn.Module):
+    """Decoder layers [start, end) and the rotary embedding they need."""
+
+    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: nn.ModuleList, rotary: nn.Module):
+        super().__init__()
+        self.config, self.start, self.end = config, start, end
+        self.layers, self.rotary = layers, rotary
+        self.loaded_keys: list[str] = []
+
+    @property
+    def info(self) -> SpanInfo:
+        return SpanInfo(self.start, self.end, self.config.hidden_size, self.config.num_hidden_layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].input_layernorm.weight.dtype
+
+    @classmethod
+    def load(cls, model_dir: Path, start: int, end: int, dtype: torch.dtype = torch.bfloat16) -> "Span":
+        """Read only the tensors of layers [start, end) from a converted model directory."""
+        config = load_config(model_dir)
+        n = config.num_hidden_layers
+        if not 0 <= start < end <= n:
+            raise ValueError(f"layers {start}:{end} are not a span of this {n}-layer model")
+        reader = TensorReader(model_dir)
+        borrowed = skeleton(config)
+        layers = nn.ModuleList()
+        for i in range(start, end):
+            layers.append(materialize(borrowed.model.layers[i], reader.with_prefix(f"model.layers.{i}."), dtype))
+        rotary = type(borrowed.model.rotary_emb)(config=config)
+        span = cls(config, start, end, layers, rotary)
+        span.loaded_keys = reader.read
+        return span
+
+    @classmethod
+    def of_model(cls, model: nn.Module, start: int, end: int) -> "Span":
+        """Layers [start, end) of an already loaded transformers CausalLM (shares its weights)."""
+        return cls(model.config, start, end, model.model.layers[start:end], model.model.rotary_emb)
+
+    def new_cache(self, capacity: int) -> SpanCache:
+        return SpanCache(self.config, self.start, self.end, capacity, self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: SpanCache,
+        commit_len: int,
+        tree_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run a block [1, T, H] after the first commit_len cached positions; append it to the cache."""
+        block_len = hidden.shape[1]
+        cache.begin_block(commit_len, block_len)
+        if position_ids is None:
+            position_ids = torch.arange(commit_len, commit_len + block_len)[None]
+        mask = block_mask(commit_len, block_len, tree_mask)
+        rope = self.rotary(hidden, position_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                           past_key_values=cache, position_embeddings=rope)
+        cache.end_block()
+        return hidden

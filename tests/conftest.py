@@ -1,0 +1,18 @@
+"""Shared fixtures: tiny random models saved as converted model directories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers.tiny_models import save_tiny_model
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_model_dir(request, tmp_path_factory):
+    return save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))

@@ -1,0 +1,102 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dsdnode.models.head import Head
+from dsdnode.models.span import Span
+from tests.helpers.tiny_models import tiny_model
+
+
+def load_whole(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+def chain(model_dir, cuts):
+    bounds = [0, *cuts, load_whole(model_dir).config.num_hidden_layers]
+    return [Span.load(model_dir, a, b, dtype=torch.float32) for a, b in zip(bounds, bounds[1:])]
+
+
+def run_chain(head, spans, caches, ids, commit_len):
+    h = head.embed_tokens(ids)
+    for span, cache in zip(spans, caches):
+        h = span(h, cache, commit_len)
+    return head.logits(h)
+
+
+def test_chain_of_spans_matches_whole_model(tiny_model_dir):
+    whole = load_whole(tiny_model_dir)
+    head = Head.load(tiny_model_dir, dtype=torch.float32)
+    spans = chain(tiny_model_dir, [2, 4])
+    caches = [s.new_cache(64) for s in spans]
+    ids = torch.randint(0, whole.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))[0].tolist()
+
+    prefill = run_chain(head, spans, caches, ids[:12], commit_len=0)
+    with torch.no_grad():
+        ref = whole(torch.tensor([ids])).logits[0]
+    assert (prefill - ref[:12]).abs().max() < 1e-4
+
+    # a block of 5 (as if drafted), then roll back 3 of them and send a different block of 4
+    block = run_chain(head, spans, caches, ids[12:17], commit_len=12)
+    assert (block - ref[12:17]).abs().max() < 1e-4
+    other = [(t + 1) % whole.config.vocab_size for t in ids[14:18]]
+    after = run_chain(head, spans, caches, other, commit_len=14)
+    with torch.no_grad():
+        ref2 = whole(torch.tensor([ids[:14] + other])).logits[0]
+    assert (after - ref2[14:]).abs().max() < 1e-4
+    assert all(c.length == 18 for c in caches)
+
+
+def test_truncate_then_recompute_equals_fresh_run(tiny_model_dir):
+    head = Head.load(tiny_model_dir, dtype=torch.float32)
+    spans = chain(tiny_model_dir, [3])
+    ids = list(range(3, 19))
+    used = [s.new_cache(32) for s in spans]
+    run_chain(head, spans, used, ids[:10], 0)
+    run_chain(head, spans, used, [1, 2, 3, 4, 5], 10)  # junk, rolled back below
+    again = run_chain(head, spans, used, ids[6:], 6)
+    fresh = run_chain(head, spans, [s.new_cache(32) for s in spans], ids, 0)[6:]
+    assert torch.allclose(again, fresh, atol=1e-5)
+
+
+def test_custom_block_mask_is_honoured(tiny_model_dir):
+    """A tree mask where position 2 cannot see position 1 equals running it without position 1."""
+    head = Head.load(tiny_model_dir, dtype=torch.float32)
+    span = Span.load(tiny_model_dir, 0, load_whole(tiny_model_dir).config.num_hidden_layers, dtype=torch.float32)
+    prefix, a, b, c = [5, 6, 7], 11, 12, 13
+    cache = span.new_cache(16)
+    span(head.embed_tokens(prefix), cache, 0)
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)  # b and c both follow a
+    out = span(head.embed_tokens([a, b, c]), cache, 3, tree_mask=tree, position_ids=torch.tensor([[3, 4, 4]]))
+    ref_cache = span.new_cache(16)
+    span(head.embed_tokens(prefix), ref_cache, 0)
+    ref = span(head.embed_tokens([a, c]), ref_cache, 3)
+    assert torch.allclose(head.logits(out)[2], head.logits(ref)[1], atol=1e-5)
+
+
+def test_span_reads_only_its_layers(tiny_model_dir):
+    span = Span.load(tiny_model_dir, 2, 4, dtype=torch.float32)
+    layers = {k.split(".")[2] for k in span.loaded_keys}
+    assert layers == {"2", "3"}
+    assert all(k.startswith("model.layers.") for k in span.loaded_keys)
+    head = Head.load(tiny_model_dir, dtype=torch.float32)
+    assert not any(k.startswith("model.layers.") for k in head.loaded_keys)
+
+
+def test_bad_span_and_overflow_are_clear_errors(tiny_model_dir):
+    with pytest.raises(ValueError, match="not a span"):
+        Span.load(tiny_model_dir, 4, 99)
+    span = Span.load(tiny_model_dir, 0, 2, dtype=torch.float32)
+    cache = span.new_cache(4)
+    h = torch.zeros(1, 3, span.config.hidden_size)
+    span(h, cache, 0)
+    with pytest.raises(ValueError, match="outside the cached"):
+        span(h[:, :1], cache, 5)
+    with pytest.raises(ValueError, match="exceed"):
+        span(h, cache, 3)
+
+
+def test_of_model_shares_weights():
+    model = tiny_model("llama")
+    span = Span.of_model(model, 1, 3)
+    assert span.layers[0] is model.model.layers[1]
