@@ -1,0 +1,186 @@
+"""The generation loop: autoregressive or speculative, over any chain (local or remote).
+
+One round: draft k tokens, embed [last token + drafts], one chain pass with the previous round's
+rollback riding on it (commit_len), verify, commit. Autoregressive decoding is the same loop with
+k = 0, so the baseline and DSD share every line but the drafting. While a block is in flight the
+client drafts the next block on the guess that everything is accepted, and keeps it if the guess
+holds."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..models.head import Head
+from ..spec.controller import ControllerSettings, DraftLengthController, RoundObservation
+from ..spec.draft import Drafter, Proposal, extend, truncate
+from ..spec.importance import AdaptiveSettings, ImportanceScorer
+from ..spec.sampling import SamplingSettings, make_generator
+from ..spec.verify import VerifyResult, verify_adaptive, verify_greedy, verify_sampling
+from .interface import Chain
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 128
+    speculative: bool = True  # False: plain autoregressive decoding (the baseline)
+    overlap: bool = True  # draft the next block while this one is in flight (seeded sampling is
+    # reproducible only without it and with a fixed k: both depend on timing)
+    prefill_chunk: int = 64  # prompt positions sent per chain pass during prefill
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
+    adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+
+
+@dataclass
+class RoundStats:
+    k: int
+    accepted: int
+    relaxed: int
+    round_s: float
+    draft_s: float  # drafting on the critical path (not hidden behind the wait)
+    hop_compute_s: list[float]
+    predrafted: int  # drafts that came from the overlapped guess
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    rounds: list[RoundStats]
+    prefill_s: float
+    decode_s: float
+    stopped: str  # "eos" or "length"
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return sum(r.accepted for r in self.rounds) / max(1, len(self.rounds))
+
+    @property
+    def mean_k(self) -> float:
+        return sum(r.k for r in self.rounds) / max(1, len(self.rounds))
+
+    def summary(self) -> str:
+        return (f"{len(self.tokens)} tokens in {self.decode_s:.2f} s ({self.tokens_per_s:.2f} tok/s), "
+                f"{len(self.rounds)} rounds, mean accepted {self.mean_accepted:.2f}/round, mean k {self.mean_k:.2f}, "
+                f"prefill {self.prefill_s:.2f} s, stopped on {self.stopped}")
+
+
+class _Predraft:
+    """The next block, drafted in a worker thread while the current block is in flight."""
+
+    def __init__(self, drafter: Drafter, context: list[int], k: int):
+        self.stop = threading.Event()
+        self.context = context
+        self.result = Proposal([], None)
+        self.valid = False  # set once verified: did the guess (all accepted + this bonus) hold?
+        self.task = asyncio.get_running_loop().run_in_executor(None, self._run, drafter, k)
+
+    def _run(self, drafter: Drafter, k: int) -> Proposal:
+        got = Proposal([], None)
+        while len(got.tokens) < k and not self.stop.is_set():
+            got = extend(got, drafter.propose(self.context + got.tokens, 1))
+        return got
+
+    async def finish(self) -> Proposal:
+        self.stop.set()
+        return await self.task
+
+
+class Generator:
+    def __init__(self, head: Head, chain: Chain, drafter: Drafter | None, settings: GenerationSettings,
+                 eos_ids: set[int], importance: ImportanceScorer | None = None):
+        if settings.speculative and drafter is None:
+            raise ValueError("speculative decoding needs a drafter")
+        if settings.adaptive.enabled and importance is None:
+            raise ValueError("adaptive verification needs an importance scorer")
+        self.head, self.chain, self.drafter, self.s = head, chain, drafter, settings
+        self.eos_ids, self.importance = eos_ids, importance
+        # verification and drafting run in different threads (overlap): one generator each
+        self.generator = make_generator(settings.sampling)
+        if drafter is not None:
+            draft_seed = None if settings.sampling.seed is None else settings.sampling.seed + 1
+            drafter.sampling = settings.sampling
+            drafter.generator = make_generator(SamplingSettings(settings.sampling.temperature,
+                                                                settings.sampling.top_p, draft_seed))
+
+    async def generate(self, prompt: list[int], on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        s = self.s
+        k_max = s.controller.k_max if s.speculative else 0
+        controller = DraftLengthController(s.controller, self.chain.n_hops)
+        await self.chain.start_session(len(prompt) + s.max_new_tokens + k_max + 1)
+        try:
+            t0 = time.perf_counter()
+            for at in range(0, len(prompt) - 1, s.prefill_chunk):
+                chunk = prompt[at:min(at + s.prefill_chunk, len(prompt) - 1)]
+                await self.chain.forward(self.head.embed_tokens(chunk), at)
+            prefill_s = time.perf_counter() - t0
+            tokens, rounds, stopped = list(prompt), [], "length"
+            predraft: _Predraft | None = None
+            t_decode = time.perf_counter()
+            while len(tokens) - len(prompt) < s.max_new_tokens:
+                remaining = s.max_new_tokens - (len(tokens) - len(prompt))
+                k = min(controller.choose_k(), remaining - 1) if s.speculative else 0
+                t_round = time.perf_counter()
+                proposal, predrafted = await self._take_proposal(tokens, k, predraft)
+                draft_s = time.perf_counter() - t_round
+                forward = asyncio.ensure_future(
+                    self.chain.forward(self.head.embed_tokens([tokens[-1]] + proposal.tokens), len(tokens) - 1))
+                predraft = (_Predraft(self.drafter, tokens + proposal.tokens, k + 1)
+                            if s.speculative and s.overlap and k > 0 else None)
+                try:
+                    out = await forward
+                except BaseException:
+                    if predraft is not None:
+                        await predraft.finish()
+                    raise
+                result = self._verify(proposal, self.head.logits(out.hidden))
+                round_s = time.perf_counter() - t_round
+                if predraft is not None:
+                    predraft.result = await predraft.finish()
+                    predraft.valid = result.accepted == k and predraft.result.tokens[:1] == result.tokens[-1:]
+                new = result.tokens
+                eos_at = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
+                if eos_at is not None:
+                    new, stopped = new[:eos_at], "eos"
+                tokens.extend(new)
+                if on_tokens and new:
+                    on_tokens(new)
+                rounds.append(RoundStats(k, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s, predrafted))
+                if s.speculative:
+                    controller.observe(RoundObservation(k, result.accepted, round_s, draft_s, out.hop_compute_s))
+                if stopped == "eos":
+                    break
+            return GenerationResult(tokens[len(prompt):], rounds, prefill_s, time.perf_counter() - t_decode, stopped)
+        finally:
+            await self.chain.close()
+
+    async def _take_proposal(self, tokens: list[int], k: int, predraft: _Predraft | None) -> tuple[Proposal, int]:
+        """k drafts after tokens: the overlapped guess where it held, the rest drafted now."""
+        have = Proposal([], None)
+        if predraft is not None and predraft.valid:
+            have = truncate(Proposal(predraft.result.tokens[1:],
+                                     None if predraft.result.probs is None else predraft.result.probs[1:]), k)
+        used = len(have.tokens)
+        if used < k:
+            loop = asyncio.get_running_loop()
+            more = await loop.run_in_executor(None, self.drafter.propose, tokens + have.tokens, k - used)
+            have = extend(have, more)
+        return have, used
+
+    def _verify(self, proposal: Proposal, logits) -> VerifyResult:
+        s = self.s
+        if s.adaptive.enabled:
+            return verify_adaptive(proposal.tokens, logits, self.importance, s.adaptive)
+        if s.sampling.greedy:
+            return verify_greedy(proposal.tokens, logits)
+        probs = proposal.probs if proposal.probs is not None else logits[:0]
+        return verify_sampling(proposal.tokens, probs, logits, s.sampling, self.generator)

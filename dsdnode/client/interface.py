@@ -1,0 +1,27 @@
+"""What the generation loop needs from a chain of servers, whether in-process or over libp2p."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class ChainOutput:
+    hidden: torch.Tensor  # [1, T, H] final hidden states of the block
+    hop_compute_s: list[float] = field(default_factory=list)  # per hop, for this block
+
+
+class Chain(Protocol):
+    n_hops: int
+
+    async def start_session(self, max_length: int) -> None:
+        """Open a fresh session (empty KV caches with room for max_length positions) on every hop."""
+
+    async def forward(self, hidden: torch.Tensor, commit_len: int) -> ChainOutput:
+        """Keep the first commit_len cached positions on every hop, run the block through all hops."""
+
+    async def close(self) -> None:
+        """End the session and free the hops' caches."""

@@ -1,0 +1,76 @@
+"""Load what a client holds: tokenizer, the target's head, the whole draft model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ..models.fetch import resolve_model_dir
+from ..models.head import Head
+from ..models.registry import get_entry
+from ..models.span import Span
+from ..models.weights import load_config
+from ..spec.importance import ImportanceScorer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
+
+
+@dataclass
+class ClientModels:
+    tokenizer: PreTrainedTokenizerBase
+    head: Head
+    draft_head: Head | None
+    draft_spans: list[Span]
+    eos_ids: set[int]
+    target_dir: Path
+
+    def importance(self) -> ImportanceScorer:
+        vocab = self.head.config.vocab_size
+        strings = self.tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(self.tokenizer)))))
+        strings += [""] * (vocab - len(strings))
+        return ImportanceScorer([s or "" for s in strings])
+
+
+def default_draft(target: str) -> str | None:
+    try:
+        return get_entry(target).draft
+    except ValueError:
+        return None  # a local directory: no registry pairing
+
+
+def load_client_models(target: str, draft: str | None, dtype: str = "bfloat16") -> ClientModels:
+    target_dir = resolve_model_dir(target)
+    head = Head.load(target_dir, DTYPES[dtype])
+    draft_head, draft_spans = None, []
+    if draft:
+        draft_dir = resolve_model_dir(draft)
+        draft_config = load_config(draft_dir)
+        if draft_config.vocab_size != head.config.vocab_size:
+            raise ValueError(f"draft {draft!r} has a vocabulary of {draft_config.vocab_size} tokens, "
+                             f"the target {head.config.vocab_size}: they must share one")
+        draft_head = Head.load(draft_dir, DTYPES[dtype])
+        draft_spans = [Span.load(draft_dir, 0, draft_config.num_hidden_layers, DTYPES[dtype])]
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    return ClientModels(tokenizer, head, draft_head, draft_spans, eos_ids(tokenizer, head.config), target_dir)
+
+
+def eos_ids(tokenizer: PreTrainedTokenizerBase, config) -> set[int]:
+    ids = set()
+    for value in (config.eos_token_id, tokenizer.eos_token_id):
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in STOP_TOKENS if t in vocab)
+    return ids
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of a user prompt, wrapped in the model's chat template when it has one."""
+    if chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(prompt)["input_ids"]
