@@ -116,6 +116,14 @@ class Span(nn.Module):
         """Layers [start, end) of an already loaded transformers CausalLM (shares its weights)."""
         return cls(model.config, start, end, model.model.layers[start:end], model.model.rotary_emb)
 
+    def sub(self, start: int, end: int) -> "Span":
+        """Layers [start, end) of this span, sharing their weights (a hop may serve part of its span)."""
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"layers {start}:{end} are not inside this span {self.start}:{self.end}")
+        if (start, end) == (self.start, self.end):
+            return self
+        return Span(self.config, start, end, self.layers[start - self.start:end - self.start], self.rotary)
+
     def new_cache(self, capacity: int) -> SpanCache:
         return SpanCache(self.config, self.start, self.end, capacity, self.dtype)
 

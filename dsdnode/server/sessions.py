@@ -1,0 +1,90 @@
+"""The server's inference sessions: one KV cache each, a memory budget, idle expiry.
+
+A session is opened by a client for a sub-range of the server's span with a maximum length; its
+cache is allocated up front, so the budget check at open time is the only place memory can run out
+and a full server answers "busy" instead of failing mid-generation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from ..models.span import Span, SpanCache
+from ..net.p2p import Stream
+from ..net.wire import PeerRef
+
+
+class SessionError(Exception):
+    """Becomes an ErrorReply with this code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Session:
+    session_id: str
+    span: Span
+    cache: SpanCache
+    client: Stream  # where results (last hop) and errors go
+    next_hop: PeerRef | None
+    next_stream: Stream | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one block at a time, in order
+    tokens_served: int = 0
+
+
+def cache_bytes(span: Span, length: int) -> int:
+    config = span.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = span.dtype.itemsize
+    return 2 * (span.end - span.start) * config.num_key_value_heads * head_dim * length * itemsize
+
+
+class SessionTable:
+    def __init__(self, span: Span, budget_bytes: int, max_length: int, idle_s: float):
+        self.span, self.budget, self.max_length, self.idle_s = span, budget_bytes, max_length, idle_s
+        self.sessions: dict[str, Session] = {}
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.cache.nbytes for s in self.sessions.values())
+
+    def free_tokens(self) -> int:
+        """How many more positions (over the whole span) fit in the budget."""
+        per_token = cache_bytes(self.span, 1)
+        return max(0, (self.budget - self.used_bytes) // per_token)
+
+    def open(self, session_id: str, start: int, end: int, max_length: int, client: Stream,
+             next_hop: PeerRef | None) -> Session:
+        if session_id in self.sessions:
+            raise SessionError("malformed", f"session {session_id} is already open")
+        if not self.span.start <= start < end <= self.span.end:
+            raise SessionError("wrong_span", f"this server holds layers {self.span.start}:{self.span.end}, "
+                                             f"not {start}:{end}")
+        if not 0 < max_length <= self.max_length:
+            raise SessionError("too_large", f"max_length must be in 1..{self.max_length}, got {max_length}")
+        span = self.span.sub(start, end)
+        need = cache_bytes(span, max_length)
+        if self.used_bytes + need > self.budget:
+            raise SessionError("busy", f"server is busy: {need >> 20} MiB of KV cache needed, "
+                                       f"{(self.budget - self.used_bytes) >> 20} MiB free; try another server")
+        session = Session(session_id, span, span.new_cache(max_length), client, next_hop)
+        self.sessions[session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionError("unknown_session", f"no open session {session_id!r} on this server")
+        session.last_used = time.monotonic()
+        return session
+
+    def close(self, session_id: str) -> Session | None:
+        return self.sessions.pop(session_id, None)
+
+    def expired(self) -> list[str]:
+        now = time.monotonic()
+        return [sid for sid, s in self.sessions.items() if now - s.last_used > self.idle_s]
