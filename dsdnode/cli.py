@@ -2,41 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 import click
 
-from .config import ConfigError
-from .models.registry import RegistryError
-
-
-class UserError(click.ClickException):
-    """Shown as one line without a traceback."""
-
-
-def run_async(coro):
-    try:
-        import uvloop
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.run(coro)
-
-
-def friendly(fn):
-    """Turn the errors a user can fix (bad names, configs, inputs) into one clear line."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (RegistryError, ConfigError, ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
-        except KeyboardInterrupt:
-            raise click.Abort() from None
-    return wrapper
+from .cli_common import UserError, friendly
 
 
 @click.group()
@@ -45,6 +16,8 @@ def main(verbose: int) -> None:
     """dsdnode: one LLM across volunteer machines, fast over slow links via speculative decoding."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # libp2p logs every failed dial to a departed peer as a warning: routine churn, not news
+    logging.getLogger("libp2p").setLevel(logging.DEBUG if verbose >= 2 else logging.ERROR)
 
 
 @main.group()
@@ -87,9 +60,11 @@ def models_pull(names, source, with_draft) -> None:
         click.echo(f"{name}: {path}")
 
 
-from .cli_generate import generate  # noqa: E402  (registers on `main`)
+from .cli_generate import generate  # noqa: E402
+from .cli_node import start, swarm  # noqa: E402
 
-main.add_command(generate)
+for command in (generate, start, swarm):
+    main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

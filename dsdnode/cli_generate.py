@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import click
 
-from .cli import friendly, run_async
+from .cli_common import friendly, run_async
 
 
 def generation_options(fn):
@@ -85,8 +86,11 @@ def generate(prompt, model, draft, local, hops, link_latency_ms, bootstrap, peer
     if local:
         chain = _local_chain(client.target_dir, hops, link_latency_ms, dtype)
     else:
+        from .cli_node import bootstrap_list
+        from .client.loading import DTYPES
         from .client.swarm_chain import connect_chain
-        chain = connect_chain(model, list(bootstrap), peers_file, link_latency_ms)
+        chain = connect_chain(model, client.head.config, bootstrap_list(bootstrap, peers_file), DTYPES[dtype],
+                              link_latency_ms)
     result = run_async(_generate(client, chain, settings, ids))
     click.echo()
     if stats:
@@ -112,8 +116,8 @@ async def _generate(client, chain, settings, ids):
     from .client.streaming import TextStream
     from .spec.draft import Drafter
 
-    if callable(chain):  # a swarm chain is connected inside the event loop
-        chain = await chain()
+    if asyncio.iscoroutine(chain):  # a swarm chain joins the swarm inside the event loop
+        chain = await chain
     drafter = None
     if settings.speculative:
         capacity = len(ids) + settings.max_new_tokens + settings.controller.k_max + 2
@@ -121,4 +125,8 @@ async def _generate(client, chain, settings, ids):
     importance = client.importance() if settings.adaptive.enabled else None
     stream = TextStream(client.tokenizer, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     gen = Generator(client.head, chain, drafter, settings, client.eos_ids, importance)
-    return await gen.generate(ids, on_tokens=stream.push)
+    try:
+        return await gen.generate(ids, on_tokens=stream.push)
+    finally:
+        if hasattr(chain, "shutdown"):
+            await chain.shutdown()

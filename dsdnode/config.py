@@ -75,11 +75,11 @@ def load_settings(cls: type[T], path: str | Path | None = None, **overrides) -> 
 
 def _coerce(key: str, value, hint, path):
     where = f"{path or 'settings'}: {key}"
-    allowed = typing.get_args(hint) or (hint,)
-    if isinstance(value, (list, tuple)) and any(typing.get_origin(a) is list for a in allowed):
-        if not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} must be a list of strings")
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
         return list(value)
+    allowed = typing.get_args(hint) or (hint,)
     for t in allowed:
         if t is type(None) and value is None:
             return None

@@ -115,8 +115,8 @@ class Generator:
             raise ValueError("the prompt is empty")
         s = self.s
         k_max = s.controller.k_max if s.speculative else 0
-        controller = DraftLengthController(s.controller, self.chain.n_hops)
         await self.chain.start_session(len(prompt) + s.max_new_tokens + k_max + 1)
+        controller = DraftLengthController(s.controller, self.chain.n_hops)  # hops known once routed
         try:
             t0 = time.perf_counter()
             for at in range(0, len(prompt) - 1, s.prefill_chunk):

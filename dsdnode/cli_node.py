@@ -1,0 +1,126 @@
+"""`dsdnode start` (serve layers) and `dsdnode swarm` (who serves what)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import click
+
+from .cli_common import friendly, run_async
+from .config import NodeSettings, load_settings, read_peers_file
+
+log = logging.getLogger(__name__)
+
+
+def bootstrap_list(bootstrap, peers_file) -> list[str]:
+    addrs = list(bootstrap)
+    if peers_file:
+        addrs += read_peers_file(peers_file)
+    return addrs
+
+
+@click.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with a [node] table.")
+@click.option("--model", default=None, help="Model to serve (registry name or directory).")
+@click.option("--layers", default=None,
+              help="START:END, 'auto' for the least-covered span, or 'none' for a DHT-only bootstrap peer.")
+@click.option("--num-layers", type=int, default=None, help="With --layers auto: how many layers to take.")
+@click.option("--host", default=None, help="Listen address (default 127.0.0.1; 0.0.0.0 for all interfaces).")
+@click.option("--port", type=int, default=None, help="Listen port (default: any free port).")
+@click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable).")
+@click.option("--peers", "peers_file", default=None, help="File of bootstrap multiaddrs, one a line.")
+@click.option("--identity", default=None, help="Key file for a stable peer id (created 0600 if missing).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None)
+@click.option("--threads", type=int, default=None, help="torch threads (0: all cores).")
+@click.option("--link-latency-ms", type=float, default=None, help="Emulated delay before every outbound frame.")
+@click.option("--cache-budget-mb", type=int, default=None, help="KV cache memory for all sessions.")
+@click.option("--max-session-length", type=int, default=None)
+@click.option("--announce-interval", "announce_interval_s", type=float, default=None)
+@friendly
+def start(config_file, peers_file, **flags):
+    """Serve a span of a model's layers to the swarm until SIGTERM."""
+    settings = load_settings(NodeSettings, config_file, peers_file=peers_file, **flags)
+    run_async(run_node(settings))
+
+
+async def run_node(s: NodeSettings) -> None:
+    import torch
+
+    from .models.fetch import resolve_model_dir
+    from .models.span import Span
+    from .models.weights import load_config
+    from .net.identity import load_or_create_identity
+    from .net.latency import LinkLatency
+    from .net.p2p import P2PNode
+    from .server.daemon import DTYPES, Server, install_signal_handlers
+    from .server.placement import choose_span, parse_layers
+
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    if s.layers == "none":
+        await run_bootstrap_peer(s)
+        return
+    model_dir = resolve_model_dir(s.model)
+    num_layers = load_config(model_dir).num_hidden_layers
+    if s.layers != "auto":
+        span_range = parse_layers(s.layers, num_layers)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
+                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file),
+                               latency=LinkLatency(s.link_latency_ms))
+    try:
+        if s.layers == "auto":
+            records = await node.dht.discover(s.model) if s.bootstrap or s.peers_file else []
+            span_range = choose_span(records, num_layers, s.num_layers or max(1, num_layers // 4))
+            log.info("--layers auto: chose %d:%d", *span_range)
+        span = Span.load(model_dir, *span_range, dtype=DTYPES[s.dtype])
+        server = Server(node, s.model, span, cache_budget_bytes=s.cache_budget_mb << 20,
+                        max_length=s.max_session_length, max_block=s.max_block, idle_s=s.session_idle_s,
+                        announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s)
+    except BaseException:
+        await node.stop()
+        raise
+    await server.serve(stop)
+
+
+async def run_bootstrap_peer(s: NodeSettings) -> None:
+    """A peer that serves no layers: it only keeps the DHT reachable (a stable public entry point)."""
+    from .net.identity import load_or_create_identity
+    from .net.p2p import P2PNode
+    from .server.daemon import install_signal_handlers
+
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
+                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file))
+    print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap"}), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await node.stop()
+
+
+@click.command()
+@click.option("--model", default="qwen2.5-coder-1.5b", show_default=True)
+@click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable).")
+@click.option("--peers", "peers_file", default=None, help="File of bootstrap multiaddrs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly
+def swarm(model, bootstrap, peers_file, as_json):
+    """Which peers serve which layers of MODEL, and whether every layer is covered."""
+    from .client.routing import describe_swarm
+
+    report = run_async(describe_swarm(model, bootstrap_list(bootstrap, peers_file)))
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    for p in report["peers"]:
+        alive = f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "unreachable"
+        click.echo(f"{p['peer_id']}  layers {p['start']:>3}:{p['end']:<3} {p['throughput']:8.1f} tok/s  "
+                   f"free {p['free_cache_tokens']:>7} tok  {alive}")
+    missing = report["uncovered_layers"]
+    click.echo(f"{report['model']}: {report['num_layers']} layers, "
+               + ("fully covered" if not missing else f"NOT covered: layers {missing}"))

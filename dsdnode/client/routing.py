@@ -1,0 +1,131 @@
+"""Choosing a chain of servers that covers every layer with the least expected round time.
+
+Candidates are the verified span records on the DHT whose peers answer a ping. A hop may serve
+any sub-range of its announced span, so the chain is a shortest path over layer boundaries
+0..L: from boundary p, a server holding layer p reaches any boundary up to its span's end at the
+cost of one link (half its measured RTT) plus its compute for those layers (from the throughput
+it announced). The link back to the client is added at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from dataclasses import dataclass
+
+from ..net.dht import SpanRecord
+from ..net.p2p import P2PNode, PeerInfo
+
+log = logging.getLogger(__name__)
+PING_TIMEOUT_S = 3.0
+
+
+class NoRoute(RuntimeError):
+    """No set of live servers covers every layer."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    record: SpanRecord
+    rtt_s: float
+
+    @property
+    def peer(self) -> PeerInfo:
+        return PeerInfo(self.record.peer_id, tuple(self.record.addrs))
+
+    def compute_s(self, layers: int) -> float:
+        """Decoding cost of `layers` of this span per step (throughput is for the whole span)."""
+        per_span = 1.0 / self.record.throughput if self.record.throughput > 0 else 1.0
+        return per_span * layers / (self.record.end - self.record.start)
+
+
+@dataclass(frozen=True)
+class Hop:
+    candidate: Candidate
+    start: int
+    end: int
+
+
+async def live_candidates(node: P2PNode, model: str, exclude: set[str] = frozenset()) -> list[Candidate]:
+    records = [r for r in await node.dht.discover(model) if r.peer_id not in exclude and r.peer_id != node.peer_id]
+
+    async def ping(rec: SpanRecord) -> Candidate | None:
+        try:
+            return Candidate(rec, await node.ping(PeerInfo(rec.peer_id, tuple(rec.addrs)), timeout=PING_TIMEOUT_S))
+        except Exception as e:
+            log.info("peer %s (layers %d:%d) does not answer: %r", rec.peer_id, rec.start, rec.end, e)
+            return None
+
+    return [c for c in await asyncio.gather(*(ping(r) for r in records)) if c is not None]
+
+
+def best_chain(candidates: list[Candidate], num_layers: int) -> list[Hop]:
+    """Least expected time for one decoding step through all layers (Dijkstra over boundaries)."""
+    best: dict[int, tuple[float, int, list[Hop]]] = {0: (0.0, 0, [])}
+    heap = [(0.0, 0, 0, [])]  # (cost, hops, boundary, chain)
+    while heap:
+        cost, n, p, chain = heapq.heappop(heap)
+        if p == num_layers:
+            return chain
+        if best.get(p, (float("inf"),))[0] < cost:
+            continue
+        for c in candidates:
+            r = c.record
+            if not r.start <= p < r.end:
+                continue
+            for q in range(p + 1, min(r.end, num_layers) + 1):
+                step = c.rtt_s / 2 + c.compute_s(q - p) + (c.rtt_s / 2 if q == num_layers else 0.0)
+                new = (cost + step, n + 1)
+                if new < best.get(q, (float("inf"), 0))[:2]:
+                    best[q] = (*new, chain)
+                    heapq.heappush(heap, (*new, q, chain + [Hop(c, p, q)]))
+    covered = sorted({i for c in candidates for i in range(c.record.start, min(c.record.end, num_layers))})
+    missing = [i for i in range(num_layers) if i not in covered]
+    raise NoRoute(f"no live servers for layers {_ranges(missing)} of {num_layers}" if missing
+                  else "no chain of live servers covers every layer")
+
+
+def _ranges(layers: list[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out)
+
+
+async def describe_swarm(model: str, bootstrap: list[str], num_layers: int | None = None) -> dict:
+    """What `dsdnode swarm` prints: every announced span, its liveness, and layer coverage."""
+    from ..server.placement import coverage
+
+    if not bootstrap:
+        raise ValueError("give --bootstrap or --peers: a swarm is found through one of its peers")
+    node = await P2PNode.start(bootstrap=bootstrap)
+    try:
+        records = await node.dht.discover(model)
+        live = {c.record.peer_id: c.rtt_s for c in await live_candidates(node, model)}
+    finally:
+        await node.stop()
+    if num_layers is None:
+        num_layers = _num_layers(model, records)
+    counts = coverage([r for r in records if r.peer_id in live], num_layers)
+    return {
+        "model": model, "num_layers": num_layers,
+        "uncovered_layers": [i for i, n in enumerate(counts) if n == 0],
+        "coverage": counts,
+        "peers": [{"peer_id": r.peer_id, "start": r.start, "end": r.end, "addrs": r.addrs,
+                   "throughput": r.throughput, "free_cache_tokens": r.free_cache_tokens, "version": r.version,
+                   "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None}
+                  for r in records],
+    }
+
+
+def _num_layers(model: str, records: list[SpanRecord]) -> int:
+    try:
+        from ..models.fetch import resolve_model_dir
+        from ..models.weights import load_config
+        return load_config(resolve_model_dir(model)).num_hidden_layers
+    except Exception:  # model not pulled here: the highest announced layer is the best guess
+        return max((r.end for r in records), default=0)

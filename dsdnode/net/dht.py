@@ -1,0 +1,311 @@
+"""Signed, expiring span records on libp2p's Kademlia DHT.
+
+Membership: every server providing layers of a model is a provider of `provider_key(model)`.
+Metadata: each server stores its SpanRecord under `value_key(model, peer_id)`, signed with
+its libp2p key, so a storing node (and every reader) can check that the record really comes
+from the peer it describes. The storing node fixes the DHT's own expiry at 24 h, so records
+carry their own `expires`; a validator registered with KadDHT refuses forged, expired and
+oversized values, and prefers the most recently issued record for a key.
+
+libp2p's get_value/find_providers answer from the local cache once anything is cached,
+which would hide new servers and updates; discover() therefore always asks the network:
+providers from the peers closest to the key, values from the provider itself plus the
+closest peers in the routing table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import trio
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.peer.id import ID
+from libp2p.records.validator import Validator
+
+if TYPE_CHECKING:
+    from libp2p.kad_dht.kad_dht import KadDHT
+
+    from dsdnode.net.p2p import P2PNode
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "dsdspan"
+MAX_RECORD_BYTES = 4096
+SIGN_DOMAIN = b"dsdnode/span-record/v1\x00"
+WITHDRAW_TTL_S = 600.0  # how long the "no longer serving" marker outlives the withdraw
+PEER_QUERY_TIMEOUT_S = 5.0
+VALUE_REPLICAS_ASKED = 3  # routing-table neighbours asked for a value besides its provider
+
+
+class RecordRejected(ValueError):
+    """A span record failed verification; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class SpanRecord:
+    """A server's offer: decoder layers [start, end) of `model`, reachable at `addrs`.
+
+    start == end marks a withdrawn span. `issued` (unix time, set by DHT.announce) orders
+    records for the same key; `expires` is when readers must stop trusting this record.
+    """
+
+    model: str
+    start: int
+    end: int
+    peer_id: str
+    addrs: list[str]
+    throughput: float
+    free_cache_tokens: int
+    version: str
+    expires: float
+    issued: float = 0.0
+
+    @property
+    def withdrawn(self) -> bool:
+        return self.end <= self.start
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(SpanRecord)}
+
+
+def value_key(model: str, peer_id: str) -> str:
+    """Namespaced DHT key (49 bytes, under the 50-byte limit) for one peer's record of a model."""
+    digest = hashlib.blake2b(f"{model}\x00{peer_id}".encode(), digest_size=20).hexdigest()
+    return f"/{NAMESPACE}/{digest}"
+
+
+def provider_key(model: str) -> bytes:
+    """Provider (membership) key for a model: a sha2-256 multihash of the model name."""
+    return b"\x12\x20" + hashlib.sha256(b"dsdnode/model\x00" + model.encode()).digest()
+
+
+def sign_record(rec: SpanRecord, keypair: KeyPair) -> bytes:
+    """msgpack {record, public_key, signature}; raises RecordRejected if over 4 KB."""
+    body = msgpack.packb(dataclasses.asdict(rec), use_bin_type=True)
+    blob = msgpack.packb(
+        {"record": body, "public_key": keypair.public_key.serialize(),
+         "signature": keypair.private_key.sign(SIGN_DOMAIN + body)},
+        use_bin_type=True,
+    )
+    if len(blob) > MAX_RECORD_BYTES:
+        raise RecordRejected(f"oversized: signed record is {len(blob)} bytes > {MAX_RECORD_BYTES}")
+    return blob
+
+
+def verify_record(blob: bytes, now: float | None = None) -> SpanRecord:
+    """Check size, signature, signer == peer_id and expiry; return the record."""
+    if not isinstance(blob, (bytes, bytearray)):
+        raise RecordRejected(f"malformed: expected bytes, got {type(blob).__name__}")
+    if len(blob) > MAX_RECORD_BYTES:
+        raise RecordRejected(f"oversized: {len(blob)} bytes > {MAX_RECORD_BYTES}")
+    try:
+        outer = msgpack.unpackb(blob, raw=False)
+        body, public_key_bytes, signature = outer["record"], outer["public_key"], outer["signature"]
+        if set(outer) != {"record", "public_key", "signature"} or not all(
+            isinstance(b, bytes) for b in (body, public_key_bytes, signature)
+        ):
+            raise ValueError("envelope must hold exactly record/public_key/signature bytes")
+        public_key = deserialize_public_key(public_key_bytes)
+    except Exception as exc:
+        raise RecordRejected(f"malformed: {exc!r}") from None
+    if not public_key.verify(SIGN_DOMAIN + body, signature):
+        raise RecordRejected("bad signature")
+    rec = _parse_record(body)
+    signer = ID.from_pubkey(public_key).to_base58()
+    if signer != rec.peer_id:
+        raise RecordRejected(f"signer {signer} is not the announced peer {rec.peer_id}")
+    now = time.time() if now is None else now
+    if rec.expires <= now:
+        raise RecordRejected(f"expired at {rec.expires:.0f} (now {now:.0f})")
+    return rec
+
+
+def _parse_record(body: bytes) -> SpanRecord:
+    try:
+        fields = msgpack.unpackb(body, raw=False)
+    except Exception as exc:
+        raise RecordRejected(f"malformed: record is not msgpack: {exc!r}") from None
+    if not isinstance(fields, dict) or set(fields) != set(_FIELD_TYPES):
+        raise RecordRejected("malformed: record fields do not match SpanRecord")
+    for name, value in fields.items():
+        kind = _FIELD_TYPES[name]
+        ok = {
+            "str": isinstance(value, str),
+            "int": type(value) is int,
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            "list[str]": isinstance(value, list) and all(isinstance(a, str) for a in value),
+        }[kind]
+        if not ok:
+            raise RecordRejected(f"malformed: field {name} must be {kind}, got {value!r:.60}")
+    rec = SpanRecord(**fields)
+    if rec.start < 0 or rec.end < rec.start or rec.free_cache_tokens < 0 or rec.throughput < 0:
+        raise RecordRejected(f"malformed: bad span [{rec.start}, {rec.end}) or negative counters")
+    return rec
+
+
+def _newest(records: list[SpanRecord | None]) -> int:
+    """Index of the most recently issued record; on ties the later one (the newer arrival)."""
+    best, best_key = 0, (-math.inf, -math.inf)
+    for i, rec in enumerate(records):
+        key = (rec.issued, rec.expires) if rec is not None else (-math.inf, -math.inf)
+        if key >= best_key:
+            best, best_key = i, key
+    return best
+
+
+class SpanValidator(Validator):
+    """KadDHT validator for /dsdspan/ keys: storing nodes refuse anything verify_record rejects."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        rec = verify_record(value)
+        if key != value_key(rec.model, rec.peer_id):
+            raise RecordRejected(f"key {key} does not belong to {rec.peer_id}'s record of {rec.model}")
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        parsed: list[SpanRecord | None] = []
+        for value in values:
+            try:
+                parsed.append(verify_record(value))
+            except RecordRejected:
+                parsed.append(None)
+        return _newest(parsed)
+
+
+class DHT:
+    """Span announcements for one P2PNode. Methods are asyncio coroutines."""
+
+    def __init__(self, node: P2PNode) -> None:
+        self._node = node
+        self._kad: KadDHT | None = None
+        self._last: dict[str, SpanRecord] = {}
+        self._last_issued = 0.0
+
+    def _attach(self, kad: KadDHT) -> None:
+        """Called on the trio thread once the KadDHT exists."""
+        kad.register_validator(NAMESPACE, SpanValidator())
+        self._kad = kad
+
+    async def announce(self, rec: SpanRecord) -> None:
+        """Publish (or refresh) our record and provider entry; re-announce before `expires`."""
+        if rec.peer_id != self._node.peer_id:
+            raise ValueError(f"record peer_id {rec.peer_id} is not this node ({self._node.peer_id})")
+        self._last_issued = max(time.time(), self._last_issued + 1e-6)
+        rec = dataclasses.replace(rec, issued=self._last_issued, addrs=list(rec.addrs))
+        blob = sign_record(rec, self._node.keypair)
+        verify_record(blob)  # fail here, not on every storing node, if e.g. already expired
+        self._last[rec.model] = rec
+        await self._node._bridge.call(self._t_publish, rec, blob, True)
+
+    async def withdraw(self, model: str) -> None:
+        """Best effort: overwrite our record with a zero-span one so readers drop us at once."""
+        last = self._last.get(model)
+        base = last or SpanRecord(model, 0, 0, self._node.peer_id, list(self._node.addrs), 0.0, 0, "", 0.0)
+        self._last_issued = max(time.time(), self._last_issued + 1e-6)
+        rec = dataclasses.replace(base, start=0, end=0, throughput=0.0, free_cache_tokens=0,
+                                  expires=time.time() + WITHDRAW_TTL_S, issued=self._last_issued)
+        self._last[model] = rec
+        try:
+            await self._node._bridge.call(self._t_publish, rec, sign_record(rec, self._node.keypair), False)
+        except Exception as exc:
+            log.warning("withdrawing %s from the DHT failed: %r", model, exc)
+
+    async def discover(self, model: str) -> list[SpanRecord]:
+        """Live, verified records of every provider of `model` (withdrawn/expired/forged dropped)."""
+        return await self._node._bridge.call(self._t_discover, model)
+
+    # ---- trio side ---------------------------------------------------------------------
+    async def _t_publish(self, rec: SpanRecord, blob: bytes, provide: bool) -> None:
+        kad = self._kad
+        assert kad is not None
+        await kad.put_value(value_key(rec.model, rec.peer_id), blob)
+        key = provider_key(rec.model)
+        if provide:
+            await kad.provider_store.provide(key)
+        else:
+            kad.provider_store.providing_keys.discard(key)
+            kad.provider_store.providers.get(key, {}).pop(self._node.peer_id, None)
+
+    async def _t_discover(self, model: str) -> list[SpanRecord]:
+        kad = self._kad
+        assert kad is not None
+        key = provider_key(model)
+        providers: dict[ID, list[Any]] = {p.peer_id: list(p.addrs) for p in kad.provider_store.get_providers(key)}
+        closest = await kad.peer_routing.find_closest_peers_network(key)
+
+        async def ask_providers(peer: ID) -> None:
+            with trio.move_on_after(PEER_QUERY_TIMEOUT_S):
+                found, _closer = await kad.provider_store._get_providers_from_peer_with_closers(peer, key)
+                for info in found:
+                    providers.setdefault(info.peer_id, []).extend(info.addrs)
+
+        async with trio.open_nursery() as nursery:
+            for peer in closest:
+                if peer != kad.local_peer_id:
+                    nursery.start_soon(ask_providers, peer)
+
+        records: dict[str, SpanRecord] = {}
+
+        async def fetch(peer: ID, addrs: list[Any]) -> None:
+            if addrs:
+                self._node._host.get_peerstore().add_addrs(peer, addrs, 3600)
+            rec = await self._t_fetch_value(model, peer)
+            if rec is not None and not rec.withdrawn:
+                records[rec.peer_id] = rec
+
+        async with trio.open_nursery() as nursery:
+            for peer, addrs in providers.items():
+                nursery.start_soon(fetch, peer, addrs)
+        return sorted(records.values(), key=lambda r: (r.start, r.end, r.peer_id))
+
+    async def _t_fetch_value(self, model: str, peer: ID) -> SpanRecord | None:
+        """Newest valid record of `peer` for `model`: from the peer itself and its replicas."""
+        kad = self._kad
+        assert kad is not None
+        peer_b58 = peer.to_base58()
+        key = value_key(model, peer_b58).encode()
+        blobs: list[tuple[str, bytes]] = []
+        local = kad.value_store.get(key)
+        if local is not None:
+            blobs.append(("local store", local.value))
+        sources = [peer, *kad.routing_table.find_local_closest_peers(key, VALUE_REPLICAS_ASKED)]
+
+        async def ask(source: ID) -> None:
+            with trio.move_on_after(PEER_QUERY_TIMEOUT_S):
+                try:
+                    found = await kad.value_store._get_from_peer(source, key, return_record=True)
+                except Exception as exc:
+                    log.debug("value query to %s failed: %r", source, exc)
+                    return
+                if found is not None:
+                    blobs.append((source.to_base58(), found.value))
+
+        async with trio.open_nursery() as nursery:
+            for source in dict.fromkeys(sources):
+                if source != kad.local_peer_id:
+                    nursery.start_soon(ask, source)
+        valid: list[SpanRecord | None] = []
+        for source, blob in blobs:
+            try:
+                rec = verify_record(blob)
+                if rec.peer_id != peer_b58 or rec.model != model:
+                    raise RecordRejected(f"record of {rec.peer_id}/{rec.model} stored under {peer_b58}/{model}")
+                valid.append(rec)
+            except RecordRejected as exc:
+                log.warning("dropping span record of %s for %s (from %s): %s", peer_b58, model, source, exc.reason)
+        if not valid:
+            if not blobs:
+                log.info("provider %s of %s has no reachable span record", peer_b58, model)
+            return None
+        return valid[_newest(valid)]

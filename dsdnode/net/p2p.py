@@ -1,0 +1,332 @@
+"""The libp2p host of a dsdnode peer, run in a dedicated trio thread, used from asyncio.
+
+The host, its Kademlia DHT (server mode) and every stream live in one thread under
+`trio.run`; asyncio code reaches them through bridge.Bridge (one trio task per operation).
+Stack: TCP + Noise + Yamux only (QUIC measured ~4 MB/s here), at most one connection per
+peer (more made every connect cost >= 250 ms). Streams: see stream.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo as LibPeerInfo
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from dsdnode.net.bridge import Bridge, NodeStopped, StreamClosed
+from dsdnode.net.dht import DHT
+from dsdnode.net.identity import load_or_create_identity
+from dsdnode.net.latency import LinkLatency
+from dsdnode.net.stream import FrameTooLarge, Stream
+
+__all__ = ["FrameTooLarge", "NodeStopped", "P2PNode", "PeerInfo", "PeerUnreachable", "Stream", "StreamClosed"]
+
+log = logging.getLogger(__name__)
+
+PING_PROTOCOL = "/dsdnode/ping/1.0.0"
+START_TIMEOUT = 30.0
+BOOTSTRAP_TIMEOUT = 10.0
+
+
+class _CleanCloseFilter(logging.Filter):
+    """Drop KadDHT's warning for a peer closing its DHT stream normally (every query does)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            str(record.msg).startswith("Failed to read DHT message from stream")
+            and bool(record.args)
+            and isinstance(record.args[0], StreamEOF)  # type: ignore[index]
+        )
+
+
+logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_CleanCloseFilter())
+
+
+class PeerUnreachable(ConnectionError):
+    """Could not connect to the peer or negotiate the protocol in time."""
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """A peer to dial: base58 peer id plus multiaddr strings (a /p2p/<id> suffix is optional)."""
+
+    peer_id: str
+    addrs: tuple[str, ...] = ()
+
+
+class P2PNode:
+    """A libp2p host (TCP + Noise + Yamux, Kademlia in server mode) usable from asyncio.
+
+    Create it with `await P2PNode.start(...)` and use it (and its streams) only from the
+    event loop that started it.
+    """
+
+    def __init__(self, keypair: KeyPair, latency: LinkLatency | None, max_frame_bytes: int) -> None:
+        self.keypair = keypair
+        self.latency = latency
+        self.max_frame_bytes = max_frame_bytes
+        self.peer_id: str = ID.from_pubkey(keypair.public_key).to_base58()
+        self.addrs: list[str] = []
+        self.dht: DHT = DHT(self)
+        self._bridge = Bridge(asyncio.get_running_loop())
+        self._handlers: dict[str, Callable[[Stream], Awaitable[None]]] = {}
+        self._handler_tasks: set[asyncio.Task] = set()
+        self._host: Any = None
+        self._kad: KadDHT | None = None
+        self._stop_event: trio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping: asyncio.Future | None = None
+
+    @classmethod
+    async def start(cls, *, identity: KeyPair | None = None, host: str = "127.0.0.1", port: int = 0,
+                    bootstrap: list[str] | tuple[str, ...] = (), latency: LinkLatency | None = None,
+                    max_frame_bytes: int = 64 * 2**20, announce: list[str] | tuple[str, ...] = ()) -> P2PNode:
+        """Start the host thread, listen, connect to `bootstrap` peers (/ip4/../tcp/../p2p/<id>).
+
+        `announce` replaces the advertised addresses (needed when listening on 0.0.0.0).
+        Unreachable bootstrap peers are logged, not fatal: a node may start before its peers.
+        """
+        listen = multiaddr.Multiaddr(f"/ip4/{host}/tcp/{port}")
+        try:
+            boot = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in bootstrap]
+            announced = [multiaddr.Multiaddr(a) for a in announce]
+        except Exception as exc:
+            raise ValueError(f"bad bootstrap/announce multiaddr (need /ip4/H/tcp/P/p2p/ID): {exc}") from None
+        node = cls(identity or load_or_create_identity(None), latency, max_frame_bytes)
+        ready = node._bridge.loop.create_future()
+        node._thread = threading.Thread(target=node._thread_main, args=(listen, boot, announced, ready),
+                                        name=f"libp2p-{node.peer_id[-6:]}", daemon=True)
+        node._thread.start()
+        try:
+            await asyncio.wait_for(ready, START_TIMEOUT)
+        except BaseException:
+            await node.stop()
+            raise
+        return node
+
+    @property
+    def info(self) -> PeerInfo:
+        """How other peers dial this node."""
+        return PeerInfo(self.peer_id, tuple(self.addrs))
+
+    def set_stream_handler(self, protocol: str, handler: Callable[[Stream], Awaitable[None]]) -> None:
+        """Serve inbound streams of `protocol` with an asyncio coroutine (one task per stream).
+
+        The stream stays open while the handler runs and is closed when it returns or raises.
+        """
+        self._handlers[protocol] = handler
+        if self._bridge.token is not None:
+            self._bridge.notify(lambda: self._register(protocol))
+
+    async def open_stream(self, peer: PeerInfo, protocol: str, timeout: float = 10.0) -> Stream:
+        return await self._bridge.call(self._t_open, peer, protocol, timeout)
+
+    async def ping(self, peer: PeerInfo, timeout: float = 10.0) -> float:
+        """Round-trip time in seconds of one 8-byte echo frame (emulated latency included)."""
+        return await self._bridge.call(self._t_ping, peer, timeout)
+
+    async def stop(self) -> None:
+        """Stop the host and join its thread; safe to call repeatedly and concurrently."""
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+            return
+        self._stopping = self._bridge.loop.create_future()
+        try:
+            for task in list(self._handler_tasks):
+                task.cancel()
+            if self._bridge.token is not None and self._stop_event is not None:
+                self._bridge.notify(self._stop_event.set)
+            if self._thread is not None:
+                await asyncio.to_thread(self._thread.join, 20.0)
+                if self._thread.is_alive():
+                    log.warning("libp2p thread of %s did not stop within 20 s", self.peer_id)
+        finally:
+            self._stopping.set_result(None)
+
+    # ---- trio thread -------------------------------------------------------------------
+    def _thread_main(self, listen: multiaddr.Multiaddr, boot: list[LibPeerInfo],
+                     announce: list[multiaddr.Multiaddr], ready: asyncio.Future) -> None:
+        def fail(exc: BaseException) -> None:
+            if not ready.done():
+                ready.set_exception(exc)
+
+        try:
+            trio.run(self._trio_main, listen, boot, announce, ready)
+        except BaseException as exc:  # report startup failures to the waiting caller
+            log.debug("libp2p thread of %s ended with %r", self.peer_id, exc)
+            try:
+                self._bridge.loop.call_soon_threadsafe(fail, RuntimeError(f"libp2p host failed: {exc!r}"))
+            except RuntimeError:
+                pass
+        finally:
+            self._bridge.token = None
+
+    async def _trio_main(self, listen: multiaddr.Multiaddr, boot: list[LibPeerInfo],
+                         announce: list[multiaddr.Multiaddr], ready: asyncio.Future) -> None:
+        noise = NoiseTransport(self.keypair, noise_privkey=new_x25519_key_pair().private_key)
+        self._host = new_host(
+            key_pair=self.keypair,
+            sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            listen_addrs=[listen],
+            connection_config=ConnectionConfig(max_connections_per_peer=1),
+            announce_addrs=announce or None,
+            disable_identify_address_discovery=True,
+        )
+        self._kad = KadDHT(self._host, DHTMode.SERVER)
+        self.dht._attach(self._kad)
+        self._stop_event = trio.Event()
+        self._host.set_stream_handler(TProtocol(PING_PROTOCOL), self._serve_ping)
+        async with self._host.run([listen]), background_trio_service(self._kad):
+            # The auto-connector dials every peerstore entry, forever, to reach 100
+            # connections; in a small swarm that only means redialing dead peers.
+            self._host.get_network().auto_connector._started = False
+            async with trio.open_nursery() as nursery:
+                self._bridge.nursery = nursery
+                self._bridge.token = trio.lowlevel.current_trio_token()
+                for protocol in list(self._handlers):
+                    self._register(protocol)
+                await self._join(boot)
+                self.addrs = [str(a) for a in self._host.get_addrs()]
+                self._bridge.loop.call_soon_threadsafe(Bridge._deliver, ready, None, None)
+                await self._stop_event.wait()
+                self._bridge.nursery = None
+                nursery.cancel_scope.cancel()
+
+    async def _join(self, boot: list[LibPeerInfo]) -> None:
+        """Connect to bootstrap peers and look ourselves up so they (and we) fill routing tables."""
+        assert self._kad is not None
+        joined = 0
+        for info in boot:
+            with trio.move_on_after(BOOTSTRAP_TIMEOUT):
+                try:
+                    await self._host.connect(info)
+                    await self._kad.add_peer(info.peer_id, skip_server_mode_check=True)
+                    joined += 1
+                except Exception as exc:
+                    log.warning("bootstrap peer %s unreachable: %r", info.peer_id, exc)
+        if joined:
+            with trio.move_on_after(BOOTSTRAP_TIMEOUT):
+                await self._kad.peer_routing.find_closest_peers_network(self._host.get_id().to_bytes())
+        elif boot:
+            log.warning("no bootstrap peer reachable; starting alone")
+
+    def _wrap(self, raw: Any) -> Stream:
+        return Stream(raw, self._bridge, self.latency, self.max_frame_bytes)
+
+    def _register(self, protocol: str) -> None:
+        async def on_stream(raw: Any) -> None:
+            await self._serve(raw, protocol)
+
+        self._host.set_stream_handler(TProtocol(protocol), on_stream)
+
+    async def _serve(self, raw: Any, protocol: str) -> None:
+        """Hand an inbound stream to the asyncio handler; close it when the handler ends."""
+        stream = self._wrap(raw)
+        finished = trio.Event()
+        handler = self._handlers[protocol]
+        token = self._bridge.token
+
+        def done(task: asyncio.Task) -> None:
+            self._handler_tasks.discard(task)
+            try:
+                token.run_sync_soon(finished.set)  # type: ignore[union-attr]
+            except trio.RunFinishedError:
+                pass
+
+        def begin() -> None:
+            task = self._bridge.loop.create_task(self._run_handler(handler, stream, protocol))
+            self._handler_tasks.add(task)
+            task.add_done_callback(done)
+
+        try:
+            self._bridge.loop.call_soon_threadsafe(begin)
+            await finished.wait()
+        except RuntimeError:  # asyncio loop already closed
+            pass
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await stream._t_close()
+
+    @staticmethod
+    async def _run_handler(handler: Callable[[Stream], Awaitable[None]], stream: Stream, protocol: str) -> None:
+        try:
+            await handler(stream)
+        except (StreamClosed, asyncio.CancelledError):
+            pass
+        except (FrameTooLarge, TimeoutError) as exc:
+            log.warning("closing %s stream from %s: %s", protocol, stream.remote_peer_id, exc)
+        except Exception:
+            log.exception("handler for %s from %s failed; closing the stream", protocol, stream.remote_peer_id)
+
+    async def _t_open(self, peer: PeerInfo, protocol: str, timeout: float) -> Stream:
+        try:
+            pid = ID.from_base58(peer.peer_id)
+            addrs = [_without_p2p(multiaddr.Multiaddr(a)) for a in peer.addrs]
+        except Exception as exc:
+            raise ValueError(f"bad peer {peer!r}: {exc}") from None
+        try:
+            with trio.fail_after(timeout):
+                if addrs or pid not in self._host.get_connected_peers():
+                    await self._host.connect(LibPeerInfo(pid, addrs))
+                raw = await self._host.new_stream(pid, [TProtocol(protocol)])
+        except trio.TooSlowError:
+            raise PeerUnreachable(f"no {protocol} stream to {peer.peer_id} within {timeout}s") from None
+        except Exception as exc:
+            raise PeerUnreachable(f"cannot open {protocol} to {peer.peer_id}: {exc!r}") from None
+        return self._wrap(raw)
+
+    async def _t_ping(self, peer: PeerInfo, timeout: float) -> float:
+        stream = await self._t_open(peer, PING_PROTOCOL, timeout)
+        try:
+            with trio.fail_after(timeout):
+                start = trio.current_time()
+                await stream._t_send(b"dsdping!")
+                await stream._t_recv()
+                return trio.current_time() - start
+        except trio.TooSlowError:
+            raise PeerUnreachable(f"ping to {peer.peer_id} timed out after {timeout}s") from None
+        finally:
+            await stream._t_close()
+
+    async def _serve_ping(self, raw: Any) -> None:
+        stream = self._wrap(raw)
+        try:
+            while True:
+                frame = await stream._t_recv(timeout=60.0)
+                if len(frame) > 64:
+                    break
+                await stream._t_send(frame)
+        except (StreamClosed, TimeoutError, FrameTooLarge):
+            pass
+        finally:
+            await stream._t_close()
+
+
+def _without_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
+    """Transport part of a multiaddr (the peerstore wants addresses without /p2p/<id>)."""
+    try:
+        value = addr.value_for_protocol("p2p")
+    except Exception:
+        return addr
+    return addr.decapsulate(multiaddr.Multiaddr(f"/p2p/{value}")) if value else addr

@@ -1,0 +1,163 @@
+"""Framed, full-duplex streams over libp2p (used from asyncio through the bridge).
+
+A frame is a 4-byte big-endian length, then the payload; framing stays on the trio side.
+Each stream has one reader task that moves bytes from the muxer into a bounded buffer, so
+`recv(timeout=...)` can give up at any point without losing bytes (yamux's own read is
+not cancel-safe) and a dead peer surfaces as StreamClosed as soon as the connection drops.
+Emulated link latency is slept in the task writing the frame, so other streams keep flowing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import trio
+from libp2p.network.stream.exceptions import StreamEOF
+
+from dsdnode.net.bridge import Bridge, StreamClosed
+from dsdnode.net.latency import LinkLatency
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 256 * 1024
+READ_AHEAD = 1 << 20  # bytes the reader may buffer beyond what the current recv needs
+DEFAULT_SEND_TIMEOUT = 60.0  # a peer that reads nothing for this long gets its stream reset
+
+
+class FrameTooLarge(ValueError):
+    """A frame longer than max_frame_bytes was sent or announced (the stream is reset)."""
+
+
+class Stream:
+    """A full-duplex framed stream; methods may be used concurrently from several tasks."""
+
+    def __init__(self, raw: Any, bridge: Bridge, latency: LinkLatency | None, max_frame_bytes: int) -> None:
+        # Created on the trio thread (trio primitives below belong to that run).
+        self._bridge = bridge
+        self._latency = latency
+        self._max_frame_bytes = max_frame_bytes
+        self._raw = raw
+        self.remote_peer_id: str = raw.muxed_conn.peer_id.to_base58()
+        self._buf = bytearray()
+        self._need = 0  # bytes the pending recv waits for
+        self._error: str | None = None  # why no more bytes will arrive
+        self._closed = False
+        self._data_ev = trio.Event()
+        self._space_ev = trio.Event()
+        self._send_lock = trio.Lock()
+        self._recv_lock = trio.Lock()
+        self._reader_scope = trio.CancelScope()
+        bridge.nursery.start_soon(self._reader)  # type: ignore[union-attr]
+
+    # ---- asyncio API -------------------------------------------------------------------
+    async def send(self, frame: bytes, timeout: float | None = DEFAULT_SEND_TIMEOUT) -> None:
+        """Write one frame after the emulated link delay; resets the stream on timeout."""
+        await self._bridge.call(self._t_send, frame, timeout)
+
+    async def recv(self, timeout: float | None = None) -> bytes:
+        """Next frame. TimeoutError leaves the stream usable; StreamClosed/FrameTooLarge end it."""
+        return await self._bridge.call(self._t_recv, timeout)
+
+    async def close(self) -> None:
+        """Half-close our side (the peer's recv sees StreamClosed) and stop reading."""
+        await self._bridge.call(self._t_close)
+
+    # ---- trio side ---------------------------------------------------------------------
+    async def _t_send(self, frame: bytes, timeout: float | None = DEFAULT_SEND_TIMEOUT) -> None:
+        if not isinstance(frame, (bytes, bytearray, memoryview)):
+            raise TypeError(f"frame must be bytes, got {type(frame).__name__}")
+        size = len(frame)
+        if size > self._max_frame_bytes:
+            raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame_bytes {self._max_frame_bytes}")
+        if self._closed:
+            raise StreamClosed(f"stream to {self.remote_peer_id} is closed")
+        latency = self._latency
+        if latency is not None:
+            delay = latency.delay_s(self.remote_peer_id)
+            if delay > 0:
+                await trio.sleep(delay)
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            async with self._send_lock:
+                try:
+                    await self._raw.write(size.to_bytes(4, "big") + frame)
+                    return
+                except Exception as exc:
+                    error = exc
+            await self._t_reset()
+            raise StreamClosed(f"send to {self.remote_peer_id} failed: {error!r}") from None
+        await self._t_reset()
+        raise StreamClosed(f"send to {self.remote_peer_id} timed out after {timeout}s; stream reset")
+
+    async def _t_recv(self, timeout: float | None = None) -> bytes:
+        async with self._recv_lock:
+            with trio.move_on_after(math.inf if timeout is None else timeout):
+                await self._fill(4)
+                size = int.from_bytes(self._buf[:4], "big")
+                if size > self._max_frame_bytes:
+                    await self._t_reset()
+                    raise FrameTooLarge(f"peer {self.remote_peer_id} announced a frame of {size} bytes "
+                                        f"> max_frame_bytes {self._max_frame_bytes}; stream reset")
+                await self._fill(4 + size)
+                frame = bytes(self._buf[4 : 4 + size])
+                del self._buf[: 4 + size]
+                self._need = 0
+                self._wake_reader()
+                return frame
+            raise TimeoutError(f"no frame from {self.remote_peer_id} within {timeout}s")
+
+    async def _fill(self, n: int) -> None:
+        """Wait until the buffer holds n bytes (cancel-safe: only waits on events)."""
+        if n > self._need:
+            self._need = n
+            self._wake_reader()
+        while len(self._buf) < n:
+            if self._closed and self._error is None:
+                raise StreamClosed(f"stream to {self.remote_peer_id} is closed")
+            if self._error is not None:
+                raise StreamClosed(f"stream from {self.remote_peer_id} ended: {self._error}")
+            event = self._data_ev
+            await event.wait()
+
+    async def _reader(self) -> None:
+        with self._reader_scope:
+            try:
+                while True:
+                    while len(self._buf) >= self._need + READ_AHEAD:
+                        event = self._space_ev
+                        await event.wait()
+                    chunk = await self._raw.read(READ_CHUNK)
+                    if not chunk:
+                        raise EOFError("end of stream")
+                    self._buf += chunk
+                    self._data_ev.set()
+                    self._data_ev = trio.Event()
+            except Exception as exc:
+                self._error = "EOF" if isinstance(exc, (StreamEOF, EOFError)) else repr(exc)
+        if self._error is None:
+            self._error = "closed locally"
+        self._data_ev.set()
+
+    def _wake_reader(self) -> None:
+        self._space_ev.set()
+        self._space_ev = trio.Event()
+
+    async def _t_close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._reader_scope.cancel()
+        try:
+            await self._raw.close()
+        except Exception as exc:  # already reset by the peer or the connection is gone
+            log.debug("closing stream to %s: %r", self.remote_peer_id, exc)
+
+    async def _t_reset(self) -> None:
+        self._closed = True
+        self._buf.clear()
+        self._reader_scope.cancel()
+        try:
+            await self._raw.reset()
+        except Exception as exc:
+            log.debug("resetting stream to %s: %r", self.remote_peer_id, exc)

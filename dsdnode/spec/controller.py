@@ -1,0 +1,245 @@
+"""Choosing the draft length k for the next round.
+
+Cost model of one round that drafts k tokens and sends k+1 through the chain:
+
+    T(k) = L + (k+1)*c + k*d
+
+L: fixed cost per round (link latencies of the N+1 links, each hop's fixed compute --
+   on CPU a forward over a few tokens is dominated by reading the weights once -- and
+   client overhead); c: compute per extra token summed over hops; d: draft time per token.
+With per-token acceptance a (i.i.d. model) a round yields E(k) = (1 - a^(k+1)) / (1 - a)
+tokens, so we pick k in [1, k_max] maximizing the throughput E(k) / T(k). A long link
+(large L) pays for long blocks; low acceptance makes them wasteful.
+
+Estimation (all online, O(1) per round):
+- a: exponentially-weighted maximum likelihood. A round with k drafts and n accepted has
+  likelihood a^n (1-a)^[n<k] (n successes, one failure unless the block was fully
+  accepted), so the MLE over rounds is sum(n) / (sum(n) + #rounds with a rejection).
+  Both sums decay by (1 - acceptance_ema) per round and start from prior pseudo-counts
+  (prior_weight trials at prior_acceptance), which fade out the same way.
+- d: EMA of draft_s / k.
+- c: weighted least squares of the summed hop compute H against x = k+1 (H = h0 + c*x),
+  with slow forgetting (compute per token is a property of hardware and model). The fit is
+  only trusted when k has varied enough; until then c = H/x (the brief's fallback; it
+  lumps h0 into c and so underestimates the best k), and the controller *probes* k* +- 1
+  now and then to make the slope identifiable. Once identified, the last trusted slope is
+  kept while k sits still.
+- L: h0 plus an EMA of the residual round_s - H - draft_s (links, client, transfers).
+  Latency lives only here, so a latency change never pollutes the compute slope.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Weighted sum of squares of k around its mean needed before the compute slope is trusted
+# (about one probe one step away from the others, seen within the forgetting window).
+_MIN_SXX = 0.5
+# Forgetting factor per round of the compute regression (memory ~ 1 / 0.05 = 20 rounds).
+_COMPUTE_FORGET = 0.05
+
+
+@dataclass
+class RoundObservation:
+    """What one round cost and yielded. hop_compute_s: each hop's compute for the block."""
+
+    k: int
+    accepted: int
+    round_s: float
+    draft_s: float
+    hop_compute_s: list[float]
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """k_max: longest block (bounds wasted work and message size).
+    k_fixed: if set, always use this k (0 = no drafting); estimates still update.
+    k_initial: k of the first round, before any timing is known.
+    prior_acceptance / prior_weight: starting belief about a and how many pseudo-trials it
+        is worth; higher weight = steadier start, slower to believe early rounds.
+    acceptance_ema: per-round forgetting of the acceptance counts; higher tracks topic
+        changes faster but makes a (and so k) noisier.
+    ema: per-round smoothing of draft time and fixed cost; higher reacts faster to a
+        latency change, lower averages out jitter.
+    """
+
+    k_max: int = 8
+    k_fixed: int | None = None
+    k_initial: int = 4
+    prior_acceptance: float = 0.8
+    prior_weight: float = 8.0
+    acceptance_ema: float = 0.1
+    ema: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k_max, int) or self.k_max < 1:
+            raise ValueError(f"k_max must be an int >= 1, got {self.k_max!r}")
+        if self.k_fixed is not None and (not isinstance(self.k_fixed, int) or self.k_fixed < 0):
+            raise ValueError(f"k_fixed must be None or an int >= 0, got {self.k_fixed!r}")
+        if not isinstance(self.k_initial, int) or not 1 <= self.k_initial <= self.k_max:
+            raise ValueError(f"k_initial must be in [1, k_max={self.k_max}], got {self.k_initial!r}")
+        if not 0.0 <= self.prior_acceptance <= 1.0:
+            raise ValueError(f"prior_acceptance must be in [0, 1], got {self.prior_acceptance}")
+        if not self.prior_weight > 0:
+            raise ValueError(f"prior_weight must be > 0, got {self.prior_weight}")
+        for name in ("acceptance_ema", "ema"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {v}")
+
+
+@dataclass(frozen=True)
+class TimingEstimate:
+    """Current cost model: T(k) = fixed_s + (k+1)*token_compute_s + k*draft_token_s."""
+
+    fixed_s: float
+    token_compute_s: float
+    draft_token_s: float
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """E(k) = 1 + a + ... + a^k: tokens per round with k drafts and acceptance a."""
+    if a >= 1.0:
+        return float(k + 1)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def optimal_k(a: float, L: float, c: float, d: float, k_max: int) -> int:
+    """k in [1, k_max] maximizing E(k) / (L + (k+1)c + kd); the smallest k on ties.
+
+    E is concave in k and T affine and positive, so the ratio is unimodal: the scan stops
+    at the first decrease.
+    """
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"acceptance a must be in [0, 1], got {a}")
+    for name, v in (("L", L), ("c", c), ("d", d)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    if not isinstance(k_max, int) or k_max < 1:
+        raise ValueError(f"k_max must be an int >= 1, got {k_max!r}")
+
+    def rate(k: int) -> float:
+        return expected_tokens(a, k) / max(L + (k + 1) * c + k * d, 1e-12)
+
+    best_k, best, prev = 1, rate(1), rate(1)
+    for k in range(2, k_max + 1):
+        r = rate(k)
+        if r < prev:
+            break
+        if r > best:
+            best_k, best = k, r
+        prev = r
+    return best_k
+
+
+class _ComputeFit:
+    """Exponentially weighted least squares H = h0 + c*x, with a fallback when x is constant."""
+
+    def __init__(self) -> None:
+        self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
+        self.trusted_slope: float | None = None
+
+    def add(self, x: float, y: float) -> None:
+        keep = 1.0 - _COMPUTE_FORGET
+        self.s0 = keep * self.s0 + 1.0
+        self.sx = keep * self.sx + x
+        self.sxx = keep * self.sxx + x * x
+        self.sy = keep * self.sy + y
+        self.sxy = keep * self.sxy + x * y
+        if self.spread() >= _MIN_SXX:
+            slope = (self.sxy - self.sx * self.sy / self.s0) / self.spread()
+            self.trusted_slope = max(slope, 0.0)
+
+    def spread(self) -> float:
+        """Weighted sum of squared deviations of x: how well the slope is determined."""
+        return self.sxx - self.sx * self.sx / self.s0 if self.s0 else 0.0
+
+    def fit(self) -> tuple[float, float]:
+        """(h0, c) with 0 <= c <= mean(H)/mean(x), so h0 >= 0."""
+        x_bar, y_bar = self.sx / self.s0, self.sy / self.s0
+        ratio = y_bar / x_bar
+        slope = ratio if self.trusted_slope is None else min(self.trusted_slope, ratio)
+        return y_bar - slope * x_bar, slope
+
+
+class DraftLengthController:
+    """Online estimate of acceptance and round cost; picks k each round (see module doc)."""
+
+    def __init__(self, s: ControllerSettings, n_hops: int):
+        self.s = s
+        self._acc = s.prior_weight * s.prior_acceptance
+        self._rej = s.prior_weight * (1.0 - s.prior_acceptance)
+        self.reset_timing(n_hops)
+
+    def reset_timing(self, n_hops: int) -> None:
+        """Forget the cost model (e.g. after failover to another chain); keep acceptance."""
+        if not isinstance(n_hops, int) or n_hops < 1:
+            raise ValueError(f"n_hops must be an int >= 1, got {n_hops!r}")
+        self.n_hops = n_hops
+        self._compute = _ComputeFit()
+        self._residual: float | None = None
+        self._draft: float | None = None
+        self._last_k: int | None = None
+
+    @property
+    def acceptance(self) -> float:
+        return self._acc / (self._acc + self._rej)
+
+    @property
+    def timing(self) -> TimingEstimate | None:
+        """Current (L, c, d), or None before the first observation."""
+        if self._residual is None:
+            return None
+        h0, c = self._compute.fit()
+        return TimingEstimate(fixed_s=max(h0 + self._residual, 0.0), token_compute_s=c,
+                              draft_token_s=self._draft or 0.0)
+
+    def expected_round_s(self, k: int) -> float:
+        """Predicted T(k) in seconds (NaN before the first observation)."""
+        t = self.timing
+        if t is None:
+            return math.nan
+        return t.fixed_s + (k + 1) * t.token_compute_s + k * t.draft_token_s
+
+    def choose_k(self) -> int:
+        if self.s.k_fixed is not None:
+            return self.s.k_fixed
+        t = self.timing
+        if t is None:
+            return self.s.k_initial
+        k = optimal_k(self.acceptance, t.fixed_s, t.token_compute_s, t.draft_token_s,
+                      self.s.k_max)
+        if self._compute.spread() < _MIN_SXX and self._last_k == k and self.s.k_max > 1:
+            k = k + 1 if k < self.s.k_max else k - 1  # probe: make the compute slope visible
+        return k
+
+    def observe(self, obs: RoundObservation) -> None:
+        """Fold one round into the estimates. Raises ValueError on inconsistent data."""
+        self._validate(obs)
+        keep = 1.0 - self.s.acceptance_ema
+        if obs.k > 0:
+            self._acc = keep * self._acc + obs.accepted
+            self._rej = keep * self._rej + (1.0 if obs.accepted < obs.k else 0.0)
+            per_draft = obs.draft_s / obs.k
+            self._draft = per_draft if self._draft is None else \
+                self._draft + self.s.ema * (per_draft - self._draft)
+        compute = math.fsum(obs.hop_compute_s)
+        self._compute.add(obs.k + 1, compute)
+        residual = obs.round_s - compute - obs.draft_s
+        self._residual = residual if self._residual is None else \
+            self._residual + self.s.ema * (residual - self._residual)
+        self._last_k = obs.k
+
+    def _validate(self, obs: RoundObservation) -> None:
+        if not isinstance(obs.k, int) or obs.k < 0:
+            raise ValueError(f"observation k must be an int >= 0, got {obs.k!r}")
+        if not isinstance(obs.accepted, int) or not 0 <= obs.accepted <= obs.k:
+            raise ValueError(f"accepted must be in [0, k={obs.k}], got {obs.accepted!r}")
+        if len(obs.hop_compute_s) != self.n_hops:
+            raise ValueError(f"expected {self.n_hops} hop compute times, "
+                             f"got {len(obs.hop_compute_s)}")
+        for name, v in (("round_s", obs.round_s), ("draft_s", obs.draft_s),
+                        *(("hop_compute_s", h) for h in obs.hop_compute_s)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite time >= 0, got {v!r}")

@@ -1,0 +1,243 @@
+"""Run a dsdnode P2PNode in its own process, for network tests with real processes.
+
+Parent side: `NodeProcess.start(**config)` spawns `python p2p_node.py '<json config>'`,
+waits for its READY line and exposes `peer_id`, `addrs`, `peer_info`, `request(op, ...)`
+(JSON-lines RPC over stdin/stdout), `kill()` (SIGKILL, to test peer death) and `stop()`.
+
+Child side (this file run as a script): starts a node on uvloop with the test protocols
+below and serves requests: announce / withdraw / discover (DHT), ping, forge (inject a
+forged span record, for validator tests), stop.
+
+Config keys: port, bootstrap (list of multiaddrs), latency_ms, max_frame_bytes,
+identity (key file path or null).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+ECHO = "/dsdtest/echo/1"  # echoes every frame
+DUPLEX = "/dsdtest/duplex/1"  # sends 5 "tick-i" frames while echoing "echo:"+frame
+BLOB = "/dsdtest/blob/1"  # answers a frame holding a decimal N with N bytes
+RAISE = "/dsdtest/raise/1"  # reads one frame, then raises inside the handler
+DUPLEX_TICKS = 5
+READY_TIMEOUT_S = 30.0
+
+
+class NodeProcess:
+    """A node running in a child process; use as a context manager or call stop()."""
+
+    def __init__(self, proc: subprocess.Popen, ready: dict[str, Any]) -> None:
+        self.proc = proc
+        self.peer_id: str = ready["peer_id"]
+        self.addrs: list[str] = ready["addrs"]
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    @classmethod
+    def start(cls, **config: Any) -> NodeProcess:
+        proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), json.dumps(config)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        line = _readline_before(proc, deadline)
+        if not line.startswith("READY "):
+            proc.kill()
+            raise RuntimeError(f"node process did not start (exit {proc.poll()}): {line!r}")
+        return cls(proc, json.loads(line[len("READY "):]))
+
+    @property
+    def peer_info(self) -> Any:
+        from dsdnode.net.p2p import PeerInfo
+
+        return PeerInfo(self.peer_id, tuple(self.addrs))
+
+    def request(self, op: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply; raises RuntimeError on a child error."""
+        with self._lock:
+            self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+            try:
+                line = self._lines.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"node {self.peer_id} gave no answer to {op} in {timeout}s") from None
+        if line is None:
+            raise RuntimeError(f"node {self.peer_id} exited (code {self.proc.poll()}) during {op}")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise RuntimeError(f"{op} failed in node {self.peer_id}: {reply.get('error')}")
+        return reply
+
+    async def arequest(self, op: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+        """request() without blocking the caller's event loop."""
+        return await asyncio.to_thread(self.request, op, timeout, **args)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.request("stop", timeout=10)
+            except Exception:
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    def __enter__(self) -> NodeProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self._lines.put(line)
+        self._lines.put(None)
+
+
+def _readline_before(proc: subprocess.Popen, deadline: float) -> str:
+    box: list[str] = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(max(0.0, deadline - time.monotonic()))
+    return box[0] if box else ""
+
+
+# ---- child process ------------------------------------------------------------------------
+async def _child(config: dict[str, Any]) -> None:
+    from dsdnode.net.dht import SpanRecord
+    from dsdnode.net.identity import load_or_create_identity
+    from dsdnode.net.latency import LinkLatency
+    from dsdnode.net.p2p import P2PNode, PeerInfo
+
+    node = await P2PNode.start(
+        identity=load_or_create_identity(config.get("identity")),
+        port=config.get("port", 0),
+        bootstrap=config.get("bootstrap", []),
+        latency=LinkLatency(config.get("latency_ms", 0.0)),
+        max_frame_bytes=config.get("max_frame_bytes", 64 * 2**20),
+    )
+    for protocol, handler in _HANDLERS.items():
+        node.set_stream_handler(protocol, handler)
+    print("READY " + json.dumps({"peer_id": node.peer_id, "addrs": node.addrs}), flush=True)
+
+    async def handle(req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        if op == "announce":
+            await node.dht.announce(SpanRecord(**{"peer_id": node.peer_id, "addrs": node.addrs, **req["record"]}))
+        elif op == "withdraw":
+            await node.dht.withdraw(req["model"])
+        elif op == "discover":
+            return {"records": [dataclasses.asdict(r) for r in await node.dht.discover(req["model"])]}
+        elif op == "ping":
+            return {"rtt": await node.ping(PeerInfo(req["peer_id"], tuple(req["addrs"])))}
+        elif op == "forge":
+            return {"remote_accepted": await _forge(node, req["model"], req["kind"])}
+        elif op != "stop":
+            raise ValueError(f"unknown op {op!r}")
+        return {}
+
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            break
+        req = json.loads(line)
+        try:
+            reply = {"ok": True, **await handle(req)}
+        except Exception as exc:
+            reply = {"ok": False, "error": repr(exc)}
+        print(json.dumps(reply), flush=True)
+        if req["op"] == "stop":
+            break
+    await node.stop()
+
+
+async def _forge(node: Any, model: str, kind: str) -> int:
+    """Provide `model` with a bad record under our own value key, bypassing local validation.
+
+    kind "wrong_signer": the record claims another (fresh) peer id but is signed by us.
+    kind "expired": our own record, correctly signed, but expired an hour ago.
+    Also pushes the blob to every connected peer; returns how many stored it (should be 0).
+    """
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    from dsdnode.net.dht import SpanRecord, provider_key, sign_record, value_key
+
+    claimed = ID.from_pubkey(create_new_key_pair().public_key).to_base58() if kind == "wrong_signer" else node.peer_id
+    expires = time.time() - 3600 if kind == "expired" else time.time() + 3600
+    rec = SpanRecord(model, 0, 4, claimed, node.addrs, 100.0, 1000, "forged", expires, time.time())
+    blob = sign_record(rec, node.keypair)
+    key = value_key(model, node.peer_id).encode()
+
+    async def inject() -> int:
+        kad = node._kad
+        kad.value_store.put(key, blob)
+        await kad.provider_store.provide(provider_key(model))
+        accepted = 0
+        for peer in node._host.get_connected_peers():
+            accepted += bool(await kad.value_store._store_at_peer(peer, key, blob))
+        return accepted
+
+    return await node._bridge.call(inject)
+
+
+async def _echo(stream: Any) -> None:
+    while True:
+        await stream.send(await stream.recv())
+
+
+async def _duplex(stream: Any) -> None:
+    async def ticker() -> None:
+        for i in range(DUPLEX_TICKS):
+            await stream.send(f"tick-{i}".encode())
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(ticker())
+    try:
+        while True:
+            frame = await stream.recv()
+            await stream.send(b"echo:" + frame)
+    finally:
+        await task
+
+
+async def _blob(stream: Any) -> None:
+    while True:
+        await stream.send(b"b" * int(await stream.recv()))
+
+
+async def _raise(stream: Any) -> None:
+    await stream.recv()
+    raise RuntimeError("handler failure injected by the test")
+
+
+_HANDLERS = {ECHO: _echo, DUPLEX: _duplex, BLOB: _blob, RAISE: _raise}
+
+if __name__ == "__main__":
+    import logging
+
+    import uvloop
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s child %(levelname)s %(name)s: %(message)s")
+    uvloop.run(_child(json.loads(sys.argv[1])))

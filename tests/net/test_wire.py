@@ -1,0 +1,204 @@
+"""Wire codec: round trips, every validation error code, and garbage that must not crash."""
+
+import random
+
+import msgpack
+import pytest
+import torch
+
+from dsdnode.net.wire import (
+    CloseSession,
+    ErrorReply,
+    Forward,
+    ForwardResult,
+    HopTiming,
+    OpenSession,
+    PeerRef,
+    SessionOpened,
+    TensorPayload,
+    WireError,
+    WireLimits,
+    decode,
+    encode,
+)
+
+HIDDEN = 16
+LIMITS = WireLimits(hidden_size=HIDDEN, max_block=8, max_length=1024, max_frame_bytes=1 << 20)
+
+
+def hidden(t=4, dtype=torch.float32):
+    return TensorPayload.from_torch(torch.randn(1, t, HIDDEN).to(dtype))
+
+
+def mask(t=4, commit=3):
+    return TensorPayload.from_torch(torch.tril(torch.ones(t, commit + t, dtype=torch.bool), diagonal=commit))
+
+
+def forward(**changes):
+    fields = dict(session_id="s1", step_id=7, commit_len=3, hidden=hidden(), attention_mask=mask(),
+                  timings=[HopTiming("peerA", 1.5, 0.25, 2.0)])
+    fields.update(changes)
+    return Forward(**fields)
+
+
+MESSAGES = [
+    OpenSession("s1", "qwen-1.5b", 0, 14, 512, PeerRef("peerB", ["/ip4/127.0.0.1/tcp/1/p2p/peerB"]), "bfloat16"),
+    OpenSession("s1", "qwen-1.5b", 14, 28, 512, None, "float32"),
+    SessionOpened("s1", "peerA"),
+    forward(),
+    forward(attention_mask=None, timings=[]),
+    ForwardResult("s1", 7, hidden(dtype=torch.float16), [HopTiming("a", 1.0, 0.1, 1.2), HopTiming("b", 1.3, 0.1, 1.5)]),
+    CloseSession("s1"),
+    ErrorReply("busy", "no free cache", "s1", 7),
+    ErrorReply("internal", "boom"),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    assert decode(encode(msg), LIMITS) == msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+def test_tensor_round_trip_is_exact(dtype):
+    t = (torch.randn(2, 3, 5) * 100).to(dtype)
+    out = TensorPayload.from_torch(t).to_torch()
+    assert out.dtype == dtype and torch.equal(out, t)
+    empty = TensorPayload.from_torch(torch.empty(1, 0, 4, dtype=dtype)).to_torch()
+    assert empty.shape == (1, 0, 4)
+
+
+def test_unsupported_torch_dtype():
+    with pytest.raises(WireError) as err:
+        TensorPayload.from_torch(torch.zeros(2, dtype=torch.int32))
+    assert err.value.code == "bad_dtype"
+
+
+def raw(msg, **overrides):
+    """The msgpack map of a message with some keys replaced (or deleted when set to ...)."""
+    body = msgpack.unpackb(encode(msg))
+    for key, value in overrides.items():
+        if value is ...:
+            del body[key]
+        else:
+            body[key] = value
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def code_of(frame, limits=LIMITS):
+    with pytest.raises(WireError) as err:
+        decode(frame, limits)
+    assert err.value.message  # human-readable
+    return err.value.code
+
+
+def tensor(dtype="float32", shape=(1, 4, HIDDEN), data=None, itemsize=4):
+    n = 1
+    for d in shape:
+        n *= d
+    return {"dtype": dtype, "shape": list(shape), "data": data if data is not None else b"\0" * (n * itemsize)}
+
+
+def test_malformed():
+    fwd = forward()
+    assert code_of(b"\xc1") == "malformed"
+    assert code_of(msgpack.packb([1, 2, 3])) == "malformed"
+    assert code_of(raw(fwd, type="nope")) == "malformed"
+    assert code_of(raw(fwd, type=...)) == "malformed"
+    assert code_of(raw(fwd, step_id=...)) == "malformed"  # missing field
+    assert code_of(raw(fwd, extra=1)) == "malformed"  # extra field
+    assert code_of(raw(fwd, step_id="7")) == "malformed"  # mistyped
+    assert code_of(raw(fwd, step_id=True)) == "malformed"  # bool is not an int
+    assert code_of(raw(fwd, step_id=-1)) == "malformed"
+    assert code_of(raw(fwd, commit_len=-1)) == "malformed"
+    assert code_of(raw(fwd, timings=[{"peer_id": "a"}])) == "malformed"
+    assert code_of(raw(fwd, hidden="tensor")) == "malformed"
+    assert code_of(raw(MESSAGES[0], end=0)) == "malformed"  # empty span
+    assert code_of(raw(MESSAGES[7], code="teapot")) == "malformed"
+    assert code_of(encode(fwd) + b"\x00") == "malformed"  # trailing bytes
+
+
+def test_too_large():
+    fwd = forward()
+    assert code_of(encode(fwd), WireLimits(hidden_size=HIDDEN, max_frame_bytes=100)) == "too_large"
+    assert code_of(raw(fwd, hidden=tensor(shape=(1, 9, HIDDEN)), attention_mask=None)) == "too_large"
+    assert code_of(raw(fwd, commit_len=1021, attention_mask=None)) == "too_large"  # 1021 + 4 > 1024
+    assert code_of(raw(MESSAGES[0], max_length=1025)) == "too_large"
+
+
+def test_bad_dtype():
+    fwd = forward()
+    assert code_of(raw(fwd, hidden=tensor(dtype="int64", itemsize=8))) == "bad_dtype"
+    assert code_of(raw(fwd, hidden=tensor(dtype="float64", itemsize=8))) == "bad_dtype"
+    assert code_of(raw(fwd, attention_mask=tensor(dtype="float32", shape=(4, 7)))) == "bad_dtype"
+    assert code_of(raw(MESSAGES[0], dtype="int8")) == "bad_dtype"
+
+
+def test_bad_shape():
+    fwd = forward()
+    assert code_of(raw(fwd, hidden=tensor(shape=(1, 4, HIDDEN + 1)))) == "bad_shape"
+    assert code_of(raw(fwd, hidden=tensor(shape=(2, 4, HIDDEN)))) == "bad_shape"
+    assert code_of(raw(fwd, hidden=tensor(shape=(4, HIDDEN)))) == "bad_shape"
+    assert code_of(raw(fwd, hidden=tensor(shape=(1, 0, HIDDEN)), attention_mask=None)) == "bad_shape"
+    assert code_of(raw(fwd, hidden=tensor(data=b"\0" * 10))) == "bad_shape"  # data length != shape
+    assert code_of(raw(fwd, attention_mask=tensor(dtype="bool", shape=(4, 6), itemsize=1))) == "bad_shape"
+    assert code_of(raw(fwd, attention_mask=tensor(dtype="bool", shape=(4, 7), data=b"\0" * 27))) == "bad_shape"
+    # Without a configured hidden size any width is accepted.
+    assert decode(raw(fwd, hidden=tensor(shape=(1, 4, 8))), WireLimits()).hidden.shape == (1, 4, 8)
+
+
+def test_mask_values_must_be_boolean():
+    assert code_of(raw(forward(), attention_mask=tensor(dtype="bool", shape=(4, 7), data=b"\x02" * 28))) == "malformed"
+
+
+def test_encode_rejects_non_messages():
+    with pytest.raises(TypeError):
+        encode({"type": "forward"})
+
+
+def random_obj(rng, depth=0):
+    kinds = ["int", "str", "bytes", "float", "none", "bool"] + (["list", "map"] if depth < 4 else [])
+    kind = rng.choice(kinds)
+    if kind == "int":
+        return rng.choice([0, -1, 1, 2**63 - 1, -(2**63), rng.randint(-1000, 1000)])
+    if kind == "str":
+        return rng.choice(["type", "forward", "hidden", "float32", "", "session_id", "x" * 300])
+    if kind == "bytes":
+        return rng.randbytes(rng.randint(0, 40))
+    if kind == "float":
+        return rng.choice([0.0, -1.5, float("inf"), float("nan"), 1e308])
+    if kind == "none":
+        return None
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "list":
+        return [random_obj(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {rng.choice(["type", "hidden", "dtype", "shape", "data", "k"]): random_obj(rng, depth + 1)
+            for _ in range(rng.randint(0, 5))}
+
+
+def test_garbage_only_raises_wire_error():
+    rng = random.Random(1234)
+    valid = [encode(m) for m in MESSAGES]
+    frames = [rng.randbytes(rng.randint(0, 200)) for _ in range(1500)]
+    frames += [v[: rng.randint(0, len(v))] for v in valid for _ in range(100)]  # truncated
+    for v in valid:  # bit flips
+        for _ in range(150):
+            b = bytearray(v)
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            frames.append(bytes(b))
+    frames += [msgpack.packb(random_obj(rng), use_bin_type=True) for _ in range(1500)]
+    for tag in ("forward", "open_session", "forward_result", "error"):  # right tag, random fields
+        for _ in range(300):
+            body = random_obj(rng) if rng.random() < 0.2 else {}
+            body = body if isinstance(body, dict) else {}
+            body["type"] = tag
+            frames.append(msgpack.packb(body, use_bin_type=True))
+    decoded = 0
+    for frame in frames:
+        try:
+            decode(frame, LIMITS)
+            decoded += 1
+        except WireError as exc:
+            assert exc.code in {"malformed", "too_large", "bad_dtype", "bad_shape"}
+    assert decoded < len(frames)

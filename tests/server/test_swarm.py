@@ -1,0 +1,148 @@
+"""A real swarm on loopback: bootstrap peer + servers in separate processes, the client here.
+
+The client must produce exactly the greedy tokens of the in-process chain, survive a server that
+is killed mid-generation, and the servers must reject bad input with clear errors and keep serving."""
+
+import asyncio
+import os
+
+import pytest
+import torch
+
+from dsdnode.bench.swarm import LocalSwarm
+from dsdnode.client.generate import GenerationSettings, Generator
+from dsdnode.client.local import LocalChain
+from dsdnode.client.swarm_chain import RemoteChain
+from dsdnode.models.head import Head
+from dsdnode.models.span import Span
+from dsdnode.net.p2p import P2PNode, PeerInfo
+from dsdnode.net.wire import ErrorReply, Forward, OpenSession, SessionOpened, TensorPayload, WireLimits, decode, encode
+from dsdnode.server.daemon import PROTOCOL
+from dsdnode.spec.controller import ControllerSettings
+from dsdnode.spec.draft import Drafter
+
+pytestmark = pytest.mark.heavy
+SPANS = [(0, 10), (10, 20), (10, 20), (20, 30)]  # layers 10:20 twice: one may die
+PROMPT = "def fibonacci(n):\n    "
+
+
+@pytest.fixture(scope="module")
+def swarm(smollm2_dir, tmp_path_factory):
+    with LocalSwarm("smollm2-135m", SPANS, tmp_path_factory.mktemp("swarm"), dtype="float32") as sw:
+        yield sw
+
+
+@pytest.fixture(scope="module")
+def client_parts(smollm2_dir):
+    from transformers import AutoTokenizer
+    head = Head.load(smollm2_dir, torch.float32)
+    draft_span = Span.load(smollm2_dir, 0, 22, torch.float32)  # the target minus 8 layers: a weak draft
+    ids = AutoTokenizer.from_pretrained(smollm2_dir)(PROMPT)["input_ids"]
+    return head, draft_span, ids
+
+
+def settings(n=40):
+    return GenerationSettings(max_new_tokens=n, controller=ControllerSettings(k_fixed=4))
+
+
+def run(chain, client_parts, n=40, on_tokens=None):
+    head, draft_span, ids = client_parts
+    drafter = Drafter(head, [draft_span], 256, settings(n).sampling)
+    return Generator(head, chain, drafter, settings(n), eos_ids=set()).generate(ids, on_tokens)
+
+
+async def remote_chain(swarm, head):
+    node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs)
+    return RemoteChain(node, "smollm2-135m", 30, head.config.hidden_size, dtype=torch.float32)
+
+
+def test_swarm_generates_the_in_process_tokens(swarm, client_parts, smollm2_dir):
+    local = LocalChain([Span.load(smollm2_dir, a, b, torch.float32) for a, b in [(0, 10), (10, 20), (20, 30)]])
+    expected = asyncio.run(run(local, client_parts)).tokens
+
+    async def remote():
+        chain = await remote_chain(swarm, client_parts[0])
+        try:
+            result = await run(chain, client_parts)
+            return result, chain.route
+        finally:
+            await chain.shutdown()
+    result, route = asyncio.run(remote())
+    assert result.tokens == expected
+    assert [(a, b) for _, a, b in route] == [(0, 10), (10, 20), (20, 30)]
+    assert all(len(r.hop_compute_s) == 3 for r in result.rounds)
+
+
+def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_parts):
+    server = swarm.servers[0]
+    hidden = client_parts[0].config.hidden_size
+
+    async def probe():
+        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs)
+        peer = PeerInfo(server.peer_id, tuple(server.info["addrs"]))
+        try:
+            replies = {}
+            cases = {
+                "garbage": b"\x00\xffnot msgpack",
+                "unknown_session": encode(Forward("nope", 1, 0, TensorPayload.from_torch(torch.zeros(1, 2, hidden)), None, [])),
+                "wrong_shape": encode(Forward("nope", 1, 0, TensorPayload.from_torch(torch.zeros(1, 2, hidden + 1)), None, [])),
+                "wrong_dtype": encode(Forward("nope", 1, 0, TensorPayload.from_torch(torch.zeros(1, 2, hidden, dtype=torch.int64)), None, [])),
+                "wrong_span": encode(OpenSession("s1", "smollm2-135m", 0, 25, 64, None, "float32")),
+                "too_long": encode(OpenSession("s2", "smollm2-135m", 0, 10, 10**9, None, "float32")),
+            }
+            for name, frame in cases.items():
+                stream = await node.open_stream(peer, PROTOCOL)
+                await stream.send(frame)
+                replies[name] = decode(await stream.recv(timeout=20), WireLimits())
+                await stream.close()
+            # an oversized frame: the stream is reset, the node lives on
+            stream = await node.open_stream(peer, PROTOCOL)
+            try:
+                await stream.send(b"x" * (65 * 2**20), timeout=20)
+                await stream.recv(timeout=20)
+            except Exception:
+                pass
+            # ... and still opens sessions and computes
+            stream = await node.open_stream(peer, PROTOCOL)
+            await stream.send(encode(OpenSession("ok", "smollm2-135m", 0, 10, 64, None, "float32")))
+            opened = decode(await stream.recv(timeout=20), WireLimits())
+            await stream.send(encode(Forward("ok", 1, 0, TensorPayload.from_torch(torch.randn(1, 3, hidden)), None, [])))
+            result = decode(await stream.recv(timeout=20), WireLimits())
+            return replies, opened, result
+        finally:
+            await node.stop()
+
+    replies, opened, result = asyncio.run(probe())
+    assert all(isinstance(r, ErrorReply) for r in replies.values())
+    codes = {name: r.code for name, r in replies.items()}
+    assert codes == {"garbage": "malformed", "unknown_session": "unknown_session", "wrong_shape": "bad_shape",
+                     "wrong_dtype": "bad_dtype", "wrong_span": "wrong_span", "too_long": "too_large"}
+    assert "layers 0:10" in replies["wrong_span"].message
+    assert isinstance(opened, SessionOpened)
+    assert result.hidden.shape == (1, 3, hidden) and result.timings[0].peer_id == server.peer_id
+    assert server.alive()
+
+
+def test_killed_server_mid_generation_gives_the_same_output(swarm, client_parts, smollm2_dir):
+    local = LocalChain([Span.load(smollm2_dir, a, b, torch.float32) for a, b in [(0, 10), (10, 20), (20, 30)]])
+    expected = asyncio.run(run(local, client_parts, n=48)).tokens
+
+    async def remote():
+        chain = await remote_chain(swarm, client_parts[0])
+        seen = []
+
+        def kill_middle_hop(tokens):
+            seen.extend(tokens)
+            if len(seen) >= 12 and not chain.failovers and chain.legs:
+                victim = next(s for s in swarm.servers if s.peer_id == chain.route[1][0])
+                swarm.kill(victim)
+        try:
+            result = await run(chain, client_parts, n=48, on_tokens=kill_middle_hop)
+            return result, chain
+        finally:
+            await chain.shutdown()
+    result, chain = asyncio.run(remote())
+    assert chain.failovers >= 1
+    assert result.tokens == expected
+    alive_middle = [s for s in swarm.servers if s.info["start"] == 10 and s.alive()]
+    assert len(alive_middle) == 1 and chain.route[1][0] == alive_middle[0].peer_id
