@@ -61,9 +61,10 @@ def models_pull(names, source, with_draft) -> None:
 
 
 from .cli_generate import generate  # noqa: E402
+from .cli_demo import demo  # noqa: E402
 from .cli_node import start, swarm  # noqa: E402
 
-for command in (generate, start, swarm):
+for command in (generate, start, swarm, demo):
     main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover

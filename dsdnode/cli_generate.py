@@ -112,21 +112,28 @@ def _local_chain(target_dir, hops, link_latency_ms, dtype):
 
 
 async def _generate(client, chain, settings, ids):
+    if asyncio.iscoroutine(chain):  # a swarm chain joins the swarm inside the event loop
+        chain = await chain
+    try:
+        return await run_generation(client, chain, settings, ids, sys.stdout)
+    finally:
+        if hasattr(chain, "shutdown"):
+            await chain.shutdown()
+
+
+async def run_generation(client, chain, settings, ids, out=None):
+    """One generation over `chain` with a fresh drafter, streaming text to `out` if given."""
     from .client.generate import Generator
     from .client.streaming import TextStream
     from .spec.draft import Drafter
 
-    if asyncio.iscoroutine(chain):  # a swarm chain joins the swarm inside the event loop
-        chain = await chain
     drafter = None
     if settings.speculative:
         capacity = len(ids) + settings.max_new_tokens + settings.controller.k_max + 2
         drafter = Drafter(client.draft_head, client.draft_spans, capacity, settings.sampling)
     importance = client.importance() if settings.adaptive.enabled else None
-    stream = TextStream(client.tokenizer, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    on_tokens = None
+    if out is not None:
+        on_tokens = TextStream(client.tokenizer, lambda text: (out.write(text), out.flush())).push
     gen = Generator(client.head, chain, drafter, settings, client.eos_ids, importance)
-    try:
-        return await gen.generate(ids, on_tokens=stream.push)
-    finally:
-        if hasattr(chain, "shutdown"):
-            await chain.shutdown()
+    return await gen.generate(ids, on_tokens=on_tokens)

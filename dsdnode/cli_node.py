@@ -29,6 +29,8 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
 @click.option("--num-layers", type=int, default=None, help="With --layers auto: how many layers to take.")
 @click.option("--host", default=None, help="Listen address (default 127.0.0.1; 0.0.0.0 for all interfaces).")
 @click.option("--port", type=int, default=None, help="Listen port (default: any free port).")
+@click.option("--announce-addr", "announce_addrs", multiple=True,
+              help="Multiaddr to advertise instead of the listen address, e.g. /ip4/PUBLIC_IP/tcp/PORT (repeatable).")
 @click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable).")
 @click.option("--peers", "peers_file", default=None, help="File of bootstrap multiaddrs, one a line.")
 @click.option("--identity", default=None, help="Key file for a stable peer id (created 0600 if missing).")
@@ -70,7 +72,7 @@ async def run_node(s: NodeSettings) -> None:
     install_signal_handlers(stop)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file),
-                               latency=LinkLatency(s.link_latency_ms))
+                               latency=LinkLatency(s.link_latency_ms), announce=s.announce_addrs)
     try:
         if s.layers == "auto":
             records = await node.dht.discover(s.model) if s.bootstrap or s.peers_file else []
@@ -95,7 +97,7 @@ async def run_bootstrap_peer(s: NodeSettings) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
-                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file))
+                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs)
     print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap"}), flush=True)
     try:
         await stop.wait()

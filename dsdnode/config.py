@@ -23,6 +23,7 @@ class NodeSettings:
     num_layers: int = 0  # with layers=auto: how many layers to serve (0: a quarter of the model)
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port
+    announce_addrs: list[str] = field(default_factory=list)  # public multiaddrs to advertise (behind NAT, 0.0.0.0)
     bootstrap: list[str] = field(default_factory=list)  # multiaddrs
     peers_file: str | None = None  # one multiaddr a line, '#' comments
     identity: str | None = None  # Ed25519 key file, created 0600 if missing

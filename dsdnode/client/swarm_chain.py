@@ -122,9 +122,13 @@ class RemoteChain:
             leg.reader = asyncio.create_task(self._read(leg, self._results))
         log.info("session %s along %s", self.session_id, self.route)
 
+    def _next_hop(self, hops: list[Hop], i: int):
+        """The span record hop i pushes its output to (None: it answers the client)."""
+        return hops[i + 1].candidate.record if i + 1 < len(hops) else None
+
     async def _open_leg(self, hops: list[Hop], i: int, stream: Stream) -> None:
         hop = hops[i]
-        nxt = hops[i + 1].candidate.record if i + 1 < len(hops) else None
+        nxt = self._next_hop(hops, i)
         await stream.send(encode(OpenSession(self.session_id, self.model, hop.start, hop.end, self._max_length,
                                              PeerRef(nxt.peer_id, list(nxt.addrs)) if nxt else None,
                                              self.dtype_name)))
@@ -155,14 +159,20 @@ class RemoteChain:
 
     # ---- blocks -------------------------------------------------------------------------
     async def _forward_once(self, hidden: torch.Tensor, commit_len: int) -> ChainOutput:
+        got = await self._step_through(0, hidden, commit_len)
+        return ChainOutput(got.hidden.to_torch(), [t.compute_s for t in got.timings])
+
+    async def _step_through(self, leg_index: int, hidden: torch.Tensor, commit_len: int) -> ForwardResult:
+        """Send a block to one leg and wait for the result of that step (from whichever hop answers)."""
         if not self.legs:
             raise ChainFailure("no open session")
         self._step += 1
         msg = Forward(self.session_id, self._step, commit_len, TensorPayload.from_torch(hidden), None, [])
+        peer = self.route[leg_index][0]
         try:
-            await self.legs[0].stream.send(encode(msg))
+            await self.legs[leg_index].stream.send(encode(msg))
         except (StreamClosed, ConnectionError) as e:
-            raise ChainFailure(f"cannot send to {self.route[0][0]}: {e}", self.route[0][0]) from None
+            raise ChainFailure(f"cannot send to {peer}: {e}", peer) from None
         while True:
             try:
                 got = await asyncio.wait_for(self._results.get(), self.step_timeout_s)
@@ -171,8 +181,7 @@ class RemoteChain:
             if isinstance(got, ChainFailure):
                 raise got
             if got.step_id == self._step:
-                out = got.hidden.to_torch()
-                return ChainOutput(out, [t.compute_s for t in got.timings])
+                return got
 
     def _remember(self, hidden: torch.Tensor, commit_len: int) -> None:
         """Keep the inputs of every position: a new chain is rebuilt from them."""

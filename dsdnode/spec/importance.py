@@ -79,7 +79,7 @@ throw catch final abstract
 
 _OPERATOR_CHARS = frozenset("+-*/=<>%&|^!~@#?$\\")
 _PUNCT_CHARS = frozenset(",.;:()[]{}'\"`")
-_SPACE_MARKERS = str.maketrans({"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "▁": " "})
+_SPACE_MARKERS = str.maketrans({"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "č": "\r", "▁": " "})
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPECIAL_TOKEN = re.compile(r"<\|[^|]*\|>|</?s>|<unk>|<pad>|<mask>|<eos>|<bos>")
 _NUMBER = re.compile(r"[+-]?(0[xX][0-9a-fA-F_]+|0[bB][01_]+|(\d[\d_]*\.?\d*|\.\d+)([eE][+-]?\d+)?)[jJlLuUfF]?")
@@ -88,13 +88,13 @@ _NUMBER = re.compile(r"[+-]?(0[xX][0-9a-fA-F_]+|0[bB][01_]+|(\d[\d_]*\.?\d*|\.\d
 def normalize_token(text: str) -> str:
     """Map tokenizer markers to the text they stand for.
 
-    Byte-level BPE spells space/newline/tab as 'Ġ'/'Ċ'/'ĉ'; SentencePiece spells a space as
+    Byte-level BPE spells space/newline/tab/CR as 'Ġ'/'Ċ'/'ĉ'/'č'; SentencePiece spells a space as
     '▁' and raw bytes as '<0xNN>'. Decoded strings (tokenizer.decode per id) pass unchanged.
     """
     m = _BYTE_TOKEN.fullmatch(text)
     if m:
         b = int(m.group(1), 16)
-        return chr(b) if b < 0x80 else text  # a lone non-ASCII byte stays unrecognized
+        return chr(b) if b < 0x80 else "\ufffd"  # a lone non-ASCII byte decodes to U+FFFD
     return text.translate(_SPACE_MARKERS)
 
 
@@ -111,8 +111,8 @@ def classify(token: str) -> str:
     word = core.lower()
     if word in KEYWORDS:
         return "keyword"
-    if word in FILLER_WORDS:
-        return "filler"
+    if word in FILLER_WORDS and (core[1:].islower() or len(core) == 1):
+        return "filler"  # "the", "The", "A"; not acronyms like "IT"
     if _NUMBER.fullmatch(core):
         return "number"
     if core.isidentifier():

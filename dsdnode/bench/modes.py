@@ -1,0 +1,64 @@
+"""Benchmark modes: what each name means, and the generation settings it runs with.
+
+Every swarm mode is greedy (temperature 0), so all but `dsd-auto-av` (adaptive verification,
+lossy by design) must reproduce the `ar-push` baseline token for token.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..cli_generate import generation_settings
+from ..client.generate import GenerationSettings
+
+BASELINE = "ar-push"
+DEFAULT_MODES = ("ar-push", "ar-relay", "dsd-k2", "dsd-k4", "dsd-k8", "dsd-auto", "dsd-auto-av", "hf-assisted")
+_FIXED_K = re.compile(r"dsd-k(\d+)$")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """kind: "swarm" (the client here, servers in processes) or "hf" (one process, no network).
+    relay: route the block through the client between hops (2N links a round, not N+1).
+    k_fixed: the draft length of a dsd-kK mode (None otherwise).
+    lossless: must produce the baseline's tokens (greedy, exact verification)."""
+
+    name: str
+    kind: str
+    relay: bool = False
+    speculative: bool = False
+    k_fixed: int | None = None
+    adaptive: bool = False
+    lossless: bool = True
+
+    def settings(self, max_new_tokens: int, k_max: int = 8, tau: float = 0.3) -> GenerationSettings:
+        k = "0" if not self.speculative else str(self.k_fixed) if self.k_fixed is not None else "auto"
+        return generation_settings(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=None, k=k,
+                                   k_max=k_max, adaptive=self.adaptive, tau=tau, overlap=True)
+
+
+def parse_mode(name: str) -> Mode:
+    name = name.strip()
+    if name == "ar-push":
+        return Mode(name, "swarm")
+    if name == "ar-relay":
+        return Mode(name, "swarm", relay=True)
+    if name == "dsd-auto":
+        return Mode(name, "swarm", speculative=True)
+    if name == "dsd-auto-av":
+        return Mode(name, "swarm", speculative=True, adaptive=True, lossless=False)
+    if name == "hf-assisted":
+        return Mode(name, "hf", speculative=True)
+    m = _FIXED_K.match(name)
+    if m and 1 <= int(m.group(1)) <= 32:
+        return Mode(name, "swarm", speculative=True, k_fixed=int(m.group(1)))
+    raise ValueError(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-av, hf-assisted")
+
+
+def parse_modes(text: str) -> list[Mode]:
+    """A comma list of mode names, deduplicated, in the order given."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--modes is empty")
+    return [parse_mode(n) for n in dict.fromkeys(names)]

@@ -1,0 +1,174 @@
+"""Benchmark records, their aggregates, and the two files a run leaves: results.json and results.md.
+
+One PromptResult per (link latency, problem, mode). Aggregates are recomputed from the records
+every time they are written, so a run that dies half way still leaves consistent files.
+Speedup is given two ways, both against the baseline mode of the same run and latency:
+the ratio of median tokens/s, and the median over prompts of each prompt's own ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .modes import BASELINE
+
+
+@dataclass
+class TimeSplit:
+    """Where a generation's decode time went (seconds). link: rounds x links a round x latency;
+    compute: the servers' reported compute; draft: drafting on the critical path; overhead: the rest
+    (client head and verification, serialization, the transport's own cost, scheduling)."""
+
+    link_s: float = 0.0
+    compute_s: float = 0.0
+    draft_s: float = 0.0
+    overhead_s: float = 0.0
+
+
+@dataclass
+class PromptResult:
+    latency_ms: float
+    dataset: str
+    problem_id: str
+    index: int
+    mode: str
+    prompt_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    tokens_per_s: float = 0.0
+    rounds: int = 0
+    mean_accepted: float = 0.0  # accepted drafts per round
+    mean_k: float = 0.0
+    tokens_per_round: float = 0.0  # accepted drafts + the bonus token
+    n_hops: int = 0
+    n_links: int = 0  # links crossed per round
+    split: TimeSplit = field(default_factory=TimeSplit)
+    stopped: str = ""
+    identical_to_baseline: bool | None = None
+    passed: bool | None = None
+    verdict: str = ""
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def aggregate(records: list[PromptResult], modes: list[str]) -> list[dict[str, Any]]:
+    """One row per (latency, dataset or "all", mode) that has records."""
+    rows = []
+    latencies = sorted({r.latency_ms for r in records})
+    datasets = sorted({r.dataset for r in records})
+    for lat in latencies:
+        for ds in [*datasets, "all"] if len(datasets) > 1 else datasets:
+            sel = [r for r in records if r.latency_ms == lat and (ds == "all" or r.dataset == ds)]
+            base = {(r.dataset, r.index): r for r in sel if r.mode == BASELINE and r.ok}
+            for mode in modes:
+                mine = [r for r in sel if r.mode == mode]
+                if mine:
+                    rows.append(_row(lat, ds, mode, mine, base))
+    return rows
+
+
+def _row(lat: float, ds: str, mode: str, mine: list[PromptResult], base: dict) -> dict[str, Any]:
+    ok = [r for r in mine if r.ok]
+    tps = _median([r.tokens_per_s for r in ok])
+    base_tps = _median([b.tokens_per_s for b in base.values()])
+    ratios = [r.tokens_per_s / base[(r.dataset, r.index)].tokens_per_s for r in ok
+              if (r.dataset, r.index) in base and base[(r.dataset, r.index)].tokens_per_s > 0]
+    rounds = sum(r.rounds for r in ok)
+    decode = sum(r.decode_s for r in ok)
+    split = {name: sum(getattr(r.split, name) for r in ok) for name in asdict(TimeSplit())}
+    compared = [r.identical_to_baseline for r in ok if r.identical_to_baseline is not None]
+    scored = [r.passed for r in ok if r.passed is not None]
+    return {
+        "latency_ms": lat, "dataset": ds, "mode": mode, "n": len(mine), "errors": len(mine) - len(ok),
+        "tokens_per_s_median": tps,
+        "speedup_ratio_of_medians": tps / base_tps if tps and base_tps else None,
+        "speedup_median_of_ratios": _median(ratios),
+        "tokens_per_round": sum(len(r.tokens) for r in ok) / rounds if rounds else None,
+        "accepted_per_round": sum(r.mean_accepted * r.rounds for r in ok) / rounds if rounds else None,
+        "mean_k": sum(r.mean_k * r.rounds for r in ok) / rounds if rounds else None,
+        "rounds_mean": _mean([r.rounds for r in ok]),
+        "round_ms_mean": 1e3 * decode / rounds if rounds else None,
+        "split_fraction": {k: v / decode for k, v in split.items()} if decode > 0 and rounds else None,
+        "floor_fraction": (split["link_s"] + split["compute_s"]) / decode if decode > 0 and rounds else None,
+        "accuracy": sum(scored) / len(scored) if scored else None,
+        "identical_to_baseline": all(compared) if compared else None,
+        "identical_count": f"{sum(compared)}/{len(compared)}" if compared else None,
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated file."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def results_payload(meta: dict[str, Any], records: list[PromptResult], modes: list[str]) -> dict[str, Any]:
+    return {**meta, "aggregates": aggregate(records, modes), "prompts": [asdict(r) for r in records]}
+
+
+def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    m = meta.get("machine", {})
+    s = meta.get("settings", {})
+    lines = [
+        "# dsdnode bench results", "",
+        f"- command: `{meta.get('command', '')}`",
+        f"- date: {meta.get('date', '')} (status: {meta.get('status', '')})",
+        f"- machine: {m.get('cpu_model')}, {m.get('cpu_count')} cores, {m.get('mem_total_gib')} GiB, "
+        f"torch {m.get('torch')}, transformers {m.get('transformers')}",
+        f"- model {s.get('model')} over {s.get('servers')} server processes ({s.get('threads')} torch thread each), "
+        f"draft {s.get('draft')} on the client ({s.get('client_threads')} torch thread), dtype {s.get('dtype')}, "
+        f"greedy, max {s.get('max_new_tokens')} new tokens",
+        "- every process shares the same cores: drafting overlaps only the emulated latency, not server compute",
+        "- tok/s: decode only (prefill excluded; hf-assisted: generate() minus a separately timed prefill)",
+        "- speedup: vs ar-push, as ratio of median tok/s / median of per-prompt ratios",
+        "- split: link (rounds x links x latency) / server compute / draft / client overhead, % of decode time; "
+        "floor: link + compute",
+        "",
+    ]
+    for lat in sorted({r["latency_ms"] for r in rows}):
+        for ds in dict.fromkeys(r["dataset"] for r in rows if r["latency_ms"] == lat):
+            lines += [f"## link latency {lat:g} ms, {ds}", "",
+                      "| mode | n (err) | tok/s | speedup (medians) | speedup (median ratio) | tokens/round "
+                      "| accepted/round | mean k | rounds | round ms | link/compute/draft/overhead % | floor % "
+                      "| accuracy | identical |",
+                      "|" + "---|" * 14]
+            for r in rows:
+                if r["latency_ms"] != lat or r["dataset"] != ds:
+                    continue
+                sp = r["split_fraction"]
+                split = "/".join(f"{100 * sp[k]:.0f}" for k in ("link_s", "compute_s", "draft_s", "overhead_s")) \
+                    if sp else "–"
+                lines.append(
+                    f"| {r['mode']} | {r['n']} ({r['errors']}) | {_fmt(r['tokens_per_s_median'])} "
+                    f"| {_fmt(r['speedup_ratio_of_medians'], '.2f', 'x')} "
+                    f"| {_fmt(r['speedup_median_of_ratios'], '.2f', 'x')} | {_fmt(r['tokens_per_round'])} "
+                    f"| {_fmt(r['accepted_per_round'])} | {_fmt(r['mean_k'])} | {_fmt(r['rounds_mean'], '.1f')} "
+                    f"| {_fmt(r['round_ms_mean'], '.0f')} | {split} "
+                    f"| {_fmt(None if r['floor_fraction'] is None else 100 * r['floor_fraction'], '.0f')} "
+                    f"| {_fmt(None if r['accuracy'] is None else 100 * r['accuracy'], '.0f', '%')} "
+                    f"| {r['identical_count'] or '–'} |")
+            lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+import pytest
+
+from dsdnode.client.routing import Candidate, NoRoute, best_chain
+from dsdnode.net.dht import SpanRecord
+
+
+def cand(peer, a, b, rtt_ms, tok_s=100.0):
+    return Candidate(SpanRecord("m", a, b, peer, [], tok_s, 1000, "0", 1e12), rtt_ms / 1e3)
+
+
+def spans(chain):
+    return [(h.candidate.record.peer_id, h.start, h.end) for h in chain]
+
+
+def test_prefers_fewer_faster_hops():
+    cs = [cand("a", 0, 14, 10), cand("b", 14, 28, 10), cand("c", 0, 28, 5, tok_s=50), cand("d", 0, 28, 200)]
+    assert spans(best_chain(cs, 28)) == [("c", 0, 28)]
+    cs[2] = cand("c", 0, 28, 5, tok_s=2)  # a slow whole-model server loses to two fast halves
+    assert spans(best_chain(cs, 28)) == [("a", 0, 14), ("b", 14, 28)]
+
+
+def test_overlapping_spans_use_sub_ranges():
+    cs = [cand("a", 0, 10, 5), cand("b", 5, 20, 5), cand("c", 15, 28, 5)]
+    chain = best_chain(cs, 28)
+    assert [h.candidate.record.peer_id for h in chain] == ["a", "b", "c"]
+    assert chain[0].start == 0 and chain[-1].end == 28
+    assert all(x.end == y.start for x, y in zip(chain, chain[1:]))  # contiguous
+    assert all(h.candidate.record.start <= h.start < h.end <= h.candidate.record.end for h in chain)
+    # b announces 15 layers at the same speed as a's 10, so it is cheaper per layer and takes 5:20
+    assert (chain[1].start, chain[1].end) == (5, 20)
+
+
+def test_uncovered_layers_are_named():
+    with pytest.raises(NoRoute, match="layers 10-13, 27"):
+        best_chain([cand("a", 0, 10, 5), cand("b", 14, 27, 5)], 28)

@@ -1,0 +1,27 @@
+import pytest
+
+from dsdnode.net.dht import SpanRecord
+from dsdnode.server.placement import choose_span, coverage, parse_layers
+
+
+def rec(a, b):
+    return SpanRecord("m", a, b, f"p{a}{b}", [], 10.0, 100, "0", 1e12)
+
+
+def test_empty_swarm_starts_at_zero():
+    assert choose_span([], 28, 7) == (0, 7)
+
+
+def test_picks_the_least_covered_window():
+    records = [rec(0, 7), rec(0, 7), rec(7, 14), rec(21, 28)]
+    assert coverage(records, 28)[:8] == [2] * 7 + [1]
+    assert choose_span(records, 28, 7) == (14, 21)
+    assert choose_span(records + [rec(14, 21)], 28, 7) == (7, 14)  # ties broken by total coverage, then position
+
+
+def test_parse_layers_errors():
+    assert parse_layers("3:9", 28) == (3, 9)
+    with pytest.raises(ValueError, match="START:END"):
+        parse_layers("3-9", 28)
+    with pytest.raises(ValueError, match="layers 0:28"):
+        parse_layers("20:40", 28)

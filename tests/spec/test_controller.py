@@ -1,0 +1,190 @@
+"""Draft-length controller: the pure optimum, the estimators, and closed-loop behaviour
+against a synthetic chain with known acceptance and costs."""
+
+import itertools
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import pytest
+
+from dsdnode.spec.controller import (ControllerSettings, DraftLengthController, RoundObservation,
+                                     expected_tokens, optimal_k)
+
+
+def brute_rate(a, L, c, d, k):
+    return sum(a ** j for j in range(k + 1)) / max(L + (k + 1) * c + k * d, 1e-12)
+
+
+def test_expected_tokens_is_geometric_sum():
+    for a, k in itertools.product([0.0, 0.3, 0.8, 0.999, 1.0], range(0, 10)):
+        assert math.isclose(expected_tokens(a, k), sum(a ** j for j in range(k + 1)), rel_tol=1e-9)
+
+
+def test_optimal_k_matches_brute_force():
+    grid = itertools.product([0.0, 0.2, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
+                             [0.0, 0.001, 0.01, 0.05, 0.2, 1.0], [0.0, 0.001, 0.01, 0.05],
+                             [0.0, 0.002, 0.02], [1, 8, 16])
+    for a, L, c, d, k_max in grid:
+        k = optimal_k(a, L, c, d, k_max)
+        rates = [brute_rate(a, L, c, d, j) for j in range(1, k_max + 1)]
+        best = max(rates)
+        assert 1 <= k <= k_max
+        assert rates[k - 1] >= best * (1 - 1e-12), (a, L, c, d, k_max, k, rates)
+        assert all(r < best * (1 - 1e-12) for r in rates[:k - 1])  # smallest k on ties
+
+
+def test_optimal_k_extremes():
+    assert optimal_k(0.0, 0.1, 0.01, 0.01, 8) == 1          # nothing is ever accepted
+    assert optimal_k(0.99, 10.0, 0.001, 0.001, 8) == 8      # huge latency, near-perfect draft
+    assert optimal_k(0.5, 0.0, 0.01, 0.05, 8) == 1          # no latency to amortize
+
+
+@pytest.mark.parametrize("args", [(1.1, 0, 0, 0, 8), (0.5, -1, 0, 0, 8), (0.5, 0, math.nan, 0, 8),
+                                  (0.5, 0, 0, math.inf, 8), (0.5, 0, 0, 0, 0)])
+def test_optimal_k_rejects_bad_input(args):
+    with pytest.raises(ValueError):
+        optimal_k(*args)
+
+
+@pytest.mark.parametrize("kwargs", [{"k_max": 0}, {"k_fixed": -1}, {"k_initial": 9},
+                                    {"prior_acceptance": 1.5}, {"prior_weight": 0},
+                                    {"ema": 0.0}, {"acceptance_ema": 1.5}])
+def test_settings_validation(kwargs):
+    with pytest.raises(ValueError):
+        ControllerSettings(**kwargs)
+
+
+@dataclass
+class World:
+    """A synthetic chain: i.i.d. acceptance a, link latency, per-hop fixed compute h0,
+    compute c per token (summed over hops), draft time d per token, multiplicative noise."""
+
+    a: float
+    link: float
+    c: float
+    d: float
+    h0: float = 0.0
+    hops: int = 4
+    noise: float = 0.03
+
+    @property
+    def L(self) -> float:
+        return self.link + self.hops * self.h0
+
+    def optimum(self, k_max: int = 8) -> int:
+        return optimal_k(self.a, self.L, self.c, self.d, k_max)
+
+    def rate(self, k: int) -> float:
+        return brute_rate(self.a, self.L, self.c, self.d, k)
+
+    def run(self, ctrl: DraftLengthController, rounds: int, rng: random.Random) -> list[int]:
+        ks = []
+        jitter = lambda x: max(0.0, x * (1 + self.noise * rng.gauss(0, 1)))  # noqa: E731
+        for _ in range(rounds):
+            k = ctrl.choose_k()
+            n = 0
+            while n < k and rng.random() < self.a:
+                n += 1
+            hops = [jitter(self.h0 + (k + 1) * self.c / self.hops) for _ in range(self.hops)]
+            draft = jitter(k * self.d)
+            ctrl.observe(RoundObservation(k, n, jitter(self.link) + sum(hops) + draft, draft, hops))
+            ks.append(k)
+        return ks
+
+
+WORLDS = {
+    "compute-linear": World(a=0.8, link=0.1, c=0.02, d=0.005),
+    # CPU-like: each hop's forward is mostly a fixed cost, the extra tokens are cheap.
+    "memory-bound": World(a=0.9, link=0.05, c=0.004, d=0.01, h0=0.03),
+}
+
+
+@pytest.mark.parametrize("name", WORLDS)
+def test_converges_to_analytic_optimum(name):
+    world, rng = WORLDS[name], random.Random(0)
+    ctrl = DraftLengthController(ControllerSettings(k_max=8), world.hops)
+    ks = world.run(ctrl, 300, rng)
+    opt = world.optimum()
+    assert Counter(ks[-100:]).most_common(1)[0][0] == opt
+    efficiency = sum(world.rate(k) for k in ks[-100:]) / 100 / world.rate(opt)
+    assert efficiency > 0.97
+    t = ctrl.timing
+    assert abs(ctrl.acceptance - world.a) < 0.1
+    assert math.isclose(t.draft_token_s, world.d, rel_tol=0.05)
+    assert math.isclose(t.fixed_s, world.L, rel_tol=0.15)
+    # The compute slope is identified, not the fallback H/(k+1) that lumps h0 into it
+    # (that would be 4.3x too large in the memory-bound world).
+    assert 0.5 * world.c < t.token_compute_s < 1.6 * world.c
+    assert math.isclose(ctrl.expected_round_s(5), t.fixed_s + 6 * t.token_compute_s + 5 * t.draft_token_s)
+
+
+def test_latency_jump_lengthens_blocks():
+    world, rng = World(a=0.8, link=0.005, c=0.02, d=0.004), random.Random(1)
+    ctrl = DraftLengthController(ControllerSettings(k_max=8), world.hops)
+    before = world.run(ctrl, 100, rng)[-20:]
+    assert world.optimum() == 1 and max(before) <= 2
+    slow = replace(world, link=0.2)
+    after = slow.run(ctrl, 30, rng)
+    assert max(after[:3]) > max(before)
+    assert abs(Counter(after[10:]).most_common(1)[0][0] - slow.optimum()) <= 1
+
+
+def test_acceptance_drop_shortens_blocks():
+    world, rng = World(a=0.95, link=0.05, c=0.01, d=0.005), random.Random(2)
+    ctrl = DraftLengthController(ControllerSettings(k_max=8), world.hops)
+    before = world.run(ctrl, 100, rng)[-10:]
+    assert min(before) >= 7
+    worse = replace(world, a=0.4)
+    after = worse.run(ctrl, 30, rng)
+    assert min(after[:5]) < min(before)
+    assert worse.optimum() == 1 and max(after[-5:]) <= 2
+
+
+def test_acceptance_estimate_accounts_for_truncation():
+    """With k=2 and a=0.9, accepted/k averages 0.855; the truncated-geometric MLE gets 0.9."""
+    world, rng = World(a=0.9, link=0.05, c=0.01, d=0.005), random.Random(3)
+    ctrl = DraftLengthController(ControllerSettings(k_fixed=2, acceptance_ema=0.002), world.hops)
+    ks = world.run(ctrl, 4000, rng)
+    assert set(ks) == {2}
+    assert abs(ctrl.acceptance - 0.9) < 0.015
+
+
+def test_k_fixed_is_respected():
+    for k_fixed in (0, 3, 12):
+        ctrl = DraftLengthController(ControllerSettings(k_fixed=k_fixed, k_max=12), 2)
+        ks = World(a=0.3, link=1.0, c=0.01, d=0.001, hops=2).run(ctrl, 30, random.Random(4))
+        assert set(ks) == {k_fixed}
+
+
+def test_initial_state_and_reset():
+    ctrl = DraftLengthController(ControllerSettings(k_initial=3, prior_acceptance=0.7), 2)
+    assert ctrl.choose_k() == 3 and ctrl.timing is None and math.isnan(ctrl.expected_round_s(3))
+    assert math.isclose(ctrl.acceptance, 0.7)
+    ctrl.observe(RoundObservation(k=3, accepted=3, round_s=0.2, draft_s=0.03, hop_compute_s=[0.04, 0.04]))
+    assert ctrl.acceptance > 0.7
+    # One observation at one k: per-token compute is the fallback H/(k+1) and T(3) fits it.
+    assert math.isclose(ctrl.timing.token_compute_s, 0.08 / 4)
+    assert math.isclose(ctrl.expected_round_s(3), 0.2)
+    a = ctrl.acceptance
+    ctrl.reset_timing(3)
+    assert ctrl.timing is None and ctrl.acceptance == a and ctrl.choose_k() == 3
+    ctrl.observe(RoundObservation(k=0, accepted=0, round_s=0.1, draft_s=0.0, hop_compute_s=[0.01] * 3))
+    assert ctrl.acceptance == a  # a round without drafts says nothing about acceptance
+
+
+@pytest.mark.parametrize("obs", [
+    RoundObservation(k=2, accepted=3, round_s=0.1, draft_s=0.0, hop_compute_s=[0.0, 0.0]),
+    RoundObservation(k=-1, accepted=0, round_s=0.1, draft_s=0.0, hop_compute_s=[0.0, 0.0]),
+    RoundObservation(k=2, accepted=1, round_s=0.1, draft_s=0.0, hop_compute_s=[0.0]),
+    RoundObservation(k=2, accepted=1, round_s=math.nan, draft_s=0.0, hop_compute_s=[0.0, 0.0]),
+    RoundObservation(k=2, accepted=1, round_s=0.1, draft_s=-1.0, hop_compute_s=[0.0, 0.0]),
+    RoundObservation(k=2, accepted=1, round_s=0.1, draft_s=0.0, hop_compute_s=[0.0, math.inf]),
+])
+def test_bad_observations_raise(obs):
+    ctrl = DraftLengthController(ControllerSettings(), 2)
+    with pytest.raises(ValueError):
+        ctrl.observe(obs)
+    with pytest.raises(ValueError):
+        DraftLengthController(ControllerSettings(), 0)
