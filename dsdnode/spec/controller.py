@@ -22,8 +22,8 @@ Estimation (all online, O(1) per round):
   with slow forgetting (compute per token is a property of hardware and model). The fit is
   only trusted when k has varied enough; until then c = H/x (the brief's fallback; it
   lumps h0 into c and so underestimates the best k), and the controller *probes* k* +- 1
-  now and then to make the slope identifiable. Once identified, the last trusted slope is
-  kept while k sits still.
+  (at most every other round, only while the slope's standard error exceeds 10% of H/x)
+  to make the slope identifiable. The last trusted slope is kept while k sits still.
 - L: h0 plus an EMA of the residual round_s - H - draft_s (links, client, transfers).
   Latency lives only here, so a latency change never pollutes the compute slope.
 """
@@ -36,8 +36,10 @@ from dataclasses import dataclass
 # Weighted sum of squares of k around its mean needed before the compute slope is trusted
 # (about one probe one step away from the others, seen within the forgetting window).
 _MIN_SXX = 0.5
-# Forgetting factor per round of the compute regression (memory ~ 1 / 0.05 = 20 rounds).
-_COMPUTE_FORGET = 0.05
+# Probe until the slope's standard error is below this fraction of the compute per token.
+_SLOPE_REL_SE = 0.1
+# Forgetting factor per round of the compute regression (memory ~ 1 / 0.02 = 50 rounds).
+_COMPUTE_FORGET = 0.02
 
 
 @dataclass
@@ -137,7 +139,7 @@ class _ComputeFit:
     """Exponentially weighted least squares H = h0 + c*x, with a fallback when x is constant."""
 
     def __init__(self) -> None:
-        self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
+        self.s0 = self.sx = self.sxx = self.sy = self.syy = self.sxy = 0.0
         self.trusted_slope: float | None = None
 
     def add(self, x: float, y: float) -> None:
@@ -146,14 +148,26 @@ class _ComputeFit:
         self.sx = keep * self.sx + x
         self.sxx = keep * self.sxx + x * x
         self.sy = keep * self.sy + y
+        self.syy = keep * self.syy + y * y
         self.sxy = keep * self.sxy + x * y
         if self.spread() >= _MIN_SXX:
-            slope = (self.sxy - self.sx * self.sy / self.s0) / self.spread()
-            self.trusted_slope = max(slope, 0.0)
+            self.trusted_slope = max(self._slope(), 0.0)
 
     def spread(self) -> float:
         """Weighted sum of squared deviations of x: how well the slope is determined."""
         return self.sxx - self.sx * self.sx / self.s0 if self.s0 else 0.0
+
+    def _slope(self) -> float:
+        return (self.sxy - self.sx * self.sy / self.s0) / self.spread()
+
+    def precise(self) -> bool:
+        """Is the slope known to within _SLOPE_REL_SE of the compute per token H/x?"""
+        sxx = self.spread()
+        if sxx < _MIN_SXX:
+            return False
+        ss_y = max(self.syy - self.sy * self.sy / self.s0, 0.0)
+        noise_var = max(ss_y - self._slope() ** 2 * sxx, 0.0) / max(self.s0 - 2.0, 1.0)
+        return math.sqrt(noise_var / sxx) <= _SLOPE_REL_SE * self.sy / self.sx
 
     def fit(self) -> tuple[float, float]:
         """(h0, c) with 0 <= c <= mean(H)/mean(x), so h0 >= 0."""
@@ -210,7 +224,7 @@ class DraftLengthController:
             return self.s.k_initial
         k = optimal_k(self.acceptance, t.fixed_s, t.token_compute_s, t.draft_token_s,
                       self.s.k_max)
-        if self._compute.spread() < _MIN_SXX and self._last_k == k and self.s.k_max > 1:
+        if not self._compute.precise() and self._last_k == k and self.s.k_max > 1:
             k = k + 1 if k < self.s.k_max else k - 1  # probe: make the compute slope visible
         return k
 

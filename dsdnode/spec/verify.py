@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dsdnode.spec.importance import AdaptiveSettings, ImportanceScorer
-from dsdnode.spec.sampling import SamplingSettings, logits_to_probs, sample
+from .importance import AdaptiveSettings, ImportanceScorer
+from .sampling import SamplingSettings, logits_to_probs, sample
 
 
 @dataclass

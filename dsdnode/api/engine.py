@@ -1,0 +1,230 @@
+"""One API request's generation over a chain session of its own, and where those chains come from.
+
+Every request opens its own session (its own RemoteChain, or LocalChain with --local) and gets its
+own Drafter with its own KV cache; the client's head and draft weights are shared read-only, so
+concurrent requests decode side by side without seeing each other's state. Text is decoded
+incrementally and cut at the first stop string; text that might be the start of a stop string is
+held back until the next tokens show it is not, so a stream never shows a stop string."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from ..client.generate import GenerationResult, GenerationSettings, Generator
+from ..client.interface import Chain
+from ..client.loading import ClientModels
+from ..spec.draft import Drafter
+from ..spec.importance import ImportanceScorer
+from .schemas import ApiError, ChatCompletionRequest, CompletionRequest
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class ChainSource(Protocol):
+    async def start(self) -> None:
+        """Called once inside the server's event loop before the first request."""
+
+    def new_chain(self) -> Chain:
+        """A chain for one request; its session opens when generation starts."""
+
+    async def stop(self) -> None:
+        """Called once when the server shuts down."""
+
+
+class LocalChains:
+    """`--local`: the target's spans in this process; each request gets fresh KV caches."""
+
+    def __init__(self, spans, link_latency_s: float = 0.0):
+        self.spans, self.link_latency_s = spans, link_latency_s
+
+    async def start(self) -> None:
+        pass
+
+    def new_chain(self) -> Chain:
+        from ..client.local import LocalChain
+        return LocalChain(self.spans, self.link_latency_s)
+
+    async def stop(self) -> None:
+        pass
+
+
+class SwarmChains:
+    """The swarm: one libp2p node for the server's life, one routed session per request."""
+
+    def __init__(self, model: str, config, bootstrap: list[str], dtype: torch.dtype, link_latency_ms: float = 0.0):
+        if not bootstrap:
+            raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
+        self.model, self.config, self.bootstrap, self.dtype = model, config, bootstrap, dtype
+        self.link_latency_ms = link_latency_ms
+        self.node = None
+
+    async def start(self) -> None:
+        from ..net.latency import LinkLatency
+        from ..net.p2p import P2PNode
+        self.node = await P2PNode.start(bootstrap=self.bootstrap, latency=LinkLatency(self.link_latency_ms))
+
+    def new_chain(self) -> Chain:
+        from ..client.swarm_chain import RemoteChain
+        return RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
+                           dtype=self.dtype)
+
+    async def stop(self) -> None:
+        if self.node is not None:
+            await self.node.stop()
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    k_max: int = 8
+    tau: float = 0.3  # adaptive verification threshold
+    overlap: bool = True
+    max_tokens_limit: int = 1024
+    max_prompt_tokens: int = 4096
+
+
+class _StopString(Exception):
+    """Raised from the token callback to end generation at a stop string."""
+
+
+class Engine:
+    """What every request shares: the served model's name, the client models, the chain source."""
+
+    def __init__(self, name: str, client: ClientModels, chains: ChainSource, settings: EngineSettings):
+        self.name, self.client, self.chains, self.s = name, client, chains, settings
+        self._importance: ImportanceScorer | None = None
+        self._importance_lock = asyncio.Lock()
+
+    def prepare(self, req: CompletionRequest | ChatCompletionRequest) -> Completion:
+        """Check a request against this server and turn it into a generation job (ApiError if it cannot)."""
+        from ..cli_generate import generation_settings
+
+        if req.model != self.name:
+            raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+        req.check_supported()
+        chat = isinstance(req, ChatCompletionRequest)
+        max_tokens = req.token_limit if chat else req.max_tokens
+        max_tokens = max_tokens or (self.s.max_tokens_limit if chat else COMPLETIONS_DEFAULT_MAX_TOKENS)
+        if max_tokens > self.s.max_tokens_limit:
+            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {self.s.max_tokens_limit}",
+                           param="max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens",
+                           code="invalid_value")
+        ids = self._chat_ids(req) if chat else self._prompt_ids(req)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="messages" if chat else "prompt", code="invalid_value")
+        if len(ids) > self.s.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; this server allows at most "
+                                f"{self.s.max_prompt_tokens}", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        k = req.dsd_k
+        if self.client.draft_head is None:
+            if k not in ("auto", 0):
+                raise ApiError(400, "this server has no draft model: dsd_k must be 0 or 'auto'", param="dsd_k",
+                               code="invalid_value")
+            k = 0
+        settings = generation_settings(max_tokens, req.temperature, req.top_p, req.seed, str(k), self.s.k_max,
+                                       req.adaptive, self.s.tau, self.s.overlap)
+        return Completion(self, ids, settings, req.stops)
+
+    def _prompt_ids(self, req: CompletionRequest) -> list[int]:
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            vocab = self.client.head.config.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise ApiError(400, f"token ids must be in 0..{vocab - 1}", param="prompt", code="invalid_value")
+            return list(prompt)
+        text = prompt if isinstance(prompt, str) else "".join(prompt)
+        return self.client.tokenizer(text)["input_ids"]
+
+    def _chat_ids(self, req: ChatCompletionRequest) -> list[int]:
+        """The messages through the model's chat template, as `dsdnode generate` wraps its prompt."""
+        tokenizer = self.client.tokenizer
+        if not tokenizer.chat_template:
+            raise ApiError(400, f"{self.name!r} has no chat template: use /v1/completions", param="messages",
+                           code="unsupported_value")
+        try:
+            ids = tokenizer.apply_chat_template([m.template_dict() for m in req.messages],
+                                                add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # the template itself rejects the conversation (roles out of order, ...)
+            raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages",
+                           code="invalid_value") from None
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    async def importance(self) -> ImportanceScorer:
+        """The adaptive verifier's token classes, built once on first use (a pass over the vocabulary)."""
+        async with self._importance_lock:
+            if self._importance is None:
+                self._importance = await asyncio.get_running_loop().run_in_executor(None, self.client.importance)
+        return self._importance
+
+
+class Completion:
+    """One request's generation: its own chain session and drafter, text cut at stop strings."""
+
+    def __init__(self, engine: Engine, ids: list[int], settings: GenerationSettings, stops: list[str]):
+        self.engine, self.ids, self.settings, self.stops = engine, ids, settings, stops
+        self.out: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of text already emitted
+        self.finish_reason: str | None = None
+        self.result: GenerationResult | None = None  # None when a stop string ended generation
+        self._emit: Callable[[str], None] = lambda text: None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.out)
+
+    async def run(self, emit: Callable[[str], None] | None = None) -> str:
+        """Generate; call emit with each new piece of text; return the whole text."""
+        e, s = self.engine, self.settings
+        if emit is not None:
+            self._emit = emit
+        drafter = None
+        if s.speculative:
+            capacity = len(self.ids) + s.max_new_tokens + s.controller.k_max + 2
+            drafter = Drafter(e.client.draft_head, e.client.draft_spans, capacity, s.sampling)
+        importance = await e.importance() if s.adaptive.enabled else None
+        generator = Generator(e.client.head, e.chains.new_chain(), drafter, s, e.client.eos_ids, importance)
+        try:
+            self.result = await generator.generate(self.ids, on_tokens=self._push)
+            self.finish_reason = "stop" if self.result.stopped == "eos" else "length"
+        except _StopString:
+            self.finish_reason = "stop"
+        if len(self.text) > self.sent:
+            self._emit(self.text[self.sent:])
+            self.sent = len(self.text)
+        return self.text
+
+    def _push(self, ids: list[int]) -> None:
+        self.out.extend(ids)
+        text = self.engine.client.tokenizer.decode(self.out, skip_special_tokens=True)
+        cut = min((i for i in (text.find(stop) for stop in self.stops) if i >= 0), default=None)
+        if cut is not None:
+            self.text = text[:cut]
+            raise _StopString()
+        self.text = text
+        if text.endswith("\ufffd"):  # half a multi-byte character: wait for the next token
+            return
+        safe = len(text) - held_back(text, self.stops)
+        if safe > self.sent:
+            self._emit(text[self.sent:safe])
+            self.sent = safe
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of text could be the start of a stop string."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return hold

@@ -1,0 +1,261 @@
+"""`dsdnode bench`: a real local swarm per link latency, every mode on every prompt, scored.
+
+For each latency: start a LocalSwarm (bootstrap peer + server processes, each with the emulated
+latency on its outbound links), join it from this process with one P2PNode (same latency), then
+for each prompt run every mode in turn -- baseline first, so each later mode is checked against
+its tokens at once -- and score each completion. Results are saved after every prompt, and a
+failing prompt (or a swarm that will not start) is recorded with its error while the run goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..client.generate import Generator, GenerationResult
+from ..client.loading import DTYPES, load_client_models
+from ..client.local import split_layers
+from ..client.swarm_chain import RemoteChain
+from ..models.fetch import resolve_model_dir
+from ..net.latency import LinkLatency
+from ..net.p2p import P2PNode
+from ..spec.draft import Drafter
+from .accuracy import evaluate
+from .datasets import Problem, format_prompt, load_dataset
+from .machine import machine_info
+from .modes import BASELINE, DEFAULT_MODES, Mode, parse_modes
+from .plots import write_plots
+from .relay import RelayChain
+from .report import PromptResult, TimeSplit, aggregate, markdown, results_payload, write_json
+from .swarm import LocalSwarm
+
+WARMUP_TOKENS = 4
+ROUTE_WAIT_S = 60.0  # servers announce every 2 s; give the DHT time to show every span
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    out: Path
+    model: str = "qwen2.5-coder-1.5b"
+    draft: str = "qwen2.5-coder-0.5b"
+    servers: int = 4
+    latencies_ms: tuple[float, ...] = (50.0,)
+    datasets: tuple[str, ...] = ("humaneval", "gsm8k")
+    prompts: int = 20
+    max_new_tokens: int = 96
+    modes: tuple[str, ...] = DEFAULT_MODES
+    threads: int = 1  # torch threads of each server process
+    client_threads: int = 1  # torch threads of this (client) process
+    dtype: str = "bfloat16"
+    k_max: int = 8
+    tau: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.servers < 1 or self.prompts < 1 or self.max_new_tokens < 2:
+            raise ValueError("--servers and --prompts must be >= 1 and --max-new-tokens >= 2")
+        if not self.latencies_ms or any(lat < 0 for lat in self.latencies_ms):
+            raise ValueError("link latencies must be >= 0 ms")
+        if not set(self.datasets) <= {"humaneval", "gsm8k"} or not self.datasets:
+            raise ValueError(f"unknown dataset in {self.datasets}")
+        if self.threads < 1 or self.client_threads < 1:
+            raise ValueError("thread counts must be >= 1")
+        parse_modes(",".join(self.modes))
+
+
+@dataclass
+class _Prompt:
+    problem: Problem
+    index: int
+    ids: list[int]
+
+
+@dataclass
+class BenchRun:
+    config: BenchConfig
+    command: str
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    records: list[PromptResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        modes = parse_modes(",".join(self.config.modes))
+        self.modes = sorted(modes, key=lambda m: m.name != BASELINE)  # baseline first: checked against at once
+        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.status = "running"
+
+    # ---- driver -------------------------------------------------------------------------
+    def run(self) -> Path:
+        c = self.config
+        c.out.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(c.client_threads)
+        self.machine = machine_info()
+        self.t0 = time.monotonic()
+        try:
+            self.client = load_client_models(c.model, c.draft, c.dtype)
+            self.importance = self.client.importance() if any(m.adaptive for m in self.modes) else None
+            self.prompts = self._load_prompts()
+            self.hf = self._load_hf() if any(m.kind == "hf" for m in self.modes) else None
+            self.total = len(c.latencies_ms) * len(self.prompts) * len(self.modes)
+            self._save()
+            for lat in c.latencies_ms:
+                self._run_latency(lat)
+            self.status = "done"
+        except BaseException as e:
+            self.status = f"failed: {type(e).__name__}: {e}"
+            raise
+        finally:
+            self._save(plots=True)
+        return c.out
+
+    def _load_prompts(self) -> list[_Prompt]:
+        tok = self.client.tokenizer
+        template = (lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)) \
+            if tok.chat_template else None
+        out = []
+        for ds in self.config.datasets:
+            for i, problem in enumerate(load_dataset(ds, self.config.prompts)):
+                text = format_prompt(problem, template)
+                out.append(_Prompt(problem, i, tok(text, add_special_tokens=False)["input_ids"]))
+        return out
+
+    def _load_hf(self):
+        from .hf import HFAssisted
+        c = self.config
+        return HFAssisted(resolve_model_dir(c.model), resolve_model_dir(c.draft), DTYPES[c.dtype])
+
+    def _run_latency(self, lat: float) -> None:
+        c = self.config
+        n_layers = self.client.head.config.num_hidden_layers
+        workdir = c.out / "swarm" / f"{lat:g}ms"
+        self.log(f"[{lat:g} ms] starting {c.servers} servers over {n_layers} layers of {c.model} (logs: {workdir})")
+        try:
+            with LocalSwarm(c.model, split_layers(n_layers, c.servers), workdir, link_latency_ms=lat,
+                            threads=c.threads, dtype=c.dtype) as swarm:
+                asyncio.run(self._client(swarm, lat))
+        except Exception as e:
+            self.errors.append(f"latency {lat:g} ms: {type(e).__name__}: {e}")
+            self.log(f"[{lat:g} ms] FAILED: {e}")
+
+    async def _client(self, swarm: LocalSwarm, lat: float) -> None:
+        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, latency=LinkLatency(lat))
+        try:
+            await self._warm_up(node)
+            for p in self.prompts:
+                for mode in self.modes:
+                    rec = await self._one(node, mode, p, lat)
+                    self.records.append(rec)
+                    self._progress(rec)
+                    self._save()
+            self._save(plots=True)
+        finally:
+            await node.stop()
+
+    async def _warm_up(self, node: P2PNode) -> None:
+        """Wait until the DHT shows a full chain, and open the connections once (not timed)."""
+        deadline = time.monotonic() + ROUTE_WAIT_S
+        kinds = {m.relay for m in self.modes if m.kind == "swarm"}
+        for relay in sorted(kinds):
+            while True:
+                try:
+                    await self._generate(node, Mode("warmup", "swarm", relay=relay), self.prompts[0].ids, WARMUP_TOKENS)
+                    break
+                except Exception as e:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"no working chain after {ROUTE_WAIT_S:.0f} s: {e}") from None
+                    await asyncio.sleep(2)
+
+    # ---- one prompt in one mode -----------------------------------------------------------
+    async def _generate(self, node: P2PNode, mode: Mode, ids: list[int], max_new: int) -> tuple[GenerationResult, int]:
+        c, cl = self.config, self.client
+        chain_cls = RelayChain if mode.relay else RemoteChain
+        chain = chain_cls(node, c.model, cl.head.config.num_hidden_layers, cl.head.config.hidden_size,
+                          dtype=DTYPES[c.dtype])
+        settings = mode.settings(max_new, c.k_max, c.tau)
+        drafter = None
+        if mode.speculative:
+            drafter = Drafter(cl.draft_head, cl.draft_spans, len(ids) + max_new + settings.controller.k_max + 2,
+                              settings.sampling)
+        gen = Generator(cl.head, chain, drafter, settings, cl.eos_ids, self.importance if mode.adaptive else None)
+        result = await gen.generate(ids)
+        return result, len(chain.route)
+
+    async def _one(self, node: P2PNode, mode: Mode, p: _Prompt, lat: float) -> PromptResult:
+        rec = PromptResult(lat, p.problem.dataset, p.problem.id, p.index, mode.name, prompt_tokens=len(p.ids))
+        try:
+            if mode.kind == "hf":
+                self._fill_hf(rec, p)
+            else:
+                result, hops = await self._generate(node, mode, p.ids, self.config.max_new_tokens)
+                _fill_swarm(rec, result, hops, 2 * hops if mode.relay else hops + 1, lat)
+            rec.text = self.client.tokenizer.decode(rec.tokens, skip_special_tokens=True)
+            base = next((r for r in self.records if r.mode == BASELINE and r.ok and r.latency_ms == lat
+                         and r.dataset == rec.dataset and r.index == rec.index), None)
+            if mode.name == BASELINE:
+                rec.identical_to_baseline = True
+            elif base is not None:
+                rec.identical_to_baseline = rec.tokens == base.tokens
+            verdict = await asyncio.get_running_loop().run_in_executor(None, evaluate, p.problem, rec.text)
+            rec.passed, rec.verdict = verdict.passed, f"{verdict.reason}: {verdict.detail}"[:300]
+        except Exception as e:
+            rec.error = f"{type(e).__name__}: {e}"
+            self.log("".join(traceback.format_exception(e)[-3:]).rstrip())
+        return rec
+
+    def _fill_hf(self, rec: PromptResult, p: _Prompt) -> None:
+        out = self.hf.generate(p.ids, self.config.max_new_tokens, self.client.eos_ids)
+        rec.tokens, rec.prefill_s, rec.decode_s, rec.stopped = out.tokens, out.prefill_s, out.decode_s, out.stopped
+        rec.tokens_per_s = len(out.tokens) / out.decode_s
+
+    # ---- output -----------------------------------------------------------------------------
+    def _progress(self, rec: PromptResult) -> None:
+        done = len(self.records)
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / done * (self.total - done)
+        n = sum(1 for p in self.prompts if p.problem.dataset == rec.dataset)
+        what = (f"ERROR {rec.error}" if not rec.ok else
+                f"{rec.tokens_per_s:6.2f} tok/s, {len(rec.tokens)} tokens, {rec.rounds} rounds, "
+                f"acc/round {rec.mean_accepted:.2f}, same={rec.identical_to_baseline}, passed={rec.passed}")
+        self.log(f"[{rec.latency_ms:g} ms] {rec.dataset} {rec.index + 1}/{n} {rec.mode:12} {what} "
+                 f"({done}/{self.total}, {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)")
+
+    def meta(self) -> dict:
+        c = self.config
+        settings = {**asdict(c), "out": str(c.out), "modes": [m.name for m in self.modes]}
+        return {"command": self.command, "date": self.started, "status": self.status,
+                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "settings": settings, "machine": getattr(self, "machine", {}), "errors": self.errors,
+                "notes": [f"the client runs in the bench process with {c.client_threads} torch thread(s); each server "
+                          f"process uses {c.threads}; all share this machine's cores, so drafting overlaps only "
+                          "emulated latency, never server compute",
+                          "hf-assisted: transformers assisted generation in this process, decode time = generate() "
+                          "minus a separately timed prefill of target and draft"]}
+
+    def _save(self, plots: bool = False) -> None:
+        out, names = self.config.out, [m.name for m in self.modes]
+        meta = self.meta()
+        write_json(out / "results.json", results_payload(meta, self.records, names))
+        rows = aggregate(self.records, names)
+        (out / "results.md").write_text(markdown(meta, rows))
+        if plots:
+            write_plots(rows, out)
+
+
+def _fill_swarm(rec: PromptResult, result: GenerationResult, hops: int, links: int, lat: float) -> None:
+    rounds = result.rounds
+    rec.tokens, rec.prefill_s, rec.decode_s, rec.stopped = result.tokens, result.prefill_s, result.decode_s, result.stopped
+    rec.tokens_per_s, rec.rounds = result.tokens_per_s, len(rounds)
+    rec.mean_accepted, rec.mean_k = result.mean_accepted, result.mean_k
+    rec.tokens_per_round = len(result.tokens) / len(rounds) if rounds else 0.0
+    rec.n_hops, rec.n_links = hops, links
+    link = len(rounds) * links * lat / 1000
+    compute = sum(sum(r.hop_compute_s) for r in rounds)
+    draft = sum(r.draft_s for r in rounds)
+    rec.split = TimeSplit(link, compute, draft, result.decode_s - link - compute - draft)
