@@ -85,3 +85,19 @@ def test_sampling_dsd_runs_and_is_seeded():
                                   sampling=SamplingSettings(temperature=0.8, top_p=0.9, seed=7))
     runs = [asyncio.run(make_generator(target, target, 3, 2, settings).generate([5, 6, 7])).tokens for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) == 20
+
+
+@pytest.mark.heavy
+def test_greedy_dsd_on_real_weights_equals_target_greedy(smollm2_dir):
+    """SmolLM2-135M as the target, itself minus its last 10 layers as the draft, float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = ["def add(a, b):\n", "The capital of France is", "Q: What is 12 * 7?\nA:"]
+    for prompt, k in zip(prompts, [None, 2, 5]):
+        ids = tok(prompt)["input_ids"]
+        settings = GenerationSettings(max_new_tokens=24, controller=ControllerSettings(k_fixed=k, k_max=6))
+        result = asyncio.run(make_generator(target, target, 20, 3, settings).generate(ids))
+        assert result.tokens == reference_greedy(target, ids, 24)
+        assert 0 < result.mean_accepted  # the weak draft is right some of the time

@@ -1,0 +1,66 @@
+"""`dsdnode bench --quick` end to end: a real swarm of server processes, real prompts, real scoring.
+
+Greedy decoding must give the baseline's tokens in every lossless mode, so the run's own
+losslessness check has to come out True; the files a user reads must all be there."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from dsdnode.bench.modes import parse_mode, parse_modes
+from dsdnode.bench.report import PromptResult, aggregate
+from dsdnode.cli import main
+
+
+def test_modes_parse_and_reject_unknown_names():
+    assert [m.name for m in parse_modes("ar-push, dsd-k4,dsd-k4,dsd-auto-av")] == ["ar-push", "dsd-k4", "dsd-auto-av"]
+    assert parse_mode("dsd-k8").k_fixed == 8 and parse_mode("ar-relay").relay
+    assert not parse_mode("dsd-auto-av").lossless and parse_mode("dsd-auto-av").settings(16).adaptive.enabled
+    assert not parse_mode("ar-push").settings(16).speculative
+    assert parse_mode("dsd-k2").settings(16).controller.k_fixed == 2
+    for bad in ("dsd-k0", "dsd-kx", "ar", ""):
+        with pytest.raises(ValueError):
+            parse_modes(bad)
+
+
+def test_speedups_come_from_the_same_prompts():
+    def rec(mode, index, tps, error=None):
+        return PromptResult(0.0, "gsm8k", str(index), index, mode, tokens=[1] * 10, tokens_per_s=tps, rounds=5,
+                            decode_s=1.0, error=error)
+    records = [rec("ar-push", 0, 1.0), rec("ar-push", 1, 4.0), rec("ar-push", 2, 2.0),
+               rec("dsd-auto", 0, 3.0), rec("dsd-auto", 1, 4.0), rec("dsd-auto", 2, 0.0, error="boom")]
+    rows = {r["mode"]: r for r in aggregate(records, ["ar-push", "dsd-auto"])}
+    assert rows["ar-push"]["speedup_ratio_of_medians"] == 1.0
+    auto = rows["dsd-auto"]
+    assert (auto["n"], auto["errors"]) == (3, 1)
+    assert auto["tokens_per_s_median"] == 3.5  # the failed prompt is left out
+    assert auto["speedup_ratio_of_medians"] == pytest.approx(3.5 / 2.0)
+    assert auto["speedup_median_of_ratios"] == pytest.approx(2.0)  # median of 3/1 and 4/4
+    assert auto["tokens_per_round"] == 2.0
+
+
+@pytest.mark.heavy
+def test_quick_bench_end_to_end(smollm2_dir, tmp_path):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(main, ["bench", "--quick", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["status"] == "done" and data["machine"]["cpu_count"] and not data["errors"]
+    modes = {"ar-push", "dsd-k4", "dsd-auto"}
+    assert {p["mode"] for p in data["prompts"]} == modes
+    assert len(data["prompts"]) == 3 * 4  # 2 prompts x 2 datasets x 3 modes
+    for p in data["prompts"]:
+        assert p["error"] is None, p["error"]
+        assert p["tokens_per_s"] > 0 and p["tokens"] and p["passed"] is not None
+        assert p["identical_to_baseline"] is True, (p["mode"], p["problem_id"])
+    rows = [r for r in data["aggregates"] if r["dataset"] == "all"]
+    assert {r["mode"] for r in rows} == modes
+    for r in rows:
+        assert r["tokens_per_s_median"] > 0 and r["identical_to_baseline"] is True
+        assert sum(r["split_fraction"].values()) == pytest.approx(1.0)
+    k4 = next(r for r in rows if r["mode"] == "dsd-k4")
+    assert k4["mean_k"] <= 4 and k4["tokens_per_round"] > 1  # a draft identical to the target: near full acceptance
+    for name in ("results.md", "speedup_vs_latency.png", "accepted_vs_k.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| dsd-auto |" in (out / "results.md").read_text()
