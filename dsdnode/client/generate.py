@@ -117,51 +117,63 @@ class Generator:
         k_max = s.controller.k_max if s.speculative else 0
         await self.chain.start_session(len(prompt) + s.max_new_tokens + k_max + 1)
         controller = DraftLengthController(s.controller, self.chain.n_hops)  # hops known once routed
+        predraft: _Predraft | None = None
         try:
             t0 = time.perf_counter()
-            for at in range(0, len(prompt) - 1, s.prefill_chunk):
-                chunk = prompt[at:min(at + s.prefill_chunk, len(prompt) - 1)]
-                await self.chain.forward(self.head.embed_tokens(chunk), at)
-            prefill_s = time.perf_counter() - t0
+            await self._prefill(prompt)
+            prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
             tokens, rounds, stopped = list(prompt), [], "length"
-            predraft: _Predraft | None = None
-            t_decode = time.perf_counter()
-            while len(tokens) - len(prompt) < s.max_new_tokens:
+            while stopped != "eos" and len(tokens) - len(prompt) < s.max_new_tokens:
                 remaining = s.max_new_tokens - (len(tokens) - len(prompt))
                 k = min(controller.choose_k(), remaining - 1) if s.speculative else 0
-                t_round = time.perf_counter()
-                proposal, predrafted = await self._take_proposal(tokens, k, predraft)
-                draft_s = time.perf_counter() - t_round
-                forward = asyncio.ensure_future(
-                    self.chain.forward(self.head.embed_tokens([tokens[-1]] + proposal.tokens), len(tokens) - 1))
-                predraft = (_Predraft(self.drafter, tokens + proposal.tokens, k + 1)
-                            if s.speculative and s.overlap and k > 0 else None)
-                try:
-                    out = await forward
-                except BaseException:
-                    if predraft is not None:
-                        await predraft.finish()
-                    raise
-                result = self._verify(proposal, self.head.logits(out.hidden))
-                round_s = time.perf_counter() - t_round
-                if predraft is not None:
-                    predraft.result = await predraft.finish()
-                    predraft.valid = result.accepted == k and predraft.result.tokens[:1] == result.tokens[-1:]
+                result, stats, predraft = await self._round(tokens, k, predraft)
                 new = result.tokens
                 eos_at = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
                 if eos_at is not None:
                     new, stopped = new[:eos_at], "eos"
                 tokens.extend(new)
+                rounds.append(stats)
+                if s.speculative:
+                    controller.observe(RoundObservation(k, result.accepted, stats.round_s, stats.draft_s,
+                                                        stats.hop_compute_s))
                 if on_tokens and new:
                     on_tokens(new)
-                rounds.append(RoundStats(k, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s, predrafted))
-                if s.speculative:
-                    controller.observe(RoundObservation(k, result.accepted, round_s, draft_s, out.hop_compute_s))
-                if stopped == "eos":
-                    break
             return GenerationResult(tokens[len(prompt):], rounds, prefill_s, time.perf_counter() - t_decode, stopped)
         finally:
+            if predraft is not None:
+                await predraft.finish()
             await self.chain.close()
+
+    async def _prefill(self, prompt: list[int]) -> None:
+        """Cache every prompt position but the last, which opens the first round."""
+        for at in range(0, len(prompt) - 1, self.s.prefill_chunk):
+            chunk = prompt[at:min(at + self.s.prefill_chunk, len(prompt) - 1)]
+            await self.chain.forward(self.head.embed_tokens(chunk), at)
+
+    async def _round(self, tokens: list[int], k: int, predraft: _Predraft | None):
+        """Draft k, send [last token + drafts] with commit_len = len(tokens)-1, verify.
+
+        Returns the verification, the round's stats and the next block's overlapped draft."""
+        t_round = time.perf_counter()
+        proposal, predrafted = await self._take_proposal(tokens, k, predraft)
+        draft_s = time.perf_counter() - t_round
+        forward = asyncio.ensure_future(
+            self.chain.forward(self.head.embed_tokens([tokens[-1]] + proposal.tokens), len(tokens) - 1))
+        nxt = _Predraft(self.drafter, tokens + proposal.tokens, k + 1) if self.s.overlap and k > 0 else None
+        try:
+            out = await forward
+        except BaseException:
+            if nxt is not None:
+                await nxt.finish()
+            raise
+        result = self._verify(proposal, self.head.logits(out.hidden))
+        round_s = time.perf_counter() - t_round
+        if nxt is not None:
+            nxt.result = await nxt.finish()
+            # usable only if every draft was accepted and the bonus token is the one it guessed
+            nxt.valid = result.accepted == k and nxt.result.tokens[:1] == result.tokens[-1:]
+        stats = RoundStats(k, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s, predrafted)
+        return result, stats, nxt
 
     async def _take_proposal(self, tokens: list[int], k: int, predraft: _Predraft | None) -> tuple[Proposal, int]:
         """k drafts after tokens: the overlapped guess where it held, the rest drafted now."""
