@@ -32,7 +32,7 @@ class ClientModels:
         vocab = self.head.config.vocab_size
         strings = self.tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(self.tokenizer)))))
         strings += [""] * (vocab - len(strings))
-        return ImportanceScorer([s or "" for s in strings])
+        return ImportanceScorer([s or "" for s in strings], special_ids=self.tokenizer.all_special_ids)
 
 
 def default_draft(target: str) -> str | None:

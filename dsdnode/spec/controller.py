@@ -20,10 +20,10 @@ Estimation (all online, O(1) per round):
 - d: EMA of draft_s / k.
 - c: weighted least squares of the summed hop compute H against x = k+1 (H = h0 + c*x),
   with slow forgetting (compute per token is a property of hardware and model). The fit is
-  only trusted when k has varied enough; until then c = H/x (the brief's fallback; it
-  lumps h0 into c and so underestimates the best k), and the controller *probes* k* +- 1
-  (at most every other round, only while the slope's standard error exceeds 10% of H/x)
-  to make the slope identifiable. The last trusted slope is kept while k sits still.
+  only trusted when k has varied enough; until then c = H/x (a fallback that lumps h0
+  into c and so underestimates the best k). Usually the move away from k_initial already
+  identifies the slope; if the model would repeat the k just observed before that, the
+  controller probes k+-1. The last trusted slope is kept while k sits still.
 - L: h0 plus an EMA of the residual round_s - H - draft_s (links, client, transfers).
   Latency lives only here, so a latency change never pollutes the compute slope.
 """
@@ -35,16 +35,19 @@ from dataclasses import dataclass
 
 # Weighted sum of squares of k around its mean needed before the compute slope is trusted
 # (about one probe one step away from the others, seen within the forgetting window).
-_MIN_SXX = 0.5
-# Probe until the slope's standard error is below this fraction of the compute per token.
-_SLOPE_REL_SE = 0.1
+_MIN_SXX = 0.4
 # Forgetting factor per round of the compute regression (memory ~ 1 / 0.02 = 50 rounds).
 _COMPUTE_FORGET = 0.02
 
 
 @dataclass
 class RoundObservation:
-    """What one round cost and yielded. hop_compute_s: each hop's compute for the block."""
+    """What one round cost and yielded.
+
+    round_s: wall time of the round; draft_s: drafting time on its critical path (drafting
+    overlapped with the wait is free and should not be counted); hop_compute_s: each hop's
+    compute for the block of k+1 tokens, one entry per hop.
+    """
 
     k: int
     accepted: int
@@ -57,7 +60,7 @@ class RoundObservation:
 class ControllerSettings:
     """k_max: longest block (bounds wasted work and message size).
     k_fixed: if set, always use this k (0 = no drafting); estimates still update.
-    k_initial: k of the first round, before any timing is known.
+    k_initial: k of the first round, before any timing is known (clamped to k_max).
     prior_acceptance / prior_weight: starting belief about a and how many pseudo-trials it
         is worth; higher weight = steadier start, slower to believe early rounds.
     acceptance_ema: per-round forgetting of the acceptance counts; higher tracks topic
@@ -79,8 +82,8 @@ class ControllerSettings:
             raise ValueError(f"k_max must be an int >= 1, got {self.k_max!r}")
         if self.k_fixed is not None and (not isinstance(self.k_fixed, int) or self.k_fixed < 0):
             raise ValueError(f"k_fixed must be None or an int >= 0, got {self.k_fixed!r}")
-        if not isinstance(self.k_initial, int) or not 1 <= self.k_initial <= self.k_max:
-            raise ValueError(f"k_initial must be in [1, k_max={self.k_max}], got {self.k_initial!r}")
+        if not isinstance(self.k_initial, int) or self.k_initial < 1:
+            raise ValueError(f"k_initial must be an int >= 1, got {self.k_initial!r}")
         if not 0.0 <= self.prior_acceptance <= 1.0:
             raise ValueError(f"prior_acceptance must be in [0, 1], got {self.prior_acceptance}")
         if not self.prior_weight > 0:
@@ -139,7 +142,7 @@ class _ComputeFit:
     """Exponentially weighted least squares H = h0 + c*x, with a fallback when x is constant."""
 
     def __init__(self) -> None:
-        self.s0 = self.sx = self.sxx = self.sy = self.syy = self.sxy = 0.0
+        self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
         self.trusted_slope: float | None = None
 
     def add(self, x: float, y: float) -> None:
@@ -148,26 +151,14 @@ class _ComputeFit:
         self.sx = keep * self.sx + x
         self.sxx = keep * self.sxx + x * x
         self.sy = keep * self.sy + y
-        self.syy = keep * self.syy + y * y
         self.sxy = keep * self.sxy + x * y
         if self.spread() >= _MIN_SXX:
-            self.trusted_slope = max(self._slope(), 0.0)
+            slope = (self.sxy - self.sx * self.sy / self.s0) / self.spread()
+            self.trusted_slope = max(slope, 0.0)
 
     def spread(self) -> float:
         """Weighted sum of squared deviations of x: how well the slope is determined."""
         return self.sxx - self.sx * self.sx / self.s0 if self.s0 else 0.0
-
-    def _slope(self) -> float:
-        return (self.sxy - self.sx * self.sy / self.s0) / self.spread()
-
-    def precise(self) -> bool:
-        """Is the slope known to within _SLOPE_REL_SE of the compute per token H/x?"""
-        sxx = self.spread()
-        if sxx < _MIN_SXX:
-            return False
-        ss_y = max(self.syy - self.sy * self.sy / self.s0, 0.0)
-        noise_var = max(ss_y - self._slope() ** 2 * sxx, 0.0) / max(self.s0 - 2.0, 1.0)
-        return math.sqrt(noise_var / sxx) <= _SLOPE_REL_SE * self.sy / self.sx
 
     def fit(self) -> tuple[float, float]:
         """(h0, c) with 0 <= c <= mean(H)/mean(x), so h0 >= 0."""
@@ -198,6 +189,7 @@ class DraftLengthController:
 
     @property
     def acceptance(self) -> float:
+        """Current estimate of the per-token acceptance a."""
         return self._acc / (self._acc + self._rej)
 
     @property
@@ -217,15 +209,16 @@ class DraftLengthController:
         return t.fixed_s + (k + 1) * t.token_compute_s + k * t.draft_token_s
 
     def choose_k(self) -> int:
+        """k for the next round: k_fixed, k_initial before any timing, else the modelled optimum."""
         if self.s.k_fixed is not None:
             return self.s.k_fixed
         t = self.timing
         if t is None:
-            return self.s.k_initial
+            return min(self.s.k_initial, self.s.k_max)
         k = optimal_k(self.acceptance, t.fixed_s, t.token_compute_s, t.draft_token_s,
                       self.s.k_max)
-        if not self._compute.precise() and self._last_k == k and self.s.k_max > 1:
-            k = k + 1 if k < self.s.k_max else k - 1  # probe: make the compute slope visible
+        if self._compute.trusted_slope is None and self._last_k == k and self.s.k_max > 1:
+            k = k + 1 if k < self.s.k_max else k - 1  # probe: make the slope visible
         return k
 
     def observe(self, obs: RoundObservation) -> None:

@@ -12,6 +12,7 @@ by the target, so a round always makes progress (len(tokens) == accepted + 1 >= 
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -79,23 +80,23 @@ def verify_sampling(draft: list[int], draft_probs: Tensor, target_logits: Tensor
         raise ValueError(f"draft_probs must have shape ({len(ids)}, {vocab}), got {got}")
     if s.greedy:
         return verify_greedy(ids, target_logits)
-    p = logits_to_probs(target_logits, s)
     q = draft_probs.detach().to(torch.float32)
-    if not torch.isfinite(q).all() or (q < 0).any():
+    if len(ids) and (not math.isfinite(float(q.sum())) or float(q.min()) < 0):
         raise ValueError("draft_probs must be finite and non-negative")
-    rows, cols = torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)
     u = torch.rand(len(ids), generator=generator).tolist()
-    p_x, q_x = p[rows, cols].tolist(), q[rows, cols].tolist()
     for i, x in enumerate(ids):
+        # Rows are processed lazily: after a rejection the later rows are never needed.
+        p = logits_to_probs(target_logits[i], s)
         # u < p/q without dividing: q == 0 (draft sampled an impossible token) accepts iff
         # p > 0, which is the limit of min(1, p/q).
-        if u[i] * q_x[i] < p_x[i]:
+        if u[i] * float(q[i, x]) < float(p[x]):
             continue
-        residual = (p[i] - q[i]).clamp_(min=0.0)
-        if residual.sum() <= 0:  # only when p_i == q_i up to rounding; residual is then ~p
-            residual = p[i]
+        residual = (p - q[i]).clamp_(min=0.0)
+        if float(residual.sum()) <= 0:  # only when p == q up to rounding; residual is ~p
+            residual = p
         return VerifyResult(accepted=i, tokens=ids[:i] + [sample(residual, generator)])
-    return VerifyResult(accepted=len(ids), tokens=ids + [sample(p[len(ids)], generator)])
+    bonus = logits_to_probs(target_logits[len(ids)], s)
+    return VerifyResult(accepted=len(ids), tokens=ids + [sample(bonus, generator)])
 
 
 def verify_adaptive(draft: list[int], target_logits: Tensor, importance: ImportanceScorer,

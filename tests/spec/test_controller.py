@@ -48,7 +48,7 @@ def test_optimal_k_rejects_bad_input(args):
         optimal_k(*args)
 
 
-@pytest.mark.parametrize("kwargs", [{"k_max": 0}, {"k_fixed": -1}, {"k_initial": 9},
+@pytest.mark.parametrize("kwargs", [{"k_max": 0}, {"k_fixed": -1}, {"k_initial": 0},
                                     {"prior_acceptance": 1.5}, {"prior_weight": 0},
                                     {"ema": 0.0}, {"acceptance_ema": 1.5}])
 def test_settings_validation(kwargs):
@@ -126,6 +126,28 @@ def test_converges_to_analytic_optimum(name):
     assert math.isclose(ctrl.expected_round_s(5), t.fixed_s + 6 * t.token_compute_s + 5 * t.draft_token_s)
 
 
+def test_probes_once_when_k_would_not_move():
+    """Seen at one k only, per-token compute falls back to H/(k+1), which here lumps a large
+    per-hop fixed cost into c and makes the model pick k_initial again; one probe at k+1
+    identifies the slope and the controller moves to the true optimum."""
+    h0, c, link, d, hops = 0.02, 0.002, 0.05, 0.002, 2
+    ctrl = DraftLengthController(ControllerSettings(k_initial=4, prior_acceptance=0.8), hops)
+
+    def observe(k: int, accepted: int) -> None:
+        hop = [h0 + (k + 1) * c / hops] * hops
+        ctrl.observe(RoundObservation(k, accepted, link + sum(hop) + k * d, k * d, hop))
+
+    observe(ctrl.choose_k(), 3)
+    t = ctrl.timing
+    assert math.isclose(t.token_compute_s, (h0 * hops + 5 * c) / 5)  # the lumped fallback
+    assert optimal_k(ctrl.acceptance, t.fixed_s, t.token_compute_s, t.draft_token_s, 8) == 4
+    assert ctrl.choose_k() == 5
+    observe(5, 3)
+    t = ctrl.timing
+    assert math.isclose(t.token_compute_s, c) and math.isclose(t.fixed_s, link + hops * h0)
+    assert ctrl.choose_k() == optimal_k(ctrl.acceptance, link + hops * h0, c, d, 8) >= 7
+
+
 def test_latency_jump_lengthens_blocks():
     world, rng = World(a=0.8, link=0.005, c=0.02, d=0.004), random.Random(1)
     ctrl = DraftLengthController(ControllerSettings(k_max=8), world.hops)
@@ -166,6 +188,7 @@ def test_k_fixed_is_respected():
 
 
 def test_initial_state_and_reset():
+    assert DraftLengthController(ControllerSettings(k_max=2), 1).choose_k() == 2  # clamped
     ctrl = DraftLengthController(ControllerSettings(k_initial=3, prior_acceptance=0.7), 2)
     assert ctrl.choose_k() == 3 and ctrl.timing is None and math.isnan(ctrl.expected_round_s(3))
     assert math.isclose(ctrl.acceptance, 0.7)

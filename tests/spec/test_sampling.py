@@ -48,6 +48,33 @@ def test_top_p_keeps_smallest_set_reaching_mass():
     assert torch.allclose(p, expect, atol=1e-6)
 
 
+def reference_top_p(logits: torch.Tensor, t: float, top_p: float) -> torch.Tensor:
+    """Textbook nucleus filter over a full sort, for comparison."""
+    p = torch.softmax(logits.double() / t, -1)
+    vals, order = p.sort(descending=True)
+    keep = (vals.cumsum(0) - vals) < top_p
+    out = torch.zeros_like(p)
+    out[order[keep]] = vals[keep]
+    return (out / out.sum()).float()
+
+
+@pytest.mark.parametrize("scale,vocab,path", [(8.0, 5000, 1024), (1.5, 20000, 16384),
+                                              (0.1, 20000, None)])
+def test_top_p_large_vocabulary_matches_reference(scale, vocab, path):
+    """Peaked rows are served by the 1024 candidates, broader ones by 16384, flat ones by
+    the full sort; every path must give the textbook nucleus."""
+    logits = scale * torch.randn(2, vocab, generator=torch.Generator().manual_seed(1))
+    s = SamplingSettings(temperature=0.9, top_p=0.9)
+    mass = torch.softmax(logits / 0.9, -1).sort(descending=True).values.cumsum(-1)
+    first_enough = next((n for n in (1024, 16384) if bool((mass[:, n - 1] >= 0.9).all())), None)
+    assert first_enough == path
+    got = logits_to_probs(logits, s)
+    for i in range(2):
+        want = reference_top_p(logits[i], 0.9, 0.9)
+        assert torch.equal(got[i] > 0, want > 0)
+        assert torch.allclose(got[i], want, atol=1e-6)
+
+
 def test_batched_rows_are_processed_independently():
     logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
     s = SamplingSettings(temperature=0.7, top_p=0.8)
