@@ -69,5 +69,9 @@ for command in (generate, start, swarm, demo):
     main.add_command(command)
 main.add_command(bench)
 
+from .cli_api import api  # noqa: E402
+
+main.add_command(api)
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -40,6 +40,8 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
 @click.option("--cache-budget-mb", type=int, default=None, help="KV cache memory for all sessions.")
 @click.option("--max-session-length", type=int, default=None)
 @click.option("--announce-interval", "announce_interval_s", type=float, default=None)
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).")
 @friendly
 def start(config_file, peers_file, **flags):
     """Serve a span of a model's layers to the swarm until SIGTERM."""
@@ -82,10 +84,15 @@ async def run_node(s: NodeSettings) -> None:
         server = Server(node, s.model, span, cache_budget_bytes=s.cache_budget_mb << 20,
                         max_length=s.max_session_length, max_block=s.max_block, idle_s=s.session_idle_s,
                         announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s)
+        if s.metrics_port:
+            server.metrics.serve(s.host, s.metrics_port)
     except BaseException:
         await node.stop()
         raise
-    await server.serve(stop)
+    try:
+        await server.serve(stop)
+    finally:
+        server.metrics.stop()
 
 
 async def run_bootstrap_peer(s: NodeSettings) -> None:

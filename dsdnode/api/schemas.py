@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ApiError(Exception):
@@ -49,6 +49,12 @@ class _Request(BaseModel):
     logprobs: bool | int | None = None
     dsd_k: Literal["auto"] | int = "auto"  # draft length: "auto" (chosen each round), a fixed k, 0 = no drafting
     adaptive: bool = False  # adaptive (lossy) verification
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data):
+        """Many clients send `"temperature": null` for "not set": treat null as absent."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     @field_validator("stop")
     @classmethod

@@ -27,12 +27,14 @@ from ..net.dht import SpanRecord
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
                         TensorPayload, WireError, WireLimits, decode, encode)
+from .metrics import server_metrics
 from .sessions import Session, SessionError, SessionTable
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = "/dsdnode/session/1.0.0"
 FIRST_FRAME_TIMEOUT_S = 30.0
+WITHDRAW_TIMEOUT_S = 5.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -49,6 +51,7 @@ class Server:
         self.stopping = False
         self.errors: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.metrics = server_metrics(self)  # exposed by `dsdnode start --metrics-port`
 
     # ---- life cycle ---------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> None:
@@ -67,15 +70,23 @@ class Server:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Withdraw from the DHT, tell every open session's client, stop the node."""
+        """Tell every open session's client (so it fails over at once), withdraw from the DHT, stop.
+
+        Withdrawing is best effort and bounded: storing the record may dial peers that already left,
+        and a record we fail to overwrite still expires on its own."""
         self.stopping = True
-        await asyncio.wait_for(self.node.dht.withdraw(self.model), 10)
-        for sid in list(self.table.sessions):
-            session = self.table.close(sid)
-            await self._send(session.client, ErrorReply("shutting_down", "server is shutting down", sid))
-            await self._close_stream(session.next_stream)
-        self.compute.shutdown(wait=True)
-        await self.node.stop()
+        try:
+            for sid in list(self.table.sessions):
+                session = self.table.close(sid)
+                await self._send(session.client, ErrorReply("shutting_down", "server is shutting down", sid))
+                await self._close_stream(session.next_stream)
+            try:
+                await asyncio.wait_for(self.node.dht.withdraw(self.model), WITHDRAW_TIMEOUT_S)
+            except (asyncio.TimeoutError, Exception) as e:
+                log.warning("could not withdraw the span record (it expires by itself): %r", e)
+        finally:
+            self.compute.shutdown(wait=True)
+            await self.node.stop()
 
     def record(self) -> SpanRecord:
         return SpanRecord(self.model, self.span.start, self.span.end, self.node.peer_id, list(self.node.addrs),
@@ -108,6 +119,7 @@ class Server:
                     frame = await stream.recv(timeout=None if session else FIRST_FRAME_TIMEOUT_S)
                 except (StreamClosed, TimeoutError):
                     return
+                self.metrics.bytes_in.inc(len(frame))
                 try:
                     msg = decode(frame, self.limits)
                     if isinstance(msg, OpenSession) and session is None:
@@ -137,6 +149,7 @@ class Server:
         if msg.dtype not in DTYPES:
             raise SessionError("bad_dtype", f"dtype {msg.dtype!r} is not one of {sorted(DTYPES)}")
         session = self.table.open(msg.session_id, msg.start, msg.end, msg.max_length, stream, msg.next_hop)
+        self.metrics.sessions_opened.inc()
         if msg.next_hop is not None:
             try:
                 peer = PeerInfo(msg.next_hop.peer_id, tuple(msg.next_hop.addrs))
@@ -174,12 +187,14 @@ class Server:
                 raise SessionError("bad_shape", str(e)) from None
             compute_s = time.perf_counter() - t0
             session.tokens_served += hidden.shape[1]
+            self.metrics.observe_block(hidden.shape[1], compute_s)
             timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time())]
             payload = TensorPayload.from_torch(out.to(hidden.dtype if msg.hidden.dtype != "bfloat16" else torch.bfloat16))
             if session.next_stream is not None:
+                frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings))
                 try:
-                    await session.next_stream.send(encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload,
-                                                                  msg.attention_mask, timings)))
+                    await session.next_stream.send(frame)
+                    self.metrics.bytes_out.inc(len(frame))
                 except (StreamClosed, ConnectionError) as e:
                     raise SessionError("internal", f"next hop {session.next_hop.peer_id} unreachable: {e}") from None
             else:
@@ -198,7 +213,9 @@ class Server:
     # ---- helpers ------------------------------------------------------------------------
     async def _send(self, stream: Stream, msg) -> None:
         try:
-            await stream.send(encode(msg))
+            frame = encode(msg)
+            await stream.send(frame)
+            self.metrics.bytes_out.inc(len(frame))
         except Exception as e:  # the peer is gone; nothing else to tell it
             log.debug("could not send %s to %s: %r", type(msg).__name__, stream.remote_peer_id, e)
 

@@ -1,0 +1,179 @@
+"""The HTTP side of `dsdnode api`: OpenAI's routes, errors and server-sent events over the engine.
+
+Everything runs on one event loop (uvicorn on uvloop): requests, the libp2p bridge and every
+request's generation loop; model compute happens in executor threads (see client/generate.py), so
+one slow request never blocks another. A streamed answer is a series of `data: {chunk}` events in
+OpenAI's chunk format ending with `data: [DONE]`; an error after the stream started (the swarm
+lost every route) is sent as an `error` event, which OpenAI clients raise as an exception."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Completion, Engine
+from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, ResponseShape, Usage, model_list
+
+log = logging.getLogger(__name__)
+
+
+def create_app(engine: Engine) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await engine.chains.start()
+        try:
+            yield
+        finally:
+            await engine.chains.stop()
+
+    app = FastAPI(title="dsdnode", description="OpenAI-compatible API over a dsdnode swarm", lifespan=lifespan)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, e: ApiError) -> JSONResponse:
+        return _api_error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+        return _api_error_response(_validation_error(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = "unknown_url" if e.status_code == 404 else None
+        return _api_error_response(ApiError(e.status_code, str(e.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, e: Exception) -> JSONResponse:
+        return _api_error_response(_server_error(e))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return model_list(engine.name, created)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != engine.name:
+            raise ApiError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        return model_list(engine.name, created)["data"][0]
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await _respond(engine, req, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        return await _respond(engine, req, chat=True)
+
+    return app
+
+
+def _api_error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _validation_error(e: RequestValidationError) -> ApiError:
+    first = e.errors()[0]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                        code="invalid_json")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = loc[0] if loc else None
+    where = ".".join(loc)
+    return ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=param, code="invalid_value")
+
+
+def _server_error(e: BaseException) -> ApiError:
+    """What a failure during generation looks like to the client."""
+    from ..client.routing import NoRoute
+    from ..client.swarm_chain import ChainFailure
+
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, (ChainFailure, NoRoute, ConnectionError, TimeoutError)):
+        return ApiError(503, f"the swarm could not serve this request: {e}", type="server_error",
+                        code="swarm_unavailable")
+    log.error("generation failed", exc_info=e)
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+
+
+async def _respond(engine: Engine, req: CompletionRequest | ChatCompletionRequest, chat: bool):
+    job = engine.prepare(req)
+    shape = ResponseShape(engine.name, chat)
+    if req.stream:
+        return StreamingResponse(_events(job, shape, req.include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        text = await job.run()
+    except Exception as e:
+        raise _server_error(e) from None
+    return shape.whole(text, job.finish_reason, Usage(job.prompt_tokens, job.completion_tokens))
+
+
+async def _events(job: Completion, shape: ResponseShape, include_usage: bool) -> AsyncIterator[str]:
+    """The generation as server-sent events; the generation is cancelled if the client goes away."""
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+    task = asyncio.create_task(job.run(pieces.put_nowait))
+    task.add_done_callback(lambda _: pieces.put_nowait(None))
+    try:
+        if shape.chat:
+            yield _event(shape.chunk("", first=True))
+        while (piece := await pieces.get()) is not None:
+            yield _event(shape.chunk(piece))
+        error = task.exception()
+        if error is not None:
+            yield "event: error\n" + _event(_server_error(error).body())
+        else:
+            yield _event(shape.chunk(None, job.finish_reason))
+            if include_usage:
+                yield _event(shape.usage_chunk(Usage(job.prompt_tokens, job.completion_tokens)))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not task.done():  # the client disconnected: stop generating (the chain closes its session)
+            log.info("%s: the client went away; generation cancelled after %d tokens", shape.id, job.completion_tokens)
+            task.cancel()
+            task.add_done_callback(_swallow)
+
+
+def _swallow(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("generation of a disconnected stream ended with %r", task.exception())
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def serve(engine: Engine, host: str, port: int, log_level: str = "warning") -> None:
+    """Listen on host:port (0: any free port), print a JSON ready line with the URL, serve until a signal."""
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(engine), loop="none", log_level=log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        url = f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{bound}/v1"
+        print(json.dumps({"event": "ready", "url": url, "model": engine.name}), flush=True)
+    await task
+    if not server.started:
+        raise RuntimeError("the API server failed to start (see the log above)")

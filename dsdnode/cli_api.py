@@ -1,0 +1,66 @@
+"""`dsdnode api`: serve a model through an OpenAI-compatible HTTP API, backed by the swarm."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from .cli_common import friendly, run_async
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (0.0.0.0 for all interfaces).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Listen port (0: any free port).")
+@click.option("--model", default="qwen2.5-coder-1.5b", show_default=True,
+              help="Target model (name or directory); requests must name it.")
+@click.option("--draft", default=None, help="Draft model (default: the registry's pairing).")
+@click.option("--local", is_flag=True, help="Run the target in this process as a chain of spans (no network).")
+@click.option("--hops", type=int, default=4, show_default=True, help="With --local: number of spans in the chain.")
+@click.option("--link-latency-ms", type=float, default=0.0, show_default=True,
+              help="Emulated latency of every link of the chain.")
+@click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable).")
+@click.option("--peers", "peers_file", type=click.Path(dir_okay=False), help="File of bootstrap multiaddrs.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--threads", type=int, default=0, help="torch threads (0: all cores).")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Largest max_tokens a request may ask for (also the chat default).")
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Longest prompt accepted, in tokens.")
+@click.option("--k-max", type=click.IntRange(min=1, max=64), default=8, show_default=True,
+              help="Longest draft block when a request uses dsd_k='auto'.")
+@click.option("--tau", type=float, default=0.3, show_default=True,
+              help="Adaptive verification (requests with adaptive=true): accept a non-key token with p >= tau * p(top).")
+@click.option("--overlap/--no-overlap", default=True, show_default=True,
+              help="Draft the next block while the current one is in flight.")
+@friendly
+def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers_file, dtype, threads,
+        max_tokens_limit, max_prompt_tokens, k_max, tau, overlap):
+    """Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's API).
+
+    Every request is its own session on the swarm (or on an in-process chain with --local);
+    our knobs ride in the request body: dsd_k ("auto" or a draft length, 0 = no drafting) and
+    adaptive (bool)."""
+    import torch
+
+    from .api.engine import Engine, EngineSettings, LocalChains, SwarmChains
+    from .api.server import serve
+    from .cli_generate import _local_chain
+    from .cli_node import bootstrap_list
+    from .client.loading import DTYPES, default_draft, load_client_models
+
+    if threads:
+        torch.set_num_threads(threads)
+    addrs = bootstrap_list(bootstrap, peers_file)
+    if not local and not addrs:
+        raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
+    client = load_client_models(model, draft or default_draft(model), dtype)
+    if local:
+        chain = _local_chain(client.target_dir, hops, link_latency_ms, dtype)
+        chains = LocalChains(chain.spans, chain.link_latency_s)
+    else:
+        chains = SwarmChains(model, client.head.config, addrs, DTYPES[dtype], link_latency_ms)
+    settings = EngineSettings(k_max=k_max, tau=tau, overlap=overlap, max_tokens_limit=max_tokens_limit,
+                              max_prompt_tokens=max_prompt_tokens)
+    log_level = "info" if logging.getLogger().getEffectiveLevel() <= logging.INFO else "warning"
+    run_async(serve(Engine(model, client, chains, settings), host, port, log_level))

@@ -1,0 +1,81 @@
+"""Prometheus metrics of a serving node: what an operator graphs and alerts on.
+
+Counters and the compute histogram are updated by the daemon on its event loop; the exposition
+endpoint (prometheus_client's HTTP server) reads them from its own thread. Values that already
+live in the daemon's state -- open sessions, KV cache in use, errors by code (Server.errors) --
+are read at scrape time instead of being mirrored, so they can never drift from the truth.
+Each node has its own registry: nothing global, several nodes can share a process in tests."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+# Block compute on a CPU spans ~1 ms (one token, few layers) to seconds (a long prefill chunk).
+COMPUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class NodeMetrics:
+    def __init__(self, info: dict[str, str], sessions_open: Callable[[], int], cache_bytes_used: Callable[[], int],
+                 errors: Callable[[], dict[str, int]]):
+        """info: constant labels of the node (peer id, model, span); the callables are read per scrape."""
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.sessions_opened = Counter("dsdnode_sessions_opened", "Inference sessions opened.",
+                                       registry=self.registry)
+        self.tokens_served = Counter("dsdnode_tokens_served", "Positions (tokens) run through this node's layers.",
+                                     registry=self.registry)
+        self.forward_compute = Histogram("dsdnode_forward_compute_seconds", "Compute time of one block on this node.",
+                                         buckets=COMPUTE_BUCKETS, registry=self.registry)
+        self.bytes_in = Counter("dsdnode_received_bytes", "Frame bytes received on session streams.",
+                                registry=self.registry)
+        self.bytes_out = Counter("dsdnode_sent_bytes", "Frame bytes sent on session streams.",
+                                 registry=self.registry)
+        self.registry.register(_StateCollector(info, sessions_open, cache_bytes_used, errors))
+        self._http = None
+        self._thread: threading.Thread | None = None
+
+    def observe_block(self, tokens: int, compute_s: float) -> None:
+        self.tokens_served.inc(tokens)
+        self.forward_compute.observe(compute_s)
+
+    def serve(self, host: str, port: int) -> None:
+        """Expose /metrics on host:port from a daemon thread (Prometheus text format)."""
+        try:
+            self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise ValueError(f"cannot serve metrics on {host}:{port}: {e.strerror}") from None
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _StateCollector:
+    """Metrics read from the daemon's state at scrape time."""
+
+    def __init__(self, info, sessions_open, cache_bytes_used, errors):
+        self.info, self.sessions_open, self.cache_bytes_used, self.errors = info, sessions_open, cache_bytes_used, errors
+
+    def collect(self):
+        yield InfoMetricFamily("dsdnode_node", "What this node serves.", value=self.info)
+        yield GaugeMetricFamily("dsdnode_sessions_open", "Inference sessions open now.", value=self.sessions_open())
+        yield GaugeMetricFamily("dsdnode_kv_cache_bytes", "KV cache memory held by open sessions.",
+                                value=self.cache_bytes_used())
+        errors = CounterMetricFamily("dsdnode_errors", "Frames rejected, by error code.", labels=["kind"])
+        for kind, count in sorted(dict(self.errors()).items()):
+            errors.add_metric([kind], count)
+        yield errors
+
+
+def server_metrics(server) -> NodeMetrics:
+    """The metrics of a daemon.Server: its session table and error counts, read at scrape time."""
+    table = server.table
+    info = {"peer_id": server.node.peer_id, "model": server.model, "layers": f"{server.span.start}:{server.span.end}"}
+    return NodeMetrics(info, sessions_open=lambda: len(table.sessions),
+                       cache_bytes_used=lambda: sum(s.cache.nbytes for s in list(table.sessions.values())),
+                       errors=lambda: server.errors)

@@ -1,0 +1,254 @@
+"""`dsdnode api` through real HTTP with the official `openai` client: a server process on an
+in-process chain (--local) for the replies and errors, and one backed by a real local swarm
+(heavy). Greedy answers must equal what `dsdnode generate` produces for the same prompt."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from dsdnode.bench.swarm import LocalSwarm
+from dsdnode.cli_generate import _generate, _local_chain, generation_settings
+from dsdnode.client.loading import encode_prompt, load_client_models
+
+MODEL = "smollm2-135m"
+PROMPT = "def fibonacci(n):\n    "
+QUESTION = "What is the capital of France?"
+
+
+class ApiProcess:
+    """`dsdnode api ARGS --port 0` in its own process; waits for its ready line."""
+
+    def __init__(self, args: list[str], log_path: Path, timeout_s: float = 120.0):
+        env = {**os.environ, "OMP_NUM_THREADS": "2"}
+        cmd = [sys.executable, "-m", "dsdnode", "api", "--model", MODEL, "--port", "0", "--dtype", "float32",
+               "--threads", "2", *args]
+        self.log_path = log_path
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True, env=env,
+                                     start_new_session=True)
+        ready: dict = {}
+        got = threading.Event()
+
+        def pump():
+            for line in self.proc.stdout:
+                if line.startswith("{") and not got.is_set():
+                    ready.update(json.loads(line))
+                    got.set()
+            got.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not got.wait(timeout_s) or not ready:
+            self.stop()
+            raise RuntimeError(f"dsdnode api did not start:\n{log_path.read_text()[-3000:]}")
+        self.url = ready["url"]
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=120, **kw)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def client_models(smollm2_dir):
+    return load_client_models(MODEL, MODEL, "float32")
+
+
+N = 24  # tokens per greedy answer
+
+
+@pytest.fixture(scope="module")
+def expected(client_models) -> dict[str, str]:
+    """What `dsdnode generate --local --k 4 [--raw] --max-new-tokens N` prints (its code path, not ours)."""
+    settings = generation_settings(N, 0.0, 1.0, None, "4", 8, False, 0.3, True)
+    chain = _local_chain(client_models.target_dir, 3, 0.0, "float32")
+    texts = {}
+    for name, prompt, chat in (("completion", PROMPT, False), ("chat", QUESTION, True)):
+        ids = encode_prompt(client_models.tokenizer, prompt, chat=chat)
+        result = asyncio.run(_generate(client_models, chain, settings, ids))
+        texts[name] = client_models.tokenizer.decode(result.tokens, skip_special_tokens=True)
+    return texts
+
+
+# ---- an API server over an in-process chain -----------------------------------------------
+@pytest.fixture(scope="module")
+def local_api(smollm2_dir, tmp_path_factory):
+    api = ApiProcess(["--local", "--hops", "2", "--max-tokens-limit", "64", "--max-prompt-tokens", "100"],
+                     tmp_path_factory.mktemp("api") / "api.log")
+    yield api
+    api.stop()
+
+
+def post(api: ApiProcess, path: str, body) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(api.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=60)
+
+
+@pytest.mark.parametrize("path,body,status,param,code", [
+    ("/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model", "model_not_found"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 65}, 400, "max_tokens", "invalid_value"),
+    ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                           "max_completion_tokens": 1000}, 400, "max_completion_tokens", "invalid_value"),
+    ("/completions", {"model": MODEL, "prompt": "word " * 150}, 400, "prompt", "context_length_exceeded"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature", "invalid_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p", "invalid_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "top_p", "invalid_value"),
+    ("/completions", b'{"model": "smollm2-135m", "prompt": ', 400, None, "invalid_json"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n", "unsupported_value"),
+    ("/completions", {"model": MODEL, "prompt": ""}, 400, "prompt", "invalid_value"),
+    ("/completions", {"model": MODEL, "prompt": [5, 10**9]}, 400, "prompt", "invalid_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "dsd_k": "fast"}, 400, "dsd_k", "invalid_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ("/chat/completions", {"model": MODEL, "messages": []}, 400, "messages", "invalid_value"),
+    ("/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages",
+     "invalid_value"),
+    ("/completions", {"prompt": "hi"}, 400, "model", "invalid_value"),
+    ("/nowhere", {}, 404, None, "unknown_url"),
+])
+def test_bad_requests_get_openai_errors(local_api, path, body, status, param, code):
+    reply = post(local_api, path, body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["param"], error["code"]) == (param, code)
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_openai_client_raises_on_errors(local_api):
+    client = local_api.client()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="n > 1"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=3)
+    # the server still serves after errors
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_null_fields_mean_defaults(local_api):
+    reply = post(local_api, "/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "temperature": None,
+                                             "top_p": None, "stop": None, "n": None, "seed": None, "stream": None})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_models_are_listed(local_api):
+    assert [m.id for m in local_api.client().models.list()] == [MODEL]
+    assert local_api.client().models.retrieve(MODEL).owned_by == "dsdnode"
+
+
+def test_completion_equals_generate_with_usage_and_length(local_api, client_models, expected):
+    reply = local_api.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0,
+                                                  extra_body={"dsd_k": 4})
+    assert reply.choices[0].text == expected["completion"]
+    assert reply.choices[0].finish_reason == "length"
+    prompt_tokens = len(client_models.tokenizer(PROMPT)["input_ids"])
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, N)
+    assert reply.usage.total_tokens == prompt_tokens + N
+
+
+def test_stop_strings_cut_the_text_whole_and_streamed(local_api, expected):
+    full = expected["completion"]
+    stop = full[12:15]
+    assert stop.strip() and full.find(stop) >= 0
+    cut = full[:full.find(stop)]
+    client = local_api.client()
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0, stop=[stop, "@@@"],
+                                      extra_body={"dsd_k": 4})
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (cut, "stop")
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0, stop=stop,
+                                            stream=True, extra_body={"dsd_k": 4}))
+    assert "".join(c.choices[0].text for c in chunks) == cut
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
+    assert all(stop not in c.choices[0].text for c in chunks)
+
+
+def test_chat_streams_openai_chunks_ending_with_done(local_api, client_models, expected):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": N, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, "dsd_k": 4}
+    with httpx.stream("POST", local_api.url + "/chat/completions", json=body, timeout=60) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in reply.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == expected["chat"]
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens"] == len(encode_prompt(client_models.tokenizer, QUESTION))
+
+
+def test_a_client_leaving_mid_stream_does_not_disturb_the_server(local_api):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "stream": True}
+    with httpx.stream("POST", local_api.url + "/completions", json=body, timeout=60) as reply:
+        first = next(line for line in reply.iter_lines() if line)
+    assert first.startswith("data: {")
+    reply = local_api.client().completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0)
+    assert reply.usage.completion_tokens == 3
+    assert local_api.proc.poll() is None
+
+
+def test_sampling_with_our_knobs_is_accepted(local_api):
+    reply = local_api.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}],
+        max_tokens=12, temperature=0.8, top_p=0.9, seed=7, extra_body={"dsd_k": "auto", "adaptive": True})
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason in ("stop", "length")
+    assert 0 < reply.usage.completion_tokens <= 12
+
+
+# ---- an API server backed by a real swarm -------------------------------------------------
+async def two_at_once(api: ApiProcess) -> tuple[str, str]:
+    client = openai.AsyncOpenAI(base_url=api.url, api_key="unused", max_retries=0, timeout=120)
+
+    async def streamed_chat() -> str:
+        stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                                      max_tokens=N, temperature=0, stream=True,
+                                                      extra_body={"dsd_k": 4})
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def completion() -> str:
+        reply = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0,
+                                                extra_body={"dsd_k": 4})
+        return reply.choices[0].text
+
+    try:
+        return tuple(await asyncio.gather(streamed_chat(), completion()))
+    finally:
+        await client.close()
+
+
+@pytest.mark.heavy
+def test_swarm_backed_api_matches_generate_and_serves_two_at_once(expected, tmp_path):
+    with LocalSwarm(MODEL, [(0, 15), (15, 30)], tmp_path, dtype="float32") as swarm:
+        api = ApiProcess(["--bootstrap", swarm.bootstrap_addrs[0]], tmp_path / "api.log")
+        try:
+            chat, completion = asyncio.run(two_at_once(api))
+            single = api.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0,
+                                                     extra_body={"dsd_k": 4})
+            for server in swarm.servers:  # every server gone: a clear 503, in a stream an error event
+                swarm.kill(server)
+            with pytest.raises(openai.InternalServerError, match="swarm could not serve") as failed:
+                api.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+            with pytest.raises(openai.APIError, match="swarm could not serve"):
+                list(api.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, stream=True))
+        finally:
+            api.stop()
+    assert failed.value.status_code == 503 and failed.value.body["code"] == "swarm_unavailable"
+    assert completion == single.choices[0].text == expected["completion"]
+    assert chat == expected["chat"]
