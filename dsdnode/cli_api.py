@@ -45,7 +45,7 @@ def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers
 
     from .api.engine import Engine, EngineSettings, LocalChains, SwarmChains
     from .api.server import serve
-    from .cli_generate import _local_chain
+    from .cli_generate import local_chain
     from .cli_node import bootstrap_list
     from .client.loading import DTYPES, default_draft, load_client_models
 
@@ -56,7 +56,7 @@ def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers
         raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
     client = load_client_models(model, draft or default_draft(model), dtype)
     if local:
-        chain = _local_chain(client.target_dir, hops, link_latency_ms, dtype)
+        chain = local_chain(client.target_dir, hops, link_latency_ms, dtype)
         chains = LocalChains(chain.spans, chain.link_latency_s)
     else:
         chains = SwarmChains(model, client.head.config, addrs, DTYPES[dtype], link_latency_ms)

@@ -33,7 +33,8 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--client-threads", type=int, default=1, show_default=True, help="torch threads of the client.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--k-max", type=int, default=8, show_default=True, help="Longest block for the dsd-auto modes.")
-@click.option("--tau", type=float, default=0.3, show_default=True, help="Adaptive verification threshold (dsd-auto-av).")
+@click.option("--tau", type=float, default=0.3, show_default=True,
+              help="Adaptive verification threshold (dsd-auto-av).")
 @click.option("--quick", is_flag=True, help="A small smoke run: smollm2-135m as target and draft, 3 servers, 2 prompts "
                                             "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32.")
 @friendly

@@ -84,7 +84,7 @@ def generate(prompt, model, draft, local, hops, link_latency_ms, bootstrap, peer
     client = load_client_models(model, draft if settings.speculative else None, dtype)
     ids = encode_prompt(client.tokenizer, prompt, chat=not raw)
     if local:
-        chain = _local_chain(client.target_dir, hops, link_latency_ms, dtype)
+        chain = local_chain(client.target_dir, hops, link_latency_ms, dtype)
     else:
         from .cli_node import bootstrap_list
         from .client.loading import DTYPES
@@ -100,7 +100,8 @@ def generate(prompt, model, draft, local, hops, link_latency_ms, bootstrap, peer
     click.echo(result.summary(), err=True)
 
 
-def _local_chain(target_dir, hops, link_latency_ms, dtype):
+def local_chain(target_dir, hops, link_latency_ms, dtype):
+    """The target split into `hops` in-process spans with emulated link latency (--local)."""
     from .client.loading import DTYPES
     from .client.local import LocalChain, split_layers
     from .models.span import Span

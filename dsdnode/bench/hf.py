@@ -31,7 +31,9 @@ class HFOutput:
 class HFAssisted:
     def __init__(self, target_dir: Path, draft_dir: Path, dtype: torch.dtype = torch.bfloat16):
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # the bench's own progress lines are what stderr is for
         self.target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
         self.draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype).eval()
 

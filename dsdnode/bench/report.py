@@ -73,7 +73,7 @@ def aggregate(records: list[PromptResult], modes: list[str]) -> list[dict[str, A
     """One row per (latency, dataset or "all", mode) that has records."""
     rows = []
     latencies = sorted({r.latency_ms for r in records})
-    datasets = sorted({r.dataset for r in records})
+    datasets = list(dict.fromkeys(r.dataset for r in records))
     for lat in latencies:
         for ds in [*datasets, "all"] if len(datasets) > 1 else datasets:
             sel = [r for r in records if r.latency_ms == lat and (ds == "all" or r.dataset == ds)]

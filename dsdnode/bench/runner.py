@@ -10,7 +10,9 @@ failing prompt (or a swarm that will not start) is recorded with its error while
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -96,6 +98,8 @@ class BenchRun:
         c = self.config
         c.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(c.client_threads)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)  # a killed run still stops its swarm and saves
         self.machine = machine_info()
         self.t0 = time.monotonic()
         try:
@@ -124,7 +128,7 @@ class BenchRun:
             for i, problem in enumerate(load_dataset(ds, self.config.prompts)):
                 text = format_prompt(problem, template)
                 out.append(_Prompt(problem, i, tok(text, add_special_tokens=False)["input_ids"]))
-        return out
+        return sorted(out, key=lambda p: p.index)  # datasets interleaved: a cut-short run stays balanced
 
     def _load_hf(self):
         from .hf import HFAssisted
@@ -248,9 +252,14 @@ class BenchRun:
             write_plots(rows, out)
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(f"terminated by signal {signum}")
+
+
 def _fill_swarm(rec: PromptResult, result: GenerationResult, hops: int, links: int, lat: float) -> None:
     rounds = result.rounds
-    rec.tokens, rec.prefill_s, rec.decode_s, rec.stopped = result.tokens, result.prefill_s, result.decode_s, result.stopped
+    rec.tokens, rec.stopped = result.tokens, result.stopped
+    rec.prefill_s, rec.decode_s = result.prefill_s, result.decode_s
     rec.tokens_per_s, rec.rounds = result.tokens_per_s, len(rounds)
     rec.mean_accepted, rec.mean_k = result.mean_accepted, result.mean_k
     rec.tokens_per_round = len(result.tokens) / len(rounds) if rounds else 0.0
