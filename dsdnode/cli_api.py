@@ -7,22 +7,13 @@ import logging
 import click
 
 from .cli_common import friendly, run_async
+from .cli_generate import client_options, local_chain
 
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (0.0.0.0 for all interfaces).")
 @click.option("--port", type=int, default=8000, show_default=True, help="Listen port (0: any free port).")
-@click.option("--model", default="qwen2.5-coder-1.5b", show_default=True,
-              help="Target model (name or directory); requests must name it.")
-@click.option("--draft", default=None, help="Draft model (default: the registry's pairing).")
-@click.option("--local", is_flag=True, help="Run the target in this process as a chain of spans (no network).")
-@click.option("--hops", type=int, default=4, show_default=True, help="With --local: number of spans in the chain.")
-@click.option("--link-latency-ms", type=float, default=0.0, show_default=True,
-              help="Emulated latency of every link of the chain.")
-@click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable).")
-@click.option("--peers", "peers_file", type=click.Path(dir_okay=False), help="File of bootstrap multiaddrs.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--threads", type=int, default=0, help="torch threads (0: all cores).")
+@client_options
 @click.option("--max-tokens-limit", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Largest max_tokens a request may ask for (also the chat default).")
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
@@ -45,7 +36,6 @@ def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers
 
     from .api.engine import Engine, EngineSettings, LocalChains, SwarmChains
     from .api.server import serve
-    from .cli_generate import local_chain
     from .cli_node import bootstrap_list
     from .client.loading import DTYPES, default_draft, load_client_models
 

@@ -52,18 +52,29 @@ def generation_settings(max_new_tokens, temperature, top_p, seed, k, k_max, adap
     )
 
 
+def client_options(fn):
+    """Flags of every command that runs a client: which models, which chain (local or swarm)."""
+    options = [
+        click.option("--model", default="qwen2.5-coder-1.5b", show_default=True,
+                     help="Target model (name or directory)."),
+        click.option("--draft", default=None, help="Draft model (default: the registry's pairing)."),
+        click.option("--local", is_flag=True, help="Run the target in this process as a chain of spans (no network)."),
+        click.option("--hops", type=int, default=4, show_default=True, help="With --local: number of spans in the chain."),
+        click.option("--link-latency-ms", type=float, default=0.0, show_default=True,
+                     help="Emulated latency of every link of the chain (N+1 links a round)."),
+        click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable)."),
+        click.option("--peers", "peers_file", type=click.Path(dir_okay=False), help="File of bootstrap multiaddrs."),
+        click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True),
+        click.option("--threads", type=int, default=0, help="torch threads (0: all cores)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @click.command()
 @click.argument("prompt")
-@click.option("--model", default="qwen2.5-coder-1.5b", show_default=True, help="Target model (name or directory).")
-@click.option("--draft", default=None, help="Draft model (default: the registry's pairing).")
-@click.option("--local", is_flag=True, help="Run the target in this process as a chain of spans (no network).")
-@click.option("--hops", type=int, default=4, show_default=True, help="With --local: number of spans in the chain.")
-@click.option("--link-latency-ms", type=float, default=0.0, show_default=True,
-              help="Emulated latency of every link of the chain (N+1 links a round).")
-@click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable).")
-@click.option("--peers", "peers_file", type=click.Path(dir_okay=False), help="File of bootstrap multiaddrs.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--threads", type=int, default=0, help="torch threads (0: all cores).")
+@client_options
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the model's chat template.")
 @click.option("--stats/--no-stats", default=False, help="Print per-round statistics.")
 @generation_options

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from dsdnode.bench.swarm import LocalSwarm
-from dsdnode.cli_generate import _generate, _local_chain, generation_settings
+from dsdnode.cli_generate import _generate, local_chain, generation_settings
 from dsdnode.client.loading import encode_prompt, load_client_models
 
 MODEL = "smollm2-135m"
@@ -74,7 +74,7 @@ N = 24  # tokens per greedy answer
 def expected(client_models) -> dict[str, str]:
     """What `dsdnode generate --local --k 4 [--raw] --max-new-tokens N` prints (its code path, not ours)."""
     settings = generation_settings(N, 0.0, 1.0, None, "4", 8, False, 0.3, True)
-    chain = _local_chain(client_models.target_dir, 3, 0.0, "float32")
+    chain = local_chain(client_models.target_dir, 3, 0.0, "float32")
     texts = {}
     for name, prompt, chat in (("completion", PROMPT, False), ("chat", QUESTION, True)):
         ids = encode_prompt(client_models.tokenizer, prompt, chat=chat)
