@@ -18,6 +18,7 @@ import torch
 
 from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
+from ..net.stream import close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, PeerRef, SessionOpened,
                         TensorPayload, WireError, WireLimits, decode, encode)
 from ..server.daemon import PROTOCOL
@@ -63,7 +64,6 @@ class RemoteChain:
     def n_hops(self) -> int:
         return len(self.legs) or 1
 
-
     async def start_session(self, max_length: int) -> None:
         self._max_length, self._history = max_length, None
         await self._open()
@@ -108,13 +108,11 @@ class RemoteChain:
             for hop in hops:
                 streams.append(await self.node.open_stream(hop.candidate.peer, PROTOCOL))
             await asyncio.gather(*(self._open_leg(hops, i, streams[i]) for i in range(len(hops))))
-        except ChainFailure:
+        except (ChainFailure, StreamClosed, ConnectionError, TimeoutError) as e:
             for s in streams:
-                await _quiet_close(s)
-            raise
-        except (StreamClosed, ConnectionError, TimeoutError) as e:
-            for s in streams:
-                await _quiet_close(s)
+                await close_quietly(s)
+            if isinstance(e, ChainFailure):
+                raise
             raise ChainFailure(f"opening the session failed: {e}") from None
         self.legs = [_Leg(h, s) for h, s in zip(hops, streams)]
         self.route = [(h.candidate.record.peer_id, h.start, h.end) for h in hops]
@@ -217,13 +215,6 @@ class RemoteChain:
                 return False
         states = await asyncio.gather(*(alive(leg) for leg in self.legs))
         return {leg.hop.candidate.record.peer_id for leg, ok in zip(self.legs, states) if not ok}
-
-
-async def _quiet_close(stream: Stream) -> None:
-    try:
-        await stream.close()
-    except Exception:
-        pass
 
 
 async def connect_chain(model: str, config, bootstrap: list[str], dtype: torch.dtype = torch.bfloat16,

@@ -161,3 +161,13 @@ class Stream:
             await self._raw.reset()
         except Exception as exc:
             log.debug("resetting stream to %s: %r", self.remote_peer_id, exc)
+
+
+async def close_quietly(stream: Stream | None) -> None:
+    """Close a stream whose peer may already be gone: cleanup, where a failure tells nothing new."""
+    if stream is None:
+        return
+    try:
+        await stream.close()
+    except Exception as exc:
+        log.debug("closing stream to %s: %r", stream.remote_peer_id, exc)

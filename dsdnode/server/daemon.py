@@ -25,6 +25,7 @@ from .. import __version__
 from ..models.span import Span
 from ..net.dht import SpanRecord
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
+from ..net.stream import close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
                         TensorPayload, WireError, WireLimits, decode, encode)
 from .metrics import server_metrics
@@ -79,7 +80,7 @@ class Server:
             for sid in list(self.table.sessions):
                 session = self.table.close(sid)
                 await self._send(session.client, ErrorReply("shutting_down", "server is shutting down", sid))
-                await self._close_stream(session.next_stream)
+                await close_quietly(session.next_stream)
             try:
                 await asyncio.wait_for(self.node.dht.withdraw(self.model), WITHDRAW_TIMEOUT_S)
             except (asyncio.TimeoutError, Exception) as e:
@@ -107,7 +108,7 @@ class Server:
                 session = self.table.close(sid)
                 log.info("session %s idle for %.0f s: closed", sid, self.table.idle_s)
                 await self._send(session.client, ErrorReply("unknown_session", "session expired (idle)", sid))
-                await self._close_stream(session.next_stream)
+                await close_quietly(session.next_stream)
 
     # ---- streams ------------------------------------------------------------------------
     async def handle_stream(self, stream: Stream) -> None:
@@ -120,6 +121,7 @@ class Server:
                 except (StreamClosed, TimeoutError):
                     return
                 self.metrics.bytes_in.inc(len(frame))
+                msg = None
                 try:
                     msg = decode(frame, self.limits)
                     if isinstance(msg, OpenSession) and session is None:
@@ -134,9 +136,7 @@ class Server:
                 except (WireError, SessionError) as e:
                     self.errors[e.code] = self.errors.get(e.code, 0) + 1
                     log.info("rejected a frame from %s: %s: %s", stream.remote_peer_id, e.code, e.message)
-                    await self._send(stream, ErrorReply(e.code, e.message, getattr(msg, "session_id", None)
-                                                        if "msg" in locals() else None))
-                    del msg
+                    await self._send(stream, ErrorReply(e.code, e.message, getattr(msg, "session_id", None)))
         finally:
             if session is not None and self.table.sessions.get(session.session_id) is session:
                 await self._close(session.session_id)  # the client went away: free its cache
@@ -164,7 +164,7 @@ class Server:
     async def _close(self, session_id: str) -> None:
         session = self.table.close(session_id)
         if session is not None:
-            await self._close_stream(session.next_stream)
+            await close_quietly(session.next_stream)
 
     async def _forward(self, msg: Forward, came_on: Stream) -> None:
         session = self.table.get(msg.session_id)
@@ -218,14 +218,6 @@ class Server:
             self.metrics.bytes_out.inc(len(frame))
         except Exception as e:  # the peer is gone; nothing else to tell it
             log.debug("could not send %s to %s: %r", type(msg).__name__, stream.remote_peer_id, e)
-
-    @staticmethod
-    async def _close_stream(stream: Stream | None) -> None:
-        if stream is not None:
-            try:
-                await stream.close()
-            except Exception:
-                pass
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
