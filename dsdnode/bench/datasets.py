@@ -32,7 +32,10 @@ HUMANEVAL_SYSTEM = "You are a helpful coding assistant."
 HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function. Return the whole function in a ```python block.\n\n"
 )
-GSM8K_INSTRUCTION = "Solve the problem step by step. End with 'The answer is N.'\n\n"
+# Brief on purpose: in its own step-by-step style the 1.5B target writes 250-400 tokens per problem
+# (planning, LaTeX), which at ~1-4 tok/s on a CPU swarm makes a 20-problem accuracy run take hours.
+GSM8K_INSTRUCTION = ("Solve the problem. Be brief: write only the key calculations, one short line each, "
+                     "then end with 'The answer is N.'\n\n")
 
 PIP_TIMEOUT_S = 300.0
 

@@ -162,7 +162,7 @@ def test_chat_prompts_go_through_the_template():
 def test_plain_prompts():
     assert format_prompt(_problem("humaneval"), None) == 'def f():\n    """doc"""\n'
     text = format_prompt(Problem("gsm8k", "gsm8k/0", "How many?", "#### 1", {"answer": "1"}), None)
-    assert text.startswith("Solve the problem step by step.")
+    assert text.startswith("Solve the problem. Be brief")
     assert text.endswith("Question: How many?\nAnswer:")
     with pytest.raises(ValueError, match="unknown dataset"):
         format_prompt(_problem("mmlu"), None)
