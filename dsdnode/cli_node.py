@@ -42,6 +42,8 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
 @click.option("--announce-interval", "announce_interval_s", type=float, default=None)
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).")
+@click.option("--parent-pid", type=int, default=None,
+              help="Shut down (as on SIGTERM) once this process is gone; for launchers of local swarms.")
 @friendly
 def start(config_file, peers_file, **flags):
     """Serve a span of a model's layers to the swarm until SIGTERM."""
@@ -58,7 +60,7 @@ async def run_node(s: NodeSettings) -> None:
     from .net.identity import load_or_create_identity
     from .net.latency import LinkLatency
     from .net.p2p import P2PNode
-    from .server.daemon import DTYPES, Server, install_signal_handlers
+    from .server.daemon import DTYPES, Server, install_stop_triggers
     from .server.placement import choose_span, parse_layers
 
     if s.threads:
@@ -71,7 +73,7 @@ async def run_node(s: NodeSettings) -> None:
     if s.layers != "auto":
         span_range = parse_layers(s.layers, num_layers)
     stop = asyncio.Event()
-    install_signal_handlers(stop)
+    install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file),
                                latency=LinkLatency(s.link_latency_ms), announce=s.announce_addrs)
@@ -99,10 +101,10 @@ async def run_bootstrap_peer(s: NodeSettings) -> None:
     """A peer that serves no layers: it only keeps the DHT reachable (a stable public entry point)."""
     from .net.identity import load_or_create_identity
     from .net.p2p import P2PNode
-    from .server.daemon import install_signal_handlers
+    from .server.daemon import install_stop_triggers
 
     stop = asyncio.Event()
-    install_signal_handlers(stop)
+    install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs)
     print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap"}), flush=True)

@@ -37,6 +37,7 @@ class NodeSettings:
     announce_interval_s: float = 30.0
     record_ttl_s: float = 120.0
     metrics_port: int = 0  # 0: off
+    parent_pid: int = 0  # stop once this process is gone (0: off); set by local-swarm launchers
 
 
 @dataclass

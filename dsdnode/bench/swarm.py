@@ -37,11 +37,15 @@ class NodeProcess:
         return self.proc.poll() is None
 
 
-def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | None = None) -> NodeProcess:
-    """Run `dsdnode start ARGS` and wait for its ready line; its stderr goes to log_path."""
+def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | None = None,
+               parent_pid: int | None = None) -> NodeProcess:
+    """Run `dsdnode start ARGS` and wait for its ready line; its stderr goes to log_path.
+
+    The node runs in its own session (a test's Ctrl-C does not reach it mid-shutdown) and stops
+    by itself once parent_pid (default: this process) is gone."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
     log = open(log_path, "w")
-    cmd = [sys.executable, "-m", "dsdnode", "start", "--threads", str(threads), *args]
+    cmd = [sys.executable, "-m", "dsdnode", "start", "--threads", str(threads), "--parent-pid", str(parent_pid or os.getpid()), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
     lines: list[str] = []
     ready: dict = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import statistics
 import time
@@ -237,7 +238,33 @@ def measure_throughput(span: Span, repeats: int = 5) -> float:
     return 1.0 / statistics.median(times[1:])
 
 
-def install_signal_handlers(stop: asyncio.Event) -> None:
+PARENT_POLL_S = 1.0
+_WATCHES: set[asyncio.Task] = set()
+
+
+def install_stop_triggers(stop: asyncio.Event, parent_pid: int = 0) -> None:
+    """Set `stop` on SIGTERM/SIGINT and, if parent_pid is set, once that process is gone.
+
+    The parent watch is for launchers (tests, `dsdnode bench`, the demo) that start nodes in
+    their own sessions: if the launcher is SIGKILLed it cannot signal them, and without the
+    watch they would serve forever."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if parent_pid:
+        task = loop.create_task(_stop_when_gone(parent_pid, stop))
+        _WATCHES.add(task)  # the loop holds tasks only weakly
+        task.add_done_callback(_WATCHES.discard)
+
+
+async def _stop_when_gone(pid: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.warning("parent process %d is gone: shutting down", pid)
+            stop.set()
+            return
+        except PermissionError:
+            pass  # it exists, owned by someone else
+        await asyncio.sleep(PARENT_POLL_S)

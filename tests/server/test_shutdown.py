@@ -2,13 +2,15 @@
 
 import asyncio
 import signal
+import subprocess
+import time
 
 import pytest
 
-from dsdnode.bench.swarm import LocalSwarm
+from dsdnode.bench.swarm import LocalSwarm, start_node
 from dsdnode.net.p2p import P2PNode, PeerInfo
 from dsdnode.net.wire import ErrorReply, OpenSession, SessionOpened, WireLimits, decode, encode
-from dsdnode.server.daemon import PROTOCOL
+from dsdnode.server.daemon import PARENT_POLL_S, PROTOCOL
 
 pytestmark = pytest.mark.heavy
 
@@ -41,3 +43,19 @@ def test_sigterm_fails_sessions_cleanly_and_withdraws(smollm2_dir, tmp_path):
     assert isinstance(reply, ErrorReply) and reply.code == "shutting_down" and reply.session_id == "s"
     assert exit_code == 0
     assert records == []  # withdrawn, not just left to expire
+
+
+def test_node_stops_when_its_parent_is_gone(tmp_path):
+    """A launcher that is SIGKILLed cannot SIGTERM its nodes: --parent-pid makes them notice."""
+    parent = subprocess.Popen(["sleep", "600"])
+    node = start_node(["--layers", "none"], tmp_path / "bootstrap.log", parent_pid=parent.pid)
+    try:
+        time.sleep(2 * PARENT_POLL_S)
+        assert node.alive()  # the parent is still there
+        parent.kill()
+        parent.wait()
+        assert node.proc.wait(30) == 0  # the normal, clean shutdown path
+        assert "parent process" in (tmp_path / "bootstrap.log").read_text()
+    finally:
+        if node.alive():
+            node.proc.kill()
