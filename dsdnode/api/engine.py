@@ -17,6 +17,7 @@ import torch
 from ..client.generate import GenerationResult, GenerationSettings, Generator
 from ..client.interface import Chain
 from ..client.loading import ClientModels
+from ..spec.controller import ControllerSettings, DraftLengthController
 from ..spec.draft import Drafter
 from ..spec.importance import ImportanceScorer
 from .schemas import ApiError, ChatCompletionRequest, CompletionRequest
@@ -97,6 +98,8 @@ class Engine:
         self.name, self.client, self.chains, self.s = name, client, chains, settings
         self._importance: ImportanceScorer | None = None
         self._importance_lock = asyncio.Lock()
+        # one draft-length controller per setting, trained by every request that uses it
+        self.controllers: dict[ControllerSettings, DraftLengthController] = {}
 
     def prepare(self, req: CompletionRequest | ChatCompletionRequest) -> Completion:
         """Check a request against this server and turn it into a generation job (ApiError if it cannot)."""
@@ -192,12 +195,16 @@ class Completion:
             capacity = len(self.ids) + s.max_new_tokens + s.controller.k_max + 2
             drafter = Drafter(e.client.draft_head, e.client.draft_spans, capacity, s.sampling)
         importance = await e.importance() if s.adaptive.enabled else None
-        generator = Generator(e.client.head, e.chains.new_chain(), drafter, s, e.client.eos_ids, importance)
+        generator = Generator(e.client.head, e.chains.new_chain(), drafter, s, e.client.eos_ids, importance,
+                              e.controllers.get(s.controller))
         try:
             self.result = await generator.generate(self.ids, on_tokens=self._push)
             self.finish_reason = "stop" if self.result.stopped == "eos" else "length"
         except _StopString:
             self.finish_reason = "stop"
+        finally:
+            if generator.controller is not None:  # trained by however many rounds ran
+                e.controllers[s.controller] = generator.controller
         if len(self.text) > self.sent:
             self._emit(self.text[self.sent:])
             self.sent = len(self.text)

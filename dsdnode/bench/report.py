@@ -47,6 +47,8 @@ class PromptResult:
     mean_accepted: float = 0.0  # accepted drafts per round
     mean_k: float = 0.0
     tokens_per_round: float = 0.0  # accepted drafts + the bonus token
+    ks: list[int] = field(default_factory=list)  # k of every round, in order
+    accepted: list[int] = field(default_factory=list)  # accepted drafts of every round
     n_hops: int = 0
     n_links: int = 0  # links crossed per round
     split: TimeSplit = field(default_factory=TimeSplit)

@@ -29,6 +29,7 @@ from ..client.swarm_chain import RemoteChain
 from ..models.fetch import resolve_model_dir
 from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode
+from ..spec.controller import DraftLengthController
 from ..spec.draft import Drafter
 from .accuracy import evaluate
 from .datasets import Problem, format_prompt, load_dataset
@@ -86,6 +87,8 @@ class BenchRun:
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
     records: list[PromptResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # per mode, like a client serving many requests; a new swarm (latency) starts them afresh
+    controllers: dict[str, DraftLengthController] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         modes = parse_modes(",".join(self.config.modes))
@@ -150,6 +153,7 @@ class BenchRun:
 
     async def _client(self, swarm: LocalSwarm, lat: float) -> None:
         node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, latency=LinkLatency(lat))
+        self.controllers.clear()
         try:
             await self._warm_up(node)
             for p in self.prompts:
@@ -187,8 +191,10 @@ class BenchRun:
         if mode.speculative:
             drafter = Drafter(cl.draft_head, cl.draft_spans, len(ids) + max_new + settings.controller.k_max + 2,
                               settings.sampling)
-        gen = Generator(cl.head, chain, drafter, settings, cl.eos_ids, self.importance if mode.adaptive else None)
+        gen = Generator(cl.head, chain, drafter, settings, cl.eos_ids, self.importance if mode.adaptive else None,
+                        self.controllers.get(mode.name))
         result = await gen.generate(ids)
+        self.controllers[mode.name] = gen.controller  # the next prompt of this mode starts from it
         return result, len(chain.route)
 
     async def _one(self, node: P2PNode, mode: Mode, p: _Prompt, lat: float) -> PromptResult:
@@ -263,6 +269,7 @@ def _fill_swarm(rec: PromptResult, result: GenerationResult, hops: int, links: i
     rec.tokens_per_s, rec.rounds = result.tokens_per_s, len(rounds)
     rec.mean_accepted, rec.mean_k = result.mean_accepted, result.mean_k
     rec.tokens_per_round = len(result.tokens) / len(rounds) if rounds else 0.0
+    rec.ks, rec.accepted = [r.k for r in rounds], [r.accepted for r in rounds]
     rec.n_hops, rec.n_links = hops, links
     link = len(rounds) * links * lat / 1000
     compute = sum(sum(r.hop_compute_s) for r in rounds)

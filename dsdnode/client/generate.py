@@ -95,12 +95,19 @@ class _Predraft:
 
 class Generator:
     def __init__(self, head: Head, chain: Chain, drafter: Drafter | None, settings: GenerationSettings,
-                 eos_ids: set[int], importance: ImportanceScorer | None = None):
+                 eos_ids: set[int], importance: ImportanceScorer | None = None,
+                 controller: DraftLengthController | None = None):
+        """controller: one that earlier generations trained, so this one starts from their estimates
+        of acceptance and round cost instead of re-learning them in its first rounds (which is most
+        of a short answer); a fresh one when None."""
         if settings.speculative and drafter is None:
             raise ValueError("speculative decoding needs a drafter")
         if settings.adaptive.enabled and importance is None:
             raise ValueError("adaptive verification needs an importance scorer")
+        if controller is not None and controller.s != settings.controller:
+            raise ValueError("the controller was made with other settings than settings.controller")
         self.head, self.chain, self.drafter, self.s = head, chain, drafter, settings
+        self.controller = controller
         self.eos_ids, self.importance = eos_ids, importance
         # verification and drafting run in different threads (overlap): one generator each
         self.generator = make_generator(settings.sampling)
@@ -116,7 +123,7 @@ class Generator:
         s = self.s
         k_max = s.controller.k_max if s.speculative else 0
         await self.chain.start_session(len(prompt) + s.max_new_tokens + k_max + 1)
-        controller = DraftLengthController(s.controller, self.chain.n_hops)  # hops known once routed
+        controller = self._controller()
         predraft: _Predraft | None = None
         try:
             t0 = time.perf_counter()
@@ -143,6 +150,15 @@ class Generator:
             if predraft is not None:
                 await predraft.finish()
             await self.chain.close()
+
+    def _controller(self) -> DraftLengthController:
+        """The given controller (its timing forgotten if this chain has another number of hops), or a new one."""
+        n_hops = self.chain.n_hops  # known once the session is routed
+        if self.controller is None:
+            self.controller = DraftLengthController(self.s.controller, n_hops)
+        elif self.controller.n_hops != n_hops:
+            self.controller.reset_timing(n_hops)
+        return self.controller
 
     async def _prefill(self, prompt: list[int]) -> None:
         """Cache every prompt position but the last, which opens the first round."""

@@ -54,6 +54,11 @@ def test_quick_bench_end_to_end(smollm2_dir, tmp_path):
         assert p["error"] is None, p["error"]
         assert p["tokens_per_s"] > 0 and p["tokens"] and p["passed"] is not None
         assert p["identical_to_baseline"] is True, (p["mode"], p["problem_id"])
+        assert len(p["ks"]) == len(p["accepted"]) == p["rounds"]
+        assert all(0 <= a <= k for a, k in zip(p["accepted"], p["ks"]))
+    auto = [p for p in data["prompts"] if p["mode"] == "dsd-auto"]
+    assert auto[0]["ks"][0] == 4  # k_initial: nothing learned yet
+    assert any(p["ks"][0] != 4 for p in auto[1:])  # later prompts start from what earlier ones learned
     rows = [r for r in data["aggregates"] if r["dataset"] == "all"]
     assert {r["mode"] for r in rows} == modes
     for r in rows:

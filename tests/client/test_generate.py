@@ -9,7 +9,7 @@ from dsdnode.client.generate import GenerationSettings, Generator
 from dsdnode.client.local import LocalChain, split_layers
 from dsdnode.models.head import Head
 from dsdnode.models.span import Span
-from dsdnode.spec.controller import ControllerSettings
+from dsdnode.spec.controller import ControllerSettings, DraftLengthController
 from dsdnode.spec.draft import Drafter
 from dsdnode.spec.sampling import SamplingSettings
 from tests.helpers.tiny_models import tiny_model
@@ -101,3 +101,36 @@ def test_greedy_dsd_on_real_weights_equals_target_greedy(smollm2_dir):
         result = asyncio.run(make_generator(target, target, 20, 3, settings).generate(ids))
         assert result.tokens == reference_greedy(target, ids, 24)
         assert 0 < result.mean_accepted  # the weak draft is right some of the time
+
+
+def test_a_trained_controller_carries_over_to_the_next_generation():
+    """The second answer starts at the k the first one learned, not at k_initial again."""
+    target = tiny_model("llama", seed=5)
+    settings = GenerationSettings(max_new_tokens=24, controller=ControllerSettings(k_initial=2, k_max=6))
+    first = make_generator(target, target, target.config.num_hidden_layers, 2, settings, latency_s=0.03)
+    result = asyncio.run(first.generate([1, 2, 3]))
+    assert result.rounds[0].k == 2
+    controller = first.controller
+    learned = controller.choose_k()
+    assert learned > 2  # a perfect draft over slow links: long blocks pay
+
+    second = make_generator(target, target, target.config.num_hidden_layers, 2, settings, latency_s=0.03)
+    second.controller = controller
+    result = asyncio.run(second.generate([4, 5, 6]))
+    assert result.rounds[0].k == learned and second.controller is controller
+
+    # another route with another number of hops: timing is re-learned, acceptance is kept
+    a = controller.acceptance
+    third = make_generator(target, target, target.config.num_hidden_layers, 3, settings, latency_s=0.03)
+    third.controller = controller
+    result = asyncio.run(third.generate([4, 5, 6]))
+    assert result.rounds[0].k == 2 and controller.n_hops == 3 and controller.acceptance >= a - 0.2
+
+
+def test_a_controller_with_other_settings_is_refused():
+    target = tiny_model("llama", seed=5)
+    settings = GenerationSettings(max_new_tokens=4)
+    gen = make_generator(target, target, 2, 2, settings)
+    other = DraftLengthController(ControllerSettings(k_max=3), 2)
+    with pytest.raises(ValueError, match="other settings"):
+        Generator(gen.head, gen.chain, gen.drafter, settings, set(), controller=other)
