@@ -171,7 +171,8 @@ class Server:
         session = self.table.get(msg.session_id)
         recv_time = time.time()
         async with session.lock:
-            hidden = msg.hidden.to_torch().to(session.span.dtype)
+            incoming = msg.hidden.to_torch()
+            hidden = incoming.to(session.span.dtype)
             tree = None
             if msg.attention_mask is not None:
                 mask = msg.attention_mask.to_torch()
@@ -190,7 +191,7 @@ class Server:
             session.tokens_served += hidden.shape[1]
             self.metrics.observe_block(hidden.shape[1], compute_s)
             timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time())]
-            payload = TensorPayload.from_torch(out.to(hidden.dtype if msg.hidden.dtype != "bfloat16" else torch.bfloat16))
+            payload = TensorPayload.from_torch(out.to(incoming.dtype))  # the next hop gets what we got
             if session.next_stream is not None:
                 frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings))
                 try:

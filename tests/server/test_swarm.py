@@ -108,11 +108,15 @@ def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_
             opened = decode(await stream.recv(timeout=20), WireLimits())
             await stream.send(encode(Forward("ok", 1, 0, TensorPayload.from_torch(torch.randn(1, 3, hidden)), None, [])))
             result = decode(await stream.recv(timeout=20), WireLimits())
-            return replies, opened, result
+            # a float16 block to this float32 server: computed in float32, answered in float16
+            half = TensorPayload.from_torch(torch.randn(1, 1, hidden, dtype=torch.float16))
+            await stream.send(encode(Forward("ok", 2, 3, half, None, [])))
+            result_half = decode(await stream.recv(timeout=20), WireLimits())
+            return replies, opened, (result, result_half)
         finally:
             await node.stop()
 
-    replies, opened, result = asyncio.run(probe())
+    replies, opened, (result, result_half) = asyncio.run(probe())
     assert all(isinstance(r, ErrorReply) for r in replies.values())
     codes = {name: r.code for name, r in replies.items()}
     assert codes == {"garbage": "malformed", "unknown_session": "unknown_session", "wrong_shape": "bad_shape",
@@ -120,6 +124,7 @@ def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_
     assert "layers 0:10" in replies["wrong_span"].message
     assert isinstance(opened, SessionOpened)
     assert result.hidden.shape == (1, 3, hidden) and result.timings[0].peer_id == server.peer_id
+    assert (result.hidden.dtype, result_half.hidden.dtype) == ("float32", "float16")  # replies in the sender's dtype
     assert server.alive()
 
 
