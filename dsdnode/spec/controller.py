@@ -20,10 +20,13 @@ Estimation (all online, O(1) per round):
 - d: EMA of draft_s / k.
 - c: weighted least squares of the summed hop compute H against x = k+1 (H = h0 + c*x),
   with slow forgetting (compute per token is a property of hardware and model). The fit is
-  only trusted when k has varied enough; until then c = H/x (a fallback that lumps h0
-  into c and so underestimates the best k). Usually the move away from k_initial already
-  identifies the slope; if the model would repeat the k just observed before that, the
-  controller probes k+-1. The last trusted slope is kept while k sits still.
+  only trusted when k has varied enough; until then c is assumed to be a quarter of H/x
+  (H/x itself would lump all of h0 into c: measured on the CPU swarm, that made a cold
+  start drop from k = 4 to k = 1-2 for several rounds, while the true per-token share of a
+  block of 5 was a few percent -- small blocks cost about one token's pass on CPUs and GPUs
+  alike). Usually the move away from k_initial already identifies the slope; if the model
+  would repeat the k just observed before that, the controller probes k+-1. The last
+  trusted slope is kept while k sits still.
 - L: h0 plus an EMA of the residual round_s - H - draft_s (links, client, transfers).
   Latency lives only here, so a latency change never pollutes the compute slope.
 """
@@ -38,6 +41,8 @@ from dataclasses import dataclass
 _MIN_SXX = 0.4
 # Forgetting factor per round of the compute regression (memory ~ 1 / 0.02 = 50 rounds).
 _COMPUTE_FORGET = 0.02
+# Until the slope is identified: the share of a block's compute H assumed to grow with its size x.
+UNIDENTIFIED_TOKEN_SHARE = 0.25
 
 
 @dataclass
@@ -164,7 +169,7 @@ class _ComputeFit:
         """(h0, c) with 0 <= c <= mean(H)/mean(x), so h0 >= 0."""
         x_bar, y_bar = self.sx / self.s0, self.sy / self.s0
         ratio = y_bar / x_bar
-        slope = ratio if self.trusted_slope is None else min(self.trusted_slope, ratio)
+        slope = ratio * UNIDENTIFIED_TOKEN_SHARE if self.trusted_slope is None else min(self.trusted_slope, ratio)
         return y_bar - slope * x_bar, slope
 
 

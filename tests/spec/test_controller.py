@@ -9,8 +9,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from dsdnode.spec.controller import (ControllerSettings, DraftLengthController, RoundObservation,
-                                     expected_tokens, optimal_k)
+from dsdnode.spec.controller import (UNIDENTIFIED_TOKEN_SHARE, ControllerSettings, DraftLengthController,
+                                     RoundObservation, expected_tokens, optimal_k)
 
 
 def brute_rate(a, L, c, d, k):
@@ -127,10 +127,11 @@ def test_converges_to_analytic_optimum(name):
 
 
 def test_probes_once_when_k_would_not_move():
-    """Seen at one k only, per-token compute falls back to H/(k+1), which here lumps a large
-    per-hop fixed cost into c and makes the model pick k_initial again; one probe at k+1
-    identifies the slope and the controller moves to the true optimum."""
-    h0, c, link, d, hops = 0.02, 0.002, 0.05, 0.002, 2
+    """Seen at one k only, per-token compute is assumed to be a quarter of H/(k+1). In this
+    compute-bound world (no per-hop fixed cost) that underestimates it and makes the model pick
+    k_initial again; one probe at k+1 identifies the slope and the controller moves to the true
+    optimum."""
+    h0, c, link, d, hops = 0.0, 0.005, 0.02, 0.005, 2
     ctrl = DraftLengthController(ControllerSettings(k_initial=4, prior_acceptance=0.8), hops)
 
     def observe(k: int, accepted: int) -> None:
@@ -139,13 +140,22 @@ def test_probes_once_when_k_would_not_move():
 
     observe(ctrl.choose_k(), 3)
     t = ctrl.timing
-    assert math.isclose(t.token_compute_s, (h0 * hops + 5 * c) / 5)  # the lumped fallback
+    assert math.isclose(t.token_compute_s, UNIDENTIFIED_TOKEN_SHARE * c)  # the assumed share
     assert optimal_k(ctrl.acceptance, t.fixed_s, t.token_compute_s, t.draft_token_s, 8) == 4
     assert ctrl.choose_k() == 5
     observe(5, 3)
     t = ctrl.timing
-    assert math.isclose(t.token_compute_s, c) and math.isclose(t.fixed_s, link + hops * h0)
-    assert ctrl.choose_k() == optimal_k(ctrl.acceptance, link + hops * h0, c, d, 8) >= 7
+    assert math.isclose(t.token_compute_s, c) and math.isclose(t.fixed_s, link + hops * h0, abs_tol=1e-12)
+    assert ctrl.choose_k() == optimal_k(ctrl.acceptance, link + hops * h0, c, d, 8) == 2
+
+
+def test_cold_start_keeps_long_blocks_when_blocks_cost_little():
+    """The CPU swarm's case: a hop's forward is mostly fixed cost, so after the first round
+    the controller must not fall back to short blocks (H/(k+1) as per-token cost would)."""
+    world = WORLDS["memory-bound"]
+    ctrl = DraftLengthController(ControllerSettings(k_initial=4), world.hops)
+    ks = world.run(ctrl, 4, random.Random(5))
+    assert world.optimum() == 8 and min(ks) >= 4
 
 
 def test_latency_jump_lengthens_blocks():
@@ -194,8 +204,8 @@ def test_initial_state_and_reset():
     assert math.isclose(ctrl.acceptance, 0.7)
     ctrl.observe(RoundObservation(k=3, accepted=3, round_s=0.2, draft_s=0.03, hop_compute_s=[0.04, 0.04]))
     assert ctrl.acceptance > 0.7
-    # One observation at one k: per-token compute is the fallback H/(k+1) and T(3) fits it.
-    assert math.isclose(ctrl.timing.token_compute_s, 0.08 / 4)
+    # One observation at one k: per-token compute is the assumed share of H/(k+1); T(3) fits it.
+    assert math.isclose(ctrl.timing.token_compute_s, UNIDENTIFIED_TOKEN_SHARE * 0.08 / 4)
     assert math.isclose(ctrl.expected_round_s(3), 0.2)
     a = ctrl.acceptance
     ctrl.reset_timing(3)
