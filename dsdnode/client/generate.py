@@ -97,9 +97,10 @@ class Generator:
     def __init__(self, head: Head, chain: Chain, drafter: Drafter | None, settings: GenerationSettings,
                  eos_ids: set[int], importance: ImportanceScorer | None = None,
                  controller: DraftLengthController | None = None):
-        """controller: one that earlier generations trained, so this one starts from their estimates
-        of acceptance and round cost instead of re-learning them in its first rounds (which is most
-        of a short answer); a fresh one when None."""
+        """controller: one that earlier generations trained, so this one starts from their estimate
+        of the round cost instead of re-learning it in its first rounds (which is most of a short
+        answer); a fresh one when None. Acceptance starts from the prior: it belongs to the text
+        (measured: carried over from code answers, it kept the next math answer at k = 8)."""
         if settings.speculative and drafter is None:
             raise ValueError("speculative decoding needs a drafter")
         if settings.adaptive.enabled and importance is None:
@@ -152,11 +153,14 @@ class Generator:
             await self.chain.close()
 
     def _controller(self) -> DraftLengthController:
-        """The given controller (its timing forgotten if this chain has another number of hops), or a new one."""
+        """The given controller (acceptance back to the prior; timing forgotten if this chain has
+        another number of hops), or a new one."""
         n_hops = self.chain.n_hops  # known once the session is routed
         if self.controller is None:
             self.controller = DraftLengthController(self.s.controller, n_hops)
-        elif self.controller.n_hops != n_hops:
+            return self.controller
+        self.controller.reset_acceptance()
+        if self.controller.n_hops != n_hops:
             self.controller.reset_timing(n_hops)
         return self.controller
 

@@ -178,9 +178,13 @@ class DraftLengthController:
 
     def __init__(self, s: ControllerSettings, n_hops: int):
         self.s = s
-        self._acc = s.prior_weight * s.prior_acceptance
-        self._rej = s.prior_weight * (1.0 - s.prior_acceptance)
+        self.reset_acceptance()
         self.reset_timing(n_hops)
+
+    def reset_acceptance(self) -> None:
+        """Back to the prior belief about acceptance (a new text); keep the cost model."""
+        self._acc = self.s.prior_weight * self.s.prior_acceptance
+        self._rej = self.s.prior_weight * (1.0 - self.s.prior_acceptance)
 
     def reset_timing(self, n_hops: int) -> None:
         """Forget the cost model (e.g. after failover to another chain); keep acceptance."""
