@@ -45,7 +45,8 @@ def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | No
     by itself once parent_pid (default: this process) is gone."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
     log = open(log_path, "w")
-    cmd = [sys.executable, "-m", "dsdnode", "start", "--threads", str(threads), "--parent-pid", str(parent_pid or os.getpid()), *args]
+    cmd = [sys.executable, "-m", "dsdnode", "start", "--threads", str(threads),
+           "--parent-pid", str(parent_pid or os.getpid()), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
     lines: list[str] = []
     ready: dict = {}
