@@ -36,7 +36,6 @@ from .datasets import Problem, format_prompt, load_dataset
 from .machine import machine_info
 from .modes import BASELINE, DEFAULT_MODES, Mode, parse_modes
 from .plots import write_plots
-from .relay import RelayChain
 from .report import PromptResult, TimeSplit, aggregate, markdown, results_payload, write_json
 from .swarm import LocalSwarm
 
@@ -183,9 +182,8 @@ class BenchRun:
     # ---- one prompt in one mode -----------------------------------------------------------
     async def _generate(self, node: P2PNode, mode: Mode, ids: list[int], max_new: int) -> tuple[GenerationResult, int]:
         c, cl = self.config, self.client
-        chain_cls = RelayChain if mode.relay else RemoteChain
-        chain = chain_cls(node, c.model, cl.head.config.num_hidden_layers, cl.head.config.hidden_size,
-                          dtype=DTYPES[c.dtype])
+        chain = RemoteChain(node, c.model, cl.head.config.num_hidden_layers, cl.head.config.hidden_size,
+                            dtype=DTYPES[c.dtype], relay=mode.relay)
         settings = mode.settings(max_new, c.k_max, c.tau)
         drafter = None
         if mode.speculative:

@@ -38,14 +38,15 @@ class NodeProcess:
 
 
 def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | None = None,
-               parent_pid: int | None = None) -> NodeProcess:
+               parent_pid: int | None = None, launcher: list[str] | None = None) -> NodeProcess:
     """Run `dsdnode start ARGS` and wait for its ready line; its stderr goes to log_path.
 
     The node runs in its own session (a test's Ctrl-C does not reach it mid-shutdown) and stops
-    by itself once parent_pid (default: this process) is gone."""
+    by itself once parent_pid (default: this process) is gone. `launcher` replaces
+    `python -m dsdnode` (tests run servers with injected faults this way)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
     log = open(log_path, "w")
-    cmd = [sys.executable, "-m", "dsdnode", "start", "--threads", str(threads),
+    cmd = [*(launcher or [sys.executable, "-m", "dsdnode"]), "start", "--threads", str(threads),
            "--parent-pid", str(parent_pid or os.getpid()), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
     lines: list[str] = []
@@ -98,12 +99,15 @@ class LocalSwarm:
             raise
         return self
 
-    def add_server(self, start: int, end: int, index: int | None = None) -> NodeProcess:
+    def add_server(self, start: int, end: int, index: int | None = None, args: list[str] = (),
+                   launcher: list[str] | None = None) -> NodeProcess:
+        """Start one more server (not added to .servers when called directly); `args` come last, so
+        they override the swarm's own (e.g. another --link-latency-ms for this server)."""
         index = len(self.servers) if index is None else index
         args = ["--model", self.model, "--layers", f"{start}:{end}", "--bootstrap", self.bootstrap.addr,
                 "--link-latency-ms", str(self.link_latency_ms), "--dtype", self.dtype,
-                "--announce-interval", "2", *self.extra_args]
-        return start_node(args, self.workdir / f"server{index}-{start}-{end}.log", self.threads)
+                "--announce-interval", "2", *self.extra_args, *args]
+        return start_node(args, self.workdir / f"server{index}-{start}-{end}.log", self.threads, launcher=launcher)
 
     @property
     def bootstrap_addrs(self) -> list[str]:

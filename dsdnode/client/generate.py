@@ -134,6 +134,7 @@ class Generator:
             while stopped != "eos" and len(tokens) - len(prompt) < s.max_new_tokens:
                 remaining = s.max_new_tokens - (len(tokens) - len(prompt))
                 k = min(controller.choose_k(), remaining - 1) if s.speculative else 0
+                failovers = self.chain.failovers
                 result, stats, predraft = await self._round(tokens, k, predraft)
                 new = result.tokens
                 eos_at = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
@@ -141,7 +142,11 @@ class Generator:
                     new, stopped = new[:eos_at], "eos"
                 tokens.extend(new)
                 rounds.append(stats)
-                if s.speculative:
+                if s.speculative and self.chain.failovers != failovers:
+                    # a new chain (perhaps with another number of hops) costs something else, and this
+                    # round's time includes the failover: learn the new chain's cost from scratch
+                    controller.reset_timing(len(stats.hop_compute_s))
+                elif s.speculative:
                     controller.observe(RoundObservation(k, result.accepted, stats.round_s, stats.draft_s,
                                                         stats.hop_compute_s))
                 if on_tokens and new:

@@ -20,6 +20,7 @@ class LocalChain:
     def __init__(self, spans: list[Span], link_latency_s: float = 0.0):
         self.spans = spans
         self.n_hops = len(spans)
+        self.failovers = 0  # in-process spans do not fail
         self.link_latency_s = link_latency_s
         self.caches: list[SpanCache] = []
 

@@ -47,20 +47,30 @@ class Hop:
 
 
 async def live_candidates(node: P2PNode, model: str, exclude: set[str] = frozenset()) -> list[Candidate]:
-    records = [r for r in await node.dht.discover(model) if r.peer_id not in exclude and r.peer_id != node.peer_id]
+    """Every verified record of `model` on the DHT whose peer answers a ping."""
+    return await ping_records(node, [r for r in await node.dht.discover(model) if r.peer_id not in exclude])
 
+
+async def ping_records(node: P2PNode, records: list[SpanRecord], timeout_s: float = PING_TIMEOUT_S) -> list[Candidate]:
+    """The records whose peers answer a ping within timeout_s, with the measured round-trip time."""
     async def ping(rec: SpanRecord) -> Candidate | None:
         try:
-            return Candidate(rec, await node.ping(PeerInfo(rec.peer_id, tuple(rec.addrs)), timeout=PING_TIMEOUT_S))
+            return Candidate(rec, await node.ping(PeerInfo(rec.peer_id, tuple(rec.addrs)), timeout=timeout_s))
         except Exception as e:
             log.info("peer %s (layers %d:%d) does not answer: %r", rec.peer_id, rec.start, rec.end, e)
             return None
 
+    records = [r for r in records if r.peer_id != node.peer_id]
     return [c for c in await asyncio.gather(*(ping(r) for r in records)) if c is not None]
 
 
-def best_chain(candidates: list[Candidate], num_layers: int) -> list[Hop]:
-    """Least expected time for one decoding step through all layers (Dijkstra over boundaries)."""
+def best_chain(candidates: list[Candidate], num_layers: int, session_length: int = 0) -> list[Hop]:
+    """Least expected time for one decoding step through all layers (Dijkstra over boundaries).
+
+    With session_length, a server is used for a sub-span only if the free cache it announced holds
+    a session that long (its record counts free positions over its whole span, so a sub-span needs
+    the same fraction of them). Records are up to one announce interval old: a server that filled up
+    since answers "busy" when the session opens, and the client routes around it then."""
     best: dict[int, tuple[float, int, list[Hop]]] = {0: (0.0, 0, [])}
     heap = [(0.0, 0, 0, [])]  # (cost, hops, boundary, chain)
     while heap:
@@ -74,6 +84,8 @@ def best_chain(candidates: list[Candidate], num_layers: int) -> list[Hop]:
             if not r.start <= p < r.end:
                 continue
             for q in range(p + 1, min(r.end, num_layers) + 1):
+                if session_length and r.free_cache_tokens * (r.end - r.start) < session_length * (q - p):
+                    break
                 step = c.rtt_s / 2 + c.compute_s(q - p) + (c.rtt_s / 2 if q == num_layers else 0.0)
                 new = (cost + step, n + 1)
                 if new < best.get(q, (float("inf"), 0))[:2]:
@@ -81,8 +93,10 @@ def best_chain(candidates: list[Candidate], num_layers: int) -> list[Hop]:
                     heapq.heappush(heap, (*new, q, chain + [Hop(c, p, q)]))
     covered = sorted({i for c in candidates for i in range(c.record.start, min(c.record.end, num_layers))})
     missing = [i for i in range(num_layers) if i not in covered]
-    raise NoRoute(f"no live servers for layers {_ranges(missing)} of {num_layers}" if missing
-                  else "no chain of live servers covers every layer")
+    if missing:
+        raise NoRoute(f"no live servers for layers {_ranges(missing)} of {num_layers}")
+    raise NoRoute(f"no chain of live servers covers every layer with free cache for {session_length} positions"
+                  if session_length else "no chain of live servers covers every layer")
 
 
 def _ranges(layers: list[int]) -> str:

@@ -154,6 +154,7 @@ class ErrorReply:
     message: str
     session_id: str | None = None
     step_id: int | None = None
+    retry_after_s: float | None = None  # with "busy": when trying this server again may succeed
 
 
 Message = Union[OpenSession, SessionOpened, Forward, ForwardResult, CloseSession, ErrorReply]
@@ -269,6 +270,8 @@ def _check(msg: Message, limits: WireLimits) -> None:
             raise WireError("malformed", f"unknown error code {msg.code!r}")
         if msg.step_id is not None and msg.step_id < 0:
             raise WireError("malformed", f"step_id must be >= 0, got {msg.step_id}")
+        if msg.retry_after_s is not None and msg.retry_after_s < 0:
+            raise WireError("malformed", f"retry_after_s must be >= 0, got {msg.retry_after_s}")
 
 
 def _check_step(step_id: int, timings: list[HopTiming]) -> None:

@@ -49,7 +49,7 @@ MESSAGES = [
     forward(attention_mask=None, timings=[]),
     ForwardResult("s1", 7, hidden(dtype=torch.float16), [HopTiming("a", 1.0, 0.1, 1.2), HopTiming("b", 1.3, 0.1, 1.5)]),
     CloseSession("s1"),
-    ErrorReply("busy", "no free cache", "s1", 7),
+    ErrorReply("busy", "no free cache", "s1", 7, 2.5),
     ErrorReply("internal", "boom"),
 ]
 
