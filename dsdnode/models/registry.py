@@ -1,7 +1,10 @@
-"""Named models and their sources, read from configs/models.toml.
+"""Named models and their sources: the registry shipped with the package, plus the user's own.
 
 The registry is data, not code, so an operator can add a model (or pin a different draft) without
-touching the package. A name can also be a local directory holding a converted model."""
+touching the package: entries in $XDG_CONFIG_HOME/dsdnode/models.toml (~/.config/dsdnode/models.toml)
+and then in the files named by $DSDNODE_MODELS_TOML (separated by ':') are added to the packaged
+ones, a later file replacing an entry of the same name. A name can also be a local directory holding
+a converted model."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "configs" / "models.toml"
+PACKAGED_REGISTRY = Path(__file__).with_name("registry.toml")
 
 
 class RegistryError(ValueError):
@@ -44,14 +47,28 @@ class ModelEntry:
     draft: str | None = None
 
 
-def registry_path() -> Path:
-    """configs/models.toml of the checkout dsdnode is installed from (editable), or $DSDNODE_MODELS_TOML."""
-    override = os.environ.get("DSDNODE_MODELS_TOML")
-    return Path(override) if override else DEFAULT_REGISTRY
+def registry_files() -> list[Path]:
+    """The packaged registry, then the user's (if it exists), then each $DSDNODE_MODELS_TOML file."""
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    user = config_home / "dsdnode" / "models.toml"
+    extra = [Path(p) for p in os.environ.get("DSDNODE_MODELS_TOML", "").split(os.pathsep) if p]
+    return [PACKAGED_REGISTRY, *([user] if user.is_file() else []), *extra]
 
 
 def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
-    path = path or registry_path()
+    """Every model of `path`, or of registry_files() merged in order; drafts must be defined."""
+    files = [Path(path)] if path is not None else registry_files()
+    entries: dict[str, ModelEntry] = {}
+    for file in files:
+        entries.update(_read_registry(file))
+    for entry in entries.values():
+        if entry.draft and entry.draft not in entries:
+            where = files[0] if len(files) == 1 else "the registry (" + ", ".join(map(str, files)) + ")"
+            raise RegistryError(f"model {entry.name!r} names draft {entry.draft!r}, which {where} does not define")
+    return entries
+
+
+def _read_registry(path: Path) -> dict[str, ModelEntry]:
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -70,11 +87,8 @@ def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
                 path=spec.get("path"),
                 draft=spec.get("draft"),
             )
-        except TypeError as e:
+        except (TypeError, AttributeError) as e:
             raise RegistryError(f"model {name!r} in {path}: {e}") from None
-    for entry in entries.values():
-        if entry.draft and entry.draft not in entries:
-            raise RegistryError(f"model {entry.name!r} names draft {entry.draft!r}, which {path} does not define")
     return entries
 
 

