@@ -7,7 +7,7 @@ import logging
 import click
 
 from .cli_common import friendly, run_async
-from .cli_generate import client_options, local_chain
+from .cli_generate import client_options
 
 
 @click.command()
@@ -34,23 +34,16 @@ def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers
     adaptive (bool)."""
     import torch
 
-    from .api.engine import Engine, EngineSettings, LocalChains, SwarmChains
+    from .api.engine import Engine, EngineSettings
     from .api.server import serve
     from .cli_node import bootstrap_list
-    from .client.loading import DTYPES, default_draft, load_client_models
+    from .client.service import build_service
 
     if threads:
         torch.set_num_threads(threads)
-    addrs = bootstrap_list(bootstrap, peers_file)
-    if not local and not addrs:
-        raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
-    client = load_client_models(model, draft or default_draft(model), dtype)
-    if local:
-        chain = local_chain(client.target_dir, hops, link_latency_ms, dtype)
-        chains = LocalChains(chain.spans, chain.link_latency_s)
-    else:
-        chains = SwarmChains(model, client.head.config, addrs, DTYPES[dtype], link_latency_ms)
+    service = build_service(model, bootstrap=bootstrap_list(bootstrap, peers_file), local=local, hops=hops,
+                            draft=draft or True, dtype=dtype, link_latency_ms=link_latency_ms)
     settings = EngineSettings(k_max=k_max, tau=tau, overlap=overlap, max_tokens_limit=max_tokens_limit,
                               max_prompt_tokens=max_prompt_tokens)
     log_level = "info" if logging.getLogger().getEffectiveLevel() <= logging.INFO else "warning"
-    run_async(serve(Engine(model, client, chains, settings), host, port, log_level))
+    run_async(serve(Engine(model, service, settings), host, port, log_level))

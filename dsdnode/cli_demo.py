@@ -28,48 +28,43 @@ def demo(model, servers, link_latency_ms, max_new_tokens):
     import torch
 
     from .bench.swarm import LocalSwarm
+    from .client.loading import default_draft
     from .client.local import split_layers
-    from .client.loading import default_draft, load_client_models
     from .models.fetch import pull
     from .models.weights import load_config
 
     draft = default_draft(model)
-    for name in dict.fromkeys([model, draft]):
-        click.echo(f"model {name}: {pull(name)}", err=True)
+    paths = {name: pull(name) for name in dict.fromkeys([model, draft])}
+    for name, path in paths.items():
+        click.echo(f"model {name}: {path}", err=True)
     torch.set_num_threads(1)
-    client = load_client_models(model, draft)
-    spans = split_layers(load_config(client.target_dir).num_hidden_layers, servers)
+    spans = split_layers(load_config(paths[model]).num_hidden_layers, servers)
     click.echo(f"starting {servers} servers over layers {spans} with {link_latency_ms:g} ms per link ...", err=True)
     with tempfile.TemporaryDirectory(prefix="dsdnode-demo-") as work, \
             LocalSwarm(model, spans, Path(work), link_latency_ms=link_latency_ms) as swarm:
-        run_async(_demo(client, model, swarm.bootstrap_addrs, link_latency_ms, max_new_tokens))
+        run_async(_demo(model, swarm.bootstrap_addrs, link_latency_ms, max_new_tokens))
     click.echo("swarm stopped.", err=True)
 
 
-async def _demo(client, model, bootstrap, link_latency_ms, max_new_tokens):
-    from .cli_generate import generation_settings, run_generation
-    from .client.loading import DTYPES, encode_prompt
-    from .client.swarm_chain import connect_chain
+async def _demo(model, bootstrap, link_latency_ms, max_new_tokens):
+    from .client.library import AsyncClient
 
-    def settings(k):
-        return generation_settings(max_new_tokens, 0.0, 1.0, None, k, 8, False, 0.3, True)
+    def show(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
-    chain = await connect_chain(model, client.head.config, bootstrap, DTYPES["bfloat16"], link_latency_ms)
-    try:
+    async with await AsyncClient.connect(model, bootstrap=bootstrap, link_latency_ms=link_latency_ms) as client:
         for kind, prompt in PROMPTS:
-            ids = encode_prompt(client.tokenizer, prompt)
             click.echo(f"\n=== {kind}: {prompt}\n--- DSD (adaptive k):", err=True)
-            dsd = await run_generation(client, chain, settings("auto"), ids, sys.stdout)
+            dsd = (await client.generate(prompt, max_new_tokens=max_new_tokens, k="auto", on_text=show)).result
             click.echo(f"\n[{dsd.summary()}]", err=True)
             click.echo("--- plain decoding over the same swarm (not shown) ...", err=True)
-            plain = await run_generation(client, chain, settings("0"), ids, None)
+            plain = (await client.generate(prompt, max_new_tokens=max_new_tokens, k=0)).result
             same = "identical text" if plain.tokens == dsd.tokens else (
                 f"texts part at token {_first_difference(plain.tokens, dsd.tokens)}: in bfloat16 a block and a "
                 f"single token round differently, so near-ties can flip; in float32 greedy DSD is exact")
             click.echo(f"[{plain.summary()}]\nspeedup: {dsd.tokens_per_s / plain.tokens_per_s:.2f}x "
                        f"({dsd.tokens_per_s:.2f} vs {plain.tokens_per_s:.2f} tok/s, {same})", err=True)
-    finally:
-        await chain.shutdown()
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:

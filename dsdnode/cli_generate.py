@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import click
@@ -32,24 +31,13 @@ def generation_options(fn):
     return fn
 
 
-def generation_settings(max_new_tokens, temperature, top_p, seed, k, k_max, adaptive, tau, overlap):
-    from .client.generate import GenerationSettings
-    from .spec.controller import ControllerSettings
-    from .spec.importance import AdaptiveSettings
-    from .spec.sampling import SamplingSettings
+def generate_options(k, **flags):
+    """The generation flags as the library's typed GenerateOptions."""
+    from .client.service import GenerateOptions
 
     if k != "auto" and not str(k).isdigit():
         raise ValueError(f"--k must be a number or 'auto', got {k!r}")
-    k_fixed = None if k == "auto" else int(k)
-    return GenerationSettings(
-        max_new_tokens=max_new_tokens,
-        speculative=k_fixed != 0,
-        overlap=overlap,
-        sampling=SamplingSettings(temperature=temperature, top_p=top_p, seed=seed),
-        controller=ControllerSettings(k_max=max(k_max, k_fixed or 1), k_fixed=k_fixed,
-                                      k_initial=min(4, k_max) if k_fixed is None else 1),
-        adaptive=AdaptiveSettings(enabled=adaptive, tau=tau),
-    )
+    return GenerateOptions(k=k if k == "auto" else int(k), **flags)
 
 
 def client_options(fn):
@@ -84,68 +72,26 @@ def generate(prompt, model, draft, local, hops, link_latency_ms, bootstrap, peer
     """Generate text for PROMPT, streaming it, then print a summary line."""
     import torch
 
-    from .client.loading import default_draft, encode_prompt, load_client_models
+    from .cli_node import bootstrap_list
 
     if threads:
         torch.set_num_threads(threads)
-    settings = generation_settings(**gen)
-    draft = draft or default_draft(model)
-    if settings.speculative and not draft:
-        raise ValueError(f"no draft model for {model!r}: pass --draft or --k 0")
-    client = load_client_models(model, draft if settings.speculative else None, dtype)
-    ids = encode_prompt(client.tokenizer, prompt, chat=not raw)
-    if local:
-        chain = local_chain(client.target_dir, hops, link_latency_ms, dtype)
-    else:
-        from .cli_node import bootstrap_list
-        from .client.loading import DTYPES
-        from .client.swarm_chain import connect_chain
-        chain = connect_chain(model, client.head.config, bootstrap_list(bootstrap, peers_file), DTYPES[dtype],
-                              link_latency_ms)
-    result = run_async(_generate(client, chain, settings, ids))
+    options = generate_options(**gen)
+    connect = dict(bootstrap=bootstrap_list(bootstrap, peers_file), local=local, hops=hops,
+                   draft=(draft or True) if options.speculative else False, dtype=dtype,
+                   link_latency_ms=link_latency_ms)
+    out = run_async(_generate(model, connect, prompt, not raw, options))
     click.echo()
     if stats:
-        for i, r in enumerate(result.rounds):
+        for i, r in enumerate(out.result.rounds):
             click.echo(f"round {i}: k={r.k} accepted={r.accepted} relaxed={r.relaxed} round={r.round_s*1e3:.1f}ms "
                        f"draft={r.draft_s*1e3:.1f}ms hops={[round(c*1e3, 1) for c in r.hop_compute_s]}ms", err=True)
-    click.echo(result.summary(), err=True)
+    click.echo(out.result.summary(), err=True)
 
 
-def local_chain(target_dir, hops, link_latency_ms, dtype):
-    """The target split into `hops` in-process spans with emulated link latency (--local)."""
-    from .client.loading import DTYPES
-    from .client.local import LocalChain, split_layers
-    from .models.span import Span
-    from .models.weights import load_config
+async def _generate(model, connect, prompt, chat, options):
+    from .client.library import AsyncClient
 
-    n = load_config(target_dir).num_hidden_layers
-    spans = [Span.load(target_dir, a, b, DTYPES[dtype]) for a, b in split_layers(n, hops)]
-    return LocalChain(spans, link_latency_ms / 1000)
-
-
-async def _generate(client, chain, settings, ids):
-    if asyncio.iscoroutine(chain):  # a swarm chain joins the swarm inside the event loop
-        chain = await chain
-    try:
-        return await run_generation(client, chain, settings, ids, sys.stdout)
-    finally:
-        if hasattr(chain, "shutdown"):
-            await chain.shutdown()
-
-
-async def run_generation(client, chain, settings, ids, out=None):
-    """One generation over `chain` with a fresh drafter, streaming text to `out` if given."""
-    from .client.generate import Generator
-    from .client.streaming import TextStream
-    from .spec.draft import Drafter
-
-    drafter = None
-    if settings.speculative:
-        capacity = len(ids) + settings.max_new_tokens + settings.controller.k_max + 2
-        drafter = Drafter(client.draft_head, client.draft_spans, capacity, settings.sampling)
-    importance = client.importance() if settings.adaptive.enabled else None
-    on_tokens = None
-    if out is not None:
-        on_tokens = TextStream(client.tokenizer, lambda text: (out.write(text), out.flush())).push
-    gen = Generator(client.head, chain, drafter, settings, client.eos_ids, importance)
-    return await gen.generate(ids, on_tokens=on_tokens)
+    async with await AsyncClient.connect(model, **connect) as client:
+        return await client.generate(prompt, options, chat=chat,
+                                     on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))

@@ -1,4 +1,4 @@
-"""One API request's generation over a chain session of its own, and where those chains come from.
+"""One API request's generation over a chain session of its own, through the client service.
 
 Every request opens its own session (its own RemoteChain, or LocalChain with --local) and gets its
 own Drafter with its own KV cache; the client's head and draft weights are shared read-only, so
@@ -8,74 +8,13 @@ held back until the next tokens show it is not, so a stream never shows a stop s
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
-import torch
-
-from ..client.generate import GenerationResult, GenerationSettings, Generator
-from ..client.interface import Chain
-from ..client.loading import ClientModels
-from ..spec.controller import ControllerSettings, DraftLengthController
-from ..spec.draft import Drafter
-from ..spec.importance import ImportanceScorer
+from ..client.service import ClientService, Generation, GenerateOptions
 from .schemas import ApiError, ChatCompletionRequest, CompletionRequest
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-class ChainSource(Protocol):
-    async def start(self) -> None:
-        """Called once inside the server's event loop before the first request."""
-
-    def new_chain(self) -> Chain:
-        """A chain for one request; its session opens when generation starts."""
-
-    async def stop(self) -> None:
-        """Called once when the server shuts down."""
-
-
-class LocalChains:
-    """`--local`: the target's spans in this process; each request gets fresh KV caches."""
-
-    def __init__(self, spans, link_latency_s: float = 0.0):
-        self.spans, self.link_latency_s = spans, link_latency_s
-
-    async def start(self) -> None:
-        pass
-
-    def new_chain(self) -> Chain:
-        from ..client.local import LocalChain
-        return LocalChain(self.spans, self.link_latency_s)
-
-    async def stop(self) -> None:
-        pass
-
-
-class SwarmChains:
-    """The swarm: one libp2p node for the server's life, one routed session per request."""
-
-    def __init__(self, model: str, config, bootstrap: list[str], dtype: torch.dtype, link_latency_ms: float = 0.0):
-        if not bootstrap:
-            raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
-        self.model, self.config, self.bootstrap, self.dtype = model, config, bootstrap, dtype
-        self.link_latency_ms = link_latency_ms
-        self.node = None
-
-    async def start(self) -> None:
-        from ..net.latency import LinkLatency
-        from ..net.p2p import P2PNode
-        self.node = await P2PNode.start(bootstrap=self.bootstrap, latency=LinkLatency(self.link_latency_ms))
-
-    def new_chain(self) -> Chain:
-        from ..client.swarm_chain import RemoteChain
-        return RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
-                           dtype=self.dtype)
-
-    async def stop(self) -> None:
-        if self.node is not None:
-            await self.node.stop()
 
 
 @dataclass(frozen=True)
@@ -92,19 +31,15 @@ class _StopString(Exception):
 
 
 class Engine:
-    """What every request shares: the served model's name, the client models, the chain source."""
+    """What every request shares: the served model's name and the client service (models, chains,
+    draft-length controllers trained by every request)."""
 
-    def __init__(self, name: str, client: ClientModels, chains: ChainSource, settings: EngineSettings):
-        self.name, self.client, self.chains, self.s = name, client, chains, settings
-        self._importance: ImportanceScorer | None = None
-        self._importance_lock = asyncio.Lock()
-        # one draft-length controller per setting, trained by every request that uses it
-        self.controllers: dict[ControllerSettings, DraftLengthController] = {}
+    def __init__(self, name: str, service: ClientService, settings: EngineSettings):
+        self.name, self.service, self.s = name, service, settings
+        self.client = service.models
 
     def prepare(self, req: CompletionRequest | ChatCompletionRequest) -> Completion:
         """Check a request against this server and turn it into a generation job (ApiError if it cannot)."""
-        from ..cli_generate import generation_settings
-
         if req.model != self.name:
             raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
@@ -129,9 +64,12 @@ class Engine:
                 raise ApiError(400, "this server has no draft model: dsd_k must be 0 or 'auto'", param="dsd_k",
                                code="invalid_value")
             k = 0
-        settings = generation_settings(max_tokens, req.temperature, req.top_p, req.seed, str(k), self.s.k_max,
-                                       req.adaptive, self.s.tau, self.s.overlap)
-        return Completion(self, ids, settings, req.stops)
+        try:
+            options = GenerateOptions(max_tokens, "auto" if k == "auto" else int(k), self.s.k_max, req.temperature,
+                                      req.top_p, req.seed, req.adaptive, self.s.tau, self.s.overlap)
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+        return Completion(self, ids, options, req.stops)
 
     def _prompt_ids(self, req: CompletionRequest) -> list[int]:
         prompt = req.prompt
@@ -157,24 +95,17 @@ class Engine:
                            code="invalid_value") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    async def importance(self) -> ImportanceScorer:
-        """The adaptive verifier's token classes, built once on first use (a pass over the vocabulary)."""
-        async with self._importance_lock:
-            if self._importance is None:
-                self._importance = await asyncio.get_running_loop().run_in_executor(None, self.client.importance)
-        return self._importance
-
 
 class Completion:
     """One request's generation: its own chain session and drafter, text cut at stop strings."""
 
-    def __init__(self, engine: Engine, ids: list[int], settings: GenerationSettings, stops: list[str]):
-        self.engine, self.ids, self.settings, self.stops = engine, ids, settings, stops
+    def __init__(self, engine: Engine, ids: list[int], options: GenerateOptions, stops: list[str]):
+        self.engine, self.ids, self.options, self.stops = engine, ids, options, stops
         self.out: list[int] = []
         self.text = ""
         self.sent = 0  # characters of text already emitted
         self.finish_reason: str | None = None
-        self.result: GenerationResult | None = None  # None when a stop string ended generation
+        self.generation: Generation | None = None  # None when a stop string ended generation
         self._emit: Callable[[str], None] = lambda text: None
 
     @property
@@ -187,24 +118,13 @@ class Completion:
 
     async def run(self, emit: Callable[[str], None] | None = None) -> str:
         """Generate; call emit with each new piece of text; return the whole text."""
-        e, s = self.engine, self.settings
         if emit is not None:
             self._emit = emit
-        drafter = None
-        if s.speculative:
-            capacity = len(self.ids) + s.max_new_tokens + s.controller.k_max + 2
-            drafter = Drafter(e.client.draft_head, e.client.draft_spans, capacity, s.sampling)
-        importance = await e.importance() if s.adaptive.enabled else None
-        generator = Generator(e.client.head, e.chains.new_chain(), drafter, s, e.client.eos_ids, importance,
-                              e.controllers.get(s.controller))
         try:
-            self.result = await generator.generate(self.ids, on_tokens=self._push)
-            self.finish_reason = "stop" if self.result.stopped == "eos" else "length"
+            self.generation = await self.engine.service.generate(self.ids, self.options, on_tokens=self._push)
+            self.finish_reason = "stop" if self.generation.result.stopped == "eos" else "length"
         except _StopString:
             self.finish_reason = "stop"
-        finally:
-            if generator.controller is not None:  # trained by however many rounds ran
-                e.controllers[s.controller] = generator.controller
         if len(self.text) > self.sent:
             self._emit(self.text[self.sent:])
             self.sent = len(self.text)

@@ -30,11 +30,11 @@ log = logging.getLogger(__name__)
 def create_app(engine: Engine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        await engine.chains.start()
+        await engine.service.start()
         try:
             yield
         finally:
-            await engine.chains.stop()
+            await engine.service.stop()
 
     app = FastAPI(title="dsdnode", description="OpenAI-compatible API over a dsdnode swarm", lifespan=lifespan)
     created = int(time.time())

@@ -9,8 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..cli_generate import generation_settings
-from ..client.generate import GenerationSettings
+from ..client.service import GenerateOptions
 
 BASELINE = "ar-push"
 DEFAULT_MODES = ("ar-push", "ar-relay", "dsd-k2", "dsd-k4", "dsd-k8", "dsd-auto", "dsd-auto-av", "hf-assisted")
@@ -32,10 +31,9 @@ class Mode:
     adaptive: bool = False
     lossless: bool = True
 
-    def settings(self, max_new_tokens: int, k_max: int = 8, tau: float = 0.3) -> GenerationSettings:
-        k = "0" if not self.speculative else str(self.k_fixed) if self.k_fixed is not None else "auto"
-        return generation_settings(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=None, k=k,
-                                   k_max=k_max, adaptive=self.adaptive, tau=tau, overlap=True)
+    def options(self, max_new_tokens: int, k_max: int = 8, tau: float = 0.3) -> GenerateOptions:
+        k = 0 if not self.speculative else self.k_fixed if self.k_fixed is not None else "auto"
+        return GenerateOptions(max_new_tokens=max_new_tokens, k=k, k_max=k_max, adaptive=self.adaptive, tau=tau)
 
 
 def parse_mode(name: str) -> Mode:

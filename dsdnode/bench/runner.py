@@ -22,15 +22,13 @@ from typing import Callable
 
 import torch
 
-from ..client.generate import Generator, GenerationResult
+from ..client.generate import GenerationResult
 from ..client.loading import DTYPES, load_client_models
 from ..client.local import split_layers
-from ..client.swarm_chain import RemoteChain
+from ..client.service import ClientService, SwarmChains
 from ..models.fetch import resolve_model_dir
 from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode
-from ..spec.controller import DraftLengthController
-from ..spec.draft import Drafter
 from .accuracy import evaluate
 from .datasets import Problem, format_prompt, load_dataset
 from .machine import machine_info
@@ -86,8 +84,9 @@ class BenchRun:
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
     records: list[PromptResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    # per mode, like a client serving many requests; a new swarm (latency) starts them afresh
-    controllers: dict[str, DraftLengthController] = field(default_factory=dict)
+    # one per block path (push, relay), like a client serving many requests: each carries its trained
+    # draft-length controllers from prompt to prompt; a new swarm (latency) starts them afresh
+    services: dict[bool, ClientService] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         modes = parse_modes(",".join(self.config.modes))
@@ -106,7 +105,6 @@ class BenchRun:
         self.t0 = time.monotonic()
         try:
             self.client = load_client_models(c.model, c.draft, c.dtype)
-            self.importance = self.client.importance() if any(m.adaptive for m in self.modes) else None
             self.prompts = self._load_prompts()
             self.hf = self._load_hf() if any(m.kind == "hf" for m in self.modes) else None
             self.total = len(c.latencies_ms) * len(self.prompts) * len(self.modes)
@@ -152,7 +150,7 @@ class BenchRun:
 
     async def _client(self, swarm: LocalSwarm, lat: float) -> None:
         node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, latency=LinkLatency(lat))
-        self.controllers.clear()
+        self.services.clear()
         try:
             await self._warm_up(node)
             for p in self.prompts:
@@ -182,18 +180,11 @@ class BenchRun:
     # ---- one prompt in one mode -----------------------------------------------------------
     async def _generate(self, node: P2PNode, mode: Mode, ids: list[int], max_new: int) -> tuple[GenerationResult, int]:
         c, cl = self.config, self.client
-        chain = RemoteChain(node, c.model, cl.head.config.num_hidden_layers, cl.head.config.hidden_size,
-                            dtype=DTYPES[c.dtype], relay=mode.relay)
-        settings = mode.settings(max_new, c.k_max, c.tau)
-        drafter = None
-        if mode.speculative:
-            drafter = Drafter(cl.draft_head, cl.draft_spans, len(ids) + max_new + settings.controller.k_max + 2,
-                              settings.sampling)
-        gen = Generator(cl.head, chain, drafter, settings, cl.eos_ids, self.importance if mode.adaptive else None,
-                        self.controllers.get(mode.name))
-        result = await gen.generate(ids)
-        self.controllers[mode.name] = gen.controller  # the next prompt of this mode starts from it
-        return result, len(chain.route)
+        if mode.relay not in self.services:
+            chains = SwarmChains(c.model, cl.head.config, [], DTYPES[c.dtype], relay=mode.relay, node=node)
+            self.services[mode.relay] = ClientService(cl, chains)
+        out = await self.services[mode.relay].generate(ids, mode.options(max_new, c.k_max, c.tau))
+        return out.result, len(out.route)
 
     async def _one(self, node: P2PNode, mode: Mode, p: _Prompt, lat: float) -> PromptResult:
         rec = PromptResult(lat, p.problem.dataset, p.problem.id, p.index, mode.name, prompt_tokens=len(p.ids))

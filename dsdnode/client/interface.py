@@ -17,6 +17,7 @@ class ChainOutput:
 class Chain(Protocol):
     n_hops: int
     failovers: int  # how many times the chain was rebuilt around a fault so far
+    route: list[tuple[str, int, int]]  # (peer id, or "local", first layer, end layer) of each hop
 
     async def start_session(self, max_length: int) -> None:
         """Open a fresh session (empty KV caches with room for max_length positions) on every hop."""

@@ -21,6 +21,7 @@ class LocalChain:
         self.spans = spans
         self.n_hops = len(spans)
         self.failovers = 0  # in-process spans do not fail
+        self.route = [("local", s.start, s.end) for s in spans]
         self.link_latency_s = link_latency_s
         self.caches: list[SpanCache] = []
 

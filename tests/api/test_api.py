@@ -15,8 +15,8 @@ import httpx
 import openai
 import pytest
 
+import dsdnode
 from dsdnode.bench.swarm import LocalSwarm
-from dsdnode.cli_generate import _generate, local_chain, generation_settings
 from dsdnode.client.loading import encode_prompt, load_client_models
 
 MODEL = "smollm2-135m"
@@ -71,16 +71,11 @@ N = 24  # tokens per greedy answer
 
 
 @pytest.fixture(scope="module")
-def expected(client_models) -> dict[str, str]:
-    """What `dsdnode generate --local --k 4 [--raw] --max-new-tokens N` prints (its code path, not ours)."""
-    settings = generation_settings(N, 0.0, 1.0, None, "4", 8, False, 0.3, True)
-    chain = local_chain(client_models.target_dir, 3, 0.0, "float32")
-    texts = {}
-    for name, prompt, chat in (("completion", PROMPT, False), ("chat", QUESTION, True)):
-        ids = encode_prompt(client_models.tokenizer, prompt, chat=chat)
-        result = asyncio.run(_generate(client_models, chain, settings, ids))
-        texts[name] = client_models.tokenizer.decode(result.tokens, skip_special_tokens=True)
-    return texts
+def expected(smollm2_dir) -> dict[str, str]:
+    """What the library (under `dsdnode generate --local --k 4 [--raw]`) generates, in another process's code path."""
+    with dsdnode.connect(MODEL, local=True, hops=3, draft=MODEL, dtype="float32") as client:
+        return {name: client.generate(prompt, chat=chat, max_new_tokens=N, k=4).text
+                for name, prompt, chat in (("completion", PROMPT, False), ("chat", QUESTION, True))}
 
 
 # ---- an API server over an in-process chain -----------------------------------------------

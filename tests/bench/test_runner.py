@@ -16,9 +16,9 @@ from dsdnode.cli import main
 def test_modes_parse_and_reject_unknown_names():
     assert [m.name for m in parse_modes("ar-push, dsd-k4,dsd-k4,dsd-auto-av")] == ["ar-push", "dsd-k4", "dsd-auto-av"]
     assert parse_mode("dsd-k8").k_fixed == 8 and parse_mode("ar-relay").relay
-    assert not parse_mode("dsd-auto-av").lossless and parse_mode("dsd-auto-av").settings(16).adaptive.enabled
-    assert not parse_mode("ar-push").settings(16).speculative
-    assert parse_mode("dsd-k2").settings(16).controller.k_fixed == 2
+    assert not parse_mode("dsd-auto-av").lossless and parse_mode("dsd-auto-av").options(16).adaptive
+    assert not parse_mode("ar-push").options(16).speculative
+    assert parse_mode("dsd-k2").options(16).settings().controller.k_fixed == 2
     for bad in ("dsd-k0", "dsd-kx", "ar", ""):
         with pytest.raises(ValueError):
             parse_modes(bad)

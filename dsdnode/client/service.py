@@ -1,0 +1,213 @@
+"""The one place a generation is built: options -> settings -> drafter -> generator -> chain.
+
+Every entry point (the library API, `dsdnode generate`, the HTTP API, the bench, the demo) goes
+through ClientService, so a generation is assembled the same way everywhere: a chain from the
+service's chain source (in-process spans or the swarm), a drafter with its own KV cache, the
+adaptive verifier's token classes when asked for, and a draft-length controller carried over from
+earlier generations with the same settings (a fresh controller spends most of a short answer
+re-learning the round cost)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Callable, Literal, Protocol
+
+import torch
+
+from ..spec.controller import ControllerSettings, DraftLengthController
+from ..spec.draft import Drafter
+from ..spec.importance import AdaptiveSettings, ImportanceScorer
+from ..spec.sampling import SamplingSettings
+from .generate import GenerationResult, GenerationSettings, Generator
+from .interface import Chain
+from .loading import ClientModels
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """What a caller chooses for one generation (typed; the CLI and HTTP API map their inputs here)."""
+
+    max_new_tokens: int = 128
+    k: int | Literal["auto"] = "auto"  # draft length: "auto" (chosen each round), a fixed number, 0 = none
+    k_max: int = 8  # longest block with k="auto"
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    adaptive: bool = False  # adaptive verification (lossy): relax acceptance of low-importance tokens
+    tau: float = 0.3  # adaptive: accept a non-key draft token with p >= tau * p(top)
+    overlap: bool = True  # draft the next block while the current one is in flight
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if self.k != "auto" and not (isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 0):
+            raise ValueError(f"k must be 'auto' or an int >= 0, got {self.k!r}")
+        if not (isinstance(self.k_max, int) and self.k_max >= 1):
+            raise ValueError(f"k_max must be an int >= 1, got {self.k_max!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 < self.tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
+
+    @property
+    def speculative(self) -> bool:
+        return self.k != 0
+
+    def settings(self) -> GenerationSettings:
+        fixed = None if self.k == "auto" else self.k
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            speculative=self.speculative,
+            overlap=self.overlap,
+            sampling=SamplingSettings(temperature=self.temperature, top_p=self.top_p, seed=self.seed),
+            controller=ControllerSettings(k_max=max(self.k_max, fixed or 1), k_fixed=fixed,
+                                          k_initial=min(4, self.k_max) if fixed is None else 1),
+            adaptive=AdaptiveSettings(enabled=self.adaptive, tau=self.tau),
+        )
+
+
+class ChainSource(Protocol):
+    async def start(self) -> None:
+        """Called once, inside the event loop that will run the generations."""
+
+    def new_chain(self) -> Chain:
+        """A chain for one generation; its session opens when generation starts."""
+
+    async def stop(self) -> None:
+        """Called once at the end."""
+
+
+class LocalChains:
+    """The target's spans in this process (no network); each generation gets fresh KV caches."""
+
+    def __init__(self, spans, link_latency_s: float = 0.0):
+        self.spans, self.link_latency_s = spans, link_latency_s
+
+    @classmethod
+    def load(cls, target_dir, hops: int, dtype: torch.dtype, link_latency_ms: float = 0.0) -> LocalChains:
+        """The target split into `hops` spans with emulated link latency."""
+        from ..models.span import Span
+        from ..models.weights import load_config
+        from .local import split_layers
+
+        n = load_config(target_dir).num_hidden_layers
+        return cls([Span.load(target_dir, a, b, dtype) for a, b in split_layers(n, hops)], link_latency_ms / 1000)
+
+    async def start(self) -> None:
+        pass
+
+    def new_chain(self) -> Chain:
+        from .local import LocalChain
+        return LocalChain(self.spans, self.link_latency_s)
+
+    async def stop(self) -> None:
+        pass
+
+
+class SwarmChains:
+    """The swarm: one libp2p node for the service's life (or the caller's), one routed session per
+    generation. relay=True carries each block hop by hop through the client (a baseline)."""
+
+    def __init__(self, model: str, config, bootstrap: list[str], dtype: torch.dtype, link_latency_ms: float = 0.0,
+                 relay: bool = False, node=None):
+        if not bootstrap and node is None:
+            raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
+        self.model, self.config, self.bootstrap, self.dtype = model, config, list(bootstrap), dtype
+        self.link_latency_ms, self.relay = link_latency_ms, relay
+        self.node, self._own_node = node, node is None
+
+    async def start(self) -> None:
+        if self.node is None:
+            from ..net.latency import LinkLatency
+            from ..net.p2p import P2PNode
+            self.node = await P2PNode.start(bootstrap=self.bootstrap, latency=LinkLatency(self.link_latency_ms))
+
+    def new_chain(self) -> Chain:
+        from .swarm_chain import RemoteChain
+        return RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
+                           dtype=self.dtype, relay=self.relay)
+
+    async def stop(self) -> None:
+        if self.node is not None and self._own_node:
+            await self.node.stop()
+            self.node = None
+
+
+class ClientService:
+    """The client's models and a chain source; builds and runs generations."""
+
+    def __init__(self, models: ClientModels, chains: ChainSource):
+        self.models, self.chains = models, chains
+        self.controllers: dict[ControllerSettings, DraftLengthController] = {}
+        self._importance: ImportanceScorer | None = None
+        self._importance_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self.chains.start()
+
+    async def stop(self) -> None:
+        await self.chains.stop()
+
+    async def importance(self) -> ImportanceScorer:
+        """The adaptive verifier's token classes, built once on first use (a pass over the vocabulary)."""
+        async with self._importance_lock:
+            if self._importance is None:
+                self._importance = await asyncio.get_running_loop().run_in_executor(None, self.models.importance)
+        return self._importance
+
+    async def generate(self, ids: list[int], options: GenerateOptions,
+                       on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+        """One generation of up to options.max_new_tokens after `ids`, over a new chain session."""
+        m, s = self.models, options.settings()
+        drafter = None
+        if s.speculative:
+            if m.draft_head is None:
+                raise ValueError("this client has no draft model: use k=0, or load one (draft=...)")
+            drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + s.controller.k_max + 2,
+                              s.sampling)
+        importance = await self.importance() if s.adaptive.enabled else None
+        chain = self.chains.new_chain()
+        generator = Generator(m.head, chain, drafter, s, m.eos_ids, importance, self.controllers.get(s.controller))
+        try:
+            result = await generator.generate(ids, on_tokens=on_tokens)
+        finally:
+            if generator.controller is not None:  # trained by however many rounds ran
+                self.controllers[s.controller] = generator.controller
+        text = m.tokenizer.decode(result.tokens, skip_special_tokens=True)
+        return Generation(text, result, list(chain.route), chain.failovers)
+
+
+def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), local: bool = False, hops: int = 4,
+                  draft: str | bool = True, dtype: str = "bfloat16", link_latency_ms: float = 0.0,
+                  relay: bool = False) -> ClientService:
+    """Load the client's models and make its chain source (blocking: loads weights); start() it in
+    the event loop that will generate. See library.AsyncClient.connect for the arguments."""
+    from .loading import DTYPES, default_draft, load_client_models
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if link_latency_ms < 0:
+        raise ValueError(f"link_latency_ms must be >= 0, got {link_latency_ms}")
+    if not local and not bootstrap:
+        raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
+    models = load_client_models(model, default_draft(model) if draft is True else draft or None, dtype)
+    if local:
+        chains = LocalChains.load(models.target_dir, hops, DTYPES[dtype], link_latency_ms)
+    else:
+        chains = SwarmChains(model, models.head.config, list(bootstrap), DTYPES[dtype], link_latency_ms, relay)
+    return ClientService(models, chains)
+
+
+@dataclass
+class Generation:
+    text: str
+    result: GenerationResult  # tokens, rounds (k, accepted, timings), prefill and decode time
+    route: list[tuple[str, int, int]]  # (peer id or "local", start, end) of the chain that finished it
+    failovers: int
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.result.tokens

@@ -1,0 +1,64 @@
+"""The library API (dsdnode.connect / connect_async) on the real SmolLM2 weights, in-process chain."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dsdnode
+
+MODEL = "smollm2-135m"
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def client(smollm2_dir):
+    with dsdnode.connect(MODEL, local=True, hops=2, draft=MODEL, dtype="float32") as c:
+        yield c
+
+
+def test_readme_example_runs(smollm2_dir, tmp_path):
+    section = README.read_text().split("## Python library", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "example.py").write_text(code)
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "tok/s" in done.stdout and len(done.stdout.strip().splitlines()) >= 2
+
+
+def test_greedy_text_is_the_same_every_way(client):
+    """Plain decoding, fixed k, adaptive k, the stream and the async client: one greedy text (float32)."""
+    prompt = "def fibonacci(n):\n    "
+    plain = client.generate(prompt, chat=False, max_new_tokens=20, k=0)
+    assert len(plain.tokens) == 20 and plain.route == [("local", 0, 15), ("local", 15, 30)]
+    assert client.generate(prompt, chat=False, max_new_tokens=20, k=3).text == plain.text
+    assert "".join(client.stream(prompt, chat=False, max_new_tokens=20)) == plain.text
+    options = dsdnode.GenerateOptions(max_new_tokens=20, k="auto")
+    assert client.generate(client.service.models.tokenizer(prompt)["input_ids"], options).text == plain.text
+
+    async def via_async():
+        async with await dsdnode.connect_async(MODEL, local=True, hops=3, draft=MODEL, dtype="float32") as c:
+            pieces = [p async for p in c.stream(prompt, chat=False, max_new_tokens=20, k=2)]
+            return "".join(pieces), (await c.generate(prompt, options, chat=False)).text
+    assert asyncio.run(via_async()) == (plain.text, plain.text)
+
+
+def test_bad_options_are_clear_errors(client, smollm2_dir):
+    for bad in (dict(max_new_tokens=0), dict(k=-1), dict(k="fast"), dict(top_p=0.0), dict(temperature=-1.0)):
+        with pytest.raises(ValueError):
+            client.generate("hi", **bad)
+    with pytest.raises(ValueError, match="token ids"):
+        client.generate([10**9])
+    with pytest.raises(TypeError, match="either options"):
+        client.generate("hi", dsdnode.GenerateOptions(), k=2)
+    with dsdnode.connect(MODEL, local=True, hops=1, draft=False) as plain_only:
+        with pytest.raises(ValueError, match="no draft model"):
+            plain_only.generate("hi", max_new_tokens=4, k=2)
+        assert len(plain_only.generate("hi", max_new_tokens=4, k=0).tokens) <= 4
+    with pytest.raises(ValueError, match="bootstrap"):
+        dsdnode.connect(MODEL)
