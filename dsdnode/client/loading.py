@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..models.fetch import resolve_model_dir
@@ -13,9 +12,10 @@ from ..models.head import Head
 from ..models.registry import get_entry
 from ..models.span import Span
 from ..models.weights import load_config
+from ..net.protocol import HIDDEN_DTYPES
 from ..spec.importance import ImportanceScorer
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {name: HIDDEN_DTYPES[name] for name in ("bfloat16", "float32")}  # what a client computes in
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
 
 

@@ -13,7 +13,7 @@ import heapq
 import logging
 from dataclasses import dataclass
 
-from ..net.dht import SpanRecord
+from ..net.dht import SpanRecord, coverage
 from ..net.p2p import P2PNode, PeerInfo
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,6 @@ def _ranges(layers: list[int]) -> str:
 
 async def describe_swarm(model: str, bootstrap: list[str], num_layers: int | None = None) -> dict:
     """What `dsdnode swarm` prints: every announced span, its liveness, and layer coverage."""
-    from ..server.placement import coverage
-
     if not bootstrap:
         raise ValueError("give --bootstrap or --peers: a swarm is found through one of its peers")
     node = await P2PNode.start(bootstrap=bootstrap)

@@ -26,17 +26,16 @@ import torch
 from ..net.dht import SpanRecord
 from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode, Stream, StreamClosed
+from ..net.protocol import DTYPE_NAMES, SESSION_PROTOCOL
 from ..net.stream import close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, PeerRef, SessionOpened,
                         TensorPayload, WireLimits, decode, encode)
-from ..server.daemon import PROTOCOL
 from .deadlines import DeadlineSettings, PassDeadline
 from .interface import ChainOutput
 from .routing import Hop, NoRoute, best_chain, ping_records
 
 log = logging.getLogger(__name__)
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 OPEN_TIMEOUT_S = 15.0  # dial + OpenSession + reply, per hop (the server may look up and dial its next hop)
 SUSPECT_PING_S = 2.0  # after a missed deadline: a hop that does not answer a ping this fast is hung
 CLOSE_TIMEOUT_S = 2.0  # saying goodbye to a hop that may be hung
@@ -203,7 +202,7 @@ class RemoteChain:
         peer = hop.candidate.record.peer_id
         nxt = self._next_hop(hops, i)
         try:
-            stream = await self.node.open_stream(hop.candidate.peer, PROTOCOL, timeout=OPEN_TIMEOUT_S)
+            stream = await self.node.open_stream(hop.candidate.peer, SESSION_PROTOCOL, timeout=OPEN_TIMEOUT_S)
         except Exception as e:
             raise ChainFailure(f"cannot reach {peer}: {e}", {peer: "unreachable"}) from None
         try:

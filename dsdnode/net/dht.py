@@ -309,3 +309,12 @@ class DHT:
                 log.info("provider %s of %s has no reachable span record", peer_b58, model)
             return None
         return valid[_newest(valid)]
+
+
+def coverage(records: list[SpanRecord], num_layers: int) -> list[int]:
+    """How many of `records` hold each layer of a model with num_layers layers."""
+    counts = [0] * num_layers
+    for r in records:
+        for i in range(max(0, r.start), min(num_layers, r.end)):
+            counts[i] += 1
+    return counts

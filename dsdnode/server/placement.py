@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-from ..net.dht import SpanRecord
-
-
-def coverage(records: list[SpanRecord], num_layers: int) -> list[int]:
-    """How many live servers hold each layer."""
-    counts = [0] * num_layers
-    for r in records:
-        for i in range(max(0, r.start), min(num_layers, r.end)):
-            counts[i] += 1
-    return counts
+from ..net.dht import SpanRecord, coverage
 
 
 def choose_span(records: list[SpanRecord], num_layers: int, width: int) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 import pytest
 
 from dsdnode.net.dht import SpanRecord
-from dsdnode.server.placement import choose_span, coverage, parse_layers
+from dsdnode.net.dht import coverage
+from dsdnode.server.placement import choose_span, parse_layers
 
 
 def rec(a, b):

@@ -1,0 +1,12 @@
+"""What clients and servers share about sessions: the protocol id and the dtypes of hidden states.
+
+Kept apart from both sides so that client/ never imports server/ (and the other way round): the
+wire format itself is in wire.py."""
+
+from __future__ import annotations
+
+import torch
+
+SESSION_PROTOCOL = "/dsdnode/session/1.0.0"
+HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in HIDDEN_DTYPES.items()}
