@@ -222,5 +222,5 @@ async def connect_chain(model: str, config, bootstrap: list[str], dtype: torch.d
     """Join the swarm from `bootstrap`; the chain opens its session (and routes) on start_session."""
     if not bootstrap:
         raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
-    node = await P2PNode.start(bootstrap=bootstrap, latency=LinkLatency(link_latency_ms))
+    node = await P2PNode.start(bootstrap=bootstrap, latency=LinkLatency(link_latency_ms), require_bootstrap=True)
     return RemoteChain(node, model, config.num_hidden_layers, config.hidden_size, dtype=dtype)
