@@ -169,8 +169,10 @@ class P2PNode:
         node._thread.start()
         try:
             await asyncio.wait_for(ready, START_TIMEOUT)
-        except BaseException:
+        except BaseException as exc:
             await node.stop()
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(f"the libp2p host did not start within {START_TIMEOUT:g} s") from None
             raise
         return node
 
