@@ -7,7 +7,7 @@ import logging
 import click
 
 from .cli_common import K_LIMIT, FiniteFloatRange, friendly, run_async
-from .cli_generate import client_options, local_chain
+from .cli_generate import check_context, client_options, local_chain
 
 
 @click.command()
@@ -47,6 +47,8 @@ def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers
     if not local and not addrs:
         raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
     client = load_client_models(model, draft or default_draft(model), dtype)
+    check_context(model, client.head.config, max_prompt_tokens + max_tokens_limit,
+                  f"--max-prompt-tokens {max_prompt_tokens} and --max-tokens-limit {max_tokens_limit}")
     if local:
         chain = local_chain(client.target_dir, hops, link_latency_ms, dtype)
         chains = LocalChains(chain.spans, chain.link_latency_s)

@@ -97,7 +97,8 @@ def generate(prompt, model, draft, local, hops, link_latency_ms, bootstrap, peer
         raise ValueError(f"no draft model for {model!r}: pass --draft or --k 0")
     client = load_client_models(model, draft if settings.speculative else None, dtype)
     ids = encode_prompt(client.tokenizer, prompt, chat=not raw)
-    check_context(model, client.head.config, len(ids), settings.max_new_tokens)
+    check_context(model, client.head.config, len(ids) + settings.max_new_tokens,
+                  f"the prompt ({len(ids)} tokens) and --max-new-tokens {settings.max_new_tokens}")
     if local:
         chain = local_chain(client.target_dir, hops, link_latency_ms, dtype)
     else:
@@ -115,14 +116,14 @@ def generate(prompt, model, draft, local, hops, link_latency_ms, bootstrap, peer
     click.echo(result.summary(), err=True)
 
 
-def check_context(model: str, config, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Refuse a generation longer than the model's context, before any server is asked.
+def check_context(model: str, config, tokens: int, what: str) -> None:
+    """Refuse a generation longer than the model's context before any server is asked.
 
-    Servers may cap sessions shorter still (they refuse the session; the client reports it)."""
+    `what` names the flags that add up to `tokens`. Servers may cap sessions shorter still: they
+    refuse the session, and the client reports that."""
     context = getattr(config, "max_position_embeddings", None)
-    if context is not None and prompt_tokens + max_new_tokens > context:
-        raise UserError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
-                        f"context of {model} ({context} tokens); ask for at most {max(context - prompt_tokens, 0)}")
+    if context is not None and tokens > context:
+        raise UserError(f"{what} come to {tokens} tokens, more than the context of {model} ({context} tokens)")
 
 
 def local_chain(target_dir, hops, link_latency_ms, dtype):

@@ -24,7 +24,7 @@ DTYPE_NAMES = ("bfloat16", "float32")
 class Bounds:
     """The values a numeric setting may take: a closed range, or open at the low end (`> low`).
 
-    Kept in the field's metadata so a config file and the command line (cli_common.bounded_type)
+    Kept in the field's metadata so a config file and the command line (cli_common.setting_type)
     check the same range."""
 
     low: float | None = None

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from libp2p.peer.id import ID
 
-from dsdnode.bench.swarm import start_node
+from dsdnode.bench.swarm import LocalSwarm, start_node
 from dsdnode.cli import main
 from dsdnode.cli_common import DraftLength, friendly
 from dsdnode.net.identity import load_or_create_identity
@@ -209,4 +209,15 @@ def test_generate_for_a_model_nobody_serves_is_one_line(smollm2_dir, bootstrap_p
 def test_generate_longer_than_the_context_is_one_line(smollm2_dir):
     result, _ = dsdnode("generate", "hi", "--model", "smollm2-135m", "--k", "0", "--threads", "1", "--local",
                         "--max-new-tokens", "9000")
-    assert_one_line_error(result, "exceeds the context of smollm2-135m (8192 tokens)")
+    assert_one_line_error(result, "and --max-new-tokens 9000 come to 9")
+    assert "tokens, more than the context of smollm2-135m (8192 tokens)" in result.stderr
+
+
+@pytest.mark.heavy
+def test_generate_longer_than_the_servers_allow_is_one_line(smollm2_dir, tmp_path):
+    """Within the model's context but beyond the servers' session cap: they refuse, the client says so."""
+    with LocalSwarm("smollm2-135m", [(0, 30)], tmp_path, dtype="float32",
+                    extra_args=["--max-session-length", "64"]) as swarm:
+        result, _ = dsdnode("generate", "hi", "--model", "smollm2-135m", "--k", "0", "--threads", "1",
+                            "--bootstrap", swarm.bootstrap_addrs[0], "--max-new-tokens", "100")
+    assert_one_line_error(result, "64")
