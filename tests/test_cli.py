@@ -206,6 +206,7 @@ def test_generate_for_a_model_nobody_serves_is_one_line(smollm2_dir, bootstrap_p
     assert_one_line_error(result, "no live servers for layers 0-29 of 30")
 
 
+@pytest.mark.heavy
 def test_generate_longer_than_the_context_is_one_line(smollm2_dir):
     result, _ = dsdnode("generate", "hi", "--model", "smollm2-135m", "--k", "0", "--threads", "1", "--local",
                         "--max-new-tokens", "9000")
