@@ -15,9 +15,14 @@ from .cli_common import UserError, friendly
 def main(verbose: int) -> None:
     """dsdnode: one LLM across volunteer machines, fast over slow links via speculative decoding."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # libp2p logs every failed dial to a departed peer as a warning: routine churn, not news
-    logging.getLogger("libp2p").setLevel(logging.DEBUG if verbose >= 2 else logging.ERROR)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # libp2p logs every failed dial (to a departed peer, each retry) as an error: routine churn, not
+    # news; what fails for good reaches the user as dsdnode's own one-line error. A filter on the
+    # handler, not a logger level: importing libp2p (later, lazily) resets its loggers' levels.
+    libp2p_level = [logging.CRITICAL, logging.ERROR, logging.DEBUG][min(verbose, 2)]
+    handler.addFilter(lambda r: r.levelno >= libp2p_level or not r.name.startswith("libp2p"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 @main.group()

@@ -6,22 +6,24 @@ import logging
 
 import click
 
-from .cli_common import friendly, run_async
+from .cli_common import K_LIMIT, FiniteFloatRange, friendly, run_async
 from .cli_generate import client_options
 
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (0.0.0.0 for all interfaces).")
-@click.option("--port", type=int, default=8000, show_default=True, help="Listen port (0: any free port).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Listen port (0: any free port).")
 @client_options
 @click.option("--max-tokens-limit", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Largest max_tokens a request may ask for (also the chat default).")
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Longest prompt accepted, in tokens.")
-@click.option("--k-max", type=click.IntRange(min=1, max=64), default=8, show_default=True,
+@click.option("--k-max", type=click.IntRange(min=1, max=K_LIMIT), default=8, show_default=True,
               help="Longest draft block when a request uses dsd_k='auto'.")
-@click.option("--tau", type=float, default=0.3, show_default=True,
-              help="Adaptive verification (requests with adaptive=true): accept a non-key token with p >= tau * p(top).")
+@click.option("--tau", type=FiniteFloatRange(0, 1), default=0.3, show_default=True,
+              help="Adaptive verification (requests with adaptive=true): accept a non-key token with "
+                   "p >= tau * p(top).")
 @click.option("--overlap/--no-overlap", default=True, show_default=True,
               help="Draft the next block while the current one is in flight.")
 @friendly
@@ -37,12 +39,14 @@ def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers
     from .api.engine import Engine, EngineSettings
     from .api.server import serve
     from .cli_node import bootstrap_list
-    from .client.service import build_service
+    from .client.service import build_service, check_context
 
     if threads:
         torch.set_num_threads(threads)
     service = build_service(model, bootstrap=bootstrap_list(bootstrap, peers_file), local=local, hops=hops,
                             draft=draft or True, dtype=dtype, link_latency_ms=link_latency_ms)
+    check_context(service.models.head.config, max_prompt_tokens + max_tokens_limit,
+                  f"--max-prompt-tokens {max_prompt_tokens} and --max-tokens-limit {max_tokens_limit}")
     settings = EngineSettings(k_max=k_max, tau=tau, overlap=overlap, max_tokens_limit=max_tokens_limit,
                               max_prompt_tokens=max_prompt_tokens)
     log_level = "info" if logging.getLogger().getEffectiveLevel() <= logging.INFO else "warning"

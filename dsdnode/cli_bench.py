@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from .cli_common import friendly
+from .cli_common import K_LIMIT, FiniteFloatRange, friendly
+from .config import DTYPE_NAMES
 
 QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, max_new_tokens=24,
              modes="ar-push,dsd-k4,dsd-auto", latencies=(10.0,), dtype="float32")
@@ -18,22 +19,22 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.command()
 @click.option("--model", default="qwen2.5-coder-1.5b", show_default=True, help="Target model, split across servers.")
 @click.option("--draft", default="qwen2.5-coder-0.5b", show_default=True, help="Draft model, on the client.")
-@click.option("--servers", type=int, default=4, show_default=True, help="Server processes (contiguous even spans).")
-@click.option("--link-latency-ms", "latencies", type=float, multiple=True,
+@click.option("--servers", type=click.IntRange(min=1), default=4, show_default=True, help="Server processes (contiguous even spans).")
+@click.option("--link-latency-ms", "latencies", type=FiniteFloatRange(min=0), multiple=True,
               help="Emulated one-way latency of every link; repeat for a sweep (a fresh swarm each). [default: 50]")
 @click.option("--dataset", type=click.Choice(["humaneval", "gsm8k", "both"]), default="both", show_default=True)
-@click.option("--prompts", type=int, default=20, show_default=True, help="Problems per dataset (the first N).")
-@click.option("--max-new-tokens", type=int, default=96, show_default=True)
+@click.option("--prompts", type=click.IntRange(min=1), default=20, show_default=True, help="Problems per dataset (the first N).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
 @click.option("--modes", default="ar-push,ar-relay,dsd-k2,dsd-k4,dsd-k8,dsd-auto,dsd-auto-av,hf-assisted",
               show_default=True, help="Comma list: ar-push (baseline), ar-relay, dsd-k<K>, dsd-auto, dsd-auto-av, "
                                       "hf-assisted.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: bench-results/<timestamp>].")
-@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per server process.")
-@click.option("--client-threads", type=int, default=1, show_default=True, help="torch threads of the client.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--k-max", type=int, default=8, show_default=True, help="Longest block for the dsd-auto modes.")
-@click.option("--tau", type=float, default=0.3, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per server process.")
+@click.option("--client-threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads of the client.")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16", show_default=True)
+@click.option("--k-max", type=click.IntRange(1, K_LIMIT), default=8, show_default=True, help="Longest block for the dsd-auto modes.")
+@click.option("--tau", type=FiniteFloatRange(0, 1), default=0.3, show_default=True,
               help="Adaptive verification threshold (dsd-auto-av).")
 @click.option("--quick", is_flag=True, help="A small smoke run: smollm2-135m as target and draft, 3 servers, 2 prompts "
                                             "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32.")

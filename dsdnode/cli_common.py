@@ -1,14 +1,20 @@
-"""Helpers every `dsdnode` command shares: the event loop and turning user errors into one line."""
+"""Helpers every `dsdnode` command shares: the event loop, option types, and errors as one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+import traceback
+import typing
 
 import click
 import uvloop
 
-from .config import ConfigError
+from .config import Bounds, ConfigError
 from .models.registry import RegistryError
+
+K_LIMIT = 64  # longest draft block a command accepts (a block of k+1 fits a default server's max_block)
 
 
 class UserError(click.ClickException):
@@ -19,14 +25,93 @@ def run_async(coro):
     return uvloop.run(coro)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which pass its comparisons)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def number_range(kind: type, bounds: Bounds) -> click.ParamType:
+    """The click type for `bounds` on an int or float option."""
+    if kind is int:
+        return click.IntRange(min=bounds.low, max=bounds.high, min_open=bounds.low_open)
+    return FiniteFloatRange(min=bounds.low, max=bounds.high, min_open=bounds.low_open)
+
+
+def setting_type(cls: type, name: str) -> click.ParamType:
+    """The click type of the option that overrides setting `name` of `cls` (same bounds as its config key)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    kind = typing.get_type_hints(cls)[name]
+    if "choices" in f.metadata:
+        return click.Choice(f.metadata["choices"])
+    return number_range(kind, f.metadata["bounds"])
+
+
+class DraftLength(click.ParamType):
+    """--k: 'auto' (the controller picks k each round) or a fixed draft length 0..K_LIMIT (0: no drafting)."""
+
+    name = "auto|0..64"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= K_LIMIT:
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            k = int(text)
+        except ValueError:
+            self.fail(f"{value!r} is neither 'auto' nor a whole number.", param, ctx)
+        if not 0 <= k <= K_LIMIT:
+            self.fail(f"{k} is not in the range 0<=x<={K_LIMIT}.", param, ctx)
+        return k
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type's name if it has none)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines) or type(exc).__name__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user causes and can fix: bad names, configs, values, files, ports, an unreachable or
+    incomplete swarm, a server's refusal. Imported here, lazily: the client is heavy to import."""
+    from .client.routing import NoRoute
+    from .client.swarm_chain import ChainFailure
+
+    # OSError covers FileNotFoundError, PermissionError, ListenError, ConnectionError (PeerUnreachable,
+    # StreamClosed) and TimeoutError (asyncio's too)
+    return RegistryError, ConfigError, ValueError, OSError, NoRoute, ChainFailure
+
+
+def _verbosity() -> int:
+    ctx = click.get_current_context(silent=True)
+    return ctx.find_root().params.get("verbose", 0) if ctx is not None else 0
+
+
 def friendly(fn):
-    """Turn the errors a user can fix (bad names, configs, inputs) into one clear line."""
+    """Every error a command ends with becomes one line and a non-zero exit.
+
+    Errors a user can fix are shown as they are; anything else is an internal error, whose
+    traceback `dsdnode -vv` prints."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (RegistryError, ConfigError, ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except KeyboardInterrupt:
             raise click.Abort() from None
+        except Exception as e:
+            if isinstance(e, _user_errors()):
+                raise UserError(one_line(e)) from None
+            if _verbosity() >= 2:
+                traceback.print_exc()
+                raise UserError(f"internal error: {type(e).__name__}: {one_line(e)}") from None
+            raise UserError(f"internal error: {type(e).__name__}: {one_line(e)}; "
+                            f"run with -vv (dsdnode -vv COMMAND ...) for the traceback") from None
     return wrapper

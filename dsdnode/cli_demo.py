@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import friendly, run_async
+from .cli_common import FiniteFloatRange, friendly, run_async
 
 PROMPTS = [
     ("code", "Write a Python function is_prime(n) that returns True when n is a prime number."),
@@ -19,9 +19,9 @@ PROMPTS = [
 
 @click.command()
 @click.option("--model", default="qwen2.5-coder-1.5b", show_default=True)
-@click.option("--servers", type=int, default=4, show_default=True, help="Server processes in the local swarm.")
-@click.option("--link-latency-ms", type=float, default=50.0, show_default=True, help="Emulated latency per link.")
-@click.option("--max-new-tokens", type=int, default=96, show_default=True)
+@click.option("--servers", type=click.IntRange(min=1), default=4, show_default=True, help="Server processes in the local swarm.")
+@click.option("--link-latency-ms", type=FiniteFloatRange(min=0), default=50.0, show_default=True, help="Emulated latency per link.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
 @friendly
 def demo(model, servers, link_latency_ms, max_new_tokens):
     """Start a local swarm, stream a code and a math answer with DSD, compare with plain decoding."""

@@ -6,22 +6,24 @@ import sys
 
 import click
 
-from .cli_common import friendly, run_async
+from .cli_common import K_LIMIT, DraftLength, FiniteFloatRange, friendly, run_async
+from .config import DTYPE_NAMES
 
 
 def generation_options(fn):
     """Flags shared by every command that generates (generate, bench, api)."""
     options = [
-        click.option("--max-new-tokens", type=int, default=128, show_default=True),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None),
-        click.option("--k", "k", default="auto", show_default=True,
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
+                     help="0 = greedy."),
+        click.option("--top-p", type=FiniteFloatRange(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None),
+        click.option("--k", "k", type=DraftLength(), default="auto", show_default=True,
                      help="Draft length: a number for fixed k, 'auto' to pick k each round, 0 for no drafting."),
-        click.option("--k-max", type=int, default=8, show_default=True),
+        click.option("--k-max", type=click.IntRange(1, K_LIMIT), default=8, show_default=True),
         click.option("--adaptive/--strict", default=False, show_default=True,
                      help="Adaptive verification (lossy): relax acceptance for low-importance tokens."),
-        click.option("--tau", type=float, default=0.3, show_default=True,
+        click.option("--tau", type=FiniteFloatRange(0, 1), default=0.3, show_default=True,
                      help="Adaptive: accept a non-key draft token with p >= tau * p(top)."),
         click.option("--overlap/--no-overlap", default=True, show_default=True,
                      help="Draft the next block while the current one is in flight."),
@@ -31,13 +33,11 @@ def generation_options(fn):
     return fn
 
 
-def generate_options(k, **flags):
-    """The generation flags as the library's typed GenerateOptions."""
+def generate_options(**flags):
+    """The generation flags (already range-checked by click) as the library's typed GenerateOptions."""
     from .client.service import GenerateOptions
 
-    if k != "auto" and not str(k).isdigit():
-        raise ValueError(f"--k must be a number or 'auto', got {k!r}")
-    return GenerateOptions(k=k if k == "auto" else int(k), **flags)
+    return GenerateOptions(**flags)
 
 
 def client_options(fn):
@@ -47,13 +47,14 @@ def client_options(fn):
                      help="Target model (name or directory)."),
         click.option("--draft", default=None, help="Draft model (default: the registry's pairing)."),
         click.option("--local", is_flag=True, help="Run the target in this process as a chain of spans (no network)."),
-        click.option("--hops", type=int, default=4, show_default=True, help="With --local: number of spans in the chain."),
-        click.option("--link-latency-ms", type=float, default=0.0, show_default=True,
+        click.option("--hops", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="With --local: number of spans in the chain."),
+        click.option("--link-latency-ms", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
                      help="Emulated latency of every link of the chain (N+1 links a round)."),
         click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable)."),
         click.option("--peers", "peers_file", type=click.Path(dir_okay=False), help="File of bootstrap multiaddrs."),
-        click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True),
-        click.option("--threads", type=int, default=0, help="torch threads (0: all cores)."),
+        click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16", show_default=True),
+        click.option("--threads", type=click.IntRange(min=0), default=0, help="torch threads (0: all cores)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -8,10 +8,15 @@ import logging
 
 import click
 
-from .cli_common import friendly, run_async
+from .cli_common import friendly, run_async, setting_type
 from .config import NodeSettings, load_settings, read_peers_file
 
 log = logging.getLogger(__name__)
+
+
+def node_type(name: str) -> click.ParamType:
+    """The type of the `start` flag for NodeSettings.`name`: the range its config key has."""
+    return setting_type(NodeSettings, name)
 
 
 def bootstrap_list(bootstrap, peers_file) -> list[str]:
@@ -26,23 +31,27 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
 @click.option("--model", default=None, help="Model to serve (registry name or directory).")
 @click.option("--layers", default=None,
               help="START:END, 'auto' for the least-covered span, or 'none' for a DHT-only bootstrap peer.")
-@click.option("--num-layers", type=int, default=None, help="With --layers auto: how many layers to take.")
+@click.option("--num-layers", type=node_type("num_layers"), default=None,
+              help="With --layers auto: how many layers to take.")
 @click.option("--host", default=None, help="Listen address (default 127.0.0.1; 0.0.0.0 for all interfaces).")
-@click.option("--port", type=int, default=None, help="Listen port (default: any free port).")
+@click.option("--port", type=node_type("port"), default=None, help="Listen port (default: any free port).")
 @click.option("--announce-addr", "announce_addrs", multiple=True,
               help="Multiaddr to advertise instead of the listen address, e.g. /ip4/PUBLIC_IP/tcp/PORT (repeatable).")
 @click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable).")
 @click.option("--peers", "peers_file", default=None, help="File of bootstrap multiaddrs, one a line.")
 @click.option("--identity", default=None, help="Key file for a stable peer id (created 0600 if missing).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None)
-@click.option("--threads", type=int, default=None, help="torch threads (0: all cores).")
-@click.option("--link-latency-ms", type=float, default=None, help="Emulated delay before every outbound frame.")
-@click.option("--cache-budget-mb", type=int, default=None, help="KV cache memory for all sessions.")
-@click.option("--max-session-length", type=int, default=None)
-@click.option("--announce-interval", "announce_interval_s", type=float, default=None)
-@click.option("--metrics-port", type=int, default=None,
+@click.option("--dtype", type=node_type("dtype"), default=None)
+@click.option("--threads", type=node_type("threads"), default=None, help="torch threads (0: all cores).")
+@click.option("--link-latency-ms", type=node_type("link_latency_ms"), default=None,
+              help="Emulated delay before every outbound frame.")
+@click.option("--cache-budget-mb", type=node_type("cache_budget_mb"), default=None,
+              help="KV cache memory for all sessions.")
+@click.option("--max-session-length", type=node_type("max_session_length"), default=None)
+@click.option("--announce-interval", "announce_interval_s", type=node_type("announce_interval_s"),
+              default=None, help="Seconds between announcements of this node's span record.")
+@click.option("--metrics-port", type=node_type("metrics_port"), default=None,
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).")
-@click.option("--parent-pid", type=int, default=None,
+@click.option("--parent-pid", type=node_type("parent_pid"), default=None,
               help="Shut down (as on SIGTERM) once this process is gone; for launchers of local swarms.")
 @friendly
 def start(config_file, peers_file, **flags):

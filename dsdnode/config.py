@@ -6,6 +6,7 @@ these by hand on machines they do not watch."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -16,28 +17,70 @@ class ConfigError(ValueError):
     pass
 
 
+DTYPE_NAMES = ("bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting may take: a closed range, or open at the low end (`> low`).
+
+    Kept in the field's metadata so a config file and the command line (cli_common.setting_type)
+    check the same range."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"<= {self.high:g}" if self.high is not None else "finite"
+
+
+def bounded(default, low=None, high=None, *, low_open: bool = False):
+    """A dataclass field whose value must lie within Bounds(low, high, low_open)."""
+    return field(default=default, metadata={"bounds": Bounds(low, high, low_open)})
+
+
+def one_of(default: str, choices: tuple[str, ...]):
+    """A dataclass field whose value must be one of `choices`."""
+    return field(default=default, metadata={"choices": choices})
+
+
+PORT = (0, 65535)
+
+
 @dataclass
 class NodeSettings:
     model: str = "qwen2.5-coder-1.5b"
     layers: str = "auto"  # "A:B" or "auto" (the least-covered span)
-    num_layers: int = 0  # with layers=auto: how many layers to serve (0: a quarter of the model)
+    num_layers: int = bounded(0, 0)  # with layers=auto: how many layers to serve (0: a quarter of the model)
     host: str = "127.0.0.1"
-    port: int = 0  # 0: any free port
+    port: int = bounded(0, *PORT)  # 0: any free port
     announce_addrs: list[str] = field(default_factory=list)  # public multiaddrs to advertise (behind NAT, 0.0.0.0)
     bootstrap: list[str] = field(default_factory=list)  # multiaddrs
     peers_file: str | None = None  # one multiaddr a line, '#' comments
     identity: str | None = None  # Ed25519 key file, created 0600 if missing
-    dtype: str = "bfloat16"
-    threads: int = 0  # torch threads (0: all cores)
-    link_latency_ms: float = 0.0  # emulated delay before every outbound frame
-    cache_budget_mb: int = 2048  # KV cache memory for all sessions together
-    max_session_length: int = 4096
-    max_block: int = 64
-    session_idle_s: float = 300.0  # drop a session nobody used for this long
-    announce_interval_s: float = 30.0
-    record_ttl_s: float = 120.0
-    metrics_port: int = 0  # 0: off
-    parent_pid: int = 0  # stop once this process is gone (0: off); set by local-swarm launchers
+    dtype: str = one_of("bfloat16", DTYPE_NAMES)
+    threads: int = bounded(0, 0)  # torch threads (0: all cores)
+    link_latency_ms: float = bounded(0.0, 0)  # emulated delay before every outbound frame
+    cache_budget_mb: int = bounded(2048, 1)  # KV cache memory for all sessions together
+    max_session_length: int = bounded(4096, 1)
+    max_block: int = bounded(64, 1)
+    session_idle_s: float = bounded(300.0, 0, low_open=True)  # drop a session nobody used for this long
+    announce_interval_s: float = bounded(30.0, 0, low_open=True)
+    record_ttl_s: float = bounded(120.0, 0, low_open=True)
+    metrics_port: int = bounded(0, *PORT)  # 0: off
+    parent_pid: int = bounded(0, 0)  # stop once this process is gone (0: off); set by local-swarm launchers
 
 
 @dataclass
@@ -46,8 +89,8 @@ class ClientSettings:
     draft: str | None = None  # None: the registry's pairing
     bootstrap: list[str] = field(default_factory=list)
     peers_file: str | None = None
-    dtype: str = "bfloat16"
-    link_latency_ms: float = 0.0
+    dtype: str = one_of("bfloat16", DTYPE_NAMES)
+    link_latency_ms: float = bounded(0.0, 0)
 
 
 T = typing.TypeVar("T")
@@ -67,12 +110,24 @@ def load_settings(cls: type[T], path: str | Path | None = None, **overrides) -> 
         values.update(raw.get(section, {}))
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"{path or 'settings'}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-        values[key] = _coerce(key, value, hints[key], path)
+        if key not in fields:
+            raise ConfigError(f"{path or 'settings'}: unknown key {key!r} (known: {', '.join(sorted(fields))})")
+        values[key] = _check(key, _coerce(key, value, hints[key], path), fields[key], path)
     return cls(**values)
+
+
+def _check(key: str, value, f: dataclasses.Field, path):
+    """The value if it is within the field's bounds or choices, else a ConfigError naming the key."""
+    where = f"{path or 'settings'}: {key}"
+    bounds = f.metadata.get("bounds")
+    if bounds is not None and value is not None and not bounds.admits(value):
+        raise ConfigError(f"{where} must be {bounds}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _coerce(key: str, value, hint, path):

@@ -17,6 +17,18 @@ def test_example_config_loads_and_flags_override(tmp_path):
     ("[node]\nport = 'eighty'\n", "port must be int"),
     ("[node]\nbootstrap = [1, 2]\n", "bootstrap must be a list of strings"),
     ("[node]\nthreads = true\n", "threads must be int"),
+    ("[node]\nthreads = -1\n", "threads must be >= 0, got -1"),
+    ("[node]\nport = 70000\n", r"port must be in \[0, 65535\], got 70000"),
+    ("[node]\nmetrics_port = -1\n", r"metrics_port must be in \[0, 65535\], got -1"),
+    ("[node]\nlink_latency_ms = -100\n", "link_latency_ms must be >= 0, got -100.0"),
+    ("[node]\nlink_latency_ms = nan\n", "link_latency_ms must be >= 0, got nan"),
+    ("[node]\ncache_budget_mb = 0\n", "cache_budget_mb must be >= 1, got 0"),
+    ("[node]\nmax_session_length = 0\n", "max_session_length must be >= 1, got 0"),
+    ("[node]\nmax_block = 0\n", "max_block must be >= 1, got 0"),
+    ("[node]\nannounce_interval_s = 0\n", "announce_interval_s must be > 0, got 0.0"),
+    ("[node]\nsession_idle_s = -1\n", "session_idle_s must be > 0, got -1.0"),
+    ("[node]\nrecord_ttl_s = inf\n", "record_ttl_s must be > 0, got inf"),
+    ("[node]\ndtype = 'float16'\n", "dtype must be one of bfloat16, float32, got 'float16'"),
 ])
 def test_bad_config_files_name_file_and_key(tmp_path, text, error):
     path = tmp_path / "node.toml"
@@ -24,6 +36,13 @@ def test_bad_config_files_name_file_and_key(tmp_path, text, error):
     with pytest.raises(ConfigError, match=error) as e:
         load_settings(NodeSettings, path)
     assert str(path) in str(e.value)
+
+
+def test_flags_get_the_same_checks():
+    with pytest.raises(ConfigError, match="^settings: port must be in"):
+        load_settings(NodeSettings, port=-1)
+    with pytest.raises(ConfigError, match="^settings: link_latency_ms must be >= 0"):
+        load_settings(ClientSettings, link_latency_ms=-1.0)
 
 
 def test_missing_config_file():

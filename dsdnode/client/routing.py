@@ -114,7 +114,7 @@ async def describe_swarm(model: str, bootstrap: list[str], num_layers: int | Non
     """What `dsdnode swarm` prints: every announced span, its liveness, and layer coverage."""
     if not bootstrap:
         raise ValueError("give --bootstrap or --peers: a swarm is found through one of its peers")
-    node = await P2PNode.start(bootstrap=bootstrap)
+    node = await P2PNode.start(bootstrap=bootstrap, require_bootstrap=True)
     try:
         records = await node.dht.discover(model)
         live = {c.record.peer_id: c.rtt_s for c in await live_candidates(node, model)}

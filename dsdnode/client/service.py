@@ -123,7 +123,8 @@ class SwarmChains:
         if self.node is None:
             from ..net.latency import LinkLatency
             from ..net.p2p import P2PNode
-            self.node = await P2PNode.start(bootstrap=self.bootstrap, latency=LinkLatency(self.link_latency_ms))
+            self.node = await P2PNode.start(bootstrap=self.bootstrap, latency=LinkLatency(self.link_latency_ms),
+                                            require_bootstrap=True)
 
     def new_chain(self) -> Chain:
         from .swarm_chain import RemoteChain
@@ -162,6 +163,8 @@ class ClientService:
                        on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
         """One generation of up to options.max_new_tokens after `ids`, over a new chain session."""
         m, s = self.models, options.settings()
+        check_context(m.head.config, len(ids) + s.max_new_tokens,
+                      f"the prompt ({len(ids)} tokens) and max_new_tokens {s.max_new_tokens}")
         drafter = None
         if s.speculative:
             if m.draft_head is None:
@@ -178,6 +181,15 @@ class ClientService:
                 self.controllers[s.controller] = generator.controller
         text = m.tokenizer.decode(result.tokens, skip_special_tokens=True)
         return Generation(text, result, list(chain.route), chain.failovers)
+
+
+def check_context(config, tokens: int, what: str) -> None:
+    """Refuse a generation longer than the model's context before any server is asked (`what`
+    names what adds up to `tokens`). Servers may cap sessions shorter still: they refuse the
+    session, and the client says so."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and tokens > context:
+        raise ValueError(f"{what} come to {tokens} tokens, more than the model's context ({context} tokens)")
 
 
 def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), local: bool = False, hops: int = 4,

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from ..net.dht import SpanRecord
-from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode, Stream, StreamClosed
 from ..net.protocol import DTYPE_NAMES, SESSION_PROTOCOL
 from ..net.stream import close_quietly
@@ -348,12 +347,3 @@ class RemoteChain:
                 return False
         states = await asyncio.gather(*(alive(leg) for leg in self.legs))
         return {leg.peer_id for leg, ok in zip(self.legs, states) if not ok}
-
-
-async def connect_chain(model: str, config, bootstrap: list[str], dtype: torch.dtype = torch.bfloat16,
-                        link_latency_ms: float = 0.0, relay: bool = False) -> RemoteChain:
-    """Join the swarm from `bootstrap`; the chain opens its session (and routes) on start_session."""
-    if not bootstrap:
-        raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
-    node = await P2PNode.start(bootstrap=bootstrap, latency=LinkLatency(link_latency_ms))
-    return RemoteChain(node, model, config.num_hidden_layers, config.hidden_size, dtype=dtype, relay=relay)

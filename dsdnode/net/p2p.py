@@ -9,7 +9,11 @@ peer (more made every connect cost >= 250 ms). Streams: see stream.py.
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
+import os
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,7 +43,8 @@ from dsdnode.net.identity import load_or_create_identity
 from dsdnode.net.latency import LinkLatency
 from dsdnode.net.stream import FrameTooLarge, Stream
 
-__all__ = ["FrameTooLarge", "NodeStopped", "P2PNode", "PeerInfo", "PeerUnreachable", "Stream", "StreamClosed"]
+__all__ = ["BootstrapUnreachable", "FrameTooLarge", "ListenError", "NodeStopped", "P2PNode", "PeerInfo",
+           "PeerUnreachable", "Stream", "StreamClosed", "check_listen_address"]
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +65,49 @@ class _CleanCloseFilter(logging.Filter):
 
 
 logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_CleanCloseFilter())
+if not os.environ.get("LIBP2P_DEBUG"):
+    # Importing libp2p cuts its loggers off the application's logging (no handler, no propagation),
+    # so its errors (every failed dial) reach stderr raw through logging.lastResort, whatever the
+    # application configured. Hand them back: the application's handlers and levels decide.
+    logging.getLogger("libp2p").propagate = True
+    logging.getLogger("libp2p").setLevel(logging.NOTSET)
 
 
 class PeerUnreachable(ConnectionError):
     """Could not connect to the peer or negotiate the protocol in time."""
+
+
+class BootstrapUnreachable(PeerUnreachable):
+    """None of the bootstrap peers answered a node that cannot work alone (a client)."""
+
+
+class ListenError(OSError):
+    """The node cannot listen where it was asked to: the port is taken or the address is not this machine's."""
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Raise ListenError unless this process alone can listen on host:port (IPv4; port 0 = any free port).
+
+    py-libp2p listens with SO_REUSEPORT (for hole punching), so on Linux a second node asked for a
+    busy port binds beside the first one and the kernel splits incoming connections between them,
+    silently. A plain socket with SO_REUSEADDR but without SO_REUSEPORT cannot bind a port that any
+    socket listens on, yet may bind one that only has connections in TIME_WAIT left, so a node that
+    restarts on its port is not refused. The probe socket is closed before libp2p listens.
+    """
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"listen host must be an IPv4 address such as 127.0.0.1 or 0.0.0.0, got {host!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"listen port must be in 0..65535, got {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(f"port {port} on {host} is already in use") from None
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -100,12 +144,17 @@ class P2PNode:
     @classmethod
     async def start(cls, *, identity: KeyPair | None = None, host: str = "127.0.0.1", port: int = 0,
                     bootstrap: list[str] | tuple[str, ...] = (), latency: LinkLatency | None = None,
-                    max_frame_bytes: int = 64 * 2**20, announce: list[str] | tuple[str, ...] = ()) -> P2PNode:
+                    max_frame_bytes: int = 64 * 2**20, announce: list[str] | tuple[str, ...] = (),
+                    require_bootstrap: bool = False) -> P2PNode:
         """Start the host thread, listen, connect to `bootstrap` peers (/ip4/../tcp/../p2p/<id>).
 
         `announce` replaces the advertised addresses (needed when listening on 0.0.0.0).
-        Unreachable bootstrap peers are logged, not fatal: a node may start before its peers.
+        A busy port raises ListenError before anything listens (see check_listen_address).
+        Unreachable bootstrap peers are logged, not fatal, by default: a server may start before
+        its peers. A client cannot do anything alone, so with `require_bootstrap` a node none of
+        whose bootstrap peers answers raises BootstrapUnreachable instead of starting.
         """
+        check_listen_address(host, port)
         listen = multiaddr.Multiaddr(f"/ip4/{host}/tcp/{port}")
         try:
             boot = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in bootstrap]
@@ -114,13 +163,16 @@ class P2PNode:
             raise ValueError(f"bad bootstrap/announce multiaddr (need /ip4/H/tcp/P/p2p/ID): {exc}") from None
         node = cls(identity or load_or_create_identity(None), latency, max_frame_bytes)
         ready = node._bridge.loop.create_future()
-        node._thread = threading.Thread(target=node._thread_main, args=(listen, boot, announced, ready),
+        node._thread = threading.Thread(target=node._thread_main,
+                                        args=(listen, boot, announced, require_bootstrap, ready),
                                         name=f"libp2p-{node.peer_id[-6:]}", daemon=True)
         node._thread.start()
         try:
             await asyncio.wait_for(ready, START_TIMEOUT)
-        except BaseException:
+        except BaseException as exc:
             await node.stop()
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(f"the libp2p host did not start within {START_TIMEOUT:g} s") from None
             raise
         return node
 
@@ -165,13 +217,13 @@ class P2PNode:
 
     # ---- trio thread -------------------------------------------------------------------
     def _thread_main(self, listen: multiaddr.Multiaddr, boot: list[LibPeerInfo],
-                     announce: list[multiaddr.Multiaddr], ready: asyncio.Future) -> None:
+                     announce: list[multiaddr.Multiaddr], require_bootstrap: bool, ready: asyncio.Future) -> None:
         def fail(exc: BaseException) -> None:
             if not ready.done():
                 ready.set_exception(exc)
 
         try:
-            trio.run(self._trio_main, listen, boot, announce, ready)
+            trio.run(self._trio_main, listen, boot, announce, require_bootstrap, ready)
         except BaseException as exc:  # report startup failures to the waiting caller
             log.debug("libp2p thread of %s ended with %r", self.peer_id, exc)
             try:
@@ -182,7 +234,8 @@ class P2PNode:
             self._bridge.token = None
 
     async def _trio_main(self, listen: multiaddr.Multiaddr, boot: list[LibPeerInfo],
-                         announce: list[multiaddr.Multiaddr], ready: asyncio.Future) -> None:
+                         announce: list[multiaddr.Multiaddr], require_bootstrap: bool,
+                         ready: asyncio.Future) -> None:
         noise = NoiseTransport(self.keypair, noise_privkey=new_x25519_key_pair().private_key)
         self._host = new_host(
             key_pair=self.keypair,
@@ -206,30 +259,47 @@ class P2PNode:
                 self._bridge.token = trio.lowlevel.current_trio_token()
                 for protocol in list(self._handlers):
                     self._register(protocol)
-                await self._join(boot)
-                self.addrs = [str(a) for a in self._host.get_addrs()]
-                self._bridge.loop.call_soon_threadsafe(Bridge._deliver, ready, None, None)
+                failure = await self._join(boot, require_bootstrap)
+                if failure is not None:
+                    # the caller's start() raises it and then stops this node, which ends this run
+                    self._bridge.loop.call_soon_threadsafe(Bridge._deliver, ready, None, failure)
+                else:
+                    self.addrs = [str(a) for a in self._host.get_addrs()]
+                    self._bridge.loop.call_soon_threadsafe(Bridge._deliver, ready, None, None)
                 await self._stop_event.wait()
                 self._bridge.nursery = None
                 nursery.cancel_scope.cancel()
 
-    async def _join(self, boot: list[LibPeerInfo]) -> None:
-        """Connect to bootstrap peers and look ourselves up so they (and we) fill routing tables."""
+    async def _join(self, boot: list[LibPeerInfo], required: bool) -> BootstrapUnreachable | None:
+        """Connect to bootstrap peers and look ourselves up so they (and we) fill routing tables.
+
+        If `required` and no bootstrap peer answers, returns why (the caller raises it, so it is
+        not logged too); otherwise unreachable peers are logged and None is returned."""
         assert self._kad is not None
         joined = 0
+        reasons: list[str] = []
         for info in boot:
+            where = f"{info.peer_id} at {', '.join(str(a) for a in info.addrs)}"
+            reason = f"no answer within {BOOTSTRAP_TIMEOUT:g} s"
             with trio.move_on_after(BOOTSTRAP_TIMEOUT):
                 try:
                     await self._host.connect(info)
                     await self._kad.add_peer(info.peer_id, skip_server_mode_check=True)
                     joined += 1
+                    continue
                 except Exception as exc:
-                    log.warning("bootstrap peer %s unreachable: %r", info.peer_id, exc)
+                    reason = _root_cause(exc)
+            log.log(logging.DEBUG if required else logging.WARNING, "bootstrap peer %s unreachable: %s", where, reason)
+            reasons.append(f"{where}: {reason}")
         if joined:
             with trio.move_on_after(BOOTSTRAP_TIMEOUT):
                 await self._kad.peer_routing.find_closest_peers_network(self._host.get_id().to_bytes())
-        elif boot:
+            return None
+        if boot and required:
+            return BootstrapUnreachable(f"cannot reach any bootstrap peer ({'; '.join(reasons)})")
+        if boot:
             log.warning("no bootstrap peer reachable; starting alone")
+        return None
 
     def _wrap(self, raw: Any) -> Stream:
         return Stream(raw, self._bridge, self.latency, self.max_frame_bytes)
@@ -321,6 +391,24 @@ class P2PNode:
             pass
         finally:
             await stream._t_close()
+
+
+def _root_cause(exc: BaseException) -> str:
+    """Why a connect failed, in one short line.
+
+    libp2p wraps the cause in layers (a dial error from a group of retried dials, each from an
+    OSError of trio's from the kernel's); the innermost says what a user can act on, e.g.
+    "Connection refused"."""
+    for _ in range(16):  # bounded: a chain is a few links deep
+        group = getattr(exc, "exceptions", None) or getattr(exc, "errors", None)  # ExceptionGroup, libp2p MultiError
+        inner = exc.__cause__ or exc.__context__ or (group[0] if isinstance(group, (list, tuple)) and group else None)
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _without_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
