@@ -78,6 +78,7 @@ class RemoteChain:
         self.session_id = ""
         self._busy_until: dict[str, float] = {}  # busy peers: monotonic time to try them again
         self._bad_next_hop_reports: dict[str, int] = {}
+        self._reasons: dict[str, str] = {}  # excluded peer -> the failure that excluded it, for error messages
         self._records: list[SpanRecord] = []
         self._records_at = -RECORDS_MAX_AGE_S
         self._results: asyncio.Queue = asyncio.Queue()
@@ -137,7 +138,8 @@ class RemoteChain:
                 self._busy_until[peer] = now + min(max(wait, 0.5), MAX_BUSY_WAIT_S)
             else:
                 self.excluded[peer] = why
-        log.warning("chain failure (%s); avoiding %s and re-routing", failure, sorted(failure.suspects))
+                self._reasons[peer] = str(failure)[:300]
+        log.info("chain failure (%s); avoiding %s and re-routing", failure, sorted(failure.suspects))
 
     async def _route(self) -> list[Hop]:
         """The best chain over peers not excluded nor busy; waits (bounded) for busy ones if needed."""
@@ -167,8 +169,8 @@ class RemoteChain:
                 waited += wait
 
     def _why_excluded(self, busy: dict[str, float]) -> str:
-        parts = [f"{p[-8:]}: {why}" for p, why in self.excluded.items()] + [f"{p[-8:]}: busy" for p in busy]
-        return f" (servers avoided: {', '.join(parts)})" if parts else ""
+        parts = [self._reasons[p] for p in self.excluded] + [f"{p} is busy" for p in busy]
+        return f"; servers avoided: {'; '.join(parts)}" if parts else ""
 
     # ---- session ------------------------------------------------------------------------
     async def _open(self) -> None:
