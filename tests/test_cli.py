@@ -200,6 +200,13 @@ def test_generate_with_unreachable_bootstrap_is_one_line(smollm2_dir):
 
 
 @pytest.mark.heavy
+def test_api_with_unreachable_bootstrap_is_one_line(smollm2_dir):
+    result, _ = dsdnode("api", "--model", "smollm2-135m", "--port", "0", "--threads", "1",
+                        "--bootstrap", unreachable_bootstrap())
+    assert_one_line_error(result, "cannot reach any bootstrap peer (")
+
+
+@pytest.mark.heavy
 def test_generate_for_a_model_nobody_serves_is_one_line(smollm2_dir, bootstrap_peer):
     result, _ = dsdnode("generate", "hi", "--model", "smollm2-135m", "--k", "0", "--threads", "1",
                         "--bootstrap", bootstrap_peer.addr)

@@ -13,7 +13,6 @@ import json
 import logging
 import socket
 import time
-from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -28,15 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(engine: Engine) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        await engine.service.start()
-        try:
-            yield
-        finally:
-            await engine.service.stop()
-
-    app = FastAPI(title="dsdnode", description="OpenAI-compatible API over a dsdnode swarm", lifespan=lifespan)
+    """The routes over a started engine (serve() starts and stops its service)."""
+    app = FastAPI(title="dsdnode", description="OpenAI-compatible API over a dsdnode swarm")
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -166,14 +158,22 @@ async def serve(engine: Engine, host: str, port: int, log_level: str = "warning"
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(engine), loop="none", log_level=log_level, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.05)
-    if server.started:
-        url = f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{bound}/v1"
-        print(json.dumps({"event": "ready", "url": url, "model": engine.name}), flush=True)
-    await task
-    if not server.started:
-        raise RuntimeError("the API server failed to start (see the log above)")
+    try:
+        await engine.service.start()  # before uvicorn: an unreachable swarm is one clear error, not a traceback
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        config = uvicorn.Config(create_app(engine), loop="none", log_level=log_level, timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            url = f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{bound}/v1"
+            print(json.dumps({"event": "ready", "url": url, "model": engine.name}), flush=True)
+        await task
+        if not server.started:
+            raise RuntimeError("the API server failed to start (see the log above)")
+    finally:
+        await engine.service.stop()
