@@ -7,10 +7,12 @@ import sys
 
 import click
 
+from . import __version__
 from .cli_common import UserError, friendly
 
 
 @click.group()
+@click.version_option(__version__, prog_name="dsdnode")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
     """dsdnode: one LLM across volunteer machines, fast over slow links via speculative decoding."""

@@ -27,7 +27,7 @@ def demo(model, servers, link_latency_ms, max_new_tokens):
     """Start a local swarm, stream a code and a math answer with DSD, compare with plain decoding."""
     import torch
 
-    from .bench.swarm import LocalSwarm
+    from .local_swarm import LocalSwarm
     from .client.loading import default_draft
     from .client.local import split_layers
     from .models.fetch import pull

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from libp2p.peer.id import ID
 
-from dsdnode.bench.swarm import LocalSwarm, start_node
+from dsdnode.local_swarm import LocalSwarm, start_node
 from dsdnode.cli import main
 from dsdnode.cli_common import DraftLength, friendly
 from dsdnode.net.identity import load_or_create_identity

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import dsdnode
+
 pytestmark = pytest.mark.heavy
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +40,8 @@ def test_built_wheel_installs_and_runs_outside_the_checkout(tmp_path, smollm2_di
 
     where = run(py, "-c", "import dsdnode; print(dsdnode.__file__)")
     assert where.returncode == 0 and where.stdout.startswith(str(site)), where.stdout + where.stderr
+    version = run(venv / "bin" / "dsdnode", "--version")
+    assert version.returncode == 0 and version.stdout.split() == ["dsdnode,", "version", dsdnode.__version__]
     listed = run(venv / "bin" / "dsdnode", "models", "list")
     assert listed.returncode == 0, listed.stderr
     assert any(line.split()[:2] == ["smollm2-135m", "pulled"] for line in listed.stdout.splitlines())

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..client.loading import encode_chat
 from ..client.service import ClientService, Generation, GenerateOptions
+from ..client.streaming import StopText, TextStream
 from .schemas import ApiError, ChatCompletionRequest, CompletionRequest
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -24,10 +26,6 @@ class EngineSettings:
     overlap: bool = True
     max_tokens_limit: int = 1024
     max_prompt_tokens: int = 4096
-
-
-class _StopString(Exception):
-    """Raised from the token callback to end generation at a stop string."""
 
 
 class Engine:
@@ -88,12 +86,10 @@ class Engine:
             raise ApiError(400, f"{self.name!r} has no chat template: use /v1/completions", param="messages",
                            code="unsupported_value")
         try:
-            ids = tokenizer.apply_chat_template([m.template_dict() for m in req.messages],
-                                                add_generation_prompt=True, tokenize=True)
+            return encode_chat(tokenizer, [m.template_dict() for m in req.messages])
         except Exception as e:  # the template itself rejects the conversation (roles out of order, ...)
             raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages",
                            code="invalid_value") from None
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 class Completion:
@@ -101,12 +97,9 @@ class Completion:
 
     def __init__(self, engine: Engine, ids: list[int], options: GenerateOptions, stops: list[str]):
         self.engine, self.ids, self.options, self.stops = engine, ids, options, stops
-        self.out: list[int] = []
-        self.text = ""
-        self.sent = 0  # characters of text already emitted
         self.finish_reason: str | None = None
         self.generation: Generation | None = None  # None when a stop string ended generation
-        self._emit: Callable[[str], None] = lambda text: None
+        self.stream = TextStream(engine.client.tokenizer, lambda text: None, stops)
 
     @property
     def prompt_tokens(self) -> int:
@@ -114,44 +107,20 @@ class Completion:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.out)
+        return len(self.stream.ids)
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
 
     async def run(self, emit: Callable[[str], None] | None = None) -> str:
         """Generate; call emit with each new piece of text; return the whole text."""
         if emit is not None:
-            self._emit = emit
+            self.stream.emit = emit
         try:
-            self.generation = await self.engine.service.generate(self.ids, self.options, on_tokens=self._push)
+            self.generation = await self.engine.service.generate(self.ids, self.options, on_tokens=self.stream.push)
             self.finish_reason = "stop" if self.generation.result.stopped == "eos" else "length"
-        except _StopString:
+        except StopText:
             self.finish_reason = "stop"
-        if len(self.text) > self.sent:
-            self._emit(self.text[self.sent:])
-            self.sent = len(self.text)
-        return self.text
-
-    def _push(self, ids: list[int]) -> None:
-        self.out.extend(ids)
-        text = self.engine.client.tokenizer.decode(self.out, skip_special_tokens=True)
-        cut = min((i for i in (text.find(stop) for stop in self.stops) if i >= 0), default=None)
-        if cut is not None:
-            self.text = text[:cut]
-            raise _StopString()
-        self.text = text
-        if text.endswith("\ufffd"):  # half a multi-byte character: wait for the next token
-            return
-        safe = len(text) - held_back(text, self.stops)
-        if safe > self.sent:
-            self._emit(text[self.sent:safe])
-            self.sent = safe
-
-
-def held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters of text could be the start of a stop string."""
-    hold = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:n]):
-                hold = n
-                break
-    return hold
+        self.stream.flush()
+        return self.stream.text

@@ -35,7 +35,7 @@ from .machine import machine_info
 from .modes import BASELINE, DEFAULT_MODES, Mode, parse_modes
 from .plots import write_plots
 from .report import PromptResult, TimeSplit, aggregate, markdown, results_payload, write_json
-from .swarm import LocalSwarm
+from ..local_swarm import LocalSwarm
 
 WARMUP_TOKENS = 4
 ROUTE_WAIT_S = 60.0  # servers announce every 2 s; give the DHT time to show every span

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..models.head import Head
-from ..spec.controller import ControllerSettings, DraftLengthController, RoundObservation
-from ..spec.draft import Drafter, Proposal, extend, truncate
-from ..spec.importance import AdaptiveSettings, ImportanceScorer
-from ..spec.sampling import SamplingSettings, make_generator
-from ..spec.verify import VerifyResult, verify_adaptive, verify_greedy, verify_sampling
+from ..speculative.controller import ControllerSettings, DraftLengthController, RoundObservation
+from ..speculative.draft import Drafter, Proposal, extend, truncate
+from ..speculative.importance import AdaptiveSettings, ImportanceScorer
+from ..speculative.sampling import SamplingSettings, make_generator
+from ..speculative.verify import VerifyResult, verify_adaptive, verify_greedy, verify_sampling
 from .interface import Chain
 
 

@@ -13,7 +13,7 @@ from ..models.registry import get_entry
 from ..models.span import Span
 from ..models.weights import load_config
 from ..net.protocol import HIDDEN_DTYPES
-from ..spec.importance import ImportanceScorer
+from ..speculative.importance import ImportanceScorer
 
 DTYPES = {name: HIDDEN_DTYPES[name] for name in ("bfloat16", "float32")}  # what a client computes in
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
@@ -70,7 +70,11 @@ def eos_ids(tokenizer: PreTrainedTokenizerBase, config) -> set[int]:
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool = True) -> list[int]:
     """Token ids of a user prompt, wrapped in the model's chat template when it has one."""
     if chat and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt)["input_ids"]
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation through the model's chat template, ready for the assistant's turn."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

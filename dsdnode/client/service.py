@@ -15,10 +15,10 @@ from typing import Callable, Literal, Protocol
 
 import torch
 
-from ..spec.controller import ControllerSettings, DraftLengthController
-from ..spec.draft import Drafter
-from ..spec.importance import AdaptiveSettings, ImportanceScorer
-from ..spec.sampling import SamplingSettings
+from ..speculative.controller import ControllerSettings, DraftLengthController
+from ..speculative.draft import Drafter
+from ..speculative.importance import AdaptiveSettings, ImportanceScorer
+from ..speculative.sampling import SamplingSettings
 from .generate import GenerationResult, GenerationSettings, Generator
 from .interface import Chain
 from .loading import ClientModels

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 import dsdnode
-from dsdnode.bench.swarm import LocalSwarm
+from dsdnode.local_swarm import LocalSwarm
 from dsdnode.client.loading import encode_prompt, load_client_models
 
 MODEL = "smollm2-135m"

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from dsdnode.bench.swarm import LocalSwarm
+from dsdnode.local_swarm import LocalSwarm
 from dsdnode.client.generate import GenerationSettings, Generator
 from dsdnode.client.local import LocalChain
 from dsdnode.client.routing import NoRoute
@@ -25,8 +25,8 @@ from dsdnode.models.head import Head
 from dsdnode.models.span import Span
 from dsdnode.net.latency import LinkLatency
 from dsdnode.net.p2p import P2PNode
-from dsdnode.spec.controller import ControllerSettings
-from dsdnode.spec.draft import Drafter
+from dsdnode.speculative.controller import ControllerSettings
+from dsdnode.speculative.draft import Drafter
 from tests.helpers.faulty_server import LAUNCHER
 
 pytestmark = pytest.mark.heavy

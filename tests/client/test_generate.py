@@ -9,9 +9,9 @@ from dsdnode.client.generate import GenerationSettings, Generator
 from dsdnode.client.local import LocalChain, split_layers
 from dsdnode.models.head import Head
 from dsdnode.models.span import Span
-from dsdnode.spec.controller import ControllerSettings, DraftLengthController
-from dsdnode.spec.draft import Drafter
-from dsdnode.spec.sampling import SamplingSettings
+from dsdnode.speculative.controller import ControllerSettings, DraftLengthController
+from dsdnode.speculative.draft import Drafter
+from dsdnode.speculative.sampling import SamplingSettings
 from tests.helpers.tiny_models import tiny_model
 
 

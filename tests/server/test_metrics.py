@@ -10,7 +10,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from dsdnode.bench.swarm import LocalSwarm
+from dsdnode.local_swarm import LocalSwarm
 from dsdnode.client.generate import GenerationSettings, Generator
 from dsdnode.client.swarm_chain import RemoteChain
 from dsdnode.models.head import Head
@@ -19,8 +19,8 @@ from dsdnode.net.p2p import P2PNode, PeerInfo
 from dsdnode.net.wire import ErrorReply, WireLimits, decode
 from dsdnode.server.daemon import PROTOCOL
 from dsdnode.server.metrics import NodeMetrics
-from dsdnode.spec.controller import ControllerSettings
-from dsdnode.spec.draft import Drafter
+from dsdnode.speculative.controller import ControllerSettings
+from dsdnode.speculative.draft import Drafter
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dsdnode.bench.swarm import LocalSwarm, start_node
+from dsdnode.local_swarm import LocalSwarm, start_node
 from dsdnode.net.p2p import P2PNode, PeerInfo
 from dsdnode.net.wire import ErrorReply, OpenSession, SessionOpened, WireLimits, decode, encode
 from dsdnode.server.daemon import PARENT_POLL_S, PROTOCOL

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from dsdnode.bench.swarm import LocalSwarm
+from dsdnode.local_swarm import LocalSwarm
 from dsdnode.client.generate import GenerationSettings, Generator
 from dsdnode.client.local import LocalChain
 from dsdnode.client.swarm_chain import RemoteChain
@@ -18,8 +18,8 @@ from dsdnode.models.span import Span
 from dsdnode.net.p2p import P2PNode, PeerInfo
 from dsdnode.net.wire import ErrorReply, Forward, OpenSession, SessionOpened, TensorPayload, WireLimits, decode, encode
 from dsdnode.server.daemon import PROTOCOL
-from dsdnode.spec.controller import ControllerSettings
-from dsdnode.spec.draft import Drafter
+from dsdnode.speculative.controller import ControllerSettings
+from dsdnode.speculative.draft import Drafter
 
 pytestmark = pytest.mark.heavy
 SPANS = [(0, 10), (10, 20), (10, 20), (20, 30)]  # layers 10:20 twice: one may die

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dsdnode.spec.sampling import SamplingSettings, logits_to_probs, make_generator, sample
+from dsdnode.speculative.sampling import SamplingSettings, logits_to_probs, make_generator, sample
 
 
 @pytest.mark.parametrize("kwargs", [

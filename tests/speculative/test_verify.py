@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 import torch
 
-from dsdnode.spec.importance import AdaptiveSettings, ImportanceScorer
-from dsdnode.spec.sampling import SamplingSettings, logits_to_probs
-from dsdnode.spec.verify import VerifyResult, verify_adaptive, verify_greedy, verify_sampling
+from dsdnode.speculative.importance import AdaptiveSettings, ImportanceScorer
+from dsdnode.speculative.sampling import SamplingSettings, logits_to_probs
+from dsdnode.speculative.verify import VerifyResult, verify_adaptive, verify_greedy, verify_sampling
 
 torch.set_num_threads(1)
 

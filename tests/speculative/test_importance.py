@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from dsdnode.spec.importance import (CLASSES, KEY_CLASSES, AdaptiveSettings, ImportanceScorer,
+from dsdnode.speculative.importance import (CLASSES, KEY_CLASSES, AdaptiveSettings, ImportanceScorer,
                                      classify, entropy, normalize_token)
 
 EXPECTED = {

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from dsdnode.spec.controller import (UNIDENTIFIED_TOKEN_SHARE, ControllerSettings, DraftLengthController,
+from dsdnode.speculative.controller import (UNIDENTIFIED_TOKEN_SHARE, ControllerSettings, DraftLengthController,
                                      RoundObservation, expected_tokens, optimal_k)
 
 
