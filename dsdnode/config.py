@@ -1,4 +1,4 @@
-"""Settings of a node and of a client: typed dataclasses, read from a TOML file and overridden by flags.
+"""Settings of a node: a typed dataclass, read from a TOML file and overridden by flags.
 
 A bad config file is a clear error naming the file and the key, never a traceback: operators edit
 these by hand on machines they do not watch."""
@@ -83,21 +83,11 @@ class NodeSettings:
     parent_pid: int = bounded(0, 0)  # stop once this process is gone (0: off); set by local-swarm launchers
 
 
-@dataclass
-class ClientSettings:
-    model: str = "qwen2.5-coder-1.5b"
-    draft: str | None = None  # None: the registry's pairing
-    bootstrap: list[str] = field(default_factory=list)
-    peers_file: str | None = None
-    dtype: str = one_of("bfloat16", DTYPE_NAMES)
-    link_latency_ms: float = bounded(0.0, 0)
-
-
 T = typing.TypeVar("T")
 
 
 def load_settings(cls: type[T], path: str | Path | None = None, **overrides) -> T:
-    """Defaults, then the [node]/[client] table of a TOML file, then non-None overrides."""
+    """Defaults, then the [node] table of a TOML file, then non-None overrides."""
     values: dict = {}
     if path is not None:
         try:
@@ -106,8 +96,7 @@ def load_settings(cls: type[T], path: str | Path | None = None, **overrides) -> 
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-        section = "node" if cls is NodeSettings else "client"
-        values.update(raw.get(section, {}))
+        values.update(raw.get("node", {}))
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

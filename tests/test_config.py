@@ -1,6 +1,6 @@
 import pytest
 
-from dsdnode.config import ClientSettings, ConfigError, NodeSettings, load_settings, read_peers_file
+from dsdnode.config import ConfigError, NodeSettings, load_settings, read_peers_file
 
 ID = "12D3KooWExampleExampleExampleExampleExampleExample1"
 
@@ -42,12 +42,12 @@ def test_flags_get_the_same_checks():
     with pytest.raises(ConfigError, match="^settings: port must be in"):
         load_settings(NodeSettings, port=-1)
     with pytest.raises(ConfigError, match="^settings: link_latency_ms must be >= 0"):
-        load_settings(ClientSettings, link_latency_ms=-1.0)
+        load_settings(NodeSettings, link_latency_ms=-1.0)
 
 
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
-        load_settings(ClientSettings, "/nonexistent/client.toml")
+        load_settings(NodeSettings, "/nonexistent/node.toml")
 
 
 def test_peers_file(tmp_path):

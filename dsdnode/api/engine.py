@@ -33,7 +33,7 @@ class Engine:
     draft-length controllers trained by every request)."""
 
     def __init__(self, name: str, service: ClientService, settings: EngineSettings):
-        self.name, self.service, self.s = name, service, settings
+        self.name, self.service, self.settings = name, service, settings
         self.client = service.models
 
     def prepare(self, req: CompletionRequest | ChatCompletionRequest) -> Completion:
@@ -44,17 +44,17 @@ class Engine:
         req.check_supported()
         chat = isinstance(req, ChatCompletionRequest)
         max_tokens = req.token_limit if chat else req.max_tokens
-        max_tokens = max_tokens or (self.s.max_tokens_limit if chat else COMPLETIONS_DEFAULT_MAX_TOKENS)
-        if max_tokens > self.s.max_tokens_limit:
-            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {self.s.max_tokens_limit}",
+        max_tokens = max_tokens or (self.settings.max_tokens_limit if chat else COMPLETIONS_DEFAULT_MAX_TOKENS)
+        if max_tokens > self.settings.max_tokens_limit:
+            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {self.settings.max_tokens_limit}",
                            param="max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens",
                            code="invalid_value")
         ids = self._chat_ids(req) if chat else self._prompt_ids(req)
         if not ids:
             raise ApiError(400, "the prompt is empty", param="messages" if chat else "prompt", code="invalid_value")
-        if len(ids) > self.s.max_prompt_tokens:
+        if len(ids) > self.settings.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; this server allows at most "
-                                f"{self.s.max_prompt_tokens}", param="messages" if chat else "prompt",
+                                f"{self.settings.max_prompt_tokens}", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
         k = req.dsd_k
         if self.client.draft_head is None:
@@ -63,8 +63,9 @@ class Engine:
                                code="invalid_value")
             k = 0
         try:
-            options = GenerateOptions(max_tokens, "auto" if k == "auto" else int(k), self.s.k_max, req.temperature,
-                                      req.top_p, req.seed, req.adaptive, self.s.tau, self.s.overlap)
+            options = GenerateOptions(max_tokens, "auto" if k == "auto" else int(k), self.settings.k_max,
+                                      req.temperature, req.top_p, req.seed, req.adaptive, self.settings.tau,
+                                      self.settings.overlap)
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
         return Completion(self, ids, options, req.stops)

@@ -31,7 +31,7 @@ class PassDeadline:
     """Deadline for the next chain pass, from measured (positions, seconds) of earlier passes."""
 
     def __init__(self, settings: DeadlineSettings = DeadlineSettings()):
-        self.s = settings
+        self.settings = settings
         self._passes: deque[tuple[int, float]] = deque(maxlen=settings.window)
 
     def observe(self, positions: int, elapsed_s: float) -> None:
@@ -40,6 +40,6 @@ class PassDeadline:
 
     def seconds(self, positions: int) -> float:
         if not self._passes:
-            return self.s.first_s
+            return self.settings.first_s
         expected = max(elapsed * max(1.0, positions / n) for n, elapsed in self._passes)
-        return min(self.s.max_s, self.s.slack * expected + self.s.margin_s)
+        return min(self.settings.max_s, self.settings.slack * expected + self.settings.margin_s)

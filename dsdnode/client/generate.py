@@ -18,7 +18,7 @@ from ..models.head import Head
 from ..speculative.controller import ControllerSettings, DraftLengthController, RoundObservation
 from ..speculative.draft import Drafter, Proposal, extend, truncate
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
-from ..speculative.sampling import SamplingSettings, make_generator
+from ..speculative.sampling import SamplingSettings, make_rng
 from ..speculative.verify import VerifyResult, verify_adaptive, verify_greedy, verify_sampling
 from .interface import Chain
 
@@ -105,23 +105,23 @@ class Generator:
             raise ValueError("speculative decoding needs a drafter")
         if settings.adaptive.enabled and importance is None:
             raise ValueError("adaptive verification needs an importance scorer")
-        if controller is not None and controller.s != settings.controller:
+        if controller is not None and controller.settings != settings.controller:
             raise ValueError("the controller was made with other settings than settings.controller")
-        self.head, self.chain, self.drafter, self.s = head, chain, drafter, settings
+        self.head, self.chain, self.drafter, self.settings = head, chain, drafter, settings
         self.controller = controller
         self.eos_ids, self.importance = eos_ids, importance
-        # verification and drafting run in different threads (overlap): one generator each
-        self.generator = make_generator(settings.sampling)
+        # verification and drafting run in different threads (overlap): one random number generator each
+        self.rng = make_rng(settings.sampling)
         if drafter is not None:
             draft_seed = None if settings.sampling.seed is None else settings.sampling.seed + 1
             drafter.sampling = settings.sampling
-            drafter.generator = make_generator(SamplingSettings(settings.sampling.temperature,
+            drafter.rng = make_rng(SamplingSettings(settings.sampling.temperature,
                                                                 settings.sampling.top_p, draft_seed))
 
     async def generate(self, prompt: list[int], on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
         if not prompt:
             raise ValueError("the prompt is empty")
-        s = self.s
+        s = self.settings
         k_max = s.controller.k_max if s.speculative else 0
         await self.chain.start_session(len(prompt) + s.max_new_tokens + k_max + 1)
         controller = self._controller()
@@ -162,7 +162,7 @@ class Generator:
         another number of hops), or a new one."""
         n_hops = self.chain.n_hops  # known once the session is routed
         if self.controller is None:
-            self.controller = DraftLengthController(self.s.controller, n_hops)
+            self.controller = DraftLengthController(self.settings.controller, n_hops)
             return self.controller
         self.controller.reset_acceptance()
         if self.controller.n_hops != n_hops:
@@ -171,8 +171,8 @@ class Generator:
 
     async def _prefill(self, prompt: list[int]) -> None:
         """Cache every prompt position but the last, which opens the first round."""
-        for at in range(0, len(prompt) - 1, self.s.prefill_chunk):
-            chunk = prompt[at:min(at + self.s.prefill_chunk, len(prompt) - 1)]
+        for at in range(0, len(prompt) - 1, self.settings.prefill_chunk):
+            chunk = prompt[at:min(at + self.settings.prefill_chunk, len(prompt) - 1)]
             await self.chain.forward(self.head.embed_tokens(chunk), at)
 
     async def _round(self, tokens: list[int], k: int, predraft: _Predraft | None):
@@ -184,7 +184,7 @@ class Generator:
         draft_s = time.perf_counter() - t_round
         forward = asyncio.ensure_future(
             self.chain.forward(self.head.embed_tokens([tokens[-1]] + proposal.tokens), len(tokens) - 1))
-        nxt = _Predraft(self.drafter, tokens + proposal.tokens, k + 1) if self.s.overlap and k > 0 else None
+        nxt = _Predraft(self.drafter, tokens + proposal.tokens, k + 1) if self.settings.overlap and k > 0 else None
         try:
             out = await forward
         except BaseException:
@@ -214,10 +214,10 @@ class Generator:
         return have, used
 
     def _verify(self, proposal: Proposal, logits) -> VerifyResult:
-        s = self.s
+        s = self.settings
         if s.adaptive.enabled:
             return verify_adaptive(proposal.tokens, logits, self.importance, s.adaptive)
         if s.sampling.greedy:
             return verify_greedy(proposal.tokens, logits)
         probs = proposal.probs if proposal.probs is not None else logits[:0]
-        return verify_sampling(proposal.tokens, probs, logits, s.sampling, self.generator)
+        return verify_sampling(proposal.tokens, probs, logits, s.sampling, self.rng)

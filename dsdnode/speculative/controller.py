@@ -177,14 +177,14 @@ class DraftLengthController:
     """Online estimate of acceptance and round cost; picks k each round (see module doc)."""
 
     def __init__(self, s: ControllerSettings, n_hops: int):
-        self.s = s
+        self.settings = s
         self.reset_acceptance()
         self.reset_timing(n_hops)
 
     def reset_acceptance(self) -> None:
         """Back to the prior belief about acceptance (a new text); keep the cost model."""
-        self._acc = self.s.prior_weight * self.s.prior_acceptance
-        self._rej = self.s.prior_weight * (1.0 - self.s.prior_acceptance)
+        self._acc = self.settings.prior_weight * self.settings.prior_acceptance
+        self._rej = self.settings.prior_weight * (1.0 - self.settings.prior_acceptance)
 
     def reset_timing(self, n_hops: int) -> None:
         """Forget the cost model (e.g. after failover to another chain); keep acceptance."""
@@ -219,32 +219,32 @@ class DraftLengthController:
 
     def choose_k(self) -> int:
         """k for the next round: k_fixed, k_initial before any timing, else the modelled optimum."""
-        if self.s.k_fixed is not None:
-            return self.s.k_fixed
+        if self.settings.k_fixed is not None:
+            return self.settings.k_fixed
         t = self.timing
         if t is None:
-            return min(self.s.k_initial, self.s.k_max)
+            return min(self.settings.k_initial, self.settings.k_max)
         k = optimal_k(self.acceptance, t.fixed_s, t.token_compute_s, t.draft_token_s,
-                      self.s.k_max)
-        if self._compute.trusted_slope is None and self._last_k == k and self.s.k_max > 1:
-            k = k + 1 if k < self.s.k_max else k - 1  # probe: make the slope visible
+                      self.settings.k_max)
+        if self._compute.trusted_slope is None and self._last_k == k and self.settings.k_max > 1:
+            k = k + 1 if k < self.settings.k_max else k - 1  # probe: make the slope visible
         return k
 
     def observe(self, obs: RoundObservation) -> None:
         """Fold one round into the estimates. Raises ValueError on inconsistent data."""
         self._validate(obs)
-        keep = 1.0 - self.s.acceptance_ema
+        keep = 1.0 - self.settings.acceptance_ema
         if obs.k > 0:
             self._acc = keep * self._acc + obs.accepted
             self._rej = keep * self._rej + (1.0 if obs.accepted < obs.k else 0.0)
             per_draft = obs.draft_s / obs.k
             self._draft = per_draft if self._draft is None else \
-                self._draft + self.s.ema * (per_draft - self._draft)
+                self._draft + self.settings.ema * (per_draft - self._draft)
         compute = math.fsum(obs.hop_compute_s)
         self._compute.add(obs.k + 1, compute)
         residual = obs.round_s - compute - obs.draft_s
         self._residual = residual if self._residual is None else \
-            self._residual + self.s.ema * (residual - self._residual)
+            self._residual + self.settings.ema * (residual - self._residual)
         self._last_k = obs.k
 
     def _validate(self, obs: RoundObservation) -> None:

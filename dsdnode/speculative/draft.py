@@ -23,11 +23,11 @@ class Proposal:
 
 
 class Drafter:
-    def __init__(self, head: Head, spans: list[Span], capacity: int, sampling: SamplingSettings, generator=None):
+    def __init__(self, head: Head, spans: list[Span], capacity: int, sampling: SamplingSettings, rng=None):
         self.head, self.spans = head, spans
         self.caches = [s.new_cache(capacity) for s in spans]
         self.cached: list[int] = []  # the tokens whose keys/values the caches hold
-        self.sampling, self.generator = sampling, generator
+        self.sampling, self.rng = sampling, rng
 
     def _step(self, context: list[int]) -> torch.Tensor:
         """Bring the cache up to date with `context`; return the logits of its next token."""
@@ -52,7 +52,7 @@ class Drafter:
                 token = int(logits.argmax())
             else:
                 probs = logits_to_probs(logits, self.sampling)
-                token = sample(probs, self.generator)
+                token = sample(probs, self.rng)
                 rows.append(probs)
             tokens.append(token)
             context.append(token)

@@ -23,7 +23,7 @@ class SamplingSettings:
     temperature: 0 means greedy (argmax); larger values flatten the distribution.
     top_p: nucleus filtering; keep the smallest set of most likely tokens whose mass reaches
         top_p (1.0 keeps everything).
-    seed: seeds the generator returned by `make_generator` (None: nondeterministic).
+    seed: seeds the random number generator returned by `make_rng` (None: nondeterministic).
     """
 
     temperature: float = 0.0
@@ -45,7 +45,7 @@ class SamplingSettings:
         return self.temperature == 0.0
 
 
-def make_generator(s: SamplingSettings) -> torch.Generator | None:
+def make_rng(s: SamplingSettings) -> torch.Generator | None:
     """A CPU generator seeded from the settings, or None (global RNG) when no seed is set."""
     if s.seed is None:
         return None

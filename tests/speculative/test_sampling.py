@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dsdnode.speculative.sampling import SamplingSettings, logits_to_probs, make_generator, sample
+from dsdnode.speculative.sampling import SamplingSettings, logits_to_probs, make_rng, sample
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -100,13 +100,13 @@ def test_bad_logits_raise(bad):
 
 def test_sample_follows_probs_and_is_reproducible():
     probs = torch.tensor([0.0, 0.7, 0.3, 0.0])
-    g = make_generator(SamplingSettings(seed=7))
+    g = make_rng(SamplingSettings(seed=7))
     draws = [sample(probs, g) for _ in range(4000)]
     assert set(draws) <= {1, 2}
     assert abs(draws.count(1) / 4000 - 0.7) < 0.03
-    g1, g2 = make_generator(SamplingSettings(seed=3)), make_generator(SamplingSettings(seed=3))
+    g1, g2 = make_rng(SamplingSettings(seed=3)), make_rng(SamplingSettings(seed=3))
     assert [sample(probs, g1) for _ in range(50)] == [sample(probs, g2) for _ in range(50)]
-    assert make_generator(SamplingSettings()) is None
+    assert make_rng(SamplingSettings()) is None
 
 
 @pytest.mark.parametrize("bad", [torch.zeros(3), torch.tensor([[0.5, 0.5]]),
