@@ -34,6 +34,7 @@ class NodeSettings:
     max_session_length: int = 4096
     max_block: int = 64
     session_idle_s: float = 300.0  # drop a session nobody used for this long
+    frame_body_timeout_s: float = 30.0  # a frame begun must end this soon (+ 1 s per MiB) or the stream resets
     announce_interval_s: float = 30.0
     record_ttl_s: float = 120.0
     metrics_port: int = 0  # 0: off

@@ -19,7 +19,7 @@ import torch
 from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.stream import close_quietly
-from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, PeerRef, SessionOpened,
+from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, SessionOpened,
                         TensorPayload, WireError, WireLimits, decode, encode)
 from ..server.daemon import PROTOCOL
 from .interface import ChainOutput
@@ -127,9 +127,9 @@ class RemoteChain:
     async def _open_leg(self, hops: list[Hop], i: int, stream: Stream) -> None:
         hop = hops[i]
         nxt = self._next_hop(hops, i)
+        pushed_by = hops[i - 1].candidate.record.peer_id if i > 0 and self._next_hop(hops, i - 1) else None
         await stream.send(encode(OpenSession(self.session_id, self.model, hop.start, hop.end, self._max_length,
-                                             PeerRef(nxt.peer_id, list(nxt.addrs)) if nxt else None,
-                                             self.dtype_name)))
+                                             nxt.peer_id if nxt else None, pushed_by, self.dtype_name)))
         reply = decode(await stream.recv(timeout=30), WireLimits())
         if isinstance(reply, ErrorReply):
             raise ChainFailure(f"{hop.candidate.record.peer_id} refused the session: {reply.code}: {reply.message}",
