@@ -173,6 +173,8 @@ def hostile_frame(rng: random.Random, big_ok: bool) -> bytes:
     if kind < 0.55:
         frame = bytearray(rng.choice(templates(rng)))
         for _ in range(rng.randint(1, 4)):
+            if not frame:
+                break
             op, at = rng.random(), rng.randrange(len(frame))
             if op < 0.5:
                 frame[at] ^= 1 << rng.randrange(8)
@@ -350,10 +352,12 @@ def test_a_second_peer_cannot_touch_someone_elses_session(server, reference):
             await second_stream_same_peer.close()
             r2 = await ask(mine, forward("mine", 2, b2, 3))
             # a session whose blocks come from an upstream peer: only that peer may push them
-            assert isinstance(await ask(mine, opening("pushed", prev_peer=intruder.peer_id)), SessionOpened)
-            refused = await ask(mine, forward("pushed", 1, b1, 0))
+            opener = await owner.open_stream(peer(server), PROTOCOL)  # one session per client stream
+            assert isinstance(await ask(opener, opening("pushed", prev_peer=intruder.peer_id)), SessionOpened)
+            refused = await ask(opener, forward("pushed", 1, b1, 0))
             await other.send(encode(forward("pushed", 1, b1, 0)))
-            pushed = decode(await mine.recv(timeout=REPLY_TIMEOUT_S), REPLY_LIMITS)  # the result goes to the opener
+            pushed = decode(await opener.recv(timeout=REPLY_TIMEOUT_S), REPLY_LIMITS)  # the result goes to the opener
+            await opener.close()
             return r1, intrusions, r2, refused, pushed
         finally:
             await mine.close()
@@ -373,7 +377,7 @@ def test_a_second_peer_cannot_touch_someone_elses_session(server, reference):
 
 def test_the_next_hop_is_dialled_only_through_its_own_valid_span_record(server):
     async def scenario():
-        client, good, wrong_span = (await client_node(server) for _ in range(3))
+        client, good, wrong_span = [await client_node(server) for _ in range(3)]
         got: asyncio.Queue = asyncio.Queue()
 
         async def next_hop_handler(stream):  # the fake next hop records what the server pushes
@@ -407,6 +411,8 @@ def test_the_next_hop_is_dialled_only_through_its_own_valid_span_record(server):
                 await node.stop()
 
     replies, pushed = asyncio.run(scenario())
+    print({name: (reply.code if isinstance(reply, ErrorReply) else type(reply).__name__, round(s, 2))
+           for name, (reply, s) in replies.items()})
     for name in ("not a peer id", "no record", "wrong span"):
         reply, seconds = replies[name]
         assert isinstance(reply, ErrorReply) and reply.code == "bad_next_hop", (name, reply)
