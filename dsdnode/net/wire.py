@@ -357,12 +357,12 @@ def _scan(frame: bytes, b: _Bounds) -> None:
             most = b.str_bytes if kind == "str" else b.bin_bytes
             if length > most:
                 raise WireError("too_large" if kind == "bin" else "malformed",
-                                f"a {kind} of {length} bytes exceeds {most}")
+                                f"{kind} of {length} bytes exceeds {most}")
             pos += length
             continue
         most = b.map_len if kind == "map" else b.array_len
         if length > most:
-            raise WireError("malformed", f"a {kind} of {length} entries exceeds {most}")
+            raise WireError("malformed", f"{kind} of {length} entries exceeds {most}")
         if len(left) > b.depth:  # left holds one level per enclosing container, plus the frame
             raise WireError("malformed", f"containers nested deeper than {b.depth}")
         left.append(2 * length if kind == "map" else length)
