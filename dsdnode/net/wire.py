@@ -13,8 +13,10 @@ milliseconds, never a pile of tiny Python objects or a deep recursion. Error mes
 at MAX_MESSAGE_CHARS and quote offending values only through `short`.
 
 Error codes raised by `decode` (and sent back in ErrorReply):
-  malformed  not msgpack, unknown type tag, missing/extra/mistyped field, negative counts
-  too_large  frame > max_frame_bytes, block T > max_block, commit_len+T or max_length > max_length
+  malformed  not msgpack, unknown type tag, missing/extra/mistyped field, negative counts, nesting,
+             lists, maps, strings or object counts beyond what any message holds
+  too_large  frame > max_frame_bytes, block T > max_block, commit_len+T or max_length > max_length,
+             bytes longer than the largest tensor the limits allow
   bad_dtype  tensor dtype not allowed where it appears
   bad_shape  shape not [1, T, hidden_size] / mask not [T, commit_len+T] / data length != shape
 The other codes (unknown_session, busy, wrong_span, internal, shutting_down, bad_next_hop) are for

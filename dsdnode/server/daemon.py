@@ -187,7 +187,8 @@ class Server:
                 session.next_stream = await self.node.open_stream(next_hop, PROTOCOL)
             except Exception as e:
                 self.table.close(msg.session_id)
-                raise SessionError("internal", f"cannot reach next hop {next_hop.peer_id}: {short(str(e), 200)}") from None
+                raise SessionError("internal",
+                                   f"cannot reach next hop {next_hop.peer_id}: {short(str(e), 200)}") from None
             self._spawn(self._relay_errors(session))
         await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id))
         return session
@@ -249,7 +250,8 @@ class Server:
                     await session.next_stream.send(frame)
                     self.metrics.bytes_out.inc(len(frame))
                 except (StreamClosed, ConnectionError) as e:
-                    raise SessionError("internal", f"next hop {session.next_peer} unreachable: {short(str(e), 200)}") from None
+                    raise SessionError("internal",
+                                       f"next hop {session.next_peer} unreachable: {short(str(e), 200)}") from None
             else:
                 await self._send(session.client, ForwardResult(msg.session_id, msg.step_id, payload, timings))
 

@@ -221,7 +221,8 @@ async def fuzz(server, node: P2PNode, frames: int, seed: int, workers: int = 4) 
     a few streams get partial frames and must be reset after the body timeout."""
     stats = FuzzStats()
     t_start = time.monotonic()
-    big_every = max(1000, frames // 10)  # a few 8 MiB frames per run
+    per_worker = frames // workers
+    big_every = max(per_worker // 2, 1)  # two 8 MiB frames per worker
 
     async def worker(w: int, count: int) -> None:
         rng = random.Random(seed * 100 + w)
@@ -260,7 +261,6 @@ async def fuzz(server, node: P2PNode, frames: int, seed: int, workers: int = 4) 
         finally:
             await stream.close()
 
-    per_worker = frames // workers
     partials = [partial((1000).to_bytes(4, "big") + b"x" * 10),  # a body that stops
                 partial((1 << 20).to_bytes(4, "big") + b"\x81" * 100),  # a big one that stops (+1 s per MiB)
                 partial(b"\x00\x00"),  # half a length header
@@ -421,7 +421,7 @@ def test_the_next_hop_is_dialled_only_through_its_own_valid_span_record(server):
     assert "no valid, live span record" in replies["no record"][0].message
     assert isinstance(replies["good"][0], SessionOpened)
     assert isinstance(pushed, Forward) and pushed.session_id == "n-3"
-    assert [t.peer_id for t in pushed.timings] == [server.peer_id]  # computed by the server, pushed to the record's address
+    assert [t.peer_id for t in pushed.timings] == [server.peer_id]  # computed there, pushed to the record's address
 
 
 def test_a_partial_frame_is_dropped_after_the_body_timeout(server, reference):
