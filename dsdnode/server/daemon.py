@@ -117,8 +117,9 @@ class Server:
             for sid in self.table.expired():
                 session = self.table.close(sid)  # frees the cache now, even if its client's stream stays open
                 log.info("session %s idle for %.0f s: closed", sid, self.table.idle_s)
-                await self._send(session.client, ErrorReply("unknown_session", "session expired (idle)", sid))
-                await close_quietly(session.next_stream)
+                # in a task: a client that reads nothing must not hold up the expiry of everyone else
+                self._spawn(self._send(session.client, ErrorReply("unknown_session", "session expired (idle)", sid)))
+                self._spawn(close_quietly(session.next_stream))
 
     # ---- streams ------------------------------------------------------------------------
     async def handle_stream(self, stream: Stream) -> None:
