@@ -127,8 +127,8 @@ class Server:
 
         Only session ids are kept here, never a Session: when a session closes or expires its cache
         is freed while this stream may stay open (later frames for it get unknown_session). A stream
-        that serves no live session waits FIRST_FRAME_TIMEOUT_S for a frame, one that does waits as
-        long as its session may idle."""
+        that serves a live session waits for frames as long as the session lives; one that serves
+        none (any more) is closed after FIRST_FRAME_TIMEOUT_S without a frame."""
         opened: str | None = None  # the session this stream opened (its client's stream)
         serving: str | None = None  # the session this stream last opened or pushed a block into
         try:
@@ -138,8 +138,8 @@ class Server:
                     frame = await stream.recv(timeout=self.table.idle_s if live else FIRST_FRAME_TIMEOUT_S,
                                               body_timeout=self.frame_body_timeout_s)
                 except TimeoutError:
-                    if serving is not None and serving in self.table.sessions:
-                        continue  # the session is in use elsewhere (blocks come on a push stream)
+                    if live:  # blocks may come on another stream, or it just expired: wait on as the state says
+                        continue
                     return
                 except StreamClosed:
                     return
