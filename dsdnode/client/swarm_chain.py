@@ -225,10 +225,15 @@ class RemoteChain:
             raise ChainFailure(f"opening a session on {peer} failed: {e!r}", {peer: "bad_reply"}) from None
         return _Leg(hop, stream)
 
+    def _pushes_to(self, leg: _Leg) -> SpanRecord | None:
+        """The record of the hop after `leg` in push mode (None: it answers the client)."""
+        i = self.legs.index(leg) if leg in self.legs else -1
+        return self.legs[i + 1].hop.candidate.record if 0 <= i < len(self.legs) - 1 and not self.relay else None
+
     def _refusal(self, peer: str, reply: ErrorReply, nxt: SpanRecord | None) -> ChainFailure:
-        """Whom a refused OpenSession is blamed on: the refusing hop, or for bad_next_hop the hop it
-        could not reach -- unless the same hop keeps saying that, then the hop itself."""
-        message = f"{peer} refused the session: {reply.code}: {reply.message}"
+        """Whom an error reply is blamed on: the hop that sent it, or for bad_next_hop the hop it could
+        not reach -- unless the same hop keeps saying that, then the hop itself."""
+        message = f"{peer}: {reply.code}: {reply.message}"
         if reply.code == "bad_next_hop" and nxt is not None:
             reports = self._bad_next_hop_reports[peer] = self._bad_next_hop_reports.get(peer, 0) + 1
             suspects = {nxt.peer_id: "unreachable from the previous hop"}
@@ -262,7 +267,7 @@ class RemoteChain:
             if isinstance(msg, ForwardResult):
                 await results.put((leg, msg))
             elif isinstance(msg, ErrorReply) and msg.session_id in (None, self.session_id):
-                await results.put(ChainFailure(f"{leg.peer_id}: {msg.code}: {msg.message}", {leg.peer_id: msg.code}))
+                await results.put(self._refusal(leg.peer_id, msg, self._pushes_to(leg)))
             else:
                 await results.put(ChainFailure(f"{leg.peer_id} sent an unexpected {type(msg).__name__}",
                                                {leg.peer_id: "bad_reply"}))

@@ -21,7 +21,8 @@ Error codes raised by `decode` (and sent back in ErrorReply):
   bad_shape  shape not [1, T, hidden_size] / mask not [T, commit_len+T] / data length != shape
 The other codes (unknown_session, busy, wrong_span, internal, shutting_down, bad_next_hop) are for
 servers; bad_next_hop: OpenSession named a next_peer without a valid span record that continues
-the session's span.
+the session's span, or the next hop cannot be reached or refused a pushed block (the fault is
+probably the next hop's).
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ class Server:
                 session.next_stream = await self.node.open_stream(next_hop, SESSION_PROTOCOL)
             except Exception as e:
                 self.table.close(msg.session_id)
-                raise SessionError("internal",
+                raise SessionError("bad_next_hop",
                                    f"cannot reach next hop {next_hop.peer_id}: {short(str(e), 200)}") from None
             self._spawn(self._relay_errors(session))
         await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id))
@@ -217,7 +217,18 @@ class Server:
             await close_quietly(session.next_stream)
 
     async def _forward(self, msg: Forward, came_on: Stream) -> None:
+        """Run a block of a session and push it on (or answer the client). Once the block is known to
+        come from where the session's opener said, a failure is told to that client directly, from
+        this hop: told to the upstream hop, the client would hear it from the wrong one."""
         session = self.table.get(msg.session_id, came_on, forward=True)
+        try:
+            await self._run_block(session, msg)
+        except SessionError as e:
+            self.errors[e.code] = self.errors.get(e.code, 0) + 1
+            log.debug("session %s failed a block: %s: %s", short(msg.session_id), e.code, e.message)
+            await self._send(session.client, ErrorReply(e.code, e.message, msg.session_id, msg.step_id))
+
+    async def _run_block(self, session: Session, msg: Forward) -> None:
         recv_time = time.time()
         async with session.lock:
             cache = session.cache
@@ -251,20 +262,23 @@ class Server:
                     await session.next_stream.send(frame)
                     self.metrics.bytes_out.inc(len(frame))
                 except (StreamClosed, ConnectionError) as e:
-                    raise SessionError("internal",
+                    raise SessionError("bad_next_hop",
                                        f"next hop {session.next_peer} unreachable: {short(str(e), 200)}") from None
             else:
                 await self._send(session.client, ForwardResult(msg.session_id, msg.step_id, payload, timings))
 
     async def _relay_errors(self, session: Session) -> None:
-        """Errors the next hop sends back on our push stream go to our client (it may not hear otherwise)."""
+        """What the next hop answers on our push stream (it could not match a block to a session of
+        its client) goes to our client as a fault of that next hop."""
         while True:
             try:
                 msg = decode(await session.next_stream.recv(), self.limits)
             except (StreamClosed, WireError, TimeoutError):
                 return
             if isinstance(msg, ErrorReply):
-                await self._send(session.client, msg)
+                await self._send(session.client, ErrorReply(
+                    "bad_next_hop", short(f"next hop {session.next_peer} answered {msg.code}: {msg.message}", 400),
+                    session.session_id, msg.step_id))
 
     # ---- helpers ------------------------------------------------------------------------
     async def _send(self, stream: Stream, msg) -> None:
