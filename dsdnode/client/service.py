@@ -124,7 +124,7 @@ class SwarmChains:
             from ..net.latency import LinkLatency
             from ..net.p2p import P2PNode
             self.node = await P2PNode.start(bootstrap=self.bootstrap, latency=LinkLatency(self.link_latency_ms),
-                                            require_bootstrap=True)
+                                            require_bootstrap=True, client=True)
 
     def new_chain(self) -> Chain:
         from .swarm_chain import RemoteChain
