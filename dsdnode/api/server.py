@@ -238,7 +238,8 @@ async def serve(engine: Engine, host: str, port: int, log_level: str = "warning"
         sock.close()
         raise
     try:
-        config = uvicorn.Config(create_app(engine, api_key), loop="none", log_level=log_level, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(create_app(engine, api_key), loop="none", log_level=log_level,
+                                timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():

@@ -119,7 +119,7 @@ async def describe_swarm(model: str | None, bootstrap: list[str], num_layers: in
     announced span, its liveness, and layer coverage.
 
     A model is found by name on the DHT; to list models without a name, the peers themselves are
-    asked (P2PNode.info), starting from the bootstrap peers and following their routing tables, up
+    asked (P2PNode.ask_info), starting from the bootstrap peers and following their routing tables, up
     to SURVEY_MAX_PEERS peers. Joins as a client: nothing is left behind in the swarm."""
     if not bootstrap:
         raise ValueError("give --bootstrap or --peers: a swarm is found through one of its peers")
@@ -170,7 +170,7 @@ async def survey_models(node: P2PNode) -> Survey:
         fresh = {p.peer_id: p for p in todo if p.peer_id not in asked and p.peer_id != node.peer_id}
         batch = list(fresh.values())[:SURVEY_MAX_PEERS - len(asked)]
         asked.update(p.peer_id for p in batch)
-        infos = await asyncio.gather(*(node.info(p, SURVEY_TIMEOUT_S) for p in batch), return_exceptions=True)
+        infos = await asyncio.gather(*(node.ask_info(p, SURVEY_TIMEOUT_S) for p in batch), return_exceptions=True)
         todo = []
         for peer, info in zip(batch, infos):
             if isinstance(info, BaseException):

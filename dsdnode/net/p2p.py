@@ -245,7 +245,7 @@ class P2PNode:
     async def open_stream(self, peer: PeerInfo, protocol: str, timeout: float = 10.0) -> Stream:
         return await self._bridge.call(self._t_open, peer, protocol, timeout)
 
-    async def info(self, peer: PeerInfo, timeout: float = 10.0) -> NodeInfo:
+    async def ask_info(self, peer: PeerInfo, timeout: float = 10.0) -> NodeInfo:
         """What `peer` serves and whom it knows (see NodeInfo); PeerUnreachable or ValueError if it cannot say."""
         return NodeInfo.decode(peer.peer_id, await self._bridge.call(self._t_info, peer, timeout))
 
@@ -410,7 +410,8 @@ class P2PNode:
         except Exception:
             log.exception("handler for %s from %s failed; closing the stream", protocol, stream.remote_peer_id)
 
-    async def _t_open(self, peer: PeerInfo, protocol: str, timeout: float, max_frame_bytes: int | None = None) -> Stream:
+    async def _t_open(self, peer: PeerInfo, protocol: str, timeout: float,
+                      max_frame_bytes: int | None = None) -> Stream:
         try:
             pid = ID.from_base58(peer.peer_id)
             addrs = [_without_p2p(multiaddr.Multiaddr(a)) for a in peer.addrs]

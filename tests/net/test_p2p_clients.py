@@ -35,7 +35,7 @@ async def routing_tables(swarm: LocalSwarm) -> dict[str, set[str]]:
     try:
         tables = {}
         for p in [swarm.bootstrap, *swarm.servers]:
-            info = await node.info(PeerInfo(p.peer_id, (p.addr,)), timeout=10)
+            info = await node.ask_info(PeerInfo(p.peer_id, (p.addr,)), timeout=10)
             tables[p.peer_id] = {q.peer_id for q in info.peers}
         return tables
     finally:
