@@ -34,6 +34,7 @@ from libp2p import new_host
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.kad_dht import peer_routing as _peer_routing
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF
@@ -79,6 +80,12 @@ class _CleanCloseFilter(logging.Filter):
 
 
 logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_CleanCloseFilter())
+# A lookup from a routing table of fewer than 5 peers (any small swarm) also asks every connected
+# peer and every peer the peerstore ever held, as if each were a DHT server: clients (which do not
+# speak the DHT protocol) and long-gone peers, each failed query logged as an error. Our nodes seed
+# their tables at join (bootstrap peers, then a lookup of themselves), and servers enter each
+# other's tables by querying, so lookups ask routing-table peers only.
+_peer_routing.MIN_PEERS_THRESHOLD = 0
 if not os.environ.get("LIBP2P_DEBUG"):
     # Importing libp2p cuts its loggers off the application's logging (no handler, no propagation),
     # so its errors (every failed dial) reach stderr raw through logging.lastResort, whatever the
