@@ -69,7 +69,8 @@ async def run_node(s: NodeSettings) -> None:
     from .net.identity import load_or_create_identity
     from .net.latency import LinkLatency
     from .net.p2p import P2PNode
-    from .server.daemon import DTYPES, Server, install_stop_triggers
+    from .net.protocol import HIDDEN_DTYPES
+    from .server.daemon import Server, install_stop_triggers
     from .server.placement import choose_span, parse_layers
 
     if s.threads:
@@ -91,10 +92,11 @@ async def run_node(s: NodeSettings) -> None:
             records = await node.dht.discover(s.model) if s.bootstrap or s.peers_file else []
             span_range = choose_span(records, num_layers, s.num_layers or max(1, num_layers // 4))
             log.info("--layers auto: chose %d:%d", *span_range)
-        span = Span.load(model_dir, *span_range, dtype=DTYPES[s.dtype])
+        span = Span.load(model_dir, *span_range, dtype=HIDDEN_DTYPES[s.dtype])
         server = Server(node, s.model, span, cache_budget_bytes=s.cache_budget_mb << 20,
                         max_length=s.max_session_length, max_block=s.max_block, idle_s=s.session_idle_s,
-                        announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s)
+                        announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s,
+                        frame_body_timeout_s=s.frame_body_timeout_s)
         if s.metrics_port:
             server.metrics.serve(s.host, s.metrics_port)
     except BaseException:
