@@ -466,8 +466,8 @@ class P2PNode:
         """The spans this node announces now: its DHT's last announcement per model, unless withdrawn
         or expired (so nothing has to register what it serves a second time)."""
         now = time.time()
-        return {m: (r.start, r.end) for m, r in self.dht._last.items()  # noqa: SLF001 (same package)
-                if not r.withdrawn and r.expires > now}
+        announced = list(self.dht._last.items())  # one atomic copy: the asyncio thread may announce meanwhile
+        return {m: (r.start, r.end) for m, r in announced if not r.withdrawn and r.expires > now}
 
     async def _t_info(self, peer: PeerInfo, timeout: float) -> bytes:
         stream = await self._t_open(peer, INFO_PROTOCOL, timeout, max_frame_bytes=INFO_MAX_BYTES)
