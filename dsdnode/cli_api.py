@@ -26,14 +26,21 @@ from .cli_generate import client_options
                    "p >= tau * p(top).")
 @click.option("--overlap/--no-overlap", default=True, show_default=True,
               help="Draft the next block while the current one is in flight.")
+@click.option("--api-key", envvar="DSDNODE_API_KEY", show_envvar=True, default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 routes (401 without it); /health and /ready stay "
+                   "open. Prefer the environment variable: a flag shows in the process list.")
 @friendly
 def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers_file, dtype, threads,
-        max_tokens_limit, max_prompt_tokens, k_max, tau, overlap):
-    """Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's API).
+        max_tokens_limit, max_prompt_tokens, k_max, tau, overlap, api_key):
+    """Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's API), with
+    /health (liveness) and /ready (a route through the swarm exists).
 
     Every request is its own session on the swarm (or on an in-process chain with --local);
     our knobs ride in the request body: dsd_k ("auto" or a draft length, 0 = no drafting) and
-    adaptive (bool)."""
+    adaptive (bool). A request with a seed and temperature > 0 is reproducible: it drafts without
+    overlap and with a fixed draft length (dsd_k, or 4 for "auto")."""
+    if api_key is not None and not api_key.strip():
+        raise click.BadParameter("the API key is empty", param_hint="--api-key / DSDNODE_API_KEY")
     import torch
 
     from .api.engine import Engine, EngineSettings
@@ -50,4 +57,4 @@ def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers
     settings = EngineSettings(k_max=k_max, tau=tau, overlap=overlap, max_tokens_limit=max_tokens_limit,
                               max_prompt_tokens=max_prompt_tokens)
     log_level = "info" if logging.getLogger().getEffectiveLevel() <= logging.INFO else "warning"
-    run_async(serve(Engine(model, service, settings), host, port, log_level))
+    run_async(serve(Engine(model, service, settings), host, port, log_level, api_key))

@@ -8,7 +8,7 @@ import logging
 
 import click
 
-from .cli_common import friendly, run_async, setting_type
+from .cli_common import UserError, friendly, run_async, setting_type
 from .config import NodeSettings, load_settings, read_peers_file
 
 log = logging.getLogger(__name__)
@@ -126,23 +126,49 @@ async def run_bootstrap_peer(s: NodeSettings) -> None:
 
 
 @click.command()
-@click.option("--model", default="qwen2.5-coder-1.5b", show_default=True)
+@click.option("--model", default=None, help="The model to show (default: every model the swarm's peers serve).")
 @click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable).")
 @click.option("--peers", "peers_file", default=None, help="File of bootstrap multiaddrs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly
 def swarm(model, bootstrap, peers_file, as_json):
-    """Which peers serve which layers of MODEL, and whether every layer is covered."""
+    """Which peers serve which layers of MODEL (or of every model served), and whether every layer
+    is covered. Exits non-zero when MODEL (or, without --model, any model) cannot be routed: nobody
+    serves it or some of its layers are not served."""
     from .client.routing import describe_swarm
 
     report = run_async(describe_swarm(model, bootstrap_list(bootstrap, peers_file)))
+    reports = [report] if model is not None else report["models"]
     if as_json:
         click.echo(json.dumps(report, indent=1))
-        return
-    for p in report["peers"]:
-        alive = f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "unreachable"
-        click.echo(f"{p['peer_id']}  layers {p['start']:>3}:{p['end']:<3} {p['throughput']:8.1f} tok/s  "
-                   f"free {p['free_cache_tokens']:>7} tok  {alive}")
-    missing = report["uncovered_layers"]
-    click.echo(f"{report['model']}: {report['num_layers']} layers, "
-               + ("fully covered" if not missing else f"NOT covered: layers {missing}"))
+    else:
+        for r in reports:
+            _print_model(r, peers=model is not None)
+        if model is None and not reports:
+            click.echo(f"no model is served: {report['peers_answered']} of the {report['peers_asked']} peers "
+                       "asked answered and serve none")
+    if model is not None and not report["served"]:
+        raise UserError(f"no live peer serves {model!r}"
+                        + ("" if report["peers"] else " (no peer announces it on the DHT)"))
+    if model is None and not reports:
+        raise UserError("no model is served in this swarm")
+    broken = [r["model"] for r in reports if r["uncovered_layers"]]
+    if broken:
+        raise UserError(f"no route: layers missing for {', '.join(broken)}")
+
+
+def _print_model(r: dict, peers: bool) -> None:
+    """One model's coverage line, after its peers when `peers`."""
+    from .client.routing import _ranges as layer_ranges
+
+    if peers:
+        for p in r["peers"]:
+            alive = f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "unreachable"
+            click.echo(f"{p['peer_id']}  layers {p['start']:>3}:{p['end']:<3} {p['throughput']:8.1f} tok/s  "
+                       f"free {p['free_cache_tokens']:>7} tok  {alive}")
+    live = sum(p["rtt_ms"] is not None for p in r["peers"])
+    missing = r["uncovered_layers"]
+    state = ("not served" if not r["served"] else "fully covered" if not missing
+             else f"NOT covered: layers {layer_ranges(missing)}")
+    click.echo(f"{r['model']}: {r['num_layers']} layers, {live} live server{'s' * (live != 1)}, {state}")
+

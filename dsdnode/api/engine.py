@@ -8,6 +8,8 @@ held back until the next tokens show it is not, so a stream never shows a stop s
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +30,16 @@ class EngineSettings:
     max_prompt_tokens: int = 4096
 
 
+READY_CACHE_S = 5.0  # how long /ready answers from its last routing check
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    detail: str  # the route found, or why there is none
+    checked: float  # time.monotonic() of the check
+
+
 class Engine:
     """What every request shares: the served model's name and the client service (models, chains,
     draft-length controllers trained by every request)."""
@@ -35,6 +47,21 @@ class Engine:
     def __init__(self, name: str, service: ClientService, settings: EngineSettings):
         self.name, self.service, self.settings = name, service, settings
         self.client = service.models
+        self._readiness: Readiness | None = None
+        self._readiness_lock = asyncio.Lock()
+
+    async def readiness(self) -> Readiness:
+        """Whether a request could be routed now (the service's routing check: live servers cover
+        every layer), answered from the last check for READY_CACHE_S so probes cost the swarm little."""
+        async with self._readiness_lock:
+            last = self._readiness
+            if last is None or time.monotonic() - last.checked > READY_CACHE_S:
+                try:
+                    last = Readiness(True, await self.service.check_route(), time.monotonic())
+                except Exception as e:  # NoRoute, a lost bootstrap peer, ...: not ready, and why
+                    last = Readiness(False, str(e) or type(e).__name__, time.monotonic())
+                self._readiness = last
+            return last
 
     def prepare(self, req: CompletionRequest | ChatCompletionRequest) -> Completion:
         """Check a request against this server and turn it into a generation job (ApiError if it cannot)."""
@@ -101,6 +128,8 @@ class Completion:
         self.finish_reason: str | None = None
         self.generation: Generation | None = None  # None when a stop string ended generation
         self.stream = TextStream(engine.client.tokenizer, lambda text: None, stops)
+        self.started = asyncio.Event()  # the first tokens came: a route exists and the session is open
+        self._returned_tokens: int | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -108,7 +137,9 @@ class Completion:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.stream.ids)
+        """Tokens of the text returned: a stop string ends it inside the tokens decoded, and the
+        tokens after the cut are not returned, so not counted (nor billed)."""
+        return len(self.stream.ids) if self._returned_tokens is None else self._returned_tokens
 
     @property
     def text(self) -> str:
@@ -118,10 +149,29 @@ class Completion:
         """Generate; call emit with each new piece of text; return the whole text."""
         if emit is not None:
             self.stream.emit = emit
+
+        def on_tokens(ids: list[int]) -> None:
+            self.started.set()
+            self.stream.push(ids)
+
         try:
-            self.generation = await self.engine.service.generate(self.ids, self.options, on_tokens=self.stream.push)
+            self.generation = await self.engine.service.generate(self.ids, self.options, on_tokens=on_tokens)
             self.finish_reason = "stop" if self.generation.result.stopped == "eos" else "length"
         except StopText:
             self.finish_reason = "stop"
+            self._returned_tokens = tokens_covering(self.engine.client.tokenizer, self.stream.ids, self.stream.text)
         self.stream.flush()
         return self.stream.text
+
+
+def tokens_covering(tokenizer, ids: list[int], text: str) -> int:
+    """The fewest leading `ids` whose decoding reaches len(text) characters (text is a prefix of the
+    decoding of all of them): the tokens a stop-string cut returns, the last one perhaps in part."""
+    lo, hi = 0, len(ids)
+    while lo < hi:  # decoded length only grows with more tokens: binary search, log2(len(ids)) decodes
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[:mid], skip_special_tokens=True)) >= len(text):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

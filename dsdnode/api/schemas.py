@@ -1,16 +1,19 @@
 """The OpenAI wire format: request bodies (validated), response and stream-chunk bodies, errors.
 
-Only what OpenAI clients send and read is modelled. Fields that would change the answer in a way
-we cannot honour (n > 1, logprobs, echo, best_of) are rejected with a clear 400 rather than
-silently ignored; harmless extras (user, presence_penalty at 0, ...) are ignored so stock clients
-work. `dsd_k` and `adaptive` are our own knobs, sent by OpenAI clients through `extra_body`."""
+Only what OpenAI clients send and read is modelled. Every field that would change the answer in a
+way we cannot honour (tools, JSON mode, penalties, logit_bias, n > 1, logprobs, echo, best_of,
+suffix) is rejected with a 400 (`unsupported_value`, naming the field) unless it has its neutral
+value (no tools, response_format text, penalties 0, ...), so stock clients that send defaults
+work and no request is silently answered differently from what it asked; fields that do not change
+the answer (user, metadata, store, ...) are ignored. `dsd_k` and `adaptive` are our own knobs, sent
+by OpenAI clients through `extra_body`."""
 
 from __future__ import annotations
 
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -47,6 +50,15 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
     logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
     dsd_k: Literal["auto"] | int = "auto"  # draft length: "auto" (chosen each round), a fixed k, 0 = no drafting
     adaptive: bool = False  # adaptive (lossy) verification
 
@@ -74,11 +86,10 @@ class _Request(BaseModel):
         return v
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise ApiError(400, "n > 1 is not supported: send one request per completion", param="n",
-                           code="unsupported_value")
-        if self.logprobs:
-            raise ApiError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
+        """400 for the first field whose value asks for something this server does not do."""
+        for name, neutral, why in UNSUPPORTED:
+            if name in type(self).model_fields and not neutral(getattr(self, name)):
+                raise ApiError(400, f"{name}: {why}", param=name, code="unsupported_value")
 
     @property
     def stops(self) -> list[str]:
@@ -89,20 +100,41 @@ class _Request(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+def _off(value) -> bool:
+    return value is None or value is False or value == [] or value == {}
+
+
+UNSUPPORTED: tuple[tuple[str, Callable[[object], bool], str], ...] = (  # (field, is its value neutral?, why not)
+    ("n", lambda v: v == 1, "n > 1 is not supported: send one request per completion"),
+    ("logprobs", _off, "logprobs are not supported"),
+    ("top_logprobs", lambda v: v in (None, 0), "logprobs are not supported"),
+    ("echo", _off, "echo is not supported"),
+    ("best_of", lambda v: v in (None, 1), "best_of > 1 is not supported"),
+    ("suffix", lambda v: v in (None, ""), "suffix (insertion) is not supported"),
+    ("frequency_penalty", lambda v: v == 0, "penalties are not supported: send 0 or leave it out"),
+    ("presence_penalty", lambda v: v == 0, "penalties are not supported: send 0 or leave it out"),
+    ("logit_bias", _off, "logit_bias is not supported"),
+    ("response_format", lambda v: v is None or v.get("type") == "text",
+     "only {\"type\": \"text\"} is supported (no JSON mode or structured outputs)"),
+    ("tools", _off, "tools (function calling) are not supported"),
+    ("tool_choice", lambda v: v in (None, "none"), "tools (function calling) are not supported"),
+    ("functions", _off, "functions (function calling) are not supported"),
+    ("function_call", lambda v: v in (None, "none"), "functions (function calling) are not supported"),
+)
+
+
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int]
     echo: bool = False
     best_of: int | None = None
+
+    suffix: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
             raise ApiError(400, "a batch of prompts is not supported: send one prompt per request", param="prompt",
                            code="unsupported_value")
-        if self.echo:
-            raise ApiError(400, "echo is not supported", param="echo", code="unsupported_value")
-        if self.best_of not in (None, 1):
-            raise ApiError(400, "best_of > 1 is not supported", param="best_of", code="unsupported_value")
 
 
 class TextPart(BaseModel):

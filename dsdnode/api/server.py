@@ -3,12 +3,19 @@
 Everything runs on one event loop (uvicorn on uvloop): requests, the libp2p bridge and every
 request's generation loop; model compute happens in executor threads (see client/generate.py), so
 one slow request never blocks another. A streamed answer is a series of `data: {chunk}` events in
-OpenAI's chunk format ending with `data: [DONE]`; an error after the stream started (the swarm
-lost every route) is sent as an `error` event, which OpenAI clients raise as an exception."""
+OpenAI's chunk format ending with `data: [DONE]`. A stream answers 200 only once its generation
+has produced its first tokens (so a route exists and a session is open): a swarm that cannot serve
+the request gets a 503 in OpenAI's error format like a whole answer would; an error after that
+(the swarm lost every route mid-answer) is sent as an `error` event, which OpenAI clients raise.
+
+`/health` (liveness: the process serves HTTP) and `/ready` (a route exists now; see
+Engine.readiness) are for load balancers and supervisors and need no API key; with an API key every
+/v1 route needs `Authorization: Bearer KEY` and answers 401 in OpenAI's format without it."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import socket
@@ -26,10 +33,58 @@ from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, Respons
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The routes over a started engine (serve() starts and stops its service)."""
-    app = FastAPI(title="dsdnode", description="OpenAI-compatible API over a dsdnode swarm")
+API_DESCRIPTION = """OpenAI-compatible API over a dsdnode swarm.
+
+Supported: /v1/completions, /v1/chat/completions (streamed or whole), /v1/models; temperature,
+top_p, max_tokens / max_completion_tokens, stop, seed, stream, stream_options.include_usage; our
+own knobs `dsd_k` ("auto" or a draft length, 0 = no drafting) and `adaptive` (lossy verification).
+
+`seed` with temperature > 0 reproduces the answer: a seeded request drafts without overlap and with
+a fixed draft length (dsd_k, or 4 for "auto"), because both the overlapped draft and the automatic
+draft length depend on timing and would change which random numbers are drawn. Seeded requests are
+therefore somewhat slower. Greedy requests (temperature 0) need no seed.
+
+Rejected with 400 (`unsupported_value`) unless neutral: n > 1, logprobs, top_logprobs, echo,
+best_of, suffix, non-zero frequency/presence penalties, logit_bias, response_format other than
+text, tools/tool_choice, functions/function_call. `usage.completion_tokens` counts the tokens of
+the returned text (a stop string's cut included, what came after it not).
+
+/health: liveness. /ready: 200 when a route through the swarm exists (checked at most every 5 s),
+else 503."""
+
+
+def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+    """The routes over a started engine (serve() starts and stops its service); with `api_key`,
+    /v1 routes need it as a Bearer token."""
+    app = FastAPI(title="dsdnode", description=API_DESCRIPTION)
     created = int(time.time())
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            if request.url.path.startswith("/v1"):
+                given = request.headers.get("authorization")
+                if given is None:
+                    return _api_error_response(ApiError(
+                        401, "You didn't provide an API key: send it as 'Authorization: Bearer KEY'",
+                        code="invalid_api_key"))
+                if not hmac.compare_digest(given.encode(), expected):
+                    return _api_error_response(ApiError(401, "Incorrect API key provided", code="invalid_api_key"))
+            return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        state = await engine.readiness()
+        if not state.ready:
+            return _api_error_response(ApiError(503, f"no route through the swarm: {state.detail}",
+                                                type="server_error", code="swarm_unavailable"))
+        return JSONResponse({"status": "ready", "model": engine.name, "route": state.detail})
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, e: ApiError) -> JSONResponse:
@@ -102,7 +157,8 @@ async def _respond(engine: Engine, req: CompletionRequest | ChatCompletionReques
     job = engine.prepare(req)
     shape = ResponseShape(engine.name, chat)
     if req.stream:
-        return StreamingResponse(_events(job, shape, req.include_usage), media_type="text/event-stream",
+        events = await _start_stream(job, shape, req.include_usage)
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         text = await job.run()
@@ -111,11 +167,29 @@ async def _respond(engine: Engine, req: CompletionRequest | ChatCompletionReques
     return shape.whole(text, job.finish_reason, Usage(job.prompt_tokens, job.completion_tokens))
 
 
-async def _events(job: Completion, shape: ResponseShape, include_usage: bool) -> AsyncIterator[str]:
-    """The generation as server-sent events; the generation is cancelled if the client goes away."""
+async def _start_stream(job: Completion, shape: ResponseShape, include_usage: bool) -> AsyncIterator[str]:
+    """Start the generation and wait for its first tokens (or its end) before any byte is sent, so
+    a failure to route or open a session is an HTTP error, not a 200 with an error event."""
     pieces: asyncio.Queue[str | None] = asyncio.Queue()
     task = asyncio.create_task(job.run(pieces.put_nowait))
     task.add_done_callback(lambda _: pieces.put_nowait(None))
+    started = asyncio.create_task(job.started.wait())
+    try:
+        await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the client went away while we waited
+        task.cancel()
+        task.add_done_callback(_swallow)
+        raise
+    finally:
+        started.cancel()
+    if task.done() and not job.started.is_set() and task.exception() is not None:
+        raise _server_error(task.exception())
+    return _events(job, task, pieces, shape, include_usage)
+
+
+async def _events(job: Completion, task: asyncio.Task, pieces: asyncio.Queue, shape: ResponseShape,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """The generation as server-sent events; the generation is cancelled if the client goes away."""
     try:
         if shape.chat:
             yield _event(shape.chunk("", first=True))
@@ -145,7 +219,7 @@ def _event(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def serve(engine: Engine, host: str, port: int, log_level: str = "warning") -> None:
+async def serve(engine: Engine, host: str, port: int, log_level: str = "warning", api_key: str | None = None) -> None:
     """Listen on host:port (0: any free port), print a JSON ready line with the URL, serve until a signal."""
     import uvicorn
 
@@ -164,7 +238,8 @@ async def serve(engine: Engine, host: str, port: int, log_level: str = "warning"
         sock.close()
         raise
     try:
-        config = uvicorn.Config(create_app(engine), loop="none", log_level=log_level, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(create_app(engine, api_key), loop="none", log_level=log_level,
+                                timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():

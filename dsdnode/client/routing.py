@@ -111,21 +111,38 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(out)
 
 
-async def describe_swarm(model: str, bootstrap: list[str], num_layers: int | None = None) -> dict:
-    """What `dsdnode swarm` prints: every announced span, its liveness, and layer coverage."""
+SURVEY_MAX_PEERS = 64  # peers asked what they serve when `dsdnode swarm` lists every model
+SURVEY_TIMEOUT_S = 3.0
+
+
+async def describe_swarm(model: str | None, bootstrap: list[str], num_layers: int | None = None) -> dict:
+    """What `dsdnode swarm` prints: for `model` (or, if None, every model some peer serves) every
+    announced span, its liveness, and layer coverage.
+
+    A model is found by name on the DHT; to list models without a name, the peers themselves are
+    asked (P2PNode.ask_info), starting from the bootstrap peers and following their routing tables, up
+    to SURVEY_MAX_PEERS peers. Joins as a client: nothing is left behind in the swarm."""
     if not bootstrap:
         raise ValueError("give --bootstrap or --peers: a swarm is found through one of its peers")
-    node = await P2PNode.start(bootstrap=bootstrap, require_bootstrap=True)
+    node = await P2PNode.start(bootstrap=bootstrap, require_bootstrap=True, client=True)
     try:
-        records = await node.dht.discover(model)
-        live = {c.record.peer_id: c.rtt_s for c in await live_candidates(node, model)}
+        if model is not None:
+            return await _describe_model(node, model, num_layers)
+        survey = await survey_models(node)
+        reports = [await _describe_model(node, m, None) for m in sorted(survey.served)]
+        return {"models": reports, "peers_asked": survey.asked, "peers_answered": survey.answered}
     finally:
         await node.stop()
+
+
+async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> dict:
+    records = await node.dht.discover(model)
+    live = {c.record.peer_id: c.rtt_s for c in await ping_records(node, records)}
     if num_layers is None:
         num_layers = _num_layers(model, records)
     counts = coverage([r for r in records if r.peer_id in live], num_layers)
     return {
-        "model": model, "num_layers": num_layers,
+        "model": model, "num_layers": num_layers, "served": bool(live),
         "uncovered_layers": [i for i, n in enumerate(counts) if n == 0],
         "coverage": counts,
         "peers": [{"peer_id": r.peer_id, "start": r.start, "end": r.end, "addrs": r.addrs,
@@ -133,6 +150,38 @@ async def describe_swarm(model: str, bootstrap: list[str], num_layers: int | Non
                    "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None}
                   for r in records],
     }
+
+
+@dataclass(frozen=True)
+class Survey:
+    served: dict[str, set[str]]  # model name -> ids of the peers that say they serve it
+    asked: int
+    answered: int
+
+
+async def survey_models(node: P2PNode) -> Survey:
+    """Which models the swarm's peers say they serve, from asking up to SURVEY_MAX_PEERS peers
+    (the node's routing table first, then the peers in theirs). A peer that does not answer is
+    skipped: the caller checks every model on the DHT anyway."""
+    served: dict[str, set[str]] = {}
+    asked: set[str] = set()
+    todo = await node.known_peers()
+    answered = 0
+    while todo and len(asked) < SURVEY_MAX_PEERS:
+        fresh = {p.peer_id: p for p in todo if p.peer_id not in asked and p.peer_id != node.peer_id}
+        batch = list(fresh.values())[:SURVEY_MAX_PEERS - len(asked)]
+        asked.update(p.peer_id for p in batch)
+        infos = await asyncio.gather(*(node.ask_info(p, SURVEY_TIMEOUT_S) for p in batch), return_exceptions=True)
+        todo = []
+        for peer, info in zip(batch, infos):
+            if isinstance(info, BaseException):
+                log.info("peer %s did not say what it serves: %s", peer.peer_id, info)
+                continue
+            answered += 1
+            for name in info.models:
+                served.setdefault(name, set()).add(peer.peer_id)
+            todo.extend(info.peers)
+    return Survey(served, len(asked), answered)
 
 
 def _num_layers(model: str, records: list[SpanRecord]) -> int:

@@ -27,6 +27,9 @@ from .metrics import ClientMetrics
 from .streaming import StopText
 
 
+SEEDED_K = 4  # draft length of a seeded, sampled generation asked for k="auto" (see GenerateOptions.reproducible)
+
+
 @dataclass(frozen=True)
 class GenerateOptions:
     """What a caller chooses for one generation (typed; the CLI and HTTP API map their inputs here)."""
@@ -36,7 +39,7 @@ class GenerateOptions:
     k_max: int = 8  # longest block with k="auto"
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # with temperature > 0: reproducible, drafting without overlap and a fixed k
     adaptive: bool = False  # adaptive verification (lossy): relax acceptance of low-importance tokens
     tau: float = 0.3  # adaptive: accept a non-key draft token with p >= tau * p(top)
     overlap: bool = True  # draft the next block while the current one is in flight
@@ -59,12 +62,23 @@ class GenerateOptions:
     def speculative(self) -> bool:
         return self.k != 0
 
+    @property
+    def reproducible(self) -> bool:
+        """Seeded sampling: the same request gives the same text. Which random numbers a round
+        draws depends on its k and on whether the next block was drafted while this one was in
+        flight, and both depend on timing ("auto" k follows measured round costs; the overlapped
+        guess races the chain), so a seeded, sampled generation drafts without overlap and with a
+        fixed k (the one asked for, or SEEDED_K for "auto")."""
+        return self.seed is not None and self.temperature > 0
+
     def settings(self) -> GenerationSettings:
         fixed = None if self.k == "auto" else self.k
+        if self.reproducible and fixed is None:
+            fixed = min(SEEDED_K, self.k_max)
         return GenerationSettings(
             max_new_tokens=self.max_new_tokens,
             speculative=self.speculative,
-            overlap=self.overlap,
+            overlap=self.overlap and not self.reproducible,
             sampling=SamplingSettings(temperature=self.temperature, top_p=self.top_p, seed=self.seed),
             controller=ControllerSettings(k_max=max(self.k_max, fixed or 1), k_fixed=fixed,
                                           k_initial=min(4, self.k_max) if fixed is None else 1),
@@ -78,6 +92,9 @@ class ChainSource(Protocol):
 
     def new_chain(self) -> Chain:
         """A chain for one generation; its session opens when generation starts."""
+
+    async def check_route(self) -> str:
+        """The chain a generation would use now, in words; raises (NoRoute, ...) if there is none."""
 
     async def stop(self) -> None:
         """Called once at the end."""
@@ -106,6 +123,9 @@ class LocalChains:
         from .local import LocalChain
         return LocalChain(self.spans, self.link_latency_s)
 
+    async def check_route(self) -> str:
+        return f"{len(self.spans)} local spans"
+
     async def stop(self) -> None:
         pass
 
@@ -127,7 +147,14 @@ class SwarmChains:
             from ..net.latency import LinkLatency
             from ..net.p2p import P2PNode
             self.node = await P2PNode.start(bootstrap=self.bootstrap, latency=LinkLatency(self.link_latency_ms),
-                                            require_bootstrap=True)
+                                            require_bootstrap=True, client=True)
+
+    async def check_route(self) -> str:
+        """Routing alone (find live servers, choose a chain), without opening a session."""
+        from .routing import best_chain, live_candidates
+
+        hops = best_chain(await live_candidates(self.node, self.model), self.config.num_hidden_layers)
+        return " -> ".join(f"{h.candidate.record.peer_id} [{h.start}:{h.end})" for h in hops)
 
     def new_chain(self) -> Chain:
         from .swarm_chain import RemoteChain
@@ -155,6 +182,10 @@ class ClientService:
 
     async def stop(self) -> None:
         await self.chains.stop()
+
+    async def check_route(self) -> str:
+        """Whether a generation could start now: the chain it would use, or an exception why not."""
+        return await self.chains.check_route()
 
     async def importance(self) -> ImportanceScorer:
         """The adaptive verifier's token classes, built once on first use (a pass over the vocabulary)."""

@@ -1,9 +1,16 @@
 """The libp2p host of a dsdnode peer, run in a dedicated trio thread, used from asyncio.
 
-The host, its Kademlia DHT (server mode) and every stream live in one thread under
+The host, its Kademlia DHT and every stream live in one thread under
 `trio.run`; asyncio code reaches them through bridge.Bridge (one trio task per operation).
 Stack: TCP + Noise + Yamux only (QUIC measured ~4 MB/s here), at most one connection per
 peer (more made every connect cost >= 250 ms). Streams: see stream.py.
+
+Servers and bootstrap peers run Kademlia in server mode. A client (`start(client=True)`) listens
+nowhere and runs it in client mode: py-libp2p adds the peer of every inbound DHT query to the
+routing table, but only with an address to dial, and a node that listens nowhere has none, so a
+client never enters a server's routing table and leaves no dead peer behind to be dialed (measured:
+three client-mode runs leave 0 client entries, three server-mode runs 3 on every server, each
+then dialed by every later query). It still finds providers and fetches values as before.
 """
 
 from __future__ import annotations
@@ -15,16 +22,19 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import multiaddr
 import trio
 from libp2p import new_host
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.kad_dht import peer_routing as _peer_routing
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF
@@ -43,12 +53,17 @@ from dsdnode.net.identity import load_or_create_identity
 from dsdnode.net.latency import LinkLatency
 from dsdnode.net.stream import FrameTooLarge, Stream
 
-__all__ = ["BootstrapUnreachable", "FrameTooLarge", "ListenError", "NodeStopped", "P2PNode", "PeerInfo",
+__all__ = ["BootstrapUnreachable", "FrameTooLarge", "ListenError", "NodeInfo", "NodeStopped", "P2PNode", "PeerInfo",
            "PeerUnreachable", "Stream", "StreamClosed", "check_listen_address"]
 
 log = logging.getLogger(__name__)
 
 PING_PROTOCOL = "/dsdnode/ping/1.0.0"
+INFO_PROTOCOL = "/dsdnode/info/1.0.0"
+INFO_MAX_BYTES = 256 * 1024  # an info answer: a few models and at most a routing table's worth of peers
+INFO_MAX_PEERS = 512
+INFO_MAX_MODELS = 256
+INFO_MAX_ADDRS = 16
 START_TIMEOUT = 30.0
 BOOTSTRAP_TIMEOUT = 10.0
 
@@ -65,6 +80,12 @@ class _CleanCloseFilter(logging.Filter):
 
 
 logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_CleanCloseFilter())
+# A lookup from a routing table of fewer than 5 peers (any small swarm) also asks every connected
+# peer and every peer the peerstore ever held, as if each were a DHT server: clients (which do not
+# speak the DHT protocol) and long-gone peers, each failed query logged as an error. Our nodes seed
+# their tables at join (bootstrap peers, then a lookup of themselves), and servers enter each
+# other's tables by querying, so lookups ask routing-table peers only.
+_peer_routing.MIN_PEERS_THRESHOLD = 0
 if not os.environ.get("LIBP2P_DEBUG"):
     # Importing libp2p cuts its loggers off the application's logging (no handler, no propagation),
     # so its errors (every failed dial) reach stderr raw through logging.lastResort, whatever the
@@ -118,8 +139,41 @@ class PeerInfo:
     addrs: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a peer says about itself over INFO_PROTOCOL, so `dsdnode swarm` can list every model
+    without knowing their names (the DHT can only be asked about a name it is given).
+
+    `models` maps each model the peer announces now to its layer span (a hint: the signed span
+    records on the DHT are what routing trusts); `peers` are the peers in its DHT routing table
+    (servers only: clients never enter one), so a caller can find more of the swarm."""
+
+    peer_id: str
+    models: dict[str, tuple[int, int]]
+    peers: tuple[PeerInfo, ...]
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"models": {m: list(span) for m, span in self.models.items()},
+                              "peers": [[p.peer_id, list(p.addrs)] for p in self.peers]}, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, peer_id: str, frame: bytes) -> NodeInfo:
+        """Parse a peer's answer; anything malformed or over the limits raises ValueError."""
+        try:
+            body = msgpack.unpackb(frame, raw=False)
+            models = {str(m): (int(a), int(b)) for m, (a, b) in body["models"].items()
+                      if isinstance(m, str) and type(a) is int and type(b) is int}
+            peers = tuple(PeerInfo(p, tuple(a for a in addrs[:INFO_MAX_ADDRS] if isinstance(a, str)))
+                          for p, addrs in body["peers"] if isinstance(p, str) and isinstance(addrs, list))
+        except Exception as exc:
+            raise ValueError(f"malformed info answer from {peer_id}: {exc!r}") from None
+        if len(models) > INFO_MAX_MODELS or len(peers) > INFO_MAX_PEERS:
+            raise ValueError(f"info answer from {peer_id} lists {len(models)} models and {len(peers)} peers: too many")
+        return cls(peer_id, models, peers)
+
+
 class P2PNode:
-    """A libp2p host (TCP + Noise + Yamux, Kademlia in server mode) usable from asyncio.
+    """A libp2p host (TCP + Noise + Yamux, Kademlia; server mode unless a client) usable from asyncio.
 
     Create it with `await P2PNode.start(...)` and use it (and its streams) only from the
     event loop that started it.
@@ -145,8 +199,12 @@ class P2PNode:
     async def start(cls, *, identity: KeyPair | None = None, host: str = "127.0.0.1", port: int = 0,
                     bootstrap: list[str] | tuple[str, ...] = (), latency: LinkLatency | None = None,
                     max_frame_bytes: int = 64 * 2**20, announce: list[str] | tuple[str, ...] = (),
-                    require_bootstrap: bool = False) -> P2PNode:
+                    require_bootstrap: bool = False, client: bool = False) -> P2PNode:
         """Start the host thread, listen, connect to `bootstrap` peers (/ip4/../tcp/../p2p/<id>).
+
+        `client=True` starts a node that only asks: it listens nowhere and runs Kademlia in client
+        mode, so no server adds it to its routing table and nothing dials it after it is gone
+        (`host`, `port` and `announce` are ignored). Servers (and bootstrap peers) use the default.
 
         `announce` replaces the advertised addresses (needed when listening on 0.0.0.0).
         A busy port raises ListenError before anything listens (see check_listen_address).
@@ -154,8 +212,9 @@ class P2PNode:
         its peers. A client cannot do anything alone, so with `require_bootstrap` a node none of
         whose bootstrap peers answers raises BootstrapUnreachable instead of starting.
         """
-        check_listen_address(host, port)
-        listen = multiaddr.Multiaddr(f"/ip4/{host}/tcp/{port}")
+        if not client:
+            check_listen_address(host, port)
+        listen = None if client else multiaddr.Multiaddr(f"/ip4/{host}/tcp/{port}")
         try:
             boot = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in bootstrap]
             announced = [multiaddr.Multiaddr(a) for a in announce]
@@ -193,6 +252,14 @@ class P2PNode:
     async def open_stream(self, peer: PeerInfo, protocol: str, timeout: float = 10.0) -> Stream:
         return await self._bridge.call(self._t_open, peer, protocol, timeout)
 
+    async def ask_info(self, peer: PeerInfo, timeout: float = 10.0) -> NodeInfo:
+        """What `peer` serves and whom it knows (see NodeInfo); PeerUnreachable or ValueError if it cannot say."""
+        return NodeInfo.decode(peer.peer_id, await self._bridge.call(self._t_info, peer, timeout))
+
+    async def known_peers(self) -> list[PeerInfo]:
+        """The peers in this node's DHT routing table, with the addresses it has for them."""
+        return await self._bridge.call(self._t_known_peers)
+
     async def ping(self, peer: PeerInfo, timeout: float = 10.0) -> float:
         """Round-trip time in seconds of one 8-byte echo frame (emulated latency included)."""
         return await self._bridge.call(self._t_ping, peer, timeout)
@@ -216,7 +283,7 @@ class P2PNode:
             self._stopping.set_result(None)
 
     # ---- trio thread -------------------------------------------------------------------
-    def _thread_main(self, listen: multiaddr.Multiaddr, boot: list[LibPeerInfo],
+    def _thread_main(self, listen: multiaddr.Multiaddr | None, boot: list[LibPeerInfo],
                      announce: list[multiaddr.Multiaddr], require_bootstrap: bool, ready: asyncio.Future) -> None:
         def fail(exc: BaseException) -> None:
             if not ready.done():
@@ -233,7 +300,7 @@ class P2PNode:
         finally:
             self._bridge.token = None
 
-    async def _trio_main(self, listen: multiaddr.Multiaddr, boot: list[LibPeerInfo],
+    async def _trio_main(self, listen: multiaddr.Multiaddr | None, boot: list[LibPeerInfo],
                          announce: list[multiaddr.Multiaddr], require_bootstrap: bool,
                          ready: asyncio.Future) -> None:
         noise = NoiseTransport(self.keypair, noise_privkey=new_x25519_key_pair().private_key)
@@ -241,16 +308,17 @@ class P2PNode:
             key_pair=self.keypair,
             sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
             muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
-            listen_addrs=[listen],
+            listen_addrs=[listen] if listen else None,
             connection_config=ConnectionConfig(max_connections_per_peer=1),
             announce_addrs=announce or None,
             disable_identify_address_discovery=True,
         )
-        self._kad = KadDHT(self._host, DHTMode.SERVER)
+        self._kad = KadDHT(self._host, DHTMode.SERVER if listen else DHTMode.CLIENT)
         self.dht._attach(self._kad)
         self._stop_event = trio.Event()
         self._host.set_stream_handler(TProtocol(PING_PROTOCOL), self._serve_ping)
-        async with self._host.run([listen]), background_trio_service(self._kad):
+        self._host.set_stream_handler(TProtocol(INFO_PROTOCOL), self._serve_info)
+        async with self._host.run([listen] if listen else []), background_trio_service(self._kad):
             # The auto-connector dials every peerstore entry, forever, to reach 100
             # connections; in a small swarm that only means redialing dead peers.
             self._host.get_network().auto_connector._started = False
@@ -349,7 +417,8 @@ class P2PNode:
         except Exception:
             log.exception("handler for %s from %s failed; closing the stream", protocol, stream.remote_peer_id)
 
-    async def _t_open(self, peer: PeerInfo, protocol: str, timeout: float) -> Stream:
+    async def _t_open(self, peer: PeerInfo, protocol: str, timeout: float,
+                      max_frame_bytes: int | None = None) -> Stream:
         try:
             pid = ID.from_base58(peer.peer_id)
             addrs = [_without_p2p(multiaddr.Multiaddr(a)) for a in peer.addrs]
@@ -364,6 +433,8 @@ class P2PNode:
             raise PeerUnreachable(f"no {protocol} stream to {peer.peer_id} within {timeout}s") from None
         except Exception as exc:
             raise PeerUnreachable(f"cannot open {protocol} to {peer.peer_id}: {exc!r}") from None
+        if max_frame_bytes is not None:
+            return Stream(raw, self._bridge, self.latency, max_frame_bytes)
         return self._wrap(raw)
 
     async def _t_ping(self, peer: PeerInfo, timeout: float) -> float:
@@ -376,6 +447,51 @@ class P2PNode:
                 return trio.current_time() - start
         except trio.TooSlowError:
             raise PeerUnreachable(f"ping to {peer.peer_id} timed out after {timeout}s") from None
+        finally:
+            await stream._t_close()
+
+    async def _t_known_peers(self) -> list[PeerInfo]:
+        assert self._kad is not None
+        store = self._host.get_peerstore()
+        peers = []
+        for pid in self._kad.routing_table.get_peer_ids()[:INFO_MAX_PEERS]:
+            try:
+                addrs = tuple(str(a) for a in store.addrs(pid)[:INFO_MAX_ADDRS])
+            except Exception:  # no addresses left in the peerstore
+                addrs = ()
+            peers.append(PeerInfo(pid.to_base58(), addrs))
+        return peers
+
+    def _served_models(self) -> dict[str, tuple[int, int]]:
+        """The spans this node announces now: its DHT's last announcement per model, unless withdrawn
+        or expired (so nothing has to register what it serves a second time)."""
+        now = time.time()
+        announced = list(self.dht._last.items())  # one atomic copy: the asyncio thread may announce meanwhile
+        return {m: (r.start, r.end) for m, r in announced if not r.withdrawn and r.expires > now}
+
+    async def _t_info(self, peer: PeerInfo, timeout: float) -> bytes:
+        stream = await self._t_open(peer, INFO_PROTOCOL, timeout, max_frame_bytes=INFO_MAX_BYTES)
+        try:
+            with trio.fail_after(timeout):
+                await stream._t_send(b"info")
+                return await stream._t_recv()
+        except trio.TooSlowError:
+            raise PeerUnreachable(f"info from {peer.peer_id} timed out after {timeout}s") from None
+        except FrameTooLarge as exc:
+            raise ValueError(f"info answer from {peer.peer_id}: {exc}") from None
+        finally:
+            await stream._t_close()
+
+    async def _serve_info(self, raw: Any) -> None:
+        """One answer per stream: what this node serves and whom its routing table holds."""
+        stream = self._wrap(raw)
+        try:
+            frame = await stream._t_recv(timeout=10.0)
+            if len(frame) <= 64:
+                info = NodeInfo(self.peer_id, self._served_models(), tuple(await self._t_known_peers()))
+                await stream._t_send(info.encode())
+        except (StreamClosed, TimeoutError, FrameTooLarge):
+            pass
         finally:
             await stream._t_close()
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -27,8 +28,12 @@ QUESTION = "What is the capital of France?"
 class ApiProcess:
     """`dsdnode api ARGS --port 0` in its own process; waits for its ready line."""
 
-    def __init__(self, args: list[str], log_path: Path, timeout_s: float = 120.0):
+    def __init__(self, args: list[str], log_path: Path, timeout_s: float = 120.0, api_key: str | None = None):
         env = {**os.environ, "OMP_NUM_THREADS": "2"}
+        env.pop("DSDNODE_API_KEY", None)
+        if api_key is not None:
+            env["DSDNODE_API_KEY"] = api_key
+        self.api_key = api_key
         cmd = [sys.executable, "-m", "dsdnode", "api", "--model", MODEL, "--port", "0", "--dtype", "float32",
                "--threads", "2", *args]
         self.log_path = log_path
@@ -51,7 +56,11 @@ class ApiProcess:
         self.url = ready["url"]
 
     def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=120, **kw)
+        return openai.OpenAI(base_url=self.url, api_key=self.api_key or "unused", max_retries=0, timeout=120, **kw)
+
+    @property
+    def root(self) -> str:
+        return self.url.removesuffix("/v1")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -82,14 +91,18 @@ def expected(smollm2_dir) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def local_api(smollm2_dir, tmp_path_factory):
     api = ApiProcess(["--local", "--hops", "2", "--max-tokens-limit", "64", "--max-prompt-tokens", "100"],
-                     tmp_path_factory.mktemp("api") / "api.log")
+                     tmp_path_factory.mktemp("api") / "api.log", api_key=API_KEY)
     yield api
     api.stop()
 
 
-def post(api: ApiProcess, path: str, body) -> httpx.Response:
+API_KEY = "sk-test-0123"
+
+
+def post(api: ApiProcess, path: str, body, key: str | None = API_KEY) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(api.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=60)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    return httpx.post(api.url + path, content=content, headers=headers, timeout=60)
 
 
 @pytest.mark.parametrize("path,body,status,param,code", [
@@ -113,6 +126,30 @@ def post(api: ApiProcess, path: str, body) -> httpx.Response:
      "invalid_value"),
     ("/completions", {"prompt": "hi"}, 400, "model", "invalid_value"),
     ("/nowhere", {}, 404, None, "unknown_url"),
+    # what we cannot honour is refused, never silently ignored
+    ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                           "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "unsupported_value"),
+    ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"},
+     400, "tool_choice", "unsupported_value"),
+    ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                           "functions": [{"name": "f"}]}, 400, "functions", "unsupported_value"),
+    ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                           "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty",
+     "unsupported_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": -1}, 400, "presence_penalty",
+     "unsupported_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"42": 5}}, 400, "logit_bias",
+     "unsupported_value"),
+    ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+     400, "logprobs", "unsupported_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "logprobs": 0}, 400, "logprobs", "unsupported_value"),
+    ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+     400, "top_logprobs", "unsupported_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo", "unsupported_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "best_of": 2}, 400, "best_of", "unsupported_value"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "suffix": "end"}, 400, "suffix", "unsupported_value"),
 ])
 def test_bad_requests_get_openai_errors(local_api, path, body, status, param, code):
     reply = post(local_api, path, body)
@@ -121,6 +158,42 @@ def test_bad_requests_get_openai_errors(local_api, path, body, status, param, co
     assert set(error) == {"message", "type", "param", "code"}
     assert (error["param"], error["code"]) == (param, code)
     assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(local_api):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0,
+            "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "frequency_penalty": 0,
+            "presence_penalty": 0.0, "logit_bias": {}, "logprobs": False, "n": 1, "user": "someone"}
+    reply = post(local_api, "/chat/completions", body)
+    assert reply.status_code == 200, reply.text
+
+
+def test_api_key_is_required_on_v1_routes_only(local_api):
+    for key, message in ((None, "didn't provide an API key"), ("sk-wrong", "Incorrect API key")):
+        reply = post(local_api, "/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1}, key=key)
+        assert reply.status_code == 401, reply.text
+        assert reply.json()["error"]["code"] == "invalid_api_key" and message in reply.json()["error"]["message"]
+        assert httpx.get(local_api.url + "/models", headers={"Authorization": f"Bearer {key}"} if key else {},
+                         timeout=10).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=local_api.url, api_key="sk-wrong", max_retries=0).models.list()
+    assert httpx.get(local_api.root + "/health", timeout=10).json() == {"status": "ok"}
+    ready = httpx.get(local_api.root + "/ready", timeout=30)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+
+
+def test_a_seed_reproduces_a_sampled_answer(local_api):
+    client = local_api.client()
+
+    def ask(seed: int, stream: bool = False) -> str:
+        kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=1.0, seed=seed)
+        if stream:
+            return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+        return client.completions.create(**kw).choices[0].text
+
+    first = ask(11)
+    assert ask(11) == first and ask(11, stream=True) == first
+    assert ask(12) != first  # the seed is used at all
 
 
 def test_openai_client_raises_on_errors(local_api):
@@ -164,6 +237,15 @@ def test_stop_strings_cut_the_text_whole_and_streamed(local_api, expected):
     whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0, stop=[stop, "@@@"],
                                       extra_body={"dsd_k": 4})
     assert (whole.choices[0].text, whole.choices[0].finish_reason) == (cut, "stop")
+    # usage counts the tokens of the returned text: exactly as many as it takes to produce the cut text
+    used = whole.usage.completion_tokens
+    assert 0 < used < N
+    longer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=used, temperature=0,
+                                       extra_body={"dsd_k": 4}).choices[0].text
+    assert longer.startswith(cut)
+    shorter = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=used - 1, temperature=0,
+                                        extra_body={"dsd_k": 4}).choices[0].text if used > 1 else ""
+    assert len(shorter) < len(cut)
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0, stop=stop,
                                             stream=True, extra_body={"dsd_k": 4}))
     assert "".join(c.choices[0].text for c in chunks) == cut
@@ -174,7 +256,8 @@ def test_stop_strings_cut_the_text_whole_and_streamed(local_api, expected):
 def test_chat_streams_openai_chunks_ending_with_done(local_api, client_models, expected):
     body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": N, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, "dsd_k": 4}
-    with httpx.stream("POST", local_api.url + "/chat/completions", json=body, timeout=60) as reply:
+    with httpx.stream("POST", local_api.url + "/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as reply:
         assert reply.headers["content-type"].startswith("text/event-stream")
         events = [line for line in reply.iter_lines() if line]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
@@ -191,7 +274,8 @@ def test_chat_streams_openai_chunks_ending_with_done(local_api, client_models, e
 
 def test_a_client_leaving_mid_stream_does_not_disturb_the_server(local_api):
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "stream": True}
-    with httpx.stream("POST", local_api.url + "/completions", json=body, timeout=60) as reply:
+    with httpx.stream("POST", local_api.url + "/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as reply:
         first = next(line for line in reply.iter_lines() if line)
     assert first.startswith("data: {")
     reply = local_api.client().completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0)
@@ -233,17 +317,31 @@ def test_swarm_backed_api_matches_generate_and_serves_two_at_once(expected, tmp_
     with LocalSwarm(MODEL, [(0, 15), (15, 30)], tmp_path, dtype="float32") as swarm:
         api = ApiProcess(["--bootstrap", swarm.bootstrap_addrs[0]], tmp_path / "api.log")
         try:
+            ready = httpx.get(api.root + "/ready", timeout=30)
+            assert ready.status_code == 200 and ready.json()["route"].count("->") == 1, ready.text
             chat, completion = asyncio.run(two_at_once(api))
             single = api.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0,
                                                      extra_body={"dsd_k": 4})
-            for server in swarm.servers:  # every server gone: a clear 503, in a stream an error event
+            for server in swarm.servers:  # every server gone: a clear 503, for a stream too, before any 200
                 swarm.kill(server)
             with pytest.raises(openai.InternalServerError, match="swarm could not serve") as failed:
                 api.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
-            with pytest.raises(openai.APIError, match="swarm could not serve"):
+            with httpx.stream("POST", api.url + "/completions", timeout=60,
+                              json={"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "stream": True}) as reply:
+                streamed = (reply.status_code, reply.headers["content-type"], json.loads(reply.read()))
+            with pytest.raises(openai.InternalServerError, match="swarm could not serve"):
                 list(api.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, stream=True))
+            for _ in range(20):  # /ready answers from a check at most 5 s old
+                unready = httpx.get(api.root + "/ready", timeout=30)
+                if unready.status_code != 200:
+                    break
+                time.sleep(1)
+            assert api.proc.poll() is None
         finally:
             api.stop()
     assert failed.value.status_code == 503 and failed.value.body["code"] == "swarm_unavailable"
+    assert streamed[:2] == (503, "application/json") and streamed[2]["error"]["code"] == "swarm_unavailable"
+    assert unready.status_code == 503 and unready.json()["error"]["code"] == "swarm_unavailable"
+    assert "no live servers" in unready.json()["error"]["message"]
     assert completion == single.choices[0].text == expected["completion"]
     assert chat == expected["chat"]
