@@ -24,7 +24,8 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Completion, Engine
@@ -77,6 +78,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text: request latency, time to first token, tokens/s, k and accepted drafts per
+        round, network time per round, failovers, process (like /health, no API key needed)."""
+        return Response(generate_latest(engine.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready")
     async def ready() -> JSONResponse:

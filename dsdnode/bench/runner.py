@@ -149,7 +149,7 @@ class BenchRun:
             self.log(f"[{lat:g} ms] FAILED: {e}")
 
     async def _client(self, swarm: LocalSwarm, lat: float) -> None:
-        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, latency=LinkLatency(lat))
+        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, latency=LinkLatency(lat), client=True)
         self.services.clear()
         try:
             await self._warm_up(node)

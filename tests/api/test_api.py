@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 import openai
 import pytest
 
@@ -226,6 +227,15 @@ def test_completion_equals_generate_with_usage_and_length(local_api, client_mode
     prompt_tokens = len(client_models.tokenizer(PROMPT)["input_ids"])
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, N)
     assert reply.usage.total_tokens == prompt_tokens + N
+    metrics = httpx.get(local_api.root + "/metrics", timeout=10)  # scraped from the live API process
+    assert metrics.status_code == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics.text) for s in f.samples}
+    assert samples[("dsdnode_client_tokens_generated_total", ())] >= N
+    assert samples[("dsdnode_client_time_to_first_token_seconds_count", ())] >= 1
+    assert samples[("dsdnode_client_generation_seconds_count", ())] >= 1
+    assert samples[("dsdnode_client_drafts_total", (("verdict", "accepted"),))] >= 1
+    assert samples[("process_resident_memory_bytes", ())] > 0
 
 
 def test_stop_strings_cut_the_text_whole_and_streamed(local_api, expected):

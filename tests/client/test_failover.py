@@ -95,7 +95,7 @@ def servers(swarm, *specs):
 
 async def client_chain(swarm, head, peers, latency_ms=0.0) -> RemoteChain:
     """A client that already sees every record of `peers` (a fresh server announces within seconds)."""
-    node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, latency=LinkLatency(latency_ms))
+    node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, latency=LinkLatency(latency_ms), client=True)
     want, deadline = {p.peer_id for p in peers}, time.monotonic() + 30
     while not want <= {r.peer_id for r in await node.dht.discover(MODEL)}:
         assert time.monotonic() < deadline, "servers did not show up in the DHT within 30 s"

@@ -87,7 +87,7 @@ def test_a_served_generation_moves_the_node_metrics(smollm2_dir, tmp_path):
     prompt = [1, 504, 3037, 28, 2]
 
     async def work(swarm):
-        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs)
+        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, client=True)
         try:
             chain = RemoteChain(node, "smollm2-135m", 30, head.config.hidden_size, dtype=torch.float32)
             drafter = Drafter(head, [draft], 64, settings.sampling)

@@ -52,7 +52,7 @@ def run(chain, client_parts, n=40, on_tokens=None):
 
 
 async def remote_chain(swarm, head):
-    node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs)
+    node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, client=True)
     return RemoteChain(node, "smollm2-135m", 30, head.config.hidden_size, dtype=torch.float32)
 
 
@@ -78,7 +78,7 @@ def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_
     hidden = client_parts[0].config.hidden_size
 
     async def probe():
-        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs)
+        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, client=True)
         peer = PeerInfo(server.peer_id, tuple(server.info["addrs"]))
         try:
             replies = {}
