@@ -316,7 +316,7 @@ class DHT:
             blobs.append(("local store", local.value))
         sources = [peer, *kad.routing_table.find_local_closest_peers(key, VALUE_REPLICAS_ASKED)]
 
-        async def ask(source: ID) -> None:
+        async def ask(source: ID, nursery: trio.Nursery) -> None:
             with trio.move_on_after(PEER_QUERY_TIMEOUT_S):
                 try:
                     found = await kad.value_store._get_from_peer(source, key, return_record=True)
@@ -325,11 +325,15 @@ class DHT:
                     return
                 if found is not None:
                     blobs.append((source.to_base58(), found.value))
+                    if source == peer and _valid_for(found.value, peer_b58, model):
+                        # the peer's own signed record is its newest: replicas only matter when it is
+                        # silent, and waiting for them costs a query timeout when one of them hangs
+                        nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             for source in dict.fromkeys(sources):
                 if source != kad.local_peer_id:
-                    nursery.start_soon(ask, source)
+                    nursery.start_soon(ask, source, nursery)
         valid: list[SpanRecord | None] = []
         for source, blob in blobs:
             try:
@@ -344,6 +348,14 @@ class DHT:
                 log.info("provider %s of %s has no reachable span record", peer_b58, model)
             return None
         return valid[_newest(valid)]
+
+
+def _valid_for(blob: bytes, peer_id: str, model: str) -> bool:
+    try:
+        rec = verify_record(blob)
+    except RecordRejected:
+        return False
+    return rec.peer_id == peer_id and rec.model == model
 
 
 def coverage(records: list[SpanRecord], num_layers: int) -> list[int]:
