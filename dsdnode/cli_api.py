@@ -27,7 +27,7 @@ from .cli_generate import client_options
 @click.option("--overlap/--no-overlap", default=True, show_default=True,
               help="Draft the next block while the current one is in flight.")
 @friendly
-def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers_file, dtype, threads,
+def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers_file, device, dtype, threads,
         max_tokens_limit, max_prompt_tokens, k_max, tau, overlap):
     """Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's API).
 
@@ -44,7 +44,7 @@ def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers
     if threads:
         torch.set_num_threads(threads)
     service = build_service(model, bootstrap=bootstrap_list(bootstrap, peers_file), local=local, hops=hops,
-                            draft=draft or True, dtype=dtype, link_latency_ms=link_latency_ms)
+                            draft=draft or True, dtype=dtype, device=device, link_latency_ms=link_latency_ms)
     check_context(service.models.head.config, max_prompt_tokens + max_tokens_limit,
                   f"--max-prompt-tokens {max_prompt_tokens} and --max-tokens-limit {max_tokens_limit}")
     settings = EngineSettings(k_max=k_max, tau=tau, overlap=overlap, max_tokens_limit=max_tokens_limit,
