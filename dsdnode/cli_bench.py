@@ -46,11 +46,15 @@ def bench(model, draft, servers, latencies, dataset, prompts, max_new_tokens, mo
           device, dtype, k_max, tau, quick):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
     from .bench.runner import BenchConfig, BenchRun
+    from .devices import default_dtype, resolve_device
+    from .net.protocol import DTYPE_NAMES as NAMES
 
     if quick:
         model, draft, servers, prompts = QUICK["model"], QUICK["draft"], QUICK["servers"], QUICK["prompts"]
         max_new_tokens, modes, dtype = QUICK["max_new_tokens"], QUICK["modes"], QUICK["dtype"]
         latencies = latencies or QUICK["latencies"]
+    resolved = resolve_device(device)  # a missing device: one line, before any work
+    dtype = dtype or NAMES[default_dtype(resolved)]
     out = Path(out) if out else Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     config = BenchConfig(out=out, model=model, draft=draft, servers=servers, latencies_ms=tuple(latencies or (50.0,)),
                          datasets=("humaneval", "gsm8k") if dataset == "both" else (dataset,), prompts=prompts,

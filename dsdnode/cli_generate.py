@@ -16,7 +16,10 @@ DTYPE_HELP = "Compute dtype [default: bfloat16; on CUDA float16 where the card h
 class DeviceType(click.ParamType):
     """--device: spelled like a device (whether it exists here is checked when the models load)."""
 
-    name = "auto|cpu|cuda|cuda:N|mps"
+    name = "device"
+
+    def get_metavar(self, *_args, **_kwargs) -> str:
+        return "[auto|cpu|cuda|cuda:N|mps]"
 
     def convert(self, value, param, ctx):
         import re

@@ -161,6 +161,7 @@ def test_misspelt_devices_are_usage_errors(args):
     ["generate", "hi", "--local", "--device", "cuda"],
     ["api", "--local", "--device", "cuda"],
     ["demo", "--device", "cuda"],
+    ["bench", "--quick", "--device", "cuda"],
 ], ids=lambda args: " ".join(args))
 def test_a_missing_gpu_is_one_line_from_every_command(args):
     """Before any weights are read or any peer is started."""

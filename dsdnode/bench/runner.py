@@ -56,7 +56,7 @@ class BenchConfig:
     modes: tuple[str, ...] = DEFAULT_MODES
     threads: int = 1  # torch threads of each server process
     client_threads: int = 1  # torch threads of this (client) process
-    dtype: str | None = None  # None: the device's default
+    dtype: str = "bfloat16"
     device: str = "auto"  # of the client and of every server process
     k_max: int = 8
     tau: float = 0.3
