@@ -41,7 +41,7 @@ class AsyncClient:
 
     @classmethod
     async def connect(cls, model: str, *, bootstrap: list[str] | tuple[str, ...] = (), local: bool = False,
-                      hops: int = 4, draft: str | bool = True, dtype: Literal["bfloat16", "float32"] | None = None,
+                      hops: int = 4, draft: str | bool = True, dtype: Literal["bfloat16", "float16", "float32"] | None = None,
                       device: str = "auto", link_latency_ms: float = 0.0, relay: bool = False) -> AsyncClient:
         """model: a registry name or a directory. draft: True for the registry's pairing, False for
         none (then only k=0 works), or a model name/directory. local: run the target in this process

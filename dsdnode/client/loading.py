@@ -52,8 +52,8 @@ def default_draft(target: str) -> str | None:
 
 
 def load_client_models(target: str, draft: str | None, dtype: str | None = None, device: str = "cpu") -> ClientModels:
-    """device: auto, cpu, cuda, cuda:N or mps (a missing one is a DeviceError); dtype: a name, or
-    None for the device's default (devices.default_dtype)."""
+    """device: auto, cpu, cuda, cuda:N or mps (a missing one is a DeviceError, before any model is
+    fetched or read); dtype: a name, or None for the device's default (devices.default_dtype)."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     target_dir = resolve_model_dir(target)

@@ -200,7 +200,6 @@ def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), lo
     """Load the client's models and make its chain source (blocking: loads weights); start() it in
     the event loop that will generate. See library.AsyncClient.connect for the arguments."""
     from ..config import DTYPE_NAMES
-    from ..devices import resolve_device
     from .loading import default_draft, load_client_models
 
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -209,7 +208,6 @@ def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), lo
         raise ValueError(f"link_latency_ms must be >= 0, got {link_latency_ms}")
     if not local and not bootstrap:
         raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
-    resolve_device(device)  # a missing device is one clear error before any weights are read
     models = load_client_models(model, default_draft(model) if draft is True else draft or None, dtype, device)
     if local:  # the spans share the client's device and dtype
         chains = LocalChains.load(models.target_dir, hops, models.dtype, link_latency_ms, models.device)
