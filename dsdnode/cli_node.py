@@ -108,7 +108,8 @@ async def run_node(s: NodeSettings) -> None:
         log.info("serving layers %d:%d of %s on %s in %s", *span_range, s.model, describe(device), DTYPE_NAMES[dtype])
         server = Server(node, s.model, span, cache_budget_bytes=s.cache_budget_mb << 20,
                         max_length=s.max_session_length, max_block=s.max_block, idle_s=s.session_idle_s,
-                        announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s)
+                        announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s,
+                        frame_body_timeout_s=s.frame_body_timeout_s)
         if s.metrics_port:
             server.metrics.serve(s.host, s.metrics_port)
     except BaseException:

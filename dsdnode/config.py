@@ -87,6 +87,8 @@ class NodeSettings:
     max_session_length: int = bounded(4096, 1)
     max_block: int = bounded(64, 1)
     session_idle_s: float = bounded(300.0, 0, low_open=True)  # drop a session nobody used for this long
+    # a frame begun must end this soon (+ 1 s per MiB) or the stream resets
+    frame_body_timeout_s: float = bounded(30.0, 0, low_open=True)
     announce_interval_s: float = bounded(30.0, 0, low_open=True)
     record_ttl_s: float = bounded(120.0, 0, low_open=True)
     metrics_port: int = bounded(0, *PORT)  # 0: off

@@ -27,7 +27,7 @@ from ..net.dht import SpanRecord
 from ..net.p2p import P2PNode, Stream, StreamClosed
 from ..net.protocol import DTYPE_NAMES, SESSION_PROTOCOL
 from ..net.stream import close_quietly
-from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, PeerRef, SessionOpened,
+from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, SessionOpened,
                         TensorPayload, WireLimits, decode, encode)
 from .deadlines import DeadlineSettings, PassDeadline
 from .interface import ChainOutput
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 OPEN_TIMEOUT_S = 15.0  # dial + OpenSession + reply, per hop (the server may look up and dial its next hop)
 SUSPECT_PING_S = 2.0  # after a missed deadline: a hop that does not answer a ping this fast is hung
 CLOSE_TIMEOUT_S = 2.0  # saying goodbye to a hop that may be hung
-BUSY_RETRY_S = 5.0  # a busy server without a retry hint is tried again after this long
+BUSY_RETRY_S = 2.0  # a busy server without a retry hint is tried again after this long
 MAX_BUSY_WAIT_S = 30.0  # longest wait for busy servers when no other route exists
 RECORDS_MAX_AGE_S = 60.0  # re-read the DHT when the records we route with are older
 
@@ -77,6 +77,7 @@ class RemoteChain:
         self.route: list[tuple[str, int, int]] = []  # (peer id, start, end) of the latest session's hops
         self.session_id = ""
         self._busy_until: dict[str, float] = {}  # busy peers: monotonic time to try them again
+        self._busy_count: dict[str, int] = {}
         self._bad_next_hop_reports: dict[str, int] = {}
         self._reasons: dict[str, str] = {}  # excluded peer -> the failure that excluded it, for error messages
         self._records: list[SpanRecord] = []
@@ -133,8 +134,9 @@ class RemoteChain:
     def _blame(self, failure: ChainFailure) -> None:
         now = time.monotonic()
         for peer, why in failure.suspects.items():
-            if why == "busy":
-                wait = failure.retry_after_s if failure.retry_after_s is not None else BUSY_RETRY_S
+            if why == "busy":  # the server's hint, doubled each time the same server is still full
+                times = self._busy_count[peer] = self._busy_count.get(peer, 0) + 1
+                wait = (failure.retry_after_s if failure.retry_after_s is not None else BUSY_RETRY_S) * 2 ** (times - 1)
                 self._busy_until[peer] = now + min(max(wait, 0.5), MAX_BUSY_WAIT_S)
             else:
                 self.excluded[peer] = why
@@ -207,9 +209,9 @@ class RemoteChain:
         except Exception as e:
             raise ChainFailure(f"cannot reach {peer}: {e}", {peer: "unreachable"}) from None
         try:
+            prv = hops[i - 1].candidate.record.peer_id if i > 0 and self._next_hop(hops, i - 1) else None
             await stream.send(encode(OpenSession(self.session_id, self.model, hop.start, hop.end, self._max_length,
-                                                 PeerRef(nxt.peer_id, list(nxt.addrs)) if nxt else None,
-                                                 self.dtype_name)))
+                                                 nxt.peer_id if nxt else None, prv, self.dtype_name)))
             reply = decode(await stream.recv(timeout=OPEN_TIMEOUT_S), WireLimits())
             if isinstance(reply, ErrorReply):
                 raise self._refusal(peer, reply, nxt)

@@ -43,6 +43,7 @@ SIGN_DOMAIN = b"dsdnode/span-record/v1\x00"
 WITHDRAW_TTL_S = 600.0  # how long the "no longer serving" marker outlives the withdraw
 PEER_QUERY_TIMEOUT_S = 5.0
 VALUE_REPLICAS_ASKED = 3  # routing-table neighbours asked for a value besides its provider
+LOOKUP_CACHE_SIZE = 1024  # records kept by DHT.lookup (each until it expires)
 
 
 class RecordRejected(ValueError):
@@ -191,6 +192,7 @@ class DHT:
         self._kad: KadDHT | None = None
         self._last: dict[str, SpanRecord] = {}
         self._last_issued = 0.0
+        self._found: dict[tuple[str, str], SpanRecord] = {}  # lookup() results, until they expire
 
     def _attach(self, kad: KadDHT) -> None:
         """Called on the trio thread once the KadDHT exists."""
@@ -224,6 +226,30 @@ class DHT:
     async def discover(self, model: str) -> list[SpanRecord]:
         """Live, verified records of every provider of `model` (withdrawn/expired/forged dropped)."""
         return await self._node._bridge.call(self._t_discover, model)
+
+    async def lookup(self, model: str, peer_id: str) -> SpanRecord | None:
+        """The newest valid (signed by peer_id, unexpired, not withdrawn) record of `peer_id` for
+        `model`, or None. A record found is reused until it expires, so a server opening many
+        sessions towards the same next hop asks the DHT once, not per session; misses are not kept
+        (a server that just joined is found at once)."""
+        key, now = (model, peer_id), time.time()
+        rec = self._found.get(key)
+        if rec is not None and rec.expires > now:
+            return rec
+        self._found.pop(key, None)
+        try:
+            peer = ID.from_base58(peer_id)
+        except Exception:
+            return None  # not a peer id: nobody can have a record under it
+        rec = await self._node._bridge.call(self._t_fetch_value, model, peer)
+        if rec is None or rec.withdrawn:
+            return None
+        if len(self._found) >= LOOKUP_CACHE_SIZE:
+            self._found = {k: r for k, r in self._found.items() if r.expires > now}
+            while len(self._found) >= LOOKUP_CACHE_SIZE:
+                del self._found[next(iter(self._found))]  # the oldest entry
+        self._found[key] = rec
+        return rec
 
     # ---- trio side ---------------------------------------------------------------------
     async def _t_publish(self, rec: SpanRecord, blob: bytes, provide: bool) -> None:

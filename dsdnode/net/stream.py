@@ -5,6 +5,11 @@ Each stream has one reader task that moves bytes from the muxer into a bounded b
 `recv(timeout=...)` can give up at any point without losing bytes (yamux's own read is
 not cancel-safe) and a dead peer surfaces as StreamClosed as soon as the connection drops.
 Emulated link latency is slept in the task writing the frame, so other streams keep flowing.
+
+A frame, once begun, must be finished: after its first byte arrives the rest must follow within
+`body_timeout` (plus time for its size at MIN_BODY_RATE), or the stream is reset. An idle stream
+between frames waits as long as its reader allows; a peer that starts a frame and stalls cannot
+hold a server's buffer and handler forever.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 256 * 1024
 READ_AHEAD = 1 << 20  # bytes the reader may buffer beyond what the current recv needs
 DEFAULT_SEND_TIMEOUT = 60.0  # a peer that reads nothing for this long gets its stream reset
+FRAME_BODY_TIMEOUT_S = 30.0  # from a frame's first byte to its last, plus its size at MIN_BODY_RATE
+MIN_BODY_RATE = 1 << 20  # bytes/s: a slower sender of a started frame gets its stream reset
 
 
 class FrameTooLarge(ValueError):
@@ -56,9 +63,11 @@ class Stream:
         """Write one frame after the emulated link delay; resets the stream on timeout."""
         await self._bridge.call(self._t_send, frame, timeout)
 
-    async def recv(self, timeout: float | None = None) -> bytes:
-        """Next frame. TimeoutError leaves the stream usable; StreamClosed/FrameTooLarge end it."""
-        return await self._bridge.call(self._t_recv, timeout)
+    async def recv(self, timeout: float | None = None, body_timeout: float = FRAME_BODY_TIMEOUT_S) -> bytes:
+        """Next frame. `timeout` bounds the wait for a frame to begin: TimeoutError leaves the stream
+        usable. A frame begun but not finished within body_timeout (+ size / MIN_BODY_RATE) resets
+        the stream (StreamClosed); StreamClosed/FrameTooLarge end it."""
+        return await self._bridge.call(self._t_recv, timeout, body_timeout)
 
     async def close(self) -> None:
         """Half-close our side (the peer's recv sees StreamClosed) and stop reading."""
@@ -90,22 +99,31 @@ class Stream:
         await self._t_reset()
         raise StreamClosed(f"send to {self.remote_peer_id} timed out after {timeout}s; stream reset")
 
-    async def _t_recv(self, timeout: float | None = None) -> bytes:
+    async def _t_recv(self, timeout: float | None = None, body_timeout: float = FRAME_BODY_TIMEOUT_S) -> bytes:
         async with self._recv_lock:
-            with trio.move_on_after(math.inf if timeout is None else timeout):
+            with trio.move_on_after(math.inf if timeout is None else timeout) as idle:
+                await self._fill(1)
+            if idle.cancelled_caught:
+                raise TimeoutError(f"no frame from {self.remote_peer_id} within {timeout}s")
+            with trio.move_on_after(body_timeout) as body:
                 await self._fill(4)
                 size = int.from_bytes(self._buf[:4], "big")
                 if size > self._max_frame_bytes:
                     await self._t_reset()
                     raise FrameTooLarge(f"peer {self.remote_peer_id} announced a frame of {size} bytes "
                                         f"> max_frame_bytes {self._max_frame_bytes}; stream reset")
+                body.deadline += size / MIN_BODY_RATE
                 await self._fill(4 + size)
-                frame = bytes(self._buf[4 : 4 + size])
+                with memoryview(self._buf) as view:  # one copy of the frame, not two
+                    frame = bytes(view[4 : 4 + size])
                 del self._buf[: 4 + size]
                 self._need = 0
                 self._wake_reader()
                 return frame
-            raise TimeoutError(f"no frame from {self.remote_peer_id} within {timeout}s")
+            got = len(self._buf)
+            await self._t_reset()
+            raise StreamClosed(f"peer {self.remote_peer_id} began a frame but sent only {got} bytes of it "
+                               f"within {body_timeout:.0f}s (+ its size at {MIN_BODY_RATE >> 20} MiB/s); stream reset")
 
     async def _fill(self, n: int) -> None:
         """Wait until the buffer holds n bytes (cancel-safe: only waits on events)."""

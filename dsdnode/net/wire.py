@@ -5,16 +5,28 @@ plus a "type" tag. Tensors travel as dtype/shape/raw little-endian bytes (no pic
 torch serialization), so a frame from an untrusted peer can only ever become one of the
 dataclasses below or a WireError; `decode` never raises anything else.
 
+Decoding cost is bounded before anything is allocated: `_scan` walks the msgpack headers (no
+objects built) and rejects a frame whose nesting, container lengths, string/bin lengths or total
+item count exceed what the schema below can produce (all derived from the dataclasses and the
+receiver's WireLimits), so a hostile frame costs at most about twice its size and a few
+milliseconds, never a pile of tiny Python objects or a deep recursion. Error messages are capped
+at MAX_MESSAGE_CHARS and quote offending values only through `short`.
+
 Error codes raised by `decode` (and sent back in ErrorReply):
-  malformed  not msgpack, unknown type tag, missing/extra/mistyped field, negative counts
-  too_large  frame > max_frame_bytes, block T > max_block, commit_len+T or max_length > max_length
+  malformed  not msgpack, unknown type tag, missing/extra/mistyped field, negative counts, nesting,
+             lists, maps, strings or object counts beyond what any message holds
+  too_large  frame > max_frame_bytes, block T > max_block, commit_len+T or max_length > max_length,
+             bytes longer than the largest tensor the limits allow
   bad_dtype  tensor dtype not allowed where it appears
   bad_shape  shape not [1, T, hidden_size] / mask not [T, commit_len+T] / data length != shape
-The other codes (unknown_session, busy, wrong_span, internal, shutting_down) are for servers.
+The other codes (unknown_session, busy, wrong_span, internal, shutting_down, bad_next_hop) are for
+servers; bad_next_hop: OpenSession named a next_peer without a valid span record that continues
+the session's span.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -28,19 +40,41 @@ if TYPE_CHECKING:
 
 ERROR_CODES = frozenset(
     {"malformed", "too_large", "bad_dtype", "bad_shape", "unknown_session", "busy",
-     "wrong_span", "internal", "shutting_down"}
+     "wrong_span", "internal", "shutting_down", "bad_next_hop"}
 )
 HIDDEN_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "bool": 1}
 MAX_DIMS = 8
 MAX_ID_CHARS = 256  # session ids, model names, peer ids, error codes
 MAX_TIMINGS = 256  # one HopTiming per hop; a longer list is an attack, not a chain
+MAX_MESSAGE_CHARS = 512  # error messages: enough to explain, too short to echo an attack back
+MAX_UTF8_BYTES_PER_CHAR = 4
+
+
+def short(value: Any, n: int = 40) -> str:
+    """A repr of at most ~n characters that never walks a big or deep value (repr of a 1000-deep
+    list raises RecursionError; repr of an 8 MiB string is 8 MiB)."""
+    if isinstance(value, (str, bytes, bytearray)):
+        text = repr(value[:n])
+        return text if len(value) <= n else f"{text}... ({len(value)} long)"
+    if isinstance(value, (list, tuple, dict)):
+        return f"<{type(value).__name__} of {len(value)}>"
+    if isinstance(value, (int, float, bool)) or value is None:
+        text = repr(value)
+        return text if len(text) <= n else text[:n] + "..."
+    return f"<{type(value).__name__}>"
+
+
+def cap(message: str) -> str:
+    """Error text cut to MAX_MESSAGE_CHARS."""
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
 class WireError(ValueError):
     """A frame that is not a valid message. `code` is one of ERROR_CODES."""
 
     def __init__(self, code: str, message: str) -> None:
+        message = cap(message)
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -97,19 +131,22 @@ class HopTiming:
 
 
 @dataclass
-class PeerRef:
-    peer_id: str
-    addrs: list[str]
-
-
-@dataclass
 class OpenSession:
+    """Open a session for layers [start, end) on the receiving server.
+
+    next_peer: peer id of the hop this one pushes its output to (None: answer the opener). The
+    server dials it at the addresses of that peer's signed span record, never at addresses a
+    client names. prev_peer: peer id of the hop that pushes blocks into this session (None: the
+    opener sends them itself, on this stream); blocks from anyone else are refused.
+    """
+
     session_id: str
     model: str
     start: int
     end: int
     max_length: int
-    next_hop: PeerRef | None
+    next_peer: str | None
+    prev_peer: str | None
     dtype: str
 
 
@@ -156,6 +193,9 @@ class ErrorReply:
     step_id: int | None = None
     retry_after_s: float | None = None  # with "busy": when trying this server again may succeed
 
+    def __post_init__(self) -> None:
+        self.message = cap(self.message)  # whatever went into it, the reply stays small
+
 
 Message = Union[OpenSession, SessionOpened, Forward, ForwardResult, CloseSession, ErrorReply]
 _TAGS: dict[str, type] = {
@@ -163,7 +203,7 @@ _TAGS: dict[str, type] = {
     "forward_result": ForwardResult, "close_session": CloseSession, "error": ErrorReply,
 }
 _TAG_OF = {cls: tag for tag, cls in _TAGS.items()}
-_HINTS = {cls: typing.get_type_hints(cls) for cls in (*_TAGS.values(), TensorPayload, HopTiming, PeerRef)}
+_HINTS = {cls: typing.get_type_hints(cls) for cls in (*_TAGS.values(), TensorPayload, HopTiming)}
 
 
 def encode(msg: Message) -> bytes:
@@ -186,21 +226,151 @@ def _to_plain(value: Any) -> Any:
 
 def decode(frame: bytes, limits: WireLimits) -> Message:
     """Parse and validate one frame. Raises only WireError."""
+    try:
+        return _decode(frame, limits)
+    except WireError:
+        raise
+    except Exception as exc:  # last resort (RecursionError, MemoryError...): hostile input is malformed
+        raise WireError("malformed", f"undecodable frame: {type(exc).__name__}") from None
+
+
+def _decode(frame: bytes, limits: WireLimits) -> Message:
     if len(frame) > limits.max_frame_bytes:
         raise WireError("too_large", f"frame of {len(frame)} bytes exceeds {limits.max_frame_bytes}")
+    bounds = _bounds(limits)
+    _scan(frame, bounds)
     try:
-        obj = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)
+        obj = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True,
+                              max_str_len=bounds.str_bytes, max_bin_len=bounds.bin_bytes,
+                              max_array_len=bounds.array_len, max_map_len=bounds.map_len, max_ext_len=0)
     except Exception as exc:  # msgpack raises a zoo of types on garbage; all mean malformed
-        raise WireError("malformed", f"not a msgpack message: {type(exc).__name__}: {exc}") from None
+        raise WireError("malformed", f"not a msgpack message: {type(exc).__name__}: {short(str(exc), 80)}") from None
     if not isinstance(obj, dict):
         raise WireError("malformed", f"message must be a map, got {type(obj).__name__}")
     tag = obj.pop("type", None)
     cls = _TAGS.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise WireError("malformed", f"unknown message type {tag!r}")
+        raise WireError("malformed", f"unknown message type {short(tag)}")
     msg = _build(cls, obj, tag)
     _check(msg, limits)
     return msg
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """The most any valid message can hold, for a receiver's limits (see _bounds)."""
+
+    depth: int  # containers nested in each other, the message map included
+    items: int  # msgpack objects in one frame (map keys included)
+    map_len: int
+    array_len: int
+    str_bytes: int
+    bin_bytes: int
+
+
+def _nesting(tp: Any) -> int:
+    """How many containers deep a value of annotation `tp` is encoded."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, UnionType):
+        return max(_nesting(o) for o in typing.get_args(tp) if o is not NoneType)
+    if origin in (list, tuple):
+        return 1 + _nesting(typing.get_args(tp)[0])
+    if is_dataclass(tp):
+        return 1 + max(_nesting(t) for t in _HINTS[tp].values())
+    return 0
+
+
+def _count(tp: Any) -> int:
+    """The most msgpack objects a value of annotation `tp` encodes to (lists at their caps)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, UnionType):
+        return max(_count(o) for o in typing.get_args(tp) if o is not NoneType)
+    if origin in (list, tuple):
+        return 1 + _ARRAY_CAP * _count(typing.get_args(tp)[0])
+    if is_dataclass(tp):
+        return 1 + sum(1 + _count(t) for t in _HINTS[tp].values())
+    return 1
+
+
+_ARRAY_CAP = max(MAX_TIMINGS, MAX_DIMS)  # the longest list in any message
+_DEPTH_CAP = max(_nesting(cls) for cls in _TAGS.values())
+_ITEMS_CAP = max(_count(cls) for cls in _TAGS.values()) + 2  # + the "type" tag's key and value
+_MAP_CAP = max(len(_HINTS[cls]) for cls in _HINTS) + 1
+
+
+@functools.lru_cache(maxsize=16)
+def _bounds(limits: WireLimits) -> _Bounds:
+    if limits.hidden_size is None:
+        bin_bytes = limits.max_frame_bytes
+    else:  # the largest tensor a message may carry: a hidden block or its attention mask
+        hidden = limits.max_block * limits.hidden_size * max(ITEMSIZE[d] for d in HIDDEN_DTYPES)
+        bin_bytes = max(hidden, limits.max_block * limits.max_length * ITEMSIZE["bool"])
+    return _Bounds(depth=_DEPTH_CAP, items=_ITEMS_CAP, map_len=_MAP_CAP, array_len=_ARRAY_CAP,
+                   str_bytes=MAX_UTF8_BYTES_PER_CHAR * max(MAX_ID_CHARS, MAX_MESSAGE_CHARS), bin_bytes=bin_bytes)
+
+
+# msgpack first bytes with a fixed-size payload: byte -> payload bytes (nil, bools, numbers)
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
+          0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+# first bytes whose next 1/2/4 bytes give a length: byte -> (kind, size of the length field)
+_SIZED = {0xC4: ("bin", 1), 0xC5: ("bin", 2), 0xC6: ("bin", 4), 0xD9: ("str", 1), 0xDA: ("str", 2),
+          0xDB: ("str", 4), 0xDC: ("array", 2), 0xDD: ("array", 4), 0xDE: ("map", 2), 0xDF: ("map", 4)}
+
+
+def _scan(frame: bytes, b: _Bounds) -> None:
+    """Walk the msgpack headers of `frame` without building anything; raise WireError where the
+    frame holds more than a valid message can (so unpacking it afterwards is cheap).
+
+    At most b.items iterations whatever the frame size: the cost is bounded before allocation."""
+    n = len(frame)
+    if n == 0 or not (0x80 <= frame[0] <= 0x8F or frame[0] in (0xDE, 0xDF)):
+        raise WireError("malformed", "a message must be a msgpack map")
+    pos, items = 0, 0
+    left = [1]  # objects still to read at each open container level
+    while left:
+        if left[-1] == 0:
+            left.pop()
+            continue
+        left[-1] -= 1
+        items += 1
+        if items > b.items:
+            raise WireError("malformed", f"more than {b.items} objects in one frame")
+        if pos >= n:
+            raise WireError("malformed", "frame ends inside a message")
+        first = frame[pos]
+        pos += 1
+        if first <= 0x7F or first >= 0xE0:  # fixint
+            continue
+        if first in _FIXED:
+            pos += _FIXED[first]
+            continue
+        if 0xA0 <= first <= 0xBF:
+            kind, length = "str", first & 0x1F
+        elif 0x90 <= first <= 0x9F:
+            kind, length = "array", first & 0x0F
+        elif 0x80 <= first <= 0x8F:
+            kind, length = "map", first & 0x0F
+        elif first in _SIZED:
+            kind, width = _SIZED[first]
+            length = int.from_bytes(frame[pos:pos + width], "big")
+            pos += width
+        else:  # 0xC1 (never used) and ext types (dsdnode sends none)
+            raise WireError("malformed", f"msgpack type byte 0x{first:02x} is not allowed")
+        if kind in ("str", "bin"):
+            most = b.str_bytes if kind == "str" else b.bin_bytes
+            if length > most:
+                raise WireError("too_large" if kind == "bin" else "malformed",
+                                f"{kind} of {length} bytes exceeds {most}")
+            pos += length
+            continue
+        most = b.map_len if kind == "map" else b.array_len
+        if length > most:
+            raise WireError("malformed", f"{kind} of {length} entries exceeds {most}")
+        if len(left) > b.depth:  # left holds one level per enclosing container, plus the frame
+            raise WireError("malformed", f"containers nested deeper than {b.depth}")
+        left.append(2 * length if kind == "map" else length)
+    if pos != n:
+        raise WireError("malformed", "frame ends inside a message" if pos > n else "trailing bytes after the message")
 
 
 def _build(cls: type, obj: Any, path: str) -> Any:
@@ -208,7 +378,7 @@ def _build(cls: type, obj: Any, path: str) -> Any:
         raise WireError("malformed", f"{path} must be a map, got {type(obj).__name__}")
     hints = _HINTS[cls]
     missing = [n for n in hints if n not in obj]
-    extra = [repr(k) for k in obj if k not in hints]
+    extra = [short(k) for k in obj if k not in hints]
     if missing or extra:
         raise WireError("malformed", f"{path}: missing fields {missing}, unexpected fields {extra}")
     return cls(**{name: _convert(obj[name], tp, f"{path}.{name}") for name, tp in hints.items()})
@@ -234,11 +404,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise WireError("malformed", f"{path} must be a finite number, got {value!r:.40}")
+        raise WireError("malformed", f"{path} must be a finite number, got {short(value)}")
     if type(value) is not tp:  # exact: bool is not an int here, str is not bytes
         raise WireError("malformed", f"{path} must be {tp.__name__}, got {type(value).__name__}")
-    if tp is str and len(value) > MAX_ID_CHARS and not path.endswith("message"):
-        raise WireError("malformed", f"{path} is longer than {MAX_ID_CHARS} characters")
+    most = MAX_MESSAGE_CHARS if path.endswith(".message") else MAX_ID_CHARS
+    if tp is str and len(value) > most:
+        raise WireError("malformed", f"{path} is longer than {most} characters")
     return value
 
 
@@ -252,7 +423,7 @@ def _check(msg: Message, limits: WireLimits) -> None:
         if msg.max_length > limits.max_length:
             raise WireError("too_large", f"max_length {msg.max_length} exceeds {limits.max_length}")
         if msg.dtype not in HIDDEN_DTYPES:
-            raise WireError("bad_dtype", f"session dtype {msg.dtype!r} not in {sorted(HIDDEN_DTYPES)}")
+            raise WireError("bad_dtype", f"session dtype {short(msg.dtype)} not in {sorted(HIDDEN_DTYPES)}")
     elif isinstance(msg, Forward):
         _check_step(msg.step_id, msg.timings)
         if msg.commit_len < 0:
@@ -267,7 +438,7 @@ def _check(msg: Message, limits: WireLimits) -> None:
         _check_hidden(msg.hidden, limits)
     elif isinstance(msg, ErrorReply):
         if msg.code not in ERROR_CODES:
-            raise WireError("malformed", f"unknown error code {msg.code!r}")
+            raise WireError("malformed", f"unknown error code {short(msg.code)}")
         if msg.step_id is not None and msg.step_id < 0:
             raise WireError("malformed", f"step_id must be >= 0, got {msg.step_id}")
         if msg.retry_after_s is not None and msg.retry_after_s < 0:
@@ -283,9 +454,9 @@ def _check_step(step_id: int, timings: list[HopTiming]) -> None:
 
 def _check_tensor(t: TensorPayload, name: str) -> None:
     if t.dtype not in ITEMSIZE:
-        raise WireError("bad_dtype", f"{name} dtype {t.dtype!r} not in {sorted(ITEMSIZE)}")
+        raise WireError("bad_dtype", f"{name} dtype {short(t.dtype)} not in {sorted(ITEMSIZE)}")
     if len(t.shape) > MAX_DIMS or any(d < 0 for d in t.shape):
-        raise WireError("bad_shape", f"{name} shape {list(t.shape)} has negative or too many dims")
+        raise WireError("bad_shape", f"{name} shape {short(list(t.shape))} has negative or too many dims")
     expected = math.prod(t.shape) * ITEMSIZE[t.dtype]
     if len(t.data) != expected:
         raise WireError("bad_shape", f"{name} has {len(t.data)} data bytes, shape {list(t.shape)} "
@@ -295,7 +466,7 @@ def _check_tensor(t: TensorPayload, name: str) -> None:
 def _check_hidden(h: TensorPayload, limits: WireLimits) -> int:
     """Validate hidden states [1, T, hidden_size]; returns T."""
     if h.dtype not in HIDDEN_DTYPES:
-        raise WireError("bad_dtype", f"hidden dtype {h.dtype!r} not in {sorted(HIDDEN_DTYPES)}")
+        raise WireError("bad_dtype", f"hidden dtype {short(h.dtype)} not in {sorted(HIDDEN_DTYPES)}")
     width_ok = len(h.shape) == 3 and (
         h.shape[2] == limits.hidden_size if limits.hidden_size is not None else h.shape[2] >= 1
     )
@@ -310,7 +481,7 @@ def _check_hidden(h: TensorPayload, limits: WireLimits) -> int:
 
 def _check_mask(m: TensorPayload, t: int, commit_len: int) -> None:
     if m.dtype != "bool":
-        raise WireError("bad_dtype", f"attention_mask dtype must be bool, got {m.dtype!r}")
+        raise WireError("bad_dtype", f"attention_mask dtype must be bool, got {short(m.dtype)}")
     if tuple(m.shape) != (t, commit_len + t):
         raise WireError("bad_shape", f"attention_mask shape {list(m.shape)} is not [{t}, {commit_len + t}]")
     _check_tensor(m, "attention_mask")

@@ -7,7 +7,13 @@ on SIGTERM withdraw, fail open sessions with "shutting_down", stop.
 A session's client opens one stream to every hop of its chain. Blocks enter at the first hop on
 that stream; each hop pushes its output straight to the next hop over a stream of its own, and the
 last hop answers on its client stream. Errors at any hop go back on that hop's client stream, so
-the client always hears about a failure from the hop where it happened."""
+the client always hears about a failure from the hop where it happened.
+
+Nothing a peer sends can stop or bloat the daemon: frames are decoded within fixed bounds (wire.py),
+a frame begun must finish in time (stream.py), a session takes blocks only from its opener or the
+upstream peer the opener named (sessions.py), the next hop is dialled at the addresses of its own
+signed span record (never at addresses a client names), and a closed or expired session's cache is
+freed at once even while its client's stream stays open."""
 
 from __future__ import annotations
 
@@ -25,25 +31,27 @@ import torch
 from .. import __version__
 from ..models.span import Span
 from ..net.dht import SpanRecord
+from ..net.protocol import HIDDEN_DTYPES, SESSION_PROTOCOL
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
-from ..net.stream import close_quietly
+from ..net.stream import FRAME_BODY_TIMEOUT_S, close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
-                        TensorPayload, WireError, WireLimits, decode, encode)
+                        TensorPayload, WireError, WireLimits, decode, encode, short)
 from .metrics import server_metrics
 from .sessions import Session, SessionError, SessionTable
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "/dsdnode/session/1.0.0"
-FIRST_FRAME_TIMEOUT_S = 30.0
+FIRST_FRAME_TIMEOUT_S = 30.0  # a stream with no live session on it waits this long for a frame
+NEXT_HOP_LOOKUP_TIMEOUT_S = 10.0
 WITHDRAW_TIMEOUT_S = 5.0
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Server:
     def __init__(self, node: P2PNode, model: str, span: Span, *, cache_budget_bytes: int, max_length: int,
-                 max_block: int, idle_s: float, announce_interval_s: float, record_ttl_s: float):
+                 max_block: int, idle_s: float, announce_interval_s: float, record_ttl_s: float,
+                 frame_body_timeout_s: float = FRAME_BODY_TIMEOUT_S):
         self.node, self.model, self.span = node, model, span
+        self.frame_body_timeout_s = frame_body_timeout_s
         self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s)
         self.limits = WireLimits(hidden_size=span.config.hidden_size, max_block=max_block, max_length=max_length,
                                  max_frame_bytes=node.max_frame_bytes)
@@ -58,7 +66,7 @@ class Server:
     # ---- life cycle ---------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> None:
         self.throughput = await asyncio.get_running_loop().run_in_executor(self.compute, measure_throughput, self.span)
-        self.node.set_stream_handler(PROTOCOL, self.handle_stream)
+        self.node.set_stream_handler(SESSION_PROTOCOL, self.handle_stream)
         announcer = asyncio.create_task(self._announce_loop())
         reaper = asyncio.create_task(self._expire_loop())
         print(json.dumps({"event": "ready", "peer_id": self.node.peer_id, "addrs": self.node.addrs, "model": self.model,
@@ -106,61 +114,102 @@ class Server:
         while True:
             await asyncio.sleep(min(10.0, self.table.idle_s / 2))
             for sid in self.table.expired():
-                session = self.table.close(sid)
+                session = self.table.close(sid)  # frees the cache now, even if its client's stream stays open
                 log.info("session %s idle for %.0f s: closed", sid, self.table.idle_s)
-                await self._send(session.client, ErrorReply("unknown_session", "session expired (idle)", sid))
-                await close_quietly(session.next_stream)
+                # in a task: a client that reads nothing must not hold up the expiry of everyone else
+                self._spawn(self._send(session.client, ErrorReply("unknown_session", "session expired (idle)", sid)))
+                self._spawn(close_quietly(session.next_stream))
 
     # ---- streams ------------------------------------------------------------------------
     async def handle_stream(self, stream: Stream) -> None:
-        """A client stream starts with OpenSession; an upstream hop's push stream with Forward."""
-        session: Session | None = None
+        """A client stream starts with OpenSession; an upstream hop's push stream with Forward.
+
+        Only session ids are kept here, never a Session: when a session closes or expires its cache
+        is freed while this stream may stay open (later frames for it get unknown_session). A stream
+        that serves a live session waits for frames as long as the session lives; one that serves
+        none (any more) is closed after FIRST_FRAME_TIMEOUT_S without a frame."""
+        opened: str | None = None  # the session this stream opened (its client's stream)
+        serving: str | None = None  # the session this stream last opened or pushed a block into
         try:
             while True:
+                live = serving is not None and serving in self.table.sessions
                 try:
-                    frame = await stream.recv(timeout=None if session else FIRST_FRAME_TIMEOUT_S)
-                except (StreamClosed, TimeoutError):
+                    frame = await stream.recv(timeout=self.table.idle_s if live else FIRST_FRAME_TIMEOUT_S,
+                                              body_timeout=self.frame_body_timeout_s)
+                except TimeoutError:
+                    if live:  # blocks may come on another stream, or it just expired: wait on as the state says
+                        continue
+                    return
+                except StreamClosed:
                     return
                 self.metrics.bytes_in.inc(len(frame))
                 msg = None
                 try:
-                    msg = decode(frame, self.limits)
-                    if isinstance(msg, OpenSession) and session is None:
-                        session = await self._open(msg, stream)
+                    try:
+                        msg = decode(frame, self.limits)
+                    finally:
+                        frame = b""  # drop the bytes now: an idle stream must not hold a big bad frame
+                    if isinstance(msg, OpenSession) and (opened is None or opened not in self.table.sessions):
+                        await self._open(msg, stream)
+                        opened = serving = msg.session_id
                     elif isinstance(msg, Forward):
                         await self._forward(msg, stream)
+                        serving = msg.session_id
                     elif isinstance(msg, CloseSession):
+                        self.table.get(msg.session_id, stream)  # only its opener may close it
                         await self._close(msg.session_id)
                         return
                     else:
                         raise SessionError("malformed", f"unexpected {type(msg).__name__} on this stream")
                 except (WireError, SessionError) as e:
                     self.errors[e.code] = self.errors.get(e.code, 0) + 1
-                    log.info("rejected a frame from %s: %s: %s", stream.remote_peer_id, e.code, e.message)
-                    await self._send(stream, ErrorReply(e.code, e.message, getattr(msg, "session_id", None)))
+                    # debug, not info: a hostile peer must not be able to fill the operator's disk
+                    log.debug("rejected a frame from %s: %s: %s", stream.remote_peer_id, e.code, e.message)
+                    await self._send(stream, ErrorReply(e.code, e.message, getattr(msg, "session_id", None),
+                                                        retry_after_s=getattr(e, "retry_after_s", None)))
         finally:
-            if session is not None and self.table.sessions.get(session.session_id) is session:
-                await self._close(session.session_id)  # the client went away: free its cache
+            session = self.table.sessions.get(opened) if opened is not None else None
+            if session is not None and session.client is stream:
+                await self._close(opened)  # the client went away: free its cache
 
     async def _open(self, msg: OpenSession, stream: Stream) -> Session:
         if self.stopping:
             raise SessionError("shutting_down", "server is shutting down")
         if msg.model != self.model:
-            raise SessionError("wrong_span", f"this server serves {self.model!r}, not {msg.model!r}")
-        if msg.dtype not in DTYPES:
-            raise SessionError("bad_dtype", f"dtype {msg.dtype!r} is not one of {sorted(DTYPES)}")
-        session = self.table.open(msg.session_id, msg.start, msg.end, msg.max_length, stream, msg.next_hop)
+            raise SessionError("wrong_span", f"this server serves {self.model!r}, not {short(msg.model)}")
+        if msg.dtype not in HIDDEN_DTYPES:
+            raise SessionError("bad_dtype", f"dtype {short(msg.dtype)} is not one of {sorted(HIDDEN_DTYPES)}")
+        next_hop = await self._next_hop(msg) if msg.next_peer is not None else None
+        session = self.table.open(msg.session_id, msg.start, msg.end, msg.max_length, stream, msg.next_peer,
+                                  msg.prev_peer)
         self.metrics.sessions_opened.inc()
-        if msg.next_hop is not None:
+        if next_hop is not None:
             try:
-                peer = PeerInfo(msg.next_hop.peer_id, tuple(msg.next_hop.addrs))
-                session.next_stream = await self.node.open_stream(peer, PROTOCOL)
+                session.next_stream = await self.node.open_stream(next_hop, SESSION_PROTOCOL)
             except Exception as e:
                 self.table.close(msg.session_id)
-                raise SessionError("internal", f"cannot reach next hop {msg.next_hop.peer_id}: {e}") from None
+                raise SessionError("internal",
+                                   f"cannot reach next hop {next_hop.peer_id}: {short(str(e), 200)}") from None
             self._spawn(self._relay_errors(session))
         await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id))
         return session
+
+    async def _next_hop(self, msg: OpenSession) -> PeerInfo:
+        """Where this hop pushes its output: the addresses of next_peer's own signed, live span record
+        of this model, which must continue the session at layer msg.end. A client names only a peer
+        id, so it cannot make a server dial an address of its choosing."""
+        try:
+            rec = await asyncio.wait_for(self.node.dht.lookup(self.model, msg.next_peer), NEXT_HOP_LOOKUP_TIMEOUT_S)
+        except Exception as e:  # asyncio.TimeoutError included: no record we can trust
+            log.info("looking up next hop %s failed: %r", short(msg.next_peer), e)
+            rec = None
+        if rec is None:
+            raise SessionError("bad_next_hop", f"next peer {short(msg.next_peer)} has no valid, live span record "
+                                               f"of {self.model!r} in the DHT")
+        if not rec.start <= msg.end < rec.end:
+            raise SessionError("bad_next_hop", f"next peer {rec.peer_id} serves layers {rec.start}:{rec.end}, "
+                                               f"which do not continue this session at layer {msg.end}")
+        return PeerInfo(rec.peer_id, tuple(rec.addrs))
 
     async def _close(self, session_id: str) -> None:
         session = self.table.close(session_id)
@@ -168,9 +217,12 @@ class Server:
             await close_quietly(session.next_stream)
 
     async def _forward(self, msg: Forward, came_on: Stream) -> None:
-        session = self.table.get(msg.session_id)
+        session = self.table.get(msg.session_id, came_on, forward=True)
         recv_time = time.time()
         async with session.lock:
+            cache = session.cache
+            if cache is None:  # closed (expired, shut down) while this block waited for the lock
+                raise SessionError("unknown_session", f"no open session {msg.session_id!r} on this server")
             incoming = msg.hidden.to_torch()
             hidden = incoming.to(session.span.dtype)
             tree = None
@@ -179,14 +231,15 @@ class Server:
                 if not bool(mask[:, :msg.commit_len].all()):
                     raise SessionError("bad_shape", "attention_mask must let every position see the committed prefix")
                 tree = mask[:, msg.commit_len:]
-            if msg.commit_len > session.cache.length:
-                raise SessionError("bad_shape", f"commit_len {msg.commit_len} > {session.cache.length} cached positions")
+            if msg.commit_len > cache.length:
+                raise SessionError("bad_shape", f"commit_len {msg.commit_len} > {cache.length} cached positions")
             t0 = time.perf_counter()
             try:
                 out = await asyncio.get_running_loop().run_in_executor(
-                    self.compute, session.span.forward, hidden, session.cache, msg.commit_len, tree)
+                    self.compute, session.span.forward, hidden, cache, msg.commit_len, tree)
             except ValueError as e:
                 raise SessionError("bad_shape", str(e)) from None
+            del cache  # the session owns its cache: once it closes, the memory must go
             compute_s = time.perf_counter() - t0
             session.tokens_served += hidden.shape[1]
             self.metrics.observe_block(hidden.shape[1], compute_s)
@@ -198,7 +251,8 @@ class Server:
                     await session.next_stream.send(frame)
                     self.metrics.bytes_out.inc(len(frame))
                 except (StreamClosed, ConnectionError) as e:
-                    raise SessionError("internal", f"next hop {session.next_hop.peer_id} unreachable: {e}") from None
+                    raise SessionError("internal",
+                                       f"next hop {session.next_peer} unreachable: {short(str(e), 200)}") from None
             else:
                 await self._send(session.client, ForwardResult(msg.session_id, msg.step_id, payload, timings))
 

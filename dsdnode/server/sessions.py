@@ -2,7 +2,13 @@
 
 A session is opened by a client for a sub-range of the server's span with a maximum length; its
 cache is allocated up front, so the budget check at open time is the only place memory can run out
-and a full server answers "busy" instead of failing mid-generation."""
+and a full server answers "busy" instead of failing mid-generation. Closing a session (expiry
+included) drops its cache at once, whoever still holds the Session object: memory follows the
+budget, not the lifetime of streams and tasks that once served the session.
+
+A session belongs to the peer that opened it: blocks are taken only from the opener's own stream
+(first hop) or from the upstream peer the opener named (prev_peer); `admits` says whether a stream
+may touch a session, and callers treat "no" exactly like an unknown session id."""
 
 from __future__ import annotations
 
@@ -12,28 +18,42 @@ from dataclasses import dataclass, field
 
 from ..models.span import Span, SpanCache
 from ..net.p2p import Stream
-from ..net.wire import PeerRef
+
+
+BUSY_RETRY_AFTER_S = 2.0  # the hint a full server gives; clients back off further when it stays full
 
 
 class SessionError(Exception):
-    """Becomes an ErrorReply with this code."""
+    """Becomes an ErrorReply with this code (and, for "busy", a retry hint)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.retry_after_s = code, message, retry_after_s
 
 
 @dataclass
 class Session:
     session_id: str
     span: Span
-    cache: SpanCache
-    client: Stream  # where results (last hop) and errors go
-    next_hop: PeerRef | None
+    cache: SpanCache | None  # None once closed: the memory is gone even if the Session lingers
+    client: Stream  # the opener's stream: where results (last hop) and errors go
+    next_peer: str | None  # peer id this hop pushes its output to (None: the last hop)
+    prev_peer: str | None  # peer id that pushes blocks in (None: the opener sends them)
     next_stream: Stream | None = None
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one block at a time, in order
     tokens_served: int = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.cache is None
+
+    def admits(self, stream: Stream, forward: bool) -> bool:
+        """May a frame on `stream` act on this session? Blocks (forward=True) come from prev_peer if
+        the opener named one, else on the opener's stream; anything else only on the opener's stream."""
+        if forward and self.prev_peer is not None:
+            return stream.remote_peer_id == self.prev_peer
+        return stream is self.client
 
 
 def cache_bytes(span: Span, length: int) -> int:
@@ -50,7 +70,7 @@ class SessionTable:
 
     @property
     def used_bytes(self) -> int:
-        return sum(s.cache.nbytes for s in self.sessions.values())
+        return sum(s.cache.nbytes for s in self.sessions.values() if s.cache is not None)
 
     def free_tokens(self) -> int:
         """How many more positions (over the whole span) fit in the budget."""
@@ -58,7 +78,7 @@ class SessionTable:
         return max(0, (self.budget - self.used_bytes) // per_token)
 
     def open(self, session_id: str, start: int, end: int, max_length: int, client: Stream,
-             next_hop: PeerRef | None) -> Session:
+             next_peer: str | None = None, prev_peer: str | None = None) -> Session:
         if session_id in self.sessions:
             raise SessionError("malformed", f"session {session_id} is already open")
         if not self.span.start <= start < end <= self.span.end:
@@ -70,20 +90,28 @@ class SessionTable:
         need = cache_bytes(span, max_length)
         if self.used_bytes + need > self.budget:
             raise SessionError("busy", f"server is busy: {need >> 20} MiB of KV cache needed, "
-                                       f"{(self.budget - self.used_bytes) >> 20} MiB free; try another server")
-        session = Session(session_id, span, span.new_cache(max_length), client, next_hop)
+                                       f"{(self.budget - self.used_bytes) >> 20} MiB free; try another server",
+                               BUSY_RETRY_AFTER_S)
+        session = Session(session_id, span, span.new_cache(max_length), client, next_peer, prev_peer)
         self.sessions[session_id] = session
         return session
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, stream: Stream, forward: bool = False) -> Session:
+        """The open session `session_id` if `stream` may act on it (see Session.admits); a session
+        of someone else is reported exactly like a missing one, so its existence does not leak."""
         session = self.sessions.get(session_id)
-        if session is None:
+        if session is None or not session.admits(stream, forward):
             raise SessionError("unknown_session", f"no open session {session_id!r} on this server")
         session.last_used = time.monotonic()
         return session
 
     def close(self, session_id: str) -> Session | None:
-        return self.sessions.pop(session_id, None)
+        """Forget the session and free its cache now (a block being computed keeps its own reference
+        until it finishes)."""
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            session.cache = None
+        return session
 
     def expired(self) -> list[str]:
         now = time.monotonic()

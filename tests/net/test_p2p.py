@@ -172,3 +172,42 @@ def test_stop_is_idempotent_and_fails_pending_calls(remote):
             await stream.send(b"late")
 
     asyncio.run(main())
+
+
+def test_a_frame_begun_must_finish_within_the_body_timeout():
+    """The idle wait bounds only the start of a frame; once begun, a stalled frame resets the stream."""
+    async def main():
+        receiver, sender = await P2PNode.start(), await P2PNode.start()
+        outcomes: asyncio.Queue = asyncio.Queue()
+
+        async def handler(stream):
+            while True:
+                t0 = time.monotonic()
+                try:
+                    frame = await stream.recv(timeout=0.3, body_timeout=1.0)
+                    await outcomes.put(("frame", frame, time.monotonic() - t0))
+                except TimeoutError:
+                    continue  # idle between frames: keep waiting
+                except StreamClosed as e:
+                    await outcomes.put(("reset", str(e), time.monotonic() - t0))
+                    return
+
+        receiver.set_stream_handler("/dsdtest/partial/1", handler)
+        try:
+            stream = await sender.open_stream(receiver.info, "/dsdtest/partial/1")
+            write = lambda data: stream._bridge.call(stream._raw.write, data)  # raw bytes, no framing
+            await write((10).to_bytes(4, "big") + b"01234")  # half a frame...
+            await asyncio.sleep(0.6)  # ...longer than the idle timeout, shorter than the body timeout
+            await write(b"56789")
+            first = await asyncio.wait_for(outcomes.get(), 10)
+            await asyncio.sleep(0.5)  # idle between frames is fine
+            await write((10).to_bytes(4, "big") + b"0123")  # this one stalls
+            second = await asyncio.wait_for(outcomes.get(), 10)
+            return first, second
+        finally:
+            await sender.stop()
+            await receiver.stop()
+
+    first, second = asyncio.run(main())
+    assert first[:2] == ("frame", b"0123456789")
+    assert second[0] == "reset" and "began a frame" in second[1] and 0.9 < second[2] < 3.0

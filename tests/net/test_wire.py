@@ -13,7 +13,6 @@ from dsdnode.net.wire import (
     ForwardResult,
     HopTiming,
     OpenSession,
-    PeerRef,
     SessionOpened,
     TensorPayload,
     WireError,
@@ -42,8 +41,8 @@ def forward(**changes):
 
 
 MESSAGES = [
-    OpenSession("s1", "qwen-1.5b", 0, 14, 512, PeerRef("peerB", ["/ip4/127.0.0.1/tcp/1/p2p/peerB"]), "bfloat16"),
-    OpenSession("s1", "qwen-1.5b", 14, 28, 512, None, "float32"),
+    OpenSession("s1", "qwen-1.5b", 0, 14, 512, "peerB", None, "bfloat16"),
+    OpenSession("s1", "qwen-1.5b", 14, 28, 512, None, "peerA", "float32"),
     SessionOpened("s1", "peerA"),
     forward(),
     forward(attention_mask=None, timings=[]),
@@ -202,3 +201,89 @@ def test_garbage_only_raises_wire_error():
         except WireError as exc:
             assert exc.code in {"malformed", "too_large", "bad_dtype", "bad_shape"}
     assert decoded < len(frames)
+
+
+# ---- hostile frames: bounded cost, only WireError, small messages ---------------------------------------------
+
+BIG = WireLimits(hidden_size=HIDDEN, max_block=8, max_length=1024, max_frame_bytes=64 * 2**20)
+
+
+def header_map(n):
+    return bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+
+
+def forward_with(field, value_bytes):
+    """A forward frame whose `field` value is the raw msgpack bytes given (other fields valid)."""
+    body = msgpack.unpackb(encode(forward()))
+    del body[field]
+    packed = msgpack.packb(body, use_bin_type=True)
+    return header_map(len(body) + 1) + packed[1:] + msgpack.packb(field) + value_bytes
+
+
+def bounded(frame, limits=BIG):
+    """Decode a hostile frame: it must fail with WireError, fast, allocating < 2x its size, with a short message."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(WireError) as err:
+            decode(frame, limits)
+        elapsed = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(frame) + 64 * 1024, f"peak {peak} for a frame of {len(frame)} bytes"
+    assert elapsed < 0.5, f"decode took {elapsed:.2f} s"
+    assert len(str(err.value)) <= 600 and len(encode(ErrorReply(err.value.code, err.value.message))) < 1024
+    return err.value.code
+
+
+@pytest.mark.parametrize("depth", [4, 100, 1000, 100_000])
+def test_deep_nesting_is_malformed(depth):
+    for value in (b"\x91" * depth + b"\x90", b"\x81\xa1k" * depth + b"\xc0"):
+        assert bounded(forward_with("timings", value)) == "malformed"
+        assert bounded(b"\x91" * depth + b"\x90") == "malformed"  # not even a map at the top
+
+
+def test_many_empty_lists_and_huge_declared_counts_are_cheap():
+    size = 8 * 2**20
+    cases = {
+        "8 MiB of empty lists": forward_with("timings", b"\xdd" + (size).to_bytes(4, "big") + b"\x90" * size),
+        "256 x 256 empty lists": forward_with("timings", b"\xdc\x01\x00" + (b"\xdc\x01\x00" + b"\x90" * 256) * 256),
+        "array32 claims 4G": forward_with("timings", b"\xdd\xff\xff\xff\xff"),
+        "map32 claims 4G": forward_with("hidden", b"\xdf\xff\xff\xff\xff"),
+        "str32 claims 2G": forward_with("session_id", b"\xdb\x7f\xff\xff\xff"),
+        "bin32 claims 4G": forward_with("attention_mask", b"\xc6\xff\xff\xff\xff"),
+        "top-level array of 8M": b"\xdd" + size.to_bytes(4, "big") + b"\x90" * size,
+        "ext type": forward_with("session_id", b"\xd6\xff" + b"\0" * 4),
+        "trailing 8 MiB": encode(forward()) + b"\x90" * size,
+    }
+    codes = {name: bounded(frame) for name, frame in cases.items()}
+    assert set(codes.values()) <= {"malformed", "too_large"}, codes
+    assert codes["bin32 claims 4G"] == "too_large"
+
+
+def test_an_8_mib_bad_field_gets_a_small_error():
+    huge = "x" * (8 * 2**20)
+    frames = [
+        forward_with("session_id", msgpack.packb(huge)),  # over the string cap
+        raw(forward(), **{huge[: 2**20]: 1}),  # an unexpected field with a 1 MiB name
+        raw(forward(), step_id=[huge[:1000]] * 200),  # a list where an int belongs
+        raw(ErrorReply("internal", "x"), message=huge[:4000]),
+    ]
+    for frame in frames:
+        bounded(frame)
+    assert len(ErrorReply("internal", huge).message) <= 512
+    assert len(WireError("malformed", huge).message) <= 512
+
+
+def test_the_bounds_still_admit_the_largest_valid_messages():
+    full = forward(hidden=hidden(t=8), attention_mask=mask(t=8, commit=1016), commit_len=1016,
+                   timings=[HopTiming("p" * 256, 1.0, 0.5, 2.0)] * 256)
+    assert decode(encode(full), LIMITS) == full
+    error = ErrorReply("internal", "é" * 512, "s" * 256, 2**63 - 1)
+    assert decode(encode(error), LIMITS) == error
+    too_many = raw(full, timings=[vars(HopTiming("p", 1.0, 0.5, 2.0))] * 257)
+    assert code_of(too_many) == "malformed"

@@ -17,7 +17,7 @@ from dsdnode.models.head import Head
 from dsdnode.models.span import Span
 from dsdnode.net.p2p import P2PNode, PeerInfo
 from dsdnode.net.wire import ErrorReply, WireLimits, decode
-from dsdnode.server.daemon import PROTOCOL
+from dsdnode.net.protocol import SESSION_PROTOCOL as PROTOCOL
 from dsdnode.server.metrics import NodeMetrics
 from dsdnode.speculative.controller import ControllerSettings
 from dsdnode.speculative.draft import Drafter

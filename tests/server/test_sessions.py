@@ -16,14 +16,14 @@ def span():
 def test_budget_admits_then_says_busy(span):
     per_session = cache_bytes(span, 100)
     table = SessionTable(span, budget_bytes=2 * per_session, max_length=1000, idle_s=60)
-    table.open("a", 0, 6, 100, client=None, next_hop=None)
-    table.open("b", 2, 6, 100, client=None, next_hop=None)  # a sub-span costs less
+    table.open("a", 0, 6, 100, client=None)
+    table.open("b", 2, 6, 100, client=None)  # a sub-span costs less
     with pytest.raises(SessionError) as e:
-        table.open("c", 0, 6, 100, client=None, next_hop=None)
+        table.open("c", 0, 6, 100, client=None)
     assert e.value.code == "busy" and "try another server" in e.value.message
     assert table.used_bytes == per_session + cache_bytes(span.sub(2, 6), 100)
     table.close("a")
-    table.open("c", 0, 6, 100, client=None, next_hop=None)
+    table.open("c", 0, 6, 100, client=None)
 
 
 @pytest.mark.parametrize("args, code", [
@@ -35,19 +35,59 @@ def test_budget_admits_then_says_busy(span):
 def test_bad_open_requests(span, args, code):
     table = SessionTable(span, budget_bytes=1 << 30, max_length=1000, idle_s=60)
     with pytest.raises(SessionError) as e:
-        table.open(*args, client=None, next_hop=None)
+        table.open(*args, client=None)
     assert e.value.code == code
 
 
 def test_duplicate_unknown_and_idle_sessions(span):
     table = SessionTable(span, budget_bytes=1 << 30, max_length=1000, idle_s=0.05)
-    table.open("a", 0, 6, 10, client=None, next_hop=None)
+    client = FakeStream("A")
+    table.open("a", 0, 6, 10, client=client)
     with pytest.raises(SessionError, match="already open"):
-        table.open("a", 0, 6, 10, client=None, next_hop=None)
+        table.open("a", 0, 6, 10, client=client)
     with pytest.raises(SessionError) as e:
-        table.get("zzz")
+        table.get("zzz", client)
     assert e.value.code == "unknown_session"
     time.sleep(0.1)
     assert table.expired() == ["a"]
-    table.get("a")  # use refreshes it
+    table.get("a", client)  # use refreshes it
     assert table.expired() == []
+
+
+class FakeStream:
+    """Only what SessionTable looks at: the identity of the stream and its remote peer id."""
+
+    def __init__(self, peer_id):
+        self.remote_peer_id = peer_id
+
+
+def test_close_frees_the_cache_even_while_the_session_is_still_referenced(span):
+    import gc
+    import weakref
+
+    table = SessionTable(span, budget_bytes=1 << 30, max_length=1000, idle_s=60)
+    session = table.open("a", 0, 6, 100, client=FakeStream("A"))
+    keys = weakref.ref(session.cache.keys)
+    assert table.close("a") is session
+    gc.collect()
+    assert session.closed and keys() is None  # a stream handler holding `session` no longer holds its memory
+    assert table.used_bytes == 0
+
+
+def test_a_session_admits_only_its_opener_or_the_named_upstream_peer(span):
+    table = SessionTable(span, budget_bytes=1 << 30, max_length=1000, idle_s=60)
+    opener, other, opener_again = FakeStream("A"), FakeStream("B"), FakeStream("A")
+    first = table.open("first", 0, 6, 10, client=opener)
+    assert table.get("first", opener, forward=True) is first
+    assert table.get("first", opener) is first  # e.g. its CloseSession
+    for stream, forward in [(other, True), (other, False), (opener_again, True)]:  # another stream, same peer: no
+        with pytest.raises(SessionError) as e:
+            table.get("first", stream, forward)
+        assert e.value.code == "unknown_session" and "first" in e.value.message
+    pushed = table.open("pushed", 0, 6, 10, client=opener, prev_peer="U")
+    upstream = FakeStream("U")
+    assert table.get("pushed", upstream, forward=True) is pushed
+    with pytest.raises(SessionError):
+        table.get("pushed", upstream)  # the upstream hop pushes blocks; it may not close the session
+    with pytest.raises(SessionError):
+        table.get("pushed", opener, forward=True)  # nor may the opener skip the upstream hop

@@ -10,7 +10,8 @@ import pytest
 from dsdnode.local_swarm import LocalSwarm, start_node
 from dsdnode.net.p2p import P2PNode, PeerInfo
 from dsdnode.net.wire import ErrorReply, OpenSession, SessionOpened, WireLimits, decode, encode
-from dsdnode.server.daemon import PARENT_POLL_S, PROTOCOL
+from dsdnode.net.protocol import SESSION_PROTOCOL as PROTOCOL
+from dsdnode.server.daemon import PARENT_POLL_S
 
 pytestmark = pytest.mark.heavy
 
@@ -29,7 +30,7 @@ def test_sigterm_fails_sessions_cleanly_and_withdraws(smollm2_dir, tmp_path):
                 else:
                     raise AssertionError("the server never showed up on the DHT")
                 stream = await node.open_stream(PeerInfo(server.peer_id, tuple(server.info["addrs"])), PROTOCOL)
-                await stream.send(encode(OpenSession("s", "smollm2-135m", 0, 30, 32, None, "float32")))
+                await stream.send(encode(OpenSession("s", "smollm2-135m", 0, 30, 32, None, None, "float32")))
                 assert isinstance(decode(await stream.recv(timeout=20), WireLimits()), SessionOpened)
                 server.proc.send_signal(signal.SIGTERM)
                 reply = decode(await stream.recv(timeout=30), WireLimits())

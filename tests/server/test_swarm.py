@@ -17,7 +17,7 @@ from dsdnode.models.head import Head
 from dsdnode.models.span import Span
 from dsdnode.net.p2p import P2PNode, PeerInfo
 from dsdnode.net.wire import ErrorReply, Forward, OpenSession, SessionOpened, TensorPayload, WireLimits, decode, encode
-from dsdnode.server.daemon import PROTOCOL
+from dsdnode.net.protocol import SESSION_PROTOCOL as PROTOCOL
 from dsdnode.speculative.controller import ControllerSettings
 from dsdnode.speculative.draft import Drafter
 
@@ -87,8 +87,8 @@ def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_
                 "unknown_session": encode(Forward("nope", 1, 0, TensorPayload.from_torch(torch.zeros(1, 2, hidden)), None, [])),
                 "wrong_shape": encode(Forward("nope", 1, 0, TensorPayload.from_torch(torch.zeros(1, 2, hidden + 1)), None, [])),
                 "wrong_dtype": encode(Forward("nope", 1, 0, TensorPayload.from_torch(torch.zeros(1, 2, hidden, dtype=torch.int64)), None, [])),
-                "wrong_span": encode(OpenSession("s1", "smollm2-135m", 0, 25, 64, None, "float32")),
-                "too_long": encode(OpenSession("s2", "smollm2-135m", 0, 10, 10**9, None, "float32")),
+                "wrong_span": encode(OpenSession("s1", "smollm2-135m", 0, 25, 64, None, None, "float32")),
+                "too_long": encode(OpenSession("s2", "smollm2-135m", 0, 10, 10**9, None, None, "float32")),
             }
             for name, frame in cases.items():
                 stream = await node.open_stream(peer, PROTOCOL)
@@ -104,7 +104,7 @@ def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_
                 pass
             # ... and still opens sessions and computes
             stream = await node.open_stream(peer, PROTOCOL)
-            await stream.send(encode(OpenSession("ok", "smollm2-135m", 0, 10, 64, None, "float32")))
+            await stream.send(encode(OpenSession("ok", "smollm2-135m", 0, 10, 64, None, None, "float32")))
             opened = decode(await stream.recv(timeout=20), WireLimits())
             await stream.send(encode(Forward("ok", 1, 0, TensorPayload.from_torch(torch.randn(1, 3, hidden)), None, [])))
             result = decode(await stream.recv(timeout=20), WireLimits())
