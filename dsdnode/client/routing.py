@@ -79,9 +79,10 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
             return chain
         if best.get(p, (float("inf"),))[0] < cost:
             continue
+        used = {h.candidate.record.peer_id for h in chain}
         for c in candidates:
             r = c.record
-            if not r.start <= p < r.end:
+            if not r.start <= p < r.end or r.peer_id in used:  # one session per server in a chain
                 continue
             for q in range(p + 1, min(r.end, num_layers) + 1):
                 if session_length and r.free_cache_tokens * (r.end - r.start) < session_length * (q - p):

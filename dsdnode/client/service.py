@@ -10,6 +10,7 @@ re-learning the round cost)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Callable, Literal, Protocol
 
@@ -22,6 +23,8 @@ from ..speculative.sampling import SamplingSettings
 from .generate import GenerationResult, GenerationSettings, Generator
 from .interface import Chain
 from .loading import ClientModels
+from .metrics import ClientMetrics
+from .streaming import StopText
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,9 @@ class SwarmChains:
 class ClientService:
     """The client's models and a chain source; builds and runs generations."""
 
-    def __init__(self, models: ClientModels, chains: ChainSource):
+    def __init__(self, models: ClientModels, chains: ChainSource, metrics: ClientMetrics | None = None):
         self.models, self.chains = models, chains
+        self.metrics = metrics or ClientMetrics()
         self.controllers: dict[ControllerSettings, DraftLengthController] = {}
         self._importance: ImportanceScorer | None = None
         self._importance_lock = asyncio.Lock()
@@ -176,11 +180,25 @@ class ClientService:
         importance = await self.importance() if s.adaptive.enabled else None
         chain = self.chains.new_chain()
         generator = Generator(m.head, chain, drafter, s, m.eos_ids, importance, self.controllers.get(s.controller))
+        t0, first = time.perf_counter(), []
+
+        def on_new(tokens: list[int]) -> None:
+            if not first:
+                first.append(time.perf_counter() - t0)
+            if on_tokens is not None:
+                on_tokens(tokens)
         try:
-            result = await generator.generate(ids, on_tokens=on_tokens)
+            result = await generator.generate(ids, on_tokens=on_new)
+        except StopText:  # the caller ended it at a stop string: a normal end
+            self.metrics.stopped(time.perf_counter() - t0, first[0] if first else None)
+            raise
+        except BaseException:
+            self.metrics.failed()
+            raise
         finally:
             if generator.controller is not None:  # trained by however many rounds ran
                 self.controllers[s.controller] = generator.controller
+        self.metrics.observe(result, time.perf_counter() - t0, first[0] if first else None, chain.failovers)
         text = m.tokenizer.decode(result.tokens, skip_special_tokens=True)
         return Generation(text, result, list(chain.route), chain.failovers)
 

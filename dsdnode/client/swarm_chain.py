@@ -301,8 +301,8 @@ class RemoteChain:
                 if hung:
                     raise ChainFailure(f"no answer within {deadline:.1f} s and {sorted(hung)} do not answer pings",
                                        {p: "hung" for p in hung}) from None
-                if not extended:  # every hop is alive: perhaps busy with other sessions; wait once more
-                    deadline, extended = 2 * deadline, True
+                if not extended:  # every hop is alive: perhaps busy with other sessions; wait patiently
+                    deadline, extended = max(deadline, self.deadline.patient_seconds(positions)), True
                     continue
                 raise ChainFailure(f"no answer within {deadline:.1f} s though every hop answers pings",
                                    {leg.peer_id: "slow" for leg in self.legs}) from None

@@ -223,6 +223,15 @@ class DHT:
         except Exception as exc:
             log.warning("withdrawing %s from the DHT failed: %r", model, exc)
 
+    def stats(self) -> dict[str, int]:
+        """Health of this node's DHT (read from any thread: plain sizes, no locking needed): peers in
+        the routing table, values and provider keys stored here."""
+        kad = self._kad
+        if kad is None:
+            return {"routing_table_peers": 0, "stored_values": 0, "provider_keys": 0}
+        return {"routing_table_peers": kad.routing_table.size(), "stored_values": len(kad.value_store.store),
+                "provider_keys": len(kad.provider_store.providers)}
+
     async def discover(self, model: str) -> list[SpanRecord]:
         """Live, verified records of every provider of `model` (withdrawn/expired/forged dropped)."""
         return await self._node._bridge.call(self._t_discover, model)

@@ -4,14 +4,15 @@ Counters and the compute histogram are updated by the daemon on its event loop; 
 endpoint (prometheus_client's HTTP server) reads them from its own thread. Values that already
 live in the daemon's state -- open sessions, KV cache in use, errors by code (Server.errors) --
 are read at scrape time instead of being mirrored, so they can never drift from the truth.
-Each node has its own registry: nothing global, several nodes can share a process in tests."""
+Each node has its own registry: nothing global, several nodes can share a process in tests.
+Bootstrap peers (no layers) expose the DHT and process metrics only."""
 
 from __future__ import annotations
 
 import threading
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 # Block compute on a CPU spans ~1 ms (one token, few layers) to seconds (a long prefill chunk).
@@ -20,7 +21,8 @@ COMPUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 class NodeMetrics:
     def __init__(self, info: dict[str, str], sessions_open: Callable[[], int], cache_bytes_used: Callable[[], int],
-                 errors: Callable[[], dict[str, int]]):
+                 errors: Callable[[], dict[str, int]], cache_budget_bytes: int = 0,
+                 dht_stats: Callable[[], dict[str, int]] = dict):
         """info: constant labels of the node (peer id, model, span); the callables are read per scrape."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.sessions_opened = Counter("dsdnode_sessions_opened", "Inference sessions opened.",
@@ -33,7 +35,9 @@ class NodeMetrics:
                                 registry=self.registry)
         self.bytes_out = Counter("dsdnode_sent_bytes", "Frame bytes sent on session streams.",
                                  registry=self.registry)
-        self.registry.register(_StateCollector(info, sessions_open, cache_bytes_used, errors))
+        self.registry.register(_StateCollector(info, sessions_open, cache_bytes_used, errors, cache_budget_bytes,
+                                               dht_stats))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self._http = None
         self._thread: threading.Thread | None = None
 
@@ -58,18 +62,23 @@ class NodeMetrics:
 class _StateCollector:
     """Metrics read from the daemon's state at scrape time."""
 
-    def __init__(self, info, sessions_open, cache_bytes_used, errors):
+    def __init__(self, info, sessions_open, cache_bytes_used, errors, cache_budget_bytes, dht_stats):
         self.info, self.sessions_open, self.cache_bytes_used, self.errors = info, sessions_open, cache_bytes_used, errors
+        self.cache_budget_bytes, self.dht_stats = cache_budget_bytes, dht_stats
 
     def collect(self):
         yield InfoMetricFamily("dsdnode_node", "What this node serves.", value=self.info)
         yield GaugeMetricFamily("dsdnode_sessions_open", "Inference sessions open now.", value=self.sessions_open())
         yield GaugeMetricFamily("dsdnode_kv_cache_bytes", "KV cache memory held by open sessions.",
                                 value=self.cache_bytes_used())
+        yield GaugeMetricFamily("dsdnode_kv_cache_budget_bytes", "KV cache memory this node may hold for sessions.",
+                                value=self.cache_budget_bytes)
         errors = CounterMetricFamily("dsdnode_errors", "Frames rejected, by error code.", labels=["kind"])
         for kind, count in sorted(dict(self.errors()).items()):
             errors.add_metric([kind], count)
         yield errors
+        for name, value in sorted(self.dht_stats().items()):
+            yield GaugeMetricFamily(f"dsdnode_dht_{name}", f"DHT: {name.replace('_', ' ')} on this node.", value=value)
 
 
 def server_metrics(server) -> NodeMetrics:
@@ -77,5 +86,11 @@ def server_metrics(server) -> NodeMetrics:
     table = server.table
     info = {"peer_id": server.node.peer_id, "model": server.model, "layers": f"{server.span.start}:{server.span.end}"}
     return NodeMetrics(info, sessions_open=lambda: len(table.sessions),
-                       cache_bytes_used=lambda: sum(s.cache.nbytes for s in list(table.sessions.values())),
-                       errors=lambda: server.errors)
+                       cache_bytes_used=lambda: table.used_bytes, errors=lambda: server.errors,
+                       cache_budget_bytes=table.budget, dht_stats=server.node.dht.stats)
+
+
+def bootstrap_metrics(node) -> NodeMetrics:
+    """A bootstrap peer's metrics: no sessions, its DHT and its process."""
+    return NodeMetrics({"peer_id": node.peer_id, "model": "", "layers": "none"}, sessions_open=lambda: 0,
+                       cache_bytes_used=lambda: 0, errors=dict, dht_stats=node.dht.stats)

@@ -70,7 +70,8 @@ class SessionTable:
 
     @property
     def used_bytes(self) -> int:
-        return sum(s.cache.nbytes for s in self.sessions.values() if s.cache is not None)
+        """(Also read by the metrics thread: iterate a copy, the loop may change the table meanwhile.)"""
+        return sum(s.cache.nbytes for s in list(self.sessions.values()) if s.cache is not None)
 
     def free_tokens(self) -> int:
         """How many more positions (over the whole span) fit in the budget."""

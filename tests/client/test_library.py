@@ -62,3 +62,21 @@ def test_bad_options_are_clear_errors(client, smollm2_dir):
         assert len(plain_only.generate("hi", max_new_tokens=4, k=0).tokens) <= 4
     with pytest.raises(ValueError, match="bootstrap"):
         dsdnode.connect(MODEL)
+
+
+def test_generations_move_the_client_metrics(client):
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def sample(name, labels=()):
+        text = generate_latest(client.service.metrics.registry).decode()
+        values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                  for f in text_string_to_metric_families(text) for s in f.samples}
+        return values.get((name, tuple(labels)), 0.0)
+    before = sample("dsdnode_client_tokens_generated_total")
+    out = client.generate("def f(x):", chat=False, max_new_tokens=8, k=2)
+    assert sample("dsdnode_client_tokens_generated_total") == before + len(out.tokens)
+    assert sample("dsdnode_client_time_to_first_token_seconds_count") >= 1
+    assert sample("dsdnode_client_drafts_total", [("verdict", "proposed")]) >= sum(r.k for r in out.result.rounds)
+    assert sample("dsdnode_client_round_network_seconds_count") >= len(out.result.rounds)
+    assert sample("dsdnode_client_generations_total", [("outcome", "ok")]) >= 1

@@ -33,3 +33,12 @@ def test_overlapping_spans_use_sub_ranges():
 def test_uncovered_layers_are_named():
     with pytest.raises(NoRoute, match="layers 10-13, 27"):
         best_chain([cand("a", 0, 10, 5), cand("b", 14, 27, 5)], 28)
+
+
+def test_a_server_is_used_once_per_chain_even_when_sub_spans_would_fit_its_cache():
+    """A server whose free cache holds a third of the session over its span must not appear as three hops."""
+    full = SpanRecord("m", 0, 30, "a", [], 100.0, 40, "0", 1e12)  # 40 positions free over 30 layers
+    chain = best_chain([Candidate(full, 0.001), cand("b", 0, 30, 50)], 30, session_length=100)
+    assert spans(chain) == [("b", 0, 22), ("a", 22, 30)]  # a holds 40 * 30 / 100 = 12 layers of the session
+    with pytest.raises(NoRoute):
+        best_chain([Candidate(full, 0.001)], 30, session_length=100)

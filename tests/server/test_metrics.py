@@ -40,7 +40,8 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 def test_metrics_endpoint_renders_counters_and_daemon_state():
     sessions, errors = {"a": 1, "b": 2}, {"malformed": 3}
     metrics = NodeMetrics({"peer_id": "Qm1", "model": "m", "layers": "0:4"}, sessions_open=lambda: len(sessions),
-                          cache_bytes_used=lambda: 4096, errors=lambda: errors)
+                          cache_bytes_used=lambda: 4096, errors=lambda: errors, cache_budget_bytes=1 << 20,
+                          dht_stats=lambda: {"routing_table_peers": 3})
     port = free_port()
     metrics.serve("127.0.0.1", port)
     try:
@@ -59,7 +60,9 @@ def test_metrics_endpoint_renders_counters_and_daemon_state():
     assert got[("dsdnode_forward_compute_seconds_bucket", (("le", "0.005"),))] == 1
     assert got[("dsdnode_sessions_opened_total", ())] == 1
     assert got[("dsdnode_sessions_open", ())] == 2
-    assert got[("dsdnode_kv_cache_bytes", ())] == 4096
+    assert got[("dsdnode_kv_cache_bytes", ())] == 4096 and got[("dsdnode_kv_cache_budget_bytes", ())] == 1 << 20
+    assert got[("dsdnode_dht_routing_table_peers", ())] == 3
+    assert got[("process_resident_memory_bytes", ())] > 0
     assert got[("dsdnode_received_bytes_total", ())] == 100 and got[("dsdnode_sent_bytes_total", ())] == 250
     assert got[("dsdnode_errors_total", (("kind", "malformed"),))] == 3
     assert got[("dsdnode_errors_total", (("kind", "busy"),))] == 1
@@ -117,6 +120,8 @@ def test_a_served_generation_moves_the_node_metrics(smollm2_dir, tmp_path):
     assert after[("dsdnode_forward_compute_seconds_sum", ())] > 0
     assert after[("dsdnode_sessions_opened_total", ())] == 1
     assert after[("dsdnode_sessions_open", ())] == 0
+    assert after[("dsdnode_kv_cache_budget_bytes", ())] > 0
+    assert after[("dsdnode_dht_routing_table_peers", ())] >= 1  # it knows at least the bootstrap peer
     assert after[("dsdnode_errors_total", (("kind", "malformed"),))] == 1
     hidden_bytes = 4 * head.config.hidden_size * (len(prompt) - 1 + 12)  # float32 activations in and out
     assert after[("dsdnode_received_bytes_total", ())] > hidden_bytes

@@ -1,0 +1,65 @@
+"""Prometheus metrics of a client (the HTTP API serves them at /metrics): what its users feel.
+
+Observed once per generation by ClientService: request latency, time to first token, tokens per
+second, and per round the draft length, the accepted drafts and the network time of the chain (the
+round's time minus drafting and the hops' compute: links plus software overhead)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+
+from .generate import GenerationResult
+
+SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
+ROUND_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+RATES = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)
+COUNTS = tuple(range(0, 17))
+
+
+class ClientMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.generations = Counter("dsdnode_client_generations", "Generations finished, by outcome.", ["outcome"],
+                                   registry=r)
+        self.latency = Histogram("dsdnode_client_generation_seconds", "Whole generation, prompt to last token.",
+                                 buckets=SECONDS, registry=r)
+        self.ttft = Histogram("dsdnode_client_time_to_first_token_seconds", "Prompt to the first generated token.",
+                              buckets=SECONDS, registry=r)
+        self.tokens_per_s = Histogram("dsdnode_client_tokens_per_second", "Decoding speed of a generation.",
+                                      buckets=RATES, registry=r)
+        self.tokens = Counter("dsdnode_client_tokens_generated", "Tokens generated.", registry=r)
+        self.k = Histogram("dsdnode_client_draft_length", "Draft length k of a round.", buckets=COUNTS, registry=r)
+        self.accepted = Histogram("dsdnode_client_accepted_drafts", "Drafts accepted in a round.", buckets=COUNTS,
+                                  registry=r)
+        self.drafts = Counter("dsdnode_client_drafts", "Draft tokens proposed, and accepted.", ["verdict"], registry=r)
+        self.network = Histogram("dsdnode_client_round_network_seconds",
+                                 "Per round: time not spent drafting or computing on a hop (links, overhead).",
+                                 buckets=ROUND_SECONDS, registry=r)
+        self.failovers = Counter("dsdnode_client_failovers", "Chains rebuilt around a fault.", registry=r)
+        ProcessCollector(registry=r)
+
+    def observe(self, result: GenerationResult, elapsed_s: float, ttft_s: float | None, failovers: int) -> None:
+        self.generations.labels("ok").inc()
+        self.latency.observe(elapsed_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        if result.tokens:
+            self.tokens_per_s.observe(result.tokens_per_s)
+        self.tokens.inc(len(result.tokens))
+        self.failovers.inc(failovers)
+        for r in result.rounds:
+            self.k.observe(r.k)
+            self.accepted.observe(r.accepted)
+            self.drafts.labels("proposed").inc(r.k)
+            self.drafts.labels("accepted").inc(r.accepted)
+            self.network.observe(max(0.0, r.round_s - r.draft_s - sum(r.hop_compute_s)))
+
+    def stopped(self, elapsed_s: float, ttft_s: float | None) -> None:
+        """Ended early at a stop string (the caller's choice, not a failure)."""
+        self.generations.labels("stopped").inc()
+        self.latency.observe(elapsed_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+
+    def failed(self) -> None:
+        self.generations.labels("error").inc()
