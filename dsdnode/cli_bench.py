@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .cli_common import K_LIMIT, FiniteFloatRange, friendly
+from .cli_generate import DEVICE_HELP, DTYPE_HELP, DeviceType
 from .config import DTYPE_NAMES
 
 QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, max_new_tokens=24,
@@ -32,7 +33,9 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
               help="Output directory [default: bench-results/<timestamp>].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per server process.")
 @click.option("--client-threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads of the client.")
-@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16", show_default=True)
+@click.option("--device", type=DeviceType(), default="auto", show_default=True,
+              help=DEVICE_HELP + " The client's and every server's.")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None, help=DTYPE_HELP)
 @click.option("--k-max", type=click.IntRange(1, K_LIMIT), default=8, show_default=True, help="Longest block for the dsd-auto modes.")
 @click.option("--tau", type=FiniteFloatRange(0, 1), default=0.3, show_default=True,
               help="Adaptive verification threshold (dsd-auto-av).")
@@ -40,19 +43,24 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
                                             "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32.")
 @friendly
 def bench(model, draft, servers, latencies, dataset, prompts, max_new_tokens, modes, out, threads, client_threads,
-          dtype, k_max, tau, quick):
+          device, dtype, k_max, tau, quick):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
     from .bench.runner import BenchConfig, BenchRun
+    from .devices import default_dtype, resolve_device
+    from .net.protocol import DTYPE_NAMES as NAMES
 
     if quick:
         model, draft, servers, prompts = QUICK["model"], QUICK["draft"], QUICK["servers"], QUICK["prompts"]
         max_new_tokens, modes, dtype = QUICK["max_new_tokens"], QUICK["modes"], QUICK["dtype"]
         latencies = latencies or QUICK["latencies"]
+    resolved = resolve_device(device)  # a missing device: one line, before any work
+    dtype = dtype or NAMES[default_dtype(resolved)]
     out = Path(out) if out else Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     config = BenchConfig(out=out, model=model, draft=draft, servers=servers, latencies_ms=tuple(latencies or (50.0,)),
                          datasets=("humaneval", "gsm8k") if dataset == "both" else (dataset,), prompts=prompts,
                          max_new_tokens=max_new_tokens, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
-                         threads=threads, client_threads=client_threads, dtype=dtype, k_max=k_max, tau=tau)
+                         threads=threads, client_threads=client_threads, dtype=dtype, device=device, k_max=k_max,
+                         tau=tau)
     command = " ".join(["dsdnode", *map(shlex.quote, sys.argv[1:])]) if "bench" in sys.argv[1:] else \
         f"dsdnode bench (called in-process) {config}"
     run = BenchRun(config, command)

@@ -7,7 +7,26 @@ import sys
 import click
 
 from .cli_common import K_LIMIT, DraftLength, FiniteFloatRange, friendly, run_async
-from .config import DTYPE_NAMES
+from .config import DEVICE_PATTERN, DEVICE_SYNTAX, DTYPE_NAMES
+
+DEVICE_HELP = "Where to compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
+DTYPE_HELP = "Compute dtype [default: bfloat16; on CUDA float16 where the card has no bfloat16; float16 on MPS]."
+
+
+class DeviceType(click.ParamType):
+    """--device: spelled like a device (whether it exists here is checked when the models load)."""
+
+    name = "device"
+
+    def get_metavar(self, *_args, **_kwargs) -> str:
+        return "[auto|cpu|cuda|cuda:N|mps]"
+
+    def convert(self, value, param, ctx):
+        import re
+
+        if isinstance(value, str) and re.fullmatch(DEVICE_PATTERN, value.strip().lower()):
+            return value.strip().lower()
+        self.fail(f"{value!r} is not one of {DEVICE_SYNTAX}.", param, ctx)
 
 
 def generation_options(fn):
@@ -53,7 +72,8 @@ def client_options(fn):
                      help="Emulated latency of every link of the chain (N+1 links a round)."),
         click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable)."),
         click.option("--peers", "peers_file", type=click.Path(dir_okay=False), help="File of bootstrap multiaddrs."),
-        click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16", show_default=True),
+        click.option("--device", type=DeviceType(), default="auto", show_default=True, help=DEVICE_HELP),
+        click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None, help=DTYPE_HELP),
         click.option("--threads", type=click.IntRange(min=0), default=0, help="torch threads (0: all cores)."),
     ]
     for option in reversed(options):
@@ -68,8 +88,8 @@ def client_options(fn):
 @click.option("--stats/--no-stats", default=False, help="Print per-round statistics.")
 @generation_options
 @friendly
-def generate(prompt, model, draft, local, hops, link_latency_ms, bootstrap, peers_file, dtype, threads, raw, stats,
-             **gen):
+def generate(prompt, model, draft, local, hops, link_latency_ms, bootstrap, peers_file, device, dtype, threads, raw,
+             stats, **gen):
     """Generate text for PROMPT, streaming it, then print a summary line."""
     import torch
 
@@ -79,7 +99,7 @@ def generate(prompt, model, draft, local, hops, link_latency_ms, bootstrap, peer
         torch.set_num_threads(threads)
     options = generate_options(**gen)
     connect = dict(bootstrap=bootstrap_list(bootstrap, peers_file), local=local, hops=hops,
-                   draft=(draft or True) if options.speculative else False, dtype=dtype,
+                   draft=(draft or True) if options.speculative else False, dtype=dtype, device=device,
                    link_latency_ms=link_latency_ms)
     out = run_async(_generate(model, connect, prompt, not raw, options))
     click.echo()

@@ -9,6 +9,7 @@ import logging
 import click
 
 from .cli_common import UserError, friendly, run_async, setting_type
+from .cli_generate import DEVICE_HELP, DTYPE_HELP, DeviceType
 from .config import NodeSettings, load_settings, read_peers_file
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
 @click.option("--layers", default=None,
               help="START:END, 'auto' for the least-covered span, or 'none' for a DHT-only bootstrap peer.")
 @click.option("--num-layers", type=node_type("num_layers"), default=None,
-              help="With --layers auto: how many layers to take.")
+              help="With --layers auto: how many layers to take [default: as many as fit the device's memory].")
 @click.option("--host", default=None, help="Listen address (default 127.0.0.1; 0.0.0.0 for all interfaces).")
 @click.option("--port", type=node_type("port"), default=None, help="Listen port (default: any free port).")
 @click.option("--announce-addr", "announce_addrs", multiple=True,
@@ -40,12 +41,16 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
 @click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable).")
 @click.option("--peers", "peers_file", default=None, help="File of bootstrap multiaddrs, one a line.")
 @click.option("--identity", default=None, help="Key file for a stable peer id (created 0600 if missing).")
-@click.option("--dtype", type=node_type("dtype"), default=None)
+@click.option("--device", type=DeviceType(), default=None, help=DEVICE_HELP + " [default: auto]")
+@click.option("--dtype", type=node_type("dtype"), default=None, help=DTYPE_HELP)
 @click.option("--threads", type=node_type("threads"), default=None, help="torch threads (0: all cores).")
 @click.option("--link-latency-ms", type=node_type("link_latency_ms"), default=None,
               help="Emulated delay before every outbound frame.")
 @click.option("--cache-budget-mb", type=node_type("cache_budget_mb"), default=None,
               help="KV cache memory for all sessions.")
+@click.option("--max-memory", "max_memory_mb", type=node_type("max_memory_mb"), default=None,
+              help="With --layers auto and no --num-layers: MB of memory for weights and KV cache together "
+                   "(0: all the device has free).")
 @click.option("--max-session-length", type=node_type("max_session_length"), default=None)
 @click.option("--announce-interval", "announce_interval_s", type=node_type("announce_interval_s"),
               default=None, help="Seconds between announcements of this node's span record.")
@@ -63,25 +68,32 @@ def start(config_file, peers_file, **flags):
 async def run_node(s: NodeSettings) -> None:
     import torch
 
+    from .devices import describe, resolve_device, resolve_dtype
     from .models.fetch import resolve_model_dir
     from .models.span import Span
     from .models.weights import load_config
     from .net.identity import load_or_create_identity
     from .net.latency import LinkLatency
     from .net.p2p import P2PNode
-    from .net.protocol import HIDDEN_DTYPES
+    from .net.protocol import DTYPE_NAMES
     from .server.daemon import Server, install_stop_triggers
-    from .server.placement import choose_span, parse_layers
+    from .server.placement import auto_width, choose_span, parse_layers
 
     if s.threads:
         torch.set_num_threads(s.threads)
     if s.layers == "none":
         await run_bootstrap_peer(s)
         return
+    device = resolve_device(s.device)
+    dtype = resolve_dtype(s.dtype, device)
     model_dir = resolve_model_dir(s.model)
-    num_layers = load_config(model_dir).num_hidden_layers
+    config = load_config(model_dir)
+    num_layers = config.num_hidden_layers
     if s.layers != "auto":
         span_range = parse_layers(s.layers, num_layers)
+    else:
+        width = auto_width(config, device, dtype, num_layers=s.num_layers, cache_budget_mb=s.cache_budget_mb,
+                           max_memory_mb=s.max_memory_mb)
     stop = asyncio.Event()
     install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
@@ -90,9 +102,10 @@ async def run_node(s: NodeSettings) -> None:
     try:
         if s.layers == "auto":
             records = await node.dht.discover(s.model) if s.bootstrap or s.peers_file else []
-            span_range = choose_span(records, num_layers, s.num_layers or max(1, num_layers // 4))
+            span_range = choose_span(records, num_layers, width)
             log.info("--layers auto: chose %d:%d", *span_range)
-        span = Span.load(model_dir, *span_range, dtype=HIDDEN_DTYPES[s.dtype])
+        span = Span.load(model_dir, *span_range, dtype=dtype, device=device)
+        log.info("serving layers %d:%d of %s on %s in %s", *span_range, s.model, describe(device), DTYPE_NAMES[dtype])
         server = Server(node, s.model, span, cache_budget_bytes=s.cache_budget_mb << 20,
                         max_length=s.max_session_length, max_block=s.max_block, idle_s=s.session_idle_s,
                         announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ class ConfigError(ValueError):
     pass
 
 
-DTYPE_NAMES = ("bfloat16", "float32")
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"  # checked here without importing torch; devices.py resolves
+DEVICE_SYNTAX = "auto, cpu, cuda, cuda:N or mps"
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,14 @@ def bounded(default, low=None, high=None, *, low_open: bool = False):
     return field(default=default, metadata={"bounds": Bounds(low, high, low_open)})
 
 
-def one_of(default: str, choices: tuple[str, ...]):
-    """A dataclass field whose value must be one of `choices`."""
+def one_of(default: str | None, choices: tuple[str, ...]):
+    """A dataclass field whose value must be one of `choices` (the default may be None: unset)."""
     return field(default=default, metadata={"choices": choices})
+
+
+def matching(default: str, pattern: str, spelled: str):
+    """A dataclass field whose value must match the regular expression `pattern` (`spelled` says how)."""
+    return field(default=default, metadata={"pattern": (pattern, spelled)})
 
 
 PORT = (0, 65535)
@@ -63,17 +71,19 @@ PORT = (0, 65535)
 class NodeSettings:
     model: str = "qwen2.5-coder-1.5b"
     layers: str = "auto"  # "A:B" or "auto" (the least-covered span)
-    num_layers: int = bounded(0, 0)  # with layers=auto: how many layers to serve (0: a quarter of the model)
+    num_layers: int = bounded(0, 0)  # with layers=auto: how many layers to serve (0: as many as fit memory)
     host: str = "127.0.0.1"
     port: int = bounded(0, *PORT)  # 0: any free port
     announce_addrs: list[str] = field(default_factory=list)  # public multiaddrs to advertise (behind NAT, 0.0.0.0)
     bootstrap: list[str] = field(default_factory=list)  # multiaddrs
     peers_file: str | None = None  # one multiaddr a line, '#' comments
     identity: str | None = None  # Ed25519 key file, created 0600 if missing
-    dtype: str = one_of("bfloat16", DTYPE_NAMES)
+    device: str = matching("auto", DEVICE_PATTERN, DEVICE_SYNTAX)  # auto: CUDA, then MPS, then CPU
+    dtype: str | None = one_of(None, DTYPE_NAMES)  # None: the device's default (devices.default_dtype)
     threads: int = bounded(0, 0)  # torch threads (0: all cores)
     link_latency_ms: float = bounded(0.0, 0)  # emulated delay before every outbound frame
     cache_budget_mb: int = bounded(2048, 1)  # KV cache memory for all sessions together
+    max_memory_mb: int = bounded(0, 0)  # layers=auto: most memory for weights + KV cache (0: what the device has)
     max_session_length: int = bounded(4096, 1)
     max_block: int = bounded(64, 1)
     session_idle_s: float = bounded(300.0, 0, low_open=True)  # drop a session nobody used for this long
@@ -118,6 +128,9 @@ def _check(key: str, value, f: dataclasses.Field, path):
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    pattern = f.metadata.get("pattern")
+    if pattern is not None and not re.fullmatch(pattern[0], value):
+        raise ConfigError(f"{where} must be {pattern[1]}, got {value!r}")
     return value
 
 

@@ -69,7 +69,7 @@ def error_lines(output: str) -> list[str]:
     ["start", "--announce-interval", "0"],
     ["start", "--metrics-port", "70000"],
     ["start", "--num-layers", "-1"],
-    ["start", "--dtype", "float16"],
+    ["start", "--dtype", "float64"],
 ], ids=lambda args: " ".join(args))
 def test_nonsense_option_values_are_usage_errors(args):
     result = CliRunner().invoke(main, args)

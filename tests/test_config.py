@@ -28,7 +28,7 @@ def test_example_config_loads_and_flags_override(tmp_path):
     ("[node]\nannounce_interval_s = 0\n", "announce_interval_s must be > 0, got 0.0"),
     ("[node]\nsession_idle_s = -1\n", "session_idle_s must be > 0, got -1.0"),
     ("[node]\nrecord_ttl_s = inf\n", "record_ttl_s must be > 0, got inf"),
-    ("[node]\ndtype = 'float16'\n", "dtype must be one of bfloat16, float32, got 'float16'"),
+    ("[node]\ndtype = 'float64'\n", "dtype must be one of bfloat16, float16, float32, got 'float64'"),
 ])
 def test_bad_config_files_name_file_and_key(tmp_path, text, error):
     path = tmp_path / "node.toml"

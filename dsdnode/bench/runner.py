@@ -23,12 +23,14 @@ from typing import Callable
 import torch
 
 from ..client.generate import GenerationResult
-from ..client.loading import DTYPES, load_client_models
+from ..client.loading import load_client_models
 from ..client.local import split_layers
 from ..client.service import ClientService, SwarmChains
+from ..devices import describe
 from ..models.fetch import resolve_model_dir
 from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode
+from ..net.protocol import DTYPE_NAMES
 from .accuracy import evaluate
 from .datasets import Problem, format_prompt, load_dataset
 from .machine import machine_info
@@ -55,6 +57,7 @@ class BenchConfig:
     threads: int = 1  # torch threads of each server process
     client_threads: int = 1  # torch threads of this (client) process
     dtype: str = "bfloat16"
+    device: str = "auto"  # of the client and of every server process
     k_max: int = 8
     tau: float = 0.3
 
@@ -104,7 +107,8 @@ class BenchRun:
         self.machine = machine_info()
         self.t0 = time.monotonic()
         try:
-            self.client = load_client_models(c.model, c.draft, c.dtype)
+            self.client = load_client_models(c.model, c.draft, c.dtype, c.device)
+            self.machine["device"] = describe(self.client.device)
             self.prompts = self._load_prompts()
             self.hf = self._load_hf() if any(m.kind == "hf" for m in self.modes) else None
             self.total = len(c.latencies_ms) * len(self.prompts) * len(self.modes)
@@ -133,7 +137,8 @@ class BenchRun:
     def _load_hf(self):
         from .hf import HFAssisted
         c = self.config
-        return HFAssisted(resolve_model_dir(c.model), resolve_model_dir(c.draft), DTYPES[c.dtype])
+        # transformers' own loop, on the CPU as before, in the client's dtype
+        return HFAssisted(resolve_model_dir(c.model), resolve_model_dir(c.draft), self.client.dtype)
 
     def _run_latency(self, lat: float) -> None:
         c = self.config
@@ -142,7 +147,8 @@ class BenchRun:
         self.log(f"[{lat:g} ms] starting {c.servers} servers over {n_layers} layers of {c.model} (logs: {workdir})")
         try:
             with LocalSwarm(c.model, split_layers(n_layers, c.servers), workdir, link_latency_ms=lat,
-                            threads=c.threads, dtype=c.dtype) as swarm:
+                            threads=c.threads, dtype=DTYPE_NAMES[self.client.dtype],
+                            extra_args=["--device", c.device]) as swarm:
                 asyncio.run(self._client(swarm, lat))
         except Exception as e:
             self.errors.append(f"latency {lat:g} ms: {type(e).__name__}: {e}")
@@ -181,7 +187,7 @@ class BenchRun:
     async def _generate(self, node: P2PNode, mode: Mode, ids: list[int], max_new: int) -> tuple[GenerationResult, int]:
         c, cl = self.config, self.client
         if mode.relay not in self.services:
-            chains = SwarmChains(c.model, cl.head.config, [], DTYPES[c.dtype], relay=mode.relay, node=node)
+            chains = SwarmChains(c.model, cl.head.config, [], cl.dtype, relay=mode.relay, node=node)
             self.services[mode.relay] = ClientService(cl, chains)
         out = await self.services[mode.relay].generate(ids, mode.options(max_new, c.k_max, c.tau))
         return out.result, len(out.route)

@@ -1,21 +1,22 @@
-"""Load what a client holds: tokenizer, the target's head, the whole draft model."""
+"""Load what a client holds: tokenizer, the target's head, the whole draft model, all on the
+client's device (hidden states go to the CPU only at the wire)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ..devices import resolve_device, resolve_dtype
 from ..models.fetch import resolve_model_dir
 from ..models.head import Head
 from ..models.registry import get_entry
 from ..models.span import Span
 from ..models.weights import load_config
-from ..net.protocol import HIDDEN_DTYPES
 from ..speculative.importance import ImportanceScorer
 
-DTYPES = {name: HIDDEN_DTYPES[name] for name in ("bfloat16", "float32")}  # what a client computes in
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
 
 
@@ -27,6 +28,14 @@ class ClientModels:
     draft_spans: list[Span]
     eos_ids: set[int]
     target_dir: Path
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.dtype
 
     def importance(self) -> ImportanceScorer:
         vocab = self.head.config.vocab_size
@@ -42,9 +51,13 @@ def default_draft(target: str) -> str | None:
         return None  # a local directory: no registry pairing
 
 
-def load_client_models(target: str, draft: str | None, dtype: str = "bfloat16") -> ClientModels:
+def load_client_models(target: str, draft: str | None, dtype: str | None = None, device: str = "cpu") -> ClientModels:
+    """device: auto, cpu, cuda, cuda:N or mps (a missing one is a DeviceError, before any model is
+    fetched or read); dtype: a name, or None for the device's default (devices.default_dtype)."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     target_dir = resolve_model_dir(target)
-    head = Head.load(target_dir, DTYPES[dtype])
+    head = Head.load(target_dir, dtype, device)
     draft_head, draft_spans = None, []
     if draft:
         draft_dir = resolve_model_dir(draft)
@@ -52,8 +65,8 @@ def load_client_models(target: str, draft: str | None, dtype: str = "bfloat16") 
         if draft_config.vocab_size != head.config.vocab_size:
             raise ValueError(f"draft {draft!r} has a vocabulary of {draft_config.vocab_size} tokens, "
                              f"the target {head.config.vocab_size}: they must share one")
-        draft_head = Head.load(draft_dir, DTYPES[dtype])
-        draft_spans = [Span.load(draft_dir, 0, draft_config.num_hidden_layers, DTYPES[dtype])]
+        draft_head = Head.load(draft_dir, dtype, device)
+        draft_spans = [Span.load(draft_dir, 0, draft_config.num_hidden_layers, dtype, device)]
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     return ClientModels(tokenizer, head, draft_head, draft_spans, eos_ids(tokenizer, head.config), target_dir)
 

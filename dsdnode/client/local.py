@@ -3,7 +3,8 @@
 It runs the same protocol as the swarm (block in, final hidden states out, rollback riding on
 commit_len) so the generation loop, the tests and `generate --local` exercise the real algorithm
 without a network. A round crosses N+1 links (client -> hop 1 -> ... -> hop N -> client), each
-delayed by `link_latency_s` with asyncio.sleep, so other work (drafting) proceeds meanwhile."""
+delayed by `link_latency_s` with asyncio.sleep, so other work (drafting) proceeds meanwhile.
+Hidden states stay on the spans' device between hops (nothing crosses a wire here)."""
 
 from __future__ import annotations
 

@@ -107,14 +107,16 @@ class LocalChains:
         self.spans, self.link_latency_s = spans, link_latency_s
 
     @classmethod
-    def load(cls, target_dir, hops: int, dtype: torch.dtype, link_latency_ms: float = 0.0) -> LocalChains:
-        """The target split into `hops` spans with emulated link latency."""
+    def load(cls, target_dir, hops: int, dtype: torch.dtype, link_latency_ms: float = 0.0,
+             device: torch.device | str = "cpu") -> LocalChains:
+        """The target split into `hops` spans on `device` with emulated link latency."""
         from ..models.span import Span
         from ..models.weights import load_config
         from .local import split_layers
 
         n = load_config(target_dir).num_hidden_layers
-        return cls([Span.load(target_dir, a, b, dtype) for a, b in split_layers(n, hops)], link_latency_ms / 1000)
+        return cls([Span.load(target_dir, a, b, dtype, device) for a, b in split_layers(n, hops)],
+                   link_latency_ms / 1000)
 
     async def start(self) -> None:
         pass
@@ -242,23 +244,24 @@ def check_context(config, tokens: int, what: str) -> None:
 
 
 def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), local: bool = False, hops: int = 4,
-                  draft: str | bool = True, dtype: str = "bfloat16", link_latency_ms: float = 0.0,
-                  relay: bool = False) -> ClientService:
+                  draft: str | bool = True, dtype: str | None = None, device: str = "auto",
+                  link_latency_ms: float = 0.0, relay: bool = False) -> ClientService:
     """Load the client's models and make its chain source (blocking: loads weights); start() it in
     the event loop that will generate. See library.AsyncClient.connect for the arguments."""
-    from .loading import DTYPES, default_draft, load_client_models
+    from ..config import DTYPE_NAMES
+    from .loading import default_draft, load_client_models
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     if link_latency_ms < 0:
         raise ValueError(f"link_latency_ms must be >= 0, got {link_latency_ms}")
     if not local and not bootstrap:
         raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
-    models = load_client_models(model, default_draft(model) if draft is True else draft or None, dtype)
-    if local:
-        chains = LocalChains.load(models.target_dir, hops, DTYPES[dtype], link_latency_ms)
-    else:
-        chains = SwarmChains(model, models.head.config, list(bootstrap), DTYPES[dtype], link_latency_ms, relay)
+    models = load_client_models(model, default_draft(model) if draft is True else draft or None, dtype, device)
+    if local:  # the spans share the client's device and dtype
+        chains = LocalChains.load(models.target_dir, hops, models.dtype, link_latency_ms, models.device)
+    else:  # hidden states cross the wire in the client's dtype, from and to the CPU
+        chains = SwarmChains(model, models.head.config, list(bootstrap), models.dtype, link_latency_ms, relay)
     return ClientService(models, chains)
 
 

@@ -1,4 +1,8 @@
-"""The client's part of the target model: token embeddings, final norm and LM head, no layers."""
+"""The client's part of the target model: token embeddings, final norm and LM head, no layers.
+
+It lives on the client's device. Hidden states it is given (from the wire: CPU) move to that
+device; logits come back to the CPU in float32, where verification and sampling run (a block's
+logits are small: [T, V])."""
 
 from __future__ import annotations
 
@@ -16,15 +20,23 @@ class Head(nn.Module):
         super().__init__()
         self.config, self.embed, self.norm, self.lm_head = config, embed, norm, lm_head
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
     @classmethod
-    def load(cls, model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> "Head":
+    def load(cls, model_dir: Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> "Head":
         config = load_config(model_dir)
         reader = TensorReader(model_dir)
         borrowed = skeleton(config)
-        embed = materialize(borrowed.model.embed_tokens, reader.with_prefix("model.embed_tokens."), dtype)
-        norm = materialize(borrowed.model.norm, reader.with_prefix("model.norm."), dtype)
+        embed = materialize(borrowed.model.embed_tokens, reader.with_prefix("model.embed_tokens."), dtype, device)
+        norm = materialize(borrowed.model.norm, reader.with_prefix("model.norm."), dtype, device)
         if reader.has("lm_head.weight"):
-            lm_head = materialize(borrowed.lm_head, reader.with_prefix("lm_head."), dtype)
+            lm_head = materialize(borrowed.lm_head, reader.with_prefix("lm_head."), dtype, device)
         else:  # tied: the output projection is the embedding matrix
             with torch.device("meta"):
                 lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -39,9 +51,10 @@ class Head(nn.Module):
 
     @torch.inference_mode()
     def embed_tokens(self, ids: list[int]) -> torch.Tensor:
-        return self.embed(torch.tensor([ids]))
+        """[1, T, H] embeddings of `ids`, on the head's device."""
+        return self.embed(torch.tensor([ids], device=self.device))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[1, T, H] final hidden states -> [T, V] float32 logits."""
-        return self.lm_head(self.norm(hidden))[0].float()
+        """[1, T, H] final hidden states (any device) -> [T, V] float32 logits on the CPU."""
+        return self.lm_head(self.norm(hidden.to(self.device)))[0].float().cpu()

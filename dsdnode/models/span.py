@@ -3,7 +3,10 @@
 Like gpt-fast, the cache is preallocated and rollback is just moving a position: a block of T new
 positions is written at `commit_len` and everything after it is forgotten in O(1). The layers are
 transformers' own decoder-layer modules, so every Llama/Qwen2-family model works unchanged; we call
-them one by one with an explicit 4-D mask, which lets a block carry any mask (tree verification)."""
+them one by one with an explicit 4-D mask, which lets a block carry any mask (tree verification).
+
+A span lives on one device (weights, caches, compute): whatever hidden states, positions or mask
+it is given move there first, so callers may hand it CPU tensors from the wire."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..devices import synchronize
 from .weights import TensorReader, load_config, materialize, skeleton
 
 
@@ -23,11 +27,12 @@ class SpanCache:
     The attention modules call `update(k, v, layer_idx)`; each writes its block at `write_pos`
     and attends to everything before it. `length` is the number of valid positions."""
 
-    def __init__(self, config: PretrainedConfig, start: int, end: int, capacity: int, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, start: int, end: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (end - start, 1, config.num_key_value_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype)
-        self.values = torch.zeros(shape, dtype=dtype)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.start = start
         self.capacity = capacity
         self.length = 0
@@ -56,17 +61,18 @@ class SpanCache:
         return self.keys[i, :, :, :end], self.values[i, :, :, :end]
 
 
-def block_mask(commit_len: int, block_len: int, tree_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The [1, 1, T, commit_len+T] boolean mask (True = may attend) for a block.
+def block_mask(commit_len: int, block_len: int, tree_mask: torch.Tensor | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The [1, 1, T, commit_len+T] boolean mask (True = may attend) for a block, on `device`.
 
     Every block position sees the whole committed prefix; within the block, causal order unless a
     [T, T] tree mask says otherwise. A lone token needs no mask at all."""
     if tree_mask is None:
         if block_len == 1:
             return None
-        tree_mask = torch.ones(block_len, block_len, dtype=torch.bool).tril()
-    prefix = torch.ones(block_len, commit_len, dtype=torch.bool)
-    return torch.cat([prefix, tree_mask.to(torch.bool)], dim=1)[None, None]
+        tree_mask = torch.ones(block_len, block_len, dtype=torch.bool, device=device).tril()
+    prefix = torch.ones(block_len, commit_len, dtype=torch.bool, device=device)
+    return torch.cat([prefix, tree_mask.to(device, torch.bool)], dim=1)[None, None]
 
 
 @dataclass
@@ -94,9 +100,15 @@ class Span(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.layers[0].input_layernorm.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].input_layernorm.weight.device
+
     @classmethod
-    def load(cls, model_dir: Path, start: int, end: int, dtype: torch.dtype = torch.bfloat16) -> "Span":
-        """Read only the tensors of layers [start, end) from a converted model directory."""
+    def load(cls, model_dir: Path, start: int, end: int, dtype: torch.dtype = torch.bfloat16,
+             device: torch.device | str = "cpu") -> "Span":
+        """Read only the tensors of layers [start, end) from a converted model directory onto `device`
+        (one layer at a time, so the CPU never holds more than one layer of a GPU span)."""
         config = load_config(model_dir)
         n = config.num_hidden_layers
         if not 0 <= start < end <= n:
@@ -105,8 +117,9 @@ class Span(nn.Module):
         borrowed = skeleton(config)
         layers = nn.ModuleList()
         for i in range(start, end):
-            layers.append(materialize(borrowed.model.layers[i], reader.with_prefix(f"model.layers.{i}."), dtype))
-        rotary = type(borrowed.model.rotary_emb)(config=config)
+            layers.append(materialize(borrowed.model.layers[i], reader.with_prefix(f"model.layers.{i}."), dtype,
+                                      device))
+        rotary = type(borrowed.model.rotary_emb)(config=config).to(device)
         span = cls(config, start, end, layers, rotary)
         span.loaded_keys = reader.read
         return span
@@ -125,7 +138,7 @@ class Span(nn.Module):
         return Span(self.config, start, end, self.layers[start - self.start:end - self.start], self.rotary)
 
     def new_cache(self, capacity: int) -> SpanCache:
-        return SpanCache(self.config, self.start, self.end, capacity, self.dtype)
+        return SpanCache(self.config, self.start, self.end, capacity, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(
@@ -136,15 +149,22 @@ class Span(nn.Module):
         tree_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run a block [1, T, H] after the first commit_len cached positions; append it to the cache."""
+        """Run a block [1, T, H] after the first commit_len cached positions; append it to the cache.
+
+        The result is on the span's device, its work finished: callers time this call, and the
+        server sends the result on at once anyway."""
+        device = self.device
+        hidden = hidden.to(device)
         block_len = hidden.shape[1]
         cache.begin_block(commit_len, block_len)
         if position_ids is None:
-            position_ids = torch.arange(commit_len, commit_len + block_len)[None]
-        mask = block_mask(commit_len, block_len, tree_mask)
+            position_ids = torch.arange(commit_len, commit_len + block_len, device=device)[None]
+        position_ids = position_ids.to(device)
+        mask = block_mask(commit_len, block_len, tree_mask, device)
         rope = self.rotary(hidden, position_ids)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
                            past_key_values=cache, position_embeddings=rope)
         cache.end_block()
+        synchronize(device)
         return hidden

@@ -58,7 +58,8 @@ class TensorReader:
         return tensor
 
 
-def materialize(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-    """Give a meta-device module real weights (all of them must be in `state`)."""
-    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+def materialize(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> nn.Module:
+    """Give a meta-device module real weights on `device` (all of them must be in `state`)."""
+    module.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=True, assign=True)
     return module.eval().requires_grad_(False)

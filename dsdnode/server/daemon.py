@@ -70,7 +70,7 @@ class Server:
         announcer = asyncio.create_task(self._announce_loop())
         reaper = asyncio.create_task(self._expire_loop())
         print(json.dumps({"event": "ready", "peer_id": self.node.peer_id, "addrs": self.node.addrs, "model": self.model,
-                          "start": self.span.start, "end": self.span.end,
+                          "start": self.span.start, "end": self.span.end, "device": self.span.device.type,
                           "throughput": round(self.throughput, 2)}), flush=True)
         try:
             await stop.wait()
@@ -298,7 +298,7 @@ class Server:
 def measure_throughput(span: Span, repeats: int = 5) -> float:
     """Tokens per second of a one-token step through the span (what decoding costs), for routing."""
     cache = span.new_cache(64)
-    hidden = torch.zeros(1, 1, span.config.hidden_size, dtype=span.dtype)
+    hidden = torch.zeros(1, 1, span.config.hidden_size, dtype=span.dtype, device=span.device)
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()

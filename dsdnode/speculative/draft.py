@@ -3,7 +3,8 @@
 The draft model is a `Head` plus one or more local spans (usually one span of all its layers).
 It remembers which tokens its cache holds; before each proposal it rolls back to the longest
 prefix it shares with the accepted text (moving a position, nothing recomputed) and feeds only
-what is new."""
+what is new. Head, spans and caches live on the client's device; each step's logits come back to
+the CPU (Head.logits), where tokens are picked and sampled."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from dsdnode.models.span import Span
 from dsdnode.speculative.controller import ControllerSettings, DraftLengthController
 from dsdnode.speculative.draft import Drafter
 from dsdnode.speculative.sampling import SamplingSettings
+from tests.helpers.devices import DEVICES
 from tests.helpers.tiny_models import tiny_model
 
 
@@ -30,18 +31,24 @@ def make_generator(target, draft_model, draft_layers, n_hops, settings, latency_
     return Generator(head, LocalChain(spans, latency_s), drafter, settings, eos_ids=set())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("k", [None, 1, 3, 6])
-def test_greedy_dsd_equals_target_greedy(arch, k):
+def test_greedy_dsd_equals_target_greedy(arch, k, device):
+    """On every device (head, draft, spans and caches there), float32 greedy DSD gives exactly the
+    tokens of transformers' greedy decoding on the CPU."""
     target = tiny_model(arch, seed=1)
     # draft = the target minus its last layers: a weak but correlated draft, so some blocks are
     # fully accepted, some partly, some not at all
     settings = GenerationSettings(max_new_tokens=40, controller=ControllerSettings(k_fixed=k, k_max=6))
-    for seed in range(3):
-        prompt = torch.randint(0, 97, (5 + 3 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+    prompts = [torch.randint(0, 97, (5 + 3 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+               for seed in range(3)]
+    references = [reference_greedy(target, prompt, 40) for prompt in prompts]
+    target.to(device)
+    for prompt, reference in zip(prompts, references):
         gen = make_generator(target, target, 4, n_hops=3, settings=settings)
         result = asyncio.run(gen.generate(prompt))
-        assert result.tokens == reference_greedy(target, prompt, 40)
+        assert result.tokens == reference
         assert sum(r.accepted + 1 for r in result.rounds) >= 40
 
 

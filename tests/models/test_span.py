@@ -4,6 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from dsdnode.models.head import Head
 from dsdnode.models.span import Span
+from tests.helpers.devices import DEVICES
 from tests.helpers.tiny_models import tiny_model
 
 
@@ -12,9 +13,9 @@ def load_whole(model_dir):
     return model.eval()
 
 
-def chain(model_dir, cuts):
+def chain(model_dir, cuts, device="cpu"):
     bounds = [0, *cuts, load_whole(model_dir).config.num_hidden_layers]
-    return [Span.load(model_dir, a, b, dtype=torch.float32) for a, b in zip(bounds, bounds[1:])]
+    return [Span.load(model_dir, a, b, dtype=torch.float32, device=device) for a, b in zip(bounds, bounds[1:])]
 
 
 def run_chain(head, spans, caches, ids, commit_len):
@@ -24,11 +25,15 @@ def run_chain(head, spans, caches, ids, commit_len):
     return head.logits(h)
 
 
-def test_chain_of_spans_matches_whole_model(tiny_model_dir):
+@pytest.mark.parametrize("device", DEVICES)
+def test_chain_of_spans_matches_whole_model(tiny_model_dir, device):
+    """On any device, in float32: the chain's logits are the whole model's (run on the CPU)."""
     whole = load_whole(tiny_model_dir)
-    head = Head.load(tiny_model_dir, dtype=torch.float32)
-    spans = chain(tiny_model_dir, [2, 4])
+    head = Head.load(tiny_model_dir, dtype=torch.float32, device=device)
+    spans = chain(tiny_model_dir, [2, 4], device)
     caches = [s.new_cache(64) for s in spans]
+    assert {s.device.type for s in spans} == {head.device.type} == {device}
+    assert all(c.keys.device.type == device for c in caches)
     ids = torch.randint(0, whole.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))[0].tolist()
 
     prefill = run_chain(head, spans, caches, ids[:12], commit_len=0)
@@ -59,10 +64,13 @@ def test_truncate_then_recompute_equals_fresh_run(tiny_model_dir):
     assert torch.allclose(again, fresh, atol=1e-5)
 
 
-def test_custom_block_mask_is_honoured(tiny_model_dir):
-    """A tree mask where position 2 cannot see position 1 equals running it without position 1."""
-    head = Head.load(tiny_model_dir, dtype=torch.float32)
-    span = Span.load(tiny_model_dir, 0, load_whole(tiny_model_dir).config.num_hidden_layers, dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_block_mask_is_honoured(tiny_model_dir, device):
+    """A tree mask where position 2 cannot see position 1 equals running it without position 1
+    (mask and positions given as CPU tensors, as they come off the wire)."""
+    head = Head.load(tiny_model_dir, dtype=torch.float32, device=device)
+    span = Span.load(tiny_model_dir, 0, load_whole(tiny_model_dir).config.num_hidden_layers, dtype=torch.float32,
+                     device=device)
     prefix, a, b, c = [5, 6, 7], 11, 12, 13
     cache = span.new_cache(16)
     span(head.embed_tokens(prefix), cache, 0)
@@ -100,3 +108,18 @@ def test_of_model_shares_weights():
     model = tiny_model("llama")
     span = Span.of_model(model, 1, 3)
     assert span.layers[0] is model.model.layers[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cpu_hidden_states_in_device_results_out(tiny_model_dir, device):
+    """A span takes hidden states from the wire (CPU) and computes on its device; the head takes
+    them from anywhere and gives float32 logits on the CPU (where verification runs)."""
+    head = Head.load(tiny_model_dir, dtype=torch.float32, device=device)
+    span = Span.load(tiny_model_dir, 0, 3, dtype=torch.float32, device=device)
+    on_cpu = head.embed_tokens([1, 2, 3, 4]).cpu()
+    out = span(on_cpu, span.new_cache(8), 0)
+    assert out.device.type == device
+    logits = head.logits(out.cpu())
+    assert logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.shape == (4, head.config.vocab_size)
+    ref = span(head.embed_tokens([1, 2, 3, 4]), span.new_cache(8), 0)
+    assert torch.allclose(head.logits(ref), logits)
