@@ -178,7 +178,7 @@ def _print_model(r: dict, peers: bool) -> None:
         for p in r["peers"]:
             alive = f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "unreachable"
             click.echo(f"{p['peer_id']}  layers {p['start']:>3}:{p['end']:<3} {p['throughput']:8.1f} tok/s  "
-                       f"free {p['free_cache_tokens']:>7} tok  {alive}")
+                       f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  {alive}")
     live = sum(p["rtt_ms"] is not None for p in r["peers"])
     missing = r["uncovered_layers"]
     state = ("not served" if not r["served"] else "fully covered" if not missing

@@ -147,6 +147,7 @@ async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> 
         "coverage": counts,
         "peers": [{"peer_id": r.peer_id, "start": r.start, "end": r.end, "addrs": r.addrs,
                    "throughput": r.throughput, "free_cache_tokens": r.free_cache_tokens, "version": r.version,
+                   "device": r.device,
                    "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None}
                   for r in records],
     }

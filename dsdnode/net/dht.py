@@ -72,6 +72,7 @@ class SpanRecord:
     version: str
     expires: float
     issued: float = 0.0
+    device: str = "cpu"  # the kind of device the span computes on: cpu, cuda or mps
 
     @property
     def withdrawn(self) -> bool:
@@ -79,6 +80,7 @@ class SpanRecord:
 
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(SpanRecord)}
+DEVICE_KINDS = frozenset({"cpu", "cuda", "mps"})
 
 
 def value_key(model: str, peer_id: str) -> str:
@@ -153,6 +155,8 @@ def _parse_record(body: bytes) -> SpanRecord:
     rec = SpanRecord(**fields)
     if rec.start < 0 or rec.end < rec.start or rec.free_cache_tokens < 0 or rec.throughput < 0:
         raise RecordRejected(f"malformed: bad span [{rec.start}, {rec.end}) or negative counters")
+    if rec.device not in DEVICE_KINDS:
+        raise RecordRejected(f"malformed: device {rec.device!r:.20} is not one of {sorted(DEVICE_KINDS)}")
     return rec
 
 

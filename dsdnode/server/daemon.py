@@ -100,7 +100,8 @@ class Server:
 
     def record(self) -> SpanRecord:
         return SpanRecord(self.model, self.span.start, self.span.end, self.node.peer_id, list(self.node.addrs),
-                          self.throughput, self.table.free_tokens(), __version__, time.time() + self.record_ttl_s)
+                          self.throughput, self.table.free_tokens(), __version__, time.time() + self.record_ttl_s,
+                          device=self.span.device.type)
 
     async def _announce_loop(self) -> None:
         while True:

@@ -126,3 +126,14 @@ def test_discovery_across_processes_drops_forged_records():
     finally:
         for proc in (*procs.values(), boot):
             proc.stop()
+
+
+def test_record_device_kind_is_signed_and_checked():
+    from dsdnode.net.dht import RecordRejected, sign_record, verify_record
+
+    key = load_or_create_identity(None)
+    peer = ID.from_pubkey(key.public_key).to_base58()
+    rec = SpanRecord(MODEL, 0, 4, peer, [], 1.0, 10, "v", time.time() + 60, device="cuda")
+    assert verify_record(sign_record(rec, key)).device == "cuda"
+    with pytest.raises(RecordRejected, match="device"):
+        verify_record(sign_record(dataclasses.replace(rec, device="tpu"), key))
