@@ -126,15 +126,21 @@ async def run_bootstrap_peer(s: NodeSettings) -> None:
     from .net.identity import load_or_create_identity
     from .net.p2p import P2PNode
     from .server.daemon import install_stop_triggers
+    from .server.metrics import bootstrap_metrics
 
     stop = asyncio.Event()
     install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs)
-    print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap"}), flush=True)
+    metrics = bootstrap_metrics(node)
     try:
+        if s.metrics_port:
+            metrics.serve(s.host, s.metrics_port)
+        print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap"}),
+              flush=True)
         await stop.wait()
     finally:
+        metrics.stop()
         await node.stop()
 
 

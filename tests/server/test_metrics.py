@@ -10,7 +10,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from dsdnode.local_swarm import LocalSwarm
+from dsdnode.local_swarm import LocalSwarm, start_node
 from dsdnode.client.generate import GenerationSettings, Generator
 from dsdnode.client.swarm_chain import RemoteChain
 from dsdnode.models.head import Head
@@ -126,3 +126,16 @@ def test_a_served_generation_moves_the_node_metrics(smollm2_dir, tmp_path):
     hidden_bytes = 4 * head.config.hidden_size * (len(prompt) - 1 + 12)  # float32 activations in and out
     assert after[("dsdnode_received_bytes_total", ())] > hidden_bytes
     assert after[("dsdnode_sent_bytes_total", ())] > hidden_bytes
+
+
+@pytest.mark.heavy
+def test_a_bootstrap_peer_serves_dht_and_process_metrics(tmp_path):
+    port = free_port()
+    node = start_node(["--layers", "none", "--metrics-port", str(port)], tmp_path / "bootstrap.log")
+    try:
+        got = scrape(port)
+    finally:
+        node.proc.terminate()
+        node.proc.wait(20)
+    assert got[("dsdnode_dht_routing_table_peers", ())] == 0  # alone in its swarm
+    assert got[("dsdnode_sessions_open", ())] == 0 and got[("process_resident_memory_bytes", ())] > 0
