@@ -44,6 +44,7 @@ class RoundStats:
     draft_s: float  # drafting on the critical path (not hidden behind the wait)
     hop_compute_s: list[float]
     predrafted: int  # drafts that came from the overlapped guess
+    hop_link_s: list[float] = field(default_factory=list)  # between consecutive hops (swarm chains)
 
 
 @dataclass
@@ -197,7 +198,8 @@ class Generator:
             nxt.result = await nxt.finish()
             # usable only if every draft was accepted and the bonus token is the one it guessed
             nxt.valid = result.accepted == k and nxt.result.tokens[:1] == result.tokens[-1:]
-        stats = RoundStats(k, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s, predrafted)
+        stats = RoundStats(k, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s, predrafted,
+                           out.hop_link_s)
         return result, stats, nxt
 
     async def _take_proposal(self, tokens: list[int], k: int, predraft: _Predraft | None) -> tuple[Proposal, int]:

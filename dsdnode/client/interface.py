@@ -12,6 +12,9 @@ import torch
 class ChainOutput:
     hidden: torch.Tensor  # [1, T, H] final hidden states of the block
     hop_compute_s: list[float] = field(default_factory=list)  # per hop, for this block
+    # between consecutive hops: the next hop's receive time minus this hop's send time (two machines'
+    # clocks: exact on one machine, off by their skew across machines)
+    hop_link_s: list[float] = field(default_factory=list)
 
 
 class Chain(Protocol):

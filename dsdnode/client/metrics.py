@@ -1,8 +1,9 @@
 """Prometheus metrics of a client (the HTTP API serves them at /metrics): what its users feel.
 
 Observed once per generation by ClientService: request latency, time to first token, tokens per
-second, and per round the draft length, the accepted drafts and the network time of the chain (the
-round's time minus drafting and the hops' compute: links plus software overhead)."""
+second, and per round the draft length, the accepted drafts, the network time of the chain (the
+round's time minus drafting and the hops' compute: links plus software overhead) and each link
+between hops."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class ClientMetrics:
         self.network = Histogram("dsdnode_client_round_network_seconds",
                                  "Per round: time not spent drafting or computing on a hop (links, overhead).",
                                  buckets=ROUND_SECONDS, registry=r)
+        self.hop_link = Histogram("dsdnode_client_hop_link_seconds",
+                                  "Per round: from one hop's send to the next hop's receive (their clocks).",
+                                  ["link"], buckets=ROUND_SECONDS, registry=r)
         self.failovers = Counter("dsdnode_client_failovers", "Chains rebuilt around a fault.", registry=r)
         ProcessCollector(registry=r)
 
@@ -53,6 +57,8 @@ class ClientMetrics:
             self.drafts.labels("proposed").inc(r.k)
             self.drafts.labels("accepted").inc(r.accepted)
             self.network.observe(max(0.0, r.round_s - r.draft_s - sum(r.hop_compute_s)))
+            for i, link in enumerate(r.hop_link_s):
+                self.hop_link.labels(f"{i + 1}->{i + 2}").observe(link)
 
     def stopped(self, elapsed_s: float, ttft_s: float | None) -> None:
         """Ended early at a stop string (the caller's choice, not a failure)."""

@@ -333,7 +333,9 @@ class RemoteChain:
         if problem is None:
             hidden = h.to_torch()
             if bool(torch.isfinite(hidden).all()):
-                return ChainOutput(hidden, [t.compute_s for t in got.timings])
+                t = got.timings
+                return ChainOutput(hidden, [x.compute_s for x in t],
+                                   [max(0.0, b.recv_time - a.send_time) for a, b in zip(t, t[1:])])
             problem = "non-finite hidden states"
         raise ChainFailure(f"unusable reply from {sender.peer_id}: {problem}", {sender.peer_id: "bad_reply"})
 

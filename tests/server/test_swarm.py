@@ -71,6 +71,7 @@ def test_swarm_generates_the_in_process_tokens(swarm, client_parts, smollm2_dir)
     assert result.tokens == expected
     assert [(a, b) for _, a, b in route] == [(0, 10), (10, 20), (20, 30)]
     assert all(len(r.hop_compute_s) == 3 for r in result.rounds)
+    assert all(len(r.hop_link_s) == 2 and all(0 <= x < 5 for x in r.hop_link_s) for r in result.rounds)
 
 
 def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_parts):
