@@ -320,7 +320,7 @@ class DHT:
             blobs.append(("local store", local.value))
         sources = [peer, *kad.routing_table.find_local_closest_peers(key, VALUE_REPLICAS_ASKED)]
 
-        async def ask(source: ID, nursery: trio.Nursery) -> None:
+        async def ask(source: ID) -> None:
             with trio.move_on_after(PEER_QUERY_TIMEOUT_S):
                 try:
                     found = await kad.value_store._get_from_peer(source, key, return_record=True)
@@ -329,15 +329,18 @@ class DHT:
                     return
                 if found is not None:
                     blobs.append((source.to_base58(), found.value))
-                    if source == peer and _valid_for(found.value, peer_b58, model):
-                        # the peer's own signed record is its newest: replicas only matter when it is
-                        # silent, and waiting for them costs a query timeout when one of them hangs
-                        nursery.cancel_scope.cancel()
 
-        async with trio.open_nursery() as nursery:
-            for source in dict.fromkeys(sources):
-                if source != kad.local_peer_id:
-                    nursery.start_soon(ask, source, nursery)
+        # The peer's own signed record is its newest: ask it first, and replicas only when it is
+        # silent or has none. (Asking all at once and cancelling the rest once the peer answered
+        # broke later queries: a libp2p read is not cancel-safe. Waiting for all cost a query
+        # timeout whenever one replica hung.)
+        if peer != kad.local_peer_id:
+            await ask(peer)
+        if not any(_valid_for(blob, peer_b58, model) for source, blob in blobs if source == peer_b58):
+            async with trio.open_nursery() as nursery:
+                for source in dict.fromkeys(sources):
+                    if source not in (kad.local_peer_id, peer):
+                        nursery.start_soon(ask, source)
         valid: list[SpanRecord | None] = []
         for source, blob in blobs:
             try:

@@ -139,13 +139,13 @@ def test_refused_session_is_routed_around(swarm, parts, expected):
 
 
 def test_failover_may_change_the_number_of_hops(swarm, parts, expected):
-    """Two hops, one killed mid-generation; the only route left is one server for every layer."""
-    with servers(swarm, (0, 15, []), (15, 30, []), (0, 30, SLOW)) as (head_hop, tail_hop, whole):
-        def kill_tail(chain):
-            swarm.kill(node_of([head_hop, tail_hop], chain.route[-1][0]))
-        result, chain, _ = run_with_fault(swarm, parts, [head_hop, tail_hop, whole], kill_tail, k_fixed=None)
+    """One server for every layer, killed mid-generation; the only route left is two slower hops."""
+    with servers(swarm, (0, 30, []), (0, 15, SLOW), (15, 30, SLOW)) as (whole, head_hop, tail_hop):
+        def kill_whole(chain):
+            swarm.kill(node_of([whole], chain.route[0][0]))
+        result, chain, _ = run_with_fault(swarm, parts, [whole, head_hop, tail_hop], kill_whole, k_fixed=None)
     assert result.tokens == expected
-    assert chain.failovers >= 1 and chain.route == [(whole.peer_id, 0, 30)]
+    assert chain.failovers >= 1 and chain.route == [(head_hop.peer_id, 0, 15), (tail_hop.peer_id, 15, 30)]
     assert {len(r.hop_compute_s) for r in result.rounds} == {1, 2}
 
 
