@@ -207,11 +207,16 @@ def test_hung_hop_is_detected_within_seconds(swarm, parts, expected, trial):
 
 @pytest.mark.skipif(not SOAK, reason="soak: set DSDNODE_SOAK=1 (20 kill -9 trials, about 10 minutes)")
 @pytest.mark.timeout(1800)
-def test_kill9_trials(swarm, parts, expected):
-    """20 generations, each losing a hop to SIGKILL mid-way: all give the no-fault text."""
+def test_kill9_trials(parts, expected, tmp_path):
+    """20 generations, each losing a hop to SIGKILL mid-way: all give the no-fault text.
+
+    Each trial has a swarm of its own: py-libp2p keeps departed peers in its routing tables, and after
+    about 20 of them in one small swarm new servers were no longer found (a churn problem of the DHT,
+    not of failover; see the closing note of stop 18)."""
     ok = 0
     for trial in range(20):
-        with servers(swarm, (0, 15, []), (15, 30, []), (0, 15, SLOW), (15, 30, SLOW)) as nodes:
+        with LocalSwarm(MODEL, [], tmp_path / f"trial{trial}", dtype="float32") as swarm, \
+                servers(swarm, (0, 15, []), (15, 30, []), (0, 15, SLOW), (15, 30, SLOW)) as nodes:
             victim_hop = trial % 2  # alternate which hop dies
 
             def kill(chain):
