@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from dsdnode.local_swarm import LocalSwarm, start_node
 from dsdnode.cli import main
 from dsdnode.cli_common import DraftLength, friendly
 from dsdnode.net.identity import load_or_create_identity
+from tests.helpers.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_TIMEOUT_S = 120.0  # one CLI run, model loading included, on a busy 2-core machine
@@ -146,12 +146,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) ->
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert len(result.stderr.splitlines()) == 1 and expected in result.stderr, result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

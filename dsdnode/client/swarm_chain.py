@@ -226,9 +226,11 @@ class RemoteChain:
         return _Leg(hop, stream)
 
     def _pushes_to(self, leg: _Leg) -> SpanRecord | None:
-        """The record of the hop after `leg` in push mode (None: it answers the client)."""
-        i = self.legs.index(leg) if leg in self.legs else -1
-        return self.legs[i + 1].hop.candidate.record if 0 <= i < len(self.legs) - 1 and not self.relay else None
+        """The record of the hop `leg` pushes its output to (None: it answers the client, or its
+        session is already closed)."""
+        if leg not in self.legs:
+            return None
+        return self._next_hop([other.hop for other in self.legs], self.legs.index(leg))
 
     def _refusal(self, peer: str, reply: ErrorReply, nxt: SpanRecord | None) -> ChainFailure:
         """Whom an error reply is blamed on: the hop that sent it, or for bad_next_hop the hop it could

@@ -11,12 +11,7 @@ from libp2p.peer.id import ID
 
 from dsdnode.net.identity import load_or_create_identity
 from dsdnode.net.p2p import BootstrapUnreachable, ListenError, P2PNode, check_listen_address
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.ports import free_port
 
 
 def closed_bootstrap() -> str:

@@ -21,12 +21,7 @@ from dsdnode.net.protocol import SESSION_PROTOCOL as PROTOCOL
 from dsdnode.server.metrics import NodeMetrics
 from dsdnode.speculative.controller import ControllerSettings
 from dsdnode.speculative.draft import Drafter
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.ports import free_port
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
