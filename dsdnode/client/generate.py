@@ -4,7 +4,12 @@ One round: draft k tokens, embed [last token + drafts], one chain pass with the 
 rollback riding on it (commit_len), verify, commit. Autoregressive decoding is the same loop with
 k = 0, so the baseline and DSD share every line but the drafting. While a block is in flight the
 client drafts the next block on the guess that everything is accepted, and keeps it if the guess
-holds."""
+holds.
+
+A chain that audits its servers (client/audit.py) says after each round how far the outputs are
+checked: tokens go to on_tokens only once checked, and when an audit finds a wrong output the tokens
+produced from it on are dropped and generated again (on a route without the wrong server), so what
+the caller sees equals an honest run."""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from ..speculative.draft import Drafter, Proposal, extend, truncate
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
 from ..speculative.sampling import SamplingSettings, make_rng
 from ..speculative.verify import VerifyResult, verify_adaptive, verify_greedy, verify_sampling
-from .interface import Chain
+from .interface import Chain, Checkpoint
 
 
 @dataclass(frozen=True)
@@ -131,32 +136,57 @@ class Generator:
             t0 = time.perf_counter()
             await self._prefill(prompt)
             prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
-            tokens, rounds, stopped = list(prompt), [], "length"
-            while stopped != "eos" and len(tokens) - len(prompt) < s.max_new_tokens:
-                remaining = s.max_new_tokens - (len(tokens) - len(prompt))
-                k = min(controller.choose_k(), remaining - 1) if s.speculative else 0
-                failovers = self.chain.failovers
-                result, stats, predraft = await self._round(tokens, k, predraft)
-                new = result.tokens
-                eos_at = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
-                if eos_at is not None:
-                    new, stopped = new[:eos_at], "eos"
-                tokens.extend(new)
-                rounds.append(stats)
-                if s.speculative and self.chain.failovers != failovers:
-                    # a new chain (perhaps with another number of hops) costs something else, and this
-                    # round's time includes the failover: learn the new chain's cost from scratch
-                    controller.reset_timing(len(stats.hop_compute_s))
-                elif s.speculative:
-                    controller.observe(RoundObservation(k, result.accepted, stats.round_s, stats.draft_s,
-                                                        stats.hop_compute_s))
-                if on_tokens and new:
-                    on_tokens(new)
+            tokens, rounds, stopped, emitted = list(prompt), [], "length", len(prompt)
+            rerouted = False  # an audit rolled back: the chain is routed anew in the next round
+            while True:
+                if stopped == "eos" or len(tokens) - len(prompt) >= s.max_new_tokens:
+                    check = await self.chain.finish()  # every token is checked before the generation returns
+                    if check.rollback_to is None:
+                        self._emit(tokens, emitted, check, on_tokens)
+                        break
+                else:
+                    remaining = s.max_new_tokens - (len(tokens) - len(prompt))
+                    k = min(controller.choose_k(), remaining - 1) if s.speculative else 0
+                    failovers = self.chain.failovers
+                    result, stats, predraft = await self._round(tokens, k, predraft)
+                    new = result.tokens
+                    eos_at = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
+                    if eos_at is not None:
+                        new, stopped = new[:eos_at], "eos"
+                    tokens.extend(new)
+                    rounds.append(stats)
+                    if s.speculative and (self.chain.failovers != failovers or rerouted):
+                        # a new chain (perhaps with another number of hops) costs something else, and this
+                        # round's time includes the failover: learn the new chain's cost from scratch
+                        controller.reset_timing(len(stats.hop_compute_s))
+                        rerouted = False
+                    elif s.speculative:
+                        controller.observe(RoundObservation(k, result.accepted, stats.round_s, stats.draft_s,
+                                                            stats.hop_compute_s))
+                    check = await self.chain.checkpoint()
+                if check.rollback_to is not None:  # an audit found a wrong output: generate again from there
+                    del tokens[max(len(prompt), check.rollback_to + 1):]
+                    stopped = "length"
+                    if predraft is not None:
+                        await predraft.finish()
+                        predraft = None
+                    rerouted = True
+                    continue
+                emitted = self._emit(tokens, emitted, check, on_tokens)
             return GenerationResult(tokens[len(prompt):], rounds, prefill_s, time.perf_counter() - t_decode, stopped)
         finally:
             if predraft is not None:
                 await predraft.finish()
             await self.chain.close()
+
+    @staticmethod
+    def _emit(tokens: list[int], emitted: int, check: Checkpoint, on_tokens) -> int:
+        """Hand out the tokens whose outputs are checked (token j comes from the output at position j-1);
+        returns the length of tokens handed out so far."""
+        upto = min(len(tokens), check.verified + 1)
+        if on_tokens is not None and upto > emitted:
+            on_tokens(tokens[emitted:upto])
+        return max(emitted, upto)
 
     def _controller(self) -> DraftLengthController:
         """The given controller (acceptance back to the prior; timing forgotten if this chain has

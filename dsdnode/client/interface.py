@@ -17,6 +17,20 @@ class ChainOutput:
     hop_link_s: list[float] = field(default_factory=list)
 
 
+UNCHECKED = 1 << 62  # Checkpoint.verified of a chain that does not audit: everything counts as checked
+
+
+@dataclass
+class Checkpoint:
+    """Where a chain's audits stand. verified: outputs of positions [0, verified) are checked (or could
+    not be), so a token whose position's output produced it may be handed out. rollback_to: an audit
+    found a wrong output at this position: tokens produced from it on must be dropped (the chain has
+    excluded the server and recomputes on another route)."""
+
+    verified: int
+    rollback_to: int | None = None
+
+
 class Chain(Protocol):
     n_hops: int
     failovers: int  # how many times the chain was rebuilt around a fault so far
@@ -27,6 +41,13 @@ class Chain(Protocol):
 
     async def forward(self, hidden: torch.Tensor, commit_len: int) -> ChainOutput:
         """Keep the first commit_len cached positions on every hop, run the block through all hops."""
+
+    async def checkpoint(self) -> Checkpoint:
+        """After each round: the verdict of an audit that has finished; starts one when due (without
+        waiting for it)."""
+
+    async def finish(self) -> Checkpoint:
+        """Before a generation returns: audits every position not yet audited and waits for the verdict."""
 
     async def close(self) -> None:
         """End the session and free the hops' caches."""

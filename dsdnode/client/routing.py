@@ -3,8 +3,10 @@
 Candidates are the verified span records on the DHT whose peers answer a ping. A hop may serve
 any sub-range of its announced span, so the chain is a shortest path over layer boundaries
 0..L: from boundary p, a server holding layer p reaches any boundary up to its span's end at the
-cost of one link (half its measured RTT) plus its compute for those layers (from the throughput
-it announced). The link back to the client is added at the end."""
+cost of one link (half its measured RTT) plus its compute for those layers, times its standing
+penalty (client/standing.py: compute measured by this client where it has measured it, else the
+announced throughput, capped; failures and false claims raise the penalty). The link back to the
+client is added at the end."""
 
 from __future__ import annotations
 
@@ -26,8 +28,13 @@ class NoRoute(RuntimeError):
 
 @dataclass(frozen=True)
 class Candidate:
+    """s_per_layer: the client's estimate of one step's seconds per layer (None: the record's claim).
+    penalty: multiplies this server's cost in a route (1: nothing against it)."""
+
     record: SpanRecord
     rtt_s: float
+    s_per_layer: float | None = None
+    penalty: float = 1.0
 
     @property
     def peer(self) -> PeerInfo:
@@ -35,6 +42,8 @@ class Candidate:
 
     def compute_s(self, layers: int) -> float:
         """Decoding cost of `layers` of this span per step (throughput is for the whole span)."""
+        if self.s_per_layer is not None:
+            return self.s_per_layer * layers
         per_span = 1.0 / self.record.throughput if self.record.throughput > 0 else 1.0
         return per_span * layers / (self.record.end - self.record.start)
 
@@ -87,7 +96,7 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
             for q in range(p + 1, min(r.end, num_layers) + 1):
                 if session_length and r.free_cache_tokens * (r.end - r.start) < session_length * (q - p):
                     break
-                step = c.rtt_s / 2 + c.compute_s(q - p) + (c.rtt_s / 2 if q == num_layers else 0.0)
+                step = (c.rtt_s / 2 + c.compute_s(q - p) + (c.rtt_s / 2 if q == num_layers else 0.0)) * c.penalty
                 new = (cost + step, n + 1)
                 if new < best.get(q, (float("inf"), 0))[:2]:
                     best[q] = (*new, chain)

@@ -35,7 +35,7 @@ from ..net.protocol import HIDDEN_DTYPES, SESSION_PROTOCOL
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.stream import FRAME_BODY_TIMEOUT_S, close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
-                        TensorPayload, WireError, WireLimits, decode, encode, short)
+                        TensorPayload, WireError, WireLimits, decode, digest, encode, short)
 from .metrics import server_metrics
 from .sessions import Session, SessionError, SessionTable
 
@@ -255,8 +255,9 @@ class Server:
             compute_s = time.perf_counter() - t0
             session.tokens_served += hidden.shape[1]
             self.metrics.observe_block(hidden.shape[1], compute_s)
-            timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time())]
+            timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time(), digest(msg.hidden))]
             payload = TensorPayload.from_torch(out.to(incoming.dtype))  # the next hop gets what we got
+            result = ForwardResult(msg.session_id, msg.step_id, payload, timings)
             if session.next_stream is not None:
                 frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings))
                 try:
@@ -265,8 +266,11 @@ class Server:
                 except (StreamClosed, ConnectionError) as e:
                     raise SessionError("bad_next_hop",
                                        f"next hop {session.next_peer} unreachable: {short(str(e), 200)}") from None
+                # every hop sends its client a copy of its output (the client may have another server
+                # recompute it: an audit the hop cannot tell from any other block); off the push path
+                self._spawn(self._send(session.client, result))
             else:
-                await self._send(session.client, ForwardResult(msg.session_id, msg.step_id, payload, timings))
+                await self._send(session.client, result)
 
     async def _relay_errors(self, session: Session) -> None:
         """What the next hop answers on our push stream (it could not match a block to a session of
