@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import click
 
@@ -184,7 +185,11 @@ def _print_model(r: dict, peers: bool) -> None:
         for p in r["peers"]:
             alive = f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "unreachable"
             click.echo(f"{p['peer_id']}  layers {p['start']:>3}:{p['end']:<3} {p['throughput']:8.1f} tok/s  "
-                       f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  {alive}")
+                       f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  {alive}"
+                       + ("  BANNED" if p["banned"] else ""))
+    for b in r["banned"]:
+        until = time.strftime("%Y-%m-%d %H:%M", time.localtime(b["until"]))
+        click.echo(f"banned here until {until}: {b['peer_id']} (layers {b['layers'][0]}:{b['layers'][1]}): {b['reason']}")
     live = sum(p["rtt_ms"] is not None for p in r["peers"])
     missing = r["uncovered_layers"]
     state = ("not served" if not r["served"] else "fully covered" if not missing

@@ -1,7 +1,9 @@
 """Benchmark modes: what each name means, and the generation settings it runs with.
 
 Every swarm mode is greedy (temperature 0), so all but `dsd-auto-av` (adaptive verification,
-lossy by design) must reproduce the `ar-push` baseline token for token.
+lossy by design) must reproduce the `ar-push` baseline token for token. Swarm modes audit the
+servers' work at the default rate (client/audit.py) except `dsd-auto-noaudit`, which measures what
+auditing costs.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ class Mode:
     k_fixed: int | None = None
     adaptive: bool = False
     lossless: bool = True
+    audit: bool = True
 
     def options(self, max_new_tokens: int, k_max: int = 8, tau: float = 0.3) -> GenerateOptions:
         k = 0 if not self.speculative else self.k_fixed if self.k_fixed is not None else "auto"
-        return GenerateOptions(max_new_tokens=max_new_tokens, k=k, k_max=k_max, adaptive=self.adaptive, tau=tau)
+        return GenerateOptions(max_new_tokens=max_new_tokens, k=k, k_max=k_max, adaptive=self.adaptive, tau=tau,
+                               audit=self.audit)
 
 
 def parse_mode(name: str) -> Mode:
@@ -44,6 +48,8 @@ def parse_mode(name: str) -> Mode:
         return Mode(name, "swarm", relay=True)
     if name == "dsd-auto":
         return Mode(name, "swarm", speculative=True)
+    if name == "dsd-auto-noaudit":
+        return Mode(name, "swarm", speculative=True, audit=False)
     if name == "dsd-auto-av":
         return Mode(name, "swarm", speculative=True, adaptive=True, lossless=False)
     if name == "hf-assisted":
@@ -51,7 +57,8 @@ def parse_mode(name: str) -> Mode:
     m = _FIXED_K.match(name)
     if m and 1 <= int(m.group(1)) <= 32:
         return Mode(name, "swarm", speculative=True, k_fixed=int(m.group(1)))
-    raise ValueError(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-av, hf-assisted")
+    raise ValueError(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-noaudit, dsd-auto-av, "
+                     "hf-assisted")
 
 
 def parse_modes(text: str) -> list[Mode]:

@@ -58,6 +58,7 @@ class BanList:
         bans = self.active()
         bans[peer_id] = ban
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, json.dumps([asdict(b) for b in bans.values()], indent=1).encode())
+        keep = [asdict(b) for b in bans.values() if b.until > time.time()]  # expired bans leave the file
+        write_atomic(self.path, json.dumps(keep, indent=1).encode())
         log.warning("banned %s until %s: %s", peer_id, time.strftime("%Y-%m-%d %H:%M", time.localtime(ban.until)), reason)
         return ban

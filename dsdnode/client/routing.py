@@ -150,6 +150,8 @@ async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> 
     if num_layers is None:
         num_layers = _num_layers(model, records)
     counts = coverage([r for r in records if r.peer_id in live], num_layers)
+    from .bans import BanList
+    bans = {p: b for p, b in BanList().active().items() if b.model == model}
     return {
         "model": model, "num_layers": num_layers, "served": bool(live),
         "uncovered_layers": [i for i, n in enumerate(counts) if n == 0],
@@ -157,8 +159,12 @@ async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> 
         "peers": [{"peer_id": r.peer_id, "start": r.start, "end": r.end, "addrs": r.addrs,
                    "throughput": r.throughput, "free_cache_tokens": r.free_cache_tokens, "version": r.version,
                    "device": r.device,
-                   "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None}
+                   "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None,
+                   "banned": bans[r.peer_id].reason if r.peer_id in bans else None}
                   for r in records],
+        # this client's ban list (client/bans.py): servers an audit caught, whether they announce now or not
+        "banned": [{"peer_id": b.peer_id, "layers": list(b.layers), "reason": b.reason, "until": b.until}
+                   for b in bans.values()],
     }
 
 

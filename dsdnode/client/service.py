@@ -43,6 +43,7 @@ class GenerateOptions:
     adaptive: bool = False  # adaptive verification (lossy): relax acceptance of low-importance tokens
     tau: float = 0.3  # adaptive: accept a non-key draft token with p >= tau * p(top)
     overlap: bool = True  # draft the next block while the current one is in flight
+    audit: bool = True  # have other servers recheck the chain's work (swarm chains; client/audit.py)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -90,8 +91,9 @@ class ChainSource(Protocol):
     async def start(self) -> None:
         """Called once, inside the event loop that will run the generations."""
 
-    def new_chain(self) -> Chain:
-        """A chain for one generation; its session opens when generation starts."""
+    def new_chain(self, audit: bool = True) -> Chain:
+        """A chain for one generation (audited, where the chain can be, unless audit=False); its
+        session opens when generation starts."""
 
     async def check_route(self) -> str:
         """The chain a generation would use now, in words; raises (NoRoute, ...) if there is none."""
@@ -121,7 +123,7 @@ class LocalChains:
     async def start(self) -> None:
         pass
 
-    def new_chain(self) -> Chain:
+    def new_chain(self, audit: bool = True) -> Chain:
         from .local import LocalChain
         return LocalChain(self.spans, self.link_latency_s)
 
@@ -137,12 +139,15 @@ class SwarmChains:
     generation. relay=True carries each block hop by hop through the client (a baseline)."""
 
     def __init__(self, model: str, config, bootstrap: list[str], dtype: torch.dtype, link_latency_ms: float = 0.0,
-                 relay: bool = False, node=None):
+                 relay: bool = False, node=None, trust=None):
         if not bootstrap and node is None:
             raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
         self.model, self.config, self.bootstrap, self.dtype = model, config, list(bootstrap), dtype
         self.link_latency_ms, self.relay = link_latency_ms, relay
         self.node, self._own_node = node, node is None
+        from .standing import Standing, TrustSettings
+        self.trust = trust or TrustSettings()
+        self.standing = Standing(self.trust)  # what one generation measured, the next routes on
 
     async def start(self) -> None:
         if self.node is None:
@@ -158,10 +163,13 @@ class SwarmChains:
         hops = best_chain(await live_candidates(self.node, self.model), self.config.num_hidden_layers)
         return " -> ".join(f"{h.candidate.record.peer_id} [{h.start}:{h.end})" for h in hops)
 
-    def new_chain(self) -> Chain:
+    def new_chain(self, audit: bool = True) -> Chain:
+        from dataclasses import replace
+
         from .swarm_chain import RemoteChain
+        trust = self.trust if audit else replace(self.trust, audit_rate=0.0)
         return RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
-                           dtype=self.dtype, relay=self.relay)
+                           dtype=self.dtype, relay=self.relay, trust=trust, standing=self.standing)
 
     async def stop(self) -> None:
         if self.node is not None and self._own_node:
@@ -209,7 +217,7 @@ class ClientService:
             drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + s.controller.k_max + 2,
                               s.sampling)
         importance = await self.importance() if s.adaptive.enabled else None
-        chain = self.chains.new_chain()
+        chain = self.chains.new_chain(options.audit)
         generator = Generator(m.head, chain, drafter, s, m.eos_ids, importance, self.controllers.get(s.controller))
         t0, first = time.perf_counter(), []
 
