@@ -38,11 +38,17 @@ from .standing import Standing, record_group
 
 log = logging.getLogger(__name__)
 
-# Largest honest difference times a margin. Measured (scripts in docs/ARCHITECTURE.md, "Trust"): the
-# per-position relative L2 difference between a span run block by block (with rollbacks) and the same
-# positions as one catch-up block is at most 1.1e-5 in float32 (SmolLM2 spans, Qwen2.5-1.5B layers
-# 0:7) and 3.0e-2 in bfloat16 (SmolLM2 0:30). float16 was not measured: it gets bfloat16's.
+# Largest honest difference times a margin (docs/ARCHITECTURE.md, "Trust"): the per-position relative
+# L2 difference between a span run block by block (with rollbacks) and the same positions as one
+# catch-up block, measured at most 1.1e-5 in float32 and 3.2e-2 in bfloat16. float16 was not measured:
+# it gets bfloat16's. Servers that compute in different dtypes differ far more (up to 0.55 measured,
+# float32 vs bfloat16 on SmolLM2 0:15), so only servers that compute alike are compared.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
+
+
+def tolerance(compute_dtype: str, wire_dtype: str) -> float:
+    """Outputs computed in one dtype and sent in another differ by the coarser one's tolerance."""
+    return max(TOLERANCE[compute_dtype], TOLERANCE[wire_dtype])
 AUDIT_TIMEOUT_S = 20.0  # one shadow-session exchange (open, or a catch-up block)
 AUDITOR_TRIES = 2  # auditors tried for one hop before the hop counts as unauditable this time
 
@@ -51,11 +57,19 @@ class AuditUnavailable(RuntimeError):
     """The auditor could not do the work (refused, unreachable, slow, unusable reply)."""
 
 
+class UnlikeAuditor(AuditUnavailable):
+    """The auditor computes in another dtype than the audited hop: no fault, but no comparison."""
+
+
+def relative_diff(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Per position (dim 1): |got - want| / |want| over the hidden dimension."""
+    a, b = got.float(), want.float()
+    return (a - b).norm(dim=-1)[0] / b.norm(dim=-1)[0].clamp_min(1e-6)
+
+
 def first_mismatch(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> int | None:
     """The first position (dim 1) whose relative L2 difference exceeds tolerance (or is not finite)."""
-    a, b = got.float(), want.float()
-    rel = (a - b).norm(dim=-1)[0] / b.norm(dim=-1)[0].clamp_min(1e-6)
-    bad = ~(rel <= tolerance)  # NaN counts as bad
+    bad = ~(relative_diff(got, want) <= tolerance)  # NaN counts as bad
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
@@ -64,6 +78,7 @@ class ShadowSession:
 
     def __init__(self, record: SpanRecord, stream: Stream, session_id: str, limits: WireLimits):
         self.record, self.stream, self.session_id, self.limits = record, stream, session_id, limits
+        self.compute_dtype = ""
         self.length = 0  # positions the shadow cache holds
         self._step = 0
 
@@ -76,8 +91,9 @@ class ShadowSession:
         except Exception as e:
             raise AuditUnavailable(f"cannot reach auditor {record.peer_id}: {e!r}") from None
         shadow = cls(record, stream, secrets.token_hex(8), limits)
-        await shadow._ask(OpenSession(shadow.session_id, model, start, end, max_length, None, None, dtype),
-                          SessionOpened)
+        opened = await shadow._ask(OpenSession(shadow.session_id, model, start, end, max_length, None, None, dtype),
+                                   SessionOpened)
+        shadow.compute_dtype = opened.compute_dtype
         return shadow
 
     async def run(self, hidden: torch.Tensor, commit_len: int, max_block: int) -> torch.Tensor:
@@ -121,6 +137,7 @@ class HopLog:
     record: SpanRecord
     start: int
     end: int
+    compute_dtype: str
     inputs: torch.Tensor  # [1, max_length, H]
     outputs: torch.Tensor
     audited: int = 0  # positions [0, audited) of this hop agree with an auditor (or had none)
@@ -159,7 +176,6 @@ class Auditor:
                  auditors: Callable[[HopLog], list[SpanRecord]], standing: Standing, bans: BanList):
         self.node, self.model, self.dtype, self.max_block = node, model, dtype, max_block
         self.hidden_size = hidden_size
-        self.tolerance = TOLERANCE[dtype]
         self.auditors, self.standing, self.bans = auditors, standing, bans
         self.logs: list[HopLog] = []
         self.max_length = 0
@@ -169,13 +185,15 @@ class Auditor:
         self.round = 0
         self._computed_at: torch.Tensor | None = None  # round in which each position was last computed
         self._warned: set[tuple[int, int]] = set()
+        self._unlike: set[tuple[str, str]] = set()  # (auditor peer, compute dtype) pairs known not to match
 
-    async def new_route(self, hops: list[tuple[SpanRecord, int, int]], max_length: int, dtype: torch.dtype) -> None:
+    async def new_route(self, hops: list[tuple[SpanRecord, int, int, str]], max_length: int,
+                        dtype: torch.dtype) -> None:
         await self.close()
         self.max_length = max_length
         shape = (1, max_length, self.hidden_size)
-        self.logs = [HopLog(rec, a, b, torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                     for rec, a, b in hops]
+        self.logs = [HopLog(rec, a, b, compute, torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                     for rec, a, b, compute in hops]
         self.filled = self.low_water = 0
         if self._computed_at is None or self._computed_at.numel() != max_length:
             self._computed_at = torch.zeros(max_length, dtype=torch.long)
@@ -214,12 +232,16 @@ class Auditor:
         if start >= upto:
             return Verdict()
         tried = 0
-        for rec in self.auditors(h):
+        for rec in self._like(h):
             if tried == AUDITOR_TRIES:
                 break
             tried += 1
             try:
                 got = await self._recompute(h, rec, start, upto, inputs)
+            except UnlikeAuditor:
+                tried -= 1
+                await self._drop_shadow(h)
+                continue
             except AuditUnavailable as e:
                 log.info("audit of %s (layers %d:%d) could not run on %s: %s", h.peer_id, h.start, h.end,
                          rec.peer_id, e)
@@ -228,7 +250,7 @@ class Auditor:
                 continue
             self.stats.audits += 1
             self.stats.positions += upto - start
-            bad = first_mismatch(got, outputs[:, start:upto], self.tolerance)
+            bad = first_mismatch(got, outputs[:, start:upto], self._tolerance(h))
             if bad is None:
                 h.audited = min(upto, self.low_water)  # a rollback meanwhile drops positions past it
                 return Verdict()
@@ -252,17 +274,33 @@ class Auditor:
         return out[:, start - begin:]
 
     async def _open_shadow(self, h: HopLog, rec: SpanRecord) -> ShadowSession:
+        """A shadow session on `rec` for the hop's layers; UnlikeAuditor if it computes in another dtype."""
         limits = WireLimits(hidden_size=self.hidden_size, max_block=self.max_block, max_length=self.max_length)
-        return await ShadowSession.open(self.node, rec, self.model, h.start, h.end, self.max_length, self.dtype, limits)
+        shadow = await ShadowSession.open(self.node, rec, self.model, h.start, h.end, self.max_length, self.dtype,
+                                          limits)
+        if shadow.compute_dtype != h.compute_dtype:
+            await shadow.close()
+            self._unlike.add((rec.peer_id, h.compute_dtype))
+            raise UnlikeAuditor(f"{rec.peer_id} computes in {shadow.compute_dtype}, {h.peer_id} in {h.compute_dtype}")
+        return shadow
+
+    def _like(self, h: HopLog) -> list[SpanRecord]:
+        """The hop's auditor candidates, less those known to compute in another dtype."""
+        return [r for r in self.auditors(h) if (r.peer_id, h.compute_dtype) not in self._unlike]
+
+    def _tolerance(self, h: HopLog) -> float:
+        return tolerance(h.compute_dtype, self.dtype)
 
     async def _dispute(self, h: HopLog, auditor: SpanRecord, start: int, upto: int, bad: int,
                        inputs: torch.Tensor, outputs: torch.Tensor, audit_out: torch.Tensor) -> Verdict:
         """The hop and its auditor disagree from position `bad`: a third server decides."""
-        log.warning("audit: %s (layers %d:%d) and auditor %s disagree from position %d; asking a third server",
-                    h.peer_id, h.start, h.end, auditor.peer_id, bad)
+        rel = float(relative_diff(audit_out[:, bad - start:bad - start + 1], outputs[:, bad:bad + 1])[0])
+        log.warning("audit: %s (layers %d:%d, %s) and auditor %s disagree from position %d (relative difference "
+                    "%.3g, tolerance %.3g); asking a third server", h.peer_id, h.start, h.end, h.compute_dtype,
+                    auditor.peer_id, bad, rel, self._tolerance(h))
         await self._drop_shadow(h)
         third_out = None
-        for rec in self.auditors(h):
+        for rec in self._like(h):
             if rec.peer_id == auditor.peer_id:
                 continue
             try:
@@ -273,13 +311,15 @@ class Auditor:
                     await shadow.close()
                 third = rec
                 break
+            except UnlikeAuditor:
+                continue
             except AuditUnavailable as e:
                 log.info("third opinion from %s failed: %s", rec.peer_id, e)
                 self.standing.failed(rec.peer_id, "failed an audit session")
         where = f"layers {h.start}:{h.end} of {self.model}"
         if third_out is not None:
-            with_auditor = first_mismatch(third_out, audit_out, self.tolerance) is None
-            with_hop = first_mismatch(third_out, outputs[:, start:upto], self.tolerance) is None
+            with_auditor = first_mismatch(third_out, audit_out, self._tolerance(h)) is None
+            with_hop = first_mismatch(third_out, outputs[:, start:upto], self._tolerance(h)) is None
             if with_auditor and not with_hop:
                 return self._convict(h.record, (h.start, h.end), bad,
                                      f"wrong outputs for {where} from position {bad} (auditors {auditor.peer_id} "

@@ -66,6 +66,7 @@ class ChainFailure(RuntimeError):
 class _Leg:
     hop: Hop
     stream: Stream
+    compute_dtype: str  # what the hop says its layers compute in (audits compare like with like)
     reader: asyncio.Task | None = None
 
     @property
@@ -275,8 +276,8 @@ class RemoteChain:
             raise ChainFailure("; ".join(map(str, failures)), suspects, max(retry, default=None))
         self.legs = legs
         self.route = [(h.candidate.record.peer_id, h.start, h.end) for h in hops]
-        await self.auditor.new_route([(h.candidate.record, h.start, h.end) for h in hops], self._max_length,
-                                     self.dtype)
+        await self.auditor.new_route([(leg.hop.candidate.record, leg.hop.start, leg.hop.end, leg.compute_dtype)
+                                      for leg in self.legs], self._max_length, self.dtype)
         for leg in self.legs:
             leg.reader = asyncio.create_task(self._read(leg, self._results))
         log.info("session %s along %s", self.session_id, self.route)
@@ -308,7 +309,7 @@ class RemoteChain:
         except Exception as e:  # lost stream, timeout, undecodable reply: that hop's fault
             await close_quietly(stream)
             raise ChainFailure(f"opening a session on {peer} failed: {e!r}", {peer: "bad_reply"}) from None
-        return _Leg(hop, stream)
+        return _Leg(hop, stream, reply.compute_dtype)
 
     def _pushes_to(self, leg: _Leg) -> SpanRecord | None:
         """The record of the hop `leg` pushes its output to (None: it answers the client, or its

@@ -167,8 +167,12 @@ class OpenSession:
 
 @dataclass
 class SessionOpened:
+    """compute_dtype: the dtype the server's layers compute in (hidden states cross the wire in the
+    session's dtype); an audit compares only servers that compute alike."""
+
     session_id: str
     peer_id: str
+    compute_dtype: str
 
 
 @dataclass
@@ -454,6 +458,9 @@ def _check(msg: Message, limits: WireLimits) -> None:
     elif isinstance(msg, ForwardResult):
         _check_step(msg.step_id, msg.timings)
         _check_hidden(msg.hidden, limits)
+    elif isinstance(msg, SessionOpened):
+        if msg.compute_dtype not in HIDDEN_DTYPES:
+            raise WireError("bad_dtype", f"compute dtype {short(msg.compute_dtype)} not in {sorted(HIDDEN_DTYPES)}")
     elif isinstance(msg, ErrorReply):
         if msg.code not in ERROR_CODES:
             raise WireError("malformed", f"unknown error code {short(msg.code)}")

@@ -31,7 +31,7 @@ import torch
 from .. import __version__
 from ..models.span import Span
 from ..net.dht import SpanRecord
-from ..net.protocol import HIDDEN_DTYPES, SESSION_PROTOCOL
+from ..net.protocol import DTYPE_NAMES, HIDDEN_DTYPES, SESSION_PROTOCOL
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.stream import FRAME_BODY_TIMEOUT_S, close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
@@ -192,7 +192,7 @@ class Server:
                 raise SessionError("bad_next_hop",
                                    f"cannot reach next hop {next_hop.peer_id}: {short(str(e), 200)}") from None
             self._spawn(self._relay_errors(session))
-        await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id))
+        await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id, DTYPE_NAMES[self.span.dtype]))
         return session
 
     async def _next_hop(self, msg: OpenSession) -> PeerInfo:

@@ -43,7 +43,7 @@ def forward(**changes):
 MESSAGES = [
     OpenSession("s1", "qwen-1.5b", 0, 14, 512, "peerB", None, "bfloat16"),
     OpenSession("s1", "qwen-1.5b", 14, 28, 512, None, "peerA", "float32"),
-    SessionOpened("s1", "peerA"),
+    SessionOpened("s1", "peerA", "bfloat16"),
     forward(),
     forward(attention_mask=None, timings=[]),
     ForwardResult("s1", 7, hidden(dtype=torch.float16), [HopTiming("a", 1.0, 0.1, 1.2, b"digest!!"), HopTiming("b", 1.3, 0.1, 1.5, b"digest!!")]),
