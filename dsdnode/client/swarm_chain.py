@@ -114,7 +114,9 @@ class RemoteChain:
 
     async def start_session(self, max_length: int) -> None:
         self._max_length, self._history, self._committed = max_length, None, 0
-        self.verified, self._since_audit = 0, 0
+        # the first audit comes after the first round: tokens are handed out only once checked, so this
+        # is what the first token waits for; later audits come every audit_every rounds
+        self.verified, self._since_audit = 0, max(0, self.audit_every - 1)
         await self.close()
         await self._with_failover(None)
 

@@ -176,3 +176,21 @@ def test_a_rollback_drops_the_tokens_after_the_wrong_position_and_the_text_is_ho
     result = asyncio.run(gen.generate(prompt, streamed.extend))
     assert gen.chain.wrong_at is not None
     assert result.tokens == streamed == reference_greedy(target, prompt, 30)
+
+
+def test_swarm_listing_shows_banned_peers_and_why(tmp_path, monkeypatch, capsys):
+    from dsdnode.cli_node import _print_model
+
+    monkeypatch.setenv("DSDNODE_BANS", str(tmp_path / "bans.json"))
+    BanList().add("12D3bad", "m", (15, 30), "wrong outputs for layers 15:30 of m from position 9")
+    bans = BanList().active()
+    report = {"model": "m", "num_layers": 30, "served": True, "uncovered_layers": [], "coverage": [1] * 30,
+              "peers": [{"peer_id": "12D3bad", "start": 15, "end": 30, "addrs": [], "throughput": 1e6,
+                         "free_cache_tokens": 100, "version": "0", "device": "cpu", "expires": 0, "rtt_ms": 1.0,
+                         "banned": bans["12D3bad"].reason}],
+              "banned": [{"peer_id": b.peer_id, "layers": list(b.layers), "reason": b.reason, "until": b.until}
+                         for b in bans.values()]}
+    _print_model(report, peers=True)
+    out = capsys.readouterr().out
+    assert "12D3bad  layers  15:30" in out and "BANNED" in out
+    assert "banned here until" in out and "wrong outputs for layers 15:30 of m from position 9" in out

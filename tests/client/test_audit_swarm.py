@@ -22,17 +22,18 @@ from dsdnode.models.head import Head
 from dsdnode.models.span import Span
 from dsdnode.speculative.controller import ControllerSettings
 from dsdnode.speculative.draft import Drafter
-from tests.client.test_failover import (MODEL, SLOW, client_chain, generate, parts,  # noqa: F401 (fixtures)
+from tests.client.test_failover import (MODEL, client_chain, generate, parts,  # noqa: F401 (fixtures)
                                        servers, swarm)
 from tests.helpers.faulty_server import LAUNCHER
 
-pytestmark = pytest.mark.heavy
+pytestmark = [pytest.mark.heavy, pytest.mark.timeout(900)]  # real processes on a shared machine
 NEW_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
 def honest(swarm):
-    with servers(swarm, (0, 15, []), (15, 30, SLOW), (15, 30, SLOW)) as nodes:
+    slower = ["--link-latency-ms", "150"]  # far slower than the faulty server, whatever the machine's load
+    with servers(swarm, (0, 15, []), (15, 30, slower), (15, 30, slower)) as nodes:
         yield nodes
 
 
@@ -51,8 +52,7 @@ def bans(tmp_path, monkeypatch):
 
 def run(swarm, parts, peers, trust: TrustSettings, k_fixed=2, n=NEW_TOKENS):
     async def main():
-        base = await client_chain(swarm, parts[0], peers)
-        chain = RemoteChain(base.node, MODEL, 30, parts[0].config.hidden_size, dtype=base.dtype, trust=trust)
+        chain = await client_chain(swarm, parts[0], peers, trust=trust)
         try:
             streamed = []
             result = await generate(chain, parts, streamed.extend, k_fixed, n)
@@ -88,7 +88,7 @@ def test_honest_servers_are_never_flagged(parts, bans, dtype, expected_long, smo
         async def main():
             base = await client_chain(swarm, parts[0], nodes)
             chain = RemoteChain(base.node, MODEL, 30, parts[0].config.hidden_size, dtype=getattr(torch, dtype),
-                                trust=TrustSettings(audit_rate=1.0))
+                                trust=TrustSettings(audit_rate=1.0))  # the same client node, in this dtype
             head, draft_span, ids = parts
             settings = GenerationSettings(max_new_tokens=NEW_TOKENS, controller=ControllerSettings(k_fixed=4))
             target_head = Head.load(smollm2_dir, getattr(torch, dtype))
