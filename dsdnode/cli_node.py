@@ -71,7 +71,7 @@ async def run_node(s: NodeSettings) -> None:
     from .devices import describe, resolve_device, resolve_dtype
     from .models.fetch import resolve_model_dir
     from .models.span import Span
-    from .models.weights import load_config
+    from .models.weights import load_config, weights_digest
     from .net.identity import load_or_create_identity
     from .net.latency import LinkLatency
     from .net.p2p import P2PNode
@@ -106,7 +106,7 @@ async def run_node(s: NodeSettings) -> None:
             log.info("--layers auto: chose %d:%d", *span_range)
         span = Span.load(model_dir, *span_range, dtype=dtype, device=device)
         log.info("serving layers %d:%d of %s on %s in %s", *span_range, s.model, describe(device), DTYPE_NAMES[dtype])
-        server = Server(node, s.model, span, cache_budget_bytes=s.cache_budget_mb << 20,
+        server = Server(node, s.model, span, weights=weights_digest(model_dir), cache_budget_bytes=s.cache_budget_mb << 20,
                         max_length=s.max_session_length, max_block=s.max_block, idle_s=s.session_idle_s,
                         announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s,
                         frame_body_timeout_s=s.frame_body_timeout_s)
@@ -183,8 +183,12 @@ def _print_model(r: dict, peers: bool) -> None:
     if peers:
         for p in r["peers"]:
             alive = f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "unreachable"
+            ours = r["local_weights"] in (None, p["weights"])
             click.echo(f"{p['peer_id']}  layers {p['start']:>3}:{p['end']:<3} {p['throughput']:8.1f} tok/s  "
-                       f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  {alive}")
+                       f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  weights {p['weights'][:12] or '?':12}"
+                       f"{'' if ours else ' (not ours)'}  {alive}")
+        for peer, why in r["incompatible"].items():
+            click.echo(f"{peer}  skipped: {why}")
     live = sum(p["rtt_ms"] is not None for p in r["peers"])
     missing = r["uncovered_layers"]
     state = ("not served" if not r["served"] else "fully covered" if not missing

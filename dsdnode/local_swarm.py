@@ -100,14 +100,15 @@ class LocalSwarm:
         return self
 
     def add_server(self, start: int, end: int, index: int | None = None, args: list[str] = (),
-                   launcher: list[str] | None = None) -> NodeProcess:
+                   launcher: list[str] | None = None, env: dict | None = None) -> NodeProcess:
         """Start one more server (not added to .servers when called directly); `args` come last, so
         they override the swarm's own (e.g. another --link-latency-ms for this server)."""
         index = len(self.servers) if index is None else index
         args = ["--model", self.model, "--layers", f"{start}:{end}", "--bootstrap", self.bootstrap.addr,
                 "--link-latency-ms", str(self.link_latency_ms), "--dtype", self.dtype,
                 "--announce-interval", "2", *self.extra_args, *args]
-        return start_node(args, self.workdir / f"server{index}-{start}-{end}.log", self.threads, launcher=launcher)
+        return start_node(args, self.workdir / f"server{index}-{start}-{end}.log", self.threads, env=env,
+                          launcher=launcher)
 
     @property
     def bootstrap_addrs(self) -> list[str]:

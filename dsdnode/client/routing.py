@@ -46,9 +46,20 @@ class Hop:
     end: int
 
 
-async def live_candidates(node: P2PNode, model: str, exclude: set[str] = frozenset()) -> list[Candidate]:
-    """Every verified record of `model` on the DHT whose peer answers a ping."""
-    return await ping_records(node, [r for r in await node.dht.discover(model) if r.peer_id not in exclude])
+async def live_candidates(node: P2PNode, model: str, weights: str) -> list[Candidate]:
+    """Every verified record of `model`'s `weights` on the DHT whose peer answers a ping."""
+    records, _other = same_weights(await node.dht.discover(model), weights)
+    return await ping_records(node, records)
+
+
+def same_weights(records: list[SpanRecord], weights: str) -> tuple[list[SpanRecord], dict[str, str]]:
+    """The records of servers that hold `weights` (a digest), and why each other one is left out:
+    one model name may stand for several checkpoints (quantizations, fine-tunes), and a chain that
+    mixed them would compute garbage without any error."""
+    same = [r for r in records if r.weights == weights]
+    other = {r.peer_id: f"serves other weights of {r.model} (digest {r.weights or 'none'}, ours {weights})"
+             for r in records if r.weights != weights}
+    return same, other
 
 
 async def ping_records(node: P2PNode, records: list[SpanRecord], timeout_s: float = PING_TIMEOUT_S) -> list[Candidate]:
@@ -142,12 +153,13 @@ async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> 
         num_layers = _num_layers(model, records)
     counts = coverage([r for r in records if r.peer_id in live], num_layers)
     return {
-        "model": model, "num_layers": num_layers, "served": bool(live),
+        "model": model, "num_layers": num_layers, "served": bool(live), "local_weights": _local_weights(model),
+        "incompatible": node.dht.incompatible.copy(),
         "uncovered_layers": [i for i, n in enumerate(counts) if n == 0],
         "coverage": counts,
         "peers": [{"peer_id": r.peer_id, "start": r.start, "end": r.end, "addrs": r.addrs,
                    "throughput": r.throughput, "free_cache_tokens": r.free_cache_tokens, "version": r.version,
-                   "device": r.device,
+                   "device": r.device, "weights": r.weights,
                    "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None}
                   for r in records],
     }
@@ -192,3 +204,14 @@ def _num_layers(model: str, records: list[SpanRecord]) -> int:
         return load_config(resolve_model_dir(model)).num_hidden_layers
     except Exception:  # model not pulled here: the highest announced layer is the best guess
         return max((r.end for r in records), default=0)
+
+
+def _local_weights(model: str) -> str | None:
+    """The digest of this machine's copy of `model`, if it has one: `dsdnode swarm` marks servers of
+    other weights, which a client here would not chain."""
+    try:
+        from ..models.fetch import resolve_model_dir
+        from ..models.weights import weights_digest
+        return weights_digest(resolve_model_dir(model))
+    except Exception:  # not pulled here (or unreadable): nothing to compare with
+        return None

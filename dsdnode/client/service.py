@@ -136,12 +136,12 @@ class SwarmChains:
     """The swarm: one libp2p node for the service's life (or the caller's), one routed session per
     generation. relay=True carries each block hop by hop through the client (a baseline)."""
 
-    def __init__(self, model: str, config, bootstrap: list[str], dtype: torch.dtype, link_latency_ms: float = 0.0,
-                 relay: bool = False, node=None):
+    def __init__(self, model: str, config, bootstrap: list[str], dtype: torch.dtype, *, weights: str,
+                 link_latency_ms: float = 0.0, relay: bool = False, node=None):
         if not bootstrap and node is None:
             raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
         self.model, self.config, self.bootstrap, self.dtype = model, config, list(bootstrap), dtype
-        self.link_latency_ms, self.relay = link_latency_ms, relay
+        self.link_latency_ms, self.relay, self.weights = link_latency_ms, relay, weights
         self.node, self._own_node = node, node is None
 
     async def start(self) -> None:
@@ -155,13 +155,13 @@ class SwarmChains:
         """Routing alone (find live servers, choose a chain), without opening a session."""
         from .routing import best_chain, live_candidates
 
-        hops = best_chain(await live_candidates(self.node, self.model), self.config.num_hidden_layers)
+        hops = best_chain(await live_candidates(self.node, self.model, self.weights), self.config.num_hidden_layers)
         return " -> ".join(f"{h.candidate.record.peer_id} [{h.start}:{h.end})" for h in hops)
 
     def new_chain(self) -> Chain:
         from .swarm_chain import RemoteChain
         return RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
-                           dtype=self.dtype, relay=self.relay)
+                           weights=self.weights, dtype=self.dtype, relay=self.relay)
 
     async def stop(self) -> None:
         if self.node is not None and self._own_node:
@@ -249,6 +249,7 @@ def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), lo
     """Load the client's models and make its chain source (blocking: loads weights); start() it in
     the event loop that will generate. See library.AsyncClient.connect for the arguments."""
     from ..config import DTYPE_NAMES
+    from ..models.weights import weights_digest
     from .loading import default_draft, load_client_models
 
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -261,7 +262,8 @@ def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), lo
     if local:  # the spans share the client's device and dtype
         chains = LocalChains.load(models.target_dir, hops, models.dtype, link_latency_ms, models.device)
     else:  # hidden states cross the wire in the client's dtype, from and to the CPU
-        chains = SwarmChains(model, models.head.config, list(bootstrap), models.dtype, link_latency_ms, relay)
+        chains = SwarmChains(model, models.head.config, list(bootstrap), models.dtype,
+                             weights=weights_digest(models.target_dir), link_latency_ms=link_latency_ms, relay=relay)
     return ClientService(models, chains)
 
 

@@ -31,7 +31,7 @@ from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSe
                         TensorPayload, WireLimits, decode, encode)
 from .deadlines import DeadlineSettings, PassDeadline
 from .interface import ChainOutput
-from .routing import Hop, NoRoute, best_chain, ping_records
+from .routing import Hop, NoRoute, best_chain, ping_records, same_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,13 @@ class _Leg:
 
 
 class RemoteChain:
-    def __init__(self, node: P2PNode, model: str, num_layers: int, hidden_size: int, *,
+    def __init__(self, node: P2PNode, model: str, num_layers: int, hidden_size: int, *, weights: str,
                  dtype: torch.dtype = torch.bfloat16, relay: bool = False, max_failovers: int = 8,
                  deadlines: DeadlineSettings = DeadlineSettings(), max_block: int = 64):
+        """weights: digest of the weights this client's head comes from; only servers of the same
+        weights are chained."""
         self.node, self.model, self.num_layers, self.hidden_size = node, model, num_layers, hidden_size
+        self.weights = weights
         self.dtype_name = DTYPE_NAMES[dtype]
         self.relay, self.max_failovers, self.max_block = relay, max_failovers, max_block
         self.deadline = PassDeadline(deadlines)  # measurements carry over to the next session
@@ -80,7 +83,8 @@ class RemoteChain:
         self._busy_count: dict[str, int] = {}
         self._bad_next_hop_reports: dict[str, int] = {}
         self._reasons: dict[str, str] = {}  # excluded peer -> the failure that excluded it, for error messages
-        self._records: list[SpanRecord] = []
+        self._records: list[SpanRecord] = []  # of servers of our weights
+        self._unusable: dict[str, str] = {}  # providers we cannot chain (other weights or protocol) -> why
         self._records_at = -RECORDS_MAX_AGE_S
         self._results: asyncio.Queue = asyncio.Queue()
         self._step = 0
@@ -150,7 +154,10 @@ class RemoteChain:
         while True:
             now = time.monotonic()
             if now - self._records_at > RECORDS_MAX_AGE_S:
-                self._records, self._records_at, fresh = await self.node.dht.discover(self.model), now, True
+                found = await self.node.dht.discover(self.model)
+                self._records, self._unusable = same_weights(found, self.weights)
+                self._unusable.update(self.node.dht.incompatible.copy())
+                self._records_at, fresh = now, True
             busy = {p: t for p, t in self._busy_until.items() if t > now}
             usable = [r for r in self._records if r.peer_id not in self.excluded and r.peer_id not in busy]
             candidates = await ping_records(self.node, usable)
@@ -171,7 +178,8 @@ class RemoteChain:
                 waited += wait
 
     def _why_excluded(self, busy: dict[str, float]) -> str:
-        parts = [self._reasons[p] for p in self.excluded] + [f"{p} is busy" for p in busy]
+        parts = ([self._reasons[p] for p in self.excluded] + [f"{p} is busy" for p in busy]
+                 + [f"{p} {why}" for p, why in self._unusable.items()])
         return f"; servers avoided: {'; '.join(parts)}" if parts else ""
 
     # ---- session ------------------------------------------------------------------------
@@ -211,7 +219,7 @@ class RemoteChain:
         try:
             prv = hops[i - 1].candidate.record.peer_id if i > 0 and self._next_hop(hops, i - 1) else None
             await stream.send(encode(OpenSession(self.session_id, self.model, hop.start, hop.end, self._max_length,
-                                                 nxt.peer_id if nxt else None, prv, self.dtype_name)))
+                                                 nxt.peer_id if nxt else None, prv, self.dtype_name, self.weights)))
             reply = decode(await stream.recv(timeout=OPEN_TIMEOUT_S), WireLimits())
             if isinstance(reply, ErrorReply):
                 raise self._refusal(peer, reply, nxt)

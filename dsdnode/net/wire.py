@@ -19,8 +19,9 @@ Error codes raised by `decode` (and sent back in ErrorReply):
              bytes longer than the largest tensor the limits allow
   bad_dtype  tensor dtype not allowed where it appears
   bad_shape  shape not [1, T, hidden_size] / mask not [T, commit_len+T] / data length != shape
-The other codes (unknown_session, busy, wrong_span, internal, shutting_down, bad_next_hop) are for
-servers; bad_next_hop: OpenSession named a next_peer without a valid span record that continues
+The other codes (unknown_session, busy, wrong_span, wrong_weights, internal, shutting_down,
+bad_next_hop) are for servers; wrong_weights: OpenSession asked for other weights (another digest)
+than the server holds; bad_next_hop: OpenSession named a next_peer without a valid span record that continues
 the session's span, or the next hop cannot be reached or refused a pushed block (the fault is
 probably the next hop's).
 """
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 ERROR_CODES = frozenset(
     {"malformed", "too_large", "bad_dtype", "bad_shape", "unknown_session", "busy",
-     "wrong_span", "internal", "shutting_down", "bad_next_hop"}
+     "wrong_span", "wrong_weights", "internal", "shutting_down", "bad_next_hop"}
 )
 HIDDEN_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "bool": 1}
@@ -138,7 +139,9 @@ class OpenSession:
     next_peer: peer id of the hop this one pushes its output to (None: answer the opener). The
     server dials it at the addresses of that peer's signed span record, never at addresses a
     client names. prev_peer: peer id of the hop that pushes blocks into this session (None: the
-    opener sends them itself, on this stream); blocks from anyone else are refused.
+    opener sends them itself, on this stream); blocks from anyone else are refused. weights: the
+    digest of the weights the client's head was loaded from (models.weights.weights_digest); a
+    server holding other weights refuses with wrong_weights, so a chain never mixes checkpoints.
     """
 
     session_id: str
@@ -149,6 +152,7 @@ class OpenSession:
     next_peer: str | None
     prev_peer: str | None
     dtype: str
+    weights: str
 
 
 @dataclass

@@ -47,10 +47,10 @@ WITHDRAW_TIMEOUT_S = 5.0
 
 
 class Server:
-    def __init__(self, node: P2PNode, model: str, span: Span, *, cache_budget_bytes: int, max_length: int,
-                 max_block: int, idle_s: float, announce_interval_s: float, record_ttl_s: float,
+    def __init__(self, node: P2PNode, model: str, span: Span, *, weights: str, cache_budget_bytes: int,
+                 max_length: int, max_block: int, idle_s: float, announce_interval_s: float, record_ttl_s: float,
                  frame_body_timeout_s: float = FRAME_BODY_TIMEOUT_S):
-        self.node, self.model, self.span = node, model, span
+        self.node, self.model, self.span, self.weights = node, model, span, weights
         self.frame_body_timeout_s = frame_body_timeout_s
         self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s)
         self.limits = WireLimits(hidden_size=span.config.hidden_size, max_block=max_block, max_length=max_length,
@@ -71,7 +71,7 @@ class Server:
         reaper = asyncio.create_task(self._expire_loop())
         print(json.dumps({"event": "ready", "peer_id": self.node.peer_id, "addrs": self.node.addrs, "model": self.model,
                           "start": self.span.start, "end": self.span.end, "device": self.span.device.type,
-                          "throughput": round(self.throughput, 2)}), flush=True)
+                          "weights": self.weights, "throughput": round(self.throughput, 2)}), flush=True)
         try:
             await stop.wait()
         finally:
@@ -101,7 +101,7 @@ class Server:
     def record(self) -> SpanRecord:
         return SpanRecord(self.model, self.span.start, self.span.end, self.node.peer_id, list(self.node.addrs),
                           self.throughput, self.table.free_tokens(), __version__, time.time() + self.record_ttl_s,
-                          device=self.span.device.type)
+                          device=self.span.device.type, weights=self.weights)
 
     async def _announce_loop(self) -> None:
         while True:
@@ -178,6 +178,9 @@ class Server:
             raise SessionError("shutting_down", "server is shutting down")
         if msg.model != self.model:
             raise SessionError("wrong_span", f"this server serves {self.model!r}, not {short(msg.model)}")
+        if msg.weights != self.weights:
+            raise SessionError("wrong_weights", f"this server holds weights {self.weights} of {self.model!r}, "
+                                                f"the session asks for {short(msg.weights)}")
         if msg.dtype not in HIDDEN_DTYPES:
             raise SessionError("bad_dtype", f"dtype {short(msg.dtype)} is not one of {sorted(HIDDEN_DTYPES)}")
         next_hop = await self._next_hop(msg) if msg.next_peer is not None else None
@@ -210,6 +213,9 @@ class Server:
         if not rec.start <= msg.end < rec.end:
             raise SessionError("bad_next_hop", f"next peer {rec.peer_id} serves layers {rec.start}:{rec.end}, "
                                                f"which do not continue this session at layer {msg.end}")
+        if rec.weights != self.weights:
+            raise SessionError("bad_next_hop", f"next peer {rec.peer_id} serves other weights of {self.model!r} "
+                                               f"({short(rec.weights)}, not {self.weights})")
         return PeerInfo(rec.peer_id, tuple(rec.addrs))
 
     async def _close(self, session_id: str) -> None:

@@ -41,8 +41,8 @@ def forward(**changes):
 
 
 MESSAGES = [
-    OpenSession("s1", "qwen-1.5b", 0, 14, 512, "peerB", None, "bfloat16"),
-    OpenSession("s1", "qwen-1.5b", 14, 28, 512, None, "peerA", "float32"),
+    OpenSession("s1", "qwen-1.5b", 0, 14, 512, "peerB", None, "bfloat16", "0f" * 16),
+    OpenSession("s1", "qwen-1.5b", 14, 28, 512, None, "peerA", "float32", ""),
     SessionOpened("s1", "peerA"),
     forward(),
     forward(attention_mask=None, timings=[]),
