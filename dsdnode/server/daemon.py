@@ -256,6 +256,9 @@ class Server:
                 done = await self.batcher.run(session.span, Block(hidden, cache, msg.commit_len, tree), session.owner)
             except ValueError as e:
                 raise SessionError("bad_shape", str(e)) from None
+            except RuntimeError as e:  # the forward it shared failed (e.g. out of memory): each session hears it
+                log.warning("a forward failed: %r", e)
+                raise SessionError("internal", f"the forward failed: {short(str(e), 200)}") from None
             del cache  # the session owns its cache: once it closes, the memory must go
             out, compute_s = done.hidden, done.compute_s
             session.tokens_served += hidden.shape[1]
