@@ -39,11 +39,14 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--k-max", type=click.IntRange(1, K_LIMIT), default=8, show_default=True, help="Longest block for the dsd-auto modes.")
 @click.option("--tau", type=FiniteFloatRange(0, 1), default=0.3, show_default=True,
               help="Adaptive verification threshold (dsd-auto-av).")
+@click.option("--clients", "clients", default=None, metavar="N[,N...]",
+              help="Many clients at once instead of the modes: for each count N (e.g. 1,2,4,8), N concurrent clients "
+                   "(dsd-auto, the first --link-latency-ms), with batching on and then off at the servers.")
 @click.option("--quick", is_flag=True, help="A small smoke run: smollm2-135m as target and draft, 3 servers, 2 prompts "
                                             "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32.")
 @friendly
 def bench(model, draft, servers, latencies, dataset, prompts, max_new_tokens, modes, out, threads, client_threads,
-          device, dtype, k_max, tau, quick):
+          device, dtype, k_max, tau, clients, quick):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
     from .bench.runner import BenchConfig, BenchRun
     from .devices import default_dtype, resolve_device
@@ -63,7 +66,25 @@ def bench(model, draft, servers, latencies, dataset, prompts, max_new_tokens, mo
                          tau=tau)
     command = " ".join(["dsdnode", *map(shlex.quote, sys.argv[1:])]) if "bench" in sys.argv[1:] else \
         f"dsdnode bench (called in-process) {config}"
-    run = BenchRun(config, command)
+    if clients is not None:
+        from .bench.clients import ClientsConfig, ClientsRun
+        run = ClientsRun(ClientsConfig(out=out, clients=parse_counts(clients), model=model, draft=draft,
+                                       servers=servers, latency_ms=config.latencies_ms[0], datasets=config.datasets,
+                                       max_new_tokens=max_new_tokens, threads=threads, client_threads=client_threads,
+                                       dtype=dtype, device=device, k_max=k_max), command)
+    else:
+        run = BenchRun(config, command)
     run.run()
     click.echo(f"results: {out / 'results.md'}")
     click.echo((out / "results.md").read_text())
+
+
+def parse_counts(text: str) -> tuple[int, ...]:
+    """--clients: a comma list of client counts >= 1."""
+    try:
+        counts = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"expected client counts >= 1 like 1,2,4,8, got {text!r}", param_hint="--clients")
+    return counts

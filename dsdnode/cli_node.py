@@ -56,6 +56,16 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
               default=None, help="Seconds between announcements of this node's span record.")
 @click.option("--metrics-port", type=node_type("metrics_port"), default=None,
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).")
+@click.option("--batching/--no-batching", default=None,
+              help="Run the blocks of sessions waiting together in one forward [default: on].")
+@click.option("--batch-window-ms", type=node_type("batch_window_ms"), default=None,
+              help="Longest a block waits for other sessions' blocks, only while other sessions are active "
+                   "[default: 2].")
+@click.option("--max-batch", type=node_type("max_batch"), default=None, help="Blocks per forward [default: 16].")
+@click.option("--max-sessions-per-client", type=node_type("max_sessions_per_client"), default=None,
+              help="Open sessions one client (peer id) may hold here; past it: busy [default: 16].")
+@click.option("--max-queued-per-client", type=node_type("max_queued_per_client"), default=None,
+              help="Positions one client may have waiting for compute here; past it: busy [default: 512].")
 @click.option("--parent-pid", type=node_type("parent_pid"), default=None,
               help="Shut down (as on SIGTERM) once this process is gone; for launchers of local swarms.")
 @friendly
@@ -76,7 +86,9 @@ async def run_node(s: NodeSettings) -> None:
     from .net.latency import LinkLatency
     from .net.p2p import P2PNode
     from .net.protocol import DTYPE_NAMES
+    from .server.batching import BatchSettings
     from .server.daemon import Server, install_stop_triggers
+    from .server.sessions import ClientLimits
     from .server.placement import auto_width, choose_span, parse_layers
 
     if s.threads:
@@ -109,7 +121,9 @@ async def run_node(s: NodeSettings) -> None:
         server = Server(node, s.model, span, weights=weights_digest(model_dir), cache_budget_bytes=s.cache_budget_mb << 20,
                         max_length=s.max_session_length, max_block=s.max_block, idle_s=s.session_idle_s,
                         announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s,
-                        frame_body_timeout_s=s.frame_body_timeout_s)
+                        frame_body_timeout_s=s.frame_body_timeout_s,
+                        batching=BatchSettings(s.max_batch if s.batching else 1, s.batch_window_ms / 1000),
+                        client_limits=ClientLimits(s.max_sessions_per_client, s.max_queued_per_client))
         if s.metrics_port:
             server.metrics.serve(s.host, s.metrics_port)
     except BaseException:
@@ -185,8 +199,9 @@ def _print_model(r: dict, peers: bool) -> None:
             alive = f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "unreachable"
             ours = r["local_weights"] in (None, p["weights"])
             click.echo(f"{p['peer_id']}  layers {p['start']:>3}:{p['end']:<3} {p['throughput']:8.1f} tok/s  "
-                       f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  weights {p['weights'][:12] or '?':12}"
-                       f"{'' if ours else ' (not ours)'}  {alive}")
+                       f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  "
+                       f"load {p['active_sessions']} sessions, {p['queued_positions']} queued  "
+                       f"weights {p['weights'][:12] or '?':12}{'' if ours else ' (not ours)'}  {alive}")
         for peer, why in r["incompatible"].items():
             click.echo(f"{peer}  skipped: {why}")
     live = sum(p["rtt_ms"] is not None for p in r["peers"])

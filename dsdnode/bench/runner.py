@@ -125,15 +125,7 @@ class BenchRun:
         return c.out
 
     def _load_prompts(self) -> list[_Prompt]:
-        tok = self.client.tokenizer
-        template = (lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)) \
-            if tok.chat_template else None
-        out = []
-        for ds in self.config.datasets:
-            for i, problem in enumerate(load_dataset(ds, self.config.prompts)):
-                text = format_prompt(problem, template)
-                out.append(_Prompt(problem, i, tok(text, add_special_tokens=False)["input_ids"]))
-        return sorted(out, key=lambda p: p.index)  # datasets interleaved: a cut-short run stays balanced
+        return load_prompts(self.client.tokenizer, self.config.datasets, self.config.prompts)
 
     def _load_hf(self):
         from .hf import HFAssisted
@@ -253,6 +245,19 @@ class BenchRun:
         (out / "results.md").write_text(markdown(meta, rows))
         if plots:
             write_plots(rows, out)
+
+
+def load_prompts(tok, datasets: tuple[str, ...], n: int) -> list[_Prompt]:
+    """The first n problems of each dataset, tokenized in the model's chat format, datasets
+    interleaved (a cut-short run stays balanced)."""
+    template = (lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)) \
+        if tok.chat_template else None
+    out = []
+    for ds in datasets:
+        for i, problem in enumerate(load_dataset(ds, n)):
+            text = format_prompt(problem, template)
+            out.append(_Prompt(problem, i, tok(text, add_special_tokens=False)["input_ids"]))
+    return sorted(out, key=lambda p: p.index)
 
 
 def _terminate(signum, frame) -> None:

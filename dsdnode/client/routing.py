@@ -18,6 +18,9 @@ from ..net.p2p import P2PNode, PeerInfo
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 3.0
+# added cost of a step per session active at a server, as a fraction of its own: one more block in a
+# batched forward (docs/ARCHITECTURE.md, "Many clients")
+LOAD_COST_PER_SESSION = 0.1
 
 
 class NoRoute(RuntimeError):
@@ -34,9 +37,12 @@ class Candidate:
         return PeerInfo(self.record.peer_id, tuple(self.record.addrs))
 
     def compute_s(self, layers: int) -> float:
-        """Decoding cost of `layers` of this span per step (throughput is for the whole span)."""
+        """Decoding cost of `layers` of this span per step (throughput is for the whole span), raised
+        by LOAD_COST_PER_SESSION for each session active there, so that of two servers otherwise equal
+        the less loaded one is chosen (a batching server serves more sessions at a small cost each)."""
         per_span = 1.0 / self.record.throughput if self.record.throughput > 0 else 1.0
-        return per_span * layers / (self.record.end - self.record.start)
+        load = 1.0 + LOAD_COST_PER_SESSION * self.record.active_sessions
+        return per_span * load * layers / (self.record.end - self.record.start)
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,8 @@ async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> 
         "coverage": counts,
         "peers": [{"peer_id": r.peer_id, "start": r.start, "end": r.end, "addrs": r.addrs,
                    "throughput": r.throughput, "free_cache_tokens": r.free_cache_tokens, "version": r.version,
-                   "device": r.device, "weights": r.weights,
+                   "device": r.device, "weights": r.weights, "active_sessions": r.active_sessions,
+                   "queued_positions": r.queued_positions,
                    "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None}
                   for r in records],
     }

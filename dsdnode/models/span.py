@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -73,6 +74,55 @@ def block_mask(commit_len: int, block_len: int, tree_mask: torch.Tensor | None =
         tree_mask = torch.ones(block_len, block_len, dtype=torch.bool, device=device).tril()
     prefix = torch.ones(block_len, commit_len, dtype=torch.bool, device=device)
     return torch.cat([prefix, tree_mask.to(device, torch.bool)], dim=1)[None, None]
+
+
+@dataclass
+class Block:
+    """One session's block in a batched forward (the arguments of Span.forward, one session's worth)."""
+
+    hidden: torch.Tensor  # [1, T, H]
+    cache: SpanCache
+    commit_len: int
+    tree_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.hidden.shape[1]
+
+
+class BatchCache:
+    """The caches of a batch of sessions, seen by the attention modules as one cache of B rows.
+
+    `update` writes each row's own block (its padding dropped) into its own session's cache and
+    returns every row's keys and values padded to the longest; the batch mask hides the padding."""
+
+    def __init__(self, caches: Sequence[SpanCache]):
+        self.caches = list(caches)
+        self.width = max(c.write_pos + c.block for c in self.caches)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args, **_kwargs):
+        b, heads, _, dim = key.shape
+        keys = key.new_zeros(b, heads, self.width, dim)
+        values = value.new_zeros(b, heads, self.width, dim)
+        for i, cache in enumerate(self.caches):
+            k, v = cache.update(key[i:i + 1, :, :cache.block], value[i:i + 1, :, :cache.block], layer_idx)
+            keys[i, :, :k.shape[2]] = k[0]
+            values[i, :, :v.shape[2]] = v[0]
+        return keys, values
+
+
+def batch_mask(blocks: Sequence[Block], width: int, device: torch.device | str) -> torch.Tensor:
+    """The [B, 1, T, width] mask of a padded batch: row b is block b's own mask (block_mask), its
+    padding positions copy its last row (their outputs are dropped; they must just not be empty)."""
+    longest = max(b.length for b in blocks)
+    mask = torch.zeros(len(blocks), 1, longest, width, dtype=torch.bool, device=device)
+    for i, b in enumerate(blocks):
+        own = block_mask(b.commit_len, b.length, b.tree_mask, device)
+        own = own[0, 0] if own is not None else torch.ones(1, b.commit_len + 1, dtype=torch.bool, device=device)
+        mask[i, 0, :b.length, :own.shape[1]] = own
+        mask[i, 0, b.length:, :own.shape[1]] = own[-1]
+    return mask
 
 
 @dataclass
@@ -168,3 +218,36 @@ class Span(nn.Module):
         cache.end_block()
         synchronize(device)
         return hidden
+
+    @torch.inference_mode()
+    def forward_batch(self, blocks: Sequence[Block]) -> list[torch.Tensor]:
+        """Run the blocks of several sessions in one pass over the layers (each after its own
+        commit_len, with its own cache, mask and positions), so the weights are read once for all.
+
+        Blocks are padded to the longest and stacked; a per-row mask (batch_mask) keeps every
+        session to its own cache and block. Returns each block's output [1, T_i, H], in order. Each
+        cache is checked (begin_block) before any work, so a bad block fails before it touches the
+        others' caches; callers check blocks one by one first to fail only the bad one."""
+        device = self.device
+        for b in blocks:
+            b.cache.begin_block(b.commit_len, b.length)
+        longest = max(b.length for b in blocks)
+        hidden = torch.zeros(len(blocks), longest, self.config.hidden_size, dtype=blocks[0].hidden.dtype,
+                             device=device)
+        positions = torch.zeros(len(blocks), longest, dtype=torch.long, device=device)
+        for i, b in enumerate(blocks):
+            hidden[i, :b.length] = b.hidden[0].to(device)
+            own = b.position_ids if b.position_ids is not None else \
+                torch.arange(b.commit_len, b.commit_len + b.length)[None]
+            positions[i, :b.length] = own[0].to(device)
+            positions[i, b.length:] = positions[i, b.length - 1]
+        cache = BatchCache([b.cache for b in blocks])
+        mask = batch_mask(blocks, cache.width, device)
+        rope = self.rotary(hidden, positions)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           position_embeddings=rope)
+        for b in blocks:
+            b.cache.end_block()
+        synchronize(device)
+        return [hidden[i:i + 1, :b.length] for i, b in enumerate(blocks)]

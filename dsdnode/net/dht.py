@@ -77,6 +77,9 @@ class SpanRecord:
     device: str = "cpu"  # the kind of device the span computes on: cpu, cuda or mps
     weights: str = ""  # digest of the model weights served (models.weights.weights_digest)
     protocol: int = PROTOCOL_VERSION  # wire protocol the peer speaks (net.protocol)
+    # load when issued (routing prefers less loaded servers, --layers auto goes where load is high):
+    active_sessions: int = 0  # sessions that sent a block in the last few seconds
+    queued_positions: int = 0  # positions waiting for compute
 
     @property
     def withdrawn(self) -> bool:
@@ -165,7 +168,8 @@ def _parse_record(body: bytes) -> SpanRecord:
         if not ok:
             raise RecordRejected(f"malformed: field {name} must be {kind}, got {value!r:.60}")
     rec = SpanRecord(**fields)
-    if rec.start < 0 or rec.end < rec.start or rec.free_cache_tokens < 0 or rec.throughput < 0:
+    if (rec.start < 0 or rec.end < rec.start or rec.free_cache_tokens < 0 or rec.throughput < 0
+            or rec.active_sessions < 0 or rec.queued_positions < 0):
         raise RecordRejected(f"malformed: bad span [{rec.start}, {rec.end}) or negative counters")
     if rec.device not in DEVICE_KINDS:
         raise RecordRejected(f"malformed: device {rec.device!r:.20} is not one of {sorted(DEVICE_KINDS)}")

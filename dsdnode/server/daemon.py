@@ -29,15 +29,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .. import __version__
-from ..models.span import Span
+from ..models.span import Block, Span
 from ..net.dht import SpanRecord
 from ..net.protocol import HIDDEN_DTYPES, SESSION_PROTOCOL
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.stream import FRAME_BODY_TIMEOUT_S, close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
                         TensorPayload, WireError, WireLimits, decode, encode, short)
+from .batching import BatchSettings, Batcher
 from .metrics import server_metrics
-from .sessions import Session, SessionError, SessionTable
+from .sessions import ClientLimits, Session, SessionError, SessionTable
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +50,22 @@ WITHDRAW_TIMEOUT_S = 5.0
 class Server:
     def __init__(self, node: P2PNode, model: str, span: Span, *, weights: str, cache_budget_bytes: int,
                  max_length: int, max_block: int, idle_s: float, announce_interval_s: float, record_ttl_s: float,
-                 frame_body_timeout_s: float = FRAME_BODY_TIMEOUT_S):
+                 frame_body_timeout_s: float = FRAME_BODY_TIMEOUT_S, batching: BatchSettings = BatchSettings(),
+                 client_limits: ClientLimits = ClientLimits()):
         self.node, self.model, self.span, self.weights = node, model, span, weights
         self.frame_body_timeout_s = frame_body_timeout_s
-        self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s)
+        self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s, client_limits)
         self.limits = WireLimits(hidden_size=span.config.hidden_size, max_block=max_block, max_length=max_length,
                                  max_frame_bytes=node.max_frame_bytes)
         self.announce_interval_s, self.record_ttl_s = announce_interval_s, record_ttl_s
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="span")  # one block at a time per machine
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="span")  # one forward at a time per machine
         self.throughput = 0.0
         self.stopping = False
         self.errors: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
         self.metrics = server_metrics(self)  # exposed by `dsdnode start --metrics-port`
+        # blocks of many sessions per forward
+        self.batcher = Batcher(self.compute, batching, self.table.active, self.metrics.batch_size.observe)
 
     # ---- life cycle ---------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> None:
@@ -95,13 +99,15 @@ class Server:
             except Exception as e:  # asyncio.TimeoutError included
                 log.warning("could not withdraw the span record (it expires by itself): %r", e)
         finally:
+            self.batcher.stop()
             self.compute.shutdown(wait=True)
             await self.node.stop()
 
     def record(self) -> SpanRecord:
         return SpanRecord(self.model, self.span.start, self.span.end, self.node.peer_id, list(self.node.addrs),
                           self.throughput, self.table.free_tokens(), __version__, time.time() + self.record_ttl_s,
-                          device=self.span.device.type, weights=self.weights)
+                          device=self.span.device.type, weights=self.weights, active_sessions=self.table.active(),
+                          queued_positions=self.batcher.queued_positions)
 
     async def _announce_loop(self) -> None:
         while True:
@@ -251,14 +257,16 @@ class Server:
                 tree = mask[:, msg.commit_len:]
             if msg.commit_len > cache.length:
                 raise SessionError("bad_shape", f"commit_len {msg.commit_len} > {cache.length} cached positions")
-            t0 = time.perf_counter()
-            try:
-                out = await asyncio.get_running_loop().run_in_executor(
-                    self.compute, session.span.forward, hidden, cache, msg.commit_len, tree)
+            self.table.admit_block(session, hidden.shape[1], self.batcher.queued_by(session.owner))
+            try:  # with the blocks of other sessions queued meanwhile (batching.py)
+                done = await self.batcher.run(session.span, Block(hidden, cache, msg.commit_len, tree), session.owner)
             except ValueError as e:
                 raise SessionError("bad_shape", str(e)) from None
+            except RuntimeError as e:  # the forward it shared failed (e.g. out of memory): each session hears it
+                log.warning("a forward failed: %r", e)
+                raise SessionError("internal", f"the forward failed: {short(str(e), 200)}") from None
             del cache  # the session owns its cache: once it closes, the memory must go
-            compute_s = time.perf_counter() - t0
+            out, compute_s = done.hidden, done.compute_s
             session.tokens_served += hidden.shape[1]
             self.metrics.observe_block(hidden.shape[1], compute_s)
             timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time())]

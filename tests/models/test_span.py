@@ -123,3 +123,53 @@ def test_cpu_hidden_states_in_device_results_out(tiny_model_dir, device):
     assert logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.shape == (4, head.config.vocab_size)
     ref = span(head.embed_tokens([1, 2, 3, 4]), span.new_cache(8), 0)
     assert torch.allclose(head.logits(ref), logits)
+
+
+def test_batched_forward_equals_one_session_at_a_time_on_smollm2(smollm2_dir):
+    """Blocks of four sessions (different prompt lengths, block lengths, a tree mask and a rollback)
+    in one forward_batch give each session what its own forward gives, in float32 on real weights:
+    the same logits to float32 rounding (the shared matmuls have more rows, so the BLAS sums in
+    another order) and the same greedy token everywhere; each cache ends as its own run leaves it."""
+    from dsdnode.models.span import Block
+
+    head = Head.load(smollm2_dir, dtype=torch.float32)
+    span = Span.load(smollm2_dir, 0, 30, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    vocab = head.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (9, 17, 4, 12)]
+    lone, batched = [span.new_cache(40) for _ in prompts], [span.new_cache(40) for _ in prompts]
+    for p, a, b in zip(prompts, lone, batched):
+        span(head.embed_tokens(p), a, 0)
+        span(head.embed_tokens(p), b, 0)
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    # (tokens, commit_len, tree mask, positions): a lone token, a block of 5, a rollback of 2 then a
+    # block of 3, a tree
+    asks = [([7], 9, None, None), (list(range(20, 25)), 17, None, None), ([5, 6, 8], 2, None, None),
+            ([11, 12, 13], 12, tree, torch.tensor([[12, 13, 13]]))]
+    ref = [span(head.embed_tokens(t), c, n, m, pos) for (t, n, m, pos), c in zip(asks, lone)]
+    out = span.forward_batch([Block(head.embed_tokens(t), c, n, m, pos) for (t, n, m, pos), c in zip(asks, batched)])
+    for r, o, a, b in zip(ref, out, lone, batched):
+        assert o.shape == r.shape
+        lr, lo = head.logits(r), head.logits(o)
+        assert (lr - lo).abs().max() < 1e-3
+        assert torch.equal(lr.argmax(-1), lo.argmax(-1))
+        assert a.length == b.length
+        assert (a.keys[:, :, :, :a.length] - b.keys[:, :, :, :b.length]).abs().max() < 1e-3
+    # the next block of every session after the batch: still what its own run gives
+    nxt = [head.embed_tokens([3]) for _ in asks]
+    ref2 = [span(h, c, c.length) for h, c in zip(nxt, lone)]
+    out2 = span.forward_batch([Block(h, c, c.length) for h, c in zip(nxt, batched)])
+    for r, o in zip(ref2, out2):
+        assert torch.equal(head.logits(r).argmax(-1), head.logits(o).argmax(-1))
+        assert (head.logits(r) - head.logits(o)).abs().max() < 1e-3
+
+
+def test_a_bad_block_fails_before_the_batch_touches_any_cache(tiny_model_dir):
+    from dsdnode.models.span import Block
+
+    span = Span.load(tiny_model_dir, 0, 2, dtype=torch.float32)
+    good, bad = span.new_cache(8), span.new_cache(4)
+    h = torch.zeros(1, 3, span.config.hidden_size)
+    with pytest.raises(ValueError, match="exceed"):
+        span.forward_batch([Block(h, good, 0), Block(torch.zeros(1, 5, span.config.hidden_size), bad, 0)])
+    assert good.length == 0 and bad.length == 0
