@@ -160,7 +160,8 @@ class ClientsRun:
     def _service(self, node: P2PNode) -> ClientService:
         """A fresh client (its own draft-length controller) on its own node."""
         cl = self.client
-        return ClientService(cl, SwarmChains(self.config.model, cl.head.config, [], cl.dtype, node=node))
+        return ClientService(cl, SwarmChains(self.config.model, cl.head.config, [], cl.dtype, weights=cl.weights,
+                                                 node=node))
 
     async def _warm_up(self, nodes: list[P2PNode]) -> None:
         """Until every client finds a full chain: a short untimed generation each (opens connections)."""

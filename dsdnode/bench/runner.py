@@ -28,7 +28,6 @@ from ..client.local import split_layers
 from ..client.service import ClientService, SwarmChains
 from ..devices import describe
 from ..models.fetch import resolve_model_dir
-from ..models.weights import weights_digest
 from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode
 from ..net.protocol import DTYPE_NAMES
@@ -180,7 +179,7 @@ class BenchRun:
     async def _generate(self, node: P2PNode, mode: Mode, ids: list[int], max_new: int) -> tuple[GenerationResult, int]:
         c, cl = self.config, self.client
         if mode.relay not in self.services:
-            chains = SwarmChains(c.model, cl.head.config, [], cl.dtype, weights=weights_digest(cl.target_dir),
+            chains = SwarmChains(c.model, cl.head.config, [], cl.dtype, weights=cl.weights,
                                  relay=mode.relay, node=node)
             self.services[mode.relay] = ClientService(cl, chains)
         out = await self.services[mode.relay].generate(ids, mode.options(max_new, c.k_max, c.tau))

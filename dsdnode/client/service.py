@@ -249,7 +249,6 @@ def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), lo
     """Load the client's models and make its chain source (blocking: loads weights); start() it in
     the event loop that will generate. See library.AsyncClient.connect for the arguments."""
     from ..config import DTYPE_NAMES
-    from ..models.weights import weights_digest
     from .loading import default_draft, load_client_models
 
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -263,7 +262,7 @@ def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), lo
         chains = LocalChains.load(models.target_dir, hops, models.dtype, link_latency_ms, models.device)
     else:  # hidden states cross the wire in the client's dtype, from and to the CPU
         chains = SwarmChains(model, models.head.config, list(bootstrap), models.dtype,
-                             weights=weights_digest(models.target_dir), link_latency_ms=link_latency_ms, relay=relay)
+                             weights=models.weights, link_latency_ms=link_latency_ms, relay=relay)
     return ClientService(models, chains)
 
 
