@@ -58,6 +58,9 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).")
 @click.option("--parent-pid", type=node_type("parent_pid"), default=None,
               help="Shut down (as on SIGTERM) once this process is gone; for launchers of local swarms.")
+@click.option("--relay-service/--no-relay-service", "relay_service", default=None,
+              help="Offer a circuit relay to peers behind NATs while this node is publicly reachable "
+                   "[default: on].")
 @friendly
 def start(config_file, peers_file, **flags):
     """Serve a span of a model's layers to the swarm until SIGTERM."""
@@ -98,7 +101,8 @@ async def run_node(s: NodeSettings) -> None:
     install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file),
-                               latency=LinkLatency(s.link_latency_ms), announce=s.announce_addrs)
+                               latency=LinkLatency(s.link_latency_ms), announce=s.announce_addrs,
+                               relay_service=s.relay_service)
     try:
         if s.layers == "auto":
             records = await node.dht.discover(s.model) if s.bootstrap or s.peers_file else []
@@ -124,6 +128,7 @@ async def run_node(s: NodeSettings) -> None:
 async def run_bootstrap_peer(s: NodeSettings) -> None:
     """A peer that serves no layers: it only keeps the DHT reachable (a stable public entry point)."""
     from .net.identity import load_or_create_identity
+    from .net.latency import LinkLatency
     from .net.p2p import P2PNode
     from .server.daemon import install_stop_triggers
     from .server.metrics import bootstrap_metrics
@@ -131,13 +136,14 @@ async def run_bootstrap_peer(s: NodeSettings) -> None:
     stop = asyncio.Event()
     install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
-                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs)
+                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs,
+                               latency=LinkLatency(s.link_latency_ms), relay_service=s.relay_service)
     metrics = bootstrap_metrics(node)
     try:
         if s.metrics_port:
             metrics.serve(s.host, s.metrics_port)
-        print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap"}),
-              flush=True)
+        print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap",
+                          **node.reach_fields()}), flush=True)
         await stop.wait()
     finally:
         metrics.stop()

@@ -93,6 +93,7 @@ class NodeSettings:
     record_ttl_s: float = bounded(120.0, 0, low_open=True)
     metrics_port: int = bounded(0, *PORT)  # 0: off
     parent_pid: int = bounded(0, 0)  # stop once this process is gone (0: off); set by local-swarm launchers
+    relay_service: bool = True  # offer a circuit relay to unreachable peers while this node is not known private
 
 
 T = typing.TypeVar("T")
