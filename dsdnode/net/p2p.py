@@ -395,10 +395,9 @@ class P2PNode:
 
     # ---- reachability and relays (trio side) --------------------------------------------
     def _advertised(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-        """What identify tells peers our addresses are: none once we know nobody can dial them (so no
-        peer puts an unreachable address in its routing table), else --announce-addr or the listen ones."""
-        if self.reachability.status == PRIVATE:
-            return []
+        """What identify and our DHT provider records tell peers our addresses are: --announce-addr or
+        the listen ones. (A private node keeps them: py-libp2p's provider records carry the
+        provider's identify addresses, and peers drop a provider that has none.)"""
         return list(self._announce) or candidates
 
     def _holds_reservation(self, relay_id: ID) -> bool:
@@ -411,7 +410,11 @@ class P2PNode:
         log.info("reachability: %s", self.reachability.describe())
         if self.reachability.status == PRIVATE:
             assert self._kad is not None
-            await self._kad.switch_mode(DHTMode.CLIENT)  # nobody can dial us for queries
+            # nobody can dial us for queries; switching empties the routing table, so refill it
+            known = self._kad.routing_table.get_peer_ids()
+            await self._kad.switch_mode(DHTMode.CLIENT)
+            for peer in known:
+                await self._kad.add_peer(peer, skip_server_mode_check=True)
             self._relay_wake = trio.Event()
             first = trio.Event()
             nursery.start_soon(self._t_keep_relays, boot, first)

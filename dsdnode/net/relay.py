@@ -313,10 +313,8 @@ async def reserve(host: Any, relay: LibPeerInfo, nursery: trio.Nursery, on_lost:
     if not answer.get("ok"):
         await _reset(raw)
         raise RelayError(str(answer.get("reason", "refused"))[:200])
-    addr = relay.addrs[0] if relay.addrs else multiaddr.Multiaddr("")
-    if addr.value_for_protocol("p2p") if "/p2p/" in str(addr) else None:
-        addr = addr.decapsulate(multiaddr.Multiaddr(f"/p2p/{addr.value_for_protocol('p2p')}"))
-    res = Reservation(relay.peer_id.to_base58(), str(addr), trio.Event())
+    addr = str(relay.addrs[0]).split("/p2p/")[0] if relay.addrs else ""  # the transport part
+    res = Reservation(relay.peer_id.to_base58(), addr, trio.Event())
 
     async def keep() -> None:
         try:

@@ -48,9 +48,9 @@ class Host:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def launcher(self) -> list[str]:
-        """Prefix that runs `python -m dsdnode` inside this namespace (`ip netns exec` execs, so the
-        pid of the Popen is the Python process itself)."""
-        return ["ip", "netns", "exec", self.ns, sys.executable, "-m", "dsdnode"]
+        """Prefix that runs `python -m dsdnode -v` (info logs) inside this namespace (`ip netns exec`
+        execs, so the pid of the Popen is the Python process itself)."""
+        return ["ip", "netns", "exec", self.ns, sys.executable, "-m", "dsdnode", "-v"]
 
     def run(self, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", self.ns, *cmd], capture_output=True, text=True,
