@@ -39,11 +39,14 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--k-max", type=click.IntRange(1, K_LIMIT), default=8, show_default=True, help="Longest block for the dsd-auto modes.")
 @click.option("--tau", type=FiniteFloatRange(0, 1), default=0.3, show_default=True,
               help="Adaptive verification threshold (dsd-auto-av).")
+@click.option("--relayed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Reach the last N servers only through a relay, as servers behind a NAT are (on loopback: "
+                   "they act private with --assume-private; the relay adds one emulated link).")
 @click.option("--quick", is_flag=True, help="A small smoke run: smollm2-135m as target and draft, 3 servers, 2 prompts "
                                             "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32.")
 @friendly
 def bench(model, draft, servers, latencies, dataset, prompts, max_new_tokens, modes, out, threads, client_threads,
-          device, dtype, k_max, tau, quick):
+          device, dtype, k_max, tau, relayed, quick):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
     from .bench.runner import BenchConfig, BenchRun
     from .devices import default_dtype, resolve_device
@@ -60,7 +63,7 @@ def bench(model, draft, servers, latencies, dataset, prompts, max_new_tokens, mo
                          datasets=("humaneval", "gsm8k") if dataset == "both" else (dataset,), prompts=prompts,
                          max_new_tokens=max_new_tokens, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                          threads=threads, client_threads=client_threads, dtype=dtype, device=device, k_max=k_max,
-                         tau=tau)
+                         tau=tau, relayed=relayed)
     command = " ".join(["dsdnode", *map(shlex.quote, sys.argv[1:])]) if "bench" in sys.argv[1:] else \
         f"dsdnode bench (called in-process) {config}"
     run = BenchRun(config, command)

@@ -61,6 +61,9 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
 @click.option("--relay-service/--no-relay-service", "relay_service", default=None,
               help="Offer a circuit relay to peers behind NATs while this node is publicly reachable "
                    "[default: on].")
+@click.option("--assume-private", "assume_private", is_flag=True, default=None,
+              help="Skip the reachability check and act as a node nobody can dial: reserve relay slots and "
+                   "announce only relay addresses (to measure relayed servers on one machine).")
 @friendly
 def start(config_file, peers_file, **flags):
     """Serve a span of a model's layers to the swarm until SIGTERM."""
@@ -102,7 +105,7 @@ async def run_node(s: NodeSettings) -> None:
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file),
                                latency=LinkLatency(s.link_latency_ms), announce=s.announce_addrs,
-                               relay_service=s.relay_service)
+                               relay_service=s.relay_service, assume_private=s.assume_private)
     try:
         if s.layers == "auto":
             records = await node.dht.discover(s.model) if s.bootstrap or s.peers_file else []
@@ -189,8 +192,10 @@ def _print_model(r: dict, peers: bool) -> None:
     if peers:
         for p in r["peers"]:
             alive = f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "unreachable"
+            how = "via relay" if p["relayed"] else "direct"
             click.echo(f"{p['peer_id']}  layers {p['start']:>3}:{p['end']:<3} {p['throughput']:8.1f} tok/s  "
-                       f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  {alive}")
+                       f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  {alive}  "
+                       f"{p['reachability'] or 'unknown'}, {how}")
     live = sum(p["rtt_ms"] is not None for p in r["peers"])
     missing = r["uncovered_layers"]
     state = ("not served" if not r["served"] else "fully covered" if not missing

@@ -94,6 +94,7 @@ class NodeSettings:
     metrics_port: int = bounded(0, *PORT)  # 0: off
     parent_pid: int = bounded(0, 0)  # stop once this process is gone (0: off); set by local-swarm launchers
     relay_service: bool = True  # offer a circuit relay to unreachable peers while this node is not known private
+    assume_private: bool = False  # skip the dial-back check and behave as a node nobody can dial (bench, tests)
 
 
 T = typing.TypeVar("T")

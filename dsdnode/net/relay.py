@@ -83,9 +83,11 @@ def circuit_addr(relay_addr: str, relay_id: str) -> str:
 
 def split_circuit(addr: str) -> tuple[str, str]:
     """(relay transport address, relay peer id) of a circuit address; ValueError if it is none."""
-    head = addr.split(CIRCUIT, 1)[0]
-    ma = multiaddr.Multiaddr(head)
-    relay_id = ma.value_for_protocol("p2p")
+    try:
+        ma = multiaddr.Multiaddr(addr.split(CIRCUIT, 1)[0])
+        relay_id = ma.value_for_protocol("p2p")
+    except Exception:
+        relay_id = None
     if not relay_id:
         raise ValueError(f"circuit address {addr!r} names no relay (/p2p/<relay id> before {CIRCUIT})")
     return str(ma.decapsulate(multiaddr.Multiaddr(f"/p2p/{relay_id}"))), str(relay_id)
