@@ -461,6 +461,7 @@ class P2PNode:
         """Hold RELAYS_WANTED reservations for as long as the node runs; replace each lost one."""
         assert self._relay_wake is not None
         failed: dict[ID, float] = {}  # relay -> when it last refused or failed us
+        warned = False
         while True:
             if len(self.reservations) < RELAYS_WANTED:
                 for info in await self._t_relay_candidates(boot, failed):
@@ -477,8 +478,10 @@ class P2PNode:
                     self._t_set_relayed_addrs()
                 if self.reservations:
                     first.set()
-                elif not failed:
+                    warned = False
+                elif not warned:  # once each time the node is left without a relay
                     log.warning("no relay found yet: nobody outside this network can reach this node")
+                    warned = True
             with trio.move_on_after(RELAY_RETRY_S):
                 await self._relay_wake.wait()
             self._relay_wake = trio.Event()
