@@ -3,7 +3,8 @@
 `Internet` builds an "internet" namespace holding a bridge; every public host is a namespace with
 one veth on that bridge (203.0.113.0/24, a documentation range). A home is two namespaces: a router
 on the bridge (its WAN address in 203.0.113.0/24) that forwards and masquerades (iptables
-MASQUERADE on its WAN side: connections from home go out, nothing from outside comes in), and the
+MASQUERADE on its WAN side: connections from home go out, nothing from outside comes in, and an
+unsolicited SYN is dropped, not refused, as by a home router's firewall), and the
 home host behind it on a private /24 of its own; the router's uplink can be shaped with tc tbf
 (this kernel has no netem: delay comes from the project's userspace latency, net/latency.py).
 
@@ -117,6 +118,9 @@ class Internet:
         _run("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         _run("ip", "netns", "exec", router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan",
              "-j", "MASQUERADE")
+        # like a home router's firewall: drop unsolicited connections from outside instead of refusing
+        # them (a refusal would kill a hole punch whose SYN arrives before the mapping exists)
+        _run("ip", "netns", "exec", router, "iptables", "-A", "INPUT", "-i", "wan", "-p", "tcp", "--syn", "-j", "DROP")
         if uplink_mbit:
             _run("ip", "netns", "exec", router, "tc", "qdisc", "add", "dev", "wan", "root", "tbf",
                  "rate", f"{uplink_mbit}mbit", "burst", "64kb", "latency", "100ms")

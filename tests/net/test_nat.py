@@ -9,16 +9,18 @@ as root); skipped with the reason otherwise.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from dsdnode.local_swarm import NodeProcess, start_node
-from tests.helpers.netns import Host, Internet, missing_requirements
+from tests.helpers.netns import INTERNET_NET, Host, Internet, missing_requirements
 
 pytestmark = [pytest.mark.heavy, pytest.mark.skipif(bool(missing_requirements()), reason=missing_requirements())]
 MODEL = "smollm2-135m"
@@ -144,3 +146,27 @@ def test_relay_killed_mid_generation(swarm, expected):
             assert time.monotonic() < deadline, f"server did not replace its lost relay:\n{log[-3000:]}"
             time.sleep(0.5)
         assert server.alive()
+
+
+def test_hole_punch_upgrades_a_relayed_connection(tmp_path):
+    """py-libp2p's DCUtR, run over dsdnode's relay between two homes behind separate NATs, opens a
+    direct connection next to the relayed one (dsdnode's own nodes do not run it yet: see
+    docs/ARCHITECTURE.md). No model: three bare hosts."""
+    script = str(Path(__file__).parents[1] / "helpers" / "holepunch_node.py")
+    with Internet() as net:
+        hosts = {"relay": net.public("hprelay"), "dest": net.home("hpdest"), "src": net.home("hpsrc")}
+        procs = {}
+        for role, host in hosts.items():
+            procs[role] = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable, script, role, host.ip,
+                                            str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True, start_new_session=True)
+            host.processes.append(procs[role])
+        out, err = procs["src"].communicate(timeout=90)
+    assert procs["src"].returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["punched"] is True, err[-3000:]
+    relayed = [a for a in result["connections"] if "/p2p-circuit" in a]
+    direct = [a for a in result["connections"] if "/p2p-circuit" not in a]
+    assert relayed and direct
+    assert direct[0].startswith(f"/ip4/{INTERNET_NET}.")  # the other home's public (router) address
+    assert not direct[0].startswith(f"/ip4/{hosts['relay'].ip}/")
