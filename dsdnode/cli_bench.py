@@ -42,11 +42,14 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--clients", "clients", default=None, metavar="N[,N...]",
               help="Many clients at once instead of the modes: for each count N (e.g. 1,2,4,8), N concurrent clients "
                    "(dsd-auto, the first --link-latency-ms), with batching on and then off at the servers.")
+@click.option("--relayed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Reach the last N servers only through a relay, as servers behind a NAT are (on loopback: "
+                   "they act private with --assume-private; the relay adds one emulated link).")
 @click.option("--quick", is_flag=True, help="A small smoke run: smollm2-135m as target and draft, 3 servers, 2 prompts "
                                             "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32.")
 @friendly
 def bench(model, draft, servers, latencies, dataset, prompts, max_new_tokens, modes, out, threads, client_threads,
-          device, dtype, k_max, tau, clients, quick):
+          device, dtype, k_max, tau, clients, relayed, quick):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
     from .bench.runner import BenchConfig, BenchRun
     from .devices import default_dtype, resolve_device
@@ -63,9 +66,11 @@ def bench(model, draft, servers, latencies, dataset, prompts, max_new_tokens, mo
                          datasets=("humaneval", "gsm8k") if dataset == "both" else (dataset,), prompts=prompts,
                          max_new_tokens=max_new_tokens, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                          threads=threads, client_threads=client_threads, dtype=dtype, device=device, k_max=k_max,
-                         tau=tau)
+                         tau=tau, relayed=relayed)
     command = " ".join(["dsdnode", *map(shlex.quote, sys.argv[1:])]) if "bench" in sys.argv[1:] else \
         f"dsdnode bench (called in-process) {config}"
+    if clients is not None and relayed:
+        raise click.BadParameter("--relayed applies to the modes run, not to --clients", param_hint="--relayed")
     if clients is not None:
         from .bench.clients import ClientsConfig, ClientsRun
         run = ClientsRun(ClientsConfig(out=out, clients=parse_counts(clients), model=model, draft=draft,

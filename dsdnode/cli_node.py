@@ -68,6 +68,12 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
               help="Positions one client may have waiting for compute here; past it: busy [default: 512].")
 @click.option("--parent-pid", type=node_type("parent_pid"), default=None,
               help="Shut down (as on SIGTERM) once this process is gone; for launchers of local swarms.")
+@click.option("--relay-service/--no-relay-service", "relay_service", default=None,
+              help="Offer a circuit relay to peers behind NATs while this node is publicly reachable "
+                   "[default: on].")
+@click.option("--assume-private", "assume_private", is_flag=True, default=None,
+              help="Skip the reachability check and act as a node nobody can dial: reserve relay slots and "
+                   "announce only relay addresses (to measure relayed servers on one machine).")
 @friendly
 def start(config_file, peers_file, **flags):
     """Serve a span of a model's layers to the swarm until SIGTERM."""
@@ -110,7 +116,8 @@ async def run_node(s: NodeSettings) -> None:
     install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file),
-                               latency=LinkLatency(s.link_latency_ms), announce=s.announce_addrs)
+                               latency=LinkLatency(s.link_latency_ms), announce=s.announce_addrs,
+                               relay_service=s.relay_service, assume_private=s.assume_private)
     try:
         if s.layers == "auto":
             records = await node.dht.discover(s.model) if s.bootstrap or s.peers_file else []
@@ -138,6 +145,7 @@ async def run_node(s: NodeSettings) -> None:
 async def run_bootstrap_peer(s: NodeSettings) -> None:
     """A peer that serves no layers: it only keeps the DHT reachable (a stable public entry point)."""
     from .net.identity import load_or_create_identity
+    from .net.latency import LinkLatency
     from .net.p2p import P2PNode
     from .server.daemon import install_stop_triggers
     from .server.metrics import bootstrap_metrics
@@ -145,13 +153,14 @@ async def run_bootstrap_peer(s: NodeSettings) -> None:
     stop = asyncio.Event()
     install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
-                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs)
+                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs,
+                               latency=LinkLatency(s.link_latency_ms), relay_service=s.relay_service)
     metrics = bootstrap_metrics(node)
     try:
         if s.metrics_port:
             metrics.serve(s.host, s.metrics_port)
-        print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap"}),
-              flush=True)
+        print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap",
+                          **node.reach_fields()}), flush=True)
         await stop.wait()
     finally:
         metrics.stop()
@@ -198,10 +207,12 @@ def _print_model(r: dict, peers: bool) -> None:
         for p in r["peers"]:
             alive = f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "unreachable"
             ours = r["local_weights"] in (None, p["weights"])
+            how = "via relay" if p["relayed"] else "direct"
             click.echo(f"{p['peer_id']}  layers {p['start']:>3}:{p['end']:<3} {p['throughput']:8.1f} tok/s  "
                        f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  "
                        f"load {p['active_sessions']} sessions, {p['queued_positions']} queued  "
-                       f"weights {p['weights'][:12] or '?':12}{'' if ours else ' (not ours)'}  {alive}")
+                       f"weights {p['weights'][:12] or '?':12}{'' if ours else ' (not ours)'}  {alive}  "
+                       f"{p['reachability'] or 'unknown'}, {how}")
         for peer, why in r["incompatible"].items():
             click.echo(f"{peer}  skipped: {why}")
     live = sum(p["rtt_ms"] is not None for p in r["peers"])

@@ -98,6 +98,8 @@ class NodeSettings:
     max_sessions_per_client: int = bounded(16, 1)  # open sessions one client (peer id) may hold here
     max_queued_per_client: int = bounded(512, 1)  # positions one client may have waiting for compute here
     parent_pid: int = bounded(0, 0)  # stop once this process is gone (0: off); set by local-swarm launchers
+    relay_service: bool = True  # offer a circuit relay to unreachable peers while this node is not known private
+    assume_private: bool = False  # skip the dial-back check and behave as a node nobody can dial (bench, tests)
 
 
 T = typing.TypeVar("T")

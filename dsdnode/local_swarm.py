@@ -82,7 +82,13 @@ class LocalSwarm:
     """A bootstrap peer plus servers covering `spans` of `model`; use as a context manager."""
 
     def __init__(self, model: str, spans: list[tuple[int, int]], workdir: Path, *, link_latency_ms: float = 0.0,
-                 threads: int = 1, dtype: str = "bfloat16", extra_args: list[str] = ()):
+                 threads: int = 1, dtype: str = "bfloat16", extra_args: list[str] = (), relayed: int = 0):
+        """`relayed`: the last N servers act as if behind a NAT (--assume-private): every connection
+        to them crosses a relay (the bootstrap peer or a server that offers one), which adds the
+        emulated link latency when it forwards, so a relayed link costs what two links cost."""
+        if not 0 <= relayed <= len(spans):
+            raise ValueError(f"cannot relay {relayed} of {len(spans)} servers")
+        self.relayed = relayed
         self.model, self.spans, self.workdir = model, spans, Path(workdir)
         self.link_latency_ms, self.threads, self.dtype, self.extra_args = link_latency_ms, threads, dtype, list(extra_args)
         self.bootstrap: NodeProcess | None = None
@@ -91,9 +97,11 @@ class LocalSwarm:
     def __enter__(self) -> "LocalSwarm":
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self.bootstrap = start_node(["--layers", "none"], self.workdir / "bootstrap.log")
+            relay_args = ["--link-latency-ms", str(self.link_latency_ms)] if self.relayed else []
+            self.bootstrap = start_node(["--layers", "none", *relay_args], self.workdir / "bootstrap.log")
             for i, (a, b) in enumerate(self.spans):
-                self.servers.append(self.add_server(a, b, i))
+                private = i >= len(self.spans) - self.relayed
+                self.servers.append(self.add_server(a, b, i, args=["--assume-private"] if private else []))
         except BaseException:
             self.stop()
             raise

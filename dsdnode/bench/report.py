@@ -143,6 +143,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- model {s.get('model')} over {s.get('servers')} server processes ({s.get('threads')} torch thread each), "
         f"draft {s.get('draft')} on the client ({s.get('client_threads')} torch thread), dtype {s.get('dtype')}, "
         f"greedy, max {s.get('max_new_tokens')} new tokens",
+        *([f"- the last {s['relayed']} server(s) reached only through a relay (`--relayed`): each relayed link "
+           "costs two emulated latencies; the split below counts it as one (the rest lands in overhead)"]
+          if s.get("relayed") else []),
         "- every process shares the same cores: drafting overlaps only the emulated latency, not server compute",
         "- tok/s: decode only (prefill excluded; hf-assisted: generate() minus a separately timed prefill)",
         "- speedup: vs ar-push, as ratio of median tok/s / median of per-prompt ratios",

@@ -58,6 +58,7 @@ class BenchConfig:
     client_threads: int = 1  # torch threads of this (client) process
     dtype: str = "bfloat16"
     device: str = "auto"  # of the client and of every server process
+    relayed: int = 0  # the last N servers are reached only through a relay (LocalSwarm `relayed`)
     k_max: int = 8
     tau: float = 0.3
 
@@ -70,6 +71,8 @@ class BenchConfig:
             raise ValueError(f"unknown dataset in {self.datasets}")
         if self.threads < 1 or self.client_threads < 1:
             raise ValueError("thread counts must be >= 1")
+        if not 0 <= self.relayed <= self.servers:
+            raise ValueError(f"--relayed must be in 0..{self.servers} (the number of servers)")
         parse_modes(",".join(self.modes))
 
 
@@ -140,7 +143,7 @@ class BenchRun:
         try:
             with LocalSwarm(c.model, split_layers(n_layers, c.servers), workdir, link_latency_ms=lat,
                             threads=c.threads, dtype=DTYPE_NAMES[self.client.dtype],
-                            extra_args=["--device", c.device]) as swarm:
+                            extra_args=["--device", c.device], relayed=c.relayed) as swarm:
                 asyncio.run(self._client(swarm, lat))
         except Exception as e:
             self.errors.append(f"latency {lat:g} ms: {type(e).__name__}: {e}")

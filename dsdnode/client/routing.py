@@ -4,7 +4,9 @@ Candidates are the verified span records on the DHT whose peers answer a ping. A
 any sub-range of its announced span, so the chain is a shortest path over layer boundaries
 0..L: from boundary p, a server holding layer p reaches any boundary up to its span's end at the
 cost of one link (half its measured RTT) plus its compute for those layers (from the throughput
-it announced). The link back to the client is added at the end."""
+it announced). The link back to the client is added at the end. A server reached through a relay
+(its record lists only /p2p-circuit addresses) pays the extra link in its measured RTT; at equal
+cost, the chain with fewer relayed hops wins."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 from ..net.dht import SpanRecord, coverage
 from ..net.p2p import P2PNode, PeerInfo
+from ..net.relay import is_circuit
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 3.0
@@ -35,6 +38,11 @@ class Candidate:
     @property
     def peer(self) -> PeerInfo:
         return PeerInfo(self.record.peer_id, tuple(self.record.addrs))
+
+    @property
+    def relayed(self) -> bool:
+        """Reached only through a relay (see net/relay.py)."""
+        return bool(self.record.addrs) and all(is_circuit(a) for a in self.record.addrs)
 
     def compute_s(self, layers: int) -> float:
         """Decoding cost of `layers` of this span per step (throughput is for the whole span), raised
@@ -88,10 +96,10 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
     a session that long (its record counts free positions over its whole span, so a sub-span needs
     the same fraction of them). Records are up to one announce interval old: a server that filled up
     since answers "busy" when the session opens, and the client routes around it then."""
-    best: dict[int, tuple[float, int, list[Hop]]] = {0: (0.0, 0, [])}
-    heap = [(0.0, 0, 0, [])]  # (cost, hops, boundary, chain)
+    best: dict[int, tuple[float, int, int, list[Hop]]] = {0: (0.0, 0, 0, [])}
+    heap = [(0.0, 0, 0, 0, [])]  # (cost, relayed hops, hops, boundary, chain)
     while heap:
-        cost, n, p, chain = heapq.heappop(heap)
+        cost, relayed, n, p, chain = heapq.heappop(heap)
         if p == num_layers:
             return chain
         if best.get(p, (float("inf"),))[0] < cost:
@@ -105,8 +113,8 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
                 if session_length and r.free_cache_tokens * (r.end - r.start) < session_length * (q - p):
                     break
                 step = c.rtt_s / 2 + c.compute_s(q - p) + (c.rtt_s / 2 if q == num_layers else 0.0)
-                new = (cost + step, n + 1)
-                if new < best.get(q, (float("inf"), 0))[:2]:
+                new = (cost + step, relayed + c.relayed, n + 1)
+                if new < best.get(q, (float("inf"), 0, 0))[:3]:
                     best[q] = (*new, chain)
                     heapq.heappush(heap, (*new, q, chain + [Hop(c, p, q)]))
     covered = sorted({i for c in candidates for i in range(c.record.start, min(c.record.end, num_layers))})
@@ -154,7 +162,11 @@ async def describe_swarm(model: str | None, bootstrap: list[str], num_layers: in
 
 async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> dict:
     records = await node.dht.discover(model)
-    live = {c.record.peer_id: c.rtt_s for c in await ping_records(node, records)}
+    live_candidates = await ping_records(node, records)
+    live = {c.record.peer_id: c.rtt_s for c in live_candidates}
+    infos = await asyncio.gather(*(node.ask_info(c.peer, SURVEY_TIMEOUT_S) for c in live_candidates),
+                                 return_exceptions=True)
+    reach = {c.record.peer_id: i.reachability for c, i in zip(live_candidates, infos) if not isinstance(i, BaseException)}
     if num_layers is None:
         num_layers = _num_layers(model, records)
     counts = coverage([r for r in records if r.peer_id in live], num_layers)
@@ -167,7 +179,8 @@ async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> 
                    "throughput": r.throughput, "free_cache_tokens": r.free_cache_tokens, "version": r.version,
                    "device": r.device, "weights": r.weights, "active_sessions": r.active_sessions,
                    "queued_positions": r.queued_positions,
-                   "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None}
+                   "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None,
+                   "reachability": reach.get(r.peer_id), "relayed": bool(r.addrs) and all(map(is_circuit, r.addrs))}
                   for r in records],
     }
 

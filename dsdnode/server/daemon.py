@@ -75,7 +75,8 @@ class Server:
         reaper = asyncio.create_task(self._expire_loop())
         print(json.dumps({"event": "ready", "peer_id": self.node.peer_id, "addrs": self.node.addrs, "model": self.model,
                           "start": self.span.start, "end": self.span.end, "device": self.span.device.type,
-                          "weights": self.weights, "throughput": round(self.throughput, 2)}), flush=True)
+                          "weights": self.weights, "throughput": round(self.throughput, 2),
+                          **self.node.reach_fields()}), flush=True)
         try:
             await stop.wait()
         finally:
@@ -115,7 +116,8 @@ class Server:
                 await self.node.dht.announce(self.record())
             except Exception as e:  # the DHT may be empty right now; try again next interval
                 log.warning("announce failed: %r", e)
-            await asyncio.sleep(self.announce_interval_s)
+            # a relay reserved or lost changes how peers reach us: tell the swarm at once
+            await self.node.wait_addrs_changed(self.announce_interval_s)
 
     async def _expire_loop(self) -> None:
         while True:
