@@ -237,18 +237,12 @@ class Server:
                 raise SessionError("unknown_session", f"no open session {msg.session_id!r} on this server")
             incoming = msg.hidden.to_torch()
             hidden = incoming.to(session.span.dtype)
-            tree = None
-            if msg.attention_mask is not None:
-                mask = msg.attention_mask.to_torch()
-                if not bool(mask[:, :msg.commit_len].all()):
-                    raise SessionError("bad_shape", "attention_mask must let every position see the committed prefix")
-                tree = mask[:, msg.commit_len:]
-            if msg.commit_len > cache.length:
-                raise SessionError("bad_shape", f"commit_len {msg.commit_len} > {cache.length} cached positions")
+            tree = None if msg.attention_mask is None else msg.attention_mask.to_torch()
+            positions = None if msg.positions is None else torch.tensor([msg.positions])
             t0 = time.perf_counter()
-            try:
+            try:  # the cache checks commit_len and kept against what it holds (ValueError)
                 out = await asyncio.get_running_loop().run_in_executor(
-                    self.compute, session.span.forward, hidden, cache, msg.commit_len, tree)
+                    self.compute, session.span.forward, hidden, cache, msg.commit_len, tree, positions, msg.kept)
             except ValueError as e:
                 raise SessionError("bad_shape", str(e)) from None
             del cache  # the session owns its cache: once it closes, the memory must go
@@ -258,7 +252,8 @@ class Server:
             timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time())]
             payload = TensorPayload.from_torch(out.to(incoming.dtype))  # the next hop gets what we got
             if session.next_stream is not None:
-                frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings))
+                frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings,
+                                       msg.positions, msg.kept))
                 try:
                     await session.next_stream.send(frame)
                     self.metrics.bytes_out.inc(len(frame))
