@@ -26,9 +26,10 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--dataset", type=click.Choice(["humaneval", "gsm8k", "both"]), default="both", show_default=True)
 @click.option("--prompts", type=click.IntRange(min=1), default=20, show_default=True, help="Problems per dataset (the first N).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
-@click.option("--modes", default="ar-push,ar-relay,dsd-k2,dsd-k4,dsd-k8,dsd-auto,dsd-auto-av,hf-assisted",
+@click.option("--modes", default="ar-push,ar-relay,dsd-k2,dsd-k4,dsd-k8,dsd-auto,dsd-auto-av,dsd-tree,dsd-tree-av,"
+                                 "hf-assisted",
               show_default=True, help="Comma list: ar-push (baseline), ar-relay, dsd-k<K>, dsd-auto, dsd-auto-av, "
-                                      "hf-assisted.")
+                                      "dsd-tree, dsd-tree-av (token trees and prompt lookup), hf-assisted.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: bench-results/<timestamp>].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per server process.")
@@ -47,14 +48,25 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
                    "they act private with --assume-private; the relay adds one emulated link).")
 @click.option("--quick", is_flag=True, help="A small smoke run: smollm2-135m as target and draft, 3 servers, 2 prompts "
                                             "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32.")
+@click.option("--overhead", is_flag=True, help="Instead: the per-hop software overhead -- a block of 8 positions of "
+                                               "--model's width through chains of 1..--overhead-hops real server "
+                                               "processes (one layer each, 0 ms latency), compute subtracted.")
+@click.option("--overhead-hops", type=click.IntRange(2, 16), default=6, show_default=True,
+              help="Longest chain of --overhead.")
 @friendly
 def bench(model, draft, servers, latencies, dataset, prompts, max_new_tokens, modes, out, threads, client_threads,
-          device, dtype, k_max, tau, clients, relayed, quick):
+          device, dtype, k_max, tau, clients, relayed, quick, overhead, overhead_hops):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
     from .bench.runner import BenchConfig, BenchRun
     from .devices import default_dtype, resolve_device
     from .net.protocol import DTYPE_NAMES as NAMES
 
+    if overhead:
+        from .bench.overhead import OverheadConfig, run_overhead
+        out = Path(out) if out else Path("bench-results") / datetime.now().strftime("overhead-%Y%m%d-%H%M%S")
+        result = run_overhead(OverheadConfig(out, model, overhead_hops, dtype=dtype or "bfloat16"))
+        click.echo(result.markdown())
+        return
     if quick:
         model, draft, servers, prompts = QUICK["model"], QUICK["draft"], QUICK["servers"], QUICK["prompts"]
         max_new_tokens, modes, dtype = QUICK["max_new_tokens"], QUICK["modes"], QUICK["dtype"]

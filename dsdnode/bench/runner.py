@@ -36,10 +36,11 @@ from .datasets import Problem, format_prompt, load_dataset
 from .machine import machine_info
 from .modes import BASELINE, DEFAULT_MODES, Mode, parse_modes
 from .plots import write_plots
-from .report import PromptResult, TimeSplit, aggregate, markdown, results_payload, write_json
+from .report import Divergence, PromptResult, TimeSplit, aggregate, markdown, results_payload, write_json
 from ..local_swarm import LocalSwarm
 
 WARMUP_TOKENS = 4
+DIVERGENCE_BLOCK = 64  # positions per pass when re-running the target at a divergence (a server's default max_block)
 ROUTE_WAIT_S = 60.0  # servers announce every 2 s; give the DHT time to show every span
 
 
@@ -203,12 +204,33 @@ class BenchRun:
                 rec.identical_to_baseline = True
             elif base is not None:
                 rec.identical_to_baseline = rec.tokens == base.tokens
+                if not rec.identical_to_baseline and mode.lossless and mode.kind == "swarm":
+                    rec.divergence = await self._divergence(p.ids, base.tokens, rec.tokens)
             verdict = await asyncio.get_running_loop().run_in_executor(None, evaluate, p.problem, rec.text)
             rec.passed, rec.verdict = verdict.passed, f"{verdict.reason}: {verdict.detail}"[:300]
         except Exception as e:
             rec.error = f"{type(e).__name__}: {e}"
             self.log("".join(traceback.format_exception(e)[-3:]).rstrip())
         return rec
+
+    async def _divergence(self, ids: list[int], base: list[int], mine: list[int]) -> Divergence | None:
+        """Re-run the target (through the swarm, one session) on the prompt and the baseline's tokens
+        before the first position where `mine` differs; report how close the two tokens were there.
+        None when one output is a prefix of the other (they differ only in where an end token fell)."""
+        at = next((i for i, (a, b) in enumerate(zip(base, mine)) if a != b), None)
+        if at is None:
+            return None
+        prefix = ids + base[:at]
+        head, chain = self.client.head, self.services[False].chains.new_chain()
+        await chain.start_session(len(prefix) + 1)
+        try:
+            for start in range(0, len(prefix), DIVERGENCE_BLOCK):
+                out = await chain.forward(head.embed_tokens(prefix[start:start + DIVERGENCE_BLOCK]), start)
+        finally:
+            await chain.close()
+        logits = head.logits(out.hidden[:, -1:])[0]
+        top = logits.topk(2).values
+        return Divergence(at, base[at], mine[at], float(top[0] - top[1]), float(logits[base[at]] - logits[mine[at]]))
 
     def _fill_hf(self, rec: PromptResult, p: _Prompt) -> None:
         out = self.hf.generate(p.ids, self.config.max_new_tokens, self.client.eos_ids)
@@ -274,6 +296,8 @@ def _fill_swarm(rec: PromptResult, result: GenerationResult, hops: int, links: i
     rec.mean_accepted, rec.mean_k = result.mean_accepted, result.mean_k
     rec.tokens_per_round = len(result.tokens) / len(rounds) if rounds else 0.0
     rec.ks, rec.accepted = [r.k for r in rounds], [r.accepted for r in rounds]
+    rec.widths, rec.nodes = [r.width for r in rounds], [r.nodes for r in rounds]
+    rec.draft_ms = [round(1e3 * r.draft_s, 2) for r in rounds]
     rec.n_hops, rec.n_links = hops, links
     link = len(rounds) * links * lat / 1000
     compute = sum(sum(r.hop_compute_s) for r in rounds)

@@ -17,6 +17,17 @@ class ChainOutput:
     hop_link_s: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TreeBlock:
+    """How a block that is a token tree is laid out: who sees whom, and where each sits.
+
+    mask: [T, T] bool, True where block position i may attend to block position j (its ancestors
+    and itself); positions: each block position's position id (commit_len + depth)."""
+
+    mask: torch.Tensor
+    positions: list[int]
+
+
 class Chain(Protocol):
     n_hops: int
     failovers: int  # how many times the chain was rebuilt around a fault so far
@@ -25,8 +36,11 @@ class Chain(Protocol):
     async def start_session(self, max_length: int) -> None:
         """Open a fresh session (empty KV caches with room for max_length positions) on every hop."""
 
-    async def forward(self, hidden: torch.Tensor, commit_len: int) -> ChainOutput:
-        """Keep the first commit_len cached positions on every hop, run the block through all hops."""
+    async def forward(self, hidden: torch.Tensor, commit_len: int, tree: TreeBlock | None = None,
+                      kept: list[int] | None = None) -> ChainOutput:
+        """On every hop: keep the `kept` positions of the previous block (indices into it, gathered to
+        its start; None keeps it as it is), then the first commit_len cached positions, and run the
+        block (a token tree when `tree` is given) through all hops."""
 
     async def close(self) -> None:
         """End the session and free the hops' caches."""

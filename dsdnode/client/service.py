@@ -43,6 +43,8 @@ class GenerateOptions:
     adaptive: bool = False  # adaptive verification (lossy): relax acceptance of low-importance tokens
     tau: float = 0.3  # adaptive: accept a non-key draft token with p >= tau * p(top)
     overlap: bool = True  # draft the next block while the current one is in flight
+    width_max: int = 1  # widest token tree with k="auto" (1: chains of drafts only)
+    lookup: bool = False  # add prompt-lookup branches (n-gram matches in the text so far) to each draft
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -55,6 +57,8 @@ class GenerateOptions:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.width_max, int) and self.width_max >= 1):
+            raise ValueError(f"width_max must be an int >= 1, got {self.width_max!r}")
         if not 0 < self.tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
 
@@ -81,8 +85,10 @@ class GenerateOptions:
             overlap=self.overlap and not self.reproducible,
             sampling=SamplingSettings(temperature=self.temperature, top_p=self.top_p, seed=self.seed),
             controller=ControllerSettings(k_max=max(self.k_max, fixed or 1), k_fixed=fixed,
-                                          k_initial=min(4, self.k_max) if fixed is None else 1),
+                                          k_initial=min(4, self.k_max) if fixed is None else 1,
+                                          width_max=self.width_max if fixed is None else 1),
             adaptive=AdaptiveSettings(enabled=self.adaptive, tau=self.tau),
+            lookup=self.lookup,
         )
 
 
@@ -206,7 +212,7 @@ class ClientService:
         if s.speculative:
             if m.draft_head is None:
                 raise ValueError("this client has no draft model: use k=0, or load one (draft=...)")
-            drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + s.controller.k_max + 2,
+            drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + s.max_block + 1,
                               s.sampling)
         importance = await self.importance() if s.adaptive.enabled else None
         chain = self.chains.new_chain()

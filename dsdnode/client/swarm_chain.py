@@ -30,7 +30,7 @@ from ..net.stream import close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, SessionOpened,
                         TensorPayload, WireLimits, decode, encode)
 from .deadlines import DeadlineSettings, PassDeadline
-from .interface import ChainOutput
+from .interface import ChainOutput, TreeBlock
 from .routing import Hop, NoRoute, best_chain, ping_records, same_weights
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,17 @@ class RemoteChain:
         await self.close()
         await self._with_failover(None)
 
-    async def forward(self, hidden: torch.Tensor, commit_len: int) -> ChainOutput:
+    async def forward(self, hidden: torch.Tensor, commit_len: int, tree: TreeBlock | None = None,
+                      kept: list[int] | None = None) -> ChainOutput:
         if not self._max_length:
             raise ChainFailure("no open session: call start_session first")
+        if kept is not None:  # the kept path of the last block moves to its start, as on every hop
+            self._history[:, self._committed:self._committed + len(kept)] = self._history[:, [self._committed + i for i in kept]]
         self._remember(hidden, commit_len)
         self._committed = commit_len
-        return await self._with_failover(lambda: self._pass(hidden, commit_len))
+        # a replayed (re)opened session holds the committed prefix already compacted: nothing to keep
+        return await self._with_failover(lambda replayed: self._pass(hidden, commit_len, tree,
+                                                                     None if replayed else kept))
 
     async def shutdown(self) -> None:
         """Close the session and leave the swarm."""
@@ -123,14 +128,15 @@ class RemoteChain:
         failure: ChainFailure | None = None
         for _ in range(self.max_failovers + 1):
             try:
-                if failure is not None or not self.legs:
+                replayed = failure is not None or not self.legs
+                if replayed:
                     if failure is not None:
                         self._blame(failure)
                         self.failovers += 1
                     await self.close()
                     await self._open()
                     await self._replay(self._committed)
-                return await step() if step is not None else None
+                return await step(replayed) if step is not None else None
             except ChainFailure as e:
                 failure = e
         raise ChainFailure(f"gave up after {self.max_failovers} failovers; last failure: {failure}")
@@ -284,18 +290,20 @@ class RemoteChain:
                 return
 
     # ---- blocks -------------------------------------------------------------------------
-    async def _pass(self, hidden: torch.Tensor, commit_len: int) -> ChainOutput:
+    async def _pass(self, hidden: torch.Tensor, commit_len: int, tree: TreeBlock | None = None,
+                    kept: list[int] | None = None) -> ChainOutput:
         """One block through every hop: sent to hop 1 (push), or carried hop by hop (relay)."""
         if not self.relay:
-            return await self._step_through(0, hidden, commit_len, len(self.legs))
+            return await self._step_through(0, hidden, commit_len, len(self.legs), tree, kept)
         computes: list[float] = []
         for i in range(len(self.legs)):
-            out = await self._step_through(i, hidden, commit_len, 1)
+            out = await self._step_through(i, hidden, commit_len, 1, tree, kept)
             hidden = out.hidden
             computes += out.hop_compute_s
         return ChainOutput(hidden, computes)
 
-    async def _step_through(self, leg_index: int, hidden: torch.Tensor, commit_len: int, hops: int) -> ChainOutput:
+    async def _step_through(self, leg_index: int, hidden: torch.Tensor, commit_len: int, hops: int,
+                            tree: TreeBlock | None = None, kept: list[int] | None = None) -> ChainOutput:
         """Send a block to one leg and wait, until a deadline measured from earlier passes, for the
         result computed by `hops` hops."""
         self._step += 1
@@ -303,8 +311,9 @@ class RemoteChain:
         leg = self.legs[leg_index]
         t0 = time.monotonic()
         try:
-            await leg.stream.send(encode(Forward(self.session_id, step, commit_len,
-                                                 TensorPayload.from_torch(hidden), None, [])))
+            mask = None if tree is None else TensorPayload.from_torch(tree.mask)
+            await leg.stream.send(encode(Forward(self.session_id, step, commit_len, TensorPayload.from_torch(hidden),
+                                                 mask, [], None if tree is None else tree.positions, kept)))
         except (StreamClosed, ConnectionError) as e:
             raise ChainFailure(f"cannot send to {leg.peer_id}: {e}", {leg.peer_id: "lost"}) from None
         deadline, extended = self.deadline.seconds(positions), False

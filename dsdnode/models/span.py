@@ -1,7 +1,9 @@
 """A span: decoder layers [start, end) of a model, with a static KV cache per session.
 
 Like gpt-fast, the cache is preallocated and rollback is just moving a position: a block of T new
-positions is written at `commit_len` and everything after it is forgotten in O(1). The layers are
+positions is written at `commit_len` and everything after it is forgotten in O(1). After a token
+tree, the accepted path is scattered through the last block: `kept` gathers those rows to where
+the block began (O(accepted) copies, nothing recomputed) before the rollback. The layers are
 transformers' own decoder-layer modules, so every Llama/Qwen2-family model works unchanged; we call
 them one by one with an explicit 4-D mask, which lets a block carry any mask (tree verification).
 
@@ -44,13 +46,29 @@ class SpanCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def begin_block(self, commit_len: int, block_len: int) -> None:
-        """Forget everything after commit_len (the rollback) and make room for block_len positions."""
+    def begin_block(self, commit_len: int, block_len: int, kept: list[int] | None = None) -> None:
+        """Keep only the `kept` positions of the last block (indices into it, gathered to its start),
+        forget everything after commit_len (the rollback) and make room for block_len positions."""
+        if kept is not None:
+            self._compact(kept)
         if not 0 <= commit_len <= self.length:
             raise ValueError(f"commit_len {commit_len} is outside the cached 0..{self.length} positions")
         if commit_len + block_len > self.capacity:
             raise ValueError(f"{commit_len} cached + {block_len} new positions exceed the session's {self.capacity}")
         self.write_pos, self.block = commit_len, block_len
+
+    def _compact(self, kept: list[int]) -> None:
+        if self.length != self.write_pos + self.block:
+            raise ValueError("the last block did not finish: there is nothing to keep positions of")
+        if any(not 0 <= i < self.block for i in kept) or any(a >= b for a, b in zip(kept, kept[1:])):
+            raise ValueError(f"kept positions must be strictly increasing indices into the last block of {self.block}")
+        moved = [(self.write_pos + j, self.write_pos + i) for j, i in enumerate(kept) if i != j]
+        if moved:  # kept is increasing, so every row moves towards the start: gather, then write
+            dst, src = (torch.tensor(x, device=self.keys.device) for x in zip(*moved))
+            self.keys[:, :, :, dst] = self.keys[:, :, :, src]
+            self.values[:, :, :, dst] = self.values[:, :, :, src]
+        self.length = self.write_pos + len(kept)
+        self.block = len(kept)
 
     def end_block(self) -> None:
         self.length = self.write_pos + self.block
@@ -66,13 +84,19 @@ def block_mask(commit_len: int, block_len: int, tree_mask: torch.Tensor | None =
                device: torch.device | str = "cpu") -> torch.Tensor | None:
     """The [1, 1, T, commit_len+T] boolean mask (True = may attend) for a block, on `device`.
 
-    Every block position sees the whole committed prefix; within the block, causal order unless a
-    [T, T] tree mask says otherwise. A lone token needs no mask at all."""
+    Within the block, causal order unless a tree mask says otherwise. A tree mask is [T, S]: the
+    visibility of the last S key positions (S >= T; the block itself is the last T), and every
+    position sees all earlier ones (the committed prefix). The wire carries [T, T]; the drafter,
+    whose cache already holds the tree's earlier depths, passes wider ones. A lone token needs no
+    mask at all."""
     if tree_mask is None:
         if block_len == 1:
             return None
         tree_mask = torch.ones(block_len, block_len, dtype=torch.bool, device=device).tril()
-    prefix = torch.ones(block_len, commit_len, dtype=torch.bool, device=device)
+    width = tree_mask.shape[1]
+    if tree_mask.shape[0] != block_len or not block_len <= width <= commit_len + block_len:
+        raise ValueError(f"tree mask {list(tree_mask.shape)} does not fit a block of {block_len} after {commit_len}")
+    prefix = torch.ones(block_len, commit_len + block_len - width, dtype=torch.bool, device=device)
     return torch.cat([prefix, tree_mask.to(device, torch.bool)], dim=1)[None, None]
 
 
@@ -85,6 +109,7 @@ class Block:
     commit_len: int
     tree_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
+    kept: list[int] | None = None  # positions of the session's previous block to keep (SpanCache.begin_block)
 
     @property
     def length(self) -> int:
@@ -198,15 +223,19 @@ class Span(nn.Module):
         commit_len: int,
         tree_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        kept: list[int] | None = None,
     ) -> torch.Tensor:
         """Run a block [1, T, H] after the first commit_len cached positions; append it to the cache.
+
+        tree_mask: see block_mask; position_ids: [1, T] (default commit_len..commit_len+T-1);
+        kept: positions of the previous block to keep first (SpanCache.begin_block).
 
         The result is on the span's device, its work finished: callers time this call, and the
         server sends the result on at once anyway."""
         device = self.device
         hidden = hidden.to(device)
         block_len = hidden.shape[1]
-        cache.begin_block(commit_len, block_len)
+        cache.begin_block(commit_len, block_len, kept)
         if position_ids is None:
             position_ids = torch.arange(commit_len, commit_len + block_len, device=device)[None]
         position_ids = position_ids.to(device)

@@ -76,9 +76,10 @@ class Batcher:
         return sum(j.block.length for j in self.queue if j.owner == owner)
 
     async def run(self, span: Span, block: Block, owner: str) -> BatchResult:
-        """Queue a block and wait for its output. ValueError (bad commit_len, cache full) is this
-        block's alone: it is checked before the block joins a batch."""
-        block.cache.begin_block(block.commit_len, block.length)  # raises ValueError before anything runs
+        """Queue a block and wait for its output. ValueError (bad commit_len or kept, cache full) is
+        this block's alone: it is checked before the block joins a batch, and the kept path of the
+        previous block is compacted here, once (the forwards below only re-check the rollback)."""
+        block.cache.begin_block(block.commit_len, block.length, block.kept)  # ValueError before anything runs
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._loop())
         job = _Job(span, block, owner)

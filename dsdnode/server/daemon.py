@@ -251,17 +251,13 @@ class Server:
                 raise SessionError("unknown_session", f"no open session {msg.session_id!r} on this server")
             incoming = msg.hidden.to_torch()
             hidden = incoming.to(session.span.dtype)
-            tree = None
-            if msg.attention_mask is not None:
-                mask = msg.attention_mask.to_torch()
-                if not bool(mask[:, :msg.commit_len].all()):
-                    raise SessionError("bad_shape", "attention_mask must let every position see the committed prefix")
-                tree = mask[:, msg.commit_len:]
-            if msg.commit_len > cache.length:
-                raise SessionError("bad_shape", f"commit_len {msg.commit_len} > {cache.length} cached positions")
+            tree = None if msg.attention_mask is None else msg.attention_mask.to_torch()
+            positions = None if msg.positions is None else torch.tensor([msg.positions])
             self.table.admit_block(session, hidden.shape[1], self.batcher.queued_by(session.owner))
-            try:  # with the blocks of other sessions queued meanwhile (batching.py)
-                done = await self.batcher.run(session.span, Block(hidden, cache, msg.commit_len, tree), session.owner)
+            block = Block(hidden, cache, msg.commit_len, tree, positions, msg.kept)
+            try:  # with the blocks of other sessions queued meanwhile (batching.py); the cache checks
+                # commit_len and kept against what it holds (ValueError)
+                done = await self.batcher.run(session.span, block, session.owner)
             except ValueError as e:
                 raise SessionError("bad_shape", str(e)) from None
             except RuntimeError as e:  # the forward it shared failed (e.g. out of memory): each session hears it
@@ -274,7 +270,8 @@ class Server:
             timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time())]
             payload = TensorPayload.from_torch(out.to(incoming.dtype))  # the next hop gets what we got
             if session.next_stream is not None:
-                frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings))
+                frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings,
+                                       msg.positions, msg.kept))
                 try:
                     await session.next_stream.send(frame)
                     self.metrics.bytes_out.inc(len(frame))

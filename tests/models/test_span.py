@@ -82,6 +82,40 @@ def test_custom_block_mask_is_honoured(tiny_model_dir, device):
     assert torch.allclose(head.logits(out)[2], head.logits(ref)[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_kept_path_of_a_tree_continues_like_a_fresh_run(tiny_model_dir, device):
+    """A tree block, then the next block keeps only the accepted path (kept): every later logit is
+    that of the whole text run afresh, and the cache moved only the path's rows."""
+    head = Head.load(tiny_model_dir, dtype=torch.float32, device=device)
+    spans = chain(tiny_model_dir, [3], device)
+    caches = [s.new_cache(32) for s in spans]
+    prefix = [5, 6, 7, 8]
+    run_chain(head, spans, caches, prefix[:3], 0)
+    # block at 3: root 8, then a -> {b, c}, d (another child of the root), c -> e
+    tokens = [8, 11, 12, 13, 14, 15]
+    parents = [-1, 0, 1, 1, 0, 3]
+    mask = torch.zeros(6, 6, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        mask[i] = mask[p] if p >= 0 else mask[i]
+        mask[i, i] = True
+    positions = torch.tensor([[3, 4, 5, 5, 4, 6]])
+    h = head.embed_tokens(tokens)
+    for span, cache in zip(spans, caches):
+        h = span(h, cache, 3, tree_mask=mask, position_ids=positions)
+    tree_logits = head.logits(h)
+    path = [0, 1, 3, 5]  # 8 a c e
+    text = prefix[:3] + [tokens[i] for i in path]
+    fresh = run_chain(head, spans, [s.new_cache(32) for s in spans], text + [21, 22], 0)
+    assert torch.allclose(tree_logits[path], fresh[3:7], atol=1e-4)
+    h = head.embed_tokens([21, 22])
+    for span, cache in zip(spans, caches):
+        h = span(h, cache, 7, kept=path)
+    assert torch.allclose(head.logits(h), fresh[7:], atol=1e-4)
+    assert all(c.length == 9 for c in caches)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        spans[0](head.embed_tokens([1]), caches[0], 9, kept=[0, 5])  # the last block had 2 positions
+
+
 def test_span_reads_only_its_layers(tiny_model_dir):
     span = Span.load(tiny_model_dir, 2, 4, dtype=torch.float32)
     layers = {k.split(".")[2] for k in span.loaded_keys}
