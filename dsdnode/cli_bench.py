@@ -21,6 +21,8 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--model", default="qwen2.5-coder-1.5b", show_default=True, help="Target model, split across servers.")
 @click.option("--draft", default="qwen2.5-coder-0.5b", show_default=True, help="Draft model, on the client.")
 @click.option("--servers", type=click.IntRange(min=1), default=4, show_default=True, help="Server processes (contiguous even spans).")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Servers per span (auditing needs at least 2; a third settles a disputed audit).")
 @click.option("--link-latency-ms", "latencies", type=FiniteFloatRange(min=0), multiple=True,
               help="Emulated one-way latency of every link; repeat for a sweep (a fresh swarm each). [default: 50]")
 @click.option("--dataset", type=click.Choice(["humaneval", "gsm8k", "both"]), default="both", show_default=True)
@@ -28,8 +30,8 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
 @click.option("--modes", default="ar-push,ar-relay,dsd-k2,dsd-k4,dsd-k8,dsd-auto,dsd-auto-av,dsd-tree,dsd-tree-av,"
                                  "hf-assisted",
-              show_default=True, help="Comma list: ar-push (baseline), ar-relay, dsd-k<K>, dsd-auto, dsd-auto-av, "
-                                      "dsd-tree, dsd-tree-av (token trees and prompt lookup), hf-assisted.")
+              show_default=True, help="Comma list: ar-push (baseline), ar-relay, dsd-k<K>, dsd-auto, dsd-auto-noaudit, "
+                                      "dsd-auto-av, dsd-tree, dsd-tree-av (token trees and prompt lookup), hf-assisted.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: bench-results/<timestamp>].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per server process.")
@@ -54,8 +56,8 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--overhead-hops", type=click.IntRange(2, 16), default=6, show_default=True,
               help="Longest chain of --overhead.")
 @friendly
-def bench(model, draft, servers, latencies, dataset, prompts, max_new_tokens, modes, out, threads, client_threads,
-          device, dtype, k_max, tau, clients, relayed, quick, overhead, overhead_hops):
+def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_tokens, modes, out, threads,
+          client_threads, device, dtype, k_max, tau, clients, relayed, quick, overhead, overhead_hops):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
     from .bench.runner import BenchConfig, BenchRun
     from .devices import default_dtype, resolve_device
@@ -74,7 +76,7 @@ def bench(model, draft, servers, latencies, dataset, prompts, max_new_tokens, mo
     resolved = resolve_device(device)  # a missing device: one line, before any work
     dtype = dtype or NAMES[default_dtype(resolved)]
     out = Path(out) if out else Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    config = BenchConfig(out=out, model=model, draft=draft, servers=servers, latencies_ms=tuple(latencies or (50.0,)),
+    config = BenchConfig(out=out, model=model, draft=draft, servers=servers, replicas=replicas, latencies_ms=tuple(latencies or (50.0,)),
                          datasets=("humaneval", "gsm8k") if dataset == "both" else (dataset,), prompts=prompts,
                          max_new_tokens=max_new_tokens, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                          threads=threads, client_threads=client_threads, dtype=dtype, device=device, k_max=k_max,

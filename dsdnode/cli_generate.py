@@ -46,6 +46,8 @@ def generation_options(fn):
                      help="Adaptive: accept a non-key draft token with p >= tau * p(top)."),
         click.option("--overlap/--no-overlap", default=True, show_default=True,
                      help="Draft the next block while the current one is in flight."),
+        click.option("--audit/--no-audit", default=True, show_default=True,
+                     help="Have other servers recheck the swarm's work; tokens are shown once checked."),
     ]
     for option in reversed(options):
         fn = option(fn)

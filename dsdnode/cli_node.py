@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import click
 
@@ -212,9 +213,12 @@ def _print_model(r: dict, peers: bool) -> None:
                        f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  "
                        f"load {p['active_sessions']} sessions, {p['queued_positions']} queued  "
                        f"weights {p['weights'][:12] or '?':12}{'' if ours else ' (not ours)'}  {alive}  "
-                       f"{p['reachability'] or 'unknown'}, {how}")
+                       f"{p['reachability'] or 'unknown'}, {how}" + ("  BANNED" if p["banned"] else ""))
         for peer, why in r["incompatible"].items():
             click.echo(f"{peer}  skipped: {why}")
+    for b in r["banned"]:
+        until = time.strftime("%Y-%m-%d %H:%M", time.localtime(b["until"]))
+        click.echo(f"banned here until {until}: {b['peer_id']} (layers {b['layers'][0]}:{b['layers'][1]}): {b['reason']}")
     live = sum(p["rtt_ms"] is not None for p in r["peers"])
     missing = r["uncovered_layers"]
     state = ("not served" if not r["served"] else "fully covered" if not missing

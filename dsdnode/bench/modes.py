@@ -3,7 +3,8 @@
 Every swarm mode is greedy (temperature 0), so all but the `-av` modes (adaptive verification,
 lossy by design) must reproduce the `ar-push` baseline token for token. `dsd-tree` lets the
 controller choose token trees up to TREE_WIDTH wide (chains included) and adds prompt-lookup
-branches.
+branches. Swarm modes audit the servers' work at the default rate (client/audit.py) except
+`dsd-auto-noaudit`, which measures what auditing costs.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ class Mode:
     lossless: bool = True
     width_max: int = 1
     lookup: bool = False
+    audit: bool = True
 
     def options(self, max_new_tokens: int, k_max: int = 8, tau: float = 0.3) -> GenerateOptions:
         k = 0 if not self.speculative else self.k_fixed if self.k_fixed is not None else "auto"
         return GenerateOptions(max_new_tokens=max_new_tokens, k=k, k_max=k_max, adaptive=self.adaptive, tau=tau,
-                               width_max=self.width_max, lookup=self.lookup)
+                               width_max=self.width_max, lookup=self.lookup, audit=self.audit)
 
 
 def parse_mode(name: str) -> Mode:
@@ -52,6 +54,8 @@ def parse_mode(name: str) -> Mode:
         return Mode(name, "swarm", relay=True)
     if name == "dsd-auto":
         return Mode(name, "swarm", speculative=True)
+    if name == "dsd-auto-noaudit":
+        return Mode(name, "swarm", speculative=True, audit=False)
     if name == "dsd-auto-av":
         return Mode(name, "swarm", speculative=True, adaptive=True, lossless=False)
     if name in ("dsd-tree", "dsd-tree-av"):
@@ -63,8 +67,8 @@ def parse_mode(name: str) -> Mode:
     m = _FIXED_K.match(name)
     if m and 1 <= int(m.group(1)) <= 32:
         return Mode(name, "swarm", speculative=True, k_fixed=int(m.group(1)))
-    raise ValueError(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-av, dsd-tree, "
-                     "dsd-tree-av, hf-assisted")
+    raise ValueError(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-noaudit, "
+                     "dsd-auto-av, dsd-tree, dsd-tree-av, hf-assisted")
 
 
 def parse_modes(text: str) -> list[Mode]:

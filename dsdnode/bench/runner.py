@@ -50,6 +50,7 @@ class BenchConfig:
     model: str = "qwen2.5-coder-1.5b"
     draft: str = "qwen2.5-coder-0.5b"
     servers: int = 4
+    replicas: int = 1  # servers per span (auditing needs a second server for a span)
     latencies_ms: tuple[float, ...] = (50.0,)
     datasets: tuple[str, ...] = ("humaneval", "gsm8k")
     prompts: int = 20
@@ -64,8 +65,8 @@ class BenchConfig:
     tau: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.servers < 1 or self.prompts < 1 or self.max_new_tokens < 2:
-            raise ValueError("--servers and --prompts must be >= 1 and --max-new-tokens >= 2")
+        if self.servers < 1 or self.replicas < 1 or self.prompts < 1 or self.max_new_tokens < 2:
+            raise ValueError("--servers, --replicas and --prompts must be >= 1 and --max-new-tokens >= 2")
         if not self.latencies_ms or any(lat < 0 for lat in self.latencies_ms):
             raise ValueError("link latencies must be >= 0 ms")
         if not set(self.datasets) <= {"humaneval", "gsm8k"} or not self.datasets:
@@ -140,9 +141,10 @@ class BenchRun:
         c = self.config
         n_layers = self.client.head.config.num_hidden_layers
         workdir = c.out / "swarm" / f"{lat:g}ms"
-        self.log(f"[{lat:g} ms] starting {c.servers} servers over {n_layers} layers of {c.model} (logs: {workdir})")
+        self.log(f"[{lat:g} ms] starting {c.servers} x {c.replicas} servers over {n_layers} layers of {c.model} "
+                 f"(logs: {workdir})")
         try:
-            with LocalSwarm(c.model, split_layers(n_layers, c.servers), workdir, link_latency_ms=lat,
+            with LocalSwarm(c.model, split_layers(n_layers, c.servers) * c.replicas, workdir, link_latency_ms=lat,
                             threads=c.threads, dtype=DTYPE_NAMES[self.client.dtype],
                             extra_args=["--device", c.device], relayed=c.relayed) as swarm:
                 asyncio.run(self._client(swarm, lat))

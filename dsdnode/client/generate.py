@@ -5,7 +5,12 @@ be added), embed [last token + tree nodes], one chain pass with the previous rou
 riding on it (commit_len, and the kept path when the previous block was a tree), verify, commit.
 Autoregressive decoding is the same loop with depth 0, so the baseline and DSD share every line
 but the drafting. While a chain's block is in flight the client drafts the next block on the
-guess that everything is accepted, and keeps it if the guess holds."""
+guess that everything is accepted, and keeps it if the guess holds.
+
+A chain that audits its servers (client/audit.py) says after each round how far the outputs are
+checked: tokens go to on_tokens only once checked, and when an audit finds a wrong output the tokens
+produced from it on are dropped and generated again (on a route without the wrong server), so what
+the caller sees equals an honest run."""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from ..speculative.importance import AdaptiveSettings, ImportanceScorer
 from ..speculative.sampling import SamplingSettings, make_rng
 from ..speculative.tree import TokenTree, TreeShape, lookup_continuation
 from ..speculative.verify import VerifyResult, verify_tree_adaptive, verify_tree_greedy, verify_tree_sampling
-from .interface import Chain, TreeBlock
+from .interface import Chain, Checkpoint, TreeBlock
 
 
 @dataclass(frozen=True)
@@ -144,35 +149,61 @@ class Generator:
             t0 = time.perf_counter()
             await self._prefill(prompt)
             prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
-            tokens, rounds, stopped = list(prompt), [], "length"
-            while stopped != "eos" and len(tokens) - len(prompt) < s.max_new_tokens:
-                remaining = s.max_new_tokens - (len(tokens) - len(prompt))
-                shape = controller.choose_shape() if s.speculative else TreeShape(1, 0)
-                shape = TreeShape(shape.width, min(shape.depth, remaining - 1))
-                failovers = self.chain.failovers
-                result, stats, predraft = await self._round(tokens, shape, predraft, kept)
-                kept = [0] + [i + 1 for i in result.path]
-                kept = None if kept == list(range(len(kept))) else kept  # a chain's rollback is commit_len alone
-                new = result.tokens
-                eos_at = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
-                if eos_at is not None:
-                    new, stopped = new[:eos_at], "eos"
-                tokens.extend(new)
-                rounds.append(stats)
-                if s.speculative and self.chain.failovers != failovers:
-                    # a new chain (perhaps with another number of hops) costs something else, and this
-                    # round's time includes the failover: learn the new chain's cost from scratch
-                    controller.reset_timing(len(stats.hop_compute_s))
-                elif s.speculative:
-                    controller.observe(RoundObservation(shape.depth, result.accepted, stats.round_s, stats.draft_s,
-                                                        stats.hop_compute_s, shape.width, stats.nodes, result.ranks))
-                if on_tokens and new:
-                    on_tokens(new)
+            tokens, rounds, stopped, emitted = list(prompt), [], "length", len(prompt)
+            path = [0]  # the last block's accepted path (block indices; 0 is the token it started from)
+            rerouted = False  # an audit rolled back: the chain is routed anew in the next round
+            while True:
+                if stopped == "eos" or len(tokens) - len(prompt) >= s.max_new_tokens:
+                    check = await self.chain.finish(path)  # every token is checked before the generation returns
+                    if check.rollback_to is None:
+                        self._emit(tokens, emitted, check, on_tokens)
+                        break
+                else:
+                    remaining = s.max_new_tokens - (len(tokens) - len(prompt))
+                    shape = controller.choose_shape() if s.speculative else TreeShape(1, 0)
+                    shape = TreeShape(shape.width, min(shape.depth, remaining - 1))
+                    failovers = self.chain.failovers
+                    result, stats, predraft = await self._round(tokens, shape, predraft, kept)
+                    path = [0] + [i + 1 for i in result.path]
+                    kept = None if path == list(range(len(path))) else path  # a chain's rollback is commit_len alone
+                    new = result.tokens
+                    eos_at = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
+                    if eos_at is not None:
+                        new, stopped = new[:eos_at], "eos"
+                    tokens.extend(new)
+                    rounds.append(stats)
+                    if s.speculative and (self.chain.failovers != failovers or rerouted):
+                        # a new chain (perhaps with another number of hops) costs something else, and this
+                        # round's time includes the failover: learn the new chain's cost from scratch
+                        controller.reset_timing(len(stats.hop_compute_s))
+                        rerouted = False
+                    elif s.speculative:
+                        controller.observe(RoundObservation(shape.depth, result.accepted, stats.round_s, stats.draft_s,
+                                                            stats.hop_compute_s, shape.width, stats.nodes, result.ranks))
+                    check = await self.chain.checkpoint()
+                if check.rollback_to is not None:  # an audit found a wrong output: generate again from there
+                    del tokens[max(len(prompt), check.rollback_to + 1):]
+                    stopped, kept, path = "length", None, [0]  # the chain replays the kept prefix on a new route
+                    if predraft is not None:
+                        await predraft.finish()
+                        predraft = None
+                    rerouted = True
+                    continue
+                emitted = self._emit(tokens, emitted, check, on_tokens)
             return GenerationResult(tokens[len(prompt):], rounds, prefill_s, time.perf_counter() - t_decode, stopped)
         finally:
             if predraft is not None:
                 await predraft.finish()
             await self.chain.close()
+
+    @staticmethod
+    def _emit(tokens: list[int], emitted: int, check: Checkpoint, on_tokens) -> int:
+        """Hand out the tokens whose outputs are checked (token j comes from the output at position j-1);
+        returns the length of tokens handed out so far."""
+        upto = min(len(tokens), check.verified + 1)
+        if on_tokens is not None and upto > emitted:
+            on_tokens(tokens[emitted:upto])
+        return max(emitted, upto)
 
     def _controller(self) -> DraftLengthController:
         """The given controller (acceptance back to the prior; timing forgotten if this chain has

@@ -26,6 +26,18 @@ class TreeBlock:
 
     mask: torch.Tensor
     positions: list[int]
+UNCHECKED = 1 << 62  # Checkpoint.verified of a chain that does not audit: everything counts as checked
+
+
+@dataclass
+class Checkpoint:
+    """Where a chain's audits stand. verified: outputs of positions [0, verified) are checked (or could
+    not be), so a token whose position's output produced it may be handed out. rollback_to: an audit
+    found a wrong output at this position: tokens produced from it on must be dropped (the chain has
+    excluded the server and recomputes on another route)."""
+
+    verified: int
+    rollback_to: int | None = None
 
 
 class Chain(Protocol):
@@ -41,6 +53,14 @@ class Chain(Protocol):
         """On every hop: keep the `kept` positions of the previous block (indices into it, gathered to
         its start; None keeps it as it is), then the first commit_len cached positions, and run the
         block (a token tree when `tree` is given) through all hops."""
+
+    async def checkpoint(self) -> Checkpoint:
+        """After each round: the verdict of an audit that has finished; starts one when due (without
+        waiting for it)."""
+
+    async def finish(self, path: list[int] = (0,)) -> Checkpoint:
+        """Before a generation returns: audits every position not yet audited and waits for the verdict.
+        path: the accepted path of the last block (block indices; a chain of drafts is 0, 1, ...)."""
 
     async def close(self) -> None:
         """End the session and free the hops' caches."""

@@ -3,10 +3,12 @@
 Candidates are the verified span records on the DHT whose peers answer a ping. A hop may serve
 any sub-range of its announced span, so the chain is a shortest path over layer boundaries
 0..L: from boundary p, a server holding layer p reaches any boundary up to its span's end at the
-cost of one link (half its measured RTT) plus its compute for those layers (from the throughput
-it announced). The link back to the client is added at the end. A server reached through a relay
-(its record lists only /p2p-circuit addresses) pays the extra link in its measured RTT; at equal
-cost, the chain with fewer relayed hops wins."""
+cost of one link (half its measured RTT) plus its compute for those layers, times its standing
+penalty (client/standing.py: compute measured by this client where it has measured it, else the
+announced throughput, capped; failures and false claims raise the penalty). The link back to the
+client is added at the end. A server reached through a relay (its record lists only /p2p-circuit
+addresses) pays the extra link in its measured RTT; at equal cost, the chain with fewer relayed
+hops wins."""
 
 from __future__ import annotations
 
@@ -32,8 +34,13 @@ class NoRoute(RuntimeError):
 
 @dataclass(frozen=True)
 class Candidate:
+    """s_per_layer: the client's estimate of one step's seconds per layer (None: the record's claim).
+    penalty: multiplies this server's cost in a route (1: nothing against it)."""
+
     record: SpanRecord
     rtt_s: float
+    s_per_layer: float | None = None
+    penalty: float = 1.0
 
     @property
     def peer(self) -> PeerInfo:
@@ -45,11 +52,14 @@ class Candidate:
         return bool(self.record.addrs) and all(is_circuit(a) for a in self.record.addrs)
 
     def compute_s(self, layers: int) -> float:
-        """Decoding cost of `layers` of this span per step (throughput is for the whole span), raised
-        by LOAD_COST_PER_SESSION for each session active there, so that of two servers otherwise equal
+        """Decoding cost of `layers` of this span per step: measured by this client where it has
+        measured it, else from the announced throughput (for the whole span); raised by
+        LOAD_COST_PER_SESSION for each session active there, so that of two servers otherwise equal
         the less loaded one is chosen (a batching server serves more sessions at a small cost each)."""
-        per_span = 1.0 / self.record.throughput if self.record.throughput > 0 else 1.0
         load = 1.0 + LOAD_COST_PER_SESSION * self.record.active_sessions
+        if self.s_per_layer is not None:
+            return self.s_per_layer * load * layers
+        per_span = 1.0 / self.record.throughput if self.record.throughput > 0 else 1.0
         return per_span * load * layers / (self.record.end - self.record.start)
 
 
@@ -112,7 +122,7 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
             for q in range(p + 1, min(r.end, num_layers) + 1):
                 if session_length and r.free_cache_tokens * (r.end - r.start) < session_length * (q - p):
                     break
-                step = c.rtt_s / 2 + c.compute_s(q - p) + (c.rtt_s / 2 if q == num_layers else 0.0)
+                step = (c.rtt_s / 2 + c.compute_s(q - p) + (c.rtt_s / 2 if q == num_layers else 0.0)) * c.penalty
                 new = (cost + step, relayed + c.relayed, n + 1)
                 if new < best.get(q, (float("inf"), 0, 0))[:3]:
                     best[q] = (*new, chain)
@@ -170,6 +180,8 @@ async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> 
     if num_layers is None:
         num_layers = _num_layers(model, records)
     counts = coverage([r for r in records if r.peer_id in live], num_layers)
+    from .bans import BanList
+    bans = {p: b for p, b in BanList().active().items() if b.model == model}
     return {
         "model": model, "num_layers": num_layers, "served": bool(live), "local_weights": _local_weights(model),
         "incompatible": node.dht.incompatible.copy(),
@@ -180,8 +192,12 @@ async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> 
                    "device": r.device, "weights": r.weights, "active_sessions": r.active_sessions,
                    "queued_positions": r.queued_positions,
                    "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None,
-                   "reachability": reach.get(r.peer_id), "relayed": bool(r.addrs) and all(map(is_circuit, r.addrs))}
+                   "reachability": reach.get(r.peer_id), "relayed": bool(r.addrs) and all(map(is_circuit, r.addrs)),
+                   "banned": bans[r.peer_id].reason if r.peer_id in bans else None}
                   for r in records],
+        # this client's ban list (client/bans.py): servers an audit caught, whether they announce now or not
+        "banned": [{"peer_id": b.peer_id, "layers": list(b.layers), "reason": b.reason, "until": b.until}
+                   for b in bans.values()],
     }
 
 

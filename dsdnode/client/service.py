@@ -45,6 +45,7 @@ class GenerateOptions:
     overlap: bool = True  # draft the next block while the current one is in flight
     width_max: int = 1  # widest token tree with k="auto" (1: chains of drafts only)
     lookup: bool = False  # add prompt-lookup branches (n-gram matches in the text so far) to each draft
+    audit: bool = True  # have other servers recheck the chain's work (swarm chains; client/audit.py)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -96,8 +97,9 @@ class ChainSource(Protocol):
     async def start(self) -> None:
         """Called once, inside the event loop that will run the generations."""
 
-    def new_chain(self) -> Chain:
-        """A chain for one generation; its session opens when generation starts."""
+    def new_chain(self, audit: bool = True) -> Chain:
+        """A chain for one generation (audited, where the chain can be, unless audit=False); its
+        session opens when generation starts."""
 
     async def check_route(self) -> str:
         """The chain a generation would use now, in words; raises (NoRoute, ...) if there is none."""
@@ -127,7 +129,7 @@ class LocalChains:
     async def start(self) -> None:
         pass
 
-    def new_chain(self) -> Chain:
+    def new_chain(self, audit: bool = True) -> Chain:
         from .local import LocalChain
         return LocalChain(self.spans, self.link_latency_s)
 
@@ -143,12 +145,15 @@ class SwarmChains:
     generation. relay=True carries each block hop by hop through the client (a baseline)."""
 
     def __init__(self, model: str, config, bootstrap: list[str], dtype: torch.dtype, *, weights: str,
-                 link_latency_ms: float = 0.0, relay: bool = False, node=None):
+                 link_latency_ms: float = 0.0, relay: bool = False, node=None, trust=None):
         if not bootstrap and node is None:
             raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
         self.model, self.config, self.bootstrap, self.dtype = model, config, list(bootstrap), dtype
         self.link_latency_ms, self.relay, self.weights = link_latency_ms, relay, weights
         self.node, self._own_node = node, node is None
+        from .standing import Standing, TrustSettings
+        self.trust = trust or TrustSettings()
+        self.standing = Standing(self.trust)  # what one generation measured, the next routes on
 
     async def start(self) -> None:
         if self.node is None:
@@ -164,10 +169,14 @@ class SwarmChains:
         hops = best_chain(await live_candidates(self.node, self.model, self.weights), self.config.num_hidden_layers)
         return " -> ".join(f"{h.candidate.record.peer_id} [{h.start}:{h.end})" for h in hops)
 
-    def new_chain(self) -> Chain:
+    def new_chain(self, audit: bool = True) -> Chain:
+        from dataclasses import replace
+
         from .swarm_chain import RemoteChain
+        trust = self.trust if audit else replace(self.trust, audit_rate=0.0)
         return RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
-                           weights=self.weights, dtype=self.dtype, relay=self.relay)
+                           weights=self.weights, dtype=self.dtype, relay=self.relay, trust=trust,
+                           standing=self.standing)
 
     async def stop(self) -> None:
         if self.node is not None and self._own_node:
@@ -215,7 +224,7 @@ class ClientService:
             drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + s.max_block + 1,
                               s.sampling)
         importance = await self.importance() if s.adaptive.enabled else None
-        chain = self.chains.new_chain()
+        chain = self.chains.new_chain(options.audit)
         generator = Generator(m.head, chain, drafter, s, m.eos_ids, importance, self.controllers.get(s.controller))
         t0, first = time.perf_counter(), []
 

@@ -11,7 +11,14 @@ use -- becomes a ChainFailure naming the suspects. The client excludes them for 
 server only until its retry hint), routes again, opens a new session and replays the committed
 prefix from the hidden states it kept, so the output is the same as without the fault. Every
 failure excludes at least one peer or waits out a bounded busy period, and the number of
-failovers is bounded: it never loops."""
+failovers is bounded: it never loops.
+
+Trust (client/audit.py, client/standing.py): every hop also sends the client a copy of its output
+and a digest of its input; the client checks the digests every pass (a mismatch is a failure of both
+hops involved), logs every hop's inputs and outputs, and audits them against other servers every
+`audit_every` rounds and before a generation returns. A wrong hop is excluded, banned, and the
+generation rolls back to its first wrong position (`checkpoint`, `finish`). Routing uses what this
+client measured and each server's standing, within the Sybil limits."""
 
 from __future__ import annotations
 
@@ -28,10 +35,13 @@ from ..net.p2p import P2PNode, Stream, StreamClosed
 from ..net.protocol import DTYPE_NAMES, SESSION_PROTOCOL
 from ..net.stream import close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, SessionOpened,
-                        TensorPayload, WireLimits, decode, encode)
+                        TensorPayload, WireLimits, decode, digest, encode)
+from .audit import Auditor, HopLog, audit_every, prefer_other_groups
+from .bans import BanList
 from .deadlines import DeadlineSettings, PassDeadline
-from .interface import ChainOutput, TreeBlock
-from .routing import Hop, NoRoute, best_chain, ping_records, same_weights
+from .interface import UNCHECKED, ChainOutput, Checkpoint, TreeBlock
+from .routing import Candidate, Hop, NoRoute, best_chain, ping_records, same_weights
+from .standing import Standing, TrustSettings, hop_compute_s
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,7 @@ class ChainFailure(RuntimeError):
 class _Leg:
     hop: Hop
     stream: Stream
+    compute_dtype: str  # what the hop says its layers compute in (audits compare like with like)
     reader: asyncio.Task | None = None
 
     @property
@@ -66,12 +77,21 @@ class _Leg:
 class RemoteChain:
     def __init__(self, node: P2PNode, model: str, num_layers: int, hidden_size: int, *, weights: str,
                  dtype: torch.dtype = torch.bfloat16, relay: bool = False, max_failovers: int = 8,
-                 deadlines: DeadlineSettings = DeadlineSettings(), max_block: int = 64):
+                 deadlines: DeadlineSettings = DeadlineSettings(), max_block: int = 64,
+                 trust: TrustSettings = TrustSettings(), standing: Standing | None = None, bans: BanList | None = None):
         """weights: digest of the weights this client's head comes from; only servers of the same
-        weights are chained."""
+        weights are chained. standing: shared by the chains of one client (what one learnt, the next
+        routes on)."""
         self.node, self.model, self.num_layers, self.hidden_size = node, model, num_layers, hidden_size
         self.weights = weights
-        self.dtype_name = DTYPE_NAMES[dtype]
+        self.dtype, self.dtype_name = dtype, DTYPE_NAMES[dtype]
+        self.trust, self.standing, self.bans = trust, standing or Standing(trust), bans or BanList()
+        self.auditor = Auditor(node, model, self.dtype_name, hidden_size, max_block, self._auditors_for,
+                               self.standing, self.bans)
+        self.audit_every = audit_every(trust.audit_rate)
+        self.verified = 0  # positions whose outputs are audited (or unauditable), whatever the route
+        self._audit_task: asyncio.Task | None = None
+        self._since_audit = 0
         self.relay, self.max_failovers, self.max_block = relay, max_failovers, max_block
         self.deadline = PassDeadline(deadlines)  # measurements carry over to the next session
         self.legs: list[_Leg] = []
@@ -98,6 +118,9 @@ class RemoteChain:
 
     async def start_session(self, max_length: int) -> None:
         self._max_length, self._history, self._committed = max_length, None, 0
+        # the first audit comes after the first round: tokens are handed out only once checked, so this
+        # is what the first token waits for; later audits come every audit_every rounds
+        self.verified, self._since_audit = 0, max(0, self.audit_every - 1)
         await self.close()
         await self._with_failover(None)
 
@@ -109,9 +132,60 @@ class RemoteChain:
             self._history[:, self._committed:self._committed + len(kept)] = self._history[:, [self._committed + i for i in kept]]
         self._remember(hidden, commit_len)
         self._committed = commit_len
+        self.verified = min(self.verified, commit_len)  # positions past it are computed anew
         # a replayed (re)opened session holds the committed prefix already compacted: nothing to keep
         return await self._with_failover(lambda replayed: self._pass(hidden, commit_len, tree,
                                                                      None if replayed else kept))
+
+    # ---- audits -------------------------------------------------------------------------
+    async def checkpoint(self) -> Checkpoint:
+        self.auditor.round += 1
+        if not self.audit_every:
+            return Checkpoint(UNCHECKED)
+        rollback = None
+        if self._audit_task is not None and self._audit_task.done():
+            rollback = await self._verdict()
+        if rollback is None and self._audit_task is None:
+            self._since_audit += 1
+            if self._since_audit >= self.audit_every:
+                self._since_audit = 0
+                self._audit_task = asyncio.create_task(self.auditor.audit())
+        return Checkpoint(self.verified, rollback)
+
+    async def finish(self, path: list[int] = (0,)) -> Checkpoint:
+        if not self.audit_every:
+            return Checkpoint(UNCHECKED)
+        self.auditor.keep_last(list(path))
+        rollback = await self._verdict() if self._audit_task is not None else None
+        if rollback is None and self.auditor.audited < self.auditor.filled:
+            self._audit_task = asyncio.create_task(self.auditor.audit())
+            rollback = await self._verdict()
+        return Checkpoint(self.verified, rollback)
+
+    async def _verdict(self) -> int | None:
+        """Apply the finished (or awaited) audit: exclusions, and where to roll back to (None: nowhere)."""
+        task, self._audit_task = self._audit_task, None
+        verdict = await task
+        for peer, why in {**verdict.convicted, **verdict.excluded}.items():
+            self.excluded[peer] = why
+            self._reasons[peer] = f"{peer}: {why} (audit)"
+        if verdict.rollback_to is None:
+            self.verified = max(self.verified, self.auditor.audited)
+            return None
+        keep = max(verdict.rollback_to, self.verified)  # what an earlier route verified stays verified
+        self.verified = keep
+        log.warning("audit: rolling back to position %d and re-routing without %s", keep,
+                    sorted({**verdict.convicted, **verdict.excluded}))
+        self.failovers += 1
+        await self.close()  # the next forward routes anew and replays the kept prefix
+        return keep
+
+    def _auditors_for(self, hop: HopLog) -> list[SpanRecord]:
+        """Records that may audit `hop`: serving its layers, not in this chain's exclusions or bans."""
+        banned = self.bans.active()
+        ok = [r for r in self._records if r.start <= hop.start and hop.end <= r.end and r.peer_id != hop.peer_id
+              and r.peer_id not in self.excluded and r.peer_id not in banned and r.peer_id != self.node.peer_id]
+        return prefer_other_groups(ok, hop.record, self.standing)
 
     async def shutdown(self) -> None:
         """Close the session and leave the swarm."""
@@ -119,8 +193,13 @@ class RemoteChain:
         await self.node.stop()
 
     async def close(self) -> None:
+        """Close the session (and the audits of its route)."""
         legs, self.legs = self.legs, []
-        await asyncio.gather(*(self._close_leg(leg) for leg in legs))
+        task, self._audit_task = self._audit_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(self.auditor.close(), *(self._close_leg(leg) for leg in legs))
 
     # ---- failover -----------------------------------------------------------------------
     async def _with_failover(self, step):
@@ -151,6 +230,7 @@ class RemoteChain:
             else:
                 self.excluded[peer] = why
                 self._reasons[peer] = str(failure)[:300]
+                self.standing.failed(peer, why)
         log.info("chain failure (%s); avoiding %s and re-routing", failure, sorted(failure.suspects))
 
     async def _route(self) -> list[Hop]:
@@ -160,13 +240,17 @@ class RemoteChain:
         while True:
             now = time.monotonic()
             if now - self._records_at > RECORDS_MAX_AGE_S:
-                found = await self.node.dht.discover(self.model)
+                found = self.standing.admit(await self.node.dht.discover(self.model))
                 self._records, self._unusable = same_weights(found, self.weights)
                 self._unusable.update(self.node.dht.incompatible.copy())
                 self._records_at, fresh = now, True
             busy = {p: t for p, t in self._busy_until.items() if t > now}
-            usable = [r for r in self._records if r.peer_id not in self.excluded and r.peer_id not in busy]
-            candidates = await ping_records(self.node, usable)
+            banned = self.bans.active()
+            usable = [r for r in self._records
+                      if r.peer_id not in self.excluded and r.peer_id not in busy and r.peer_id not in banned]
+            candidates = [Candidate(c.record, c.rtt_s, self.standing.s_per_layer(c.record, self._records),
+                                    self.standing.penalty(c.record.peer_id))
+                          for c in await ping_records(self.node, usable)]
             try:
                 try:
                     return best_chain(candidates, self.num_layers, self._max_length)
@@ -185,7 +269,9 @@ class RemoteChain:
 
     def _why_excluded(self, busy: dict[str, float]) -> str:
         parts = ([self._reasons[p] for p in self.excluded] + [f"{p} is busy" for p in busy]
-                 + [f"{p} {why}" for p, why in self._unusable.items()])
+                 + [f"{p} {why}" for p, why in self._unusable.items()]
+                 + [f"{p} is banned: {b.reason}" for p, b in self.bans.active().items()
+                    if any(r.peer_id == p for r in self._records)])
         return f"; servers avoided: {'; '.join(parts)}" if parts else ""
 
     # ---- session ------------------------------------------------------------------------
@@ -206,6 +292,8 @@ class RemoteChain:
             raise ChainFailure("; ".join(map(str, failures)), suspects, max(retry, default=None))
         self.legs = legs
         self.route = [(h.candidate.record.peer_id, h.start, h.end) for h in hops]
+        await self.auditor.new_route([(leg.hop.candidate.record, leg.hop.start, leg.hop.end, leg.compute_dtype)
+                                      for leg in self.legs], self._max_length, self.dtype)
         for leg in self.legs:
             leg.reader = asyncio.create_task(self._read(leg, self._results))
         log.info("session %s along %s", self.session_id, self.route)
@@ -237,7 +325,7 @@ class RemoteChain:
         except Exception as e:  # lost stream, timeout, undecodable reply: that hop's fault
             await close_quietly(stream)
             raise ChainFailure(f"opening a session on {peer} failed: {e!r}", {peer: "bad_reply"}) from None
-        return _Leg(hop, stream)
+        return _Leg(hop, stream, reply.compute_dtype)
 
     def _pushes_to(self, leg: _Leg) -> SpanRecord | None:
         """The record of the hop `leg` pushes its output to (None: it answers the client, or its
@@ -281,7 +369,7 @@ class RemoteChain:
                 await results.put(ChainFailure(f"bad reply from {leg.peer_id}: {e}", {leg.peer_id: "bad_reply"}))
                 return
             if isinstance(msg, ForwardResult):
-                await results.put((leg, msg))
+                await results.put((leg, msg, time.monotonic()))
             elif isinstance(msg, ErrorReply) and msg.session_id in (None, self.session_id):
                 await results.put(self._refusal(leg.peer_id, msg, self._pushes_to(leg)))
             else:
@@ -305,21 +393,23 @@ class RemoteChain:
     async def _step_through(self, leg_index: int, hidden: torch.Tensor, commit_len: int, hops: int,
                             tree: TreeBlock | None = None, kept: list[int] | None = None) -> ChainOutput:
         """Send a block to one leg and wait, until a deadline measured from earlier passes, for the
-        result computed by `hops` hops."""
+        outputs of `hops` hops from there (each hop's copy; the last one's is the result)."""
         self._step += 1
         step, positions = self._step, hidden.shape[1]
-        leg = self.legs[leg_index]
+        legs = self.legs[leg_index:leg_index + hops]
+        sent = TensorPayload.from_torch(hidden)
         t0 = time.monotonic()
         try:
             mask = None if tree is None else TensorPayload.from_torch(tree.mask)
-            await leg.stream.send(encode(Forward(self.session_id, step, commit_len, TensorPayload.from_torch(hidden),
-                                                 mask, [], None if tree is None else tree.positions, kept)))
+            await legs[0].stream.send(encode(Forward(self.session_id, step, commit_len, sent, mask, [],
+                                                     None if tree is None else tree.positions, kept)))
         except (StreamClosed, ConnectionError) as e:
-            raise ChainFailure(f"cannot send to {leg.peer_id}: {e}", {leg.peer_id: "lost"}) from None
+            raise ChainFailure(f"cannot send to {legs[0].peer_id}: {e}", {legs[0].peer_id: "lost"}) from None
         deadline, extended = self.deadline.seconds(positions), False
-        while True:
+        got: dict[int, tuple[ForwardResult, torch.Tensor, float]] = {}  # hop (from leg_index) -> output
+        while len(got) < hops:
             try:
-                got = await asyncio.wait_for(self._results.get(), max(0.0, t0 + deadline - time.monotonic()))
+                item = await asyncio.wait_for(self._results.get(), max(0.0, t0 + deadline - time.monotonic()))
             except TimeoutError:
                 hung = await self._unreachable_hops()
                 if hung:
@@ -330,33 +420,58 @@ class RemoteChain:
                     continue
                 raise ChainFailure(f"no answer within {deadline:.1f} s though every hop answers pings",
                                    {leg.peer_id: "slow" for leg in self.legs}) from None
-            if isinstance(got, ChainFailure):
-                raise got
-            sender, result = got
+            if isinstance(item, ChainFailure):
+                raise item
+            sender, result, at = item
             if result.step_id < step:
                 continue  # a late answer to a step we gave up on
-            out = self._check(sender, result, step, positions, hops)
-            self.deadline.observe(positions, time.monotonic() - t0)
-            return out
+            hop = legs.index(sender) if sender in legs else -1
+            got[hop] = (result, self._check(sender, result, step, positions, hop + 1), at)
+        self.deadline.observe(positions, got[hops - 1][2] - t0)
+        self._check_digests(legs, sent, [got[j][0] for j in range(hops)])
+        arrivals = [got[j][2] for j in range(hops)]
+        for leg, compute in zip(legs, hop_compute_s(t0, arrivals, [leg.hop.candidate.rtt_s for leg in legs])):
+            self.standing.measured(leg.hop.candidate.record, leg.hop.end - leg.hop.start, compute)
+        inputs = [hidden] + [got[j][1] for j in range(hops - 1)]
+        for j in range(hops):
+            self.auditor.record(leg_index + j, commit_len, inputs[j], got[j][1], kept, tree is not None)
+        t = got[hops - 1][0].timings
+        return ChainOutput(got[hops - 1][1], [x.compute_s for x in t],
+                           [max(0.0, b.recv_time - a.send_time) for a, b in zip(t, t[1:])])
 
-    def _check(self, sender: _Leg, got: ForwardResult, step: int, positions: int, hops: int) -> ChainOutput:
-        """A reply the client can use, or a failure of the hop that sent it."""
+    def _check(self, sender: _Leg, got: ForwardResult, step: int, positions: int, timings: int) -> torch.Tensor:
+        """The hidden states of a reply the client can use (a hop's copy carries `timings` timings, 0:
+        the sender is not expected to answer this block), or a failure of the hop that sent it."""
         h = got.hidden
         problem = None
-        if got.step_id != step or got.session_id != self.session_id:
+        if timings == 0:
+            problem = f"an answer to step {got.step_id} it was not asked for"
+        elif got.step_id != step or got.session_id != self.session_id:
             problem = f"step {got.step_id} of session {got.session_id!r}, expected step {step}"
         elif tuple(h.shape) != (1, positions, self.hidden_size) or h.dtype != self.dtype_name:
             problem = f"hidden {h.dtype}{list(h.shape)}, expected {self.dtype_name}{[1, positions, self.hidden_size]}"
-        elif len(got.timings) != hops:
-            problem = f"{len(got.timings)} hop timings, expected {hops}"
+        elif len(got.timings) != timings:
+            problem = f"{len(got.timings)} hop timings, expected {timings}"
         if problem is None:
             hidden = h.to_torch()
             if bool(torch.isfinite(hidden).all()):
-                t = got.timings
-                return ChainOutput(hidden, [x.compute_s for x in t],
-                                   [max(0.0, b.recv_time - a.send_time) for a, b in zip(t, t[1:])])
+                return hidden
             problem = "non-finite hidden states"
         raise ChainFailure(f"unusable reply from {sender.peer_id}: {problem}", {sender.peer_id: "bad_reply"})
+
+    @staticmethod
+    def _check_digests(legs: list[_Leg], sent: TensorPayload, results: list[ForwardResult]) -> None:
+        """Each hop must have received what the previous hop sent the client as its output (hop 1: what
+        the client sent). A mismatch means one of the two lied; the client cannot tell which, so it
+        avoids both for this session."""
+        given = [sent] + [r.hidden for r in results[:-1]]
+        for j, (payload, result) in enumerate(zip(given, results)):
+            if result.timings[-1].input_digest != digest(payload):
+                suspects = {legs[j].peer_id: "digest_mismatch"}
+                if j:
+                    suspects[legs[j - 1].peer_id] = "digest_mismatch"
+                raise ChainFailure(f"{legs[j].peer_id} computed on another input than "
+                                   f"{'the block sent' if not j else legs[j - 1].peer_id + ' returned'}", suspects)
 
     def _remember(self, hidden: torch.Tensor, commit_len: int) -> None:
         """Keep the inputs of every position: a new chain is rebuilt from them."""

@@ -129,10 +129,24 @@ class TensorPayload:
 
 @dataclass
 class HopTiming:
+    """One hop's stamp on a block. input_digest: `digest` of the hidden states the hop received, so the
+    client can tell whether what a hop pushed on is what it sent the client as its copy."""
+
     peer_id: str
     recv_time: float
     compute_s: float
     send_time: float
+    input_digest: bytes
+
+
+DIGEST_BYTES = 8
+
+
+def digest(payload: TensorPayload) -> bytes:
+    """A short hash of a tensor's bytes (not a secret: it only has to tell two blocks apart)."""
+    import hashlib
+
+    return hashlib.blake2b(payload.data, digest_size=DIGEST_BYTES).digest()
 
 
 @dataclass
@@ -160,8 +174,12 @@ class OpenSession:
 
 @dataclass
 class SessionOpened:
+    """compute_dtype: the dtype the server's layers compute in (hidden states cross the wire in the
+    session's dtype); an audit compares only servers that compute alike."""
+
     session_id: str
     peer_id: str
+    compute_dtype: str
 
 
 @dataclass
@@ -192,6 +210,9 @@ class Forward:
 
 @dataclass
 class ForwardResult:
+    """A hop's output for a block: the chain's result from the last hop, and from every other hop a
+    copy of what it pushed on (timings up to and including that hop), which the client may audit."""
+
     session_id: str
     step_id: int
     hidden: TensorPayload
@@ -461,6 +482,9 @@ def _check(msg: Message, limits: WireLimits) -> None:
     elif isinstance(msg, ForwardResult):
         _check_step(msg.step_id, msg.timings)
         _check_hidden(msg.hidden, limits)
+    elif isinstance(msg, SessionOpened):
+        if msg.compute_dtype not in HIDDEN_DTYPES:
+            raise WireError("bad_dtype", f"compute dtype {short(msg.compute_dtype)} not in {sorted(HIDDEN_DTYPES)}")
     elif isinstance(msg, ErrorReply):
         if msg.code not in ERROR_CODES:
             raise WireError("malformed", f"unknown error code {short(msg.code)}")
@@ -475,6 +499,8 @@ def _check_step(step_id: int, timings: list[HopTiming]) -> None:
         raise WireError("malformed", f"step_id must be >= 0, got {step_id}")
     if len(timings) > MAX_TIMINGS:
         raise WireError("malformed", f"{len(timings)} hop timings exceed {MAX_TIMINGS}")
+    if any(len(t.input_digest) != DIGEST_BYTES for t in timings):
+        raise WireError("malformed", f"an input_digest is not {DIGEST_BYTES} bytes")
 
 
 def _check_tensor(t: TensorPayload, name: str) -> None:

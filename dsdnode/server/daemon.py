@@ -31,11 +31,11 @@ import torch
 from .. import __version__
 from ..models.span import Block, Span
 from ..net.dht import SpanRecord
-from ..net.protocol import HIDDEN_DTYPES, SESSION_PROTOCOL
+from ..net.protocol import DTYPE_NAMES, HIDDEN_DTYPES, SESSION_PROTOCOL
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.stream import FRAME_BODY_TIMEOUT_S, close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
-                        TensorPayload, WireError, WireLimits, decode, encode, short)
+                        TensorPayload, WireError, WireLimits, decode, digest, encode, short)
 from .batching import BatchSettings, Batcher
 from .metrics import server_metrics
 from .sessions import ClientLimits, Session, SessionError, SessionTable
@@ -203,7 +203,7 @@ class Server:
                 raise SessionError("bad_next_hop",
                                    f"cannot reach next hop {next_hop.peer_id}: {short(str(e), 200)}") from None
             self._spawn(self._relay_errors(session))
-        await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id))
+        await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id, DTYPE_NAMES[self.span.dtype]))
         return session
 
     async def _next_hop(self, msg: OpenSession) -> PeerInfo:
@@ -267,8 +267,9 @@ class Server:
             out, compute_s = done.hidden, done.compute_s
             session.tokens_served += hidden.shape[1]
             self.metrics.observe_block(hidden.shape[1], compute_s)
-            timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time())]
+            timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time(), digest(msg.hidden))]
             payload = TensorPayload.from_torch(out.to(incoming.dtype))  # the next hop gets what we got
+            result = ForwardResult(msg.session_id, msg.step_id, payload, timings)
             if session.next_stream is not None:
                 frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings,
                                        msg.positions, msg.kept))
@@ -278,8 +279,11 @@ class Server:
                 except (StreamClosed, ConnectionError) as e:
                     raise SessionError("bad_next_hop",
                                        f"next hop {session.next_peer} unreachable: {short(str(e), 200)}") from None
+                # every hop sends its client a copy of its output (the client may have another server
+                # recompute it: an audit the hop cannot tell from any other block); off the push path
+                self._spawn(self._send(session.client, result))
             else:
-                await self._send(session.client, ForwardResult(msg.session_id, msg.step_id, payload, timings))
+                await self._send(session.client, result)
 
     async def _relay_errors(self, session: Session) -> None:
         """What the next hop answers on our push stream (it could not match a block to a session of

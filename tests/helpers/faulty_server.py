@@ -1,29 +1,51 @@
 """A dsdnode server with an injected fault, for tests only (never a product flag).
 
 Run as `python tests/helpers/faulty_server.py FAULT start ARGS...`: the same daemon as
-`dsdnode start ARGS...`, with the span's forward wrapped so that its output is wrong:
-  short  one position fewer than it was given (a reply the client cannot use)
-  noise  Gaussian noise added to every output (a plausible but wrong answer)
+`dsdnode start ARGS...`, with the span's forward (or its weights) changed so that its output is wrong:
+  short      one position fewer than it was given (a reply the client cannot use)
+  noise      Gaussian noise (std 1) added to every output (a plausible but wrong answer)
+  sometimes  noise on 1 block in 20 (every 20th block this process computes), right otherwise
+  scaled     every output x 1.01 (a slight, systematic error)
+  weights    every weight of the span multiplied by (1 + 0.01 N(0, 1)) at load (other weights than
+             it announces, like a server of a fine-tuned or corrupted copy)
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
 import torch
 
-FAULTS = {
+_blocks = itertools.count(1)
+OUTPUT_FAULTS = {
     "short": lambda out: out[:, :-1],
     "noise": lambda out: out + torch.randn_like(out),
+    "sometimes": lambda out: out + torch.randn_like(out) if next(_blocks) % 20 == 0 else out,
+    "scaled": lambda out: out * 1.01,
 }
+FAULTS = (*OUTPUT_FAULTS, "weights")
 LAUNCHER = [sys.executable, os.path.abspath(__file__)]
 
 
 def inject(fault: str) -> None:
     from dsdnode.models.span import Span
 
-    honest, corrupt = Span.forward, FAULTS[fault]
+    if fault == "weights":
+        honest_load = Span.load.__func__
+
+        def load(cls, *args, **kwargs):
+            span = honest_load(cls, *args, **kwargs)
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in span.parameters():
+                    p.mul_(1 + 0.01 * torch.randn(p.shape, generator=gen).to(p.dtype))
+            return span
+
+        Span.load = classmethod(load)
+        return
+    honest, corrupt = Span.forward, OUTPUT_FAULTS[fault]
 
     def forward(self, hidden, cache, commit_len, *args, **kwargs):
         return corrupt(honest(self, hidden, cache, commit_len, *args, **kwargs))

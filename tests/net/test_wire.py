@@ -35,7 +35,7 @@ def mask(t=4):
 
 def forward(**changes):
     fields = dict(session_id="s1", step_id=7, commit_len=3, hidden=hidden(), attention_mask=mask(),
-                  timings=[HopTiming("peerA", 1.5, 0.25, 2.0)])
+                  timings=[HopTiming("peerA", 1.5, 0.25, 2.0, b"digest!!")])
     fields.update(changes)
     return Forward(**fields)
 
@@ -43,11 +43,12 @@ def forward(**changes):
 MESSAGES = [
     OpenSession("s1", "qwen-1.5b", 0, 14, 512, "peerB", None, "bfloat16", "0f" * 16),
     OpenSession("s1", "qwen-1.5b", 14, 28, 512, None, "peerA", "float32", ""),
-    SessionOpened("s1", "peerA"),
+    SessionOpened("s1", "peerA", "bfloat16"),
     forward(),
     forward(attention_mask=None, timings=[]),
     forward(positions=[3, 4, 4, 5], kept=[0, 2, 5]),
-    ForwardResult("s1", 7, hidden(dtype=torch.float16), [HopTiming("a", 1.0, 0.1, 1.2), HopTiming("b", 1.3, 0.1, 1.5)]),
+    ForwardResult("s1", 7, hidden(dtype=torch.float16), [HopTiming("a", 1.0, 0.1, 1.2, b"digest!!"),
+                                                        HopTiming("b", 1.3, 0.1, 1.5, b"digest!!")]),
     CloseSession("s1"),
     ErrorReply("busy", "no free cache", "s1", 7, 2.5),
     ErrorReply("internal", "boom"),
@@ -312,9 +313,9 @@ def test_an_8_mib_bad_field_gets_a_small_error():
 def test_the_bounds_still_admit_the_largest_valid_messages():
     full = forward(hidden=hidden(t=8), attention_mask=mask(t=8), commit_len=1016, positions=list(range(1016, 1024)),
                    kept=list(range(8)),
-                   timings=[HopTiming("p" * 256, 1.0, 0.5, 2.0)] * 256)
+                   timings=[HopTiming("p" * 256, 1.0, 0.5, 2.0, b"digest!!")] * 256)
     assert decode(encode(full), LIMITS) == full
     error = ErrorReply("internal", "é" * 512, "s" * 256, 2**63 - 1)
     assert decode(encode(error), LIMITS) == error
-    too_many = raw(full, timings=[vars(HopTiming("p", 1.0, 0.5, 2.0))] * 257)
+    too_many = raw(full, timings=[vars(HopTiming("p", 1.0, 0.5, 2.0, b"digest!!"))] * 257)
     assert code_of(too_many) == "malformed"

@@ -156,9 +156,9 @@ def templates(rng: random.Random) -> list[bytes]:
         encode(opening(sid)),
         encode(forward(sid, rng.randrange(5), block(rng.randrange(99), rng.randint(1, 4)), 0)),
         encode(Forward(sid, 1, 0, TensorPayload.from_torch(block(0, 2)),
-                       TensorPayload.from_torch(torch.ones(2, 2, dtype=torch.bool)), [HopTiming("p", 1.0, 0.1, 1.1)])),
+                       TensorPayload.from_torch(torch.ones(2, 2, dtype=torch.bool)), [HopTiming("p", 1.0, 0.1, 1.1, b"digest!!")])),
         encode(CloseSession(sid)),
-        encode(SessionOpened(sid, "p")),
+        encode(SessionOpened(sid, "p", "float32")),
         encode(ErrorReply("busy", "x", sid, 1)),
     ]
 

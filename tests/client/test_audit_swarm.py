@@ -1,0 +1,108 @@
+"""Audits with real server processes: every faulty flavour is caught, banned and repaired, and no
+honest run is flagged.
+
+One bootstrap peer and three honest servers live for the module (SmolLM2, float32): layers 0:15,
+and two for 15:30 made slower with an emulated link latency, so routing prefers a faulty 15:30
+server that a test starts (tests/helpers/faulty_server.py). The two honest 15:30 servers are the
+auditor and the third opinion. The expected text is the in-process chain's greedy output."""
+
+from __future__ import annotations
+
+import asyncio
+import pytest
+import torch
+
+from dsdnode.client.bans import BanList
+from dsdnode.client.standing import TrustSettings
+from dsdnode.client.swarm_chain import RemoteChain
+from dsdnode.local_swarm import LocalSwarm
+from dsdnode.client.generate import GenerationSettings, Generator
+from dsdnode.client.local import LocalChain
+from dsdnode.models.head import Head
+from dsdnode.models.span import Span
+from dsdnode.speculative.controller import ControllerSettings
+from dsdnode.speculative.draft import Drafter
+from tests.client.test_failover import (MODEL, client_chain, generate, parts,  # noqa: F401 (fixtures)
+                                       servers, swarm)
+from tests.helpers.faulty_server import LAUNCHER
+
+pytestmark = [pytest.mark.heavy, pytest.mark.timeout(900)]  # real processes on a shared machine
+NEW_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def honest(swarm):
+    slower = ["--link-latency-ms", "150"]  # far slower than the faulty server, whatever the machine's load
+    with servers(swarm, (0, 15, []), (15, 30, slower), (15, 30, slower)) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def expected_long(parts, smollm2_dir):
+    local = LocalChain([Span.load(smollm2_dir, a, b, torch.float32) for a, b in [(0, 15), (15, 30)]])
+    return asyncio.run(generate(local, parts, n=NEW_TOKENS)).tokens
+
+
+@pytest.fixture()
+def bans(tmp_path, monkeypatch):
+    path = tmp_path / "bans.json"
+    monkeypatch.setenv("DSDNODE_BANS", str(path))
+    return BanList(path)
+
+
+def run(swarm, parts, peers, trust: TrustSettings, k_fixed=2, n=NEW_TOKENS):
+    async def main():
+        chain = await client_chain(swarm, parts[0], peers, trust=trust)
+        try:
+            streamed = []
+            result = await generate(chain, parts, streamed.extend, k_fixed, n)
+            return result, chain, streamed
+        finally:
+            await chain.shutdown()
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("fault", ["noise", "sometimes", "scaled", "weights"])
+def test_a_faulty_server_is_caught_banned_and_repaired(swarm, honest, parts, expected_long, bans, fault):
+    with servers(swarm, (15, 30, [], [*LAUNCHER, fault])) as (bad,):
+        result, chain, streamed = run(swarm, parts, [*honest, bad], TrustSettings())
+    stats = chain.auditor.stats
+    print(f"\n{fault}: rounds to detection {stats.rounds_to_detection}, {len(result.rounds)} rounds, "
+          f"{stats.audits} hop audits over {stats.positions} positions, {stats.unaudited} unaudited")
+    assert result.tokens == expected_long
+    assert streamed == expected_long  # nothing wrong was ever handed out
+    assert set(bans.active()) == {bad.peer_id}
+    assert "wrong outputs" in bans.active()[bad.peer_id].reason
+    # an audit starts every audit_every rounds and runs alongside generation: its verdict lands a round
+    # or two later
+    assert stats.rounds_to_detection and max(stats.rounds_to_detection) <= chain.audit_every + 2
+    assert all(peer != bad.peer_id for peer, _, _ in chain.route)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_honest_servers_are_never_flagged(parts, bans, dtype, expected_long, smollm2_dir, tmp_path):
+    """Every round audited, in both dtypes: no mismatch (the tolerance holds honest differences). A
+    swarm of its own: only servers of this dtype."""
+    with LocalSwarm(MODEL, [], tmp_path, dtype=dtype) as swarm, \
+            servers(swarm, (0, 15, []), (0, 15, []), (15, 30, []), (15, 30, [])) as nodes:
+        async def main():
+            base = await client_chain(swarm, parts[0], nodes)
+            chain = RemoteChain(base.node, MODEL, 30, parts[0].config.hidden_size, dtype=getattr(torch, dtype),
+                                trust=TrustSettings(audit_rate=1.0))  # the same client node, in this dtype
+            head, draft_span, ids = parts
+            settings = GenerationSettings(max_new_tokens=NEW_TOKENS, controller=ControllerSettings(k_fixed=4))
+            target_head = Head.load(smollm2_dir, getattr(torch, dtype))
+            generator = Generator(target_head, chain, Drafter(head, [draft_span], 256, settings.sampling), settings,
+                                  set())
+            try:
+                return await generator.generate(ids), chain
+            finally:
+                await chain.shutdown()
+        result, chain = asyncio.run(main())
+    stats = chain.auditor.stats
+    print(f"\n{dtype}: {stats.audits} hop audits over {stats.positions} positions, {stats.mismatches} mismatches")
+    assert stats.mismatches == 0 and not bans.active()
+    checked = len(parts[2]) + len(result.tokens) - 1  # positions whose outputs made the text
+    assert stats.positions >= 2 * checked and stats.unaudited == 0  # both hops, every position
+    if dtype == "float32":
+        assert result.tokens == expected_long
