@@ -83,15 +83,15 @@ class ShadowSession:
         self._step = 0
 
     @classmethod
-    async def open(cls, node: P2PNode, record: SpanRecord, model: str, start: int, end: int, max_length: int,
-                   dtype: str, limits: WireLimits) -> ShadowSession:
+    async def open(cls, node: P2PNode, record: SpanRecord, model: str, weights: str, start: int, end: int,
+                   max_length: int, dtype: str, limits: WireLimits) -> ShadowSession:
         try:
             stream = await node.open_stream(PeerInfo(record.peer_id, tuple(record.addrs)), SESSION_PROTOCOL,
                                             timeout=AUDIT_TIMEOUT_S)
         except Exception as e:
             raise AuditUnavailable(f"cannot reach auditor {record.peer_id}: {e!r}") from None
         shadow = cls(record, stream, secrets.token_hex(8), limits)
-        opened = await shadow._ask(OpenSession(shadow.session_id, model, start, end, max_length, None, None, dtype),
+        opened = await shadow._ask(OpenSession(shadow.session_id, model, start, end, max_length, None, None, dtype, weights),
                                    SessionOpened)
         shadow.compute_dtype = opened.compute_dtype
         return shadow
@@ -181,9 +181,9 @@ class Auditor:
     `auditors(log)` gives the records that may audit a hop (same layers, not the hop, not excluded or
     banned), best first."""
 
-    def __init__(self, node: P2PNode, model: str, dtype: str, hidden_size: int, max_block: int,
+    def __init__(self, node: P2PNode, model: str, weights: str, dtype: str, hidden_size: int, max_block: int,
                  auditors: Callable[[HopLog], list[SpanRecord]], standing: Standing, bans: BanList):
-        self.node, self.model, self.dtype, self.max_block = node, model, dtype, max_block
+        self.node, self.model, self.weights, self.dtype, self.max_block = node, model, weights, dtype, max_block
         self.hidden_size = hidden_size
         self.auditors, self.standing, self.bans = auditors, standing, bans
         self.logs: list[HopLog] = []
@@ -301,7 +301,7 @@ class Auditor:
     async def _open_shadow(self, h: HopLog, rec: SpanRecord) -> ShadowSession:
         """A shadow session on `rec` for the hop's layers; UnlikeAuditor if it computes in another dtype."""
         limits = WireLimits(hidden_size=self.hidden_size, max_block=self.max_block, max_length=self.max_length)
-        shadow = await ShadowSession.open(self.node, rec, self.model, h.start, h.end, self.max_length, self.dtype,
+        shadow = await ShadowSession.open(self.node, rec, self.model, self.weights, h.start, h.end, self.max_length, self.dtype,
                                           limits)
         if shadow.compute_dtype != h.compute_dtype:
             await shadow.close()

@@ -86,7 +86,7 @@ class RemoteChain:
         self.weights = weights
         self.dtype, self.dtype_name = dtype, DTYPE_NAMES[dtype]
         self.trust, self.standing, self.bans = trust, standing or Standing(trust), bans or BanList()
-        self.auditor = Auditor(node, model, self.dtype_name, hidden_size, max_block, self._auditors_for,
+        self.auditor = Auditor(node, model, weights, self.dtype_name, hidden_size, max_block, self._auditors_for,
                                self.standing, self.bans)
         self.audit_every = audit_every(trust.audit_rate)
         self.verified = 0  # positions whose outputs are audited (or unauditable), whatever the route
