@@ -32,8 +32,9 @@ Estimation (all online, O(1) per round):
 
 Trees (width w > 1, width_max > 1). A tree of width w and depth k keeps the w best nodes of each
 depth: it sends 1 + w*k positions (compute c each, as above) and costs k batched draft forwards
-(d_w per depth, an EMA per width: a batch of w rows costs about one row on a weight-bound CPU, but
-only measurement says so). Its per-depth success is a_w = a + (1 - a) * g_w, where a is the top-1
+(d_w per depth, an EMA per width, never taken below the chain's d: a batch of w rows costs about
+one row on a weight-bound CPU, more on a compute-bound one, and only measurement says which).
+Its per-depth success is a_w = a + (1 - a) * g_w, where a is the top-1
 acceptance above and g_w the share of top-1 misses that the other candidates at the node caught
 (another draft, or a prompt-lookup branch: so g_1 > 0 with lookup). Verification reports, for each
 node it visits that has children, the rank of the accepted child (-1: none), so a counts rank-0
@@ -279,7 +280,8 @@ class DraftLengthController:
             return TreeShape(1, min(s.k_initial, s.k_max))
         best, best_rate = TreeShape(1, 1), -1.0
         for w in range(1, s.width_max + 1):  # the narrower shape wins ties
-            a, d = self.width_acceptance(w), self._draft_by_width.get(w, t.draft_token_s)
+            # a depth of w rows never costs less than one row: measured noise must not make a tree look cheaper
+            a, d = self.width_acceptance(w), max(self._draft_by_width.get(w, t.draft_token_s), t.draft_token_s)
             k = optimal_k(a, t.fixed_s, t.token_compute_s, d, s.k_max, w)
             rate = expected_tokens(a, k) / round_cost(t.fixed_s, t.token_compute_s, d, k, w)
             if rate > best_rate * (1 + 1e-12):

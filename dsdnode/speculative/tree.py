@@ -79,12 +79,6 @@ class TokenTree:
             kids.setdefault(p, []).append(i)
         return kids
 
-    def depth(self, node: int) -> int:
-        d = 0
-        while node >= 0:
-            node, d = self.parents[node], d + 1
-        return d
-
     @property
     def is_chain(self) -> bool:
         return all(p == i - 1 for i, p in enumerate(self.parents))

@@ -248,6 +248,8 @@ def test_trees_are_chosen_only_where_other_candidates_pay():
     for _ in range(30):
         tree_round(strong, 1, 4, [0, 0, 0, 0])
     assert strong.acceptance > 0.9 and strong.choose_shape().width == 1
+    tree_round(strong, 4, 4, [0, 0, 0, 0], draft_s=0.01, hops=(0.07, 0.07))  # drafted faster (noise)
+    assert strong.choose_shape().width == 1  # a batch of rows is never modelled cheaper than one row
 
 
 def test_a_tree_never_models_slower_than_the_best_chain():
@@ -267,7 +269,7 @@ def test_a_tree_never_models_slower_than_the_best_chain():
         t, shape = ctrl.timing, ctrl.choose_shape()
 
         def rate(w, k):
-            d = ctrl._draft_by_width.get(w, t.draft_token_s)
+            d = max(ctrl._draft_by_width.get(w, t.draft_token_s), t.draft_token_s)
             return expected_tokens(ctrl.width_acceptance(w), k) / round_cost(t.fixed_s, t.token_compute_s, d, k, w)
         best_chain = max(rate(1, k) for k in range(1, 9))
         if ctrl._compute.trusted_slope is not None:  # (an unidentified slope may probe k +- 1)
