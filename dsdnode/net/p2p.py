@@ -71,7 +71,9 @@ INFO_MAX_ADDRS = 16
 START_TIMEOUT = 60.0
 BOOTSTRAP_TIMEOUT = 10.0
 RELAYS_WANTED = 2  # reservations a private node holds, so losing one relay leaves it reachable
-RELAY_RETRY_S = 5.0  # a private node short of relays looks for more this often
+RELAY_RETRY_S = 5.0  # a private node without a relay looks for one this often
+RELAY_TOP_UP_S = 30.0  # one holding fewer than RELAYS_WANTED looks for more this often
+RELAY_CANDIDATES_ASKED = 16  # peers asked per search whether they relay (bootstrap peers first)
 RELAY_INFO_TIMEOUT_S = 5.0
 RECHECK_UNKNOWN_S = 30.0  # a node that no peer could judge yet asks again this often
 
@@ -482,7 +484,7 @@ class P2PNode:
                 elif not warned:  # once each time the node is left without a relay
                     log.warning("no relay found yet: nobody outside this network can reach this node")
                     warned = True
-            with trio.move_on_after(RELAY_RETRY_S):
+            with trio.move_on_after(RELAY_TOP_UP_S if self.reservations else RELAY_RETRY_S):
                 await self._relay_wake.wait()
             self._relay_wake = trio.Event()
 
@@ -512,7 +514,7 @@ class P2PNode:
                 log.debug("asking %s whether it relays failed: %r", pid, exc)
 
         async with trio.open_nursery() as nursery:
-            for pid in peers[:INFO_MAX_PEERS]:
+            for pid in peers[:RELAY_CANDIDATES_ASKED]:
                 nursery.start_soon(ask, pid)
         return sorted(offers, key=lambda i: ordered.index(i.peer_id))
 
