@@ -71,7 +71,9 @@ INFO_MAX_ADDRS = 16
 START_TIMEOUT = 60.0
 BOOTSTRAP_TIMEOUT = 10.0
 RELAYS_WANTED = 2  # reservations a private node holds, so losing one relay leaves it reachable
-RELAY_RETRY_S = 5.0  # a private node short of relays looks for more this often
+RELAY_RETRY_S = 5.0  # a private node without a relay looks for one this often
+RELAY_TOP_UP_S = 30.0  # one holding fewer than RELAYS_WANTED looks for more this often
+RELAY_CANDIDATES_ASKED = 16  # peers asked per search whether they relay (bootstrap peers first)
 RELAY_INFO_TIMEOUT_S = 5.0
 RECHECK_UNKNOWN_S = 30.0  # a node that no peer could judge yet asks again this often
 
@@ -219,6 +221,7 @@ class P2PNode:
         self._relay_wake: trio.Event | None = None
         self._relay_offer: RelayLimits | None = None
         self._assume_private = False
+        self._closed_listen_addrs: list[multiaddr.Multiaddr] = []
 
     @classmethod
     async def start(cls, *, identity: KeyPair | None = None, host: str = "127.0.0.1", port: int = 0,
@@ -399,9 +402,13 @@ class P2PNode:
     # ---- reachability and relays (trio side) --------------------------------------------
     def _advertised(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         """What identify and our DHT provider records tell peers our addresses are: --announce-addr or
-        the listen ones. (A private node keeps them: py-libp2p's provider records carry the
-        provider's identify addresses, and peers drop a provider that has none.)"""
-        return list(self._announce) or candidates
+        the listen ones, kept after a private node stops listening (py-libp2p's provider records
+        carry the provider's identify addresses, and peers drop a provider that has none)."""
+        if self._announce:
+            return list(self._announce)
+        if self.reachability.status == PRIVATE:
+            return list(self._closed_listen_addrs)
+        return candidates
 
     def _holds_reservation(self, relay_id: ID) -> bool:
         return relay_id.to_base58() in self.reservations
@@ -416,6 +423,7 @@ class P2PNode:
             self.reachability = await reachability.check(self._host, self._dialback_candidates(boot), ports)
             log.info("reachability: %s", self.reachability.describe())
         if self.reachability.status == PRIVATE:
+            await self._t_stop_listening()
             assert self._kad is not None
             # nobody can dial us for queries; switching empties the routing table, so refill it
             known = self._kad.routing_table.get_peer_ids()
@@ -444,6 +452,15 @@ class P2PNode:
         connected = set(self._host.get_connected_peers())
         ordered = [*first, *self._kad.routing_table.get_peer_ids()]
         return [p for i, p in enumerate(ordered) if p in connected and p not in ordered[:i]]
+
+    async def _t_stop_listening(self) -> None:
+        """Nobody outside can dial a private node, so it stops listening: every peer then reaches it
+        through its relays, also where its listen address would happen to be routable (a peer on the
+        same home network; a node made private with --assume-private on one machine)."""
+        self._closed_listen_addrs = list(self._host.get_transport_addrs())
+        for listener in list(self._host.get_network().listeners.values()):
+            with trio.move_on_after(5):
+                await listener.close()
 
     async def _t_recheck_unknown(self, ports: list[int]) -> None:
         """A node that started alone (the first bootstrap peer) asks again once peers have joined."""
@@ -482,7 +499,7 @@ class P2PNode:
                 elif not warned:  # once each time the node is left without a relay
                     log.warning("no relay found yet: nobody outside this network can reach this node")
                     warned = True
-            with trio.move_on_after(RELAY_RETRY_S):
+            with trio.move_on_after(RELAY_TOP_UP_S if self.reservations else RELAY_RETRY_S):
                 await self._relay_wake.wait()
             self._relay_wake = trio.Event()
 
@@ -512,7 +529,7 @@ class P2PNode:
                 log.debug("asking %s whether it relays failed: %r", pid, exc)
 
         async with trio.open_nursery() as nursery:
-            for pid in peers[:INFO_MAX_PEERS]:
+            for pid in peers[:RELAY_CANDIDATES_ASKED]:
                 nursery.start_soon(ask, pid)
         return sorted(offers, key=lambda i: ordered.index(i.peer_id))
 

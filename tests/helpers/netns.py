@@ -15,6 +15,7 @@ Needs root, `ip` (iproute2), `tc` and `iptables` (scripts/system-deps.sh install
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 
 INTERNET_NET = "203.0.113"
+_instances = itertools.count()
 
 
 def missing_requirements() -> str:
@@ -62,7 +64,7 @@ class Internet:
     """A bridge namespace plus public hosts and NATed homes on it; a context manager."""
 
     def __init__(self) -> None:
-        self.prefix = f"dsdt{os.getpid() % 100000}"
+        self.prefix = f"dsdt{os.getpid() % 100000}n{next(_instances)}"  # unique while several live at once
         self.namespaces: list[str] = []
         self.hosts: list[Host] = []
         self._next = 0

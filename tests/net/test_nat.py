@@ -22,7 +22,10 @@ import pytest
 from dsdnode.local_swarm import NodeProcess, start_node
 from tests.helpers.netns import INTERNET_NET, Host, Internet, missing_requirements
 
-pytestmark = [pytest.mark.heavy, pytest.mark.skipif(bool(missing_requirements()), reason=missing_requirements())]
+# every test starts real processes (a client imports torch and loads SmolLM2): on a loaded 2-core
+# machine one generation took over 300 s
+pytestmark = [pytest.mark.heavy, pytest.mark.timeout(900),
+              pytest.mark.skipif(bool(missing_requirements()), reason=missing_requirements())]
 MODEL = "smollm2-135m"
 PROMPT = "def fibonacci(n):"
 GEN = ["--model", MODEL, "--dtype", "float32", "--k", "4", "--raw", "--threads", "1"]
