@@ -28,9 +28,10 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--dataset", type=click.Choice(["humaneval", "gsm8k", "both"]), default="both", show_default=True)
 @click.option("--prompts", type=click.IntRange(min=1), default=20, show_default=True, help="Problems per dataset (the first N).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
-@click.option("--modes", default="ar-push,ar-relay,dsd-k2,dsd-k4,dsd-k8,dsd-auto,dsd-auto-av,hf-assisted",
-              show_default=True, help="Comma list: ar-push (baseline), ar-relay, dsd-k<K>, dsd-auto, dsd-auto-noaudit, dsd-auto-av, "
-                                      "hf-assisted.")
+@click.option("--modes", default="ar-push,ar-relay,dsd-k2,dsd-k4,dsd-k8,dsd-auto,dsd-auto-av,dsd-tree,dsd-tree-av,"
+                                 "hf-assisted",
+              show_default=True, help="Comma list: ar-push (baseline), ar-relay, dsd-k<K>, dsd-auto, dsd-auto-noaudit, "
+                                      "dsd-auto-av, dsd-tree, dsd-tree-av (token trees and prompt lookup), hf-assisted.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: bench-results/<timestamp>].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per server process.")
@@ -41,16 +42,33 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--k-max", type=click.IntRange(1, K_LIMIT), default=8, show_default=True, help="Longest block for the dsd-auto modes.")
 @click.option("--tau", type=FiniteFloatRange(0, 1), default=0.3, show_default=True,
               help="Adaptive verification threshold (dsd-auto-av).")
+@click.option("--clients", "clients", default=None, metavar="N[,N...]",
+              help="Many clients at once instead of the modes: for each count N (e.g. 1,2,4,8), N concurrent clients "
+                   "(dsd-auto, the first --link-latency-ms), with batching on and then off at the servers.")
+@click.option("--relayed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Reach the last N servers only through a relay, as servers behind a NAT are (on loopback: "
+                   "they act private with --assume-private; the relay adds one emulated link).")
 @click.option("--quick", is_flag=True, help="A small smoke run: smollm2-135m as target and draft, 3 servers, 2 prompts "
                                             "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32.")
+@click.option("--overhead", is_flag=True, help="Instead: the per-hop software overhead -- a block of 8 positions of "
+                                               "--model's width through chains of 1..--overhead-hops real server "
+                                               "processes (one layer each, 0 ms latency), compute subtracted.")
+@click.option("--overhead-hops", type=click.IntRange(2, 16), default=6, show_default=True,
+              help="Longest chain of --overhead.")
 @friendly
-def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_tokens, modes, out, threads, client_threads,
-          device, dtype, k_max, tau, quick):
+def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_tokens, modes, out, threads,
+          client_threads, device, dtype, k_max, tau, clients, relayed, quick, overhead, overhead_hops):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
     from .bench.runner import BenchConfig, BenchRun
     from .devices import default_dtype, resolve_device
     from .net.protocol import DTYPE_NAMES as NAMES
 
+    if overhead:
+        from .bench.overhead import OverheadConfig, run_overhead
+        out = Path(out) if out else Path("bench-results") / datetime.now().strftime("overhead-%Y%m%d-%H%M%S")
+        result = run_overhead(OverheadConfig(out, model, overhead_hops, dtype=dtype or "bfloat16"))
+        click.echo(result.markdown())
+        return
     if quick:
         model, draft, servers, prompts = QUICK["model"], QUICK["draft"], QUICK["servers"], QUICK["prompts"]
         max_new_tokens, modes, dtype = QUICK["max_new_tokens"], QUICK["modes"], QUICK["dtype"]
@@ -62,10 +80,30 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
                          datasets=("humaneval", "gsm8k") if dataset == "both" else (dataset,), prompts=prompts,
                          max_new_tokens=max_new_tokens, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                          threads=threads, client_threads=client_threads, dtype=dtype, device=device, k_max=k_max,
-                         tau=tau)
+                         tau=tau, relayed=relayed)
     command = " ".join(["dsdnode", *map(shlex.quote, sys.argv[1:])]) if "bench" in sys.argv[1:] else \
         f"dsdnode bench (called in-process) {config}"
-    run = BenchRun(config, command)
+    if clients is not None and relayed:
+        raise click.BadParameter("--relayed applies to the modes run, not to --clients", param_hint="--relayed")
+    if clients is not None:
+        from .bench.clients import ClientsConfig, ClientsRun
+        run = ClientsRun(ClientsConfig(out=out, clients=parse_counts(clients), model=model, draft=draft,
+                                       servers=servers, latency_ms=config.latencies_ms[0], datasets=config.datasets,
+                                       max_new_tokens=max_new_tokens, threads=threads, client_threads=client_threads,
+                                       dtype=dtype, device=device, k_max=k_max), command)
+    else:
+        run = BenchRun(config, command)
     run.run()
     click.echo(f"results: {out / 'results.md'}")
     click.echo((out / "results.md").read_text())
+
+
+def parse_counts(text: str) -> tuple[int, ...]:
+    """--clients: a comma list of client counts >= 1."""
+    try:
+        counts = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"expected client counts >= 1 like 1,2,4,8, got {text!r}", param_hint="--clients")
+    return counts

@@ -57,8 +57,24 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
               default=None, help="Seconds between announcements of this node's span record.")
 @click.option("--metrics-port", type=node_type("metrics_port"), default=None,
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).")
+@click.option("--batching/--no-batching", default=None,
+              help="Run the blocks of sessions waiting together in one forward [default: on].")
+@click.option("--batch-window-ms", type=node_type("batch_window_ms"), default=None,
+              help="Longest a block waits for other sessions' blocks, only while other sessions are active "
+                   "[default: 2].")
+@click.option("--max-batch", type=node_type("max_batch"), default=None, help="Blocks per forward [default: 16].")
+@click.option("--max-sessions-per-client", type=node_type("max_sessions_per_client"), default=None,
+              help="Open sessions one client (peer id) may hold here; past it: busy [default: 16].")
+@click.option("--max-queued-per-client", type=node_type("max_queued_per_client"), default=None,
+              help="Positions one client may have waiting for compute here; past it: busy [default: 512].")
 @click.option("--parent-pid", type=node_type("parent_pid"), default=None,
               help="Shut down (as on SIGTERM) once this process is gone; for launchers of local swarms.")
+@click.option("--relay-service/--no-relay-service", "relay_service", default=None,
+              help="Offer a circuit relay to peers behind NATs while this node is publicly reachable "
+                   "[default: on].")
+@click.option("--assume-private", "assume_private", is_flag=True, default=None,
+              help="Skip the reachability check and act as a node nobody can dial: reserve relay slots and "
+                   "announce only relay addresses (to measure relayed servers on one machine).")
 @friendly
 def start(config_file, peers_file, **flags):
     """Serve a span of a model's layers to the swarm until SIGTERM."""
@@ -72,12 +88,14 @@ async def run_node(s: NodeSettings) -> None:
     from .devices import describe, resolve_device, resolve_dtype
     from .models.fetch import resolve_model_dir
     from .models.span import Span
-    from .models.weights import load_config
+    from .models.weights import load_config, weights_digest
     from .net.identity import load_or_create_identity
     from .net.latency import LinkLatency
     from .net.p2p import P2PNode
     from .net.protocol import DTYPE_NAMES
+    from .server.batching import BatchSettings
     from .server.daemon import Server, install_stop_triggers
+    from .server.sessions import ClientLimits
     from .server.placement import auto_width, choose_span, parse_layers
 
     if s.threads:
@@ -99,7 +117,8 @@ async def run_node(s: NodeSettings) -> None:
     install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file),
-                               latency=LinkLatency(s.link_latency_ms), announce=s.announce_addrs)
+                               latency=LinkLatency(s.link_latency_ms), announce=s.announce_addrs,
+                               relay_service=s.relay_service, assume_private=s.assume_private)
     try:
         if s.layers == "auto":
             records = await node.dht.discover(s.model) if s.bootstrap or s.peers_file else []
@@ -107,10 +126,12 @@ async def run_node(s: NodeSettings) -> None:
             log.info("--layers auto: chose %d:%d", *span_range)
         span = Span.load(model_dir, *span_range, dtype=dtype, device=device)
         log.info("serving layers %d:%d of %s on %s in %s", *span_range, s.model, describe(device), DTYPE_NAMES[dtype])
-        server = Server(node, s.model, span, cache_budget_bytes=s.cache_budget_mb << 20,
+        server = Server(node, s.model, span, weights=weights_digest(model_dir), cache_budget_bytes=s.cache_budget_mb << 20,
                         max_length=s.max_session_length, max_block=s.max_block, idle_s=s.session_idle_s,
                         announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s,
-                        frame_body_timeout_s=s.frame_body_timeout_s)
+                        frame_body_timeout_s=s.frame_body_timeout_s,
+                        batching=BatchSettings(s.max_batch if s.batching else 1, s.batch_window_ms / 1000),
+                        client_limits=ClientLimits(s.max_sessions_per_client, s.max_queued_per_client))
         if s.metrics_port:
             server.metrics.serve(s.host, s.metrics_port)
     except BaseException:
@@ -125,6 +146,7 @@ async def run_node(s: NodeSettings) -> None:
 async def run_bootstrap_peer(s: NodeSettings) -> None:
     """A peer that serves no layers: it only keeps the DHT reachable (a stable public entry point)."""
     from .net.identity import load_or_create_identity
+    from .net.latency import LinkLatency
     from .net.p2p import P2PNode
     from .server.daemon import install_stop_triggers
     from .server.metrics import bootstrap_metrics
@@ -132,13 +154,14 @@ async def run_bootstrap_peer(s: NodeSettings) -> None:
     stop = asyncio.Event()
     install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
-                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs)
+                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs,
+                               latency=LinkLatency(s.link_latency_ms), relay_service=s.relay_service)
     metrics = bootstrap_metrics(node)
     try:
         if s.metrics_port:
             metrics.serve(s.host, s.metrics_port)
-        print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap"}),
-              flush=True)
+        print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap",
+                          **node.reach_fields()}), flush=True)
         await stop.wait()
     finally:
         metrics.stop()
@@ -184,9 +207,15 @@ def _print_model(r: dict, peers: bool) -> None:
     if peers:
         for p in r["peers"]:
             alive = f"{p['rtt_ms']:.1f} ms" if p["rtt_ms"] is not None else "unreachable"
+            ours = r["local_weights"] in (None, p["weights"])
+            how = "via relay" if p["relayed"] else "direct"
             click.echo(f"{p['peer_id']}  layers {p['start']:>3}:{p['end']:<3} {p['throughput']:8.1f} tok/s  "
-                       f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  {alive}"
-                       + ("  BANNED" if p["banned"] else ""))
+                       f"free {p['free_cache_tokens']:>7} tok  {p['device']:4}  "
+                       f"load {p['active_sessions']} sessions, {p['queued_positions']} queued  "
+                       f"weights {p['weights'][:12] or '?':12}{'' if ours else ' (not ours)'}  {alive}  "
+                       f"{p['reachability'] or 'unknown'}, {how}" + ("  BANNED" if p["banned"] else ""))
+        for peer, why in r["incompatible"].items():
+            click.echo(f"{peer}  skipped: {why}")
     for b in r["banned"]:
         until = time.strftime("%Y-%m-%d %H:%M", time.localtime(b["until"]))
         click.echo(f"banned here until {until}: {b['peer_id']} (layers {b['layers'][0]}:{b['layers'][1]}): {b['reason']}")

@@ -92,7 +92,14 @@ class NodeSettings:
     announce_interval_s: float = bounded(30.0, 0, low_open=True)
     record_ttl_s: float = bounded(120.0, 0, low_open=True)
     metrics_port: int = bounded(0, *PORT)  # 0: off
+    batching: bool = True  # run the blocks of sessions waiting together in one forward (server/batching.py)
+    batch_window_ms: float = bounded(2.0, 0, 1000)  # most a block waits for others' while other sessions are active
+    max_batch: int = bounded(16, 1)  # blocks per forward
+    max_sessions_per_client: int = bounded(16, 1)  # open sessions one client (peer id) may hold here
+    max_queued_per_client: int = bounded(512, 1)  # positions one client may have waiting for compute here
     parent_pid: int = bounded(0, 0)  # stop once this process is gone (0: off); set by local-swarm launchers
+    relay_service: bool = True  # offer a circuit relay to unreachable peers while this node is not known private
+    assume_private: bool = False  # skip the dial-back check and behave as a node nobody can dial (bench, tests)
 
 
 T = typing.TypeVar("T")

@@ -82,7 +82,13 @@ class LocalSwarm:
     """A bootstrap peer plus servers covering `spans` of `model`; use as a context manager."""
 
     def __init__(self, model: str, spans: list[tuple[int, int]], workdir: Path, *, link_latency_ms: float = 0.0,
-                 threads: int = 1, dtype: str = "bfloat16", extra_args: list[str] = ()):
+                 threads: int = 1, dtype: str = "bfloat16", extra_args: list[str] = (), relayed: int = 0):
+        """`relayed`: the last N servers act as if behind a NAT (--assume-private): every connection
+        to them crosses a relay (the bootstrap peer or a server that offers one), which adds the
+        emulated link latency when it forwards, so a relayed link costs what two links cost."""
+        if not 0 <= relayed <= len(spans):
+            raise ValueError(f"cannot relay {relayed} of {len(spans)} servers")
+        self.relayed = relayed
         self.model, self.spans, self.workdir = model, spans, Path(workdir)
         self.link_latency_ms, self.threads, self.dtype, self.extra_args = link_latency_ms, threads, dtype, list(extra_args)
         self.bootstrap: NodeProcess | None = None
@@ -91,23 +97,26 @@ class LocalSwarm:
     def __enter__(self) -> "LocalSwarm":
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self.bootstrap = start_node(["--layers", "none"], self.workdir / "bootstrap.log")
+            relay_args = ["--link-latency-ms", str(self.link_latency_ms)] if self.relayed else []
+            self.bootstrap = start_node(["--layers", "none", *relay_args], self.workdir / "bootstrap.log")
             for i, (a, b) in enumerate(self.spans):
-                self.servers.append(self.add_server(a, b, i))
+                private = i >= len(self.spans) - self.relayed
+                self.servers.append(self.add_server(a, b, i, args=["--assume-private"] if private else []))
         except BaseException:
             self.stop()
             raise
         return self
 
     def add_server(self, start: int, end: int, index: int | None = None, args: list[str] = (),
-                   launcher: list[str] | None = None) -> NodeProcess:
+                   launcher: list[str] | None = None, env: dict | None = None) -> NodeProcess:
         """Start one more server (not added to .servers when called directly); `args` come last, so
         they override the swarm's own (e.g. another --link-latency-ms for this server)."""
         index = len(self.servers) if index is None else index
         args = ["--model", self.model, "--layers", f"{start}:{end}", "--bootstrap", self.bootstrap.addr,
                 "--link-latency-ms", str(self.link_latency_ms), "--dtype", self.dtype,
                 "--announce-interval", "2", *self.extra_args, *args]
-        return start_node(args, self.workdir / f"server{index}-{start}-{end}.log", self.threads, launcher=launcher)
+        return start_node(args, self.workdir / f"server{index}-{start}-{end}.log", self.threads, env=env,
+                          launcher=launcher)
 
     @property
     def bootstrap_addrs(self) -> list[str]:

@@ -1,9 +1,10 @@
 """Benchmark modes: what each name means, and the generation settings it runs with.
 
-Every swarm mode is greedy (temperature 0), so all but `dsd-auto-av` (adaptive verification,
-lossy by design) must reproduce the `ar-push` baseline token for token. Swarm modes audit the
-servers' work at the default rate (client/audit.py) except `dsd-auto-noaudit`, which measures what
-auditing costs.
+Every swarm mode is greedy (temperature 0), so all but the `-av` modes (adaptive verification,
+lossy by design) must reproduce the `ar-push` baseline token for token. `dsd-tree` lets the
+controller choose token trees up to TREE_WIDTH wide (chains included) and adds prompt-lookup
+branches. Swarm modes audit the servers' work at the default rate (client/audit.py) except
+`dsd-auto-noaudit`, which measures what auditing costs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 from ..client.service import GenerateOptions
 
 BASELINE = "ar-push"
-DEFAULT_MODES = ("ar-push", "ar-relay", "dsd-k2", "dsd-k4", "dsd-k8", "dsd-auto", "dsd-auto-av", "hf-assisted")
+DEFAULT_MODES = ("ar-push", "ar-relay", "dsd-k2", "dsd-k4", "dsd-k8", "dsd-auto", "dsd-auto-av", "dsd-tree",
+                 "dsd-tree-av", "hf-assisted")
+TREE_WIDTH = 4  # widest tree of the dsd-tree modes (a block of 1 + 4 x 8 drafts + 8 lookups fits max_block 64)
 _FIXED_K = re.compile(r"dsd-k(\d+)$")
 
 
@@ -23,7 +26,8 @@ class Mode:
     """kind: "swarm" (the client here, servers in processes) or "hf" (one process, no network).
     relay: route the block through the client between hops (2N links a round, not N+1).
     k_fixed: the draft length of a dsd-kK mode (None otherwise).
-    lossless: must produce the baseline's tokens (greedy, exact verification)."""
+    lossless: must produce the baseline's tokens (greedy, exact verification).
+    width_max / lookup: token trees up to this wide / prompt-lookup branches."""
 
     name: str
     kind: str
@@ -32,12 +36,14 @@ class Mode:
     k_fixed: int | None = None
     adaptive: bool = False
     lossless: bool = True
+    width_max: int = 1
+    lookup: bool = False
     audit: bool = True
 
     def options(self, max_new_tokens: int, k_max: int = 8, tau: float = 0.3) -> GenerateOptions:
         k = 0 if not self.speculative else self.k_fixed if self.k_fixed is not None else "auto"
         return GenerateOptions(max_new_tokens=max_new_tokens, k=k, k_max=k_max, adaptive=self.adaptive, tau=tau,
-                               audit=self.audit)
+                               width_max=self.width_max, lookup=self.lookup, audit=self.audit)
 
 
 def parse_mode(name: str) -> Mode:
@@ -52,13 +58,17 @@ def parse_mode(name: str) -> Mode:
         return Mode(name, "swarm", speculative=True, audit=False)
     if name == "dsd-auto-av":
         return Mode(name, "swarm", speculative=True, adaptive=True, lossless=False)
+    if name in ("dsd-tree", "dsd-tree-av"):
+        adaptive = name.endswith("-av")
+        return Mode(name, "swarm", speculative=True, adaptive=adaptive, lossless=not adaptive, width_max=TREE_WIDTH,
+                    lookup=True)
     if name == "hf-assisted":
         return Mode(name, "hf", speculative=True)
     m = _FIXED_K.match(name)
     if m and 1 <= int(m.group(1)) <= 32:
         return Mode(name, "swarm", speculative=True, k_fixed=int(m.group(1)))
-    raise ValueError(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-noaudit, dsd-auto-av, "
-                     "hf-assisted")
+    raise ValueError(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-noaudit, "
+                     "dsd-auto-av, dsd-tree, dsd-tree-av, hf-assisted")
 
 
 def parse_modes(text: str) -> list[Mode]:

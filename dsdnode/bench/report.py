@@ -31,6 +31,20 @@ class TimeSplit:
 
 
 @dataclass
+class Divergence:
+    """Where a lossless mode first left the baseline's tokens, and how close the target was there:
+    the target re-run on the prompt + the baseline's tokens before that position (one block through
+    the swarm). A top-2 gap of about one bf16 step is a near-tie (block and single-token matmuls
+    round differently); anything larger is a bug."""
+
+    position: int
+    baseline_token: int
+    mode_token: int
+    top2_gap: float  # largest minus second-largest target logit there
+    baseline_minus_mode: float  # target logit of the baseline's token minus that of the mode's
+
+
+@dataclass
 class PromptResult:
     latency_ms: float
     dataset: str
@@ -49,11 +63,15 @@ class PromptResult:
     tokens_per_round: float = 0.0  # accepted drafts + the bonus token
     ks: list[int] = field(default_factory=list)  # k of every round, in order
     accepted: list[int] = field(default_factory=list)  # accepted drafts of every round
+    widths: list[int] = field(default_factory=list)  # tree width of every round (1: a chain; depth is k)
+    nodes: list[int] = field(default_factory=list)  # tree nodes sent every round (drafts and lookups)
+    draft_ms: list[float] = field(default_factory=list)  # drafting on the critical path, every round
     n_hops: int = 0
     n_links: int = 0  # links crossed per round
     split: TimeSplit = field(default_factory=TimeSplit)
     stopped: str = ""
     identical_to_baseline: bool | None = None
+    divergence: Divergence | None = None
     passed: bool | None = None
     verdict: str = ""
     error: str | None = None
@@ -106,6 +124,9 @@ def _row(lat: float, ds: str, mode: str, mine: list[PromptResult], base: dict) -
         "tokens_per_round": sum(len(r.tokens) for r in ok) / rounds if rounds else None,
         "accepted_per_round": sum(r.mean_accepted * r.rounds for r in ok) / rounds if rounds else None,
         "mean_k": sum(r.mean_k * r.rounds for r in ok) / rounds if rounds else None,
+        "mean_width": sum(sum(r.widths) for r in ok) / rounds if rounds else None,
+        "nodes_per_round": sum(sum(r.nodes) for r in ok) / rounds if rounds else None,
+        "draft_ms_per_round": sum(sum(r.draft_ms) for r in ok) / rounds if rounds else None,
         "rounds_mean": _mean([r.rounds for r in ok]),
         "round_ms_mean": 1e3 * decode / rounds if rounds else None,
         "split_fraction": {k: v / decode for k, v in split.items()} if decode > 0 and rounds else None,
@@ -113,6 +134,7 @@ def _row(lat: float, ds: str, mode: str, mine: list[PromptResult], base: dict) -
         "accuracy": sum(scored) / len(scored) if scored else None,
         "identical_to_baseline": all(compared) if compared else None,
         "identical_count": f"{sum(compared)}/{len(compared)}" if compared else None,
+        "max_divergence_gap": max((r.divergence.top2_gap for r in ok if r.divergence), default=None),
     }
 
 
@@ -144,6 +166,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"({s.get('threads')} torch thread each), "
         f"draft {s.get('draft')} on the client ({s.get('client_threads')} torch thread), dtype {s.get('dtype')}, "
         f"greedy, max {s.get('max_new_tokens')} new tokens",
+        *([f"- the last {s['relayed']} server(s) reached only through a relay (`--relayed`): each relayed link "
+           "costs two emulated latencies; the split below counts it as one (the rest lands in overhead)"]
+          if s.get("relayed") else []),
         "- every process shares the same cores: drafting overlaps only the emulated latency, not server compute",
         "- tok/s: decode only (prefill excluded; hf-assisted: generate() minus a separately timed prefill)",
         "- speedup: vs ar-push, as ratio of median tok/s / median of per-prompt ratios",
@@ -155,9 +180,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         for ds in dict.fromkeys(r["dataset"] for r in rows if r["latency_ms"] == lat):
             lines += [f"## link latency {lat:g} ms, {ds}", "",
                       "| mode | n (err) | tok/s | speedup (medians) | speedup (median ratio) | tokens/round "
-                      "| accepted/round | mean k | rounds | round ms | link/compute/draft/overhead % | floor % "
-                      "| accuracy | identical |",
-                      "|" + "---|" * 14]
+                      "| accepted/round | mean k | width | nodes/round | draft ms/round | rounds | round ms "
+                      "| link/compute/draft/overhead % | floor % | accuracy | identical | max top-2 gap at a divergence |",
+                      "|" + "---|" * 18]
             for r in rows:
                 if r["latency_ms"] != lat or r["dataset"] != ds:
                     continue
@@ -168,10 +193,12 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                     f"| {r['mode']} | {r['n']} ({r['errors']}) | {_fmt(r['tokens_per_s_median'])} "
                     f"| {_fmt(r['speedup_ratio_of_medians'], '.2f', 'x')} "
                     f"| {_fmt(r['speedup_median_of_ratios'], '.2f', 'x')} | {_fmt(r['tokens_per_round'])} "
-                    f"| {_fmt(r['accepted_per_round'])} | {_fmt(r['mean_k'])} | {_fmt(r['rounds_mean'], '.1f')} "
+                    f"| {_fmt(r['accepted_per_round'])} | {_fmt(r['mean_k'])} | {_fmt(r['mean_width'])} "
+                    f"| {_fmt(r['nodes_per_round'], '.1f')} | {_fmt(r['draft_ms_per_round'], '.0f')} "
+                    f"| {_fmt(r['rounds_mean'], '.1f')} "
                     f"| {_fmt(r['round_ms_mean'], '.0f')} | {split} "
                     f"| {_fmt(None if r['floor_fraction'] is None else 100 * r['floor_fraction'], '.0f')} "
                     f"| {_fmt(None if r['accuracy'] is None else 100 * r['accuracy'], '.0f', '%')} "
-                    f"| {r['identical_count'] or '–'} |")
+                    f"| {r['identical_count'] or '–'} | {_fmt(r['max_divergence_gap'], '.3f')} |")
             lines.append("")
     return "\n".join(lines)

@@ -37,10 +37,11 @@ from .datasets import Problem, format_prompt, load_dataset
 from .machine import machine_info
 from .modes import BASELINE, DEFAULT_MODES, Mode, parse_modes
 from .plots import write_plots
-from .report import PromptResult, TimeSplit, aggregate, markdown, results_payload, write_json
+from .report import Divergence, PromptResult, TimeSplit, aggregate, markdown, results_payload, write_json
 from ..local_swarm import LocalSwarm
 
 WARMUP_TOKENS = 4
+DIVERGENCE_BLOCK = 64  # positions per pass when re-running the target at a divergence (a server's default max_block)
 ROUTE_WAIT_S = 60.0  # servers announce every 2 s; give the DHT time to show every span
 
 
@@ -60,6 +61,7 @@ class BenchConfig:
     client_threads: int = 1  # torch threads of this (client) process
     dtype: str = "bfloat16"
     device: str = "auto"  # of the client and of every server process
+    relayed: int = 0  # the last N servers are reached only through a relay (LocalSwarm `relayed`)
     k_max: int = 8
     tau: float = 0.3
 
@@ -72,6 +74,8 @@ class BenchConfig:
             raise ValueError(f"unknown dataset in {self.datasets}")
         if self.threads < 1 or self.client_threads < 1:
             raise ValueError("thread counts must be >= 1")
+        if not 0 <= self.relayed <= self.servers:
+            raise ValueError(f"--relayed must be in 0..{self.servers} (the number of servers)")
         parse_modes(",".join(self.modes))
 
 
@@ -126,15 +130,7 @@ class BenchRun:
         return c.out
 
     def _load_prompts(self) -> list[_Prompt]:
-        tok = self.client.tokenizer
-        template = (lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)) \
-            if tok.chat_template else None
-        out = []
-        for ds in self.config.datasets:
-            for i, problem in enumerate(load_dataset(ds, self.config.prompts)):
-                text = format_prompt(problem, template)
-                out.append(_Prompt(problem, i, tok(text, add_special_tokens=False)["input_ids"]))
-        return sorted(out, key=lambda p: p.index)  # datasets interleaved: a cut-short run stays balanced
+        return load_prompts(self.client.tokenizer, self.config.datasets, self.config.prompts)
 
     def _load_hf(self):
         from .hf import HFAssisted
@@ -151,7 +147,7 @@ class BenchRun:
         try:
             with LocalSwarm(c.model, split_layers(n_layers, c.servers) * c.replicas, workdir, link_latency_ms=lat,
                             threads=c.threads, dtype=DTYPE_NAMES[self.client.dtype],
-                            extra_args=["--device", c.device]) as swarm:
+                            extra_args=["--device", c.device], relayed=c.relayed) as swarm:
                 asyncio.run(self._client(swarm, lat))
         except Exception as e:
             self.errors.append(f"latency {lat:g} ms: {type(e).__name__}: {e}")
@@ -191,7 +187,8 @@ class BenchRun:
         c, cl = self.config, self.client
         if mode.relay not in self.services:
             # every server of the local swarm is on loopback, one network group: consider them all
-            chains = SwarmChains(c.model, cl.head.config, [], cl.dtype, relay=mode.relay, node=node,
+            chains = SwarmChains(c.model, cl.head.config, [], cl.dtype, weights=cl.weights,
+                                 relay=mode.relay, node=node,
                                  trust=TrustSettings(max_records_per_group=c.servers * c.replicas))
             self.services[mode.relay] = ClientService(cl, chains)
         out = await self.services[mode.relay].generate(ids, mode.options(max_new, c.k_max, c.tau))
@@ -212,12 +209,33 @@ class BenchRun:
                 rec.identical_to_baseline = True
             elif base is not None:
                 rec.identical_to_baseline = rec.tokens == base.tokens
+                if not rec.identical_to_baseline and mode.lossless and mode.kind == "swarm":
+                    rec.divergence = await self._divergence(p.ids, base.tokens, rec.tokens)
             verdict = await asyncio.get_running_loop().run_in_executor(None, evaluate, p.problem, rec.text)
             rec.passed, rec.verdict = verdict.passed, f"{verdict.reason}: {verdict.detail}"[:300]
         except Exception as e:
             rec.error = f"{type(e).__name__}: {e}"
             self.log("".join(traceback.format_exception(e)[-3:]).rstrip())
         return rec
+
+    async def _divergence(self, ids: list[int], base: list[int], mine: list[int]) -> Divergence | None:
+        """Re-run the target (through the swarm, one session) on the prompt and the baseline's tokens
+        before the first position where `mine` differs; report how close the two tokens were there.
+        None when one output is a prefix of the other (they differ only in where an end token fell)."""
+        at = next((i for i, (a, b) in enumerate(zip(base, mine)) if a != b), None)
+        if at is None:
+            return None
+        prefix = ids + base[:at]
+        head, chain = self.client.head, self.services[False].chains.new_chain()
+        await chain.start_session(len(prefix) + 1)
+        try:
+            for start in range(0, len(prefix), DIVERGENCE_BLOCK):
+                out = await chain.forward(head.embed_tokens(prefix[start:start + DIVERGENCE_BLOCK]), start)
+        finally:
+            await chain.close()
+        logits = head.logits(out.hidden[:, -1:])[0]
+        top = logits.topk(2).values
+        return Divergence(at, base[at], mine[at], float(top[0] - top[1]), float(logits[base[at]] - logits[mine[at]]))
 
     def _fill_hf(self, rec: PromptResult, p: _Prompt) -> None:
         out = self.hf.generate(p.ids, self.config.max_new_tokens, self.client.eos_ids)
@@ -258,6 +276,19 @@ class BenchRun:
             write_plots(rows, out)
 
 
+def load_prompts(tok, datasets: tuple[str, ...], n: int) -> list[_Prompt]:
+    """The first n problems of each dataset, tokenized in the model's chat format, datasets
+    interleaved (a cut-short run stays balanced)."""
+    template = (lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)) \
+        if tok.chat_template else None
+    out = []
+    for ds in datasets:
+        for i, problem in enumerate(load_dataset(ds, n)):
+            text = format_prompt(problem, template)
+            out.append(_Prompt(problem, i, tok(text, add_special_tokens=False)["input_ids"]))
+    return sorted(out, key=lambda p: p.index)
+
+
 def _terminate(signum, frame) -> None:
     raise SystemExit(f"terminated by signal {signum}")
 
@@ -270,6 +301,8 @@ def _fill_swarm(rec: PromptResult, result: GenerationResult, hops: int, links: i
     rec.mean_accepted, rec.mean_k = result.mean_accepted, result.mean_k
     rec.tokens_per_round = len(result.tokens) / len(rounds) if rounds else 0.0
     rec.ks, rec.accepted = [r.k for r in rounds], [r.accepted for r in rounds]
+    rec.widths, rec.nodes = [r.width for r in rounds], [r.nodes for r in rounds]
+    rec.draft_ms = [round(1e3 * r.draft_s, 2) for r in rounds]
     rec.n_hops, rec.n_links = hops, links
     link = len(rounds) * links * lat / 1000
     compute = sum(sum(r.hop_compute_s) for r in rounds)

@@ -83,15 +83,15 @@ class ShadowSession:
         self._step = 0
 
     @classmethod
-    async def open(cls, node: P2PNode, record: SpanRecord, model: str, start: int, end: int, max_length: int,
-                   dtype: str, limits: WireLimits) -> ShadowSession:
+    async def open(cls, node: P2PNode, record: SpanRecord, model: str, weights: str, start: int, end: int,
+                   max_length: int, dtype: str, limits: WireLimits) -> ShadowSession:
         try:
             stream = await node.open_stream(PeerInfo(record.peer_id, tuple(record.addrs)), SESSION_PROTOCOL,
                                             timeout=AUDIT_TIMEOUT_S)
         except Exception as e:
             raise AuditUnavailable(f"cannot reach auditor {record.peer_id}: {e!r}") from None
         shadow = cls(record, stream, secrets.token_hex(8), limits)
-        opened = await shadow._ask(OpenSession(shadow.session_id, model, start, end, max_length, None, None, dtype),
+        opened = await shadow._ask(OpenSession(shadow.session_id, model, start, end, max_length, None, None, dtype, weights),
                                    SessionOpened)
         shadow.compute_dtype = opened.compute_dtype
         return shadow
@@ -142,6 +142,15 @@ class HopLog:
     outputs: torch.Tensor
     audited: int = 0  # positions [0, audited) of this hop agree with an auditor (or had none)
     shadow: ShadowSession | None = None
+    block_start: int = 0  # where the last block was written (a token tree's kept path moves there)
+
+    def keep(self, kept: list[int]) -> None:
+        """After a token tree, keep its accepted path, gathered to the block's start, as every hop does
+        with its cache: the log then holds one input and output per position, as a catch-up block
+        recomputes them."""
+        src = [self.block_start + i for i in kept]
+        for rows in (self.inputs, self.outputs):
+            rows[:, self.block_start:self.block_start + len(kept)] = rows[:, src]
 
     @property
     def peer_id(self) -> str:
@@ -172,9 +181,9 @@ class Auditor:
     `auditors(log)` gives the records that may audit a hop (same layers, not the hop, not excluded or
     banned), best first."""
 
-    def __init__(self, node: P2PNode, model: str, dtype: str, hidden_size: int, max_block: int,
+    def __init__(self, node: P2PNode, model: str, weights: str, dtype: str, hidden_size: int, max_block: int,
                  auditors: Callable[[HopLog], list[SpanRecord]], standing: Standing, bans: BanList):
-        self.node, self.model, self.dtype, self.max_block = node, model, dtype, max_block
+        self.node, self.model, self.weights, self.dtype, self.max_block = node, model, weights, dtype, max_block
         self.hidden_size = hidden_size
         self.auditors, self.standing, self.bans = auditors, standing, bans
         self.logs: list[HopLog] = []
@@ -198,16 +207,32 @@ class Auditor:
         if self._computed_at is None or self._computed_at.numel() != max_length:
             self._computed_at = torch.zeros(max_length, dtype=torch.long)
 
-    def record(self, hop: int, commit_len: int, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+    def record(self, hop: int, commit_len: int, inputs: torch.Tensor, outputs: torch.Tensor,
+               kept: list[int] | None = None, tree: bool = False) -> None:
+        """Log a block a hop computed. kept: the path kept of the hop's previous block (a token tree);
+        tree: this block is a token tree, so only its first row (the token it grows from) is a
+        position in sequence until the next block (or finish) says which path was kept."""
         t = inputs.shape[1]
         log_ = self.logs[hop]
+        if kept is not None:
+            log_.keep(kept)
+        log_.block_start = commit_len
         log_.inputs[:, commit_len:commit_len + t] = inputs
         log_.outputs[:, commit_len:commit_len + t] = outputs
         log_.audited = min(log_.audited, commit_len)
         if hop == 0:
-            self.filled = commit_len + t
+            self.filled = commit_len + (1 if tree else t)
             self.low_water = min(self.low_water, commit_len)
             self._computed_at[commit_len:commit_len + t] = self.round
+
+    def keep_last(self, path: list[int]) -> None:
+        """At the end of a generation: the accepted path of the last block joins the audited sequence."""
+        if not self.logs:
+            return
+        if path != list(range(len(path))):
+            for h in self.logs:
+                h.keep(path)
+        self.filled = max(self.filled, self.logs[0].block_start + len(path))
 
     @property
     def audited(self) -> int:
@@ -276,7 +301,7 @@ class Auditor:
     async def _open_shadow(self, h: HopLog, rec: SpanRecord) -> ShadowSession:
         """A shadow session on `rec` for the hop's layers; UnlikeAuditor if it computes in another dtype."""
         limits = WireLimits(hidden_size=self.hidden_size, max_block=self.max_block, max_length=self.max_length)
-        shadow = await ShadowSession.open(self.node, rec, self.model, h.start, h.end, self.max_length, self.dtype,
+        shadow = await ShadowSession.open(self.node, rec, self.model, self.weights, h.start, h.end, self.max_length, self.dtype,
                                           limits)
         if shadow.compute_dtype != h.compute_dtype:
             await shadow.close()

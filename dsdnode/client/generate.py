@@ -1,10 +1,11 @@
 """The generation loop: autoregressive or speculative, over any chain (local or remote).
 
-One round: draft k tokens, embed [last token + drafts], one chain pass with the previous round's
-rollback riding on it (commit_len), verify, commit. Autoregressive decoding is the same loop with
-k = 0, so the baseline and DSD share every line but the drafting. While a block is in flight the
-client drafts the next block on the guess that everything is accepted, and keeps it if the guess
-holds.
+One round: draft a token tree (a chain of k drafts is a width-1 tree; prompt-lookup branches may
+be added), embed [last token + tree nodes], one chain pass with the previous round's rollback
+riding on it (commit_len, and the kept path when the previous block was a tree), verify, commit.
+Autoregressive decoding is the same loop with depth 0, so the baseline and DSD share every line
+but the drafting. While a chain's block is in flight the client drafts the next block on the
+guess that everything is accepted, and keeps it if the guess holds.
 
 A chain that audits its servers (client/audit.py) says after each round how far the outputs are
 checked: tokens go to on_tokens only once checked, and when an audit finds a wrong output the tokens
@@ -24,8 +25,9 @@ from ..speculative.controller import ControllerSettings, DraftLengthController, 
 from ..speculative.draft import Drafter, Proposal, extend, truncate
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
 from ..speculative.sampling import SamplingSettings, make_rng
-from ..speculative.verify import VerifyResult, verify_adaptive, verify_greedy, verify_sampling
-from .interface import Chain, Checkpoint
+from ..speculative.tree import TokenTree, TreeShape, lookup_continuation
+from ..speculative.verify import VerifyResult, verify_tree_adaptive, verify_tree_greedy, verify_tree_sampling
+from .interface import Chain, Checkpoint, TreeBlock
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,18 @@ class GenerationSettings:
     overlap: bool = True  # draft the next block while this one is in flight (seeded sampling is
     # reproducible only without it and with a fixed k: both depend on timing)
     prefill_chunk: int = 64  # prompt positions sent per chain pass during prefill
+    lookup: bool = False  # add prompt-lookup branches (n-gram matches in the text so far) to each tree
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+
+    @property
+    def max_block(self) -> int:
+        """The largest block a round sends: the root, the widest deepest tree, a lookup branch."""
+        if not self.speculative:
+            return 1
+        c = self.controller
+        return 1 + c.width_max * c.k_max + (c.k_max if self.lookup else 0)
 
 
 @dataclass
@@ -50,6 +61,8 @@ class RoundStats:
     hop_compute_s: list[float]
     predrafted: int  # drafts that came from the overlapped guess
     hop_link_s: list[float] = field(default_factory=list)  # between consecutive hops (swarm chains)
+    width: int = 1  # tree width chosen (1: a chain of k drafts; k is the tree's depth)
+    nodes: int = 0  # tree nodes sent (drafts and prompt-lookup candidates)
 
 
 @dataclass
@@ -128,27 +141,31 @@ class Generator:
         if not prompt:
             raise ValueError("the prompt is empty")
         s = self.settings
-        k_max = s.controller.k_max if s.speculative else 0
-        await self.chain.start_session(len(prompt) + s.max_new_tokens + k_max + 1)
+        await self.chain.start_session(len(prompt) + s.max_new_tokens + s.max_block)
         controller = self._controller()
         predraft: _Predraft | None = None
+        kept: list[int] | None = None  # the last block's accepted path, when it was a tree
         try:
             t0 = time.perf_counter()
             await self._prefill(prompt)
             prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
             tokens, rounds, stopped, emitted = list(prompt), [], "length", len(prompt)
+            path = [0]  # the last block's accepted path (block indices; 0 is the token it started from)
             rerouted = False  # an audit rolled back: the chain is routed anew in the next round
             while True:
                 if stopped == "eos" or len(tokens) - len(prompt) >= s.max_new_tokens:
-                    check = await self.chain.finish()  # every token is checked before the generation returns
+                    check = await self.chain.finish(path)  # every token is checked before the generation returns
                     if check.rollback_to is None:
                         self._emit(tokens, emitted, check, on_tokens)
                         break
                 else:
                     remaining = s.max_new_tokens - (len(tokens) - len(prompt))
-                    k = min(controller.choose_k(), remaining - 1) if s.speculative else 0
+                    shape = controller.choose_shape() if s.speculative else TreeShape(1, 0)
+                    shape = TreeShape(shape.width, min(shape.depth, remaining - 1))
                     failovers = self.chain.failovers
-                    result, stats, predraft = await self._round(tokens, k, predraft)
+                    result, stats, predraft = await self._round(tokens, shape, predraft, kept)
+                    path = [0] + [i + 1 for i in result.path]
+                    kept = None if path == list(range(len(path))) else path  # a chain's rollback is commit_len alone
                     new = result.tokens
                     eos_at = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
                     if eos_at is not None:
@@ -161,12 +178,12 @@ class Generator:
                         controller.reset_timing(len(stats.hop_compute_s))
                         rerouted = False
                     elif s.speculative:
-                        controller.observe(RoundObservation(k, result.accepted, stats.round_s, stats.draft_s,
-                                                            stats.hop_compute_s))
+                        controller.observe(RoundObservation(shape.depth, result.accepted, stats.round_s, stats.draft_s,
+                                                            stats.hop_compute_s, shape.width, stats.nodes, result.ranks))
                     check = await self.chain.checkpoint()
                 if check.rollback_to is not None:  # an audit found a wrong output: generate again from there
                     del tokens[max(len(prompt), check.rollback_to + 1):]
-                    stopped = "length"
+                    stopped, kept, path = "length", None, [0]  # the chain replays the kept prefix on a new route
                     if predraft is not None:
                         await predraft.finish()
                         predraft = None
@@ -206,50 +223,59 @@ class Generator:
             chunk = prompt[at:min(at + self.settings.prefill_chunk, len(prompt) - 1)]
             await self.chain.forward(self.head.embed_tokens(chunk), at)
 
-    async def _round(self, tokens: list[int], k: int, predraft: _Predraft | None):
-        """Draft k, send [last token + drafts] with commit_len = len(tokens)-1, verify.
+    async def _round(self, tokens: list[int], shape: TreeShape, predraft: _Predraft | None,
+                     kept: list[int] | None):
+        """Draft a tree of `shape`, send [last token + nodes] with commit_len = len(tokens)-1 and the
+        last block's kept path, verify.
 
         Returns the verification, the round's stats and the next block's overlapped draft."""
         t_round = time.perf_counter()
-        proposal, predrafted = await self._take_proposal(tokens, k, predraft)
+        tree, predrafted = await self._take_tree(tokens, shape, predraft)
+        if self.settings.lookup and shape.depth > 0:
+            tree.add_branch(lookup_continuation(tokens, shape.depth), merge=self.settings.sampling.greedy)
         draft_s = time.perf_counter() - t_round
+        commit_len = len(tokens) - 1
+        layout = None if tree.is_chain else TreeBlock(tree.block_mask(), tree.positions(commit_len))
         forward = asyncio.ensure_future(
-            self.chain.forward(self.head.embed_tokens([tokens[-1]] + proposal.tokens), len(tokens) - 1))
-        nxt = _Predraft(self.drafter, tokens + proposal.tokens, k + 1) if self.settings.overlap and k > 0 else None
+            self.chain.forward(self.head.embed_tokens([tokens[-1]] + tree.tokens), commit_len, layout, kept))
+        chain = shape.width == 1 and shape.depth > 0  # nodes 0..depth-1 are the drafted chain
+        nxt = _Predraft(self.drafter, tokens + tree.tokens[:shape.depth], shape.depth + 1) \
+            if self.settings.overlap and chain else None
         try:
             out = await forward
         except BaseException:
             if nxt is not None:
                 await nxt.finish()
             raise
-        result = self._verify(proposal, self.head.logits(out.hidden))
+        result = self._verify(tree, self.head.logits(out.hidden))
         round_s = time.perf_counter() - t_round
         if nxt is not None:
             nxt.result = await nxt.finish()
-            # usable only if every draft was accepted and the bonus token is the one it guessed
-            nxt.valid = result.accepted == k and nxt.result.tokens[:1] == result.tokens[-1:]
-        stats = RoundStats(k, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s, predrafted,
-                           out.hop_link_s)
+            # usable only if the whole drafted chain was accepted and the bonus token is the one it guessed
+            nxt.valid = result.path == list(range(shape.depth)) and nxt.result.tokens[:1] == result.tokens[-1:]
+        stats = RoundStats(shape.depth, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s,
+                           predrafted, out.hop_link_s, shape.width, len(tree))
         return result, stats, nxt
 
-    async def _take_proposal(self, tokens: list[int], k: int, predraft: _Predraft | None) -> tuple[Proposal, int]:
-        """k drafts after tokens: the overlapped guess where it held, the rest drafted now."""
+    async def _take_tree(self, tokens: list[int], shape: TreeShape, predraft: _Predraft | None) -> tuple[TokenTree, int]:
+        """The draft tree after tokens, and how many of its drafts came from the overlapped guess."""
+        loop = asyncio.get_running_loop()
+        if shape.width > 1:
+            return await loop.run_in_executor(None, self.drafter.propose_tree, tokens, shape), 0
         have = Proposal([], None)
         if predraft is not None and predraft.valid:
             have = truncate(Proposal(predraft.result.tokens[1:],
-                                     None if predraft.result.probs is None else predraft.result.probs[1:]), k)
+                                     None if predraft.result.probs is None else predraft.result.probs[1:]), shape.depth)
         used = len(have.tokens)
-        if used < k:
-            loop = asyncio.get_running_loop()
-            more = await loop.run_in_executor(None, self.drafter.propose, tokens + have.tokens, k - used)
+        if used < shape.depth:
+            more = await loop.run_in_executor(None, self.drafter.propose, tokens + have.tokens, shape.depth - used)
             have = extend(have, more)
-        return have, used
+        return TokenTree.chain(have.tokens, have.probs), used
 
-    def _verify(self, proposal: Proposal, logits) -> VerifyResult:
+    def _verify(self, tree: TokenTree, logits) -> VerifyResult:
         s = self.settings
         if s.adaptive.enabled:
-            return verify_adaptive(proposal.tokens, logits, self.importance, s.adaptive)
+            return verify_tree_adaptive(tree, logits, self.importance, s.adaptive)
         if s.sampling.greedy:
-            return verify_greedy(proposal.tokens, logits)
-        probs = proposal.probs if proposal.probs is not None else logits[:0]
-        return verify_sampling(proposal.tokens, probs, logits, s.sampling, self.rng)
+            return verify_tree_greedy(tree, logits)
+        return verify_tree_sampling(tree, logits, s.sampling, self.rng)

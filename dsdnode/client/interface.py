@@ -17,6 +17,15 @@ class ChainOutput:
     hop_link_s: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TreeBlock:
+    """How a block that is a token tree is laid out: who sees whom, and where each sits.
+
+    mask: [T, T] bool, True where block position i may attend to block position j (its ancestors
+    and itself); positions: each block position's position id (commit_len + depth)."""
+
+    mask: torch.Tensor
+    positions: list[int]
 UNCHECKED = 1 << 62  # Checkpoint.verified of a chain that does not audit: everything counts as checked
 
 
@@ -39,15 +48,19 @@ class Chain(Protocol):
     async def start_session(self, max_length: int) -> None:
         """Open a fresh session (empty KV caches with room for max_length positions) on every hop."""
 
-    async def forward(self, hidden: torch.Tensor, commit_len: int) -> ChainOutput:
-        """Keep the first commit_len cached positions on every hop, run the block through all hops."""
+    async def forward(self, hidden: torch.Tensor, commit_len: int, tree: TreeBlock | None = None,
+                      kept: list[int] | None = None) -> ChainOutput:
+        """On every hop: keep the `kept` positions of the previous block (indices into it, gathered to
+        its start; None keeps it as it is), then the first commit_len cached positions, and run the
+        block (a token tree when `tree` is given) through all hops."""
 
     async def checkpoint(self) -> Checkpoint:
         """After each round: the verdict of an audit that has finished; starts one when due (without
         waiting for it)."""
 
-    async def finish(self) -> Checkpoint:
-        """Before a generation returns: audits every position not yet audited and waits for the verdict."""
+    async def finish(self, path: list[int] = (0,)) -> Checkpoint:
+        """Before a generation returns: audits every position not yet audited and waits for the verdict.
+        path: the accepted path of the last block (block indices; a chain of drafts is 0, 1, ...)."""
 
     async def close(self) -> None:
         """End the session and free the hops' caches."""

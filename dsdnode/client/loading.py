@@ -14,7 +14,7 @@ from ..models.fetch import resolve_model_dir
 from ..models.head import Head
 from ..models.registry import get_entry
 from ..models.span import Span
-from ..models.weights import load_config
+from ..models.weights import load_config, weights_digest
 from ..speculative.importance import ImportanceScorer
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
@@ -28,6 +28,7 @@ class ClientModels:
     draft_spans: list[Span]
     eos_ids: set[int]
     target_dir: Path
+    weights: str  # digest of the target's weights: a swarm client chains only servers of the same
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +69,8 @@ def load_client_models(target: str, draft: str | None, dtype: str | None = None,
         draft_head = Head.load(draft_dir, dtype, device)
         draft_spans = [Span.load(draft_dir, 0, draft_config.num_hidden_layers, dtype, device)]
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    return ClientModels(tokenizer, head, draft_head, draft_spans, eos_ids(tokenizer, head.config), target_dir)
+    return ClientModels(tokenizer, head, draft_head, draft_spans, eos_ids(tokenizer, head.config), target_dir,
+                        weights_digest(target_dir))
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, config) -> set[int]:

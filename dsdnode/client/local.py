@@ -14,7 +14,7 @@ import time
 import torch
 
 from ..models.span import Span, SpanCache
-from .interface import UNCHECKED, ChainOutput, Checkpoint
+from .interface import UNCHECKED, ChainOutput, Checkpoint, TreeBlock
 
 
 class LocalChain:
@@ -33,13 +33,15 @@ class LocalChain:
         if self.link_latency_s > 0:
             await asyncio.sleep(self.link_latency_s)
 
-    async def forward(self, hidden: torch.Tensor, commit_len: int) -> ChainOutput:
+    async def forward(self, hidden: torch.Tensor, commit_len: int, tree: TreeBlock | None = None,
+                      kept: list[int] | None = None) -> ChainOutput:
         loop = asyncio.get_running_loop()
         computes = []
+        mask, positions = (None, None) if tree is None else (tree.mask, torch.tensor([tree.positions]))
         for span, cache in zip(self.spans, self.caches):
             await self._link()
             t0 = time.perf_counter()
-            hidden = await loop.run_in_executor(None, span, hidden, cache, commit_len)
+            hidden = await loop.run_in_executor(None, span, hidden, cache, commit_len, mask, positions, kept)
             computes.append(time.perf_counter() - t0)
         await self._link()
         return ChainOutput(hidden, computes)
@@ -47,7 +49,8 @@ class LocalChain:
     async def checkpoint(self) -> Checkpoint:
         return Checkpoint(UNCHECKED)  # spans in this process are trusted
 
-    finish = checkpoint
+    async def finish(self, path: list[int] = (0,)) -> Checkpoint:
+        return Checkpoint(UNCHECKED)
 
     async def close(self) -> None:
         self.caches = []

@@ -6,7 +6,9 @@ any sub-range of its announced span, so the chain is a shortest path over layer 
 cost of one link (half its measured RTT) plus its compute for those layers, times its standing
 penalty (client/standing.py: compute measured by this client where it has measured it, else the
 announced throughput, capped; failures and false claims raise the penalty). The link back to the
-client is added at the end."""
+client is added at the end. A server reached through a relay (its record lists only /p2p-circuit
+addresses) pays the extra link in its measured RTT; at equal cost, the chain with fewer relayed
+hops wins."""
 
 from __future__ import annotations
 
@@ -17,9 +19,13 @@ from dataclasses import dataclass
 
 from ..net.dht import SpanRecord, coverage
 from ..net.p2p import P2PNode, PeerInfo
+from ..net.relay import is_circuit
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 3.0
+# added cost of a step per session active at a server, as a fraction of its own: one more block in a
+# batched forward (docs/ARCHITECTURE.md, "Many clients")
+LOAD_COST_PER_SESSION = 0.1
 
 
 class NoRoute(RuntimeError):
@@ -40,12 +46,21 @@ class Candidate:
     def peer(self) -> PeerInfo:
         return PeerInfo(self.record.peer_id, tuple(self.record.addrs))
 
+    @property
+    def relayed(self) -> bool:
+        """Reached only through a relay (see net/relay.py)."""
+        return bool(self.record.addrs) and all(is_circuit(a) for a in self.record.addrs)
+
     def compute_s(self, layers: int) -> float:
-        """Decoding cost of `layers` of this span per step (throughput is for the whole span)."""
+        """Decoding cost of `layers` of this span per step: measured by this client where it has
+        measured it, else from the announced throughput (for the whole span); raised by
+        LOAD_COST_PER_SESSION for each session active there, so that of two servers otherwise equal
+        the less loaded one is chosen (a batching server serves more sessions at a small cost each)."""
+        load = 1.0 + LOAD_COST_PER_SESSION * self.record.active_sessions
         if self.s_per_layer is not None:
-            return self.s_per_layer * layers
+            return self.s_per_layer * load * layers
         per_span = 1.0 / self.record.throughput if self.record.throughput > 0 else 1.0
-        return per_span * layers / (self.record.end - self.record.start)
+        return per_span * load * layers / (self.record.end - self.record.start)
 
 
 @dataclass(frozen=True)
@@ -55,9 +70,20 @@ class Hop:
     end: int
 
 
-async def live_candidates(node: P2PNode, model: str, exclude: set[str] = frozenset()) -> list[Candidate]:
-    """Every verified record of `model` on the DHT whose peer answers a ping."""
-    return await ping_records(node, [r for r in await node.dht.discover(model) if r.peer_id not in exclude])
+async def live_candidates(node: P2PNode, model: str, weights: str) -> list[Candidate]:
+    """Every verified record of `model`'s `weights` on the DHT whose peer answers a ping."""
+    records, _other = same_weights(await node.dht.discover(model), weights)
+    return await ping_records(node, records)
+
+
+def same_weights(records: list[SpanRecord], weights: str) -> tuple[list[SpanRecord], dict[str, str]]:
+    """The records of servers that hold `weights` (a digest), and why each other one is left out:
+    one model name may stand for several checkpoints (quantizations, fine-tunes), and a chain that
+    mixed them would compute garbage without any error."""
+    same = [r for r in records if r.weights == weights]
+    other = {r.peer_id: f"serves other weights of {r.model} (digest {r.weights or 'none'}, ours {weights})"
+             for r in records if r.weights != weights}
+    return same, other
 
 
 async def ping_records(node: P2PNode, records: list[SpanRecord], timeout_s: float = PING_TIMEOUT_S) -> list[Candidate]:
@@ -80,10 +106,10 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
     a session that long (its record counts free positions over its whole span, so a sub-span needs
     the same fraction of them). Records are up to one announce interval old: a server that filled up
     since answers "busy" when the session opens, and the client routes around it then."""
-    best: dict[int, tuple[float, int, list[Hop]]] = {0: (0.0, 0, [])}
-    heap = [(0.0, 0, 0, [])]  # (cost, hops, boundary, chain)
+    best: dict[int, tuple[float, int, int, list[Hop]]] = {0: (0.0, 0, 0, [])}
+    heap = [(0.0, 0, 0, 0, [])]  # (cost, relayed hops, hops, boundary, chain)
     while heap:
-        cost, n, p, chain = heapq.heappop(heap)
+        cost, relayed, n, p, chain = heapq.heappop(heap)
         if p == num_layers:
             return chain
         if best.get(p, (float("inf"),))[0] < cost:
@@ -97,8 +123,8 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
                 if session_length and r.free_cache_tokens * (r.end - r.start) < session_length * (q - p):
                     break
                 step = (c.rtt_s / 2 + c.compute_s(q - p) + (c.rtt_s / 2 if q == num_layers else 0.0)) * c.penalty
-                new = (cost + step, n + 1)
-                if new < best.get(q, (float("inf"), 0))[:2]:
+                new = (cost + step, relayed + c.relayed, n + 1)
+                if new < best.get(q, (float("inf"), 0, 0))[:3]:
                     best[q] = (*new, chain)
                     heapq.heappush(heap, (*new, q, chain + [Hop(c, p, q)]))
     covered = sorted({i for c in candidates for i in range(c.record.start, min(c.record.end, num_layers))})
@@ -146,20 +172,27 @@ async def describe_swarm(model: str | None, bootstrap: list[str], num_layers: in
 
 async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> dict:
     records = await node.dht.discover(model)
-    live = {c.record.peer_id: c.rtt_s for c in await ping_records(node, records)}
+    live_candidates = await ping_records(node, records)
+    live = {c.record.peer_id: c.rtt_s for c in live_candidates}
+    infos = await asyncio.gather(*(node.ask_info(c.peer, SURVEY_TIMEOUT_S) for c in live_candidates),
+                                 return_exceptions=True)
+    reach = {c.record.peer_id: i.reachability for c, i in zip(live_candidates, infos) if not isinstance(i, BaseException)}
     if num_layers is None:
         num_layers = _num_layers(model, records)
     counts = coverage([r for r in records if r.peer_id in live], num_layers)
     from .bans import BanList
     bans = {p: b for p, b in BanList().active().items() if b.model == model}
     return {
-        "model": model, "num_layers": num_layers, "served": bool(live),
+        "model": model, "num_layers": num_layers, "served": bool(live), "local_weights": _local_weights(model),
+        "incompatible": node.dht.incompatible.copy(),
         "uncovered_layers": [i for i, n in enumerate(counts) if n == 0],
         "coverage": counts,
         "peers": [{"peer_id": r.peer_id, "start": r.start, "end": r.end, "addrs": r.addrs,
                    "throughput": r.throughput, "free_cache_tokens": r.free_cache_tokens, "version": r.version,
-                   "device": r.device,
+                   "device": r.device, "weights": r.weights, "active_sessions": r.active_sessions,
+                   "queued_positions": r.queued_positions,
                    "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None,
+                   "reachability": reach.get(r.peer_id), "relayed": bool(r.addrs) and all(map(is_circuit, r.addrs)),
                    "banned": bans[r.peer_id].reason if r.peer_id in bans else None}
                   for r in records],
         # this client's ban list (client/bans.py): servers an audit caught, whether they announce now or not
@@ -207,3 +240,14 @@ def _num_layers(model: str, records: list[SpanRecord]) -> int:
         return load_config(resolve_model_dir(model)).num_hidden_layers
     except Exception:  # model not pulled here: the highest announced layer is the best guess
         return max((r.end for r in records), default=0)
+
+
+def _local_weights(model: str) -> str | None:
+    """The digest of this machine's copy of `model`, if it has one: `dsdnode swarm` marks servers of
+    other weights, which a client here would not chain."""
+    try:
+        from ..models.fetch import resolve_model_dir
+        from ..models.weights import weights_digest
+        return weights_digest(resolve_model_dir(model))
+    except Exception:  # not pulled here (or unreadable): nothing to compare with
+        return None

@@ -43,6 +43,8 @@ class GenerateOptions:
     adaptive: bool = False  # adaptive verification (lossy): relax acceptance of low-importance tokens
     tau: float = 0.3  # adaptive: accept a non-key draft token with p >= tau * p(top)
     overlap: bool = True  # draft the next block while the current one is in flight
+    width_max: int = 1  # widest token tree with k="auto" (1: chains of drafts only)
+    lookup: bool = False  # add prompt-lookup branches (n-gram matches in the text so far) to each draft
     audit: bool = True  # have other servers recheck the chain's work (swarm chains; client/audit.py)
 
     def __post_init__(self) -> None:
@@ -56,6 +58,8 @@ class GenerateOptions:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.width_max, int) and self.width_max >= 1):
+            raise ValueError(f"width_max must be an int >= 1, got {self.width_max!r}")
         if not 0 < self.tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
 
@@ -82,8 +86,10 @@ class GenerateOptions:
             overlap=self.overlap and not self.reproducible,
             sampling=SamplingSettings(temperature=self.temperature, top_p=self.top_p, seed=self.seed),
             controller=ControllerSettings(k_max=max(self.k_max, fixed or 1), k_fixed=fixed,
-                                          k_initial=min(4, self.k_max) if fixed is None else 1),
+                                          k_initial=min(4, self.k_max) if fixed is None else 1,
+                                          width_max=self.width_max if fixed is None else 1),
             adaptive=AdaptiveSettings(enabled=self.adaptive, tau=self.tau),
+            lookup=self.lookup,
         )
 
 
@@ -138,12 +144,12 @@ class SwarmChains:
     """The swarm: one libp2p node for the service's life (or the caller's), one routed session per
     generation. relay=True carries each block hop by hop through the client (a baseline)."""
 
-    def __init__(self, model: str, config, bootstrap: list[str], dtype: torch.dtype, link_latency_ms: float = 0.0,
-                 relay: bool = False, node=None, trust=None):
+    def __init__(self, model: str, config, bootstrap: list[str], dtype: torch.dtype, *, weights: str,
+                 link_latency_ms: float = 0.0, relay: bool = False, node=None, trust=None):
         if not bootstrap and node is None:
             raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
         self.model, self.config, self.bootstrap, self.dtype = model, config, list(bootstrap), dtype
-        self.link_latency_ms, self.relay = link_latency_ms, relay
+        self.link_latency_ms, self.relay, self.weights = link_latency_ms, relay, weights
         self.node, self._own_node = node, node is None
         from .standing import Standing, TrustSettings
         self.trust = trust or TrustSettings()
@@ -160,7 +166,7 @@ class SwarmChains:
         """Routing alone (find live servers, choose a chain), without opening a session."""
         from .routing import best_chain, live_candidates
 
-        hops = best_chain(await live_candidates(self.node, self.model), self.config.num_hidden_layers)
+        hops = best_chain(await live_candidates(self.node, self.model, self.weights), self.config.num_hidden_layers)
         return " -> ".join(f"{h.candidate.record.peer_id} [{h.start}:{h.end})" for h in hops)
 
     def new_chain(self, audit: bool = True) -> Chain:
@@ -169,7 +175,8 @@ class SwarmChains:
         from .swarm_chain import RemoteChain
         trust = self.trust if audit else replace(self.trust, audit_rate=0.0)
         return RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
-                           dtype=self.dtype, relay=self.relay, trust=trust, standing=self.standing)
+                           weights=self.weights, dtype=self.dtype, relay=self.relay, trust=trust,
+                           standing=self.standing)
 
     async def stop(self) -> None:
         if self.node is not None and self._own_node:
@@ -214,7 +221,7 @@ class ClientService:
         if s.speculative:
             if m.draft_head is None:
                 raise ValueError("this client has no draft model: use k=0, or load one (draft=...)")
-            drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + s.controller.k_max + 2,
+            drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + s.max_block + 1,
                               s.sampling)
         importance = await self.importance() if s.adaptive.enabled else None
         chain = self.chains.new_chain(options.audit)
@@ -269,7 +276,8 @@ def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), lo
     if local:  # the spans share the client's device and dtype
         chains = LocalChains.load(models.target_dir, hops, models.dtype, link_latency_ms, models.device)
     else:  # hidden states cross the wire in the client's dtype, from and to the CPU
-        chains = SwarmChains(model, models.head.config, list(bootstrap), models.dtype, link_latency_ms, relay)
+        chains = SwarmChains(model, models.head.config, list(bootstrap), models.dtype,
+                             weights=models.weights, link_latency_ms=link_latency_ms, relay=relay)
     return ClientService(models, chains)
 
 

@@ -39,8 +39,8 @@ from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSe
 from .audit import Auditor, HopLog, audit_every, prefer_other_groups
 from .bans import BanList
 from .deadlines import DeadlineSettings, PassDeadline
-from .interface import UNCHECKED, ChainOutput, Checkpoint
-from .routing import Candidate, Hop, NoRoute, best_chain, ping_records
+from .interface import UNCHECKED, ChainOutput, Checkpoint, TreeBlock
+from .routing import Candidate, Hop, NoRoute, best_chain, ping_records, same_weights
 from .standing import Standing, TrustSettings, hop_compute_s
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,18 @@ class _Leg:
 
 
 class RemoteChain:
-    def __init__(self, node: P2PNode, model: str, num_layers: int, hidden_size: int, *,
+    def __init__(self, node: P2PNode, model: str, num_layers: int, hidden_size: int, *, weights: str,
                  dtype: torch.dtype = torch.bfloat16, relay: bool = False, max_failovers: int = 8,
                  deadlines: DeadlineSettings = DeadlineSettings(), max_block: int = 64,
                  trust: TrustSettings = TrustSettings(), standing: Standing | None = None, bans: BanList | None = None):
-        """standing: shared by the chains of one client (what one learnt, the next routes on)."""
+        """weights: digest of the weights this client's head comes from; only servers of the same
+        weights are chained. standing: shared by the chains of one client (what one learnt, the next
+        routes on)."""
         self.node, self.model, self.num_layers, self.hidden_size = node, model, num_layers, hidden_size
+        self.weights = weights
         self.dtype, self.dtype_name = dtype, DTYPE_NAMES[dtype]
         self.trust, self.standing, self.bans = trust, standing or Standing(trust), bans or BanList()
-        self.auditor = Auditor(node, model, self.dtype_name, hidden_size, max_block, self._auditors_for,
+        self.auditor = Auditor(node, model, weights, self.dtype_name, hidden_size, max_block, self._auditors_for,
                                self.standing, self.bans)
         self.audit_every = audit_every(trust.audit_rate)
         self.verified = 0  # positions whose outputs are audited (or unauditable), whatever the route
@@ -100,7 +103,8 @@ class RemoteChain:
         self._busy_count: dict[str, int] = {}
         self._bad_next_hop_reports: dict[str, int] = {}
         self._reasons: dict[str, str] = {}  # excluded peer -> the failure that excluded it, for error messages
-        self._records: list[SpanRecord] = []
+        self._records: list[SpanRecord] = []  # of servers of our weights
+        self._unusable: dict[str, str] = {}  # providers we cannot chain (other weights or protocol) -> why
         self._records_at = -RECORDS_MAX_AGE_S
         self._results: asyncio.Queue = asyncio.Queue()
         self._step = 0
@@ -120,13 +124,18 @@ class RemoteChain:
         await self.close()
         await self._with_failover(None)
 
-    async def forward(self, hidden: torch.Tensor, commit_len: int) -> ChainOutput:
+    async def forward(self, hidden: torch.Tensor, commit_len: int, tree: TreeBlock | None = None,
+                      kept: list[int] | None = None) -> ChainOutput:
         if not self._max_length:
             raise ChainFailure("no open session: call start_session first")
+        if kept is not None:  # the kept path of the last block moves to its start, as on every hop
+            self._history[:, self._committed:self._committed + len(kept)] = self._history[:, [self._committed + i for i in kept]]
         self._remember(hidden, commit_len)
         self._committed = commit_len
         self.verified = min(self.verified, commit_len)  # positions past it are computed anew
-        return await self._with_failover(lambda: self._pass(hidden, commit_len))
+        # a replayed (re)opened session holds the committed prefix already compacted: nothing to keep
+        return await self._with_failover(lambda replayed: self._pass(hidden, commit_len, tree,
+                                                                     None if replayed else kept))
 
     # ---- audits -------------------------------------------------------------------------
     async def checkpoint(self) -> Checkpoint:
@@ -143,9 +152,10 @@ class RemoteChain:
                 self._audit_task = asyncio.create_task(self.auditor.audit())
         return Checkpoint(self.verified, rollback)
 
-    async def finish(self) -> Checkpoint:
+    async def finish(self, path: list[int] = (0,)) -> Checkpoint:
         if not self.audit_every:
             return Checkpoint(UNCHECKED)
+        self.auditor.keep_last(list(path))
         rollback = await self._verdict() if self._audit_task is not None else None
         if rollback is None and self.auditor.audited < self.auditor.filled:
             self._audit_task = asyncio.create_task(self.auditor.audit())
@@ -197,14 +207,15 @@ class RemoteChain:
         failure: ChainFailure | None = None
         for _ in range(self.max_failovers + 1):
             try:
-                if failure is not None or not self.legs:
+                replayed = failure is not None or not self.legs
+                if replayed:
                     if failure is not None:
                         self._blame(failure)
                         self.failovers += 1
                     await self.close()
                     await self._open()
                     await self._replay(self._committed)
-                return await step() if step is not None else None
+                return await step(replayed) if step is not None else None
             except ChainFailure as e:
                 failure = e
         raise ChainFailure(f"gave up after {self.max_failovers} failovers; last failure: {failure}")
@@ -229,7 +240,9 @@ class RemoteChain:
         while True:
             now = time.monotonic()
             if now - self._records_at > RECORDS_MAX_AGE_S:
-                self._records = self.standing.admit(await self.node.dht.discover(self.model))
+                found = self.standing.admit(await self.node.dht.discover(self.model))
+                self._records, self._unusable = same_weights(found, self.weights)
+                self._unusable.update(self.node.dht.incompatible.copy())
                 self._records_at, fresh = now, True
             busy = {p: t for p, t in self._busy_until.items() if t > now}
             banned = self.bans.active()
@@ -256,6 +269,7 @@ class RemoteChain:
 
     def _why_excluded(self, busy: dict[str, float]) -> str:
         parts = ([self._reasons[p] for p in self.excluded] + [f"{p} is busy" for p in busy]
+                 + [f"{p} {why}" for p, why in self._unusable.items()]
                  + [f"{p} is banned: {b.reason}" for p, b in self.bans.active().items()
                     if any(r.peer_id == p for r in self._records)])
         return f"; servers avoided: {'; '.join(parts)}" if parts else ""
@@ -299,7 +313,7 @@ class RemoteChain:
         try:
             prv = hops[i - 1].candidate.record.peer_id if i > 0 and self._next_hop(hops, i - 1) else None
             await stream.send(encode(OpenSession(self.session_id, self.model, hop.start, hop.end, self._max_length,
-                                                 nxt.peer_id if nxt else None, prv, self.dtype_name)))
+                                                 nxt.peer_id if nxt else None, prv, self.dtype_name, self.weights)))
             reply = decode(await stream.recv(timeout=OPEN_TIMEOUT_S), WireLimits())
             if isinstance(reply, ErrorReply):
                 raise self._refusal(peer, reply, nxt)
@@ -364,18 +378,20 @@ class RemoteChain:
                 return
 
     # ---- blocks -------------------------------------------------------------------------
-    async def _pass(self, hidden: torch.Tensor, commit_len: int) -> ChainOutput:
+    async def _pass(self, hidden: torch.Tensor, commit_len: int, tree: TreeBlock | None = None,
+                    kept: list[int] | None = None) -> ChainOutput:
         """One block through every hop: sent to hop 1 (push), or carried hop by hop (relay)."""
         if not self.relay:
-            return await self._step_through(0, hidden, commit_len, len(self.legs))
+            return await self._step_through(0, hidden, commit_len, len(self.legs), tree, kept)
         computes: list[float] = []
         for i in range(len(self.legs)):
-            out = await self._step_through(i, hidden, commit_len, 1)
+            out = await self._step_through(i, hidden, commit_len, 1, tree, kept)
             hidden = out.hidden
             computes += out.hop_compute_s
         return ChainOutput(hidden, computes)
 
-    async def _step_through(self, leg_index: int, hidden: torch.Tensor, commit_len: int, hops: int) -> ChainOutput:
+    async def _step_through(self, leg_index: int, hidden: torch.Tensor, commit_len: int, hops: int,
+                            tree: TreeBlock | None = None, kept: list[int] | None = None) -> ChainOutput:
         """Send a block to one leg and wait, until a deadline measured from earlier passes, for the
         outputs of `hops` hops from there (each hop's copy; the last one's is the result)."""
         self._step += 1
@@ -384,7 +400,9 @@ class RemoteChain:
         sent = TensorPayload.from_torch(hidden)
         t0 = time.monotonic()
         try:
-            await legs[0].stream.send(encode(Forward(self.session_id, step, commit_len, sent, None, [])))
+            mask = None if tree is None else TensorPayload.from_torch(tree.mask)
+            await legs[0].stream.send(encode(Forward(self.session_id, step, commit_len, sent, mask, [],
+                                                     None if tree is None else tree.positions, kept)))
         except (StreamClosed, ConnectionError) as e:
             raise ChainFailure(f"cannot send to {legs[0].peer_id}: {e}", {legs[0].peer_id: "lost"}) from None
         deadline, extended = self.deadline.seconds(positions), False
@@ -416,7 +434,7 @@ class RemoteChain:
             self.standing.measured(leg.hop.candidate.record, leg.hop.end - leg.hop.start, compute)
         inputs = [hidden] + [got[j][1] for j in range(hops - 1)]
         for j in range(hops):
-            self.auditor.record(leg_index + j, commit_len, inputs[j], got[j][1])
+            self.auditor.record(leg_index + j, commit_len, inputs[j], got[j][1], kept, tree is not None)
         t = got[hops - 1][0].timings
         return ChainOutput(got[hops - 1][1], [x.compute_s for x in t],
                            [max(0.0, b.recv_time - a.send_time) for a, b in zip(t, t[1:])])

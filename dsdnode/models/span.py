@@ -1,7 +1,9 @@
 """A span: decoder layers [start, end) of a model, with a static KV cache per session.
 
 Like gpt-fast, the cache is preallocated and rollback is just moving a position: a block of T new
-positions is written at `commit_len` and everything after it is forgotten in O(1). The layers are
+positions is written at `commit_len` and everything after it is forgotten in O(1). After a token
+tree, the accepted path is scattered through the last block: `kept` gathers those rows to where
+the block began (O(accepted) copies, nothing recomputed) before the rollback. The layers are
 transformers' own decoder-layer modules, so every Llama/Qwen2-family model works unchanged; we call
 them one by one with an explicit 4-D mask, which lets a block carry any mask (tree verification).
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -43,13 +46,29 @@ class SpanCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def begin_block(self, commit_len: int, block_len: int) -> None:
-        """Forget everything after commit_len (the rollback) and make room for block_len positions."""
+    def begin_block(self, commit_len: int, block_len: int, kept: list[int] | None = None) -> None:
+        """Keep only the `kept` positions of the last block (indices into it, gathered to its start),
+        forget everything after commit_len (the rollback) and make room for block_len positions."""
+        if kept is not None:
+            self._compact(kept)
         if not 0 <= commit_len <= self.length:
             raise ValueError(f"commit_len {commit_len} is outside the cached 0..{self.length} positions")
         if commit_len + block_len > self.capacity:
             raise ValueError(f"{commit_len} cached + {block_len} new positions exceed the session's {self.capacity}")
         self.write_pos, self.block = commit_len, block_len
+
+    def _compact(self, kept: list[int]) -> None:
+        if self.length != self.write_pos + self.block:
+            raise ValueError("the last block did not finish: there is nothing to keep positions of")
+        if any(not 0 <= i < self.block for i in kept) or any(a >= b for a, b in zip(kept, kept[1:])):
+            raise ValueError(f"kept positions must be strictly increasing indices into the last block of {self.block}")
+        moved = [(self.write_pos + j, self.write_pos + i) for j, i in enumerate(kept) if i != j]
+        if moved:  # kept is increasing, so every row moves towards the start: gather, then write
+            dst, src = (torch.tensor(x, device=self.keys.device) for x in zip(*moved))
+            self.keys[:, :, :, dst] = self.keys[:, :, :, src]
+            self.values[:, :, :, dst] = self.values[:, :, :, src]
+        self.length = self.write_pos + len(kept)
+        self.block = len(kept)
 
     def end_block(self) -> None:
         self.length = self.write_pos + self.block
@@ -65,14 +84,70 @@ def block_mask(commit_len: int, block_len: int, tree_mask: torch.Tensor | None =
                device: torch.device | str = "cpu") -> torch.Tensor | None:
     """The [1, 1, T, commit_len+T] boolean mask (True = may attend) for a block, on `device`.
 
-    Every block position sees the whole committed prefix; within the block, causal order unless a
-    [T, T] tree mask says otherwise. A lone token needs no mask at all."""
+    Within the block, causal order unless a tree mask says otherwise. A tree mask is [T, S]: the
+    visibility of the last S key positions (S >= T; the block itself is the last T), and every
+    position sees all earlier ones (the committed prefix). The wire carries [T, T]; the drafter,
+    whose cache already holds the tree's earlier depths, passes wider ones. A lone token needs no
+    mask at all."""
     if tree_mask is None:
         if block_len == 1:
             return None
         tree_mask = torch.ones(block_len, block_len, dtype=torch.bool, device=device).tril()
-    prefix = torch.ones(block_len, commit_len, dtype=torch.bool, device=device)
+    width = tree_mask.shape[1]
+    if tree_mask.shape[0] != block_len or not block_len <= width <= commit_len + block_len:
+        raise ValueError(f"tree mask {list(tree_mask.shape)} does not fit a block of {block_len} after {commit_len}")
+    prefix = torch.ones(block_len, commit_len + block_len - width, dtype=torch.bool, device=device)
     return torch.cat([prefix, tree_mask.to(device, torch.bool)], dim=1)[None, None]
+
+
+@dataclass
+class Block:
+    """One session's block in a batched forward (the arguments of Span.forward, one session's worth)."""
+
+    hidden: torch.Tensor  # [1, T, H]
+    cache: SpanCache
+    commit_len: int
+    tree_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    kept: list[int] | None = None  # positions of the session's previous block to keep (SpanCache.begin_block)
+
+    @property
+    def length(self) -> int:
+        return self.hidden.shape[1]
+
+
+class BatchCache:
+    """The caches of a batch of sessions, seen by the attention modules as one cache of B rows.
+
+    `update` writes each row's own block (its padding dropped) into its own session's cache and
+    returns every row's keys and values padded to the longest; the batch mask hides the padding."""
+
+    def __init__(self, caches: Sequence[SpanCache]):
+        self.caches = list(caches)
+        self.width = max(c.write_pos + c.block for c in self.caches)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args, **_kwargs):
+        b, heads, _, dim = key.shape
+        keys = key.new_zeros(b, heads, self.width, dim)
+        values = value.new_zeros(b, heads, self.width, dim)
+        for i, cache in enumerate(self.caches):
+            k, v = cache.update(key[i:i + 1, :, :cache.block], value[i:i + 1, :, :cache.block], layer_idx)
+            keys[i, :, :k.shape[2]] = k[0]
+            values[i, :, :v.shape[2]] = v[0]
+        return keys, values
+
+
+def batch_mask(blocks: Sequence[Block], width: int, device: torch.device | str) -> torch.Tensor:
+    """The [B, 1, T, width] mask of a padded batch: row b is block b's own mask (block_mask), its
+    padding positions copy its last row (their outputs are dropped; they must just not be empty)."""
+    longest = max(b.length for b in blocks)
+    mask = torch.zeros(len(blocks), 1, longest, width, dtype=torch.bool, device=device)
+    for i, b in enumerate(blocks):
+        own = block_mask(b.commit_len, b.length, b.tree_mask, device)
+        own = own[0, 0] if own is not None else torch.ones(1, b.commit_len + 1, dtype=torch.bool, device=device)
+        mask[i, 0, :b.length, :own.shape[1]] = own
+        mask[i, 0, b.length:, :own.shape[1]] = own[-1]
+    return mask
 
 
 @dataclass
@@ -148,15 +223,19 @@ class Span(nn.Module):
         commit_len: int,
         tree_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        kept: list[int] | None = None,
     ) -> torch.Tensor:
         """Run a block [1, T, H] after the first commit_len cached positions; append it to the cache.
+
+        tree_mask: see block_mask; position_ids: [1, T] (default commit_len..commit_len+T-1);
+        kept: positions of the previous block to keep first (SpanCache.begin_block).
 
         The result is on the span's device, its work finished: callers time this call, and the
         server sends the result on at once anyway."""
         device = self.device
         hidden = hidden.to(device)
         block_len = hidden.shape[1]
-        cache.begin_block(commit_len, block_len)
+        cache.begin_block(commit_len, block_len, kept)
         if position_ids is None:
             position_ids = torch.arange(commit_len, commit_len + block_len, device=device)[None]
         position_ids = position_ids.to(device)
@@ -168,3 +247,36 @@ class Span(nn.Module):
         cache.end_block()
         synchronize(device)
         return hidden
+
+    @torch.inference_mode()
+    def forward_batch(self, blocks: Sequence[Block]) -> list[torch.Tensor]:
+        """Run the blocks of several sessions in one pass over the layers (each after its own
+        commit_len, with its own cache, mask and positions), so the weights are read once for all.
+
+        Blocks are padded to the longest and stacked; a per-row mask (batch_mask) keeps every
+        session to its own cache and block. Returns each block's output [1, T_i, H], in order. Each
+        cache is checked (begin_block) before any work, so a bad block fails before it touches the
+        others' caches; callers check blocks one by one first to fail only the bad one."""
+        device = self.device
+        for b in blocks:
+            b.cache.begin_block(b.commit_len, b.length)
+        longest = max(b.length for b in blocks)
+        hidden = torch.zeros(len(blocks), longest, self.config.hidden_size, dtype=blocks[0].hidden.dtype,
+                             device=device)
+        positions = torch.zeros(len(blocks), longest, dtype=torch.long, device=device)
+        for i, b in enumerate(blocks):
+            hidden[i, :b.length] = b.hidden[0].to(device)
+            own = b.position_ids if b.position_ids is not None else \
+                torch.arange(b.commit_len, b.commit_len + b.length)[None]
+            positions[i, :b.length] = own[0].to(device)
+            positions[i, b.length:] = positions[i, b.length - 1]
+        cache = BatchCache([b.cache for b in blocks])
+        mask = batch_mask(blocks, cache.width, device)
+        rope = self.rotary(hidden, positions)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           position_embeddings=rope)
+        for b in blocks:
+            b.cache.end_block()
+        synchronize(device)
+        return [hidden[i:i + 1, :b.length] for i, b in enumerate(blocks)]

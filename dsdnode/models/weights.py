@@ -6,7 +6,9 @@ of the architecture (built on the meta device, so building them costs nothing)."
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -63,3 +65,41 @@ def materialize(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.
     """Give a meta-device module real weights on `device` (all of them must be in `state`)."""
     module.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+DIGEST_FILE = ".dsdnode-weights-digest"
+
+
+def weights_digest(model_dir: Path) -> str:
+    """Identity of a model's weights: sha256 over its safetensors files (names and bytes), 32 hex digits.
+
+    Volunteers may hold different weights under one model name (another quantization, a fine-tune, a
+    local directory); span records and OpenSession carry this digest so that a chain never mixes them.
+    Hashing a multi-GB model takes seconds, so the digest is cached in the directory, keyed by each
+    file's size and modification time (a read-only directory is simply hashed again next time)."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no .safetensors files")
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cache = model_dir / DIGEST_FILE
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["files"] == stamp and isinstance(cached["digest"], str):
+            return cached["digest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\x00")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    digest = h.hexdigest()[:32]
+    try:
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"files": stamp, "digest": digest}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return digest

@@ -30,6 +30,8 @@ from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
 from libp2p.records.validator import Validator
 
+from .protocol import PROTOCOL_VERSION
+
 if TYPE_CHECKING:
     from libp2p.kad_dht.kad_dht import KadDHT
 
@@ -73,6 +75,11 @@ class SpanRecord:
     expires: float
     issued: float = 0.0
     device: str = "cpu"  # the kind of device the span computes on: cpu, cuda or mps
+    weights: str = ""  # digest of the model weights served (models.weights.weights_digest)
+    protocol: int = PROTOCOL_VERSION  # wire protocol the peer speaks (net.protocol)
+    # load when issued (routing prefers less loaded servers, --layers auto goes where load is high):
+    active_sessions: int = 0  # sessions that sent a block in the last few seconds
+    queued_positions: int = 0  # positions waiting for compute
 
     @property
     def withdrawn(self) -> bool:
@@ -81,6 +88,7 @@ class SpanRecord:
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(SpanRecord)}
 DEVICE_KINDS = frozenset({"cpu", "cuda", "mps"})
+WEIGHTS_DIGEST_MAX = 64
 
 
 def value_key(model: str, peer_id: str) -> str:
@@ -140,7 +148,14 @@ def _parse_record(body: bytes) -> SpanRecord:
         fields = msgpack.unpackb(body, raw=False)
     except Exception as exc:
         raise RecordRejected(f"malformed: record is not msgpack: {exc!r}") from None
-    if not isinstance(fields, dict) or set(fields) != set(_FIELD_TYPES):
+    if not isinstance(fields, dict):
+        raise RecordRejected("malformed: record is not a map")
+    if fields.get("protocol") != PROTOCOL_VERSION:  # checked first: another version has other fields
+        spoken = fields.get("protocol")
+        spoken = f"dsdnode protocol {spoken!r:.12}" if spoken is not None else "an older dsdnode protocol"
+        raise RecordRejected(f"incompatible: the peer speaks {spoken}, this node speaks {PROTOCOL_VERSION} "
+                             "(one of the two needs an upgrade)")
+    if set(fields) != set(_FIELD_TYPES):
         raise RecordRejected("malformed: record fields do not match SpanRecord")
     for name, value in fields.items():
         kind = _FIELD_TYPES[name]
@@ -153,10 +168,13 @@ def _parse_record(body: bytes) -> SpanRecord:
         if not ok:
             raise RecordRejected(f"malformed: field {name} must be {kind}, got {value!r:.60}")
     rec = SpanRecord(**fields)
-    if rec.start < 0 or rec.end < rec.start or rec.free_cache_tokens < 0 or rec.throughput < 0:
+    if (rec.start < 0 or rec.end < rec.start or rec.free_cache_tokens < 0 or rec.throughput < 0
+            or rec.active_sessions < 0 or rec.queued_positions < 0):
         raise RecordRejected(f"malformed: bad span [{rec.start}, {rec.end}) or negative counters")
     if rec.device not in DEVICE_KINDS:
         raise RecordRejected(f"malformed: device {rec.device!r:.20} is not one of {sorted(DEVICE_KINDS)}")
+    if len(rec.weights) > WEIGHTS_DIGEST_MAX:
+        raise RecordRejected(f"malformed: weights digest longer than {WEIGHTS_DIGEST_MAX} characters")
     return rec
 
 
@@ -197,6 +215,10 @@ class DHT:
         self._last: dict[str, SpanRecord] = {}
         self._last_issued = 0.0
         self._found: dict[tuple[str, str], SpanRecord] = {}  # lookup() results, until they expire
+        # peers whose records this node cannot use (another protocol version), and why: for error
+        # messages that say why a provider was left out; bounded like the lookup cache
+        self.incompatible: dict[str, str] = {}
+        self._warned: set[tuple[str, str]] = set()
 
     def _attach(self, kad: KadDHT) -> None:
         """Called on the trio thread once the KadDHT exists."""
@@ -349,12 +371,28 @@ class DHT:
                     raise RecordRejected(f"record of {rec.peer_id}/{rec.model} stored under {peer_b58}/{model}")
                 valid.append(rec)
             except RecordRejected as exc:
-                log.warning("dropping span record of %s for %s (from %s): %s", peer_b58, model, source, exc.reason)
+                self._dropped(peer_b58, model, source, exc.reason)
         if not valid:
             if not blobs:
                 log.info("provider %s of %s has no reachable span record", peer_b58, model)
             return None
+        self.incompatible.pop(peer_b58, None)
         return valid[_newest(valid)]
+
+    def _dropped(self, peer: str, model: str, source: str, reason: str) -> None:
+        """Log a record we cannot use: a warning the first time a peer's record fails for a reason
+        (lookups repeat every minute), debug after that."""
+        if reason.startswith("incompatible"):
+            if len(self.incompatible) >= LOOKUP_CACHE_SIZE:
+                self.incompatible.clear()
+            self.incompatible[peer] = reason
+        if (peer, reason) in self._warned:
+            log.debug("dropping span record of %s for %s (from %s): %s", peer, model, source, reason)
+            return
+        if len(self._warned) >= LOOKUP_CACHE_SIZE:
+            self._warned.clear()
+        self._warned.add((peer, reason))
+        log.warning("dropping span record of %s for %s (from %s): %s", peer, model, source, reason)
 
 
 def _valid_for(blob: bytes, peer_id: str, model: str) -> bool:

@@ -19,6 +19,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import math
 import os
 import socket
 import threading
@@ -50,11 +51,14 @@ from libp2p.tools.anyio_service import background_trio_service
 from dsdnode.net.bridge import Bridge, NodeStopped, StreamClosed
 from dsdnode.net.dht import DHT
 from dsdnode.net.identity import load_or_create_identity
+from dsdnode.net import reachability, relay
 from dsdnode.net.latency import LinkLatency
+from dsdnode.net.reachability import CLIENT, PRIVATE, PUBLIC, UNKNOWN, Reachability
+from dsdnode.net.relay import RelayLimits, RelayService, Reservation
 from dsdnode.net.stream import FrameTooLarge, Stream
 
 __all__ = ["BootstrapUnreachable", "FrameTooLarge", "ListenError", "NodeInfo", "NodeStopped", "P2PNode", "PeerInfo",
-           "PeerUnreachable", "Stream", "StreamClosed", "check_listen_address"]
+           "PeerUnreachable", "Reachability", "RelayLimits", "Stream", "StreamClosed", "check_listen_address"]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +68,14 @@ INFO_MAX_BYTES = 256 * 1024  # an info answer: a few models and at most a routin
 INFO_MAX_PEERS = 512
 INFO_MAX_MODELS = 256
 INFO_MAX_ADDRS = 16
-START_TIMEOUT = 30.0
+START_TIMEOUT = 60.0
 BOOTSTRAP_TIMEOUT = 10.0
+RELAYS_WANTED = 2  # reservations a private node holds, so losing one relay leaves it reachable
+RELAY_RETRY_S = 5.0  # a private node without a relay looks for one this often
+RELAY_TOP_UP_S = 30.0  # one holding fewer than RELAYS_WANTED looks for more this often
+RELAY_CANDIDATES_ASKED = 16  # peers asked per search whether they relay (bootstrap peers first)
+RELAY_INFO_TIMEOUT_S = 5.0
+RECHECK_UNKNOWN_S = 30.0  # a node that no peer could judge yet asks again this often
 
 
 class _CleanCloseFilter(logging.Filter):
@@ -146,15 +156,20 @@ class NodeInfo:
 
     `models` maps each model the peer announces now to its layer span (a hint: the signed span
     records on the DHT are what routing trusts); `peers` are the peers in its DHT routing table
-    (servers only: clients never enter one), so a caller can find more of the swarm."""
+    (servers only: clients never enter one), so a caller can find more of the swarm. `reachability`
+    is what the peer learned about itself (public, private, unknown; see reachability.py) and
+    `relay` whether it offers a relay service (private peers reserve slots on such peers)."""
 
     peer_id: str
     models: dict[str, tuple[int, int]]
     peers: tuple[PeerInfo, ...]
+    reachability: str = UNKNOWN
+    relay: bool = False
 
     def encode(self) -> bytes:
         return msgpack.packb({"models": {m: list(span) for m, span in self.models.items()},
-                              "peers": [[p.peer_id, list(p.addrs)] for p in self.peers]}, use_bin_type=True)
+                              "peers": [[p.peer_id, list(p.addrs)] for p in self.peers],
+                              "reach": self.reachability, "relay": self.relay}, use_bin_type=True)
 
     @classmethod
     def decode(cls, peer_id: str, frame: bytes) -> NodeInfo:
@@ -165,11 +180,14 @@ class NodeInfo:
                       if isinstance(m, str) and type(a) is int and type(b) is int}
             peers = tuple(PeerInfo(p, tuple(a for a in addrs[:INFO_MAX_ADDRS] if isinstance(a, str)))
                           for p, addrs in body["peers"] if isinstance(p, str) and isinstance(addrs, list))
+            reach = body.get("reach", UNKNOWN)
+            reach = reach if reach in (PUBLIC, PRIVATE, UNKNOWN) else UNKNOWN
+            offers_relay = body.get("relay") is True
         except Exception as exc:
             raise ValueError(f"malformed info answer from {peer_id}: {exc!r}") from None
         if len(models) > INFO_MAX_MODELS or len(peers) > INFO_MAX_PEERS:
             raise ValueError(f"info answer from {peer_id} lists {len(models)} models and {len(peers)} peers: too many")
-        return cls(peer_id, models, peers)
+        return cls(peer_id, models, peers, reach, offers_relay)
 
 
 class P2PNode:
@@ -194,12 +212,23 @@ class P2PNode:
         self._stop_event: trio.Event | None = None
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Future | None = None
+        self.reachability = Reachability(UNKNOWN)
+        self.relay: RelayService | None = None  # our relay service, while we offer one
+        self.reservations: dict[str, Reservation] = {}  # relay peer id -> our reservation there (private nodes)
+        self._direct_addrs: list[str] = []
+        self._announce: list[multiaddr.Multiaddr] = []
+        self._addrs_changed = asyncio.Event()
+        self._relay_wake: trio.Event | None = None
+        self._relay_offer: RelayLimits | None = None
+        self._assume_private = False
+        self._closed_listen_addrs: list[multiaddr.Multiaddr] = []
 
     @classmethod
     async def start(cls, *, identity: KeyPair | None = None, host: str = "127.0.0.1", port: int = 0,
                     bootstrap: list[str] | tuple[str, ...] = (), latency: LinkLatency | None = None,
                     max_frame_bytes: int = 64 * 2**20, announce: list[str] | tuple[str, ...] = (),
-                    require_bootstrap: bool = False, client: bool = False) -> P2PNode:
+                    require_bootstrap: bool = False, client: bool = False, relay_service: bool = True,
+                    relay_limits: RelayLimits | None = None, assume_private: bool = False) -> P2PNode:
         """Start the host thread, listen, connect to `bootstrap` peers (/ip4/../tcp/../p2p/<id>).
 
         `client=True` starts a node that only asks: it listens nowhere and runs Kademlia in client
@@ -211,6 +240,13 @@ class P2PNode:
         Unreachable bootstrap peers are logged, not fatal, by default: a server may start before
         its peers. A client cannot do anything alone, so with `require_bootstrap` a node none of
         whose bootstrap peers answers raises BootstrapUnreachable instead of starting.
+
+        A listening node then learns its reachability (reachability.py) before start() returns. A
+        public (or not yet judged) one offers a relay service within `relay_limits` unless
+        `relay_service` is False; a private one stops advertising its unreachable addresses,
+        runs Kademlia in client mode, reserves slots on RELAYS_WANTED relays and advertises their
+        circuit addresses instead (`addrs`; `wait_addrs_changed` tells when they change).
+        `assume_private` skips the check and acts private (relayed servers on one machine).
         """
         if not client:
             check_listen_address(host, port)
@@ -221,6 +257,9 @@ class P2PNode:
         except Exception as exc:
             raise ValueError(f"bad bootstrap/announce multiaddr (need /ip4/H/tcp/P/p2p/ID): {exc}") from None
         node = cls(identity or load_or_create_identity(None), latency, max_frame_bytes)
+        node._announce = announced
+        node._assume_private = assume_private
+        node._relay_offer = relay_limits or RelayLimits() if relay_service else None
         ready = node._bridge.loop.create_future()
         node._thread = threading.Thread(target=node._thread_main,
                                         args=(listen, boot, announced, require_bootstrap, ready),
@@ -239,6 +278,20 @@ class P2PNode:
     def info(self) -> PeerInfo:
         """How other peers dial this node."""
         return PeerInfo(self.peer_id, tuple(self.addrs))
+
+    def reach_fields(self) -> dict:
+        """How peers reach this node, for ready lines: reachability, whether it relays, its relays."""
+        return {"reachability": self.reachability.status, "relay_service": self.relay is not None,
+                "relays": sorted(self.reservations)}
+
+    async def wait_addrs_changed(self, timeout: float) -> bool:
+        """Wait until `addrs` change (a relay reserved or lost) or `timeout` passes; True if they changed."""
+        try:
+            await asyncio.wait_for(self._addrs_changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        self._addrs_changed.clear()
+        return True
 
     def set_stream_handler(self, protocol: str, handler: Callable[[Stream], Awaitable[None]]) -> None:
         """Serve inbound streams of `protocol` with an asyncio coroutine (one task per stream).
@@ -310,7 +363,7 @@ class P2PNode:
             muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
             listen_addrs=[listen] if listen else None,
             connection_config=ConnectionConfig(max_connections_per_peer=1),
-            announce_addrs=announce or None,
+            addrs_factory=self._advertised,
             disable_identify_address_discovery=True,
         )
         self._kad = KadDHT(self._host, DHTMode.SERVER if listen else DHTMode.CLIENT)
@@ -318,6 +371,9 @@ class P2PNode:
         self._stop_event = trio.Event()
         self._host.set_stream_handler(TProtocol(PING_PROTOCOL), self._serve_ping)
         self._host.set_stream_handler(TProtocol(INFO_PROTOCOL), self._serve_info)
+        if listen:
+            self._host.set_stream_handler(reachability.DIALBACK_PROTOCOL, reachability.DialbackService(self._host).serve)
+            self._host.set_stream_handler(relay.STOP_PROTOCOL, relay.stop_handler(self._host, self._holds_reservation))
         async with self._host.run([listen] if listen else []), background_trio_service(self._kad):
             # The auto-connector dials every peerstore entry, forever, to reach 100
             # connections; in a small swarm that only means redialing dead peers.
@@ -332,11 +388,162 @@ class P2PNode:
                     # the caller's start() raises it and then stops this node, which ends this run
                     self._bridge.loop.call_soon_threadsafe(Bridge._deliver, ready, None, failure)
                 else:
-                    self.addrs = [str(a) for a in self._host.get_addrs()]
+                    self._direct_addrs = [str(a) for a in self._host.get_addrs()]
+                    self.addrs = list(self._direct_addrs)
+                    if listen:
+                        await self._t_settle_reachability(nursery, [p.peer_id for p in boot])
+                    else:
+                        self.reachability = Reachability(CLIENT)
                     self._bridge.loop.call_soon_threadsafe(Bridge._deliver, ready, None, None)
                 await self._stop_event.wait()
                 self._bridge.nursery = None
                 nursery.cancel_scope.cancel()
+
+    # ---- reachability and relays (trio side) --------------------------------------------
+    def _advertised(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        """What identify and our DHT provider records tell peers our addresses are: --announce-addr or
+        the listen ones, kept after a private node stops listening (py-libp2p's provider records
+        carry the provider's identify addresses, and peers drop a provider that has none)."""
+        if self._announce:
+            return list(self._announce)
+        if self.reachability.status == PRIVATE:
+            return list(self._closed_listen_addrs)
+        return candidates
+
+    def _holds_reservation(self, relay_id: ID) -> bool:
+        return relay_id.to_base58() in self.reservations
+
+    async def _t_settle_reachability(self, nursery: trio.Nursery, boot: list[ID]) -> None:
+        """Learn our reachability, then offer a relay (public or unknown) or reserve relay slots (private)."""
+        ports = sorted({int(a.value_for_protocol("tcp")) for a in self._host.get_transport_addrs()})
+        if self._assume_private:
+            self.reachability = Reachability(PRIVATE)
+            log.info("reachability: private (assumed: --assume-private)")
+        else:
+            self.reachability = await reachability.check(self._host, self._dialback_candidates(boot), ports)
+            log.info("reachability: %s", self.reachability.describe())
+        if self.reachability.status == PRIVATE:
+            await self._t_stop_listening()
+            assert self._kad is not None
+            # nobody can dial us for queries; switching empties the routing table, so refill it
+            known = self._kad.routing_table.get_peer_ids()
+            await self._kad.switch_mode(DHTMode.CLIENT)
+            for peer in known:
+                await self._kad.add_peer(peer, skip_server_mode_check=True)
+            self._relay_wake = trio.Event()
+            first = trio.Event()
+            nursery.start_soon(self._t_keep_relays, boot, first)
+            with trio.move_on_after(2 * relay.CONTROL_TIMEOUT_S):
+                await first.wait()
+            return
+        if self._relay_offer is not None:
+            self.relay = RelayService(self._host, self._relay_offer,
+                                      self.latency.delay_s if self.latency else (lambda _peer: 0.0))
+            self.relay.register()
+            log.info("offering a relay service (%d reservations, %d circuits, %d MiB and %.0f s per circuit)",
+                     self._relay_offer.max_reservations, self._relay_offer.max_circuits,
+                     self._relay_offer.circuit_bytes >> 20, self._relay_offer.circuit_duration_s)
+        if self.reachability.status == UNKNOWN:
+            nursery.start_soon(self._t_recheck_unknown, ports)
+
+    def _dialback_candidates(self, first: list[ID]) -> list[ID]:
+        """Peers to ask for a dial-back: bootstrap peers first, then other connected routing-table peers."""
+        assert self._kad is not None
+        connected = set(self._host.get_connected_peers())
+        ordered = [*first, *self._kad.routing_table.get_peer_ids()]
+        return [p for i, p in enumerate(ordered) if p in connected and p not in ordered[:i]]
+
+    async def _t_stop_listening(self) -> None:
+        """Nobody outside can dial a private node, so it stops listening: every peer then reaches it
+        through its relays, also where its listen address would happen to be routable (a peer on the
+        same home network; a node made private with --assume-private on one machine)."""
+        self._closed_listen_addrs = list(self._host.get_transport_addrs())
+        for listener in list(self._host.get_network().listeners.values()):
+            with trio.move_on_after(5):
+                await listener.close()
+
+    async def _t_recheck_unknown(self, ports: list[int]) -> None:
+        """A node that started alone (the first bootstrap peer) asks again once peers have joined."""
+        while self.reachability.status == UNKNOWN:
+            await trio.sleep(RECHECK_UNKNOWN_S)
+            found = await reachability.check(self._host, self._dialback_candidates([]), ports)
+            if found.status != UNKNOWN:
+                self.reachability = found
+                log.info("reachability: %s", found.describe())
+                if found.status == PRIVATE and self.relay is not None:
+                    log.warning("this node is not reachable from outside: it keeps its relay service, "
+                                "but nobody can use it; restart it with an open port or behind none")
+
+    async def _t_keep_relays(self, boot: list[ID], first: trio.Event) -> None:
+        """Hold RELAYS_WANTED reservations for as long as the node runs; replace each lost one."""
+        assert self._relay_wake is not None
+        failed: dict[ID, float] = {}  # relay -> when it last refused or failed us
+        warned = False
+        while True:
+            if len(self.reservations) < RELAYS_WANTED:
+                for info in await self._t_relay_candidates(boot, failed):
+                    if len(self.reservations) >= RELAYS_WANTED:
+                        break
+                    try:
+                        res = await relay.reserve(self._host, info, self._bridge.nursery, self._t_relay_lost)
+                    except Exception as exc:
+                        failed[info.peer_id] = trio.current_time()
+                        log.info("relay %s refused or failed a reservation: %s", info.peer_id, _root_cause(exc))
+                        continue
+                    self.reservations[res.relay_id] = res
+                    log.info("reserved a relay slot on %s; reachable at %s", res.relay_id, res.circuit_addr)
+                    self._t_set_relayed_addrs()
+                if self.reservations:
+                    first.set()
+                    warned = False
+                elif not warned:  # once each time the node is left without a relay
+                    log.warning("no relay found yet: nobody outside this network can reach this node")
+                    warned = True
+            with trio.move_on_after(RELAY_TOP_UP_S if self.reservations else RELAY_RETRY_S):
+                await self._relay_wake.wait()
+            self._relay_wake = trio.Event()
+
+    async def _t_relay_candidates(self, boot: list[ID], failed: dict[ID, float]) -> list[LibPeerInfo]:
+        """Known peers that say they offer a relay, bootstrap peers first; skips current relays and any
+        that failed us in the last minute."""
+        assert self._kad is not None
+        store = self._host.get_peerstore()
+        now = trio.current_time()
+        ordered = [*boot, *self._kad.routing_table.get_peer_ids()]
+        peers = [p for i, p in enumerate(ordered) if p not in ordered[:i] and p.to_base58() not in self.reservations
+                 and now - failed.get(p, -math.inf) > 60.0]
+        offers: list[LibPeerInfo] = []
+
+        async def ask(pid: ID) -> None:
+            try:
+                addrs = [a for a in store.addrs(pid) if not relay.is_circuit(str(a))]
+            except Exception:
+                addrs = []
+            if not addrs:
+                return
+            try:
+                frame = await self._t_info(PeerInfo(pid.to_base58()), RELAY_INFO_TIMEOUT_S)
+                if NodeInfo.decode(pid.to_base58(), frame).relay:
+                    offers.append(LibPeerInfo(pid, addrs[:1]))
+            except Exception as exc:
+                log.debug("asking %s whether it relays failed: %r", pid, exc)
+
+        async with trio.open_nursery() as nursery:
+            for pid in peers[:RELAY_CANDIDATES_ASKED]:
+                nursery.start_soon(ask, pid)
+        return sorted(offers, key=lambda i: ordered.index(i.peer_id))
+
+    def _t_relay_lost(self, res: Reservation) -> None:
+        if self.reservations.get(res.relay_id) is res:
+            del self.reservations[res.relay_id]
+            self._t_set_relayed_addrs()
+        if self._relay_wake is not None:
+            self._relay_wake.set()
+
+    def _t_set_relayed_addrs(self) -> None:
+        """Advertise our circuit addresses (our own, unreachable ones only while we hold no relay)."""
+        self.addrs = [r.circuit_addr for r in self.reservations.values()] or list(self._direct_addrs)
+        self._bridge.loop.call_soon_threadsafe(self._addrs_changed.set)
 
     async def _join(self, boot: list[LibPeerInfo], required: bool) -> BootstrapUnreachable | None:
         """Connect to bootstrap peers and look ourselves up so they (and we) fill routing tables.
@@ -421,13 +628,18 @@ class P2PNode:
                       max_frame_bytes: int | None = None) -> Stream:
         try:
             pid = ID.from_base58(peer.peer_id)
-            addrs = [_without_p2p(multiaddr.Multiaddr(a)) for a in peer.addrs]
+            addrs = [_without_p2p(multiaddr.Multiaddr(a)) for a in peer.addrs if not relay.is_circuit(a)]
+            circuits = [a for a in peer.addrs if relay.is_circuit(a)]
+            for a in circuits:
+                relay.split_circuit(a)
         except Exception as exc:
             raise ValueError(f"bad peer {peer!r}: {exc}") from None
         try:
             with trio.fail_after(timeout):
-                if addrs or pid not in self._host.get_connected_peers():
-                    await self._host.connect(LibPeerInfo(pid, addrs))
+                if pid not in self._host.get_connected_peers():
+                    await self._t_connect(pid, addrs, circuits)
+                elif addrs:
+                    self._host.get_peerstore().add_addrs(pid, addrs, 120)
                 raw = await self._host.new_stream(pid, [TProtocol(protocol)])
         except trio.TooSlowError:
             raise PeerUnreachable(f"no {protocol} stream to {peer.peer_id} within {timeout}s") from None
@@ -436,6 +648,24 @@ class P2PNode:
         if max_frame_bytes is not None:
             return Stream(raw, self._bridge, self.latency, max_frame_bytes)
         return self._wrap(raw)
+
+    async def _t_connect(self, pid: ID, addrs: list[multiaddr.Multiaddr], circuits: list[str]) -> None:
+        """Dial `pid` directly at `addrs`, else through the relays of its circuit addresses, in order."""
+        errors: list[BaseException] = []
+        if addrs or not circuits:
+            try:
+                await self._host.connect(LibPeerInfo(pid, addrs))
+                return
+            except Exception as exc:
+                errors.append(exc)
+        for addr in circuits:
+            try:
+                await relay.dial_relayed(self._host, pid, addr)
+                return
+            except Exception as exc:
+                log.info("dial to %s through %s failed: %s", pid, addr, _root_cause(exc))
+                errors.append(exc)
+        raise errors[-1]
 
     async def _t_ping(self, peer: PeerInfo, timeout: float) -> float:
         stream = await self._t_open(peer, PING_PROTOCOL, timeout)
@@ -488,7 +718,8 @@ class P2PNode:
         try:
             frame = await stream._t_recv(timeout=10.0)
             if len(frame) <= 64:
-                info = NodeInfo(self.peer_id, self._served_models(), tuple(await self._t_known_peers()))
+                info = NodeInfo(self.peer_id, self._served_models(), tuple(await self._t_known_peers()),
+                                self.reachability.status, self.relay is not None)
                 await stream._t_send(info.encode())
         except (StreamClosed, TimeoutError, FrameTooLarge):
             pass

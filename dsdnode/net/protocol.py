@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
-SESSION_PROTOCOL = "/dsdnode/session/1.0.0"
+# Bumped whenever a message or record changes incompatibly: records carry it, and a node skips
+# records of another version with a clear message instead of failing on them mid-session.
+PROTOCOL_VERSION = 2
+SESSION_PROTOCOL = f"/dsdnode/session/{PROTOCOL_VERSION}.0.0"
 HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in HIDDEN_DTYPES.items()}

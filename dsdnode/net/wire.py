@@ -18,9 +18,13 @@ Error codes raised by `decode` (and sent back in ErrorReply):
   too_large  frame > max_frame_bytes, block T > max_block, commit_len+T or max_length > max_length,
              bytes longer than the largest tensor the limits allow
   bad_dtype  tensor dtype not allowed where it appears
-  bad_shape  shape not [1, T, hidden_size] / mask not [T, commit_len+T] / data length != shape
-The other codes (unknown_session, busy, wrong_span, internal, shutting_down, bad_next_hop) are for
-servers; bad_next_hop: OpenSession named a next_peer without a valid span record that continues
+  bad_shape  shape not [1, T, hidden_size] / mask not [T, T] / data length != shape
+  malformed  (also) a tree mask that lets a position see a later one or not itself, positions outside
+             the block's own range [commit_len, commit_len+T) or not T of them, kept indices not
+             strictly increasing inside [0, max_block)
+The other codes (unknown_session, busy, wrong_span, wrong_weights, internal, shutting_down,
+bad_next_hop) are for servers; wrong_weights: OpenSession asked for other weights (another digest)
+than the server holds; bad_next_hop: OpenSession named a next_peer without a valid span record that continues
 the session's span, or the next hop cannot be reached or refused a pushed block (the fault is
 probably the next hop's).
 """
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
 
 ERROR_CODES = frozenset(
     {"malformed", "too_large", "bad_dtype", "bad_shape", "unknown_session", "busy",
-     "wrong_span", "internal", "shutting_down", "bad_next_hop"}
+     "wrong_span", "wrong_weights", "internal", "shutting_down", "bad_next_hop"}
 )
 HIDDEN_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "bool": 1}
@@ -152,7 +156,9 @@ class OpenSession:
     next_peer: peer id of the hop this one pushes its output to (None: answer the opener). The
     server dials it at the addresses of that peer's signed span record, never at addresses a
     client names. prev_peer: peer id of the hop that pushes blocks into this session (None: the
-    opener sends them itself, on this stream); blocks from anyone else are refused.
+    opener sends them itself, on this stream); blocks from anyone else are refused. weights: the
+    digest of the weights the client's head was loaded from (models.weights.weights_digest); a
+    server holding other weights refuses with wrong_weights, so a chain never mixes checkpoints.
     """
 
     session_id: str
@@ -163,6 +169,7 @@ class OpenSession:
     next_peer: str | None
     prev_peer: str | None
     dtype: str
+    weights: str
 
 
 @dataclass
@@ -179,8 +186,16 @@ class SessionOpened:
 class Forward:
     """One block through the chain.
 
-    attention_mask: optional [T, commit_len+T] bool mask for tree verification, True where
-    query position i may attend to key position j; None means the ordinary causal mask.
+    attention_mask: optional [T, T] bool mask within the block (a token tree), True where block
+    position i may attend to block position j (j <= i); every position always sees the committed
+    prefix. None means the ordinary causal mask.
+    positions: the block's position ids (a tree node's is commit_len + its depth); None means
+    commit_len, commit_len+1, ... (a chain). Without them a tree block would get wrong rotary
+    positions.
+    kept: which positions of the previous block to keep, as indices into that block (the accepted
+    path of a tree); each hop first gathers them to where that block began, then keeps commit_len
+    cached positions, so only the accepted path is moved and nothing is recomputed. None keeps the
+    previous block as it is (a chain's rollback is commit_len alone).
     """
 
     session_id: str
@@ -189,6 +204,8 @@ class Forward:
     hidden: TensorPayload
     attention_mask: TensorPayload | None
     timings: list[HopTiming]
+    positions: list[int] | None = None
+    kept: list[int] | None = None
 
 
 @dataclass
@@ -327,7 +344,10 @@ def _bounds(limits: WireLimits) -> _Bounds:
     else:  # the largest tensor a message may carry: a hidden block or its attention mask
         hidden = limits.max_block * limits.hidden_size * max(ITEMSIZE[d] for d in HIDDEN_DTYPES)
         bin_bytes = max(hidden, limits.max_block * limits.max_length * ITEMSIZE["bool"])
-    return _Bounds(depth=_DEPTH_CAP, items=_ITEMS_CAP, map_len=_MAP_CAP, array_len=_ARRAY_CAP,
+    # positions and kept are lists of up to max_block ints each; _ITEMS_CAP counts them at _ARRAY_CAP
+    longer = max(0, limits.max_block - _ARRAY_CAP)
+    return _Bounds(depth=_DEPTH_CAP, items=_ITEMS_CAP + 2 * longer, map_len=_MAP_CAP,
+                   array_len=max(_ARRAY_CAP, limits.max_block),
                    str_bytes=MAX_UTF8_BYTES_PER_CHAR * max(MAX_ID_CHARS, MAX_MESSAGE_CHARS), bin_bytes=bin_bytes)
 
 
@@ -454,7 +474,11 @@ def _check(msg: Message, limits: WireLimits) -> None:
         if msg.commit_len + t > limits.max_length:
             raise WireError("too_large", f"commit_len {msg.commit_len} + block {t} exceeds max_length {limits.max_length}")
         if msg.attention_mask is not None:
-            _check_mask(msg.attention_mask, t, msg.commit_len)
+            _check_mask(msg.attention_mask, t)
+        if msg.positions is not None:
+            _check_positions(msg.positions, t, msg.commit_len)
+        if msg.kept is not None:
+            _check_kept(msg.kept, limits.max_block)
     elif isinstance(msg, ForwardResult):
         _check_step(msg.step_id, msg.timings)
         _check_hidden(msg.hidden, limits)
@@ -506,11 +530,30 @@ def _check_hidden(h: TensorPayload, limits: WireLimits) -> int:
     return h.shape[1]
 
 
-def _check_mask(m: TensorPayload, t: int, commit_len: int) -> None:
+def _check_mask(m: TensorPayload, t: int) -> None:
     if m.dtype != "bool":
         raise WireError("bad_dtype", f"attention_mask dtype must be bool, got {short(m.dtype)}")
-    if tuple(m.shape) != (t, commit_len + t):
-        raise WireError("bad_shape", f"attention_mask shape {list(m.shape)} is not [{t}, {commit_len + t}]")
+    if tuple(m.shape) != (t, t):
+        raise WireError("bad_shape", f"attention_mask shape {list(m.shape)} is not [{t}, {t}]")
     _check_tensor(m, "attention_mask")
     if m.data.translate(None, b"\x00\x01"):
         raise WireError("malformed", "attention_mask holds bytes other than 0/1")
+    # row-major [T, T]: row i's diagonal byte is at i*(T+1); nothing after it in the row may be set
+    for i in range(t):
+        row = m.data[i * t:(i + 1) * t]
+        if row[i] != 1 or row[i + 1:].count(1):
+            raise WireError("malformed", f"attention_mask row {i} must see itself and no later position")
+
+
+def _check_positions(positions: list[int], t: int, commit_len: int) -> None:
+    if len(positions) != t:
+        raise WireError("malformed", f"{len(positions)} positions for a block of {t}")
+    if any(not commit_len <= p < commit_len + t for p in positions):
+        raise WireError("malformed", f"positions must lie in [{commit_len}, {commit_len + t})")
+
+
+def _check_kept(kept: list[int], max_block: int) -> None:
+    if len(kept) > max_block or any(not 0 <= i < max_block for i in kept):
+        raise WireError("malformed", f"kept indices must be fewer than and inside [0, {max_block})")
+    if any(a >= b for a, b in zip(kept, kept[1:])):
+        raise WireError("malformed", "kept indices must be strictly increasing")

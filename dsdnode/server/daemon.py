@@ -29,15 +29,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .. import __version__
-from ..models.span import Span
+from ..models.span import Block, Span
 from ..net.dht import SpanRecord
 from ..net.protocol import DTYPE_NAMES, HIDDEN_DTYPES, SESSION_PROTOCOL
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.stream import FRAME_BODY_TIMEOUT_S, close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
                         TensorPayload, WireError, WireLimits, decode, digest, encode, short)
+from .batching import BatchSettings, Batcher
 from .metrics import server_metrics
-from .sessions import Session, SessionError, SessionTable
+from .sessions import ClientLimits, Session, SessionError, SessionTable
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +48,24 @@ WITHDRAW_TIMEOUT_S = 5.0
 
 
 class Server:
-    def __init__(self, node: P2PNode, model: str, span: Span, *, cache_budget_bytes: int, max_length: int,
-                 max_block: int, idle_s: float, announce_interval_s: float, record_ttl_s: float,
-                 frame_body_timeout_s: float = FRAME_BODY_TIMEOUT_S):
-        self.node, self.model, self.span = node, model, span
+    def __init__(self, node: P2PNode, model: str, span: Span, *, weights: str, cache_budget_bytes: int,
+                 max_length: int, max_block: int, idle_s: float, announce_interval_s: float, record_ttl_s: float,
+                 frame_body_timeout_s: float = FRAME_BODY_TIMEOUT_S, batching: BatchSettings = BatchSettings(),
+                 client_limits: ClientLimits = ClientLimits()):
+        self.node, self.model, self.span, self.weights = node, model, span, weights
         self.frame_body_timeout_s = frame_body_timeout_s
-        self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s)
+        self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s, client_limits)
         self.limits = WireLimits(hidden_size=span.config.hidden_size, max_block=max_block, max_length=max_length,
                                  max_frame_bytes=node.max_frame_bytes)
         self.announce_interval_s, self.record_ttl_s = announce_interval_s, record_ttl_s
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="span")  # one block at a time per machine
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="span")  # one forward at a time per machine
         self.throughput = 0.0
         self.stopping = False
         self.errors: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
         self.metrics = server_metrics(self)  # exposed by `dsdnode start --metrics-port`
+        # blocks of many sessions per forward
+        self.batcher = Batcher(self.compute, batching, self.table.active, self.metrics.batch_size.observe)
 
     # ---- life cycle ---------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> None:
@@ -71,7 +75,8 @@ class Server:
         reaper = asyncio.create_task(self._expire_loop())
         print(json.dumps({"event": "ready", "peer_id": self.node.peer_id, "addrs": self.node.addrs, "model": self.model,
                           "start": self.span.start, "end": self.span.end, "device": self.span.device.type,
-                          "throughput": round(self.throughput, 2)}), flush=True)
+                          "weights": self.weights, "throughput": round(self.throughput, 2),
+                          **self.node.reach_fields()}), flush=True)
         try:
             await stop.wait()
         finally:
@@ -95,13 +100,15 @@ class Server:
             except Exception as e:  # asyncio.TimeoutError included
                 log.warning("could not withdraw the span record (it expires by itself): %r", e)
         finally:
+            self.batcher.stop()
             self.compute.shutdown(wait=True)
             await self.node.stop()
 
     def record(self) -> SpanRecord:
         return SpanRecord(self.model, self.span.start, self.span.end, self.node.peer_id, list(self.node.addrs),
                           self.throughput, self.table.free_tokens(), __version__, time.time() + self.record_ttl_s,
-                          device=self.span.device.type)
+                          device=self.span.device.type, weights=self.weights, active_sessions=self.table.active(),
+                          queued_positions=self.batcher.queued_positions)
 
     async def _announce_loop(self) -> None:
         while True:
@@ -109,7 +116,8 @@ class Server:
                 await self.node.dht.announce(self.record())
             except Exception as e:  # the DHT may be empty right now; try again next interval
                 log.warning("announce failed: %r", e)
-            await asyncio.sleep(self.announce_interval_s)
+            # a relay reserved or lost changes how peers reach us: tell the swarm at once
+            await self.node.wait_addrs_changed(self.announce_interval_s)
 
     async def _expire_loop(self) -> None:
         while True:
@@ -178,6 +186,9 @@ class Server:
             raise SessionError("shutting_down", "server is shutting down")
         if msg.model != self.model:
             raise SessionError("wrong_span", f"this server serves {self.model!r}, not {short(msg.model)}")
+        if msg.weights != self.weights:
+            raise SessionError("wrong_weights", f"this server holds weights {self.weights} of {self.model!r}, "
+                                                f"the session asks for {short(msg.weights)}")
         if msg.dtype not in HIDDEN_DTYPES:
             raise SessionError("bad_dtype", f"dtype {short(msg.dtype)} is not one of {sorted(HIDDEN_DTYPES)}")
         next_hop = await self._next_hop(msg) if msg.next_peer is not None else None
@@ -210,6 +221,9 @@ class Server:
         if not rec.start <= msg.end < rec.end:
             raise SessionError("bad_next_hop", f"next peer {rec.peer_id} serves layers {rec.start}:{rec.end}, "
                                                f"which do not continue this session at layer {msg.end}")
+        if rec.weights != self.weights:
+            raise SessionError("bad_next_hop", f"next peer {rec.peer_id} serves other weights of {self.model!r} "
+                                               f"({short(rec.weights)}, not {self.weights})")
         return PeerInfo(rec.peer_id, tuple(rec.addrs))
 
     async def _close(self, session_id: str) -> None:
@@ -237,29 +251,28 @@ class Server:
                 raise SessionError("unknown_session", f"no open session {msg.session_id!r} on this server")
             incoming = msg.hidden.to_torch()
             hidden = incoming.to(session.span.dtype)
-            tree = None
-            if msg.attention_mask is not None:
-                mask = msg.attention_mask.to_torch()
-                if not bool(mask[:, :msg.commit_len].all()):
-                    raise SessionError("bad_shape", "attention_mask must let every position see the committed prefix")
-                tree = mask[:, msg.commit_len:]
-            if msg.commit_len > cache.length:
-                raise SessionError("bad_shape", f"commit_len {msg.commit_len} > {cache.length} cached positions")
-            t0 = time.perf_counter()
-            try:
-                out = await asyncio.get_running_loop().run_in_executor(
-                    self.compute, session.span.forward, hidden, cache, msg.commit_len, tree)
+            tree = None if msg.attention_mask is None else msg.attention_mask.to_torch()
+            positions = None if msg.positions is None else torch.tensor([msg.positions])
+            self.table.admit_block(session, hidden.shape[1], self.batcher.queued_by(session.owner))
+            block = Block(hidden, cache, msg.commit_len, tree, positions, msg.kept)
+            try:  # with the blocks of other sessions queued meanwhile (batching.py); the cache checks
+                # commit_len and kept against what it holds (ValueError)
+                done = await self.batcher.run(session.span, block, session.owner)
             except ValueError as e:
                 raise SessionError("bad_shape", str(e)) from None
+            except RuntimeError as e:  # the forward it shared failed (e.g. out of memory): each session hears it
+                log.warning("a forward failed: %r", e)
+                raise SessionError("internal", f"the forward failed: {short(str(e), 200)}") from None
             del cache  # the session owns its cache: once it closes, the memory must go
-            compute_s = time.perf_counter() - t0
+            out, compute_s = done.hidden, done.compute_s
             session.tokens_served += hidden.shape[1]
             self.metrics.observe_block(hidden.shape[1], compute_s)
             timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time(), digest(msg.hidden))]
             payload = TensorPayload.from_torch(out.to(incoming.dtype))  # the next hop gets what we got
             result = ForwardResult(msg.session_id, msg.step_id, payload, timings)
             if session.next_stream is not None:
-                frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings))
+                frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings,
+                                       msg.positions, msg.kept))
                 try:
                     await session.next_stream.send(frame)
                     self.metrics.bytes_out.inc(len(frame))

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 
 # Block compute on a CPU spans ~1 ms (one token, few layers) to seconds (a long prefill chunk).
 COMPUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class NodeMetrics:
@@ -31,6 +32,8 @@ class NodeMetrics:
                                      registry=self.registry)
         self.forward_compute = Histogram("dsdnode_forward_compute_seconds", "Compute time of one block on this node.",
                                          buckets=COMPUTE_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("dsdnode_forward_batch_blocks", "Blocks (of as many sessions) per forward.",
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
         self.bytes_in = Counter("dsdnode_received_bytes", "Frame bytes received on session streams.",
                                 registry=self.registry)
         self.bytes_out = Counter("dsdnode_sent_bytes", "Frame bytes sent on session streams.",

@@ -1,5 +1,5 @@
 """Which layers a new server should take (`--layers auto`): as many as fit its memory (or
---num-layers), in the least-covered window."""
+--num-layers), in the window whose layers are served thinnest relative to their load."""
 
 from __future__ import annotations
 
@@ -29,10 +29,19 @@ def auto_width(config, device, dtype, *, num_layers: int, cache_budget_mb: int, 
 
 
 def choose_span(records: list[SpanRecord], num_layers: int, width: int) -> tuple[int, int]:
-    """The window of `width` layers with the fewest servers (first such window on ties)."""
+    """The window of `width` layers served thinnest relative to load (first such window on ties).
+
+    A layer's thinness is servers / (1 + sessions): the servers holding it and the sessions active
+    on them (from their records). Without load this is the window with the fewest servers; with it,
+    a new server joins where each existing one carries the most sessions."""
     width = max(1, min(width, num_layers))
     counts = coverage(records, num_layers)
-    best = min(range(num_layers - width + 1), key=lambda s: (max(counts[s:s + width]), sum(counts[s:s + width]), s))
+    load = [0] * num_layers
+    for r in records:
+        for i in range(max(0, r.start), min(num_layers, r.end)):
+            load[i] += r.active_sessions
+    thin = [n / (1 + d) for n, d in zip(counts, load)]
+    best = min(range(num_layers - width + 1), key=lambda s: (max(thin[s:s + width]), sum(thin[s:s + width]), s))
     return best, best + width
 
 

@@ -8,7 +8,12 @@ budget, not the lifetime of streams and tasks that once served the session.
 
 A session belongs to the peer that opened it: blocks are taken only from the opener's own stream
 (first hop) or from the upstream peer the opener named (prev_peer); `admits` says whether a stream
-may touch a session, and callers treat "no" exactly like an unknown session id."""
+may touch a session, and callers treat "no" exactly like an unknown session id.
+
+Admission is fair between clients (a client is the peer id that opens sessions): each may hold at
+most ClientLimits.max_sessions open sessions here and have at most max_queued_positions positions
+waiting for compute. Past either limit it is told "busy" with a retry hint, like a full server, and
+routes elsewhere; other clients are not held up by one that opens or sends too much."""
 
 from __future__ import annotations
 
@@ -21,6 +26,16 @@ from ..net.p2p import Stream
 
 
 BUSY_RETRY_AFTER_S = 2.0  # the hint a full server gives; clients back off further when it stays full
+QUEUE_RETRY_AFTER_S = 0.5  # the hint for a client whose blocks already fill its share of the queue
+ACTIVE_WITHIN_S = 5.0  # a session that sent a block this recently counts as active (load, batching)
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """What one client (peer id) may hold at this server at once."""
+
+    max_sessions: int = 16
+    max_queued_positions: int = 512
 
 
 class SessionError(Exception):
@@ -45,6 +60,11 @@ class Session:
     tokens_served: int = 0
 
     @property
+    def owner(self) -> str | None:
+        """Peer id of the client that opened the session."""
+        return getattr(self.client, "remote_peer_id", None)
+
+    @property
     def closed(self) -> bool:
         return self.cache is None
 
@@ -64,8 +84,10 @@ def cache_bytes(span: Span, length: int) -> int:
 
 
 class SessionTable:
-    def __init__(self, span: Span, budget_bytes: int, max_length: int, idle_s: float):
+    def __init__(self, span: Span, budget_bytes: int, max_length: int, idle_s: float,
+                 limits: ClientLimits = ClientLimits()):
         self.span, self.budget, self.max_length, self.idle_s = span, budget_bytes, max_length, idle_s
+        self.limits = limits
         self.sessions: dict[str, Session] = {}
 
     @property
@@ -87,6 +109,12 @@ class SessionTable:
                                              f"not {start}:{end}")
         if not 0 < max_length <= self.max_length:
             raise SessionError("too_large", f"max_length must be in 1..{self.max_length}, got {max_length}")
+        owner = getattr(client, "remote_peer_id", None)
+        held = sum(1 for s in self.sessions.values() if s.owner == owner)
+        if owner is not None and held >= self.limits.max_sessions:
+            raise SessionError("busy", f"this client already holds {held} sessions here (at most "
+                                       f"{self.limits.max_sessions} per client); try another server",
+                               BUSY_RETRY_AFTER_S)
         span = self.span.sub(start, end)
         need = cache_bytes(span, max_length)
         if self.used_bytes + need > self.budget:
@@ -113,6 +141,19 @@ class SessionTable:
         if session is not None:
             session.cache = None
         return session
+
+    def admit_block(self, session: Session, positions: int, queued: int) -> None:
+        """Refuse ("busy") a block of `positions` when its client already has `queued` positions
+        waiting for compute here and the block would take it past its share."""
+        limit = self.limits.max_queued_positions
+        if queued and queued + positions > limit:
+            raise SessionError("busy", f"this client has {queued} positions queued here (at most {limit} per "
+                                       f"client); try again shortly or another server", QUEUE_RETRY_AFTER_S)
+
+    def active(self) -> int:
+        """Sessions that sent a block in the last ACTIVE_WITHIN_S seconds."""
+        since = time.monotonic() - ACTIVE_WITHIN_S
+        return sum(1 for s in list(self.sessions.values()) if s.last_used >= since)
 
     def expired(self) -> list[str]:
         now = time.monotonic()

@@ -1,4 +1,4 @@
-"""Choosing the draft length k for the next round.
+"""Choosing the shape of the next round's draft: a tree's width and depth (a chain: width 1, k = depth).
 
 Cost model of one round that drafts k tokens and sends k+1 through the chain:
 
@@ -29,12 +29,27 @@ Estimation (all online, O(1) per round):
   trusted slope is kept while k sits still.
 - L: h0 plus an EMA of the residual round_s - H - draft_s (links, client, transfers).
   Latency lives only here, so a latency change never pollutes the compute slope.
+
+Trees (width w > 1, width_max > 1). A tree of width w and depth k keeps the w best nodes of each
+depth: it sends 1 + w*k positions (compute c each, as above) and costs k batched draft forwards
+(d_w per depth, an EMA per width, never taken below the chain's d: a batch of w rows costs about
+one row on a weight-bound CPU, more on a compute-bound one, and only measurement says which).
+Its per-depth success is a_w = a + (1 - a) * g_w, where a is the top-1
+acceptance above and g_w the share of top-1 misses that the other candidates at the node caught
+(another draft, or a prompt-lookup branch: so g_1 > 0 with lookup). Verification reports, for each
+node it visits that has children, the rank of the accepted child (-1: none), so a counts rank-0
+visits against all others and g_w counts rank > 0 against rank -1, both with decaying counts from
+prior pseudo-counts (g_w's prior: 1 - (1 - prior_catch)^(w-1)). The shape maximising
+E(a_w, k) / T(w, k) is chosen; width 1 is always a candidate, so the model never prefers a tree it
+predicts to be slower than the best chain.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from .tree import TreeShape
 
 # Weighted sum of squares of k around its mean needed before the compute slope is trusted
 # (about one probe one step away from the others, seen within the forgetting window).
@@ -59,6 +74,14 @@ class RoundObservation:
     round_s: float
     draft_s: float
     hop_compute_s: list[float]
+    width: int = 1  # tree width (1: a chain)
+    nodes: int | None = None  # tree nodes sent (drafts and lookups); None: k
+    ranks: list[int] | None = None  # per visited node with children: rank of the accepted child, -1 none
+
+    @property
+    def block(self) -> int:
+        """Positions the chain computed: the root plus the nodes."""
+        return 1 + (self.k if self.nodes is None else self.nodes)
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,9 @@ class ControllerSettings:
         changes faster but makes a (and so k) noisier.
     ema: per-round smoothing of draft time and fixed cost; higher reacts faster to a
         latency change, lower averages out jitter.
+    width_max: widest tree (1: chains only).
+    prior_catch: starting belief about the share of top-1 misses the second candidate of a node
+        catches (each further one catches that share of what is left); weighted like prior_weight.
     """
 
     k_max: int = 8
@@ -81,8 +107,14 @@ class ControllerSettings:
     prior_weight: float = 8.0
     acceptance_ema: float = 0.1
     ema: float = 0.2
+    width_max: int = 1
+    prior_catch: float = 0.3
 
     def __post_init__(self) -> None:
+        if not isinstance(self.width_max, int) or self.width_max < 1:
+            raise ValueError(f"width_max must be an int >= 1, got {self.width_max!r}")
+        if not 0.0 <= self.prior_catch < 1.0:
+            raise ValueError(f"prior_catch must be in [0, 1), got {self.prior_catch}")
         if not isinstance(self.k_max, int) or self.k_max < 1:
             raise ValueError(f"k_max must be an int >= 1, got {self.k_max!r}")
         if self.k_fixed is not None and (not isinstance(self.k_fixed, int) or self.k_fixed < 0):
@@ -115,8 +147,13 @@ def expected_tokens(a: float, k: int) -> float:
     return (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
-def optimal_k(a: float, L: float, c: float, d: float, k_max: int) -> int:
-    """k in [1, k_max] maximizing E(k) / (L + (k+1)c + kd); the smallest k on ties.
+def round_cost(L: float, c: float, d: float, k: int, width: int = 1) -> float:
+    """T: a tree of width*k nodes plus the root through the chain, and k draft depths (never 0)."""
+    return max(L + (width * k + 1) * c + k * d, 1e-12)
+
+
+def optimal_k(a: float, L: float, c: float, d: float, k_max: int, width: int = 1) -> int:
+    """k in [1, k_max] maximizing E(k) / (L + (width*k+1)c + kd); the smallest k on ties.
 
     E is concave in k and T affine and positive, so the ratio is unimodal: the scan stops
     at the first decrease.
@@ -130,7 +167,7 @@ def optimal_k(a: float, L: float, c: float, d: float, k_max: int) -> int:
         raise ValueError(f"k_max must be an int >= 1, got {k_max!r}")
 
     def rate(k: int) -> float:
-        return expected_tokens(a, k) / max(L + (k + 1) * c + k * d, 1e-12)
+        return expected_tokens(a, k) / round_cost(L, c, d, k, width)
 
     best_k, best, prev = 1, rate(1), rate(1)
     for k in range(2, k_max + 1):
@@ -183,8 +220,12 @@ class DraftLengthController:
 
     def reset_acceptance(self) -> None:
         """Back to the prior belief about acceptance (a new text); keep the cost model."""
-        self._acc = self.settings.prior_weight * self.settings.prior_acceptance
-        self._rej = self.settings.prior_weight * (1.0 - self.settings.prior_acceptance)
+        s = self.settings
+        self._acc = s.prior_weight * s.prior_acceptance
+        self._rej = s.prior_weight * (1.0 - s.prior_acceptance)
+        # per width: (caught, missed) counts of top-1 misses
+        self._catch = {w: [s.prior_weight * (1.0 - (1.0 - s.prior_catch) ** (w - 1)),
+                           s.prior_weight * (1.0 - s.prior_catch) ** (w - 1)] for w in range(1, s.width_max + 1)}
 
     def reset_timing(self, n_hops: int) -> None:
         """Forget the cost model (e.g. after failover to another chain); keep acceptance."""
@@ -194,12 +235,19 @@ class DraftLengthController:
         self._compute = _ComputeFit()
         self._residual: float | None = None
         self._draft: float | None = None
+        self._draft_by_width: dict[int, float] = {}
         self._last_k: int | None = None
 
     @property
     def acceptance(self) -> float:
         """Current estimate of the per-token acceptance a."""
         return self._acc / (self._acc + self._rej)
+
+    def width_acceptance(self, width: int) -> float:
+        """a_w: the chance a depth of a width-`width` tree holds the target's token."""
+        caught, missed = self._catch[width]
+        a = self.acceptance
+        return a + (1.0 - a) * caught / (caught + missed)
 
     @property
     def timing(self) -> TimingEstimate | None:
@@ -218,30 +266,51 @@ class DraftLengthController:
         return t.fixed_s + (k + 1) * t.token_compute_s + k * t.draft_token_s
 
     def choose_k(self) -> int:
-        """k for the next round: k_fixed, k_initial before any timing, else the modelled optimum."""
-        if self.settings.k_fixed is not None:
-            return self.settings.k_fixed
+        """The depth of choose_shape() (a chain's k when width_max is 1)."""
+        return self.choose_shape().depth
+
+    def choose_shape(self) -> TreeShape:
+        """The next round's tree: k_fixed (a chain), a chain of k_initial before any timing, else the
+        (width, depth) maximising modelled tokens per second."""
+        s = self.settings
+        if s.k_fixed is not None:
+            return TreeShape(1, s.k_fixed)
         t = self.timing
         if t is None:
-            return min(self.settings.k_initial, self.settings.k_max)
-        k = optimal_k(self.acceptance, t.fixed_s, t.token_compute_s, t.draft_token_s,
-                      self.settings.k_max)
-        if self._compute.trusted_slope is None and self._last_k == k and self.settings.k_max > 1:
-            k = k + 1 if k < self.settings.k_max else k - 1  # probe: make the slope visible
-        return k
+            return TreeShape(1, min(s.k_initial, s.k_max))
+        best, best_rate = TreeShape(1, 1), -1.0
+        for w in range(1, s.width_max + 1):  # the narrower shape wins ties
+            # a depth of w rows never costs less than one row: measured noise must not make a tree look cheaper
+            a, d = self.width_acceptance(w), max(self._draft_by_width.get(w, t.draft_token_s), t.draft_token_s)
+            k = optimal_k(a, t.fixed_s, t.token_compute_s, d, s.k_max, w)
+            rate = expected_tokens(a, k) / round_cost(t.fixed_s, t.token_compute_s, d, k, w)
+            if rate > best_rate * (1 + 1e-12):
+                best, best_rate = TreeShape(w, k), rate
+        k = best.depth
+        if self._compute.trusted_slope is None and self._last_k == k and s.k_max > 1:
+            k = k + 1 if k < s.k_max else k - 1  # probe: make the slope visible
+        return TreeShape(best.width, k)
 
     def observe(self, obs: RoundObservation) -> None:
         """Fold one round into the estimates. Raises ValueError on inconsistent data."""
         self._validate(obs)
         keep = 1.0 - self.settings.acceptance_ema
         if obs.k > 0:
-            self._acc = keep * self._acc + obs.accepted
-            self._rej = keep * self._rej + (1.0 if obs.accepted < obs.k else 0.0)
-            per_draft = obs.draft_s / obs.k
-            self._draft = per_draft if self._draft is None else \
-                self._draft + self.settings.ema * (per_draft - self._draft)
+            ranks = obs.ranks if obs.ranks is not None else [0] * obs.accepted + [-1] * (obs.accepted < obs.k)
+            self._acc = keep * self._acc + ranks.count(0)
+            self._rej = keep * self._rej + (len(ranks) - ranks.count(0))
+            caught = self._catch[obs.width]
+            caught[0] = keep * caught[0] + sum(r > 0 for r in ranks)
+            caught[1] = keep * caught[1] + ranks.count(-1)
+            per_depth = obs.draft_s / obs.k
+            if obs.width == 1:
+                self._draft = per_depth if self._draft is None else \
+                    self._draft + self.settings.ema * (per_depth - self._draft)
+            old = self._draft_by_width.get(obs.width)
+            self._draft_by_width[obs.width] = per_depth if old is None else \
+                old + self.settings.ema * (per_depth - old)
         compute = math.fsum(obs.hop_compute_s)
-        self._compute.add(obs.k + 1, compute)
+        self._compute.add(obs.block, compute)
         residual = obs.round_s - compute - obs.draft_s
         self._residual = residual if self._residual is None else \
             self._residual + self.settings.ema * (residual - self._residual)
@@ -252,6 +321,12 @@ class DraftLengthController:
             raise ValueError(f"observation k must be an int >= 0, got {obs.k!r}")
         if not isinstance(obs.accepted, int) or not 0 <= obs.accepted <= obs.k:
             raise ValueError(f"accepted must be in [0, k={obs.k}], got {obs.accepted!r}")
+        if not isinstance(obs.width, int) or not 1 <= obs.width <= self.settings.width_max:
+            raise ValueError(f"width must be in [1, {self.settings.width_max}], got {obs.width!r}")
+        if obs.nodes is not None and (not isinstance(obs.nodes, int) or obs.nodes < obs.k):
+            raise ValueError(f"nodes must be an int >= k={obs.k}, got {obs.nodes!r}")
+        if obs.ranks is not None and (len(obs.ranks) > obs.k + 1 or any(r < -1 for r in obs.ranks)):
+            raise ValueError(f"ranks must be at most k+1 = {obs.k + 1} values >= -1, got {obs.ranks!r}")
         if len(obs.hop_compute_s) != self.n_hops:
             raise ValueError(f"expected {self.n_hops} hop compute times, "
                              f"got {len(obs.hop_compute_s)}")

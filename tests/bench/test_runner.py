@@ -19,6 +19,10 @@ def test_modes_parse_and_reject_unknown_names():
     assert not parse_mode("dsd-auto-av").lossless and parse_mode("dsd-auto-av").options(16).adaptive
     assert not parse_mode("ar-push").options(16).speculative
     assert parse_mode("dsd-k2").options(16).settings().controller.k_fixed == 2
+    tree = parse_mode("dsd-tree").options(16).settings()
+    assert tree.controller.width_max > 1 and tree.lookup and tree.max_block <= 64  # a default server's max_block
+    assert parse_mode("dsd-tree").lossless and not parse_mode("dsd-tree-av").lossless
+    assert parse_mode("dsd-tree-av").options(16).adaptive
     for bad in ("dsd-k0", "dsd-kx", "ar", ""):
         with pytest.raises(ValueError):
             parse_modes(bad)

@@ -60,7 +60,8 @@ def run(swarm, parts, peers, slow: set[str], trust: TrustSettings, k_fixed=2, n=
         for rec in await base.node.dht.discover(MODEL):
             if rec.peer_id in slow:
                 standing.measured(rec, rec.end - rec.start, 1.0)
-        chain = RemoteChain(base.node, MODEL, 30, parts[0].config.hidden_size, dtype=base.dtype, trust=trust,
+        chain = RemoteChain(base.node, MODEL, 30, parts[0].config.hidden_size, weights=base.weights, dtype=base.dtype,
+                            trust=trust,
                             standing=standing)
         try:
             streamed = []
@@ -98,7 +99,8 @@ def test_honest_servers_are_never_flagged(parts, bans, dtype, expected_long, smo
             servers(swarm, (0, 15, []), (0, 15, []), (15, 30, []), (15, 30, [])) as nodes:
         async def main():
             base = await client_chain(swarm, parts[0], nodes)
-            chain = RemoteChain(base.node, MODEL, 30, parts[0].config.hidden_size, dtype=getattr(torch, dtype),
+            chain = RemoteChain(base.node, MODEL, 30, parts[0].config.hidden_size, weights=base.weights,
+                                dtype=getattr(torch, dtype),
                                 trust=TrustSettings(audit_rate=1.0))  # the same client node, in this dtype
             head, draft_span, ids = parts
             settings = GenerationSettings(max_new_tokens=NEW_TOKENS, controller=ControllerSettings(k_fixed=4))

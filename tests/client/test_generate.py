@@ -12,6 +12,7 @@ from dsdnode.models.span import Span
 from dsdnode.speculative.controller import ControllerSettings, DraftLengthController
 from dsdnode.speculative.draft import Drafter
 from dsdnode.speculative.sampling import SamplingSettings
+from dsdnode.speculative.tree import TreeShape
 from tests.helpers.devices import DEVICES
 from tests.helpers.tiny_models import tiny_model
 
@@ -143,3 +144,85 @@ def test_a_controller_with_other_settings_is_refused():
     other = DraftLengthController(ControllerSettings(k_max=3), 2)
     with pytest.raises(ValueError, match="other settings"):
         Generator(gen.head, gen.chain, gen.drafter, settings, set(), controller=other)
+
+
+class ScriptedShapes(DraftLengthController):
+    """A controller that plays a fixed sequence of tree shapes (chains and trees in turn), so a test
+    sees every transition: tree -> tree (kept path), tree -> chain, chain -> tree."""
+
+    def __init__(self, settings, n_hops, shapes):
+        super().__init__(settings, n_hops)
+        self.shapes, self.played = shapes, 0
+
+    def choose_shape(self):
+        shape = self.shapes[self.played % len(self.shapes)]
+        self.played += 1
+        return shape
+
+
+TREE_SHAPES = [TreeShape(3, 3), TreeShape(1, 4), TreeShape(2, 5), TreeShape(4, 1), TreeShape(1, 2), TreeShape(4, 4)]
+
+
+def tree_generator(target, draft_layers, n_hops, settings, latency_s=0.0):
+    gen = make_generator(target, target, draft_layers, n_hops, settings, latency_s)
+    gen.controller = ScriptedShapes(settings.controller, n_hops, TREE_SHAPES)
+    return gen
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("lookup", [False, True])
+def test_greedy_tree_dsd_equals_target_greedy(arch, lookup):
+    """Trees of several shapes, chains between them, prompt-lookup branches: float32 greedy output is
+    exactly transformers' greedy decoding."""
+    target = tiny_model(arch, seed=1)
+    settings = GenerationSettings(max_new_tokens=40, lookup=lookup, overlap=True,
+                                  controller=ControllerSettings(k_max=5, width_max=4))
+    prompts = [torch.randint(0, 97, (5 + 3 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+               for seed in range(3)]
+    for prompt in prompts:
+        gen = tree_generator(target, 4, 3, settings)
+        result = asyncio.run(gen.generate(prompt))
+        assert result.tokens == reference_greedy(target, prompt, 40)
+        assert {r.width for r in result.rounds} == {1, 2, 3, 4}
+        assert all(r.nodes >= r.width * r.k for r in result.rounds)
+
+
+def test_greedy_tree_takes_other_branches(monkeypatch):
+    """A weak draft: somewhere the target's token is a draft's second choice, and the tree keeps it."""
+    import dsdnode.client.generate as generate_module
+    from dsdnode.speculative.verify import verify_tree_greedy
+    target = tiny_model("qwen2", seed=1)
+    settings = GenerationSettings(max_new_tokens=30, controller=ControllerSettings(k_max=4, width_max=4))
+    ranks = []
+
+    def recording(tree, logits):
+        result = verify_tree_greedy(tree, logits)
+        ranks.extend(result.ranks)
+        return result
+    monkeypatch.setattr(generate_module, "verify_tree_greedy", recording)
+    result = asyncio.run(tree_generator(target, 3, 2, settings).generate([3, 1, 4, 1, 5]))
+    assert result.tokens == reference_greedy(target, [3, 1, 4, 1, 5], 30)
+    assert any(r > 0 for r in ranks), ranks
+
+
+def test_sampled_trees_run_and_are_seeded():
+    target = tiny_model("qwen2", seed=5)
+    settings = GenerationSettings(max_new_tokens=20, overlap=False, lookup=True,
+                                  controller=ControllerSettings(k_max=5, width_max=4),
+                                  sampling=SamplingSettings(temperature=0.8, top_p=0.9, seed=7))
+    runs = [asyncio.run(tree_generator(target, 3, 2, settings).generate([5, 6, 7, 5, 6])).tokens for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) == 20
+
+
+@pytest.mark.heavy
+def test_greedy_tree_dsd_on_real_weights_equals_target_greedy(smollm2_dir):
+    """SmolLM2-135M, float32, draft = itself minus its last 10 layers: trees and lookups are lossless."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    for prompt in ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "Q: What is 12 * 7?\nA:"]:
+        ids = tok(prompt)["input_ids"]
+        settings = GenerationSettings(max_new_tokens=32, lookup=True, controller=ControllerSettings(k_max=5, width_max=4))
+        result = asyncio.run(tree_generator(target, 20, 3, settings).generate(ids))
+        assert result.tokens == reference_greedy(target, ids, 32)

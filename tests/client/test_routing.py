@@ -42,3 +42,16 @@ def test_a_server_is_used_once_per_chain_even_when_sub_spans_would_fit_its_cache
     assert spans(chain) == [("b", 0, 22), ("a", 22, 30)]  # a holds 40 * 30 / 100 = 12 layers of the session
     with pytest.raises(NoRoute):
         best_chain([Candidate(full, 0.001)], 30, session_length=100)
+
+
+def test_prefers_the_less_loaded_of_two_equal_servers():
+    import dataclasses
+
+    a, b = cand("a", 0, 28, 10), cand("b", 0, 28, 10)
+    loaded = Candidate(dataclasses.replace(a.record, active_sessions=5), a.rtt_s)
+    assert spans(best_chain([loaded, b], 28)) == [("b", 0, 28)]
+    assert spans(best_chain([b, Candidate(dataclasses.replace(b.record, peer_id="c", active_sessions=1), 0.010),
+                             loaded], 28)) == [("b", 0, 28)]
+    # load never outweighs a much faster link
+    far = cand("b", 0, 28, 400)
+    assert spans(best_chain([loaded, far], 28)) == [("a", 0, 28)]

@@ -82,6 +82,40 @@ def test_custom_block_mask_is_honoured(tiny_model_dir, device):
     assert torch.allclose(head.logits(out)[2], head.logits(ref)[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_kept_path_of_a_tree_continues_like_a_fresh_run(tiny_model_dir, device):
+    """A tree block, then the next block keeps only the accepted path (kept): every later logit is
+    that of the whole text run afresh, and the cache moved only the path's rows."""
+    head = Head.load(tiny_model_dir, dtype=torch.float32, device=device)
+    spans = chain(tiny_model_dir, [3], device)
+    caches = [s.new_cache(32) for s in spans]
+    prefix = [5, 6, 7, 8]
+    run_chain(head, spans, caches, prefix[:3], 0)
+    # block at 3: root 8, then a -> {b, c}, d (another child of the root), c -> e
+    tokens = [8, 11, 12, 13, 14, 15]
+    parents = [-1, 0, 1, 1, 0, 3]
+    mask = torch.zeros(6, 6, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        mask[i] = mask[p] if p >= 0 else mask[i]
+        mask[i, i] = True
+    positions = torch.tensor([[3, 4, 5, 5, 4, 6]])
+    h = head.embed_tokens(tokens)
+    for span, cache in zip(spans, caches):
+        h = span(h, cache, 3, tree_mask=mask, position_ids=positions)
+    tree_logits = head.logits(h)
+    path = [0, 1, 3, 5]  # 8 a c e
+    text = prefix[:3] + [tokens[i] for i in path]
+    fresh = run_chain(head, spans, [s.new_cache(32) for s in spans], text + [21, 22], 0)
+    assert torch.allclose(tree_logits[path], fresh[3:7], atol=1e-4)
+    h = head.embed_tokens([21, 22])
+    for span, cache in zip(spans, caches):
+        h = span(h, cache, 7, kept=path)
+    assert torch.allclose(head.logits(h), fresh[7:], atol=1e-4)
+    assert all(c.length == 9 for c in caches)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        spans[0](head.embed_tokens([1]), caches[0], 9, kept=[0, 5])  # the last block had 2 positions
+
+
 def test_span_reads_only_its_layers(tiny_model_dir):
     span = Span.load(tiny_model_dir, 2, 4, dtype=torch.float32)
     layers = {k.split(".")[2] for k in span.loaded_keys}
@@ -123,3 +157,53 @@ def test_cpu_hidden_states_in_device_results_out(tiny_model_dir, device):
     assert logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.shape == (4, head.config.vocab_size)
     ref = span(head.embed_tokens([1, 2, 3, 4]), span.new_cache(8), 0)
     assert torch.allclose(head.logits(ref), logits)
+
+
+def test_batched_forward_equals_one_session_at_a_time_on_smollm2(smollm2_dir):
+    """Blocks of four sessions (different prompt lengths, block lengths, a tree mask and a rollback)
+    in one forward_batch give each session what its own forward gives, in float32 on real weights:
+    the same logits to float32 rounding (the shared matmuls have more rows, so the BLAS sums in
+    another order) and the same greedy token everywhere; each cache ends as its own run leaves it."""
+    from dsdnode.models.span import Block
+
+    head = Head.load(smollm2_dir, dtype=torch.float32)
+    span = Span.load(smollm2_dir, 0, 30, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    vocab = head.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (9, 17, 4, 12)]
+    lone, batched = [span.new_cache(40) for _ in prompts], [span.new_cache(40) for _ in prompts]
+    for p, a, b in zip(prompts, lone, batched):
+        span(head.embed_tokens(p), a, 0)
+        span(head.embed_tokens(p), b, 0)
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    # (tokens, commit_len, tree mask, positions): a lone token, a block of 5, a rollback of 2 then a
+    # block of 3, a tree
+    asks = [([7], 9, None, None), (list(range(20, 25)), 17, None, None), ([5, 6, 8], 2, None, None),
+            ([11, 12, 13], 12, tree, torch.tensor([[12, 13, 13]]))]
+    ref = [span(head.embed_tokens(t), c, n, m, pos) for (t, n, m, pos), c in zip(asks, lone)]
+    out = span.forward_batch([Block(head.embed_tokens(t), c, n, m, pos) for (t, n, m, pos), c in zip(asks, batched)])
+    for r, o, a, b in zip(ref, out, lone, batched):
+        assert o.shape == r.shape
+        lr, lo = head.logits(r), head.logits(o)
+        assert (lr - lo).abs().max() < 1e-3
+        assert torch.equal(lr.argmax(-1), lo.argmax(-1))
+        assert a.length == b.length
+        assert (a.keys[:, :, :, :a.length] - b.keys[:, :, :, :b.length]).abs().max() < 1e-3
+    # the next block of every session after the batch: still what its own run gives
+    nxt = [head.embed_tokens([3]) for _ in asks]
+    ref2 = [span(h, c, c.length) for h, c in zip(nxt, lone)]
+    out2 = span.forward_batch([Block(h, c, c.length) for h, c in zip(nxt, batched)])
+    for r, o in zip(ref2, out2):
+        assert torch.equal(head.logits(r).argmax(-1), head.logits(o).argmax(-1))
+        assert (head.logits(r) - head.logits(o)).abs().max() < 1e-3
+
+
+def test_a_bad_block_fails_before_the_batch_touches_any_cache(tiny_model_dir):
+    from dsdnode.models.span import Block
+
+    span = Span.load(tiny_model_dir, 0, 2, dtype=torch.float32)
+    good, bad = span.new_cache(8), span.new_cache(4)
+    h = torch.zeros(1, 3, span.config.hidden_size)
+    with pytest.raises(ValueError, match="exceed"):
+        span.forward_batch([Block(h, good, 0), Block(torch.zeros(1, 5, span.config.hidden_size), bad, 0)])
+    assert good.length == 0 and bad.length == 0

@@ -30,8 +30,8 @@ def hidden(t=4, dtype=torch.float32):
     return TensorPayload.from_torch(torch.randn(1, t, HIDDEN).to(dtype))
 
 
-def mask(t=4, commit=3):
-    return TensorPayload.from_torch(torch.tril(torch.ones(t, commit + t, dtype=torch.bool), diagonal=commit))
+def mask(t=4):
+    return TensorPayload.from_torch(torch.tril(torch.ones(t, t, dtype=torch.bool)))
 
 
 def forward(**changes):
@@ -42,12 +42,14 @@ def forward(**changes):
 
 
 MESSAGES = [
-    OpenSession("s1", "qwen-1.5b", 0, 14, 512, "peerB", None, "bfloat16"),
-    OpenSession("s1", "qwen-1.5b", 14, 28, 512, None, "peerA", "float32"),
+    OpenSession("s1", "qwen-1.5b", 0, 14, 512, "peerB", None, "bfloat16", "0f" * 16),
+    OpenSession("s1", "qwen-1.5b", 14, 28, 512, None, "peerA", "float32", ""),
     SessionOpened("s1", "peerA", "bfloat16"),
     forward(),
     forward(attention_mask=None, timings=[]),
-    ForwardResult("s1", 7, hidden(dtype=torch.float16), [HopTiming("a", 1.0, 0.1, 1.2, b"digest!!"), HopTiming("b", 1.3, 0.1, 1.5, b"digest!!")]),
+    forward(positions=[3, 4, 4, 5], kept=[0, 2, 5]),
+    ForwardResult("s1", 7, hidden(dtype=torch.float16), [HopTiming("a", 1.0, 0.1, 1.2, b"digest!!"),
+                                                        HopTiming("b", 1.3, 0.1, 1.5, b"digest!!")]),
     CloseSession("s1"),
     ErrorReply("busy", "no free cache", "s1", 7, 2.5),
     ErrorReply("internal", "boom"),
@@ -130,7 +132,7 @@ def test_bad_dtype():
     fwd = forward()
     assert code_of(raw(fwd, hidden=tensor(dtype="int64", itemsize=8))) == "bad_dtype"
     assert code_of(raw(fwd, hidden=tensor(dtype="float64", itemsize=8))) == "bad_dtype"
-    assert code_of(raw(fwd, attention_mask=tensor(dtype="float32", shape=(4, 7)))) == "bad_dtype"
+    assert code_of(raw(fwd, attention_mask=tensor(dtype="float32", shape=(4, 4)))) == "bad_dtype"
     assert code_of(raw(MESSAGES[0], dtype="int8")) == "bad_dtype"
 
 
@@ -141,14 +143,43 @@ def test_bad_shape():
     assert code_of(raw(fwd, hidden=tensor(shape=(4, HIDDEN)))) == "bad_shape"
     assert code_of(raw(fwd, hidden=tensor(shape=(1, 0, HIDDEN)), attention_mask=None)) == "bad_shape"
     assert code_of(raw(fwd, hidden=tensor(data=b"\0" * 10))) == "bad_shape"  # data length != shape
-    assert code_of(raw(fwd, attention_mask=tensor(dtype="bool", shape=(4, 6), itemsize=1))) == "bad_shape"
-    assert code_of(raw(fwd, attention_mask=tensor(dtype="bool", shape=(4, 7), data=b"\0" * 27))) == "bad_shape"
+    assert code_of(raw(fwd, attention_mask=tensor(dtype="bool", shape=(4, 7), itemsize=1))) == "bad_shape"
+    assert code_of(raw(fwd, attention_mask=tensor(dtype="bool", shape=(4, 4), data=b"\0" * 15))) == "bad_shape"
     # Without a configured hidden size any width is accepted.
     assert decode(raw(fwd, hidden=tensor(shape=(1, 4, 8))), WireLimits()).hidden.shape == (1, 4, 8)
 
 
 def test_mask_values_must_be_boolean():
-    assert code_of(raw(forward(), attention_mask=tensor(dtype="bool", shape=(4, 7), data=b"\x02" * 28))) == "malformed"
+    assert code_of(raw(forward(), attention_mask=tensor(dtype="bool", shape=(4, 4), data=b"\x02" * 16))) == "malformed"
+
+
+def test_tree_mask_must_be_causal_with_the_diagonal():
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    assert decode(encode(forward(attention_mask=TensorPayload.from_torch(tree))), LIMITS).attention_mask.shape == (4, 4)
+    sees_later = tree.clone()
+    sees_later[1, 3] = True
+    blind = tree.clone()
+    blind[2, 2] = False
+    for bad in (sees_later, blind):
+        assert code_of(encode(forward(attention_mask=TensorPayload.from_torch(bad)))) == "malformed"
+
+
+def test_positions_and_kept_are_bounded():
+    fwd = forward()  # commit_len 3, block of 4: positions in [3, 7)
+    assert decode(encode(forward(positions=[3, 4, 5, 6], kept=[7])), LIMITS).positions == [3, 4, 5, 6]
+    for bad in ([3, 4, 5], [3, 4, 5, 6, 6], [2, 4, 5, 6], [3, 4, 5, 7], [3, -1, 4, 5]):
+        assert code_of(raw(fwd, positions=bad)) == "malformed", bad
+    for bad in ([1, 1], [2, 1], [-1], [8], list(range(9)), ["0"]):  # max_block is 8
+        assert code_of(raw(fwd, kept=bad)) == "malformed", bad
+    assert code_of(raw(fwd, positions=...)) == "malformed"  # the fields are always there, maybe None
+
+
+def test_lists_as_long_as_a_big_block_fit_the_bounds():
+    limits = WireLimits(hidden_size=HIDDEN, max_block=300, max_length=1024, max_frame_bytes=1 << 20)
+    t = 300
+    big = forward(hidden=hidden(t=t), attention_mask=None, commit_len=0, positions=list(range(t)),
+                  kept=list(range(t)))
+    assert decode(encode(big), limits) == big
 
 
 def test_encode_rejects_non_messages():
@@ -281,7 +312,8 @@ def test_an_8_mib_bad_field_gets_a_small_error():
 
 
 def test_the_bounds_still_admit_the_largest_valid_messages():
-    full = forward(hidden=hidden(t=8), attention_mask=mask(t=8, commit=1016), commit_len=1016,
+    full = forward(hidden=hidden(t=8), attention_mask=mask(t=8), commit_len=1016, positions=list(range(1016, 1024)),
+                   kept=list(range(8)),
                    timings=[HopTiming("p" * 256, 1.0, 0.5, 2.0, b"digest!!")] * 256)
     assert decode(encode(full), LIMITS) == full
     error = ErrorReply("internal", "é" * 512, "s" * 256, 2**63 - 1)

@@ -10,6 +10,7 @@ the body timeout. The soak variant (DSDNODE_SOAK=1) runs the fuzz with 100k+ fra
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import time
@@ -22,7 +23,9 @@ import torch
 from libp2p.peer.id import ID
 
 from dsdnode.local_swarm import start_node
+from dsdnode.models.fetch import pull
 from dsdnode.models.span import Span
+from dsdnode.models.weights import weights_digest
 from dsdnode.net.dht import SpanRecord
 from dsdnode.net.identity import load_or_create_identity
 from dsdnode.net.p2p import P2PNode, PeerInfo, StreamClosed
@@ -118,8 +121,14 @@ def forward(sid: str, step: int, hidden: torch.Tensor, commit_len: int) -> Forwa
     return Forward(sid, step, commit_len, TensorPayload.from_torch(hidden), None, [])
 
 
+@functools.cache
+def served_weights() -> str:
+    """The digest a client computes from its own copy of the model: the server must agree."""
+    return weights_digest(pull(MODEL, progress=False))
+
+
 def opening(sid: str, max_length: int = 64, next_peer=None, prev_peer=None) -> OpenSession:
-    return OpenSession(sid, MODEL, SPAN[0], SPAN[1], max_length, next_peer, prev_peer, "float32")
+    return OpenSession(sid, MODEL, SPAN[0], SPAN[1], max_length, next_peer, prev_peer, "float32", served_weights())
 
 
 async def check_normal_session(server, reference, node: P2PNode, sid: str) -> None:
@@ -294,8 +303,8 @@ def run_fuzz_and_check(server, reference, frames: int, seed: int) -> FuzzStats:
           f"max reply {stats.max_reply_bytes} B, max latency {stats.max_latency_s:.2f} s "
           f"(small frames {stats.max_small_latency_s:.2f} s), RSS {rss_before:.0f} -> {rss_after:.0f} MB")
     assert stats.frames >= frames * 0.95
-    assert set(stats.replies) <= {"malformed", "too_large", "bad_dtype", "bad_shape", "unknown_session",
-                                  "wrong_span", "bad_next_hop", "SessionOpened", "ForwardResult"}, stats.replies
+    assert set(stats.replies) <= {"malformed", "too_large", "bad_dtype", "bad_shape", "unknown_session", "wrong_span",
+                                  "wrong_weights", "bad_next_hop", "SessionOpened", "ForwardResult"}, stats.replies
     assert stats.max_reply_bytes < 1024  # every error message is capped
     assert stats.max_small_latency_s < 3.0  # no frame stalls the event loop for seconds...
     assert stats.max_latency_s < 5.0  # ...and 8 MiB of empty lists is refused as fast as it arrives
@@ -382,7 +391,7 @@ def test_a_second_peer_cannot_touch_someone_elses_session(server, reference):
 
 def test_the_next_hop_is_dialled_only_through_its_own_valid_span_record(server):
     async def scenario():
-        client, good, wrong_span = [await client_node(server) for _ in range(3)]
+        client, good, wrong_span, other_weights = [await client_node(server) for _ in range(4)]
         got: asyncio.Queue = asyncio.Queue()
 
         async def next_hop_handler(stream):  # the fake next hop records what the server pushes
@@ -395,37 +404,40 @@ def test_the_next_hop_is_dialled_only_through_its_own_valid_span_record(server):
         good.set_stream_handler(PROTOCOL, next_hop_handler)
         try:
             expires = time.time() + 300
-            await good.dht.announce(SpanRecord(MODEL, 10, 30, good.peer_id, list(good.addrs), 10.0, 100, "t", expires))
-            await wrong_span.dht.announce(SpanRecord(MODEL, 20, 30, wrong_span.peer_id, list(wrong_span.addrs),
-                                                     10.0, 100, "t", expires))
+            for node, start, weights in [(good, 10, served_weights()), (wrong_span, 20, served_weights()),
+                                         (other_weights, 10, "another checkpoint")]:
+                await node.dht.announce(SpanRecord(MODEL, start, 30, node.peer_id, list(node.addrs), 10.0, 100, "t",
+                                                   expires, weights=weights))
             absent = ID.from_pubkey(load_or_create_identity(None).public_key).to_base58()  # never announced
             replies = {}
             for name, next_peer in [("not a peer id", "not-a-peer-id"), ("no record", absent),
-                                    ("wrong span", wrong_span.peer_id), ("good", good.peer_id)]:
+                                    ("wrong span", wrong_span.peer_id), ("other weights", other_weights.peer_id),
+                                    ("good", good.peer_id)]:
                 stream = await client.open_stream(peer(server), PROTOCOL)
                 t0 = time.monotonic()
                 replies[name] = (await ask(stream, opening(f"n-{len(replies)}", next_peer=next_peer)),
                                  time.monotonic() - t0)
                 if name == "good":
-                    await stream.send(encode(forward("n-3", 1, block(8, 2), 0)))
+                    await stream.send(encode(forward("n-4", 1, block(8, 2), 0)))
                     pushed = await asyncio.wait_for(got.get(), REPLY_TIMEOUT_S)
                 await stream.close()
             return replies, pushed
         finally:
-            for node in (client, good, wrong_span):
+            for node in (client, good, wrong_span, other_weights):
                 await node.stop()
 
     replies, pushed = asyncio.run(scenario())
     print({name: (reply.code if isinstance(reply, ErrorReply) else type(reply).__name__, round(s, 2))
            for name, (reply, s) in replies.items()})
-    for name in ("not a peer id", "no record", "wrong span"):
+    for name in ("not a peer id", "no record", "wrong span", "other weights"):
         reply, seconds = replies[name]
         assert isinstance(reply, ErrorReply) and reply.code == "bad_next_hop", (name, reply)
         assert seconds < 12
     assert "serves layers 20:30" in replies["wrong span"][0].message
     assert "no valid, live span record" in replies["no record"][0].message
+    assert "serves other weights" in replies["other weights"][0].message
     assert isinstance(replies["good"][0], SessionOpened)
-    assert isinstance(pushed, Forward) and pushed.session_id == "n-3"
+    assert isinstance(pushed, Forward) and pushed.session_id == "n-4"
     assert [t.peer_id for t in pushed.timings] == [server.peer_id]  # computed there, pushed to the record's address
 
 

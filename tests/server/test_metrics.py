@@ -84,7 +84,8 @@ def test_a_served_generation_moves_the_node_metrics(smollm2_dir, tmp_path):
     async def work(swarm):
         node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, client=True)
         try:
-            chain = RemoteChain(node, "smollm2-135m", 30, head.config.hidden_size, dtype=torch.float32)
+            chain = RemoteChain(node, "smollm2-135m", 30, head.config.hidden_size,
+                                weights=swarm.servers[0].info["weights"], dtype=torch.float32)
             drafter = Drafter(head, [draft], 64, settings.sampling)
             result = await Generator(head, chain, drafter, settings, eos_ids=set()).generate(prompt)
             server = swarm.servers[0]

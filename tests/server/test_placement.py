@@ -26,3 +26,15 @@ def test_parse_layers_errors():
         parse_layers("3-9", 28)
     with pytest.raises(ValueError, match="layers 0:28"):
         parse_layers("20:40", 28)
+
+
+def test_a_new_server_goes_where_servers_carry_the_most_sessions():
+    import dataclasses
+
+    records = [rec(0, 14), rec(14, 28), rec(0, 14)]
+    assert choose_span(records, 28, 14) == (14, 28)  # fewest servers
+    loaded = [dataclasses.replace(records[0], active_sessions=6), records[1],
+              dataclasses.replace(records[2], active_sessions=6)]
+    # 12 sessions on two servers of 0:14 (6 each) weigh more than one idle server of 14:28
+    assert choose_span(loaded, 28, 14) == (0, 14)
+    assert choose_span(loaded + [rec(14, 21)], 28, 7) == (0, 7)

@@ -91,3 +91,33 @@ def test_a_session_admits_only_its_opener_or_the_named_upstream_peer(span):
         table.get("pushed", upstream)  # the upstream hop pushes blocks; it may not close the session
     with pytest.raises(SessionError):
         table.get("pushed", opener, forward=True)  # nor may the opener skip the upstream hop
+
+
+def test_per_client_session_limit_says_busy_with_a_hint_and_spares_other_clients(span):
+    from dsdnode.server.sessions import ClientLimits
+
+    table = SessionTable(span, budget_bytes=1 << 30, max_length=1000, idle_s=60,
+                         limits=ClientLimits(max_sessions=2, max_queued_positions=16))
+    a = FakeStream("A")
+    table.open("a1", 0, 6, 10, client=a)
+    table.open("a2", 0, 6, 10, client=a)
+    with pytest.raises(SessionError) as e:
+        table.open("a3", 0, 6, 10, client=FakeStream("A"))  # another stream of the same peer
+    assert e.value.code == "busy" and e.value.retry_after_s > 0 and "per client" in e.value.message
+    table.open("b1", 0, 6, 10, client=FakeStream("B"))  # someone else is not held up
+    table.close("a1")
+    table.open("a3", 0, 6, 10, client=a)  # a closed session frees a place
+    assert table.active() == 3
+
+
+def test_per_client_queue_limit_says_busy_but_always_admits_a_first_block(span):
+    from dsdnode.server.sessions import ClientLimits
+
+    table = SessionTable(span, budget_bytes=1 << 30, max_length=1000, idle_s=60,
+                         limits=ClientLimits(max_sessions=4, max_queued_positions=16))
+    session = table.open("a", 0, 6, 100, client=FakeStream("A"))
+    table.admit_block(session, 64, queued=0)  # nothing of this client waits: a long block still runs
+    table.admit_block(session, 6, queued=10)
+    with pytest.raises(SessionError) as e:
+        table.admit_block(session, 7, queued=10)
+    assert e.value.code == "busy" and 0 < e.value.retry_after_s < 2

@@ -30,7 +30,7 @@ def test_sigterm_fails_sessions_cleanly_and_withdraws(smollm2_dir, tmp_path):
                 else:
                     raise AssertionError("the server never showed up on the DHT")
                 stream = await node.open_stream(PeerInfo(server.peer_id, tuple(server.info["addrs"])), PROTOCOL)
-                await stream.send(encode(OpenSession("s", "smollm2-135m", 0, 30, 32, None, None, "float32")))
+                await stream.send(encode(OpenSession("s", "smollm2-135m", 0, 30, 32, None, None, "float32", server.info["weights"])))
                 assert isinstance(decode(await stream.recv(timeout=20), WireLimits()), SessionOpened)
                 server.proc.send_signal(signal.SIGTERM)
                 reply = decode(await stream.recv(timeout=30), WireLimits())

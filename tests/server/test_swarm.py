@@ -15,6 +15,7 @@ from dsdnode.client.local import LocalChain
 from dsdnode.client.swarm_chain import RemoteChain
 from dsdnode.models.head import Head
 from dsdnode.models.span import Span
+from dsdnode.models.weights import weights_digest
 from dsdnode.net.p2p import P2PNode, PeerInfo
 from dsdnode.net.wire import ErrorReply, Forward, OpenSession, SessionOpened, TensorPayload, WireLimits, decode, encode
 from dsdnode.net.protocol import SESSION_PROTOCOL as PROTOCOL
@@ -53,7 +54,8 @@ def run(chain, client_parts, n=40, on_tokens=None):
 
 async def remote_chain(swarm, head):
     node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, client=True)
-    return RemoteChain(node, "smollm2-135m", 30, head.config.hidden_size, dtype=torch.float32)
+    return RemoteChain(node, "smollm2-135m", 30, head.config.hidden_size, weights=swarm.servers[0].info["weights"],
+                       dtype=torch.float32)
 
 
 def test_swarm_generates_the_in_process_tokens(swarm, client_parts, smollm2_dir):
@@ -74,9 +76,11 @@ def test_swarm_generates_the_in_process_tokens(swarm, client_parts, smollm2_dir)
     assert all(len(r.hop_link_s) == 2 and all(0 <= x < 5 for x in r.hop_link_s) for r in result.rounds)
 
 
-def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_parts):
+def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_parts, smollm2_dir):
     server = swarm.servers[0]
     hidden = client_parts[0].config.hidden_size
+    weights = weights_digest(smollm2_dir)  # what a client computes from its own copy
+    assert server.info["weights"] == weights
 
     async def probe():
         node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, client=True)
@@ -88,8 +92,9 @@ def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_
                 "unknown_session": encode(Forward("nope", 1, 0, TensorPayload.from_torch(torch.zeros(1, 2, hidden)), None, [])),
                 "wrong_shape": encode(Forward("nope", 1, 0, TensorPayload.from_torch(torch.zeros(1, 2, hidden + 1)), None, [])),
                 "wrong_dtype": encode(Forward("nope", 1, 0, TensorPayload.from_torch(torch.zeros(1, 2, hidden, dtype=torch.int64)), None, [])),
-                "wrong_span": encode(OpenSession("s1", "smollm2-135m", 0, 25, 64, None, None, "float32")),
-                "too_long": encode(OpenSession("s2", "smollm2-135m", 0, 10, 10**9, None, None, "float32")),
+                "wrong_span": encode(OpenSession("s1", "smollm2-135m", 0, 25, 64, None, None, "float32", weights)),
+                "too_long": encode(OpenSession("s2", "smollm2-135m", 0, 10, 10**9, None, None, "float32", weights)),
+                "wrong_weights": encode(OpenSession("s3", "smollm2-135m", 0, 10, 64, None, None, "float32", "other")),
             }
             for name, frame in cases.items():
                 stream = await node.open_stream(peer, PROTOCOL)
@@ -105,7 +110,7 @@ def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_
                 pass
             # ... and still opens sessions and computes
             stream = await node.open_stream(peer, PROTOCOL)
-            await stream.send(encode(OpenSession("ok", "smollm2-135m", 0, 10, 64, None, None, "float32")))
+            await stream.send(encode(OpenSession("ok", "smollm2-135m", 0, 10, 64, None, None, "float32", weights)))
             opened = decode(await stream.recv(timeout=20), WireLimits())
             await stream.send(encode(Forward("ok", 1, 0, TensorPayload.from_torch(torch.randn(1, 3, hidden)), None, [])))
             result = decode(await stream.recv(timeout=20), WireLimits())
@@ -121,7 +126,8 @@ def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_
     assert all(isinstance(r, ErrorReply) for r in replies.values())
     codes = {name: r.code for name, r in replies.items()}
     assert codes == {"garbage": "malformed", "unknown_session": "unknown_session", "wrong_shape": "bad_shape",
-                     "wrong_dtype": "bad_dtype", "wrong_span": "wrong_span", "too_long": "too_large"}
+                     "wrong_dtype": "bad_dtype", "wrong_span": "wrong_span", "too_long": "too_large",
+                     "wrong_weights": "wrong_weights"}
     assert "layers 0:10" in replies["wrong_span"].message
     assert isinstance(opened, SessionOpened)
     assert result.hidden.shape == (1, 3, hidden) and result.timings[0].peer_id == server.peer_id

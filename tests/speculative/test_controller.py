@@ -228,3 +228,58 @@ def test_bad_observations_raise(obs):
         ctrl.observe(obs)
     with pytest.raises(ValueError):
         DraftLengthController(ControllerSettings(), 0)
+
+
+def tree_round(ctrl, width, k, ranks, round_s=0.5, draft_s=0.05, hops=(0.02, 0.02)):
+    accepted = sum(1 for r in ranks if r >= 0)
+    ctrl.observe(RoundObservation(k, accepted, round_s, draft_s, list(hops), width, width * k, ranks))
+
+
+def test_trees_are_chosen_only_where_other_candidates_pay():
+    """Weak top-1, other candidates catching most misses, cheap positions: a wide tree. The same
+    costs with a draft that is always right: a chain (a tree would only add positions)."""
+    s = ControllerSettings(k_max=8, width_max=4, prior_weight=2.0)
+    weak = DraftLengthController(s, 2)
+    for _ in range(30):
+        tree_round(weak, 4, 4, [0, 2, 1, -1])  # top-1 right once, other candidates twice, then a miss
+    assert weak.acceptance < 0.5 and weak.width_acceptance(4) > 0.6
+    assert weak.choose_shape().width > 1
+    strong = DraftLengthController(s, 2)
+    for _ in range(30):
+        tree_round(strong, 1, 4, [0, 0, 0, 0])
+    assert strong.acceptance > 0.9 and strong.choose_shape().width == 1
+    tree_round(strong, 4, 4, [0, 0, 0, 0], draft_s=0.01, hops=(0.07, 0.07))  # drafted faster (noise)
+    assert strong.choose_shape().width == 1  # a batch of rows is never modelled cheaper than one row
+
+
+def test_a_tree_never_models_slower_than_the_best_chain():
+    """Whatever was observed, the chosen shape's modelled rate is at least the best chain's."""
+    from dsdnode.speculative.controller import expected_tokens, round_cost
+    rng = random.Random(5)
+    s = ControllerSettings(k_max=8, width_max=4)
+    for _ in range(50):
+        ctrl = DraftLengthController(s, 3)
+        for _ in range(10):
+            w = rng.randint(1, 4)
+            k = rng.randint(1, 8)
+            ranks = [rng.choice([0, 0, 1, 2, -1]) for _ in range(rng.randint(1, k))]
+            ranks = ranks[:next((i + 1 for i, r in enumerate(ranks) if r < 0), len(ranks))]
+            tree_round(ctrl, w, k, ranks, round_s=rng.uniform(0.3, 1.0), draft_s=rng.uniform(0.01, 0.2),
+                       hops=(rng.uniform(0.01, 0.1),) * 3)
+        t, shape = ctrl.timing, ctrl.choose_shape()
+
+        def rate(w, k):
+            d = max(ctrl._draft_by_width.get(w, t.draft_token_s), t.draft_token_s)
+            return expected_tokens(ctrl.width_acceptance(w), k) / round_cost(t.fixed_s, t.token_compute_s, d, k, w)
+        best_chain = max(rate(1, k) for k in range(1, 9))
+        if ctrl._compute.trusted_slope is not None:  # (an unidentified slope may probe k +- 1)
+            assert rate(shape.width, shape.depth) >= best_chain * (1 - 1e-9)
+
+
+def test_tree_observations_are_checked():
+    ctrl = DraftLengthController(ControllerSettings(width_max=2), 1)
+    for bad in (dict(width=3), dict(width=0), dict(nodes=1), dict(ranks=[0, 0, 0, 0, 0]), dict(ranks=[-2])):
+        fields = dict(k=3, accepted=1, round_s=0.1, draft_s=0.0, hop_compute_s=[0.0], width=1, nodes=None, ranks=None)
+        fields.update(bad)
+        with pytest.raises(ValueError):
+            ctrl.observe(RoundObservation(**fields))

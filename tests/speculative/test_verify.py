@@ -24,7 +24,7 @@ def one_hot_logits(tops: list[int], vocab: int = 6) -> torch.Tensor:
 # --------------------------------------------------------------------------- greedy
 def test_greedy_all_accepted_emits_bonus():
     r = verify_greedy([3, 1, 4], one_hot_logits([3, 1, 4, 5]))
-    assert r == VerifyResult(accepted=3, tokens=[3, 1, 4, 5], relaxed=0)
+    assert r == VerifyResult(accepted=3, tokens=[3, 1, 4, 5], relaxed=0, path=[0, 1, 2], ranks=[0, 0, 0])
 
 
 def test_greedy_first_mismatch_emits_correction():
