@@ -162,7 +162,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- date: {meta.get('date', '')} (status: {meta.get('status', '')})",
         f"- machine: {m.get('cpu_model')}, {m.get('cpu_count')} cores, {m.get('mem_total_gib')} GiB, "
         f"torch {m.get('torch')}, transformers {m.get('transformers')}",
-        f"- model {s.get('model')} over {s.get('servers')} server processes ({s.get('threads')} torch thread each), "
+        f"- model {s.get('model')} over {s.get('servers')} spans x {s.get('replicas', 1)} server processes "
+        f"({s.get('threads')} torch thread each), "
         f"draft {s.get('draft')} on the client ({s.get('client_threads')} torch thread), dtype {s.get('dtype')}, "
         f"greedy, max {s.get('max_new_tokens')} new tokens",
         *([f"- the last {s['relayed']} server(s) reached only through a relay (`--relayed`): each relayed link "

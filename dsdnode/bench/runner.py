@@ -26,6 +26,7 @@ from ..client.generate import GenerationResult
 from ..client.loading import load_client_models
 from ..client.local import split_layers
 from ..client.service import ClientService, SwarmChains
+from ..client.standing import TrustSettings
 from ..devices import describe
 from ..models.fetch import resolve_model_dir
 from ..net.latency import LinkLatency
@@ -185,8 +186,10 @@ class BenchRun:
     async def _generate(self, node: P2PNode, mode: Mode, ids: list[int], max_new: int) -> tuple[GenerationResult, int]:
         c, cl = self.config, self.client
         if mode.relay not in self.services:
+            # every server of the local swarm is on loopback, one network group: consider them all
             chains = SwarmChains(c.model, cl.head.config, [], cl.dtype, weights=cl.weights,
-                                 relay=mode.relay, node=node)
+                                 relay=mode.relay, node=node,
+                                 trust=TrustSettings(max_records_per_group=c.servers * c.replicas))
             self.services[mode.relay] = ClientService(cl, chains)
         out = await self.services[mode.relay].generate(ids, mode.options(max_new, c.k_max, c.tau))
         return out.result, len(out.route)

@@ -149,8 +149,8 @@ class _CaughtLiar(LocalChain):
         super().__init__(spans)
         self.round, self.wrong_round, self.wrong_at = 0, wrong_round, None
 
-    async def forward(self, hidden, commit_len):
-        out = await super().forward(hidden, commit_len)
+    async def forward(self, hidden, commit_len, tree=None, kept=None):
+        out = await super().forward(hidden, commit_len, tree, kept)
         if self.round == self.wrong_round and self.wrong_at is None:
             self.wrong_at = commit_len
             out.hidden = out.hidden * 1.5 + 1
@@ -163,7 +163,8 @@ class _CaughtLiar(LocalChain):
         return Checkpoint(self.wrong_at if self.wrong_at is not None and self.round <= self.wrong_round + 2
                           else UNCHECKED)
 
-    finish = checkpoint
+    async def finish(self, path=(0,)) -> Checkpoint:
+        return await self.checkpoint()
 
 
 def test_a_rollback_drops_the_tokens_after_the_wrong_position_and_the_text_is_honest():
@@ -185,9 +186,11 @@ def test_swarm_listing_shows_banned_peers_and_why(tmp_path, monkeypatch, capsys)
     BanList().add("12D3bad", "m", (15, 30), "wrong outputs for layers 15:30 of m from position 9")
     bans = BanList().active()
     report = {"model": "m", "num_layers": 30, "served": True, "uncovered_layers": [], "coverage": [1] * 30,
+              "local_weights": None, "incompatible": {},
               "peers": [{"peer_id": "12D3bad", "start": 15, "end": 30, "addrs": [], "throughput": 1e6,
                          "free_cache_tokens": 100, "version": "0", "device": "cpu", "expires": 0, "rtt_ms": 1.0,
-                         "banned": bans["12D3bad"].reason}],
+                         "weights": "ab" * 32, "relayed": False, "active_sessions": 0, "queued_positions": 0,
+                         "reachability": "public", "banned": bans["12D3bad"].reason}],
               "banned": [{"peer_id": b.peer_id, "layers": list(b.layers), "reason": b.reason, "until": b.until}
                          for b in bans.values()]}
     _print_model(report, peers=True)

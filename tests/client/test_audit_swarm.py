@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dsdnode.client.bans import BanList
-from dsdnode.client.standing import TrustSettings
+from dsdnode.client.standing import Standing, TrustSettings
 from dsdnode.client.swarm_chain import RemoteChain
 from dsdnode.local_swarm import LocalSwarm
 from dsdnode.client.generate import GenerationSettings, Generator
@@ -50,9 +50,19 @@ def bans(tmp_path, monkeypatch):
     return BanList(path)
 
 
-def run(swarm, parts, peers, trust: TrustSettings, k_fixed=2, n=NEW_TOKENS):
+def run(swarm, parts, peers, slow: set[str], trust: TrustSettings, k_fixed=2, n=NEW_TOKENS):
     async def main():
-        chain = await client_chain(swarm, parts[0], peers, trust=trust)
+        base = await client_chain(swarm, parts[0], peers)
+        # routing would avoid the honest alternates anyway (slower links), but under a heavy machine load a
+        # fresh server's first ping can be slow too: say the client measured them slow, so the faulty
+        # server is the one routed, whatever the load
+        standing = Standing(trust)
+        for rec in await base.node.dht.discover(MODEL):
+            if rec.peer_id in slow:
+                standing.measured(rec, rec.end - rec.start, 1.0)
+        chain = RemoteChain(base.node, MODEL, 30, parts[0].config.hidden_size, weights=base.weights, dtype=base.dtype,
+                            trust=trust,
+                            standing=standing)
         try:
             streamed = []
             result = await generate(chain, parts, streamed.extend, k_fixed, n)
@@ -65,17 +75,19 @@ def run(swarm, parts, peers, trust: TrustSettings, k_fixed=2, n=NEW_TOKENS):
 @pytest.mark.parametrize("fault", ["noise", "sometimes", "scaled", "weights"])
 def test_a_faulty_server_is_caught_banned_and_repaired(swarm, honest, parts, expected_long, bans, fault):
     with servers(swarm, (15, 30, [], [*LAUNCHER, fault])) as (bad,):
-        result, chain, streamed = run(swarm, parts, [*honest, bad], TrustSettings())
+        result, chain, streamed = run(swarm, parts, [*honest, bad], {n.peer_id for n in honest[1:]}, TrustSettings())
     stats = chain.auditor.stats
     print(f"\n{fault}: rounds to detection {stats.rounds_to_detection}, {len(result.rounds)} rounds, "
-          f"{stats.audits} hop audits over {stats.positions} positions, {stats.unaudited} unaudited")
+          f"{stats.audits} hop audits over {stats.positions} positions, {stats.unaudited} unaudited; "
+          f"bans {[(p == bad.peer_id, b.reason[:40]) for p, b in bans.active().items()]}")
     assert result.tokens == expected_long
     assert streamed == expected_long  # nothing wrong was ever handed out
     assert set(bans.active()) == {bad.peer_id}
     assert "wrong outputs" in bans.active()[bad.peer_id].reason
-    # an audit starts every audit_every rounds and runs alongside generation: its verdict lands a round
-    # or two later
-    assert stats.rounds_to_detection and max(stats.rounds_to_detection) <= chain.audit_every + 2
+    # an audit starts after round 1 and then every audit_every rounds, and runs alongside generation
+    # (catch-up, then a third opinion from position 0): its verdict lands some rounds later (measured 2
+    # for the always-wrong flavours, 13 for 1 block in 20 with audit_every 10, on a loaded machine)
+    assert stats.rounds_to_detection and max(stats.rounds_to_detection) <= chain.audit_every + 5
     assert all(peer != bad.peer_id for peer, _, _ in chain.route)
 
 

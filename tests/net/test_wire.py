@@ -18,6 +18,7 @@ from dsdnode.net.wire import (
     WireError,
     WireLimits,
     decode,
+    digest,
     encode,
 )
 
@@ -319,3 +320,15 @@ def test_the_bounds_still_admit_the_largest_valid_messages():
     assert decode(encode(error), LIMITS) == error
     too_many = raw(full, timings=[vars(HopTiming("p", 1.0, 0.5, 2.0, b"digest!!"))] * 257)
     assert code_of(too_many) == "malformed"
+
+
+def test_hop_timings_carry_an_input_digest_of_fixed_length():
+    """A hop stamps the digest of the input it received; the client compares digests, so a digest of
+    another length is malformed, and equal payloads have equal digests."""
+    ok = forward(timings=[HopTiming("p", 1.0, 0.5, 2.0, digest(hidden()))])
+    assert decode(encode(ok), LIMITS) == ok
+    block = hidden()
+    same = TensorPayload(block.dtype, block.shape, bytes(block.data))
+    assert digest(block) == digest(same) and len(digest(block)) == 8
+    assert code_of(raw(ok, timings=[vars(HopTiming("p", 1.0, 0.5, 2.0, b"short"))])) == "malformed"
+    assert code_of(encode(SessionOpened("s", "p", "int64"))) == "bad_dtype"
