@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -36,7 +38,10 @@ from ..net.protocol import DTYPE_NAMES
 from .machine import machine_info
 from .modes import parse_mode
 from .report import _fmt, _mean, write_json
-from .runner import ROUTE_WAIT_S, WARMUP_TOKENS, load_prompts
+from .runner import ROUTE_WAIT_S, WARMUP_TOKENS, _terminate, load_prompts
+
+
+WARMUP_PROMPT_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,8 @@ class ClientsRun:
         c = self.config
         c.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(c.client_threads)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)  # a killed run still stops its swarm and saves
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.status = "running"
         self.machine = machine_info()
@@ -163,18 +170,21 @@ class ClientsRun:
         return ClientService(cl, SwarmChains(self.config.model, cl.head.config, [], cl.dtype, node=node))
 
     async def _warm_up(self, nodes: list[P2PNode]) -> None:
-        """Until every client finds a full chain: a short untimed generation each (opens connections)."""
+        """Until every client finds a full chain: a short untimed generation each, all at once, after
+        a few prompt tokens (it only opens connections)."""
         deadline = time.monotonic() + ROUTE_WAIT_S
         options = parse_mode(self.config.mode).options(WARMUP_TOKENS, self.config.k_max)
-        for node in nodes:
+
+        async def warm(node: P2PNode) -> None:
             while True:
                 try:
-                    await self._service(node).generate(self.prompts[0].ids, options)
-                    break
+                    await self._service(node).generate(self.prompts[0].ids[:WARMUP_PROMPT_TOKENS], options)
+                    return
                 except Exception as e:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"no working chain after {ROUTE_WAIT_S:.0f} s: {e}") from None
                     await asyncio.sleep(2)
+        await asyncio.gather(*(warm(node) for node in nodes))
 
     async def _wave(self, nodes: list[P2PNode], batching: bool) -> None:
         n = len(nodes)
