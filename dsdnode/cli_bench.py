@@ -13,6 +13,23 @@ from .cli_common import K_LIMIT, FiniteFloatRange, friendly
 from .cli_generate import DEVICE_HELP, DTYPE_HELP, DeviceType
 from .config import DTYPE_NAMES
 
+class ClientCounts(click.ParamType):
+    """--clients: a comma list of client counts >= 1, e.g. 1,2,4,8."""
+
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            counts = tuple(int(x) for x in str(value).split(",") if x.strip())
+        except ValueError:
+            counts = ()
+        if not counts or min(counts) < 1:
+            self.fail(f"expected client counts >= 1 like 1,2,4,8, got {value!r}.", param, ctx)
+        return counts
+
+
 QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, max_new_tokens=24,
              modes="ar-push,dsd-k4,dsd-auto", latencies=(10.0,), dtype="float32")
 
@@ -42,7 +59,7 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--k-max", type=click.IntRange(1, K_LIMIT), default=8, show_default=True, help="Longest block for the dsd-auto modes.")
 @click.option("--tau", type=FiniteFloatRange(0, 1), default=0.3, show_default=True,
               help="Adaptive verification threshold (dsd-auto-av).")
-@click.option("--clients", "clients", default=None, metavar="N[,N...]",
+@click.option("--clients", "clients", type=ClientCounts(), default=None,
               help="Many clients at once instead of the modes: for each count N (e.g. 1,2,4,8), N concurrent clients "
                    "(dsd-auto, the first --link-latency-ms), with batching on and then off at the servers.")
 @click.option("--relayed", type=click.IntRange(min=0), default=0, show_default=True,
@@ -87,7 +104,7 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
         raise click.BadParameter("--relayed applies to the modes run, not to --clients", param_hint="--relayed")
     if clients is not None:
         from .bench.clients import ClientsConfig, ClientsRun
-        run = ClientsRun(ClientsConfig(out=out, clients=parse_counts(clients), model=model, draft=draft,
+        run = ClientsRun(ClientsConfig(out=out, clients=clients, model=model, draft=draft,
                                        servers=servers, latency_ms=config.latencies_ms[0], datasets=config.datasets,
                                        max_new_tokens=max_new_tokens, threads=threads, client_threads=client_threads,
                                        dtype=dtype, device=device, k_max=k_max), command)
@@ -96,14 +113,3 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
     run.run()
     click.echo(f"results: {out / 'results.md'}")
     click.echo((out / "results.md").read_text())
-
-
-def parse_counts(text: str) -> tuple[int, ...]:
-    """--clients: a comma list of client counts >= 1."""
-    try:
-        counts = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        counts = ()
-    if not counts or min(counts) < 1:
-        raise click.BadParameter(f"expected client counts >= 1 like 1,2,4,8, got {text!r}", param_hint="--clients")
-    return counts

@@ -57,6 +57,8 @@ def error_lines(output: str) -> list[str]:
     ["bench", "--max-new-tokens", "0"],
     ["bench", "--link-latency-ms", "-1"],
     ["bench", "--threads", "0"],
+    ["bench", "--clients", "0,2"],
+    ["bench", "--clients", "two"],
     ["demo", "--servers", "0"],
     ["demo", "--max-new-tokens", "-5"],
     ["demo", "--link-latency-ms", "-100"],
@@ -70,6 +72,10 @@ def error_lines(output: str) -> list[str]:
     ["start", "--metrics-port", "70000"],
     ["start", "--num-layers", "-1"],
     ["start", "--dtype", "float64"],
+    ["start", "--batch-window-ms", "-1"],
+    ["start", "--max-batch", "0"],
+    ["start", "--max-sessions-per-client", "0"],
+    ["start", "--max-queued-per-client", "0"],
 ], ids=lambda args: " ".join(args))
 def test_nonsense_option_values_are_usage_errors(args):
     result = CliRunner().invoke(main, args)

@@ -1,7 +1,8 @@
-"""`dsdnode bench --clients 1,2,4,8`: many clients at once on one local swarm, batching on and off.
+"""`dsdnode bench --clients 1,2,4,8`: many clients at once on a local swarm, batching on and off.
 
-For each server setting (batching on, then off: `--no-batching` on every server) a fresh LocalSwarm
-starts; then for each client count N, N clients start generating at the same moment (a wave), each
+Two LocalSwarms run side by side, one per server setting (batching on; off: `--no-batching` on every
+server). For each client count N, N clients start generating at the same moment (a wave) on the
+batching swarm, then N on the other, so both settings see about the same machine load; each
 with its own libp2p node (its own peer id, as separate users would be) and its own ClientService,
 all sharing this process's client models. Client i answers prompt i, so every wave repeats the same
 prompts. A wave's aggregate tok/s is all its new tokens over its wall time (first start to last end,
@@ -13,10 +14,13 @@ flips, see docs/ARCHITECTURE.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -36,7 +40,10 @@ from ..net.protocol import DTYPE_NAMES
 from .machine import machine_info
 from .modes import parse_mode
 from .report import _fmt, _mean, write_json
-from .runner import ROUTE_WAIT_S, WARMUP_TOKENS, load_prompts
+from .runner import ROUTE_WAIT_S, WARMUP_TOKENS, _terminate, load_prompts
+
+
+WARMUP_PROMPT_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,8 @@ class ClientsRun:
         c = self.config
         c.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(c.client_threads)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)  # a killed run still stops its swarm and saves
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.status = "running"
         self.machine = machine_info()
@@ -121,8 +130,7 @@ class ClientsRun:
             self.machine["device"] = describe(self.client.device)
             per_dataset = math.ceil(max(c.clients) / len(c.datasets))
             self.prompts = load_prompts(self.client.tokenizer, c.datasets, per_dataset)[:max(c.clients)]
-            for batching in c.batching:
-                self._run_swarm(batching)
+            self._run_swarms()
             self.status = "done"
         except BaseException as e:
             self.status = f"failed: {type(e).__name__}: {e}"
@@ -131,31 +139,36 @@ class ClientsRun:
             self._save()
         return c.out
 
-    def _run_swarm(self, batching: bool) -> None:
+    def _run_swarms(self) -> None:
+        """One swarm per batching setting, all up at once: waves alternate between them (N clients
+        with batching on, then N with it off, ...), so both settings see the same machine load."""
         c = self.config
         n_layers = self.client.head.config.num_hidden_layers
-        workdir = c.out / "swarm" / ("batching" if batching else "no-batching")
-        extra = ["--device", c.device, *([] if batching else ["--no-batching"])]
-        self.log(f"[batching {'on' if batching else 'off'}] starting {c.servers} servers (logs: {workdir})")
-        try:
-            with LocalSwarm(c.model, split_layers(n_layers, c.servers), workdir, link_latency_ms=c.latency_ms,
-                            threads=c.threads, dtype=DTYPE_NAMES[self.client.dtype], extra_args=extra) as swarm:
-                asyncio.run(self._clients(swarm, batching))
-        except Exception as e:
-            self.errors.append(f"batching {batching}: {type(e).__name__}: {e}")
-            self.log(f"[batching {batching}] FAILED: {e}")
+        with contextlib.ExitStack() as stack:
+            swarms = {}
+            for batching in c.batching:
+                workdir = c.out / "swarm" / ("batching" if batching else "no-batching")
+                extra = ["--device", c.device, *([] if batching else ["--no-batching"])]
+                self.log(f"[batching {'on' if batching else 'off'}] starting {c.servers} servers (logs: {workdir})")
+                swarms[batching] = stack.enter_context(LocalSwarm(
+                    c.model, split_layers(n_layers, c.servers), workdir, link_latency_ms=c.latency_ms,
+                    threads=c.threads, dtype=DTYPE_NAMES[self.client.dtype], extra_args=extra))
+            asyncio.run(self._clients(swarms))
 
-    async def _clients(self, swarm: LocalSwarm, batching: bool) -> None:
+    async def _clients(self, swarms: dict[bool, LocalSwarm]) -> None:
         c = self.config
-        nodes = await asyncio.gather(*(P2PNode.start(bootstrap=swarm.bootstrap_addrs, latency=LinkLatency(c.latency_ms),
-                                                     client=True) for _ in range(max(c.clients))))
+        nodes = {batching: await asyncio.gather(*(
+            P2PNode.start(bootstrap=swarm.bootstrap_addrs, latency=LinkLatency(c.latency_ms), client=True)
+            for _ in range(max(c.clients)))) for batching, swarm in swarms.items()}
         try:
-            await self._warm_up(nodes)
+            for mine in nodes.values():
+                await self._warm_up(mine)
             for n in c.clients:
-                await self._wave(nodes[:n], batching)
-                self._save()
+                for batching, mine in nodes.items():
+                    await self._wave(mine[:n], batching)
+                    self._save()
         finally:
-            await asyncio.gather(*(node.stop() for node in nodes), return_exceptions=True)
+            await asyncio.gather(*(node.stop() for mine in nodes.values() for node in mine), return_exceptions=True)
 
     def _service(self, node: P2PNode) -> ClientService:
         """A fresh client (its own draft-length controller) on its own node."""
@@ -164,18 +177,21 @@ class ClientsRun:
                                                  node=node))
 
     async def _warm_up(self, nodes: list[P2PNode]) -> None:
-        """Until every client finds a full chain: a short untimed generation each (opens connections)."""
+        """Until every client finds a full chain: a short untimed generation each, all at once, after
+        a few prompt tokens (it only opens connections)."""
         deadline = time.monotonic() + ROUTE_WAIT_S
         options = parse_mode(self.config.mode).options(WARMUP_TOKENS, self.config.k_max)
-        for node in nodes:
+
+        async def warm(node: P2PNode) -> None:
             while True:
                 try:
-                    await self._service(node).generate(self.prompts[0].ids, options)
-                    break
+                    await self._service(node).generate(self.prompts[0].ids[:WARMUP_PROMPT_TOKENS], options)
+                    return
                 except Exception as e:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"no working chain after {ROUTE_WAIT_S:.0f} s: {e}") from None
                     await asyncio.sleep(2)
+        await asyncio.gather(*(warm(node) for node in nodes))
 
     async def _wave(self, nodes: list[P2PNode], batching: bool) -> None:
         n = len(nodes)
