@@ -72,7 +72,9 @@ def run(swarm, parts, peers, slow: set[str], trust: TrustSettings, k_fixed=2, n=
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("fault", ["noise", "sometimes", "scaled", "weights"])
+# one flavour in every run (each costs a swarm and a generation); all of them with DSDNODE_SOAK=1
+@pytest.mark.parametrize("fault", ["noise", *(pytest.param(f, marks=pytest.mark.soak)
+                                              for f in ("sometimes", "scaled", "weights"))])
 def test_a_faulty_server_is_caught_banned_and_repaired(swarm, honest, parts, expected_long, bans, fault):
     with servers(swarm, (15, 30, [], [*LAUNCHER, fault])) as (bad,):
         result, chain, streamed = run(swarm, parts, [*honest, bad], {n.peer_id for n in honest[1:]}, TrustSettings())
@@ -91,7 +93,7 @@ def test_a_faulty_server_is_caught_banned_and_repaired(swarm, honest, parts, exp
     assert all(peer != bad.peer_id for peer, _, _ in chain.route)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.soak)])
 def test_honest_servers_are_never_flagged(parts, bans, dtype, expected_long, smollm2_dir, tmp_path):
     """Every round audited, in both dtypes: no mismatch (the tolerance holds honest differences). A
     swarm of its own: only servers of this dtype."""
