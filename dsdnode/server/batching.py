@@ -96,28 +96,31 @@ class Batcher:
         self.queue.clear()
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self.queue:
                 await self._gather()
-                batch = self._take()
-                t0 = time.perf_counter()
-                try:
-                    outs = await loop.run_in_executor(self.executor, _forward, batch)
-                except Exception as e:  # the whole batch failed (e.g. out of memory): each block says so
-                    for job in batch:
-                        if not job.done.done():
-                            job.done.set_exception(e)
-                    continue
-                compute_s = time.perf_counter() - t0
-                self.batches += 1
-                self.blocks += len(batch)
-                self.observe(len(batch))
-                for job, out in zip(batch, outs):
-                    if not job.done.done():  # its waiter may be gone (session closed meanwhile)
-                        job.done.set_result(BatchResult(out, compute_s, len(batch)))
+                # in a method of its own: the batch's blocks hold their sessions' caches, and must not
+                # outlive the forward (a closed or expired session's cache is freed at once)
+                await self._run(self._take())
+
+    async def _run(self, batch: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        try:
+            outs = await asyncio.get_running_loop().run_in_executor(self.executor, _forward, batch)
+        except Exception as e:  # the whole batch failed (e.g. out of memory): each block says so
+            for job in batch:
+                if not job.done.done():
+                    job.done.set_exception(e)
+            return
+        compute_s = time.perf_counter() - t0
+        self.batches += 1
+        self.blocks += len(batch)
+        self.observe(len(batch))
+        for job, out in zip(batch, outs):
+            if not job.done.done():  # its waiter may be gone (session closed meanwhile)
+                job.done.set_result(BatchResult(out, compute_s, len(batch)))
 
     async def _gather(self) -> None:
         """Wait up to window_s for blocks of other recently active sessions (never for a lone one)."""
