@@ -76,7 +76,8 @@ def test_a_client_past_its_share_is_told_busy_and_routes_around(swarm, parts, ex
     with servers(swarm, (0, 15, one), (0, 15, [*one, *SLOW]), (15, 30, [])) as (fast, slow, tail):
         async def main():
             holder = await client_chain(swarm, head, [fast, slow, tail])
-            waiter = holder.__class__(holder.node, MODEL, 30, head.config.hidden_size, dtype=torch.float32)
+            waiter = holder.__class__(holder.node, MODEL, 30, head.config.hidden_size, weights=holder.weights,
+                                      dtype=torch.float32)
             try:
                 await holder.start_session(64)
                 result = await generate(waiter, (head, draft_span, prompts[0]), n=NEW_TOKENS)
