@@ -14,7 +14,7 @@ A mismatch is settled by a third server for those layers: whichever of the two i
 right; the other is convicted (banned, client/bans.py) and excluded, and the generation rolls back
 to the first wrong position and recomputes on a route without it. With no third server, the audited
 hop is excluded for the session (not banned) and the generation rolls back all the same. A span no
-other server serves cannot be audited: its positions are released with a warning and counted."""
+other server serves cannot be audited: its positions are released (logged once, counted in AuditStats.unaudited)."""
 
 from __future__ import annotations
 
@@ -283,7 +283,7 @@ class Auditor:
             return await self._dispute(h, rec, start, upto, start + bad, inputs, outputs, got)
         if (h.start, h.end) not in self._warned:
             self._warned.add((h.start, h.end))
-            log.warning("layers %d:%d cannot be audited: no other server %s; their results are used unchecked",
+            log.info("layers %d:%d cannot be audited: no other server %s; their results are used unchecked",
                         h.start, h.end, "answered" if tried else "serves them")
         self.stats.unaudited += upto - start
         h.audited = min(upto, self.low_water)

@@ -23,6 +23,7 @@ from ..net.relay import is_circuit
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 3.0
+RELAYED_PING_TIMEOUT_S = 10.0  # a first ping through a relay also sets up the relayed connection
 # added cost of a step per session active at a server, as a fraction of its own: one more block in a
 # batched forward (docs/ARCHITECTURE.md, "Many clients")
 LOAD_COST_PER_SESSION = 0.1
@@ -87,10 +88,13 @@ def same_weights(records: list[SpanRecord], weights: str) -> tuple[list[SpanReco
 
 
 async def ping_records(node: P2PNode, records: list[SpanRecord], timeout_s: float = PING_TIMEOUT_S) -> list[Candidate]:
-    """The records whose peers answer a ping within timeout_s, with the measured round-trip time."""
+    """The records whose peers answer a ping within timeout_s (RELAYED_PING_TIMEOUT_S for a peer
+    reached only through a relay), with the measured round-trip time."""
     async def ping(rec: SpanRecord) -> Candidate | None:
+        relayed = bool(rec.addrs) and all(is_circuit(a) for a in rec.addrs)
+        wait = max(timeout_s, RELAYED_PING_TIMEOUT_S) if relayed else timeout_s
         try:
-            return Candidate(rec, await node.ping(PeerInfo(rec.peer_id, tuple(rec.addrs)), timeout=timeout_s))
+            return Candidate(rec, await node.ping(PeerInfo(rec.peer_id, tuple(rec.addrs)), timeout=wait))
         except Exception as e:
             log.info("peer %s (layers %d:%d) does not answer: %r", rec.peer_id, rec.start, rec.end, e)
             return None

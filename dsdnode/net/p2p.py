@@ -102,6 +102,10 @@ if not os.environ.get("LIBP2P_DEBUG"):
     # application configured. Hand them back: the application's handlers and levels decide.
     logging.getLogger("libp2p").propagate = True
     logging.getLogger("libp2p").setLevel(logging.NOTSET)
+    # A failed TCP dial is logged as an error for every address tried, though trying the next address
+    # (a NATed peer's stale direct address before its relay) is normal; dsdnode says itself when a
+    # peer cannot be reached at all.
+    logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
 
 
 class PeerUnreachable(ConnectionError):
