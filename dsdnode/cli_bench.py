@@ -61,12 +61,14 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
               help="Adaptive verification threshold (dsd-auto-av).")
 @click.option("--clients", "clients", type=ClientCounts(), default=None,
               help="Many clients at once instead of the modes: for each count N (e.g. 1,2,4,8), N concurrent clients "
-                   "(dsd-auto, the first --link-latency-ms), with batching on and then off at the servers.")
+                   "(dsd-auto, or the one mode --modes names; the first --link-latency-ms), with batching on and "
+                   "then off at the servers.")
 @click.option("--relayed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Reach the last N servers only through a relay, as servers behind a NAT are (on loopback: "
                    "they act private with --assume-private; the relay adds one emulated link).")
 @click.option("--quick", is_flag=True, help="A small smoke run: smollm2-135m as target and draft, 3 servers, 2 prompts "
-                                            "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32.")
+                                            "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32 "
+                                            "(options given with it override these).")
 @click.option("--overhead", is_flag=True, help="Instead: the per-hop software overhead -- a block of 8 positions of "
                                                "--model's width through chains of 1..--overhead-hops real server "
                                                "processes (one layer each, 0 ms latency), compute subtracted.")
@@ -86,9 +88,13 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
         result = run_overhead(OverheadConfig(out, model, overhead_hops, dtype=dtype or "bfloat16"))
         click.echo(result.markdown())
         return
-    if quick:
-        model, draft, servers, prompts = QUICK["model"], QUICK["draft"], QUICK["servers"], QUICK["prompts"]
-        max_new_tokens, modes, dtype = QUICK["max_new_tokens"], QUICK["modes"], QUICK["dtype"]
+    if quick:  # its settings, except those given on the command line
+        given = click.get_current_context().get_parameter_source
+        args = dict(model=model, draft=draft, servers=servers, prompts=prompts, max_new_tokens=max_new_tokens,
+                    modes=modes, dtype=dtype)
+        model, draft, servers, prompts, max_new_tokens, modes, dtype = (
+            value if given(name) == click.core.ParameterSource.COMMANDLINE else QUICK[name]
+            for name, value in args.items())
         latencies = latencies or QUICK["latencies"]
     resolved = resolve_device(device)  # a missing device: one line, before any work
     dtype = dtype or NAMES[default_dtype(resolved)]
@@ -104,10 +110,15 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
         raise click.BadParameter("--relayed applies to the modes run, not to --clients", param_hint="--relayed")
     if clients is not None:
         from .bench.clients import ClientsConfig, ClientsRun
+        mode = "dsd-auto"
+        if click.get_current_context().get_parameter_source("modes") == click.core.ParameterSource.COMMANDLINE:
+            if len(config.modes) != 1:
+                raise click.BadParameter("--clients runs one mode: name one, e.g. --modes ar-push", param_hint="'--modes'")
+            mode = config.modes[0]
         run = ClientsRun(ClientsConfig(out=out, clients=clients, model=model, draft=draft,
                                        servers=servers, latency_ms=config.latencies_ms[0], datasets=config.datasets,
                                        max_new_tokens=max_new_tokens, threads=threads, client_threads=client_threads,
-                                       dtype=dtype, device=device, k_max=k_max), command)
+                                       dtype=dtype, device=device, k_max=k_max, mode=mode), command)
     else:
         run = BenchRun(config, command)
     run.run()

@@ -59,6 +59,7 @@ def error_lines(output: str) -> list[str]:
     ["bench", "--threads", "0"],
     ["bench", "--clients", "0,2"],
     ["bench", "--clients", "two"],
+    ["bench", "--clients", "1,2", "--modes", "ar-push,dsd-auto"],
     ["demo", "--servers", "0"],
     ["demo", "--max-new-tokens", "-5"],
     ["demo", "--link-latency-ms", "-100"],

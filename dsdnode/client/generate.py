@@ -172,9 +172,11 @@ class Generator:
                         new, stopped = new[:eos_at], "eos"
                     tokens.extend(new)
                     rounds.append(stats)
-                    if s.speculative and (self.chain.failovers != failovers or rerouted):
+                    if s.speculative and (self.chain.failovers != failovers or rerouted
+                                          or len(stats.hop_compute_s) != controller.n_hops):
                         # a new chain (perhaps with another number of hops) costs something else, and this
-                        # round's time includes the failover: learn the new chain's cost from scratch
+                        # round's time includes the failover: learn the new chain's cost from scratch (the
+                        # hop count also changes when the route failed over before this round, in the prefill)
                         controller.reset_timing(len(stats.hop_compute_s))
                         rerouted = False
                     elif s.speculative:

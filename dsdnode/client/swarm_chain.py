@@ -51,6 +51,10 @@ CLOSE_TIMEOUT_S = 2.0  # saying goodbye to a hop that may be hung
 BUSY_RETRY_S = 2.0  # a busy server without a retry hint is tried again after this long
 MAX_BUSY_WAIT_S = 30.0  # longest wait for busy servers when no other route exists
 RECORDS_MAX_AGE_S = 60.0  # re-read the DHT when the records we route with are older
+# a client that just joined may not find every server at once (its routing table is still empty, a
+# relayed server's record is slow to come): until its node is this old, a route that misses layers
+# after such a partial look at the DHT is looked for again, with growing pauses
+DISCOVERY_WAIT_S = 20.0
 
 
 class ChainFailure(RuntimeError):
@@ -150,6 +154,10 @@ class RemoteChain:
             if self._since_audit >= self.audit_every:
                 self._since_audit = 0
                 self._audit_task = asyncio.create_task(self.auditor.audit())
+        if rollback is None and self._audit_task is None and not any(map(self._auditors_for, self.auditor.logs)):
+            # no other server serves any hop's layers: an audit would only release these positions
+            # unchecked, so release them now and the text streams as it comes
+            self.verified = max(self.verified, self.auditor.filled)
         return Checkpoint(self.verified, rollback)
 
     async def finish(self, path: list[int] = (0,)) -> Checkpoint:
@@ -237,6 +245,7 @@ class RemoteChain:
         """The best chain over peers not excluded nor busy; waits (bounded) for busy ones if needed."""
         waited = 0.0
         fresh = False
+        pause = 1.0
         while True:
             now = time.monotonic()
             if now - self._records_at > RECORDS_MAX_AGE_S:
@@ -259,6 +268,12 @@ class RemoteChain:
             except NoRoute as e:
                 if not fresh:  # servers may have joined since we last looked
                     self._records_at = -RECORDS_MAX_AGE_S
+                    continue
+                young = time.monotonic() + pause - self.node.started_at <= DISCOVERY_WAIT_S
+                if young and self.node.dht.last_discovery_partial and not busy and not self.excluded:
+                    log.info("%s yet (the DHT answered in part); looking again in %.0f s", e, pause)
+                    await asyncio.sleep(pause)
+                    self._records_at, pause = -RECORDS_MAX_AGE_S, pause * 2
                     continue
                 wait = min(busy.values(), default=now) - now
                 if not busy or waited + wait > MAX_BUSY_WAIT_S:

@@ -219,6 +219,10 @@ class DHT:
         # messages that say why a provider was left out; bounded like the lookup cache
         self.incompatible: dict[str, str] = {}
         self._warned: set[tuple[str, str]] = set()
+        # whether the last discover() may have missed servers: it asked no peer (a node that just
+        # joined, before its routing table has any), or nobody answered with a provider's record
+        self.last_discovery_partial = False
+        self._spreading = False  # a background Kademlia put of our record is running
 
     def _attach(self, kad: KadDHT) -> None:
         """Called on the trio thread once the KadDHT exists."""
@@ -288,15 +292,53 @@ class DHT:
 
     # ---- trio side ---------------------------------------------------------------------
     async def _t_publish(self, rec: SpanRecord, blob: bytes, provide: bool) -> None:
+        """Store the record and our provider entry (withdrawing: the record, and drop the entry).
+
+        Announcing first stores both at the peers we are connected to (a bootstrap peer, relays), so
+        readers find us within a moment, and returns; the Kademlia puts to the key's closest peers
+        in the whole network go on in the background. They can take 20 s and more: the closest
+        peers may include nodes behind a NAT whose private addresses the DHT still lists, and each
+        dial to one waits for its timeout."""
         kad = self._kad
         assert kad is not None
-        await kad.put_value(value_key(rec.model, rec.peer_id), blob)
-        key = provider_key(rec.model)
-        if provide:
-            await kad.provider_store.provide(key)
-        else:
+        key, vkey = provider_key(rec.model), value_key(rec.model, rec.peer_id)
+        if not provide:
+            await kad.put_value(vkey, blob)
             kad.provider_store.providing_keys.discard(key)
             kad.provider_store.providers.get(key, {}).pop(self._node.peer_id, None)
+            return
+        kad.value_store.put(vkey.encode(), blob)
+        connected = set(self._node._host.get_connected_peers())
+        near = [p for p in kad.routing_table.get_peer_ids() if p in connected]
+
+        async def store_near(peer: ID) -> None:
+            with trio.move_on_after(PEER_QUERY_TIMEOUT_S):
+                try:
+                    await kad.value_store._store_at_peer(peer, vkey.encode(), blob)
+                    await kad.provider_store._send_add_provider(peer, key)
+                except Exception as exc:
+                    log.debug("storing our record at %s failed: %r", peer, exc)
+
+        async with trio.open_nursery() as nursery:
+            for peer in near:
+                nursery.start_soon(store_near, peer)
+        nursery = self._node._bridge.nursery
+        if not self._spreading and nursery is not None:
+            self._spreading = True
+            nursery.start_soon(self._t_spread, vkey, blob, key)
+
+    async def _t_spread(self, vkey: str, blob: bytes, key: bytes) -> None:
+        """The Kademlia puts of one announce (one at a time: a later announce skips it while one runs)."""
+        kad = self._kad
+        assert kad is not None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kad.put_value, vkey, blob)
+                nursery.start_soon(kad.provider_store.provide, key)
+        except Exception as exc:  # e.g. a newer record of ours stored meanwhile; the next announce spreads that
+            log.debug("spreading our record failed: %r", exc)
+        finally:
+            self._spreading = False
 
     async def _t_discover(self, model: str) -> list[SpanRecord]:
         kad = self._kad
@@ -311,27 +353,31 @@ class DHT:
                 for info in found:
                     providers.setdefault(info.peer_id, []).extend(info.addrs)
 
+        asked = [peer for peer in closest if peer != kad.local_peer_id]
         async with trio.open_nursery() as nursery:
-            for peer in closest:
-                if peer != kad.local_peer_id:
-                    nursery.start_soon(ask_providers, peer)
+            for peer in asked:
+                nursery.start_soon(ask_providers, peer)
 
         records: dict[str, SpanRecord] = {}
+
+        unanswered: set[ID] = set()
 
         async def fetch(peer: ID, addrs: list[Any]) -> None:
             if addrs:
                 self._node._host.get_peerstore().add_addrs(peer, addrs, 3600)
-            rec = await self._t_fetch_value(model, peer)
+            rec = await self._t_fetch_value(model, peer, unanswered)
             if rec is not None and not rec.withdrawn:
                 records[rec.peer_id] = rec
 
         async with trio.open_nursery() as nursery:
             for peer, addrs in providers.items():
                 nursery.start_soon(fetch, peer, addrs)
+        self.last_discovery_partial = not asked or bool(unanswered)
         return sorted(records.values(), key=lambda r: (r.start, r.end, r.peer_id))
 
-    async def _t_fetch_value(self, model: str, peer: ID) -> SpanRecord | None:
-        """Newest valid record of `peer` for `model`: from the peer itself and its replicas."""
+    async def _t_fetch_value(self, model: str, peer: ID, unanswered: set[ID] | None = None) -> SpanRecord | None:
+        """Newest valid record of `peer` for `model`: from the peer itself and its replicas. A peer
+        for which nobody answered with any record is added to `unanswered`."""
         kad = self._kad
         assert kad is not None
         peer_b58 = peer.to_base58()
@@ -375,6 +421,8 @@ class DHT:
         if not valid:
             if not blobs:
                 log.info("provider %s of %s has no reachable span record", peer_b58, model)
+                if unanswered is not None:
+                    unanswered.add(peer)
             return None
         self.incompatible.pop(peer_b58, None)
         return valid[_newest(valid)]

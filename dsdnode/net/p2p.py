@@ -207,6 +207,7 @@ class P2PNode:
         self.max_frame_bytes = max_frame_bytes
         self.peer_id: str = ID.from_pubkey(keypair.public_key).to_base58()
         self.addrs: list[str] = []
+        self.started_at = time.monotonic()  # a node that just joined may not see the whole swarm yet
         self.dht: DHT = DHT(self)
         self._bridge = Bridge(asyncio.get_running_loop())
         self._handlers: dict[str, Callable[[Stream], Awaitable[None]]] = {}

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 FIRST_FRAME_TIMEOUT_S = 30.0  # a stream with no live session on it waits this long for a frame
 NEXT_HOP_LOOKUP_TIMEOUT_S = 10.0
 WITHDRAW_TIMEOUT_S = 5.0
+FIRST_ANNOUNCE_WAIT_S = 30.0  # "ready" waits this long at most for the first record to be stored
 
 
 class Server:
@@ -71,8 +72,16 @@ class Server:
     async def serve(self, stop: asyncio.Event) -> None:
         self.throughput = await asyncio.get_running_loop().run_in_executor(self.compute, measure_throughput, self.span)
         self.node.set_stream_handler(SESSION_PROTOCOL, self.handle_stream)
-        announcer = asyncio.create_task(self._announce_loop())
+        announced = asyncio.Event()
+        announcer = asyncio.create_task(self._announce_loop(announced))
         reaper = asyncio.create_task(self._expire_loop())
+        # "ready" means clients can find us: our first record is stored (bounded: a DHT that is slow
+        # to take it should not keep a working server from starting)
+        try:
+            await asyncio.wait_for(announced.wait(), FIRST_ANNOUNCE_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning("the first announce took over %.0f s: clients may not find this server for a while",
+                        FIRST_ANNOUNCE_WAIT_S)
         print(json.dumps({"event": "ready", "peer_id": self.node.peer_id, "addrs": self.node.addrs, "model": self.model,
                           "start": self.span.start, "end": self.span.end, "device": self.span.device.type,
                           "weights": self.weights, "throughput": round(self.throughput, 2),
@@ -110,12 +119,13 @@ class Server:
                           device=self.span.device.type, weights=self.weights, active_sessions=self.table.active(),
                           queued_positions=self.batcher.queued_positions)
 
-    async def _announce_loop(self) -> None:
+    async def _announce_loop(self, announced: asyncio.Event) -> None:
         while True:
             try:
                 await self.node.dht.announce(self.record())
             except Exception as e:  # the DHT may be empty right now; try again next interval
                 log.warning("announce failed: %r", e)
+            announced.set()
             # a relay reserved or lost changes how peers reach us: tell the swarm at once
             await self.node.wait_addrs_changed(self.announce_interval_s)
 

@@ -105,7 +105,8 @@ def test_honest_servers_are_never_flagged(parts, bans, dtype, expected_long, smo
                                 dtype=getattr(torch, dtype),
                                 trust=TrustSettings(audit_rate=1.0))  # the same client node, in this dtype
             head, draft_span, ids = parts
-            settings = GenerationSettings(max_new_tokens=NEW_TOKENS, controller=ControllerSettings(k_fixed=4))
+            # every position audited: half the faulty runs' tokens are enough (greedy: a prefix of their text)
+            settings = GenerationSettings(max_new_tokens=NEW_TOKENS // 2, controller=ControllerSettings(k_fixed=4))
             target_head = Head.load(smollm2_dir, getattr(torch, dtype))
             generator = Generator(target_head, chain, Drafter(head, [draft_span], 256, settings.sampling), settings,
                                   set())
@@ -120,4 +121,4 @@ def test_honest_servers_are_never_flagged(parts, bans, dtype, expected_long, smo
     checked = len(parts[2]) + len(result.tokens) - 1  # positions whose outputs made the text
     assert stats.positions >= 2 * checked and stats.unaudited == 0  # both hops, every position
     if dtype == "float32":
-        assert result.tokens == expected_long
+        assert result.tokens == expected_long[:NEW_TOKENS // 2]

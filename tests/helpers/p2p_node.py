@@ -146,7 +146,8 @@ async def _child(config: dict[str, Any]) -> None:
         elif op == "withdraw":
             await node.dht.withdraw(req["model"])
         elif op == "discover":
-            return {"records": [dataclasses.asdict(r) for r in await node.dht.discover(req["model"])]}
+            records = await node.dht.discover(req["model"])
+            return {"records": [dataclasses.asdict(r) for r in records], "partial": node.dht.last_discovery_partial}
         elif op == "ping":
             return {"rtt": await node.ping(PeerInfo(req["peer_id"], tuple(req["addrs"])))}
         elif op == "forge":

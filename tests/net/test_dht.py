@@ -111,12 +111,22 @@ def test_discovery_across_processes_drops_forged_records():
         assert evil.request("forge", model=MODEL, kind="wrong_signer")["remote_accepted"] == 0
         assert evil.request("forge", model="test/model-expired", kind="expired")["remote_accepted"] == 0
 
-        records = reader.request("discover", model=MODEL)["records"]
+        found = reader.request("discover", model=MODEL)
+        records = found["records"]
         assert sorted((r["peer_id"], r["start"], r["end"]) for r in records) == sorted(
             [(a.peer_id, 0, 12), (b.peer_id, 12, 24)])
         assert all(r["addrs"] and r["expires"] == expires for r in records)
+        assert found["partial"] is False  # every provider's record was fetched
         assert reader.request("discover", model="test/model-expired")["records"] == []
-        assert reader.request("discover", model="test/unknown")["records"] == []
+        unknown = reader.request("discover", model="test/unknown")
+        # a definite "nobody serves it" (peers were asked), not a look that may have missed servers
+        assert (unknown["records"], unknown["partial"]) == ([], False)
+        alone = NodeProcess.start()  # knows no peer: its empty answer says nothing about the swarm
+        try:
+            lonely = alone.request("discover", model=MODEL)
+            assert (lonely["records"], lonely["partial"]) == ([], True)
+        finally:
+            alone.stop()
 
         # Updates are seen (no stale cache), and a withdrawn span disappears.
         a.request("announce", record=dict(common, start=0, end=6))

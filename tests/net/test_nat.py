@@ -118,15 +118,11 @@ def test_public_client_generates_through_relayed_server(swarm, expected):
     assert out.stdout == expected
 
 
-def test_client_behind_nat_generates_with_nated_server(swarm, expected):
-    out = generate(swarm.bootstrap, swarm.net.home("client1"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout == expected
-
-
 def test_relay_killed_mid_generation(swarm, expected):
-    """The relay both servers list first dies mid-generation: the client fails over to the other server
-    (through another relay), both servers reserve a slot on the third relay, and the text is the same."""
+    """A client behind a NAT of its own generates with NATed servers, and the relay both servers list
+    first dies mid-generation: the client fails over to the other server (through another relay), both
+    servers reserve a slot on the third relay, and the text is the same as with no fault (this test
+    is also the one of a home client: a separate fault-free run cost CI 45 s and checked nothing more)."""
     dead_host, dead = swarm.relays[0]
     killed = []
 

@@ -13,7 +13,7 @@ from dsdnode.client.local import LocalChain
 from dsdnode.local_swarm import LocalSwarm
 from dsdnode.models.head import Head
 from dsdnode.models.span import Span
-from tests.client.test_failover import MODEL, SLOW, client_chain, generate, servers
+from tests.client.test_failover import MODEL, client_chain, generate, servers
 from tests.helpers.ports import free_port
 from tests.server.test_metrics import scrape
 
@@ -73,20 +73,23 @@ def test_a_client_past_its_share_is_told_busy_and_routes_around(swarm, parts, ex
     ("busy", with a retry hint) and goes through a slower server instead, while the first lives on."""
     head, draft_span, prompts = parts
     one = ["--max-sessions-per-client", "1"]
-    with servers(swarm, (0, 15, one), (0, 15, [*one, *SLOW]), (15, 30, [])) as (fast, slow, tail):
+    # far slower than load noise on a busy 2-core machine can make the fast one look
+    slow_link = ["--link-latency-ms", "200"]
+    with servers(swarm, (0, 15, one), (0, 15, [*one, *slow_link]), (15, 30, [])) as (fast, slow, tail):
         async def main():
             holder = await client_chain(swarm, head, [fast, slow, tail])
             waiter = holder.__class__(holder.node, MODEL, 30, head.config.hidden_size, weights=holder.weights,
                                       dtype=torch.float32)
             try:
                 await holder.start_session(64)
-                result = await generate(waiter, (head, draft_span, prompts[0]), n=NEW_TOKENS)
+                # a few tokens: this is about where the session goes (the slow route's 200 ms links)
+                result = await generate(waiter, (head, draft_span, prompts[0]), n=8)
                 return result, list(holder.route), list(waiter.route), dict(waiter._busy_until), waiter.failovers
             finally:
                 await waiter.close()
                 await holder.shutdown()
         result, held, route, busy, failovers = asyncio.run(main())
     assert held[0][0] == fast.peer_id
-    assert result.tokens == expected[0]
+    assert result.tokens == expected[0][:8]
     assert fast.peer_id in busy and failovers == 1  # refused once by the fast server ...
     assert [p for p, _, _ in route] == [slow.peer_id, tail.peer_id]  # ... and routed around it
