@@ -102,8 +102,8 @@ def test_greedy_dsd_on_real_weights_equals_target_greedy(smollm2_dir):
 
     target = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    prompts = ["def add(a, b):\n", "The capital of France is", "Q: What is 12 * 7?\nA:"]
-    for prompt, k in zip(prompts, [None, 2, 5]):
+    prompts = ["def add(a, b):\n", "Q: What is 12 * 7?\nA:"]
+    for prompt, k in zip(prompts, [None, 5]):
         ids = tok(prompt)["input_ids"]
         settings = GenerationSettings(max_new_tokens=24, controller=ControllerSettings(k_fixed=k, k_max=6))
         result = asyncio.run(make_generator(target, target, 20, 3, settings).generate(ids))
