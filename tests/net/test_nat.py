@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.heavy, pytest.mark.timeout(900),
 MODEL = "smollm2-135m"
 PROMPT = "def fibonacci(n):"
 GEN = ["--model", MODEL, "--dtype", "float32", "--k", "4", "--raw", "--threads", "1"]
-NEW_TOKENS = "40"
+NEW_TOKENS = "32"
 
 
 class Swarm:
