@@ -7,6 +7,7 @@ and its dtype and back. In float32 the text must be exactly the in-process chain
 import asyncio
 
 import pytest
+import torch
 
 import dsdnode
 from dsdnode.local_swarm import LocalSwarm
@@ -23,7 +24,10 @@ def reference(smollm2_dir):
         return client.generate(PROMPT, max_new_tokens=24, k=0).tokens
 
 
-@pytest.mark.parametrize("device", DEVICES)
+# without a GPU the "device" is the CPU too, and the test is one more CPU swarm generation like those of
+# tests/server/test_swarm.py: then it runs only with DSDNODE_SOAK=1 (suite time)
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu", marks=pytest.mark.soak)
+                                    if d.values == ("cpu",) and not torch.cuda.is_available() else d for d in DEVICES])
 def test_a_cpu_server_and_a_device_server_give_the_cpu_tokens(reference, tmp_path, device):
     with LocalSwarm(MODEL, [(0, 15)], tmp_path, dtype="float32", extra_args=["--device", "cpu"]) as swarm:
         swarm.servers.append(swarm.add_server(15, 30, args=["--device", device]))
