@@ -88,12 +88,16 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
         result = run_overhead(OverheadConfig(out, model, overhead_hops, dtype=dtype or "bfloat16"))
         click.echo(result.markdown())
         return
+    source = click.get_current_context().get_parameter_source
+
+    def given(name: str) -> bool:
+        return source(name) == click.core.ParameterSource.COMMANDLINE
+
     if quick:  # its settings, except those given on the command line
-        given = click.get_current_context().get_parameter_source
         args = dict(model=model, draft=draft, servers=servers, prompts=prompts, max_new_tokens=max_new_tokens,
                     modes=modes, dtype=dtype)
         model, draft, servers, prompts, max_new_tokens, modes, dtype = (
-            value if given(name) == click.core.ParameterSource.COMMANDLINE else QUICK[name]
+            value if given(name) else QUICK[name]
             for name, value in args.items())
         latencies = latencies or QUICK["latencies"]
     resolved = resolve_device(device)  # a missing device: one line, before any work
@@ -111,7 +115,7 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
     if clients is not None:
         from .bench.clients import ClientsConfig, ClientsRun
         mode = "dsd-auto"
-        if click.get_current_context().get_parameter_source("modes") == click.core.ParameterSource.COMMANDLINE:
+        if given("modes"):
             if len(config.modes) != 1:
                 raise click.BadParameter("--clients runs one mode: name one, e.g. --modes ar-push", param_hint="'--modes'")
             mode = config.modes[0]

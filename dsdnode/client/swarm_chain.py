@@ -95,6 +95,9 @@ class RemoteChain:
         self.audit_every = audit_every(trust.audit_rate)
         self.verified = 0  # positions whose outputs are audited (or unauditable), whatever the route
         self._audit_task: asyncio.Task | None = None
+        # some hop of the current route has another server to audit it (decided once per route: the
+        # records, exclusions and bans it depends on change only when the chain routes anew)
+        self._auditable = True
         self._since_audit = 0
         self.relay, self.max_failovers, self.max_block = relay, max_failovers, max_block
         self.deadline = PassDeadline(deadlines)  # measurements carry over to the next session
@@ -154,7 +157,7 @@ class RemoteChain:
             if self._since_audit >= self.audit_every:
                 self._since_audit = 0
                 self._audit_task = asyncio.create_task(self.auditor.audit())
-        if rollback is None and self._audit_task is None and not any(map(self._auditors_for, self.auditor.logs)):
+        if rollback is None and self._audit_task is None and not self._auditable:
             # no other server serves any hop's layers: an audit would only release these positions
             # unchecked, so release them now and the text streams as it comes
             self.verified = max(self.verified, self.auditor.filled)
@@ -309,6 +312,7 @@ class RemoteChain:
         self.route = [(h.candidate.record.peer_id, h.start, h.end) for h in hops]
         await self.auditor.new_route([(leg.hop.candidate.record, leg.hop.start, leg.hop.end, leg.compute_dtype)
                                       for leg in self.legs], self._max_length, self.dtype)
+        self._auditable = any(map(self._auditors_for, self.auditor.logs))
         for leg in self.legs:
             leg.reader = asyncio.create_task(self._read(leg, self._results))
         log.info("session %s along %s", self.session_id, self.route)

@@ -302,19 +302,20 @@ class DHT:
         kad = self._kad
         assert kad is not None
         key, vkey = provider_key(rec.model), value_key(rec.model, rec.peer_id)
+        vkey_bytes = vkey.encode()
         if not provide:
             await kad.put_value(vkey, blob)
             kad.provider_store.providing_keys.discard(key)
             kad.provider_store.providers.get(key, {}).pop(self._node.peer_id, None)
             return
-        kad.value_store.put(vkey.encode(), blob)
+        kad.value_store.put(vkey_bytes, blob)
         connected = set(self._node._host.get_connected_peers())
         near = [p for p in kad.routing_table.get_peer_ids() if p in connected]
 
         async def store_near(peer: ID) -> None:
             with trio.move_on_after(PEER_QUERY_TIMEOUT_S):
                 try:
-                    await kad.value_store._store_at_peer(peer, vkey.encode(), blob)
+                    await kad.value_store._store_at_peer(peer, vkey_bytes, blob)
                     await kad.provider_store._send_add_provider(peer, key)
                 except Exception as exc:
                     log.debug("storing our record at %s failed: %r", peer, exc)
