@@ -30,7 +30,7 @@ from .cli_generate import client_options
               help="Require 'Authorization: Bearer KEY' on /v1 routes (401 without it); /health and /ready stay "
                    "open. Prefer the environment variable: a flag shows in the process list.")
 @friendly
-def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers_file, device, dtype, threads,
+def api(host, port, model, draft, draft_int8, draft_vocab, local, hops, link_latency_ms, bootstrap, peers_file, device, dtype, threads,
         max_tokens_limit, max_prompt_tokens, k_max, tau, overlap, api_key):
     """Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's API), with
     /health (liveness), /ready (a route through the swarm exists) and /metrics (Prometheus).
@@ -51,7 +51,8 @@ def api(host, port, model, draft, local, hops, link_latency_ms, bootstrap, peers
     if threads:
         torch.set_num_threads(threads)
     service = build_service(model, bootstrap=bootstrap_list(bootstrap, peers_file), local=local, hops=hops,
-                            draft=draft or True, dtype=dtype, device=device, link_latency_ms=link_latency_ms)
+                            draft=draft or True, dtype=dtype, device=device, link_latency_ms=link_latency_ms,
+                            draft_int8=draft_int8, draft_vocab=draft_vocab)
     check_context(service.models.head.config, max_prompt_tokens + max_tokens_limit,
                   f"--max-prompt-tokens {max_prompt_tokens} and --max-tokens-limit {max_tokens_limit}")
     settings = EngineSettings(k_max=k_max, tau=tau, overlap=overlap, max_tokens_limit=max_tokens_limit,

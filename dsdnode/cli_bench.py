@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .cli_common import K_LIMIT, FiniteFloatRange, friendly
-from .cli_generate import DEVICE_HELP, DTYPE_HELP, DeviceType
+from .cli_generate import DEVICE_HELP, DTYPE_HELP, DeviceType, draft_compression_options
 from .config import DTYPE_NAMES
 
 class ClientCounts(click.ParamType):
@@ -66,6 +66,7 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--relayed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Reach the last N servers only through a relay, as servers behind a NAT are (on loopback: "
                    "they act private with --assume-private; the relay adds one emulated link).")
+@draft_compression_options
 @click.option("--quick", is_flag=True, help="A small smoke run: smollm2-135m as target and draft, 3 servers, 2 prompts "
                                             "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32 "
                                             "(options given with it override these).")
@@ -76,7 +77,8 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
               help="Longest chain of --overhead.")
 @friendly
 def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_tokens, modes, out, threads,
-          client_threads, device, dtype, k_max, tau, clients, relayed, quick, overhead, overhead_hops):
+          client_threads, device, dtype, k_max, tau, clients, relayed, draft_int8, draft_vocab, quick, overhead,
+          overhead_hops):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
     from .bench.runner import BenchConfig, BenchRun
     from .devices import default_dtype, resolve_device
@@ -107,7 +109,7 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
                          datasets=("humaneval", "gsm8k") if dataset == "both" else (dataset,), prompts=prompts,
                          max_new_tokens=max_new_tokens, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                          threads=threads, client_threads=client_threads, dtype=dtype, device=device, k_max=k_max,
-                         tau=tau, relayed=relayed)
+                         tau=tau, relayed=relayed, draft_int8=draft_int8, draft_vocab=draft_vocab)
     command = " ".join(["dsdnode", *map(shlex.quote, sys.argv[1:])]) if "bench" in sys.argv[1:] else \
         f"dsdnode bench (called in-process) {config}"
     if clients is not None and relayed:
@@ -122,7 +124,8 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
         run = ClientsRun(ClientsConfig(out=out, clients=clients, model=model, draft=draft,
                                        servers=servers, latency_ms=config.latencies_ms[0], datasets=config.datasets,
                                        max_new_tokens=max_new_tokens, threads=threads, client_threads=client_threads,
-                                       dtype=dtype, device=device, k_max=k_max, mode=mode), command)
+                                       dtype=dtype, device=device, k_max=k_max, mode=mode, draft_int8=draft_int8,
+                                       draft_vocab=draft_vocab), command)
     else:
         run = BenchRun(config, command)
     run.run()

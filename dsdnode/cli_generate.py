@@ -80,7 +80,16 @@ def client_options(fn):
     ]
     for option in reversed(options):
         fn = option(fn)
-    return fn
+    return draft_compression_options(fn)
+
+
+def draft_compression_options(fn):
+    """--draft-int8 and --draft-vocab (models/compression.py): a cheaper draft, the same text."""
+    fn = click.option("--draft-vocab", type=click.IntRange(min=0), default=None,
+                      help="Draft only the N most frequent tokens (0: all) [default: 32768 on a CPU, else all].")(fn)
+    return click.option("--draft-int8/--no-draft-int8", default=None,
+                        help="Draft with int8 decoder layers [default: on a CPU]. The target checks every token: "
+                             "the text stays the same, speed and acceptance change.")(fn)
 
 
 @click.command()
@@ -90,8 +99,8 @@ def client_options(fn):
 @click.option("--stats/--no-stats", default=False, help="Print per-round statistics.")
 @generation_options
 @friendly
-def generate(prompt, model, draft, local, hops, link_latency_ms, bootstrap, peers_file, device, dtype, threads, raw,
-             stats, **gen):
+def generate(prompt, model, draft, draft_int8, draft_vocab, local, hops, link_latency_ms, bootstrap, peers_file, device,
+             dtype, threads, raw, stats, **gen):
     """Generate text for PROMPT, streaming it, then print a summary line."""
     import torch
 
@@ -102,7 +111,7 @@ def generate(prompt, model, draft, local, hops, link_latency_ms, bootstrap, peer
     options = generate_options(**gen)
     connect = dict(bootstrap=bootstrap_list(bootstrap, peers_file), local=local, hops=hops,
                    draft=(draft or True) if options.speculative else False, dtype=dtype, device=device,
-                   link_latency_ms=link_latency_ms)
+                   link_latency_ms=link_latency_ms, draft_int8=draft_int8, draft_vocab=draft_vocab)
     out = run_async(_generate(model, connect, prompt, not raw, options))
     click.echo()
     if stats:

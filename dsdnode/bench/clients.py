@@ -63,6 +63,8 @@ class ClientsConfig:
     device: str = "auto"
     k_max: int = 8
     batching: tuple[bool, ...] = (True, False)
+    draft_int8: bool | None = None  # None: the device's default (models/compression.py)
+    draft_vocab: int | None = None
 
     def __post_init__(self) -> None:
         if not self.clients or min(self.clients) < 1:
@@ -126,7 +128,7 @@ class ClientsRun:
         self.machine = machine_info()
         self.first_tokens: dict[int, list[int]] = {}
         try:
-            self.client = load_client_models(c.model, c.draft, c.dtype, c.device)
+            self.client = load_client_models(c.model, c.draft, c.dtype, c.device, c.draft_int8, c.draft_vocab)
             self.machine["device"] = describe(self.client.device)
             per_dataset = math.ceil(max(c.clients) / len(c.datasets))
             self.prompts = load_prompts(self.client.tokenizer, c.datasets, per_dataset)[:max(c.clients)]
@@ -290,13 +292,15 @@ class ClientsRun:
 
     def markdown(self, meta: dict, rows: list[dict]) -> str:
         m, c = meta.get("machine", {}), self.config
+        client = getattr(self, "client", None)
+        compression = client.draft_compression.describe() if client is not None else "not loaded"
         lines = ["# dsdnode bench --clients results", "",
                  f"- command: `{meta['command']}`",
                  f"- date: {meta['date']} (status: {meta['status']})",
                  f"- machine: {m.get('cpu_model')}, {m.get('cpu_count')} cores, {m.get('mem_total_gib')} GiB, "
                  f"torch {m.get('torch')}, transformers {m.get('transformers')}",
                  f"- model {c.model} over {c.servers} server processes ({c.threads} torch thread each), draft "
-                 f"{c.draft}, {c.mode}, dtype {c.dtype}, greedy, {c.max_new_tokens} new tokens per client, "
+                 f"{c.draft} ({compression}), {c.mode}, dtype {c.dtype}, greedy, {c.max_new_tokens} new tokens per client, "
                  f"{c.latency_ms:g} ms links",
                  *[f"- {note}" for note in meta["notes"]], "", "## Waves", "",
                  "| batching | clients | aggregate tok/s | per-client tok/s p50 | p95 | min | accepted/round "

@@ -66,6 +66,8 @@ class PromptResult:
     widths: list[int] = field(default_factory=list)  # tree width of every round (1: a chain; depth is k)
     nodes: list[int] = field(default_factory=list)  # tree nodes sent every round (drafts and lookups)
     draft_ms: list[float] = field(default_factory=list)  # drafting on the critical path, every round
+    predrafted: list[int] = field(default_factory=list)  # drafts of every round that were drafted in the last one's wait
+    round_ms: list[float] = field(default_factory=list)  # wall time of every round
     n_hops: int = 0
     n_links: int = 0  # links crossed per round
     split: TimeSplit = field(default_factory=TimeSplit)
@@ -164,7 +166,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"torch {m.get('torch')}, transformers {m.get('transformers')}",
         f"- model {s.get('model')} over {s.get('servers')} spans x {s.get('replicas', 1)} server processes "
         f"({s.get('threads')} torch thread each), "
-        f"draft {s.get('draft')} on the client ({s.get('client_threads')} torch thread), dtype {s.get('dtype')}, "
+        f"draft {s.get('draft')} ({s.get('draft_compression', 'uncompressed')}) on the client "
+        f"({s.get('client_threads')} torch thread), dtype {s.get('dtype')}, "
         f"greedy, max {s.get('max_new_tokens')} new tokens",
         *([f"- the last {s['relayed']} server(s) reached only through a relay (`--relayed`): each relayed link "
            "costs two emulated latencies; the split below counts it as one (the rest lands in overhead)"]

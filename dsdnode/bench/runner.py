@@ -64,6 +64,8 @@ class BenchConfig:
     relayed: int = 0  # the last N servers are reached only through a relay (LocalSwarm `relayed`)
     k_max: int = 8
     tau: float = 0.3
+    draft_int8: bool | None = None  # None: the device's default (models/compression.py)
+    draft_vocab: int | None = None
 
     def __post_init__(self) -> None:
         if self.servers < 1 or self.replicas < 1 or self.prompts < 1 or self.max_new_tokens < 2:
@@ -113,7 +115,7 @@ class BenchRun:
         self.machine = machine_info()
         self.t0 = time.monotonic()
         try:
-            self.client = load_client_models(c.model, c.draft, c.dtype, c.device)
+            self.client = load_client_models(c.model, c.draft, c.dtype, c.device, c.draft_int8, c.draft_vocab)
             self.machine["device"] = describe(self.client.device)
             self.prompts = self._load_prompts()
             self.hf = self._load_hf() if any(m.kind == "hf" for m in self.modes) else None
@@ -257,6 +259,8 @@ class BenchRun:
     def meta(self) -> dict:
         c = self.config
         settings = {**asdict(c), "out": str(c.out), "modes": [m.name for m in self.modes]}
+        if getattr(self, "client", None) is not None:
+            settings["draft_compression"] = self.client.draft_compression.describe()
         return {"command": self.command, "date": self.started, "status": self.status,
                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "settings": settings, "machine": getattr(self, "machine", {}), "errors": self.errors,
@@ -303,6 +307,7 @@ def _fill_swarm(rec: PromptResult, result: GenerationResult, hops: int, links: i
     rec.ks, rec.accepted = [r.k for r in rounds], [r.accepted for r in rounds]
     rec.widths, rec.nodes = [r.width for r in rounds], [r.nodes for r in rounds]
     rec.draft_ms = [round(1e3 * r.draft_s, 2) for r in rounds]
+    rec.predrafted, rec.round_ms = [r.predrafted for r in rounds], [round(1e3 * r.round_s, 2) for r in rounds]
     rec.n_hops, rec.n_links = hops, links
     link = len(rounds) * links * lat / 1000
     compute = sum(sum(r.hop_compute_s) for r in rounds)

@@ -4,8 +4,9 @@ One round: draft a token tree (a chain of k drafts is a width-1 tree; prompt-loo
 be added), embed [last token + tree nodes], one chain pass with the previous round's rollback
 riding on it (commit_len, and the kept path when the previous block was a tree), verify, commit.
 Autoregressive decoding is the same loop with depth 0, so the baseline and DSD share every line
-but the drafting. While a chain's block is in flight the client drafts the next block on the
-guess that everything is accepted, and keeps it if the guess holds.
+but the drafting. While a block is in flight the client drafts the next one (the
+bonus token, then a tree of the same shape) on the guess that the draft's own choice at every step
+(the path of first children) is accepted whole, and keeps it if the guess holds; the draft model's prefill runs during the chain's.
 
 A chain that audits its servers (client/audit.py) says after each round how far the outputs are
 checked: tokens go to on_tokens only once checked, and when an audit finds a wrong output the tokens
@@ -22,7 +23,7 @@ from typing import Callable
 
 from ..models.head import Head
 from ..speculative.controller import ControllerSettings, DraftLengthController, RoundObservation
-from ..speculative.draft import Drafter, Proposal, extend, truncate
+from ..speculative.draft import Drafter, TreeGrowth
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
 from ..speculative.sampling import SamplingSettings, make_rng
 from ..speculative.tree import TokenTree, TreeShape, lookup_continuation
@@ -92,24 +93,30 @@ class GenerationResult:
 
 
 class _Predraft:
-    """The next block, drafted in a worker thread while the current block is in flight."""
+    """The next block, drafted in a worker thread while the current block is in flight, on the guess
+    that the current tree's first path (a chain: all of it) is accepted: the thread drafts the bonus
+    token that would follow, then grows a tree of the same shape after it until the round stops it."""
 
-    def __init__(self, drafter: Drafter, context: list[int], k: int):
+    def __init__(self, drafter: Drafter, context: list[int], shape: TreeShape):
         self.stop = threading.Event()
         self.context = context
-        self.result = Proposal([], None)
-        self.valid = False  # set once verified: did the guess (all accepted + this bonus) hold?
-        self.task = asyncio.get_running_loop().run_in_executor(None, self._run, drafter, k)
+        self.bonus: int | None = None  # the guessed bonus token
+        self.growth: TreeGrowth | None = None
+        self.valid = False  # set once verified: did the guess (this path + this bonus) hold?
+        self.task = asyncio.get_running_loop().run_in_executor(None, self._run, drafter, shape)
 
-    def _run(self, drafter: Drafter, k: int) -> Proposal:
-        got = Proposal([], None)
-        while len(got.tokens) < k and not self.stop.is_set():
-            got = extend(got, drafter.propose(self.context + got.tokens, 1))
-        return got
+    def _run(self, drafter: Drafter, shape: TreeShape) -> None:
+        guess = TreeGrowth(drafter, self.context, 1)
+        guess.step()
+        self.bonus = guess.tree.tokens[0]
+        growth = TreeGrowth(drafter, self.context + [self.bonus], shape.width)
+        while growth.depth < shape.depth and not self.stop.is_set():
+            growth.step()
+        self.growth = growth
 
-    async def finish(self) -> Proposal:
+    async def finish(self) -> None:
         self.stop.set()
-        return await self.task
+        await self.task
 
 
 class Generator:
@@ -220,10 +227,17 @@ class Generator:
         return self.controller
 
     async def _prefill(self, prompt: list[int]) -> None:
-        """Cache every prompt position but the last, which opens the first round."""
-        for at in range(0, len(prompt) - 1, self.settings.prefill_chunk):
-            chunk = prompt[at:min(at + self.settings.prefill_chunk, len(prompt) - 1)]
-            await self.chain.forward(self.head.embed_tokens(chunk), at)
+        """Cache every prompt position but the last, which opens the first round: in the chain, and
+        meanwhile in the draft model (in a worker thread)."""
+        draft = asyncio.get_running_loop().run_in_executor(None, self.drafter.prefill, prompt) \
+            if self.settings.speculative else None
+        try:
+            for at in range(0, len(prompt) - 1, self.settings.prefill_chunk):
+                chunk = prompt[at:min(at + self.settings.prefill_chunk, len(prompt) - 1)]
+                await self.chain.forward(self.head.embed_tokens(chunk), at)
+        finally:
+            if draft is not None:
+                await draft  # the drafter is free again before anything else may use it
 
     async def _round(self, tokens: list[int], shape: TreeShape, predraft: _Predraft | None,
                      kept: list[int] | None):
@@ -240,9 +254,9 @@ class Generator:
         layout = None if tree.is_chain else TreeBlock(tree.block_mask(), tree.positions(commit_len))
         forward = asyncio.ensure_future(
             self.chain.forward(self.head.embed_tokens([tokens[-1]] + tree.tokens), commit_len, layout, kept))
-        chain = shape.width == 1 and shape.depth > 0  # nodes 0..depth-1 are the drafted chain
-        nxt = _Predraft(self.drafter, tokens + tree.tokens[:shape.depth], shape.depth + 1) \
-            if self.settings.overlap and chain else None
+        guess = tree.first_child_path()
+        nxt = _Predraft(self.drafter, tokens + [tree.tokens[i] for i in guess], shape) \
+            if self.settings.overlap and shape.depth > 0 else None
         try:
             out = await forward
         except BaseException:
@@ -252,27 +266,27 @@ class Generator:
         result = self._verify(tree, self.head.logits(out.hidden))
         round_s = time.perf_counter() - t_round
         if nxt is not None:
-            nxt.result = await nxt.finish()
-            # usable only if the whole drafted chain was accepted and the bonus token is the one it guessed
-            nxt.valid = result.path == list(range(shape.depth)) and nxt.result.tokens[:1] == result.tokens[-1:]
+            await nxt.finish()
+            # usable only if the guessed path was accepted whole and the bonus token is the one it guessed
+            nxt.valid = result.path == guess and [nxt.bonus] == result.tokens[-1:]
         stats = RoundStats(shape.depth, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s,
                            predrafted, out.hop_link_s, shape.width, len(tree))
         return result, stats, nxt
 
     async def _take_tree(self, tokens: list[int], shape: TreeShape, predraft: _Predraft | None) -> tuple[TokenTree, int]:
-        """The draft tree after tokens, and how many of its drafts came from the overlapped guess."""
-        loop = asyncio.get_running_loop()
-        if shape.width > 1:
-            return await loop.run_in_executor(None, self.drafter.propose_tree, tokens, shape), 0
-        have = Proposal([], None)
-        if predraft is not None and predraft.valid:
-            have = truncate(Proposal(predraft.result.tokens[1:],
-                                     None if predraft.result.probs is None else predraft.result.probs[1:]), shape.depth)
-        used = len(have.tokens)
-        if used < shape.depth:
-            more = await loop.run_in_executor(None, self.drafter.propose, tokens + have.tokens, shape.depth - used)
-            have = extend(have, more)
-        return TokenTree.chain(have.tokens, have.probs), used
+        """The draft tree after tokens, and how many of its nodes came from the overlapped guess."""
+        growth = predraft.growth if predraft is not None and predraft.valid else None
+        if growth is None or growth.width != shape.width or growth.depth == 0:
+            growth = TreeGrowth(self.drafter, tokens, shape.width)
+        used = len(growth.tree.truncated(shape.depth))
+        if growth.depth < shape.depth:
+            await asyncio.get_running_loop().run_in_executor(None, self._grow, growth, shape.depth)
+        return growth.tree.truncated(shape.depth), used
+
+    @staticmethod
+    def _grow(growth: TreeGrowth, depth: int) -> None:
+        while growth.depth < depth:
+            growth.step()
 
     def _verify(self, tree: TokenTree, logits) -> VerifyResult:
         s = self.settings

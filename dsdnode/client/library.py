@@ -42,7 +42,8 @@ class AsyncClient:
     @classmethod
     async def connect(cls, model: str, *, bootstrap: list[str] | tuple[str, ...] = (), local: bool = False,
                       hops: int = 4, draft: str | bool = True, dtype: Literal["bfloat16", "float16", "float32"] | None = None,
-                      device: str = "auto", link_latency_ms: float = 0.0, relay: bool = False) -> AsyncClient:
+                      device: str = "auto", link_latency_ms: float = 0.0, relay: bool = False,
+                      draft_int8: bool | None = None, draft_vocab: int | None = None) -> AsyncClient:
         """model: a registry name or a directory. draft: True for the registry's pairing, False for
         none (then only k=0 works), or a model name/directory. local: run the target in this process
         as `hops` spans (no network); otherwise join the swarm through `bootstrap` multiaddrs.
@@ -50,10 +51,12 @@ class AsyncClient:
         MPS, then CPU), cpu, cuda, cuda:N or mps. dtype: None for the device's default (bfloat16;
         float16 on GPUs without bfloat16 and on MPS).
         link_latency_ms: emulated delay of every link (benchmarks); relay: carry each block through
-        the client between hops (a baseline, slower)."""
+        the client between hops (a baseline, slower). draft_int8 / draft_vocab: a cheaper draft
+        (int8 layers; only the most frequent tokens), None: the device's default (both on a CPU)."""
         service = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
             build_service, model, bootstrap=bootstrap, local=local, hops=hops, draft=draft, dtype=dtype,
-            device=device, link_latency_ms=link_latency_ms, relay=relay))
+            device=device, link_latency_ms=link_latency_ms, relay=relay, draft_int8=draft_int8,
+            draft_vocab=draft_vocab))
         await service.start()
         return cls(service)
 

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..devices import resolve_device, resolve_dtype
+from ..models.compression import DraftCompression, frequent_tokens, quantize_int8
 from ..models.fetch import resolve_model_dir
 from ..models.head import Head
 from ..models.registry import get_entry
@@ -29,6 +30,7 @@ class ClientModels:
     eos_ids: set[int]
     target_dir: Path
     weights: str  # digest of the target's weights: a swarm client chains only servers of the same
+    draft_compression: DraftCompression = DraftCompression()
 
     @property
     def device(self) -> torch.device:
@@ -52,13 +54,19 @@ def default_draft(target: str) -> str | None:
         return None  # a local directory: no registry pairing
 
 
-def load_client_models(target: str, draft: str | None, dtype: str | None = None, device: str = "cpu") -> ClientModels:
+def load_client_models(target: str, draft: str | None, dtype: str | None = None, device: str = "cpu",
+                       draft_int8: bool | None = None, draft_vocab: int | None = None) -> ClientModels:
     """device: auto, cpu, cuda, cuda:N or mps (a missing one is a DeviceError, before any model is
-    fetched or read); dtype: a name, or None for the device's default (devices.default_dtype)."""
+    fetched or read); dtype: a name, or None for the device's default (devices.default_dtype);
+    draft_int8 / draft_vocab: how the draft is made cheaper (models/compression.py), None: the
+    device's default."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    compression = DraftCompression.for_device(device, draft_int8, draft_vocab) if draft else DraftCompression()
     target_dir = resolve_model_dir(target)
     head = Head.load(target_dir, dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    stops = eos_ids(tokenizer, head.config)
     draft_head, draft_spans = None, []
     if draft:
         draft_dir = resolve_model_dir(draft)
@@ -67,10 +75,13 @@ def load_client_models(target: str, draft: str | None, dtype: str | None = None,
             raise ValueError(f"draft {draft!r} has a vocabulary of {draft_config.vocab_size} tokens, "
                              f"the target {head.config.vocab_size}: they must share one")
         draft_head = Head.load(draft_dir, dtype, device)
-        draft_spans = [Span.load(draft_dir, 0, draft_config.num_hidden_layers, dtype, device)]
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    return ClientModels(tokenizer, head, draft_head, draft_spans, eos_ids(tokenizer, head.config), target_dir,
-                        weights_digest(target_dir))
+        if compression.vocab and compression.vocab < draft_config.vocab_size:
+            draft_head = draft_head.with_vocabulary(frequent_tokens(draft_config.vocab_size, compression.vocab, stops))
+        span = Span.load(draft_dir, 0, draft_config.num_hidden_layers, torch.float32 if compression.int8 else dtype,
+                         device)
+        draft_spans = [quantize_int8(span) if compression.int8 else span]
+    return ClientModels(tokenizer, head, draft_head, draft_spans, stops, target_dir, weights_digest(target_dir),
+                        compression)
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, config) -> set[int]:

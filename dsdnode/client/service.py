@@ -260,7 +260,8 @@ def check_context(config, tokens: int, what: str) -> None:
 
 def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), local: bool = False, hops: int = 4,
                   draft: str | bool = True, dtype: str | None = None, device: str = "auto",
-                  link_latency_ms: float = 0.0, relay: bool = False) -> ClientService:
+                  link_latency_ms: float = 0.0, relay: bool = False, draft_int8: bool | None = None,
+                  draft_vocab: int | None = None) -> ClientService:
     """Load the client's models and make its chain source (blocking: loads weights); start() it in
     the event loop that will generate. See library.AsyncClient.connect for the arguments."""
     from ..config import DTYPE_NAMES
@@ -272,7 +273,8 @@ def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), lo
         raise ValueError(f"link_latency_ms must be >= 0, got {link_latency_ms}")
     if not local and not bootstrap:
         raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
-    models = load_client_models(model, default_draft(model) if draft is True else draft or None, dtype, device)
+    models = load_client_models(model, default_draft(model) if draft is True else draft or None, dtype, device,
+                                draft_int8, draft_vocab)
     if local:  # the spans share the client's device and dtype
         chains = LocalChains.load(models.target_dir, hops, models.dtype, link_latency_ms, models.device)
     else:  # hidden states cross the wire in the client's dtype, from and to the CPU

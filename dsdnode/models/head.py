@@ -19,6 +19,7 @@ class Head(nn.Module):
     def __init__(self, config: PretrainedConfig, embed: nn.Module, norm: nn.Module, lm_head: nn.Module):
         super().__init__()
         self.config, self.embed, self.norm, self.lm_head = config, embed, norm, lm_head
+        self.vocab_ids: torch.Tensor | None = None  # the tokens lm_head scores (with_vocabulary); None: all
 
     @property
     def device(self) -> torch.device:
@@ -45,6 +46,16 @@ class Head(nn.Module):
         head.loaded_keys = reader.read
         return head
 
+    def with_vocabulary(self, ids: torch.Tensor) -> "Head":
+        """This head scoring only the tokens `ids` (the others get -inf logits, so zero probability):
+        the output projection reads only their rows. Shares the embeddings and the norm."""
+        rows = nn.Linear(self.config.hidden_size, len(ids), bias=False, device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            rows.weight.copy_(self.lm_head.weight[ids.to(self.device)])
+        head = Head(self.config, self.embed, self.norm, rows)
+        head.vocab_ids = ids.cpu()
+        return head
+
     @classmethod
     def of_model(cls, model: nn.Module) -> "Head":
         return cls(model.config, model.model.embed_tokens, model.model.norm, model.lm_head)
@@ -56,5 +67,10 @@ class Head(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[1, T, H] final hidden states (any device) -> [T, V] float32 logits on the CPU."""
-        return self.lm_head(self.norm(hidden.to(self.device)))[0].float().cpu()
+        """[1, T, H] final hidden states (any device, any dtype) -> [T, V] float32 logits on the CPU."""
+        logits = self.lm_head(self.norm(hidden.to(self.device, self.dtype)))[0].float().cpu()
+        if self.vocab_ids is None:
+            return logits
+        full = torch.full((logits.shape[0], self.config.vocab_size), float("-inf"))
+        full[:, self.vocab_ids] = logits
+        return full

@@ -233,7 +233,7 @@ class Span(nn.Module):
         The result is on the span's device, its work finished: callers time this call, and the
         server sends the result on at once anyway."""
         device = self.device
-        hidden = hidden.to(device)
+        hidden = hidden.to(device, self.dtype)  # a float32 (int8-quantized) draft span after a bfloat16 head
         block_len = hidden.shape[1]
         cache.begin_block(commit_len, block_len, kept)
         if position_ids is None:

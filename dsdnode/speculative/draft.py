@@ -13,20 +13,12 @@ is the width-1 tree of depth k."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..models.head import Head
 from ..models.span import Span
 from .sampling import SamplingSettings, logits_to_probs, sample
 from .tree import TokenTree, TreeShape
-
-
-@dataclass
-class Proposal:
-    tokens: list[int]
-    probs: torch.Tensor | None  # [k, V] distributions the tokens were drawn from (None when greedy)
 
 
 class Drafter:
@@ -36,8 +28,9 @@ class Drafter:
         self.cached: list[int] = []  # the tokens whose keys/values the caches hold
         self.sampling, self.rng = sampling, rng
 
-    def _step(self, context: list[int]) -> torch.Tensor:
-        """Bring the cache up to date with `context`; return the logits of its next token."""
+    def _feed(self, context: list[int]) -> torch.Tensor:
+        """Bring the cache up to date with `context` (at least its last token is fed); return the
+        hidden states of what was fed."""
         limit = min(len(self.cached), len(context) - 1)  # always feed at least one token
         if self.cached[:limit] == context[:limit]:
             keep = limit
@@ -47,29 +40,24 @@ class Drafter:
         for span, cache in zip(self.spans, self.caches):
             hidden = span(hidden, cache, keep)
         self.cached = list(context)
-        return self.head.logits(hidden[:, -1:])[0]
+        return hidden
 
-    def propose(self, context: list[int], k: int) -> Proposal:
-        """Draft k tokens after `context` (a width-1 tree)."""
-        tree = self.propose_tree(context, TreeShape(1, k))
-        probs = [tree.dists[p] for p in tree.parents] if tree.dists else []
-        return Proposal(tree.tokens, torch.stack(probs) if probs else None)
+    def _step(self, context: list[int]) -> torch.Tensor:
+        """Bring the cache up to date with `context`; return the logits of its next token."""
+        return self.head.logits(self._feed(context)[:, -1:])[0]
+
+    def prefill(self, prompt: list[int]) -> None:
+        """Cache every prompt position but the last, which the first proposal feeds (run it while
+        the chain prefills: otherwise the draft's prefill is drafting time of the first round)."""
+        if len(prompt) > 1:
+            self._feed(prompt[:-1])
 
     def propose_tree(self, context: list[int], shape: TreeShape) -> TokenTree:
         """A tree of shape.depth depths after `context` (tree.py says how nodes are chosen)."""
-        tree = TokenTree()
-        if shape.depth == 0:
-            return tree
-        frontier = [(-1, 0.0, self._step(list(context)))]  # (node, log path probability, logits after it)
-        in_cache: list[int] = []  # tree nodes whose keys/values the caches hold after the context
-        for depth in range(1, shape.depth + 1):
-            new = self._expand(tree, frontier, shape.width)
-            if depth == shape.depth:
-                break
-            logits = self._tree_step(tree, new, in_cache, len(context) + depth - 1)
-            in_cache += [node for node, _ in new]
-            frontier = [(node, score, row) for (node, score), row in zip(new, logits)]
-        return tree
+        growth = TreeGrowth(self, context, shape.width)
+        while growth.depth < shape.depth:
+            growth.step()
+        return growth.tree
 
     def _expand(self, tree: TokenTree, frontier, width: int) -> list[tuple[int, float]]:
         """Add one depth of children to the frontier; returns the new (node, log path probability)."""
@@ -109,11 +97,28 @@ class Drafter:
         return self.head.logits(hidden)
 
 
-def extend(first: Proposal, more: Proposal) -> Proposal:
-    parts = [p.probs for p in (first, more) if p.probs is not None]
-    probs = torch.cat(parts) if parts else None
-    return Proposal(first.tokens + more.tokens, probs)
+class TreeGrowth:
+    """A tree drafted one depth at a time, so that drafting can stop between depths and go on later
+    (the overlapped draft of the next block grows a tree while the chain computes, and the round
+    finishes it if it is too shallow). Between steps nothing else may use the drafter: its cache
+    holds the context and then the tree's nodes of every depth but the newest."""
 
+    def __init__(self, drafter: Drafter, context: list[int], width: int):
+        self.drafter, self.context, self.width = drafter, list(context), width
+        self.tree = TokenTree()
+        self.depth = 0
+        self._newest: list[tuple[int, float]] = []  # the newest depth's (node, log path probability)
+        self._in_cache: list[int] = []  # tree nodes whose keys/values the caches hold after the context
 
-def truncate(p: Proposal, k: int) -> Proposal:
-    return Proposal(p.tokens[:k], None if p.probs is None else p.probs[:k])
+    def step(self) -> None:
+        """Draft one more depth: one draft forward (over the context's new tokens for the first
+        depth, over the newest depth's nodes after that)."""
+        d = self.drafter
+        if self.depth == 0:
+            frontier = [(-1, 0.0, d._step(self.context))]
+        else:
+            logits = d._tree_step(self.tree, self._newest, self._in_cache, len(self.context) + self.depth - 1)
+            self._in_cache += [node for node, _ in self._newest]
+            frontier = [(node, score, row) for (node, score), row in zip(self._newest, logits)]
+        self._newest = d._expand(self.tree, frontier, self.width)
+        self.depth += 1

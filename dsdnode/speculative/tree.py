@@ -102,12 +102,42 @@ class TokenTree:
             mask[i + 1, i + 1] = True
         return mask
 
-    def positions(self, root_position: int) -> list[int]:
-        """Position ids of the block [root, nodes...]."""
+    def depths(self) -> list[int]:
+        """Every node's depth (the root's children: 1)."""
         depths: list[int] = []
         for p in self.parents:
             depths.append(1 if p < 0 else depths[p] + 1)
-        return [root_position] + [root_position + d for d in depths]
+        return depths
+
+    def positions(self, root_position: int) -> list[int]:
+        """Position ids of the block [root, nodes...]."""
+        return [root_position] + [root_position + d for d in self.depths()]
+
+    def truncated(self, depth: int) -> "TokenTree":
+        """The nodes down to `depth`: a prefix of a tree grown depth by depth (one with a lookup
+        branch added is not: ValueError)."""
+        depths = self.depths()
+        n = sum(d <= depth for d in depths)
+        if any(d > depth for d in depths[:n]):
+            raise ValueError("only a tree whose nodes come depth by depth can be cut at a depth")
+        parents = self.parents[:n]
+        has_children = set(parents)
+        return TokenTree(self.tokens[:n], parents, self.drafted[:n],
+                         {node: q for node, q in self.dists.items() if node in has_children})
+
+    def first_child_path(self) -> list[int]:
+        """The nodes from the root following every node's first child: the draft's own choice at every
+        step in a greedy tree (siblings come best first), a chain's every node, a sampled tree's first
+        chain. Drafted nodes only (a lookup branch's nodes are not drafted)."""
+        first: dict[int, int] = {}
+        for i, p in enumerate(self.parents):
+            if self.drafted[i]:
+                first.setdefault(p, i)
+        path, node = [], first.get(-1)
+        while node is not None:
+            path.append(node)
+            node = first.get(node)
+        return path
 
 
 def lookup_continuation(context: list[int], length: int, ngram_max: int = 3, ngram_min: int = 1,

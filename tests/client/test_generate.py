@@ -205,6 +205,34 @@ def test_greedy_tree_takes_other_branches(monkeypatch):
     assert any(r > 0 for r in ranks), ranks
 
 
+def test_trees_are_drafted_while_the_last_block_is_in_flight():
+    """A perfect draft: where the draft's own choices (every node's first child) are accepted and the
+    bonus token is the one guessed, the next tree (same width, deeper or shallower) comes from the
+    overlapped draft, and the text is still the target's."""
+    target = tiny_model("llama", seed=3)
+    settings = GenerationSettings(max_new_tokens=40, controller=ControllerSettings(k_max=5, width_max=3))
+    gen = make_generator(target, target, target.config.num_hidden_layers, 2, settings, latency_s=0.03)
+    gen.controller = ScriptedShapes(settings.controller, 2, [TreeShape(3, 3), TreeShape(3, 4), TreeShape(3, 2)])
+    result = asyncio.run(gen.generate([1, 2, 3]))
+    assert result.tokens == reference_greedy(target, [1, 2, 3], 40)
+    rounds = result.rounds
+    assert sum(r.predrafted > 0 for r in rounds) >= 3, [r.predrafted for r in rounds]
+    assert all(r.predrafted <= r.nodes for r in rounds)
+
+
+def test_the_draft_prefills_with_the_chain():
+    """After the prefill the draft has cached the prompt but its last token, so the first proposal
+    is one draft forward, and it proposes what a draft without the prefill would."""
+    target = tiny_model("qwen2", seed=2)
+    prompt = [3, 14, 15, 92, 65, 35]
+    gen = make_generator(target, target, 3, 2, GenerationSettings(max_new_tokens=1))
+    asyncio.run(gen.chain.start_session(32))
+    asyncio.run(gen._prefill(prompt))
+    assert gen.drafter.cached == prompt[:-1]
+    cold = make_generator(target, target, 3, 2, GenerationSettings(max_new_tokens=1)).drafter
+    assert gen.drafter.propose_tree(prompt, TreeShape(2, 3)).tokens == cold.propose_tree(prompt, TreeShape(2, 3)).tokens
+
+
 def test_sampled_trees_run_and_are_seeded():
     target = tiny_model("qwen2", seed=5)
     settings = GenerationSettings(max_new_tokens=20, overlap=False, lookup=True,

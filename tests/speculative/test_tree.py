@@ -44,6 +44,27 @@ def test_mask_and_positions():
         TreeShape(0, 2)
 
 
+def test_a_grown_tree_is_cut_at_a_depth_and_knows_the_drafts_own_path():
+    """Nodes of a grown tree come depth by depth: cutting keeps a prefix, and the draft distributions
+    of the nodes left with children; the draft's own path follows every node's first child."""
+    tree = TokenTree()
+    a, b = tree.add(11, -1), tree.add(12, -1)  # depth 1 (best first)
+    c, d = tree.add(13, b), tree.add(14, a)  # depth 2: b's child scored better than a's
+    e = tree.add(15, d)  # depth 3
+    tree.dists = {-1: torch.ones(3), a: torch.ones(3), b: torch.ones(3), d: torch.ones(3)}
+    assert tree.depths() == [1, 1, 2, 2, 3]
+    assert tree.first_child_path() == [a, d, e] and TokenTree().first_child_path() == []
+    cut = tree.truncated(2)
+    assert (cut.tokens, cut.parents) == ([11, 12, 13, 14], [-1, -1, b, a])
+    assert set(cut.dists) == {-1, a, b} and cut.first_child_path() == [a, d]
+    assert len(tree.truncated(5)) == 5
+    tree.add_branch([16, 17], merge=False)  # a lookup branch after the drafted depths: not the draft's own
+    assert tree.first_child_path() == [a, d, e]
+    with pytest.raises(ValueError, match="depth by depth"):
+        tree.truncated(2)
+    assert TokenTree.chain([5, 6, 7]).first_child_path() == [0, 1, 2]
+
+
 def test_branches_merge_only_when_asked():
     tree = sample_tree()
     tree.add_branch([11, 13, 15, 16], merge=True)  # follows a, c, e; adds 16 under e

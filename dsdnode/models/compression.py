@@ -1,0 +1,72 @@
+"""Cheaper drafts: the draft model's decoder layers in int8, its LM head over the frequent tokens.
+
+A draft only proposes; the target verifies every token, so a draft made cheaper this way changes
+speed and acceptance, never the output (greedy text stays the target's, sampling keeps the
+target's distribution). On a CPU a draft forward is bound by reading the weights: int8 linear maps
+(torch's dynamic quantization, per-channel scales, activations in float32) read half the bytes of
+bfloat16, and a head over the 32k most frequent of 151k tokens reads a fifth of the head's.
+BENCHMARKS.md has what each costs in acceptance and saves in draft time.
+
+The frequent tokens are the lowest ids: in byte-level BPE vocabularies (Qwen, Llama 3, SmolLM2) ids
+follow the merge order, which follows frequency in the tokenizer's training text, so no count over
+any benchmark's text picks them (FR-Spec, 2025, counts a corpus; the merge order is a count the
+tokenizer already made). The stop tokens are always kept, so the draft can propose the end."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .span import Span
+
+DEFAULT_CPU_VOCAB = 32768
+
+
+@dataclass(frozen=True)
+class DraftCompression:
+    """int8: the draft's decoder layers with int8 linear maps (CPU only); vocab: the draft proposes
+    only the `vocab` most frequent tokens and the stop tokens (0: the whole vocabulary)."""
+
+    int8: bool = False
+    vocab: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vocab, int) or isinstance(self.vocab, bool) or self.vocab < 0:
+            raise ValueError(f"the draft vocabulary must be a count of tokens >= 0 (0: all), got {self.vocab!r}")
+
+    @classmethod
+    def for_device(cls, device: torch.device, int8: bool | None = None, vocab: int | None = None) -> "DraftCompression":
+        """The given choices, the device's defaults for the others: both on a CPU (measured there),
+        neither elsewhere (torch's int8 linear maps are CPU kernels; the reduced head is unmeasured
+        on GPUs)."""
+        cpu = device.type == "cpu"
+        chosen = cls(cpu if int8 is None else int8, (DEFAULT_CPU_VOCAB if cpu else 0) if vocab is None else vocab)
+        if chosen.int8 and not cpu:
+            raise ValueError(f"an int8 draft runs on the CPU only, not on {device}: use --no-draft-int8")
+        return chosen
+
+    def describe(self) -> str:
+        parts = (["int8 layers"] if self.int8 else []) + ([f"{self.vocab}-token head"] if self.vocab else [])
+        return ", ".join(parts) or "uncompressed"
+
+
+def quantize_int8(span: Span) -> Span:
+    """The span, changed in place, with every linear map in int8 (per-output-channel scales); the
+    span must be float32 on the CPU (dynamic quantization quantizes float32 weights and runs CPU
+    kernels)."""
+    if span.dtype != torch.float32 or span.device.type != "cpu":
+        raise ValueError(f"int8 quantization needs a float32 span on the CPU, got {span.dtype} on {span.device}")
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch 2.13 points to torchao for new code; these kernels are torch's own
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(span, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+
+
+def frequent_tokens(vocab_size: int, count: int, keep: set[int]) -> torch.Tensor:
+    """The ids a reduced head scores: the `count` lowest (module doc) and `keep`, sorted."""
+    ids = set(range(min(count, vocab_size))) | {i for i in keep if 0 <= i < vocab_size}
+    return torch.tensor(sorted(ids))
