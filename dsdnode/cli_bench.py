@@ -31,7 +31,7 @@ class ClientCounts(click.ParamType):
 
 
 QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, max_new_tokens=24,
-             modes="ar-push,dsd-k4,dsd-auto", latencies=(10.0,), dtype="float32")
+             modes="ar-push,dsd-k4,dsd-auto", latencies=(10.0,), dtype="float32", draft_int8=False, draft_vocab=0)
 
 
 @click.command()
@@ -68,8 +68,8 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
                    "they act private with --assume-private; the relay adds one emulated link).")
 @draft_compression_options
 @click.option("--quick", is_flag=True, help="A small smoke run: smollm2-135m as target and draft, 3 servers, 2 prompts "
-                                            "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32 "
-                                            "(options given with it override these).")
+                                            "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32, "
+                                            "an uncompressed draft (options given with it override these).")
 @click.option("--overhead", is_flag=True, help="Instead: the per-hop software overhead -- a block of 8 positions of "
                                                "--model's width through chains of 1..--overhead-hops real server "
                                                "processes (one layer each, 0 ms latency), compute subtracted.")
@@ -97,8 +97,8 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
 
     if quick:  # its settings, except those given on the command line
         args = dict(model=model, draft=draft, servers=servers, prompts=prompts, max_new_tokens=max_new_tokens,
-                    modes=modes, dtype=dtype)
-        model, draft, servers, prompts, max_new_tokens, modes, dtype = (
+                    modes=modes, dtype=dtype, draft_int8=draft_int8, draft_vocab=draft_vocab)
+        model, draft, servers, prompts, max_new_tokens, modes, dtype, draft_int8, draft_vocab = (
             value if given(name) else QUICK[name]
             for name, value in args.items())
         latencies = latencies or QUICK["latencies"]
