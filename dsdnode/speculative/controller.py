@@ -39,7 +39,8 @@ acceptance above and g_w the share of top-1 misses that the other candidates at 
 (another draft, or a prompt-lookup branch: so g_1 > 0 with lookup). Verification reports, for each
 node it visits that has children, the rank of the accepted child (-1: none), so a counts rank-0
 visits against all others and g_w counts rank > 0 against rank -1, both with decaying counts from
-prior pseudo-counts (g_w's prior: 1 - (1 - prior_catch)^(w-1)). The shape maximising
+prior pseudo-counts (g_w's prior: 1 - (1 - prior_catch)^(w-1), weighted prior_weight / (k_initial + 1):
+as many rounds' worth as the acceptance prior, since a round has one or two catch trials). The shape maximising
 E(a_w, k) / T(w, k) is chosen; width 1 is always a candidate, so the model never prefers a tree it
 predicts to be slower than the best chain.
 """
@@ -223,9 +224,13 @@ class DraftLengthController:
         s = self.settings
         self._acc = s.prior_weight * s.prior_acceptance
         self._rej = s.prior_weight * (1.0 - s.prior_acceptance)
-        # per width: (caught, missed) counts of top-1 misses
-        self._catch = {w: [s.prior_weight * (1.0 - (1.0 - s.prior_catch) ** (w - 1)),
-                           s.prior_weight * (1.0 - s.prior_catch) ** (w - 1)] for w in range(1, s.width_max + 1)}
+        # per width: (caught, missed) counts of top-1 misses. A round shows about k + 1 acceptance trials
+        # but only the one or two misses as catch trials: the prior is worth as many rounds as the
+        # acceptance prior, not as many trials (as many trials, it outweighed a short answer's evidence
+        # and kept the widest tree where it did not pay)
+        weight = s.prior_weight / (s.k_initial + 1)
+        self._catch = {w: [weight * (1.0 - (1.0 - s.prior_catch) ** (w - 1)),
+                           weight * (1.0 - s.prior_catch) ** (w - 1)] for w in range(1, s.width_max + 1)}
 
     def reset_timing(self, n_hops: int) -> None:
         """Forget the cost model (e.g. after failover to another chain); keep acceptance."""
