@@ -3,9 +3,10 @@
 A draft only proposes; the target verifies every token, so a draft made cheaper this way changes
 speed and acceptance, never the output (greedy text stays the target's, sampling keeps the
 target's distribution). On a CPU a draft forward is bound by reading the weights: int8 linear maps
-(torch's dynamic quantization, per-channel scales, activations in float32) read half the bytes of
-bfloat16, and a head over the 32k most frequent of 151k tokens reads a fifth of the head's.
-BENCHMARKS.md has what each costs in acceptance and saves in draft time.
+(torch's dynamic quantization, per-channel scales, activations in float32; the MLP's down
+projection stays float32, see FLOAT_MAPS) read about half the bytes of bfloat16, and a head over
+the 32k most frequent of 151k tokens reads a fifth of the head's. BENCHMARKS.md has what each costs
+in acceptance and saves in draft time (scripts/draft_acceptance.py measures it).
 
 The frequent tokens are the lowest ids: in byte-level BPE vocabularies (Qwen, Llama 3, SmolLM2) ids
 follow the merge order, which follows frequency in the tokenizer's training text, so no count over
@@ -53,17 +54,25 @@ class DraftCompression:
         return ", ".join(parts) or "uncompressed"
 
 
+# Linear maps left in float32: the MLP's down projection reads the gated activations, whose outliers
+# per-tensor dynamic activation quantization clips; with it in int8 too, math drafts lost a fifth of
+# their accepted tokens (BENCHMARKS.md).
+FLOAT_MAPS = ("down_proj",)
+
+
 def quantize_int8(span: Span) -> Span:
-    """The span, changed in place, with every linear map in int8 (per-output-channel scales); the
-    span must be float32 on the CPU (dynamic quantization quantizes float32 weights and runs CPU
-    kernels)."""
+    """The span, changed in place, with its linear maps in int8 (per-output-channel scales) but for
+    FLOAT_MAPS; the span must be float32 on the CPU (dynamic quantization quantizes float32 weights
+    and runs CPU kernels)."""
     if span.dtype != torch.float32 or span.device.type != "cpu":
         raise ValueError(f"int8 quantization needs a float32 span on the CPU, got {span.dtype} on {span.device}")
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    chosen = {name: per_channel_dynamic_qconfig for name, module in span.named_modules()
+              if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in FLOAT_MAPS}
     with warnings.catch_warnings():  # torch 2.13 points to torchao for new code; these kernels are torch's own
         warnings.simplefilter("ignore")
-        return quantize_dynamic(span, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        return quantize_dynamic(span, chosen, dtype=torch.qint8, inplace=True)
 
 
 def frequent_tokens(vocab_size: int, count: int, keep: set[int]) -> torch.Tensor:

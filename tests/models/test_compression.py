@@ -52,6 +52,9 @@ def test_int8_layers_stay_close_and_need_a_float32_cpu_span():
     model = tiny_model("llama", seed=2)
     span = Span.of_model(model, 0, 6)
     quantized = quantize_int8(Span.of_model(copy.deepcopy(model), 0, 6))
+    kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in quantized.named_modules() if "proj" in name}
+    assert kinds["down_proj"] is torch.nn.Linear  # FLOAT_MAPS: its input's outliers would be clipped
+    assert kinds["up_proj"] is not torch.nn.Linear and kinds["q_proj"] is not torch.nn.Linear
     hidden = Head.of_model(model).embed_tokens([5, 6, 7, 8])
     exact = span(hidden, span.new_cache(8), 0)
     approx = quantized(hidden.to(torch.bfloat16), quantized.new_cache(8), 0)  # casts its input to float32
