@@ -4,9 +4,10 @@ One round: draft a token tree (a chain of k drafts is a width-1 tree; prompt-loo
 be added), embed [last token + tree nodes], one chain pass with the previous round's rollback
 riding on it (commit_len, and the kept path when the previous block was a tree), verify, commit.
 Autoregressive decoding is the same loop with depth 0, so the baseline and DSD share every line
-but the drafting. While a block is in flight the client drafts the next one (the
-bonus token, then a tree of the same shape) on the guess that the draft's own choice at every step
-(the path of first children) is accepted whole, and keeps it if the guess holds; the draft model's prefill runs during the chain's.
+but the drafting. While a block is in flight the client drafts the next one (the bonus token, then
+a tree of the same shape) on the guess that the draft's own choice at every step (the path of first
+children) is accepted whole, and keeps it if the guess holds. The draft model's prefill runs during
+the chain's.
 
 A chain that audits its servers (client/audit.py) says after each round how far the outputs are
 checked: tokens go to on_tokens only once checked, and when an audit finds a wrong output the tokens
@@ -94,8 +95,9 @@ class GenerationResult:
 
 class _Predraft:
     """The next block, drafted in a worker thread while the current block is in flight, on the guess
-    that the current tree's first path (a chain: all of it) is accepted: the thread drafts the bonus
-    token that would follow, then grows a tree of the same shape after it until the round stops it."""
+    that the draft's own path through the current tree (TokenTree.first_child_path; a chain: all of
+    it) is accepted: the thread drafts the bonus token that would follow, then grows a tree of the
+    same shape after it until the round stops it."""
 
     def __init__(self, drafter: Drafter, context: list[int], shape: TreeShape):
         self.stop = threading.Event()
