@@ -220,6 +220,20 @@ def test_trees_are_drafted_while_the_last_block_is_in_flight():
     assert all(r.predrafted <= r.nodes for r in rounds)
 
 
+def test_sampled_trees_are_drafted_while_in_flight_too():
+    """Sampling: an overlapped tree keeps its draft distributions when the round cuts it to a
+    shallower depth, and verification uses them (a perfect draft at a low temperature, so guesses
+    hold often)."""
+    target = tiny_model("llama", seed=3)
+    settings = GenerationSettings(max_new_tokens=30, controller=ControllerSettings(k_max=5, width_max=2),
+                                  sampling=SamplingSettings(temperature=0.05, seed=11))
+    gen = make_generator(target, target, target.config.num_hidden_layers, 2, settings, latency_s=0.03)
+    gen.controller = ScriptedShapes(settings.controller, 2, [TreeShape(2, 4), TreeShape(2, 2), TreeShape(2, 3)])
+    result = asyncio.run(gen.generate([1, 2, 3]))
+    assert len(result.tokens) == 30
+    assert sum(r.predrafted > 0 for r in result.rounds) >= 2, [r.predrafted for r in result.rounds]
+
+
 def test_the_draft_prefills_with_the_chain():
     """After the prefill the draft has cached the prompt but its last token, so the first proposal
     is one draft forward, and it proposes what a draft without the prefill would."""
