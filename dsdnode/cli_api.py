@@ -30,8 +30,8 @@ from .cli_generate import client_options
               help="Require 'Authorization: Bearer KEY' on /v1 routes (401 without it); /health and /ready stay "
                    "open. Prefer the environment variable: a flag shows in the process list.")
 @friendly
-def api(host, port, model, draft, draft_int8, draft_vocab, local, hops, link_latency_ms, bootstrap, peers_file, device, dtype, threads,
-        max_tokens_limit, max_prompt_tokens, k_max, tau, overlap, api_key):
+def api(host, port, model, draft, draft_int8, draft_vocab, local, hops, link_latency_ms, bootstrap, peers_file, device,
+        dtype, threads, max_tokens_limit, max_prompt_tokens, k_max, tau, overlap, api_key):
     """Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's API), with
     /health (liveness), /ready (a route through the swarm exists) and /metrics (Prometheus).
 

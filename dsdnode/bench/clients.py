@@ -300,7 +300,8 @@ class ClientsRun:
                  f"- machine: {m.get('cpu_model')}, {m.get('cpu_count')} cores, {m.get('mem_total_gib')} GiB, "
                  f"torch {m.get('torch')}, transformers {m.get('transformers')}",
                  f"- model {c.model} over {c.servers} server processes ({c.threads} torch thread each), draft "
-                 f"{c.draft} ({compression}), {c.mode}, dtype {c.dtype}, greedy, {c.max_new_tokens} new tokens per client, "
+                 f"{c.draft} ({compression}), {c.mode}, dtype {c.dtype}, greedy, {c.max_new_tokens} new tokens "
+                 "per client, "
                  f"{c.latency_ms:g} ms links",
                  *[f"- {note}" for note in meta["notes"]], "", "## Waves", "",
                  "| batching | clients | aggregate tok/s | per-client tok/s p50 | p95 | min | accepted/round "

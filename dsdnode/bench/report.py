@@ -66,7 +66,7 @@ class PromptResult:
     widths: list[int] = field(default_factory=list)  # tree width of every round (1: a chain; depth is k)
     nodes: list[int] = field(default_factory=list)  # tree nodes sent every round (drafts and lookups)
     draft_ms: list[float] = field(default_factory=list)  # drafting on the critical path, every round
-    predrafted: list[int] = field(default_factory=list)  # drafts of every round that were drafted in the last one's wait
+    predrafted: list[int] = field(default_factory=list)  # drafts of every round drafted in the last one's wait
     round_ms: list[float] = field(default_factory=list)  # wall time of every round
     n_hops: int = 0
     n_links: int = 0  # links crossed per round

@@ -278,7 +278,7 @@ class Generator:
     async def _take_tree(self, tokens: list[int], shape: TreeShape, predraft: _Predraft | None) -> tuple[TokenTree, int]:
         """The draft tree after tokens, and how many of its nodes came from the overlapped guess."""
         growth = predraft.growth if predraft is not None and predraft.valid else None
-        if growth is None or growth.width != shape.width or growth.depth == 0:
+        if growth is None or growth.width != shape.width:
             growth = TreeGrowth(self.drafter, tokens, shape.width)
         used = len(growth.tree.truncated(shape.depth))
         if growth.depth < shape.depth:

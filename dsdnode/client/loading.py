@@ -30,7 +30,7 @@ class ClientModels:
     eos_ids: set[int]
     target_dir: Path
     weights: str  # digest of the target's weights: a swarm client chains only servers of the same
-    draft_compression: DraftCompression = DraftCompression()
+    draft_compression: DraftCompression
 
     @property
     def device(self) -> torch.device:
