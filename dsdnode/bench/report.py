@@ -68,6 +68,7 @@ class PromptResult:
     draft_ms: list[float] = field(default_factory=list)  # drafting on the critical path, every round
     predrafted: list[int] = field(default_factory=list)  # drafts of every round drafted in the last one's wait
     round_ms: list[float] = field(default_factory=list)  # wall time of every round
+    warm_start: bool = False  # the draft-length controller began with a round cost learned on earlier prompts
     n_hops: int = 0
     n_links: int = 0  # links crossed per round
     split: TimeSplit = field(default_factory=TimeSplit)

@@ -299,7 +299,7 @@ def _terminate(signum, frame) -> None:
 
 def _fill_swarm(rec: PromptResult, result: GenerationResult, hops: int, links: int, lat: float) -> None:
     rounds = result.rounds
-    rec.tokens, rec.stopped = result.tokens, result.stopped
+    rec.tokens, rec.stopped, rec.warm_start = result.tokens, result.stopped, result.warm_start
     rec.prefill_s, rec.decode_s = result.prefill_s, result.decode_s
     rec.tokens_per_s, rec.rounds = result.tokens_per_s, len(rounds)
     rec.mean_accepted, rec.mean_k = result.mean_accepted, result.mean_k

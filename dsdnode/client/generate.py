@@ -74,6 +74,7 @@ class GenerationResult:
     prefill_s: float
     decode_s: float
     stopped: str  # "eos" or "length"
+    warm_start: bool = False  # the controller began with a round cost learned by earlier generations
 
     @property
     def tokens_per_s(self) -> float:
@@ -152,6 +153,7 @@ class Generator:
         s = self.settings
         await self.chain.start_session(len(prompt) + s.max_new_tokens + s.max_block)
         controller = self._controller()
+        warm_start = s.speculative and controller.timing is not None
         predraft: _Predraft | None = None
         kept: list[int] | None = None  # the last block's accepted path, when it was a tree
         try:
@@ -201,7 +203,8 @@ class Generator:
                     rerouted = True
                     continue
                 emitted = self._emit(tokens, emitted, check, on_tokens)
-            return GenerationResult(tokens[len(prompt):], rounds, prefill_s, time.perf_counter() - t_decode, stopped)
+            return GenerationResult(tokens[len(prompt):], rounds, prefill_s, time.perf_counter() - t_decode, stopped,
+                                    warm_start)
         finally:
             if predraft is not None:
                 await predraft.finish()

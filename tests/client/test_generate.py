@@ -119,7 +119,7 @@ def test_a_trained_controller_carries_over_to_the_next_generation():
     settings = GenerationSettings(max_new_tokens=24, controller=controller_settings)
     first = make_generator(target, target, target.config.num_hidden_layers, 2, settings, latency_s=0.03)
     result = asyncio.run(first.generate([1, 2, 3]))
-    assert result.rounds[0].k == 2
+    assert result.rounds[0].k == 2 and not result.warm_start
     controller = first.controller
     assert controller.acceptance > 0.8 and controller.timing is not None  # a perfect draft
 
@@ -128,13 +128,13 @@ def test_a_trained_controller_carries_over_to_the_next_generation():
     controller.reset_acceptance()
     expected_first_k = controller.choose_k()
     result = asyncio.run(second.generate([4, 5, 6]))
-    assert result.rounds[0].k == expected_first_k > 2 and second.controller is controller
+    assert result.rounds[0].k == expected_first_k > 2 and second.controller is controller and result.warm_start
 
     # another route with another number of hops: timing is re-learned from k_initial
     third = make_generator(target, target, target.config.num_hidden_layers, 3, settings, latency_s=0.03)
     third.controller = controller
     result = asyncio.run(third.generate([4, 5, 6]))
-    assert result.rounds[0].k == 2 and controller.n_hops == 3
+    assert result.rounds[0].k == 2 and controller.n_hops == 3 and not result.warm_start
 
 
 def test_a_controller_with_other_settings_is_refused():
