@@ -33,6 +33,12 @@ class NoRoute(RuntimeError):
     """No set of live servers covers every layer."""
 
 
+def relayed_only(record: SpanRecord) -> bool:
+    """The server announces only relay (circuit) addresses: it is behind a NAT, and reaching it
+    depends on relays that may come and go (net/relay.py)."""
+    return bool(record.addrs) and all(is_circuit(a) for a in record.addrs)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """s_per_layer: the client's estimate of one step's seconds per layer (None: the record's claim).
@@ -50,7 +56,7 @@ class Candidate:
     @property
     def relayed(self) -> bool:
         """Reached only through a relay (see net/relay.py)."""
-        return bool(self.record.addrs) and all(is_circuit(a) for a in self.record.addrs)
+        return relayed_only(self.record)
 
     def compute_s(self, layers: int) -> float:
         """Decoding cost of `layers` of this span per step: measured by this client where it has
@@ -91,8 +97,7 @@ async def ping_records(node: P2PNode, records: list[SpanRecord], timeout_s: floa
     """The records whose peers answer a ping within timeout_s (RELAYED_PING_TIMEOUT_S for a peer
     reached only through a relay), with the measured round-trip time."""
     async def ping(rec: SpanRecord) -> Candidate | None:
-        relayed = bool(rec.addrs) and all(is_circuit(a) for a in rec.addrs)
-        wait = max(timeout_s, RELAYED_PING_TIMEOUT_S) if relayed else timeout_s
+        wait = max(timeout_s, RELAYED_PING_TIMEOUT_S) if relayed_only(rec) else timeout_s
         try:
             return Candidate(rec, await node.ping(PeerInfo(rec.peer_id, tuple(rec.addrs)), timeout=wait))
         except Exception as e:
@@ -196,7 +201,7 @@ async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> 
                    "device": r.device, "weights": r.weights, "active_sessions": r.active_sessions,
                    "queued_positions": r.queued_positions,
                    "expires": r.expires, "rtt_ms": live[r.peer_id] * 1e3 if r.peer_id in live else None,
-                   "reachability": reach.get(r.peer_id), "relayed": bool(r.addrs) and all(map(is_circuit, r.addrs)),
+                   "reachability": reach.get(r.peer_id), "relayed": relayed_only(r),
                    "banned": bans[r.peer_id].reason if r.peer_id in bans else None}
                   for r in records],
         # this client's ban list (client/bans.py): servers an audit caught, whether they announce now or not

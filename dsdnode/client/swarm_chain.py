@@ -40,7 +40,7 @@ from .audit import Auditor, HopLog, audit_every, prefer_other_groups
 from .bans import BanList
 from .deadlines import DeadlineSettings, PassDeadline
 from .interface import UNCHECKED, ChainOutput, Checkpoint, TreeBlock
-from .routing import Candidate, Hop, NoRoute, best_chain, ping_records, same_weights
+from .routing import Candidate, Hop, NoRoute, best_chain, ping_records, relayed_only, same_weights
 from .standing import Standing, TrustSettings, hop_compute_s
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,10 @@ RECORDS_MAX_AGE_S = 60.0  # re-read the DHT when the records we route with are o
 # relayed server's record is slow to come): until its node is this old, a route that misses layers
 # after such a partial look at the DHT is looked for again, with growing pauses
 DISCOVERY_WAIT_S = 20.0
+# a server behind a NAT that does not answer may have lost the relay it was reached through; it
+# reserves a slot on another and re-announces within seconds, so a route that needs it is looked
+# for again, with growing pauses, for this long (a direct server that does not answer is gone)
+RELAY_LOSS_WAIT_S = 20.0
 
 
 class ChainFailure(RuntimeError):
@@ -245,8 +249,9 @@ class RemoteChain:
         log.info("chain failure (%s); avoiding %s and re-routing", failure, sorted(failure.suspects))
 
     async def _route(self) -> list[Hop]:
-        """The best chain over peers not excluded nor busy; waits (bounded) for busy ones if needed."""
-        waited = 0.0
+        """The best chain over peers not excluded nor busy; waits (bounded) for busy ones, and for
+        servers behind a relay that do not answer (their relay may be gone), if needed."""
+        waited = relay_waited = 0.0
         fresh = False
         pause = 1.0
         while True:
@@ -263,6 +268,8 @@ class RemoteChain:
             candidates = [Candidate(c.record, c.rtt_s, self.standing.s_per_layer(c.record, self._records),
                                     self.standing.penalty(c.record.peer_id))
                           for c in await ping_records(self.node, usable)]
+            answered = {c.record.peer_id for c in candidates}
+            silent_relayed = [r for r in usable if r.peer_id not in answered and relayed_only(r)]
             try:
                 try:
                     return best_chain(candidates, self.num_layers, self._max_length)
@@ -273,20 +280,26 @@ class RemoteChain:
                     self._records_at = -RECORDS_MAX_AGE_S
                     continue
                 young = time.monotonic() + pause - self.node.started_at <= DISCOVERY_WAIT_S
-                if young and self.node.dht.last_discovery_partial and not busy and not self.excluded:
-                    log.info("%s yet (the DHT answered in part); looking again in %.0f s", e, pause)
+                partial = young and self.node.dht.last_discovery_partial and not busy and not self.excluded
+                relay_lost = bool(silent_relayed) and relay_waited + pause <= RELAY_LOSS_WAIT_S
+                if partial or relay_lost:
+                    why = ("the DHT answered in part" if partial else
+                           f"{len(silent_relayed)} server(s) behind a relay do not answer: a relay may be gone")
+                    log.info("%s yet (%s); looking again in %.0f s", e, why, pause)
                     await asyncio.sleep(pause)
+                    relay_waited += 0.0 if partial else pause
                     self._records_at, pause = -RECORDS_MAX_AGE_S, pause * 2
                     continue
                 wait = min(busy.values(), default=now) - now
                 if not busy or waited + wait > MAX_BUSY_WAIT_S:
-                    raise NoRoute(f"{e}{self._why_excluded(busy)}") from None
+                    raise NoRoute(f"{e}{self._why_excluded(busy, silent_relayed)}") from None
                 log.info("every route needs a busy server; trying again in %.1f s", wait)
                 await asyncio.sleep(wait)
                 waited += wait
 
-    def _why_excluded(self, busy: dict[str, float]) -> str:
+    def _why_excluded(self, busy: dict[str, float], silent_relayed: list[SpanRecord]) -> str:
         parts = ([self._reasons[p] for p in self.excluded] + [f"{p} is busy" for p in busy]
+                 + [f"{r.peer_id} (behind a relay) does not answer" for r in silent_relayed]
                  + [f"{p} {why}" for p, why in self._unusable.items()]
                  + [f"{p} is banned: {b.reason}" for p, b in self.bans.active().items()
                     if any(r.peer_id == p for r in self._records)])

@@ -641,7 +641,13 @@ class P2PNode:
             raise ValueError(f"bad peer {peer!r}: {exc}") from None
         try:
             with trio.fail_after(timeout):
-                if pid not in self._host.get_connected_peers():
+                network = self._host.get_network()
+                if not any(not conn.is_closed for conn in network.get_connections(pid)):
+                    if pid in self._host.get_connected_peers():
+                        # the swarm still lists a connection that is closed (its relay is gone, say) and
+                        # would answer "No valid connections available": drop it and dial afresh
+                        log.info("the connection to %s is closed; dialing again", pid)
+                        await network.close_peer(pid)
                     await self._t_connect(pid, addrs, circuits)
                 elif addrs:
                     self._host.get_peerstore().add_addrs(pid, addrs, 120)
