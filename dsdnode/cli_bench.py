@@ -11,6 +11,7 @@ import click
 
 from .cli_common import K_LIMIT, FiniteFloatRange, friendly
 from .cli_generate import DEVICE_HELP, DTYPE_HELP, DeviceType, draft_compression_options
+from .bench.datasets import DEFAULT_GSM8K_STYLE, GSM8K_STYLES
 from .config import DTYPE_NAMES
 
 class ClientCounts(click.ParamType):
@@ -43,6 +44,10 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--link-latency-ms", "latencies", type=FiniteFloatRange(min=0), multiple=True,
               help="Emulated one-way latency of every link; repeat for a sweep (a fresh swarm each). [default: 50]")
 @click.option("--dataset", type=click.Choice(["humaneval", "gsm8k", "both"]), default="both", show_default=True)
+@click.option("--gsm8k-style", type=click.Choice(GSM8K_STYLES), default=DEFAULT_GSM8K_STYLE, show_default=True,
+              help="How GSM8K answers are asked for: 'steps', the model's own step-by-step answer (the setting of "
+                   "published speculative-decoding speeds; long answers, cut at --max-new-tokens), or 'brief', "
+                   "the key calculations only (short whole answers, for accuracy runs).")
 @click.option("--prompts", type=click.IntRange(min=1), default=20, show_default=True, help="Problems per dataset (the first N).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
 @click.option("--modes", default="ar-push,ar-relay,dsd-k2,dsd-k4,dsd-k8,dsd-auto,dsd-auto-av,dsd-tree,dsd-tree-av,"
@@ -67,6 +72,9 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
               help="Reach the last N servers only through a relay, as servers behind a NAT are (on loopback: "
                    "they act private with --assume-private; the relay adds one emulated link).")
 @draft_compression_options
+@click.option("--resume", is_flag=True,
+              help="Continue the run saved in --out (cut short: killed, out of time) with the same options and the "
+                   "same dsdnode code: prompts it finished in every mode are kept, the others run again.")
 @click.option("--quick", is_flag=True, help="A small smoke run: smollm2-135m as target and draft, 3 servers, 2 prompts "
                                             "per dataset, 24 tokens, ar-push,dsd-k4,dsd-auto at 10 ms, float32, "
                                             "an uncompressed draft (options given with it override these).")
@@ -76,14 +84,17 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--overhead-hops", type=click.IntRange(2, 16), default=6, show_default=True,
               help="Longest chain of --overhead.")
 @friendly
-def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_tokens, modes, out, threads,
-          client_threads, device, dtype, k_max, tau, clients, relayed, draft_int8, draft_vocab, quick, overhead,
+def bench(model, draft, servers, replicas, latencies, dataset, gsm8k_style, prompts, max_new_tokens, modes, out, threads,
+          client_threads, device, dtype, k_max, tau, clients, relayed, draft_int8, draft_vocab, resume, quick, overhead,
           overhead_hops):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
     from .bench.runner import BenchConfig, BenchRun
     from .devices import default_dtype, resolve_device
     from .net.protocol import DTYPE_NAMES as NAMES
 
+    if resume and (out is None or clients is not None or overhead):
+        raise click.BadParameter("--resume continues a run of the modes saved in --out: give --out, without "
+                                 "--clients or --overhead", param_hint="--resume")
     if overhead:
         from .bench.overhead import OverheadConfig, run_overhead
         out = Path(out) if out else Path("bench-results") / datetime.now().strftime("overhead-%Y%m%d-%H%M%S")
@@ -106,7 +117,8 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
     dtype = dtype or NAMES[default_dtype(resolved)]
     out = Path(out) if out else Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     config = BenchConfig(out=out, model=model, draft=draft, servers=servers, replicas=replicas, latencies_ms=tuple(latencies or (50.0,)),
-                         datasets=("humaneval", "gsm8k") if dataset == "both" else (dataset,), prompts=prompts,
+                         datasets=("humaneval", "gsm8k") if dataset == "both" else (dataset,),
+                         gsm8k_style=gsm8k_style, prompts=prompts,
                          max_new_tokens=max_new_tokens, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                          threads=threads, client_threads=client_threads, dtype=dtype, device=device, k_max=k_max,
                          tau=tau, relayed=relayed, draft_int8=draft_int8, draft_vocab=draft_vocab)
@@ -123,11 +135,12 @@ def bench(model, draft, servers, replicas, latencies, dataset, prompts, max_new_
             mode = config.modes[0]
         run = ClientsRun(ClientsConfig(out=out, clients=clients, model=model, draft=draft,
                                        servers=servers, latency_ms=config.latencies_ms[0], datasets=config.datasets,
+                                       gsm8k_style=gsm8k_style,
                                        max_new_tokens=max_new_tokens, threads=threads, client_threads=client_threads,
                                        dtype=dtype, device=device, k_max=k_max, mode=mode, draft_int8=draft_int8,
                                        draft_vocab=draft_vocab), command)
     else:
-        run = BenchRun(config, command)
+        run = BenchRun(config, command, resume=resume)
     run.run()
     click.echo(f"results: {out / 'results.md'}")
     click.echo((out / "results.md").read_text())

@@ -16,6 +16,7 @@ import statistics
 
 import torch
 
+from dsdnode.bench.datasets import DEFAULT_GSM8K_STYLE, GSM8K_STYLES
 from dsdnode.bench.runner import load_prompts
 from dsdnode.client.generate import GenerationSettings, Generator
 from dsdnode.client.loading import load_client_models
@@ -31,6 +32,7 @@ def main() -> None:
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--draft", default="qwen2.5-coder-0.5b")
     p.add_argument("--dataset", choices=["humaneval", "gsm8k"], default="gsm8k")
+    p.add_argument("--gsm8k-style", choices=GSM8K_STYLES, default=DEFAULT_GSM8K_STYLE)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--k", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -44,7 +46,7 @@ def main() -> None:
                                   controller=ControllerSettings(k_fixed=a.k, k_max=max(a.k, 1)))
     accepted, full_rounds, per_token = 0, 0, []
     print(f"draft {a.draft} ({m.draft_compression.describe()}), target {a.model}, k = {a.k}, {a.dataset}")
-    for prompt in load_prompts(m.tokenizer, (a.dataset,), a.prompts):
+    for prompt in load_prompts(m.tokenizer, (a.dataset,), a.prompts, a.gsm8k_style):
         drafter = Drafter(m.draft_head, m.draft_spans, len(prompt.ids) + a.max_new_tokens + a.k + 2, settings.sampling)
         result = asyncio.run(Generator(m.head, LocalChain(target), drafter, settings, m.eos_ids).generate(prompt.ids))
         rounds = [r for r in result.rounds[1:] if r.k == a.k]  # the first round's draft includes its warm-up

@@ -60,6 +60,7 @@ def error_lines(output: str) -> list[str]:
     ["bench", "--clients", "0,2"],
     ["bench", "--clients", "two"],
     ["bench", "--clients", "1,2", "--modes", "ar-push,dsd-auto"],
+    ["bench", "--gsm8k-style", "verbose"],
     ["demo", "--servers", "0"],
     ["demo", "--max-new-tokens", "-5"],
     ["demo", "--link-latency-ms", "-100"],
@@ -84,6 +85,15 @@ def test_nonsense_option_values_are_usage_errors(args):
     assert "Traceback" not in result.output
     errors = error_lines(result.output)
     assert len(errors) == 1 and f"Invalid value for '{args[-2]}'" in errors[0], result.output
+
+
+@pytest.mark.parametrize("args", [["bench", "--resume"], ["bench", "--resume", "--out", "x", "--overhead"]],
+                         ids=lambda args: " ".join(args))
+def test_resume_needs_a_run_of_the_modes_to_continue(args):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    errors = error_lines(result.output)
+    assert len(errors) == 1 and "Invalid value for --resume" in errors[0], result.output
 
 
 def test_draft_length_accepts_auto_and_whole_numbers():

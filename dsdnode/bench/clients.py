@@ -40,6 +40,7 @@ from ..net.protocol import DTYPE_NAMES
 from .machine import machine_info
 from .modes import parse_mode
 from .report import _fmt, _mean, write_json
+from .datasets import DEFAULT_GSM8K_STYLE, GSM8K_STYLES
 from .runner import ROUTE_WAIT_S, WARMUP_TOKENS, _terminate, load_prompts
 
 
@@ -55,6 +56,7 @@ class ClientsConfig:
     servers: int = 4
     latency_ms: float = 50.0
     datasets: tuple[str, ...] = ("humaneval", "gsm8k")
+    gsm8k_style: str = DEFAULT_GSM8K_STYLE  # how GSM8K answers are asked for (bench/datasets.py)
     max_new_tokens: int = 48
     mode: str = "dsd-auto"
     threads: int = 1  # torch threads of each server process
@@ -73,6 +75,8 @@ class ClientsConfig:
             raise ValueError("--servers must be >= 1, --max-new-tokens >= 2 and the latency >= 0 ms")
         if parse_mode(self.mode).kind != "swarm":
             raise ValueError(f"mode {self.mode} does not run on the swarm")
+        if self.gsm8k_style not in GSM8K_STYLES:
+            raise ValueError(f"--gsm8k-style must be one of {', '.join(GSM8K_STYLES)}")
 
 
 @dataclass
@@ -131,7 +135,7 @@ class ClientsRun:
             self.client = load_client_models(c.model, c.draft, c.dtype, c.device, c.draft_int8, c.draft_vocab)
             self.machine["device"] = describe(self.client.device)
             per_dataset = math.ceil(max(c.clients) / len(c.datasets))
-            self.prompts = load_prompts(self.client.tokenizer, c.datasets, per_dataset)[:max(c.clients)]
+            self.prompts = load_prompts(self.client.tokenizer, c.datasets, per_dataset, c.gsm8k_style)[:max(c.clients)]
             self._run_swarms()
             self.status = "done"
         except BaseException as e:

@@ -32,10 +32,17 @@ HUMANEVAL_SYSTEM = "You are a helpful coding assistant."
 HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function. Return the whole function in a ```python block.\n\n"
 )
-# Brief on purpose: in its own step-by-step style the 1.5B target writes 250-400 tokens per problem
-# (planning, LaTeX), which at ~1-4 tok/s on a CPU swarm makes a 20-problem accuracy run take hours.
-GSM8K_INSTRUCTION = ("Solve the problem. Be brief: write only the key calculations, one short line each, "
-                     "then end with 'The answer is N.'\n\n")
+# How GSM8K answers are asked for. "steps" is the model's own step-by-step answer, the setting of
+# published speculative-decoding speeds (the 1.5B target writes 150-400 tokens; speed runs cut them at
+# --max-new-tokens). "brief" asks for the key calculations only (~25-35 tokens), so that whole
+# answers fit a CPU accuracy run; short terse answers are the hardest case for drafting.
+GSM8K_INSTRUCTIONS = {
+    "steps": "Solve the problem step by step. End with 'The answer is N.'\n\n",
+    "brief": ("Solve the problem. Be brief: write only the key calculations, one short line each, "
+              "then end with 'The answer is N.'\n\n"),
+}
+GSM8K_STYLES = tuple(GSM8K_INSTRUCTIONS)
+DEFAULT_GSM8K_STYLE = "steps"
 
 PIP_TIMEOUT_S = 300.0
 
@@ -216,7 +223,7 @@ def load_dataset(
     return [_gsm8k_problem(i, r, f"{path}:{i + 1}") for i, r in enumerate(rows)]
 
 
-def chat_messages(problem: Problem) -> list[dict[str, str]]:
+def chat_messages(problem: Problem, gsm8k_style: str = DEFAULT_GSM8K_STYLE) -> list[dict[str, str]]:
     """The chat an Instruct model is given for `problem` (before its chat template)."""
     if problem.dataset == "humaneval":
         return [
@@ -224,12 +231,12 @@ def chat_messages(problem: Problem) -> list[dict[str, str]]:
             {"role": "user", "content": HUMANEVAL_INSTRUCTION + problem.prompt},
         ]
     if problem.dataset == "gsm8k":
-        return [{"role": "user", "content": GSM8K_INSTRUCTION + problem.prompt}]
+        return [{"role": "user", "content": GSM8K_INSTRUCTIONS[gsm8k_style] + problem.prompt}]
     raise ValueError(f"unknown dataset {problem.dataset!r}")
 
 
 def format_prompt(
-    problem: Problem, chat_template_fn: Callable[[list[dict[str, str]]], str] | None
+    problem: Problem, chat_template_fn: Callable[[list[dict[str, str]]], str] | None, gsm8k_style: str = DEFAULT_GSM8K_STYLE
 ) -> str:
     """The text fed to the model.
 
@@ -239,9 +246,9 @@ def format_prompt(
     (the evaluator accepts both styles); GSM8K gives the instruction, question and 'Answer:'.
     """
     if chat_template_fn is not None:
-        return chat_template_fn(chat_messages(problem))
+        return chat_template_fn(chat_messages(problem, gsm8k_style))
     if problem.dataset == "humaneval":
         return problem.prompt
     if problem.dataset == "gsm8k":
-        return f"{GSM8K_INSTRUCTION}Question: {problem.prompt}\nAnswer:"
+        return f"{GSM8K_INSTRUCTIONS[gsm8k_style]}Question: {problem.prompt}\nAnswer:"
     raise ValueError(f"unknown dataset {problem.dataset!r}")

@@ -6,6 +6,7 @@ versions, so each result carries them instead of relying on the reader's memory.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import socket
@@ -60,6 +61,16 @@ def _torch_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
     }
+
+
+def source_digest() -> str:
+    """A digest of dsdnode's own source files: which code a measurement ran (committing results does
+    not change it; editing any module does)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def machine_info() -> dict[str, Any]:

@@ -83,6 +83,14 @@ class PromptResult:
     def ok(self) -> bool:
         return self.error is None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PromptResult:
+        """A record as results.json holds it (what `asdict` wrote)."""
+        rec = cls(**{k: v for k, v in data.items() if k not in ("split", "divergence")})
+        rec.split = TimeSplit(**data["split"])
+        rec.divergence = Divergence(**data["divergence"]) if data.get("divergence") else None
+        return rec
+
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
@@ -135,6 +143,7 @@ def _row(lat: float, ds: str, mode: str, mine: list[PromptResult], base: dict) -
         "split_fraction": {k: v / decode for k, v in split.items()} if decode > 0 and rounds else None,
         "floor_fraction": (split["link_s"] + split["compute_s"]) / decode if decode > 0 and rounds else None,
         "accuracy": sum(scored) / len(scored) if scored else None,
+        "finished": sum(r.stopped == "eos" for r in ok),  # answers that ended before max new tokens
         "identical_to_baseline": all(compared) if compared else None,
         "identical_count": f"{sum(compared)}/{len(compared)}" if compared else None,
         "max_divergence_gap": max((r.divergence.top2_gap for r in ok if r.divergence), default=None),
@@ -169,11 +178,16 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"({s.get('threads')} torch thread each), "
         f"draft {s.get('draft')} ({s.get('draft_compression', 'uncompressed')}) on the client "
         f"({s.get('client_threads')} torch thread), dtype {s.get('dtype')}, "
-        f"greedy, max {s.get('max_new_tokens')} new tokens",
+        f"greedy, max {s.get('max_new_tokens')} new tokens"
+        + (f", GSM8K asked for {s.get('gsm8k_style', 'unrecorded')} answers" if "gsm8k" in s.get("datasets", ()) else ""),
         *([f"- the last {s['relayed']} server(s) reached only through a relay (`--relayed`): each relayed link "
            "costs two emulated latencies; the split below counts it as one (the rest lands in overhead)"]
           if s.get("relayed") else []),
+        *([f"- resumed: {len(meta['sessions'])} sessions ("
+           + "; ".join(f"{x['started']} on {x['machine'].get('hostname')}" for x in meta["sessions"])
+           + "); each prompt's modes ran in one session"] if len(meta.get("sessions", [])) > 1 else []),
         "- every process shares the same cores: drafting overlaps only the emulated latency, not server compute",
+        "- accuracy: of every answer, also those cut at max new tokens; (n/m ended): answers that ended by themselves",
         "- tok/s: decode only (prefill excluded; hf-assisted: generate() minus a separately timed prefill)",
         "- speedup: vs ar-push, as ratio of median tok/s / median of per-prompt ratios",
         "- split: link (rounds x links x latency) / server compute / draft / client overhead, % of decode time; "
@@ -203,6 +217,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                     f"| {_fmt(r['round_ms_mean'], '.0f')} | {split} "
                     f"| {_fmt(None if r['floor_fraction'] is None else 100 * r['floor_fraction'], '.0f')} "
                     f"| {_fmt(None if r['accuracy'] is None else 100 * r['accuracy'], '.0f', '%')} "
+                    f"({r['finished']}/{r['n'] - r['errors']} ended) "
                     f"| {r['identical_count'] or '–'} | {_fmt(r['max_divergence_gap'], '.3f')} |")
             lines.append("")
     return "\n".join(lines)

@@ -5,11 +5,17 @@ latency on its outbound links), join it from this process with one P2PNode (same
 for each prompt run every mode in turn -- baseline first, so each later mode is checked against
 its tokens at once -- and score each completion. Results are saved after every prompt, and a
 failing prompt (or a swarm that will not start) is recorded with its error while the run goes on.
+
+A run cut short (killed, out of time) is continued with `resume`: the prompts it finished in every
+mode are kept, the rest run again, so each prompt's ratios still come from one session. Resuming
+needs the same settings and the same dsdnode source (`source_digest`); each session's machine and
+start are recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import threading
@@ -33,8 +39,8 @@ from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode
 from ..net.protocol import DTYPE_NAMES
 from .accuracy import evaluate
-from .datasets import Problem, format_prompt, load_dataset
-from .machine import machine_info
+from .datasets import DEFAULT_GSM8K_STYLE, GSM8K_STYLES, Problem, format_prompt, load_dataset
+from .machine import machine_info, source_digest
 from .modes import BASELINE, DEFAULT_MODES, Mode, parse_modes
 from .plots import write_plots
 from .report import Divergence, PromptResult, TimeSplit, aggregate, markdown, results_payload, write_json
@@ -43,6 +49,10 @@ from ..local_swarm import LocalSwarm
 WARMUP_TOKENS = 4
 DIVERGENCE_BLOCK = 64  # positions per pass when re-running the target at a divergence (a server's default max_block)
 ROUTE_WAIT_S = 60.0  # servers announce every 2 s; give the DHT time to show every span
+
+
+class BenchResumeError(ValueError):
+    """A run cannot be resumed: nothing saved there, or other settings or code."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,7 @@ class BenchConfig:
     replicas: int = 1  # servers per span (auditing needs a second server for a span)
     latencies_ms: tuple[float, ...] = (50.0,)
     datasets: tuple[str, ...] = ("humaneval", "gsm8k")
+    gsm8k_style: str = DEFAULT_GSM8K_STYLE  # how GSM8K answers are asked for (bench/datasets.py)
     prompts: int = 20
     max_new_tokens: int = 96
     modes: tuple[str, ...] = DEFAULT_MODES
@@ -74,6 +85,8 @@ class BenchConfig:
             raise ValueError("link latencies must be >= 0 ms")
         if not set(self.datasets) <= {"humaneval", "gsm8k"} or not self.datasets:
             raise ValueError(f"unknown dataset in {self.datasets}")
+        if self.gsm8k_style not in GSM8K_STYLES:
+            raise ValueError(f"--gsm8k-style must be one of {', '.join(GSM8K_STYLES)}")
         if self.threads < 1 or self.client_threads < 1:
             raise ValueError("thread counts must be >= 1")
         if not 0 <= self.relayed <= self.servers:
@@ -92,6 +105,7 @@ class _Prompt:
 class BenchRun:
     config: BenchConfig
     command: str
+    resume: bool = False  # continue the run saved in config.out (see the module docstring)
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
     records: list[PromptResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -104,6 +118,9 @@ class BenchRun:
         self.modes = sorted(modes, key=lambda m: m.name != BASELINE)  # baseline first: checked against at once
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.status = "running"
+        self.code = source_digest()
+        self.sessions: list[dict] = []  # every session of this run: its start and machine
+        self.done: set[tuple[float, str, int]] = set()  # (latency, dataset, index) finished in every mode
 
     # ---- driver -------------------------------------------------------------------------
     def run(self) -> Path:
@@ -113,13 +130,19 @@ class BenchRun:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate)  # a killed run still stops its swarm and saves
         self.machine = machine_info()
+        command_line = self.command
+        if self.resume:
+            self._restore()
+        self.sessions.append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "command": command_line, "machine": self.machine})
         self.t0 = time.monotonic()
         try:
             self.client = load_client_models(c.model, c.draft, c.dtype, c.device, c.draft_int8, c.draft_vocab)
             self.machine["device"] = describe(self.client.device)
             self.prompts = self._load_prompts()
             self.hf = self._load_hf() if any(m.kind == "hf" for m in self.modes) else None
-            self.total = len(c.latencies_ms) * len(self.prompts) * len(self.modes)
+            self.total = len(self.modes) * sum(1 for lat in c.latencies_ms for p in self.prompts
+                                               if (lat, p.problem.dataset, p.index) not in self.done)
             self._save()
             for lat in c.latencies_ms:
                 self._run_latency(lat)
@@ -131,8 +154,38 @@ class BenchRun:
             self._save(plots=True)
         return c.out
 
+    def _restore(self) -> None:
+        """Take over the prompts a saved run finished in every mode (see the module docstring)."""
+        path = self.config.out / "results.json"
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise BenchResumeError(f"nothing to resume: {path} does not exist") from None
+        except (OSError, ValueError) as e:
+            raise BenchResumeError(f"cannot resume from {path}: {e}") from None
+        mine = json.loads(json.dumps(self._settings()))
+        theirs = {k: v for k, v in saved.get("settings", {}).items() if k != "draft_compression"}
+        if theirs != mine:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise BenchResumeError(f"cannot resume {path}: it ran with other settings ({', '.join(diff)})")
+        if saved.get("code") != self.code:
+            raise BenchResumeError(f"cannot resume {path}: it ran other dsdnode code ({saved.get('code')}, "
+                                   f"this is {self.code})")
+        records = [PromptResult.from_dict(r) for r in saved.get("prompts", [])]
+        names = {m.name for m in self.modes}
+        by_prompt: dict[tuple[float, str, int], list[PromptResult]] = {}
+        for r in records:
+            by_prompt.setdefault((r.latency_ms, r.dataset, r.index), []).append(r)
+        self.done = {key for key, recs in by_prompt.items() if {r.mode for r in recs if r.ok} >= names}
+        self.records = [r for r in records if (r.latency_ms, r.dataset, r.index) in self.done]
+        self.errors = list(saved.get("errors", []))
+        self.started, self.sessions = saved.get("date", self.started), list(saved.get("sessions", []))
+        self.command = saved.get("command", self.command)  # the run's; each session's is in `sessions`
+        self.log(f"resuming {path}: {len(self.done)} prompt(s) done in every mode are kept, "
+                 f"{len(by_prompt) - len(self.done)} unfinished one(s) run again")
+
     def _load_prompts(self) -> list[_Prompt]:
-        return load_prompts(self.client.tokenizer, self.config.datasets, self.config.prompts)
+        return load_prompts(self.client.tokenizer, self.config.datasets, self.config.prompts, self.config.gsm8k_style)
 
     def _load_hf(self):
         from .hf import HFAssisted
@@ -142,6 +195,8 @@ class BenchRun:
 
     def _run_latency(self, lat: float) -> None:
         c = self.config
+        if all((lat, p.problem.dataset, p.index) in self.done for p in self.prompts):
+            return  # finished in an earlier session
         n_layers = self.client.head.config.num_hidden_layers
         workdir = c.out / "swarm" / f"{lat:g}ms"
         self.log(f"[{lat:g} ms] starting {c.servers} x {c.replicas} servers over {n_layers} layers of {c.model} "
@@ -161,6 +216,8 @@ class BenchRun:
         try:
             await self._warm_up(node)
             for p in self.prompts:
+                if (lat, p.problem.dataset, p.index) in self.done:
+                    continue
                 for mode in self.modes:
                     rec = await self._one(node, mode, p, lat)
                     self.records.append(rec)
@@ -246,7 +303,7 @@ class BenchRun:
 
     # ---- output -----------------------------------------------------------------------------
     def _progress(self, rec: PromptResult) -> None:
-        done = len(self.records)
+        done = len(self.records) - len(self.done) * len(self.modes)  # in this session
         elapsed = time.monotonic() - self.t0
         eta = elapsed / done * (self.total - done)
         n = sum(1 for p in self.prompts if p.problem.dataset == rec.dataset)
@@ -256,14 +313,19 @@ class BenchRun:
         self.log(f"[{rec.latency_ms:g} ms] {rec.dataset} {rec.index + 1}/{n} {rec.mode:12} {what} "
                  f"({done}/{self.total}, {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)")
 
+    def _settings(self) -> dict:
+        c = self.config
+        return {**asdict(c), "out": str(c.out), "modes": [m.name for m in self.modes]}
+
     def meta(self) -> dict:
         c = self.config
-        settings = {**asdict(c), "out": str(c.out), "modes": [m.name for m in self.modes]}
+        settings = self._settings()
         if getattr(self, "client", None) is not None:
             settings["draft_compression"] = self.client.draft_compression.describe()
         return {"command": self.command, "date": self.started, "status": self.status,
                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "settings": settings, "machine": getattr(self, "machine", {}), "errors": self.errors,
+                "settings": settings, "machine": getattr(self, "machine", {}), "code": self.code,
+                "sessions": self.sessions, "errors": self.errors,
                 "notes": [f"the client runs in the bench process with {c.client_threads} torch thread(s); each server "
                           f"process uses {c.threads}; all share this machine's cores, so drafting overlaps only "
                           "emulated latency, never server compute",
@@ -280,7 +342,7 @@ class BenchRun:
             write_plots(rows, out)
 
 
-def load_prompts(tok, datasets: tuple[str, ...], n: int) -> list[_Prompt]:
+def load_prompts(tok, datasets: tuple[str, ...], n: int, gsm8k_style: str = DEFAULT_GSM8K_STYLE) -> list[_Prompt]:
     """The first n problems of each dataset, tokenized in the model's chat format, datasets
     interleaved (a cut-short run stays balanced)."""
     template = (lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)) \
@@ -288,7 +350,7 @@ def load_prompts(tok, datasets: tuple[str, ...], n: int) -> list[_Prompt]:
     out = []
     for ds in datasets:
         for i, problem in enumerate(load_dataset(ds, n)):
-            text = format_prompt(problem, template)
+            text = format_prompt(problem, template, gsm8k_style)
             out.append(_Prompt(problem, i, tok(text, add_special_tokens=False)["input_ids"]))
     return sorted(out, key=lambda p: p.index)
 

@@ -63,7 +63,7 @@ class RoundStats:
     hop_compute_s: list[float]
     predrafted: int  # drafts that came from the overlapped guess
     hop_link_s: list[float] = field(default_factory=list)  # between consecutive hops (swarm chains)
-    width: int = 1  # tree width chosen (1: a chain of k drafts; k is the tree's depth)
+    width: int = 1  # tree width drafted (1: a chain of k drafts; k is the tree's depth)
     nodes: int = 0  # tree nodes sent (drafts and prompt-lookup candidates)
 
 
@@ -98,21 +98,25 @@ class _Predraft:
     """The next block, drafted in a worker thread while the current block is in flight, on the guess
     that the draft's own path through the current tree (TokenTree.first_child_path; a chain: all of
     it) is accepted: the thread drafts the bonus token that would follow, then grows a tree of the
-    same shape after it until the round stops it."""
+    same shape after it until the round stops it. The first block's context is known (the prompt):
+    it is drafted while the chain prefills, with no guess (`guess_bonus` False)."""
 
-    def __init__(self, drafter: Drafter, context: list[int], shape: TreeShape):
+    def __init__(self, drafter: Drafter, context: list[int], shape: TreeShape, guess_bonus: bool = True):
         self.stop = threading.Event()
         self.context = context
         self.bonus: int | None = None  # the guessed bonus token
         self.growth: TreeGrowth | None = None
-        self.valid = False  # set once verified: did the guess (this path + this bonus) hold?
-        self.task = asyncio.get_running_loop().run_in_executor(None, self._run, drafter, shape)
+        self.valid = not guess_bonus  # (with a guess) set once verified: did this path + this bonus hold?
+        self.task = asyncio.get_running_loop().run_in_executor(None, self._run, drafter, shape, guess_bonus)
 
-    def _run(self, drafter: Drafter, shape: TreeShape) -> None:
-        guess = TreeGrowth(drafter, self.context, 1)
-        guess.step()
-        self.bonus = guess.tree.tokens[0]
-        growth = TreeGrowth(drafter, self.context + [self.bonus], shape.width)
+    def _run(self, drafter: Drafter, shape: TreeShape, guess_bonus: bool) -> None:
+        context = self.context
+        if guess_bonus:
+            guess = TreeGrowth(drafter, context, 1)
+            guess.step()
+            self.bonus = guess.tree.tokens[0]
+            context = context + [self.bonus]
+        growth = TreeGrowth(drafter, context, shape.width)
         while growth.depth < shape.depth and not self.stop.is_set():
             growth.step()
         self.growth = growth
@@ -158,7 +162,7 @@ class Generator:
         kept: list[int] | None = None  # the last block's accepted path, when it was a tree
         try:
             t0 = time.perf_counter()
-            await self._prefill(prompt)
+            predraft = await self._prefill(prompt, self._clipped(controller, s.max_new_tokens))
             prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
             tokens, rounds, stopped, emitted = list(prompt), [], "length", len(prompt)
             path = [0]  # the last block's accepted path (block indices; 0 is the token it started from)
@@ -170,9 +174,7 @@ class Generator:
                         self._emit(tokens, emitted, check, on_tokens)
                         break
                 else:
-                    remaining = s.max_new_tokens - (len(tokens) - len(prompt))
-                    shape = controller.choose_shape() if s.speculative else TreeShape(1, 0)
-                    shape = TreeShape(shape.width, min(shape.depth, remaining - 1))
+                    shape = self._clipped(controller, s.max_new_tokens - (len(tokens) - len(prompt)))
                     failovers = self.chain.failovers
                     result, stats, predraft = await self._round(tokens, shape, predraft, kept)
                     path = [0] + [i + 1 for i in result.path]
@@ -192,7 +194,7 @@ class Generator:
                         rerouted = False
                     elif s.speculative:
                         controller.observe(RoundObservation(shape.depth, result.accepted, stats.round_s, stats.draft_s,
-                                                            stats.hop_compute_s, shape.width, stats.nodes, result.ranks))
+                                                            stats.hop_compute_s, stats.width, stats.nodes, result.ranks))
                     check = await self.chain.checkpoint()
                 if check.rollback_to is not None:  # an audit found a wrong output: generate again from there
                     del tokens[max(len(prompt), check.rollback_to + 1):]
@@ -231,18 +233,31 @@ class Generator:
             self.controller.reset_timing(n_hops)
         return self.controller
 
-    async def _prefill(self, prompt: list[int]) -> None:
-        """Cache every prompt position but the last, which opens the first round: in the chain, and
-        meanwhile in the draft model (in a worker thread)."""
-        draft = asyncio.get_running_loop().run_in_executor(None, self.drafter.prefill, prompt) \
-            if self.settings.speculative else None
+    def _clipped(self, controller: DraftLengthController, remaining: int) -> TreeShape:
+        """The controller's next shape, no deeper than the tokens still wanted need (AR: depth 0)."""
+        shape = controller.choose_shape() if self.settings.speculative else TreeShape(1, 0)
+        return TreeShape(shape.width, min(shape.depth, remaining - 1))
+
+    async def _prefill(self, prompt: list[int], shape: TreeShape) -> _Predraft | None:
+        """Cache every prompt position but the last, which opens the first round, in the chain.
+        Meanwhile, in a worker thread, the draft model prefills too and (with overlap) drafts the first
+        round's tree of `shape`, which is returned; without overlap it caches the same positions."""
+        s = self.settings
+        first, draft = None, None
+        if s.speculative and s.overlap and shape.depth > 0:
+            first = _Predraft(self.drafter, prompt, shape, guess_bonus=False)
+        elif s.speculative:
+            draft = asyncio.get_running_loop().run_in_executor(None, self.drafter.prefill, prompt)
         try:
-            for at in range(0, len(prompt) - 1, self.settings.prefill_chunk):
-                chunk = prompt[at:min(at + self.settings.prefill_chunk, len(prompt) - 1)]
+            for at in range(0, len(prompt) - 1, s.prefill_chunk):
+                chunk = prompt[at:min(at + s.prefill_chunk, len(prompt) - 1)]
                 await self.chain.forward(self.head.embed_tokens(chunk), at)
-        finally:
+        finally:  # the drafter is free again before anything else may use it
+            if first is not None:
+                await first.finish()
             if draft is not None:
-                await draft  # the drafter is free again before anything else may use it
+                await draft
+        return first
 
     async def _round(self, tokens: list[int], shape: TreeShape, predraft: _Predraft | None,
                      kept: list[int] | None):
@@ -251,7 +266,7 @@ class Generator:
 
         Returns the verification, the round's stats and the next block's overlapped draft."""
         t_round = time.perf_counter()
-        tree, predrafted = await self._take_tree(tokens, shape, predraft)
+        tree, predrafted, width = await self._take_tree(tokens, shape, predraft)
         if self.settings.lookup and shape.depth > 0:
             tree.add_branch(lookup_continuation(tokens, shape.depth), merge=self.settings.sampling.greedy)
         draft_s = time.perf_counter() - t_round
@@ -275,18 +290,21 @@ class Generator:
             # usable only if the guessed path was accepted whole and the bonus token is the one it guessed
             nxt.valid = result.path == guess and [nxt.bonus] == result.tokens[-1:]
         stats = RoundStats(shape.depth, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s,
-                           predrafted, out.hop_link_s, shape.width, len(tree))
+                           predrafted, out.hop_link_s, width, len(tree))
         return result, stats, nxt
 
-    async def _take_tree(self, tokens: list[int], shape: TreeShape, predraft: _Predraft | None) -> tuple[TokenTree, int]:
-        """The draft tree after tokens, and how many of its nodes came from the overlapped guess."""
+    async def _take_tree(self, tokens: list[int], shape: TreeShape,
+                         predraft: _Predraft | None) -> tuple[TokenTree, int, int]:
+        """The draft tree after tokens, how many of its nodes came from the overlapped draft, and its
+        width. A valid overlapped draft is taken even where the controller now wants another width:
+        its nodes cost a few ms each on the servers, drafting them again hundreds on the critical path."""
         growth = predraft.growth if predraft is not None and predraft.valid else None
-        if growth is None or growth.width != shape.width:
+        if growth is None:
             growth = TreeGrowth(self.drafter, tokens, shape.width)
         used = len(growth.tree.truncated(shape.depth))
         if growth.depth < shape.depth:
             await asyncio.get_running_loop().run_in_executor(None, self._grow, growth, shape.depth)
-        return growth.tree.truncated(shape.depth), used
+        return growth.tree.truncated(shape.depth), used, growth.width
 
     @staticmethod
     def _grow(growth: TreeGrowth, depth: int) -> None:

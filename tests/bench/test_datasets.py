@@ -161,8 +161,13 @@ def test_chat_prompts_go_through_the_template():
 
 def test_plain_prompts():
     assert format_prompt(_problem("humaneval"), None) == 'def f():\n    """doc"""\n'
-    text = format_prompt(Problem("gsm8k", "gsm8k/0", "How many?", "#### 1", {"answer": "1"}), None)
-    assert text.startswith("Solve the problem. Be brief")
+    math = Problem("gsm8k", "gsm8k/0", "How many?", "#### 1", {"answer": "1"})
+    text = format_prompt(math, None)
+    assert text.startswith("Solve the problem step by step.")  # the default: the model's own style
     assert text.endswith("Question: How many?\nAnswer:")
+    brief = format_prompt(math, None, "brief")
+    assert brief.startswith("Solve the problem. Be brief") and brief.endswith("Question: How many?\nAnswer:")
+    with pytest.raises(KeyError):
+        format_prompt(math, None, "verbose")
     with pytest.raises(ValueError, match="unknown dataset"):
         format_prompt(_problem("mmlu"), None)

@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from dsdnode.bench.modes import parse_mode, parse_modes
-from dsdnode.bench.report import PromptResult, aggregate
+from dsdnode.bench.report import Divergence, PromptResult, aggregate
+from dsdnode.bench.runner import BenchConfig, BenchResumeError, BenchRun
 from dsdnode.cli import main
 
 
@@ -29,13 +30,14 @@ def test_modes_parse_and_reject_unknown_names():
 
 
 def test_speedups_come_from_the_same_prompts():
-    def rec(mode, index, tps, error=None):
+    def rec(mode, index, tps, error=None, stopped="length"):
         return PromptResult(0.0, "gsm8k", str(index), index, mode, tokens=[1] * 10, tokens_per_s=tps, rounds=5,
-                            decode_s=1.0, error=error)
-    records = [rec("ar-push", 0, 1.0), rec("ar-push", 1, 4.0), rec("ar-push", 2, 2.0),
+                            decode_s=1.0, error=error, stopped=stopped)
+    records = [rec("ar-push", 0, 1.0, stopped="eos"), rec("ar-push", 1, 4.0), rec("ar-push", 2, 2.0),
                rec("dsd-auto", 0, 3.0), rec("dsd-auto", 1, 4.0), rec("dsd-auto", 2, 0.0, error="boom")]
     rows = {r["mode"]: r for r in aggregate(records, ["ar-push", "dsd-auto"])}
     assert rows["ar-push"]["speedup_ratio_of_medians"] == 1.0
+    assert rows["ar-push"]["finished"] == 1  # one answer ended by itself, two were cut
     auto = rows["dsd-auto"]
     assert (auto["n"], auto["errors"]) == (3, 1)
     assert auto["tokens_per_s_median"] == 3.5  # the failed prompt is left out
@@ -75,4 +77,39 @@ def test_quick_bench_end_to_end(smollm2_dir, tmp_path):
     assert k4["mean_k"] <= 4 and k4["tokens_per_round"] > 1  # a draft identical to the target: near full acceptance
     for name in ("results.md", "speedup_vs_latency.png", "accepted_vs_k.png"):
         assert (out / name).stat().st_size > 0
-    assert "| dsd-auto |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| dsd-auto |" in md and "GSM8K asked for steps answers" in md and "/1 ended)" in md
+    assert data["settings"]["gsm8k_style"] == "steps"
+
+
+def test_a_resumed_run_keeps_whole_prompts_only(tmp_path):
+    """--resume keeps the prompts an earlier session finished in every mode (so each prompt's ratios
+    come from one session) and refuses other settings or other code."""
+    config = BenchConfig(out=tmp_path, modes=("ar-push", "dsd-auto"), prompts=2)
+    first = BenchRun(config, "dsdnode bench --out x", log=lambda line: None)
+    first.sessions = [{"started": "then", "command": first.command, "machine": {"hostname": "a"}}]
+
+    def rec(dataset, index, mode, error=None):
+        return PromptResult(50.0, dataset, f"{dataset}/{index}", index, mode, tokens=[1, 2], tokens_per_s=2.0,
+                            rounds=2, decode_s=1.0, error=error, divergence=Divergence(1, 2, 3, 0.1, 0.1))
+    first.records = [rec("humaneval", 0, "ar-push"), rec("humaneval", 0, "dsd-auto"),  # whole
+                     rec("gsm8k", 0, "ar-push"), rec("gsm8k", 0, "dsd-auto", error="boom"),  # failed in one mode
+                     rec("humaneval", 1, "ar-push")]  # cut short
+    first._save()
+
+    again = BenchRun(config, "dsdnode bench --out x --resume", resume=True, log=lambda line: None)
+    again._restore()
+    assert again.done == {(50.0, "humaneval", 0)}
+    assert [(r.dataset, r.index, r.mode) for r in again.records] == [("humaneval", 0, "ar-push"),
+                                                                    ("humaneval", 0, "dsd-auto")]
+    assert again.records[0] == first.records[0]  # restored field by field, nested ones too
+    assert again.command == "dsdnode bench --out x" and again.sessions == first.sessions
+
+    with pytest.raises(BenchResumeError, match="other settings .*prompts"):
+        BenchRun(BenchConfig(out=tmp_path, modes=("ar-push", "dsd-auto"), prompts=3), "c", resume=True)._restore()
+    other = BenchRun(config, "c", resume=True)
+    other.code = "0" * 16
+    with pytest.raises(BenchResumeError, match="other dsdnode code"):
+        other._restore()
+    with pytest.raises(BenchResumeError, match="nothing to resume"):
+        BenchRun(BenchConfig(out=tmp_path / "none"), "c", resume=True)._restore()

@@ -239,12 +239,33 @@ def test_the_draft_prefills_with_the_chain():
     is one draft forward, and it proposes what a draft without the prefill would."""
     target = tiny_model("qwen2", seed=2)
     prompt = [3, 14, 15, 92, 65, 35]
-    gen = make_generator(target, target, 3, 2, GenerationSettings(max_new_tokens=1))
+    settings = GenerationSettings(max_new_tokens=1, overlap=False)
+    gen = make_generator(target, target, 3, 2, settings)
     asyncio.run(gen.chain.start_session(32))
-    asyncio.run(gen._prefill(prompt))
+    assert asyncio.run(gen._prefill(prompt, TreeShape(2, 3))) is None
     assert gen.drafter.cached == prompt[:-1]
-    cold = make_generator(target, target, 3, 2, GenerationSettings(max_new_tokens=1)).drafter
+    cold = make_generator(target, target, 3, 2, settings).drafter
     assert gen.drafter.propose_tree(prompt, TreeShape(2, 3)).tokens == cold.propose_tree(prompt, TreeShape(2, 3)).tokens
+
+
+def test_the_first_tree_is_drafted_while_the_chain_prefills():
+    """With overlap the prefill also drafts the first round's tree (the prompt is known: no guess),
+    the same tree a draft would propose afterwards, and the first round takes it."""
+    target = tiny_model("qwen2", seed=2)
+    prompt = [3, 14, 15, 92, 65, 35]
+    settings = GenerationSettings(max_new_tokens=12, controller=ControllerSettings(k_max=4, width_max=2))
+
+    async def prefill():
+        gen = make_generator(target, target, 3, 2, settings, latency_s=0.05)  # time to draft during the prefill
+        await gen.chain.start_session(32)
+        return await gen._prefill(prompt, TreeShape(2, 3))
+    first = asyncio.run(prefill())
+    assert first.valid and first.growth.depth >= 1
+    cold = make_generator(target, target, 3, 2, settings).drafter
+    assert first.growth.tree.tokens == cold.propose_tree(prompt, TreeShape(2, first.growth.depth)).tokens
+    result = asyncio.run(make_generator(target, target, 3, 2, settings, latency_s=0.05).generate(prompt))
+    assert result.rounds[0].predrafted > 0
+    assert result.tokens == reference_greedy(target, prompt, 12)
 
 
 def test_sampled_trees_run_and_are_seeded():
