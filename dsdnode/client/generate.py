@@ -61,7 +61,7 @@ class RoundStats:
     round_s: float
     draft_s: float  # drafting on the critical path (not hidden behind the wait)
     hop_compute_s: list[float]
-    predrafted: int  # drafts that came from the overlapped guess
+    predrafted: int  # tree nodes drafted ahead (while the last block was in flight, or the chain prefilled)
     hop_link_s: list[float] = field(default_factory=list)  # between consecutive hops (swarm chains)
     width: int = 1  # tree width drafted (1: a chain of k drafts; k is the tree's depth)
     nodes: int = 0  # tree nodes sent (drafts and prompt-lookup candidates)
@@ -95,31 +95,21 @@ class GenerationResult:
 
 
 class _Predraft:
-    """The next block, drafted in a worker thread while the current block is in flight, on the guess
-    that the draft's own path through the current tree (TokenTree.first_child_path; a chain: all of
-    it) is accepted: the thread drafts the bonus token that would follow, then grows a tree of the
-    same shape after it until the round stops it. The first block's context is known (the prompt):
-    it is drafted while the chain prefills, with no guess (`guess_bonus` False)."""
+    """Drafting ahead in a worker thread while a block is in flight (or the chain prefills): grows
+    `growth` depth by depth until it is `depth` deep, its caches are full, or the round stops it.
 
-    def __init__(self, drafter: Drafter, context: list[int], shape: TreeShape, guess_bonus: bool = True):
+    In flight, the growth is the round's own tree, grown on below its deepest nodes: whichever of
+    them the text goes on through, with the bonus token among their children, the part below that
+    child is the next round's draft (TreeGrowth.rerooted), drafted while the chain computed."""
+
+    def __init__(self, growth: TreeGrowth, depth: int):
         self.stop = threading.Event()
-        self.context = context
-        self.bonus: int | None = None  # the guessed bonus token
-        self.growth: TreeGrowth | None = None
-        self.valid = not guess_bonus  # (with a guess) set once verified: did this path + this bonus hold?
-        self.task = asyncio.get_running_loop().run_in_executor(None, self._run, drafter, shape, guess_bonus)
-
-    def _run(self, drafter: Drafter, shape: TreeShape, guess_bonus: bool) -> None:
-        context = self.context
-        if guess_bonus:
-            guess = TreeGrowth(drafter, context, 1)
-            guess.step()
-            self.bonus = guess.tree.tokens[0]
-            context = context + [self.bonus]
-        growth = TreeGrowth(drafter, context, shape.width)
-        while growth.depth < shape.depth and not self.stop.is_set():
-            growth.step()
         self.growth = growth
+        self.task = asyncio.get_running_loop().run_in_executor(None, self._run, depth)
+
+    def _run(self, depth: int) -> None:
+        while self.growth.depth < depth and self.growth.has_room() and not self.stop.is_set():
+            self.growth.step()
 
     async def finish(self) -> None:
         self.stop.set()
@@ -158,11 +148,11 @@ class Generator:
         await self.chain.start_session(len(prompt) + s.max_new_tokens + s.max_block)
         controller = self._controller()
         warm_start = s.speculative and controller.timing is not None
-        predraft: _Predraft | None = None
+        ahead: TreeGrowth | None = None  # the next round's tree, drafted ahead
         kept: list[int] | None = None  # the last block's accepted path, when it was a tree
         try:
             t0 = time.perf_counter()
-            predraft = await self._prefill(prompt, self._clipped(controller, s.max_new_tokens))
+            ahead = await self._prefill(prompt, self._clipped(controller, s.max_new_tokens))
             prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
             tokens, rounds, stopped, emitted = list(prompt), [], "length", len(prompt)
             path = [0]  # the last block's accepted path (block indices; 0 is the token it started from)
@@ -176,7 +166,7 @@ class Generator:
                 else:
                     shape = self._clipped(controller, s.max_new_tokens - (len(tokens) - len(prompt)))
                     failovers = self.chain.failovers
-                    result, stats, predraft = await self._round(tokens, shape, predraft, kept)
+                    result, stats, ahead = await self._round(tokens, shape, ahead, kept)
                     path = [0] + [i + 1 for i in result.path]
                     kept = None if path == list(range(len(path))) else path  # a chain's rollback is commit_len alone
                     new = result.tokens
@@ -198,18 +188,13 @@ class Generator:
                     check = await self.chain.checkpoint()
                 if check.rollback_to is not None:  # an audit found a wrong output: generate again from there
                     del tokens[max(len(prompt), check.rollback_to + 1):]
-                    stopped, kept, path = "length", None, [0]  # the chain replays the kept prefix on a new route
-                    if predraft is not None:
-                        await predraft.finish()
-                        predraft = None
+                    stopped, kept, path, ahead = "length", None, [0], None  # the chain replays the kept prefix
                     rerouted = True
                     continue
                 emitted = self._emit(tokens, emitted, check, on_tokens)
             return GenerationResult(tokens[len(prompt):], rounds, prefill_s, time.perf_counter() - t_decode, stopped,
                                     warm_start)
         finally:
-            if predraft is not None:
-                await predraft.finish()
             await self.chain.close()
 
     @staticmethod
@@ -238,14 +223,14 @@ class Generator:
         shape = controller.choose_shape() if self.settings.speculative else TreeShape(1, 0)
         return TreeShape(shape.width, min(shape.depth, remaining - 1))
 
-    async def _prefill(self, prompt: list[int], shape: TreeShape) -> _Predraft | None:
+    async def _prefill(self, prompt: list[int], shape: TreeShape) -> TreeGrowth | None:
         """Cache every prompt position but the last, which opens the first round, in the chain.
         Meanwhile, in a worker thread, the draft model prefills too and (with overlap) drafts the first
         round's tree of `shape`, which is returned; without overlap it caches the same positions."""
         s = self.settings
         first, draft = None, None
         if s.speculative and s.overlap and shape.depth > 0:
-            first = _Predraft(self.drafter, prompt, shape, guess_bonus=False)
+            first = _Predraft(TreeGrowth(self.drafter, prompt, shape.width), shape.depth)
         elif s.speculative:
             draft = asyncio.get_running_loop().run_in_executor(None, self.drafter.prefill, prompt)
         try:
@@ -257,16 +242,20 @@ class Generator:
                 await first.finish()
             if draft is not None:
                 await draft
-        return first
+        return first.growth if first is not None else None
 
-    async def _round(self, tokens: list[int], shape: TreeShape, predraft: _Predraft | None,
+    async def _round(self, tokens: list[int], shape: TreeShape, ahead: TreeGrowth | None,
                      kept: list[int] | None):
-        """Draft a tree of `shape`, send [last token + nodes] with commit_len = len(tokens)-1 and the
-        last block's kept path, verify.
+        """Draft a tree of `shape` (taking `ahead`, the tree drafted ahead, where there is one), send
+        [last token + nodes] with commit_len = len(tokens)-1 and the last block's kept path, verify.
 
-        Returns the verification, the round's stats and the next block's overlapped draft."""
+        Returns the verification, the round's stats and the next round's tree drafted ahead."""
         t_round = time.perf_counter()
-        tree, predrafted, width = await self._take_tree(tokens, shape, predraft)
+        growth = ahead if ahead is not None else TreeGrowth(self.drafter, tokens, shape.width)
+        predrafted = len(growth.tree.truncated(shape.depth))
+        if growth.depth < shape.depth:
+            await asyncio.get_running_loop().run_in_executor(None, self._grow, growth, shape.depth)
+        tree = growth.tree.truncated(shape.depth)
         if self.settings.lookup and shape.depth > 0:
             tree.add_branch(lookup_continuation(tokens, shape.depth), merge=self.settings.sampling.greedy)
         draft_s = time.perf_counter() - t_round
@@ -274,37 +263,20 @@ class Generator:
         layout = None if tree.is_chain else TreeBlock(tree.block_mask(), tree.positions(commit_len))
         forward = asyncio.ensure_future(
             self.chain.forward(self.head.embed_tokens([tokens[-1]] + tree.tokens), commit_len, layout, kept))
-        guess = tree.first_child_path()
-        nxt = _Predraft(self.drafter, tokens + [tree.tokens[i] for i in guess], shape) \
-            if self.settings.overlap and shape.depth > 0 else None
+        # grow on below the deepest nodes: this block's depth, a bonus token, the next block's depth
+        nxt = _Predraft(growth, 2 * shape.depth + 1) if self.settings.overlap and shape.depth > 0 else None
         try:
             out = await forward
-        except BaseException:
+        finally:
             if nxt is not None:
                 await nxt.finish()
-            raise
         result = self._verify(tree, self.head.logits(out.hidden))
         round_s = time.perf_counter() - t_round
-        if nxt is not None:
-            await nxt.finish()
-            # usable only if the guessed path was accepted whole and the bonus token is the one it guessed
-            nxt.valid = result.path == guess and [nxt.bonus] == result.tokens[-1:]
+        # the next round's draft, if the text went on through the tree grown ahead (accepted drafts and bonus)
+        on = growth.tree.follow(result.tokens) if nxt is not None else None
         stats = RoundStats(shape.depth, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s,
-                           predrafted, out.hop_link_s, width, len(tree))
-        return result, stats, nxt
-
-    async def _take_tree(self, tokens: list[int], shape: TreeShape,
-                         predraft: _Predraft | None) -> tuple[TokenTree, int, int]:
-        """The draft tree after tokens, how many of its nodes came from the overlapped draft, and its
-        width. A valid overlapped draft is taken even where the controller now wants another width:
-        its nodes cost a few ms each on the servers, drafting them again hundreds on the critical path."""
-        growth = predraft.growth if predraft is not None and predraft.valid else None
-        if growth is None:
-            growth = TreeGrowth(self.drafter, tokens, shape.width)
-        used = len(growth.tree.truncated(shape.depth))
-        if growth.depth < shape.depth:
-            await asyncio.get_running_loop().run_in_executor(None, self._grow, growth, shape.depth)
-        return growth.tree.truncated(shape.depth), used, growth.width
+                           predrafted, out.hop_link_s, growth.width, len(tree))
+        return result, stats, growth.rerooted(on[-1]) if on else None
 
     @staticmethod
     def _grow(growth: TreeGrowth, depth: int) -> None:

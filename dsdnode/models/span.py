@@ -73,6 +73,20 @@ class SpanCache:
     def end_block(self) -> None:
         self.length = self.write_pos + self.block
 
+    def keep_rows(self, start: int, rows: list[int]) -> None:
+        """Keep, of the positions from `start` on, only `rows` (absolute, strictly increasing, each
+        >= start), moved down to start, start+1, ...; forget the rest (a drafter keeping the part of
+        a tree that the text went on with)."""
+        if any(not start <= r < self.length for r in rows) or any(a >= b for a, b in zip(rows, rows[1:])):
+            raise ValueError(f"rows to keep must be strictly increasing positions in {start}..{self.length - 1}")
+        moved = [(start + j, r) for j, r in enumerate(rows) if r != start + j]
+        if moved:  # rows increase, so every one moves towards the start: gather, then write
+            dst, src = (torch.tensor(x, device=self.keys.device) for x in zip(*moved))
+            self.keys[:, :, :, dst] = self.keys[:, :, :, src]
+            self.values[:, :, :, dst] = self.values[:, :, :, src]
+        self.length = self.write_pos = start + len(rows)
+        self.block = 0
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args, **_kwargs):
         i, end = layer_idx - self.start, self.write_pos + self.block
         self.keys[i, :, :, self.write_pos:end] = key

@@ -99,9 +99,10 @@ class Drafter:
 
 class TreeGrowth:
     """A tree drafted one depth at a time, so that drafting can stop between depths and go on later
-    (the overlapped draft of the next block grows a tree while the chain computes, and the round
-    finishes it if it is too shallow). Between steps nothing else may use the drafter: its cache
-    holds the context and then the tree's nodes of every depth but the newest."""
+    (while a block is in flight the round's tree grows on below its deepest nodes; the next round
+    takes the part below the text's actual continuation, `rerooted`, and grows it further if it is
+    too shallow). Between steps nothing else may use the drafter: its cache holds the context and
+    then the tree's nodes of every depth but the newest."""
 
     def __init__(self, drafter: Drafter, context: list[int], width: int):
         self.drafter, self.context, self.width = drafter, list(context), width
@@ -109,6 +110,7 @@ class TreeGrowth:
         self.depth = 0
         self._newest: list[tuple[int, float]] = []  # the newest depth's (node, log path probability)
         self._in_cache: list[int] = []  # tree nodes whose keys/values the caches hold after the context
+        self._scores: dict[int, float] = {}  # every node's log path probability
 
     def step(self) -> None:
         """Draft one more depth: one draft forward (over the context's new tokens for the first
@@ -121,4 +123,43 @@ class TreeGrowth:
             self._in_cache += [node for node, _ in self._newest]
             frontier = [(node, score, row) for (node, score), row in zip(self._newest, logits)]
         self._newest = d._expand(self.tree, frontier, self.width)
+        self._scores.update(self._newest)
         self.depth += 1
+
+    def has_room(self) -> bool:
+        """Whether the drafter's caches hold one more depth (the step feeds the newest nodes)."""
+        capacity = min(cache.capacity for cache in self.drafter.caches)
+        return len(self.context) + len(self._in_cache) + len(self._newest) <= capacity
+
+    def rerooted(self, node: int) -> "TreeGrowth":
+        """The growth of the nodes below `node`, after the context and the path to `node`: the next
+        round's draft where the text went on along that path. The drafter's cache keeps that path's
+        and those nodes' keys and values, moved to follow the context: nothing is recomputed. This
+        growth must not be used afterwards."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.tree.parents[node]
+        path.reverse()
+        sub, old = self.tree.subtree(path[-1])
+        depths = sub.depths()
+        newest = {n for n, _ in self._newest}
+        if any(n in newest for n in old):
+            depth, unfed = self.depth - len(path), newest
+        else:  # the subtree stops short of the newest depth: its deepest nodes are grown on again
+            depth = max(depths, default=0)
+            unfed = {old[i] for i, dd in enumerate(depths) if dd == depth}
+        base = len(self.context)
+        row = {n: base + j for j, n in enumerate(self._in_cache)}
+        cached_path = [n for n in path if n in row]  # all but a node of the newest depth, not fed yet
+        kept = cached_path + [n for n in old if n in row and n not in unfed]
+        for cache in self.drafter.caches:
+            cache.keep_rows(base, [row[n] for n in kept])
+        self.drafter.cached = self.context + [self.tree.tokens[n] for n in cached_path]
+        new_id = {n: i for i, n in enumerate(old)}
+        growth = TreeGrowth(self.drafter, self.context + [self.tree.tokens[n] for n in path], self.width)
+        growth.tree, growth.depth = sub, depth
+        growth._in_cache = [new_id[n] for n in old if n in row and n not in unfed]
+        growth._newest = [(new_id[n], self._scores[n]) for n in old if n in unfed]
+        growth._scores = {new_id[n]: self._scores[n] for n in old}
+        return growth

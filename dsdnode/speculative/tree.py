@@ -125,6 +125,30 @@ class TokenTree:
         return TokenTree(self.tokens[:n], parents, self.drafted[:n],
                          {node: q for node, q in self.dists.items() if node in has_children})
 
+    def follow(self, tokens: list[int]) -> list[int] | None:
+        """The drafted nodes spelling `tokens` from the root (None: the tree does not hold them)."""
+        kids, path, node = self.child_lists(), [], -1
+        for t in tokens:
+            node = next((c for c in kids.get(node, []) if self.drafted[c] and self.tokens[c] == t), None)
+            if node is None:
+                return None
+            path.append(node)
+        return path
+
+    def subtree(self, node: int) -> tuple["TokenTree", list[int]]:
+        """The nodes below `node` as a tree of their own (`node` its root), and the old index of each
+        of its nodes; draft distributions come along (the one at `node` becomes the root's)."""
+        old: list[int] = []
+        new_id = {node: -1}
+        for i, p in enumerate(self.parents):
+            if p in new_id:
+                new_id[i] = len(old)
+                old.append(i)
+        tree = TokenTree([self.tokens[i] for i in old], [new_id[self.parents[i]] for i in old],
+                         [self.drafted[i] for i in old],
+                         {new_id[n]: q for n, q in self.dists.items() if n in new_id})
+        return tree, old
+
     def first_child_path(self) -> list[int]:
         """The nodes from the root following every node's first child: the draft's own choice at every
         step in a greedy tree (siblings come best first), a chain's every node, a sampled tree's first

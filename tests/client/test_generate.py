@@ -171,11 +171,12 @@ def tree_generator(target, draft_layers, n_hops, settings, latency_s=0.0):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("lookup", [False, True])
-def test_greedy_tree_dsd_equals_target_greedy(arch, lookup):
-    """Trees of several shapes, chains between them, prompt-lookup branches: float32 greedy output is
-    exactly transformers' greedy decoding."""
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_tree_dsd_equals_target_greedy(arch, lookup, overlap):
+    """Trees of several shapes, chains between them, prompt-lookup branches, trees drafted ahead:
+    float32 greedy output is exactly transformers' greedy decoding."""
     target = tiny_model(arch, seed=1)
-    settings = GenerationSettings(max_new_tokens=40, lookup=lookup, overlap=True,
+    settings = GenerationSettings(max_new_tokens=40, lookup=lookup, overlap=overlap,
                                   controller=ControllerSettings(k_max=5, width_max=4))
     prompts = [torch.randint(0, 97, (5 + 3 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
                for seed in range(3)]
@@ -183,8 +184,13 @@ def test_greedy_tree_dsd_equals_target_greedy(arch, lookup):
         gen = tree_generator(target, 4, 3, settings)
         result = asyncio.run(gen.generate(prompt))
         assert result.tokens == reference_greedy(target, prompt, 40)
-        assert {r.width for r in result.rounds} == {1, 2, 3, 4}
-        assert all(r.nodes >= r.width * r.k for r in result.rounds)
+        if not overlap:  # every shape as scripted: each transition (tree -> chain -> tree ...) is seen
+            assert {r.width for r in result.rounds} == {1, 2, 3, 4}
+            assert all(r.nodes >= r.width * r.k and not r.predrafted for r in result.rounds)
+        else:  # a tree drafted ahead (the part of the last one below the text's continuation) keeps its
+            # width, and may be thinner than that, but reaches every depth
+            assert any(r.predrafted for r in result.rounds)
+            assert all(r.nodes >= r.k for r in result.rounds)
 
 
 def test_greedy_tree_takes_other_branches(monkeypatch):
@@ -260,9 +266,9 @@ def test_the_first_tree_is_drafted_while_the_chain_prefills():
         await gen.chain.start_session(32)
         return await gen._prefill(prompt, TreeShape(2, 3))
     first = asyncio.run(prefill())
-    assert first.valid and first.growth.depth >= 1
+    assert first.depth >= 1
     cold = make_generator(target, target, 3, 2, settings).drafter
-    assert first.growth.tree.tokens == cold.propose_tree(prompt, TreeShape(2, first.growth.depth)).tokens
+    assert first.tree.tokens == cold.propose_tree(prompt, TreeShape(2, first.depth)).tokens
     result = asyncio.run(make_generator(target, target, 3, 2, settings, latency_s=0.05).generate(prompt))
     assert result.rounds[0].predrafted > 0
     assert result.tokens == reference_greedy(target, prompt, 12)
