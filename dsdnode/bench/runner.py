@@ -147,6 +147,9 @@ class BenchRun:
             for lat in c.latencies_ms:
                 self._run_latency(lat)
             self.status = "done"
+        except (SystemExit, KeyboardInterrupt) as e:  # stopped on purpose: the saved prompts stand
+            self.status = f"stopped ({type(e).__name__}: {e}); continue it with --resume"
+            raise
         except BaseException as e:
             self.status = f"failed: {type(e).__name__}: {e}"
             raise

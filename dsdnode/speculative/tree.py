@@ -149,20 +149,6 @@ class TokenTree:
                          {new_id[n]: q for n, q in self.dists.items() if n in new_id})
         return tree, old
 
-    def first_child_path(self) -> list[int]:
-        """The nodes from the root following every node's first child: the draft's own choice at every
-        step in a greedy tree (siblings come best first), a chain's every node, a sampled tree's first
-        chain. Drafted nodes only (a lookup branch's nodes are not drafted)."""
-        first: dict[int, int] = {}
-        for i, p in enumerate(self.parents):
-            if self.drafted[i]:
-                first.setdefault(p, i)
-        path, node = [], first.get(-1)
-        while node is not None:
-            path.append(node)
-            node = first.get(node)
-        return path
-
 
 def lookup_continuation(context: list[int], length: int, ngram_max: int = 3, ngram_min: int = 1,
                         window: int = 4096) -> list[int]:

@@ -44,25 +44,30 @@ def test_mask_and_positions():
         TreeShape(0, 2)
 
 
-def test_a_grown_tree_is_cut_at_a_depth_and_knows_the_drafts_own_path():
+def test_a_grown_tree_is_cut_at_a_depth_followed_and_split():
     """Nodes of a grown tree come depth by depth: cutting keeps a prefix, and the draft distributions
-    of the nodes left with children; the draft's own path follows every node's first child."""
+    of the nodes left with children; following tokens finds drafted nodes only; the part below a node
+    is a tree of its own, depth by depth, with the distributions it needs."""
     tree = TokenTree()
     a, b = tree.add(11, -1), tree.add(12, -1)  # depth 1 (best first)
     c, d = tree.add(13, b), tree.add(14, a)  # depth 2: b's child scored better than a's
     e = tree.add(15, d)  # depth 3
     tree.dists = {-1: torch.ones(3), a: torch.ones(3), b: torch.ones(3), d: torch.ones(3)}
     assert tree.depths() == [1, 1, 2, 2, 3]
-    assert tree.first_child_path() == [a, d, e] and TokenTree().first_child_path() == []
     cut = tree.truncated(2)
     assert (cut.tokens, cut.parents) == ([11, 12, 13, 14], [-1, -1, b, a])
-    assert set(cut.dists) == {-1, a, b} and cut.first_child_path() == [a, d]
+    assert set(cut.dists) == {-1, a, b}
     assert len(tree.truncated(5)) == 5
-    tree.add_branch([16, 17], merge=False)  # a lookup branch after the drafted depths: not the draft's own
-    assert tree.first_child_path() == [a, d, e]
+    assert tree.follow([11, 14, 15]) == [a, d, e] and tree.follow([12, 13]) == [b, c] and tree.follow([]) == []
+    assert tree.follow([11, 13]) is None and tree.follow([11, 14, 15, 16]) is None
+    below, old = tree.subtree(a)
+    assert (below.tokens, below.parents, old) == ([14, 15], [-1, 0], [d, e])
+    assert set(below.dists) == {-1, 0} and below.dists[-1] is tree.dists[a]
+    assert len(tree.subtree(e)[0]) == 0
+    tree.add_branch([16, 17], merge=False)  # a lookup branch after the drafted depths: not drafted
+    assert tree.follow([16]) is None
     with pytest.raises(ValueError, match="depth by depth"):
         tree.truncated(2)
-    assert TokenTree.chain([5, 6, 7]).first_child_path() == [0, 1, 2]
 
 
 def test_branches_merge_only_when_asked():
