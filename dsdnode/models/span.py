@@ -62,11 +62,7 @@ class SpanCache:
             raise ValueError("the last block did not finish: there is nothing to keep positions of")
         if any(not 0 <= i < self.block for i in kept) or any(a >= b for a, b in zip(kept, kept[1:])):
             raise ValueError(f"kept positions must be strictly increasing indices into the last block of {self.block}")
-        moved = [(self.write_pos + j, self.write_pos + i) for j, i in enumerate(kept) if i != j]
-        if moved:  # kept is increasing, so every row moves towards the start: gather, then write
-            dst, src = (torch.tensor(x, device=self.keys.device) for x in zip(*moved))
-            self.keys[:, :, :, dst] = self.keys[:, :, :, src]
-            self.values[:, :, :, dst] = self.values[:, :, :, src]
+        self._gather(self.write_pos, [self.write_pos + i for i in kept])
         self.length = self.write_pos + len(kept)
         self.block = len(kept)
 
@@ -79,13 +75,17 @@ class SpanCache:
         a tree that the text went on with)."""
         if any(not start <= r < self.length for r in rows) or any(a >= b for a, b in zip(rows, rows[1:])):
             raise ValueError(f"rows to keep must be strictly increasing positions in {start}..{self.length - 1}")
+        self._gather(start, rows)
+        self.length = self.write_pos = start + len(rows)
+        self.block = 0
+
+    def _gather(self, start: int, rows: list[int]) -> None:
+        """Move the positions `rows` (increasing, each >= start) to start, start+1, ..."""
         moved = [(start + j, r) for j, r in enumerate(rows) if r != start + j]
         if moved:  # rows increase, so every one moves towards the start: gather, then write
             dst, src = (torch.tensor(x, device=self.keys.device) for x in zip(*moved))
             self.keys[:, :, :, dst] = self.keys[:, :, :, src]
             self.values[:, :, :, dst] = self.values[:, :, :, src]
-        self.length = self.write_pos = start + len(rows)
-        self.block = 0
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args, **_kwargs):
         i, end = layer_idx - self.start, self.write_pos + self.block
