@@ -180,14 +180,14 @@ class TreeGrowth:
         stays a chain (the path to the likeliest deepest node), as the controller's chains assume.
         Sampling: every node down to `depth` (a node's candidates must stay i.i.d. draws)."""
         keep = [n for n, dd in enumerate(self._depths) if dd <= depth]
-        if self.greedy and width == 1 and keep:
+        if keep and self.greedy and width == 1:
             deepest = max(self._depths[n] for n in keep)
             node = max((n for n in keep if self._depths[n] == deepest), key=lambda n: self._scores[n])
             keep = []
             while node >= 0:
                 keep.append(node)
                 node = self.tree.parents[node]
-        elif self.greedy and len(keep) > width * depth:
+        elif len(keep) > width * depth and self.greedy:
             keep = sorted(sorted(keep, key=lambda n: -self._scores[n])[:width * depth])
         return self.tree.pruned(keep)
 

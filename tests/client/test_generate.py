@@ -60,6 +60,9 @@ def test_autoregressive_baseline_is_the_same_loop():
     result = asyncio.run(gen.generate(prompt))
     assert result.tokens == reference_greedy(target, prompt, 25)
     assert all(r.k == 0 for r in result.rounds) and len(result.rounds) == 25
+    # the baseline needs no draft model at all
+    alone = Generator(gen.head, LocalChain(gen.chain.spans), None, gen.settings, eos_ids=set())
+    assert asyncio.run(alone.generate(prompt)).tokens == result.tokens
 
 
 def test_perfect_draft_is_fully_accepted_and_predrafts_are_used():
