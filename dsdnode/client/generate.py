@@ -4,11 +4,10 @@ One round: draft a token tree (a chain of k drafts is a width-1 tree; prompt-loo
 be added), embed [last token + tree nodes], one chain pass with the previous round's rollback
 riding on it (commit_len, and the kept path when the previous block was a tree), verify, commit.
 Autoregressive decoding is the same loop with depth 0, so the baseline and DSD share every line
-but the drafting. While a block is in flight the client grows the block's tree on, hidden, where
-the next round most likely starts (below its deepest nodes, and beside drafted nodes for when the
-target picks another token there); the next round starts from what was drafted below the text's
-actual continuation, if anything was. The draft model's prefill and the first tree run during the
-chain's prefill.
+but the drafting. While a block is in flight the client drafts the next one (the bonus token, then
+a tree of the same shape) on the guess that the draft's own choice at every step (the path of first
+children) is accepted whole, and keeps it if the guess holds. The draft model's prefill runs during
+the chain's.
 
 A chain that audits its servers (client/audit.py) says after each round how far the outputs are
 checked: tokens go to on_tokens only once checked, and when an audit finds a wrong output the tokens
@@ -96,23 +95,21 @@ class GenerationResult:
 
 
 class _Predraft:
-    """Drafting ahead in a worker thread while the chain prefills (deepening `growth` to `depth`)
-    or a block is in flight (`ahead`: growing the round's own tree on where the next round most
-    likely starts, no deeper than `depth`; TreeGrowth.step), until the caches are full, nothing is
-    left to choose or the round stops it. Whichever node the text goes on through (accepted drafts
-    and the bonus token), the part below it is the next round's draft (TreeGrowth.rerooted),
-    drafted while the chain computed."""
+    """Drafting ahead in a worker thread while a block is in flight (or the chain prefills): grows
+    `growth` depth by depth until it is `depth` deep, its caches are full, or the round stops it.
 
-    def __init__(self, growth: TreeGrowth, depth: int, ahead: bool):
+    In flight, the growth is the round's own tree, grown on below its deepest nodes: whichever of
+    them the text goes on through, with the bonus token among their children, the part below that
+    child is the next round's draft (TreeGrowth.rerooted), drafted while the chain computed."""
+
+    def __init__(self, growth: TreeGrowth, depth: int):
         self.stop = threading.Event()
         self.growth = growth
-        self.task = asyncio.get_running_loop().run_in_executor(None, self._run, depth, ahead)
+        self.task = asyncio.get_running_loop().run_in_executor(None, self._run, depth)
 
-    def _run(self, depth: int, ahead: bool) -> None:
-        g = self.growth
-        while (ahead or g.depth < depth) and g.has_room() and not self.stop.is_set():
-            if not g.step(depth if ahead else None):
-                break
+    def _run(self, depth: int) -> None:
+        while self.growth.depth < depth and self.growth.has_room() and not self.stop.is_set():
+            self.growth.step()
 
     async def finish(self) -> None:
         self.stop.set()
@@ -233,7 +230,7 @@ class Generator:
         s = self.settings
         first, draft = None, None
         if s.speculative and s.overlap and shape.depth > 0:
-            first = _Predraft(TreeGrowth(self.drafter, prompt, shape.width), shape.depth, ahead=False)
+            first = _Predraft(TreeGrowth(self.drafter, prompt, shape.width), shape.depth)
         elif s.speculative:
             draft = asyncio.get_running_loop().run_in_executor(None, self.drafter.prefill, prompt)
         try:
@@ -255,11 +252,10 @@ class Generator:
         Returns the verification, the round's stats and the next round's tree drafted ahead."""
         t_round = time.perf_counter()
         growth = ahead if ahead is not None else TreeGrowth(self.drafter, tokens, shape.width)
-        width = max(growth.width, shape.width)  # width x depth <= max_block - 1 (- a lookup branch)
-        predrafted = len(growth.block(shape.depth, width))
+        predrafted = len(growth.tree.truncated(shape.depth))
         if growth.depth < shape.depth:
-            await asyncio.get_running_loop().run_in_executor(None, growth.deepen, shape.depth)
-        tree = growth.block(shape.depth, width)
+            await asyncio.get_running_loop().run_in_executor(None, self._grow, growth, shape.depth)
+        tree = growth.tree.truncated(shape.depth)
         if self.settings.lookup and shape.depth > 0:
             tree.add_branch(lookup_continuation(tokens, shape.depth), merge=self.settings.sampling.greedy)
         draft_s = time.perf_counter() - t_round
@@ -267,8 +263,8 @@ class Generator:
         layout = None if tree.is_chain else TreeBlock(tree.block_mask(), tree.positions(commit_len))
         forward = asyncio.ensure_future(
             self.chain.forward(self.head.embed_tokens([tokens[-1]] + tree.tokens), commit_len, layout, kept))
-        # grow on ahead: down to this block's depth, a bonus token and the next block's depth
-        nxt = _Predraft(growth, 2 * shape.depth + 1, ahead=True) if self.settings.overlap and shape.depth > 0 else None
+        # grow on below the deepest nodes: this block's depth, a bonus token, the next block's depth
+        nxt = _Predraft(growth, 2 * shape.depth + 1) if self.settings.overlap and shape.depth > 0 else None
         try:
             out = await forward
         finally:
@@ -281,6 +277,11 @@ class Generator:
         stats = RoundStats(shape.depth, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s,
                            predrafted, out.hop_link_s, growth.width, len(tree))
         return result, stats, growth.rerooted(on[-1]) if on else None
+
+    @staticmethod
+    def _grow(growth: TreeGrowth, depth: int) -> None:
+        while growth.depth < depth:
+            growth.step()
 
     def _verify(self, tree: TokenTree, logits) -> VerifyResult:
         s = self.settings

@@ -221,9 +221,7 @@ class ClientService:
         if s.speculative:
             if m.draft_head is None:
                 raise ValueError("this client has no draft model: use k=0, or load one (draft=...)")
-            # room after the text for a tree drafted ahead (up to 2 x (2 x depth + 1) x width nodes,
-            # TreeGrowth.step) and the next round's deepening below the part of it that is kept
-            drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + 5 * s.max_block + 1,
+            drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + 2 * s.max_block + 1,
                               s.sampling)
         importance = await self.importance() if s.adaptive.enabled else None
         chain = self.chains.new_chain(options.audit)

@@ -6,10 +6,10 @@ prefix it shares with the accepted text (moving a position, nothing recomputed) 
 what is new. Head, spans and caches live on the client's device; each step's logits come back to
 the CPU (Head.logits), where tokens are picked and sampled.
 
-Drafting is tree drafting (tree.py, TreeGrowth): after the context, one batched forward per step
-over the nodes chosen last, with a tree mask and explicit positions, appended to the draft's cache
-after the context (the next proposal rolls back over them like over any rejected draft). A chain
-of k drafts is the width-1 tree of depth k."""
+Drafting is tree drafting (tree.py): after the context, one batched forward per depth over that
+depth's nodes, with a tree mask and explicit positions, appended to the draft's cache after the
+context (the next proposal rolls back over them like over any rejected draft). A chain of k drafts
+is the width-1 tree of depth k."""
 
 from __future__ import annotations
 
@@ -55,15 +55,22 @@ class Drafter:
     def propose_tree(self, context: list[int], shape: TreeShape) -> TokenTree:
         """A tree of shape.depth depths after `context` (tree.py says how nodes are chosen)."""
         growth = TreeGrowth(self, context, shape.width)
-        growth.deepen(shape.depth)
+        while growth.depth < shape.depth:
+            growth.step()
         return growth.tree
 
-    def _sample_children(self, tree: TokenTree, frontier, width: int) -> list[tuple[int, float]]:
-        """Sampling: draw children of the frontier's (node, log path probability, logits), i.i.d.
-        from the draft's distribution at each: `width` at the root, one elsewhere (how many is fixed
-        before any is drawn). Returns the new (node, log path probability)."""
+    def _expand(self, tree: TokenTree, frontier, width: int) -> list[tuple[int, float]]:
+        """Add one depth of children to the frontier; returns the new (node, log path probability)."""
         new = []
-        for node, score, logits in frontier:
+        if self.sampling.greedy:  # the `width` best (node, token) pairs of the depth, best first
+            pairs = []
+            for node, score, logits in frontier:
+                top = torch.log_softmax(logits, dim=-1).topk(width)
+                pairs += [(score + float(v), node, int(t)) for v, t in zip(top.values, top.indices)]
+            for score, node, token in sorted(pairs, key=lambda x: -x[0])[:width]:
+                new.append((tree.add(token, node), score))
+            return new
+        for node, score, logits in frontier:  # i.i.d. draws: `width` at the root, one elsewhere
             q = logits_to_probs(logits, self.sampling)
             tree.dists[node] = q
             for _ in range(width if node < 0 else 1):
@@ -71,9 +78,10 @@ class Drafter:
                 new.append((tree.add(token, node), score + float(q[token].clamp(min=1e-30).log())))
         return new
 
-    def _tree_step(self, tree: TokenTree, nodes: list[int], in_cache: list[int], positions: list[int]) -> torch.Tensor:
-        """Run tree nodes (node i at positions[i]) after the context and the tree's cached nodes;
-        returns their logits. Every node's ancestors must be cached already."""
+    def _tree_step(self, tree: TokenTree, new: list[tuple[int, float]], in_cache: list[int],
+                   position: int) -> torch.Tensor:
+        """Run one depth's new nodes (at `position`) after the context and the tree's cached nodes."""
+        nodes = [node for node, _ in new]
         seen = in_cache + nodes
         col = {node: j for j, node in enumerate(seen)}
         mask = torch.zeros(len(nodes), len(seen), dtype=torch.bool)
@@ -82,147 +90,76 @@ class Drafter:
                 mask[i, col[node]] = True
                 node = tree.parents[node]
         hidden = self.head.embed_tokens([tree.tokens[n] for n in nodes])
+        positions = torch.full((1, len(nodes)), position)
         commit = len(self.cached) + len(in_cache)
         for span, cache in zip(self.spans, self.caches):
-            hidden = span(hidden, cache, commit, tree_mask=mask, position_ids=torch.tensor([positions]))
+            hidden = span(hidden, cache, commit, tree_mask=mask, position_ids=positions)
         return self.head.logits(hidden)
 
 
 class TreeGrowth:
-    """A tree drafted a step at a time, so that drafting can stop between steps and go on later.
-
-    Each step feeds the nodes chosen last (one draft forward, each node at its own depth's position)
-    and chooses the next `width` nodes. A round waiting for its draft deepens the tree (children of
-    the deepest nodes only: one more depth per step). While a block is in flight the round's tree
-    grows on ahead: below its deepest nodes (the text may take the whole block), then (greedy)
-    the likeliest candidates anywhere in the tree by the draft's path probability, beside drafted
-    nodes too (the target may choose another token there: then the bonus token is such a hidden
-    candidate, and what was drafted below it is the next round's start). The next round takes the
-    part below the text's actual continuation (`rerooted`) and deepens it if it is too shallow.
-    Between steps nothing else may use the drafter: its cache holds the context and then the fed
-    nodes, in the order they were fed (= node order)."""
+    """A tree drafted one depth at a time, so that drafting can stop between depths and go on later
+    (while a block is in flight the round's tree grows on below its deepest nodes; the next round
+    takes the part below the text's actual continuation, `rerooted`, and grows it further if it is
+    too shallow). Between steps nothing else may use the drafter: its cache holds the context and
+    then the tree's nodes of every depth but the newest."""
 
     def __init__(self, drafter: Drafter, context: list[int], width: int):
         self.drafter, self.context, self.width = drafter, list(context), width
         self.tree = TokenTree()
-        self.depth = 0  # the deepest node's depth
-        self._depths: list[int] = []  # every node's depth
-        self._newest: list[int] = []  # nodes chosen but not fed yet
+        self.depth = 0
+        self._newest: list[tuple[int, float]] = []  # the newest depth's (node, log path probability)
         self._in_cache: list[int] = []  # tree nodes whose keys/values the caches hold after the context
         self._scores: dict[int, float] = {}  # every node's log path probability
-        # greedy: (log path probability, parent, token) of fed nodes' likeliest children not in the tree
-        self._candidates: list[tuple[float, int, int]] = []
 
-    @property
-    def greedy(self) -> bool:
-        return self.drafter.sampling.greedy
-
-    def step(self, ahead: int | None = None) -> bool:
-        """Draft once more: feed the nodes chosen last, then choose up to `width` nodes. ahead=None:
-        children of the deepest nodes (one depth deeper); ahead=D: deepen while shallower than D,
-        then (greedy) the likeliest candidates anywhere no deeper than D, until the tree holds
-        2 x D x width nodes. Deepening comes first because the draft's probabilities understate how
-        often its first choice is the target's argmax (measured by the controller as acceptance):
-        ranked by them alone, hidden second choices near the root would starve the path that a
-        well-aligned draft needs. False: nothing left to choose (a step that only fed its nodes)."""
+    def step(self) -> None:
+        """Draft one more depth: one draft forward (over the context's new tokens for the first
+        depth, over the newest depth's nodes after that)."""
         d = self.drafter
-        if not self.greedy and ahead is not None and self.depth >= ahead:
-            return False
-        if self._newest:
-            fed = self._newest
-            logits = d._tree_step(self.tree, fed, self._in_cache,
-                                  [len(self.context) + self._depths[n] - 1 for n in fed])
-            self._in_cache += fed
-            frontier = [(n, self._scores[n], row) for n, row in zip(fed, logits)]
-        elif not self.tree.tokens and not self._candidates:  # nothing drafted yet: the root's children
+        if self.depth == 0:
             frontier = [(-1, 0.0, d._step(self.context))]
         else:
-            frontier = []
-        if not self.greedy:
-            return self._added(d._sample_children(self.tree, frontier, self.width))
-        for node, score, logits in frontier:
-            top = torch.log_softmax(logits, dim=-1).topk(min(self.width + 1, logits.shape[-1]))
-            self._candidates += [(score + float(v), node, int(t)) for v, t in zip(top.values, top.indices)]
-        if ahead is None or self.depth < ahead:
-            eligible, room = [c for c in self._candidates if self._depth(c[1]) == self.depth], self.width
-        else:  # as many nodes again as deepening to `ahead` drafts, beside them
-            eligible = [c for c in self._candidates if self._depth(c[1]) < ahead]
-            room = min(self.width, 2 * ahead * self.width - len(self.tree))
-        chosen = sorted(eligible, key=lambda c: -c[0])[:max(0, room)]  # stable: earlier candidates first on ties
-        taken = set(chosen)
-        self._candidates = [c for c in self._candidates if c not in taken]
-        return self._added([(self.tree.add(token, parent), score) for score, parent, token in chosen])
-
-    def deepen(self, depth: int) -> None:
-        """Step until the tree is `depth` deep (or the caches are full, or nothing is left to choose)."""
-        while self.depth < depth and self.has_room() and self.step():
-            pass
-
-    def _depth(self, node: int) -> int:
-        return 0 if node < 0 else self._depths[node]
-
-    def _added(self, new: list[tuple[int, float]]) -> bool:
-        for node, score in new:
-            self._depths.append(self._depth(self.tree.parents[node]) + 1)
-            self._scores[node] = score
-            self.depth = max(self.depth, self._depths[node])
-        self._newest = [node for node, _ in new]
-        return bool(new)
+            logits = d._tree_step(self.tree, self._newest, self._in_cache, len(self.context) + self.depth - 1)
+            self._in_cache += [node for node, _ in self._newest]
+            frontier = [(node, score, row) for (node, score), row in zip(self._newest, logits)]
+        self._newest = d._expand(self.tree, frontier, self.width)
+        self._scores.update(self._newest)
+        self.depth += 1
 
     def has_room(self) -> bool:
-        """Whether the drafter's caches hold the next step (it feeds the newest nodes)."""
+        """Whether the drafter's caches hold one more depth (the step feeds the newest nodes)."""
         capacity = min(cache.capacity for cache in self.drafter.caches)
         return len(self.context) + len(self._in_cache) + len(self._newest) <= capacity
-
-    def block(self, depth: int, width: int) -> TokenTree:
-        """The tree a round sends, down to `depth`. Greedy: the `width` x `depth` likeliest nodes (a
-        parent is at least as likely as its children and comes first, so they form a tree); width 1
-        stays a chain (the path to the likeliest deepest node), as the controller's chains assume.
-        Sampling: every node down to `depth` (a node's candidates must stay i.i.d. draws)."""
-        keep = [n for n, dd in enumerate(self._depths) if dd <= depth]
-        if keep and self.greedy and width == 1:
-            deepest = max(self._depths[n] for n in keep)
-            node = max((n for n in keep if self._depths[n] == deepest), key=lambda n: self._scores[n])
-            keep = []
-            while node >= 0:
-                keep.append(node)
-                node = self.tree.parents[node]
-        elif len(keep) > width * depth and self.greedy:
-            keep = sorted(sorted(keep, key=lambda n: -self._scores[n])[:width * depth])
-        return self.tree.pruned(keep)
 
     def rerooted(self, node: int) -> "TreeGrowth":
         """The growth of the nodes below `node`, after the context and the path to `node`: the next
         round's draft where the text went on along that path. The drafter's cache keeps that path's
-        and those nodes' keys and values, moved to follow the context: nothing is recomputed (but for
-        sampling, whose deepest nodes are fed again when none of them waits to be fed: it keeps no
-        candidates). This growth must not be used afterwards."""
+        and those nodes' keys and values, moved to follow the context: nothing is recomputed. This
+        growth must not be used afterwards."""
         path = []
-        n = node
-        while n >= 0:
-            path.append(n)
-            n = self.tree.parents[n]
+        while node >= 0:
+            path.append(node)
+            node = self.tree.parents[node]
         path.reverse()
-        sub, old = self.tree.subtree(node)
+        sub, old = self.tree.subtree(path[-1])
         depths = sub.depths()
-        newest = set(self._newest)
-        unfed = {n for n in old if n in newest}
-        if not self.greedy and old and not unfed:
-            unfed = {old[i] for i, dd in enumerate(depths) if dd == max(depths)}
+        newest = {n for n, _ in self._newest}
+        if any(n in newest for n in old):
+            depth, unfed = self.depth - len(path), newest
+        else:  # the subtree stops short of the newest depth: its deepest nodes are grown on again
+            depth = max(depths, default=0)
+            unfed = {old[i] for i, dd in enumerate(depths) if dd == depth}
         base = len(self.context)
         row = {n: base + j for j, n in enumerate(self._in_cache)}
-        cached_path = [n for n in path if n in row]  # all of it but a node chosen and not fed yet
-        fed = [n for n in old if n in row and n not in unfed]
+        cached_path = [n for n in path if n in row]  # all but a node of the newest depth, not fed yet
+        kept = cached_path + [n for n in old if n in row and n not in unfed]
         for cache in self.drafter.caches:
-            cache.keep_rows(base, [row[n] for n in cached_path + fed])
+            cache.keep_rows(base, [row[n] for n in kept])
         self.drafter.cached = self.context + [self.tree.tokens[n] for n in cached_path]
         new_id = {n: i for i, n in enumerate(old)}
-        new_id[node] = -1
-        offset = self._scores[node]
         growth = TreeGrowth(self.drafter, self.context + [self.tree.tokens[n] for n in path], self.width)
-        growth.tree, growth._depths, growth.depth = sub, depths, max(depths, default=0)
-        growth._in_cache = [new_id[n] for n in fed]
-        growth._newest = [new_id[n] for n in old if n in unfed]
-        growth._scores = {new_id[n]: self._scores[n] - offset for n in old}
-        growth._candidates = [(s - offset, new_id[p], t) for s, p, t in self._candidates if p in new_id]
+        growth.tree, growth.depth = sub, depth
+        growth._in_cache = [new_id[n] for n in old if n in row and n not in unfed]
+        growth._newest = [(new_id[n], self._scores[n]) for n in old if n in unfed]
+        growth._scores = {new_id[n]: self._scores[n] for n in old}
         return growth

@@ -6,10 +6,8 @@ only earlier block positions and the block's mask is causal-with-holes. A node a
 position commit_len + d, so siblings share a position id: the block carries explicit positions.
 
 Where candidates come from:
-- the draft model (`draft.TreeGrowth`), one batched forward per depth: greedy keeps the `width`
-  best (node, token) pairs of a depth by the draft's path probability (and, drafting ahead while a
-  block is in flight, the likeliest pairs anywhere in the tree; `TreeGrowth.block` sends the
-  likeliest nodes down to a depth); sampling draws `width`
+- the draft model (`Drafter.propose_tree`), one batched forward per depth: greedy keeps the `width`
+  best (node, token) pairs of a depth by the draft's path probability; sampling draws `width`
   children of the root and one child of every other node, each i.i.d. from the draft's distribution
   at its parent (multi-candidate rejection sampling needs i.i.d. candidates; which nodes get how many
   children is fixed before their children are drawn);
@@ -115,19 +113,17 @@ class TokenTree:
         """Position ids of the block [root, nodes...]."""
         return [root_position] + [root_position + d for d in self.depths()]
 
-    def pruned(self, keep: list[int]) -> "TokenTree":
-        """The tree of the nodes `keep` (a node's parent must be kept too), in their order here; the
-        draft distributions of the kept nodes left with children (and the root's) come along."""
-        new_id = {-1: -1}
-        for i in sorted(keep):
-            if self.parents[i] not in new_id:
-                raise ValueError(f"node {i} is kept but not its parent {self.parents[i]}")
-            new_id[i] = len(new_id) - 1
-        kept = sorted(keep)
-        parents = [new_id[self.parents[i]] for i in kept]
+    def truncated(self, depth: int) -> "TokenTree":
+        """The nodes down to `depth`: a prefix of a tree grown depth by depth (one with a lookup
+        branch added is not: ValueError)."""
+        depths = self.depths()
+        n = sum(d <= depth for d in depths)
+        if any(d > depth for d in depths[:n]):
+            raise ValueError("only a tree whose nodes come depth by depth can be cut at a depth")
+        parents = self.parents[:n]
         has_children = set(parents)
-        return TokenTree([self.tokens[i] for i in kept], parents, [self.drafted[i] for i in kept],
-                         {new_id[n]: q for n, q in self.dists.items() if n in new_id and new_id[n] in has_children})
+        return TokenTree(self.tokens[:n], parents, self.drafted[:n],
+                         {node: q for node, q in self.dists.items() if node in has_children})
 
     def follow(self, tokens: list[int]) -> list[int] | None:
         """The drafted nodes spelling `tokens` from the root (None: the tree does not hold them)."""

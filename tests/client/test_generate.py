@@ -229,26 +229,6 @@ def test_trees_are_drafted_while_the_last_block_is_in_flight():
     assert all(r.predrafted <= r.nodes for r in rounds)
 
 
-@pytest.mark.parametrize("width", [1, 3])
-def test_after_a_rejection_the_next_round_can_start_from_a_tree_drafted_ahead(width):
-    """A weak draft (the target's first layers): while a block is in flight the tree also grows
-    beside its nodes, so where the target rejects the drafts but picks one of the draft's next
-    choices, the next round starts from what was drafted below it (chains too: width 1), and the
-    text is still exactly the target's."""
-    target = tiny_model("qwen2", seed=1)
-    settings = GenerationSettings(max_new_tokens=40, controller=ControllerSettings(k_max=4, width_max=width))
-    rounds = []
-    for seed in range(3):
-        gen = make_generator(target, target, 2, 2, settings, latency_s=0.03)
-        gen.controller = ScriptedShapes(settings.controller, 2, [TreeShape(width, 4)])
-        prompt = torch.randint(0, 97, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
-        result = asyncio.run(gen.generate(prompt))
-        assert result.tokens == reference_greedy(target, prompt, 40)
-        rounds += [(prev, cur) for prev, cur in zip(result.rounds, result.rounds[1:])]
-    after_rejection = [cur.predrafted for prev, cur in rounds if prev.accepted < prev.k]
-    assert after_rejection and any(after_rejection), after_rejection
-
-
 def test_sampled_trees_are_drafted_while_in_flight_too():
     """Sampling: an overlapped tree keeps its draft distributions when the round cuts it to a
     shallower depth, and verification uses them (a perfect draft at a low temperature, so guesses

@@ -44,22 +44,20 @@ def test_mask_and_positions():
         TreeShape(0, 2)
 
 
-def test_a_grown_tree_is_pruned_followed_and_split():
-    """Pruning keeps the chosen nodes in order (renumbered) and the draft distributions of the nodes
-    left with children; following tokens finds drafted nodes only; the part below a node is a tree of
-    its own, depth by depth, with the distributions it needs."""
+def test_a_grown_tree_is_cut_at_a_depth_followed_and_split():
+    """Nodes of a grown tree come depth by depth: cutting keeps a prefix, and the draft distributions
+    of the nodes left with children; following tokens finds drafted nodes only; the part below a node
+    is a tree of its own, depth by depth, with the distributions it needs."""
     tree = TokenTree()
     a, b = tree.add(11, -1), tree.add(12, -1)  # depth 1 (best first)
     c, d = tree.add(13, b), tree.add(14, a)  # depth 2: b's child scored better than a's
     e = tree.add(15, d)  # depth 3
     tree.dists = {-1: torch.ones(3), a: torch.ones(3), b: torch.ones(3), d: torch.ones(3)}
     assert tree.depths() == [1, 1, 2, 2, 3]
-    cut = tree.pruned([a, b, c, d])
+    cut = tree.truncated(2)
     assert (cut.tokens, cut.parents) == ([11, 12, 13, 14], [-1, -1, b, a])
     assert set(cut.dists) == {-1, a, b}
-    side = tree.pruned([e, d, a])  # any order in, node order out
-    assert (side.tokens, side.parents, set(side.dists)) == ([11, 14, 15], [-1, 0, 1], {-1, 0, 1})
-    assert len(tree.pruned(range(5))) == 5 and len(tree.pruned([])) == 0
+    assert len(tree.truncated(5)) == 5
     assert tree.follow([11, 14, 15]) == [a, d, e] and tree.follow([12, 13]) == [b, c] and tree.follow([]) == []
     assert tree.follow([11, 13]) is None and tree.follow([11, 14, 15, 16]) is None
     below, old = tree.subtree(a)
@@ -68,8 +66,8 @@ def test_a_grown_tree_is_pruned_followed_and_split():
     assert len(tree.subtree(e)[0]) == 0
     tree.add_branch([16, 17], merge=False)  # a lookup branch after the drafted depths: not drafted
     assert tree.follow([16]) is None
-    with pytest.raises(ValueError, match="not its parent"):
-        tree.pruned([a, c])
+    with pytest.raises(ValueError, match="depth by depth"):
+        tree.truncated(2)
 
 
 def test_branches_merge_only_when_asked():
