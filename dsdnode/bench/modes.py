@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..client.service import GenerateOptions
 
 BASELINE = "ar-push"
+RELAY_BASELINE = "ar-relay"  # the client-relayed (Petals-style) loop: results.md also gives speedups over it
 DEFAULT_MODES = ("ar-push", "ar-relay", "dsd-k2", "dsd-k4", "dsd-k8", "dsd-auto", "dsd-auto-av", "dsd-tree",
                  "dsd-tree-av", "hf-assisted")
 TREE_WIDTH = 4  # widest tree of the dsd-tree modes (a block of 1 + 4 x 8 drafts + 8 lookups fits max_block 64)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .modes import BASELINE
+from .modes import BASELINE, RELAY_BASELINE
 
 
 @dataclass
@@ -108,20 +108,25 @@ def aggregate(records: list[PromptResult], modes: list[str]) -> list[dict[str, A
     for lat in latencies:
         for ds in [*datasets, "all"] if len(datasets) > 1 else datasets:
             sel = [r for r in records if r.latency_ms == lat and (ds == "all" or r.dataset == ds)]
-            base = {(r.dataset, r.index): r for r in sel if r.mode == BASELINE and r.ok}
+            base, relay = ({(r.dataset, r.index): r for r in sel if r.mode == m and r.ok}
+                           for m in (BASELINE, RELAY_BASELINE))
             for mode in modes:
                 mine = [r for r in sel if r.mode == mode]
                 if mine:
-                    rows.append(_row(lat, ds, mode, mine, base))
+                    rows.append(_row(lat, ds, mode, mine, base, relay))
     return rows
 
 
-def _row(lat: float, ds: str, mode: str, mine: list[PromptResult], base: dict) -> dict[str, Any]:
+def _median_ratio(ok: list[PromptResult], base: dict) -> float | None:
+    """The median over prompts of tok/s / the same prompt's tok/s in `base` (prompts it has)."""
+    return _median([r.tokens_per_s / base[(r.dataset, r.index)].tokens_per_s for r in ok
+                    if (r.dataset, r.index) in base and base[(r.dataset, r.index)].tokens_per_s > 0])
+
+
+def _row(lat: float, ds: str, mode: str, mine: list[PromptResult], base: dict, relay: dict) -> dict[str, Any]:
     ok = [r for r in mine if r.ok]
     tps = _median([r.tokens_per_s for r in ok])
     base_tps = _median([b.tokens_per_s for b in base.values()])
-    ratios = [r.tokens_per_s / base[(r.dataset, r.index)].tokens_per_s for r in ok
-              if (r.dataset, r.index) in base and base[(r.dataset, r.index)].tokens_per_s > 0]
     rounds = sum(r.rounds for r in ok)
     decode = sum(r.decode_s for r in ok)
     split = {name: sum(getattr(r.split, name) for r in ok) for name in asdict(TimeSplit())}
@@ -131,7 +136,8 @@ def _row(lat: float, ds: str, mode: str, mine: list[PromptResult], base: dict) -
         "latency_ms": lat, "dataset": ds, "mode": mode, "n": len(mine), "errors": len(mine) - len(ok),
         "tokens_per_s_median": tps,
         "speedup_ratio_of_medians": tps / base_tps if tps and base_tps else None,
-        "speedup_median_of_ratios": _median(ratios),
+        "speedup_median_of_ratios": _median_ratio(ok, base),
+        "vs_relay_median_of_ratios": _median_ratio(ok, relay),
         "tokens_per_round": sum(len(r.tokens) for r in ok) / rounds if rounds else None,
         "accepted_per_round": sum(r.mean_accepted * r.rounds for r in ok) / rounds if rounds else None,
         "mean_k": sum(r.mean_k * r.rounds for r in ok) / rounds if rounds else None,
@@ -189,7 +195,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "- every process shares the same cores: drafting overlaps only the emulated latency, not server compute",
         "- accuracy: of every answer, also those cut at max new tokens; (n/m ended): answers that ended by themselves",
         "- tok/s: decode only (prefill excluded; hf-assisted: generate() minus a separately timed prefill)",
-        "- speedup: vs ar-push, as ratio of median tok/s / median of per-prompt ratios",
+        "- speedup: vs ar-push, as ratio of median tok/s / median of per-prompt ratios; "
+        "vs ar-relay: median of per-prompt ratios (where ar-relay ran)",
         "- split: link (rounds x links x latency) / server compute / draft / client overhead, % of decode time; "
         "floor: link + compute",
         "",
@@ -197,10 +204,11 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     for lat in sorted({r["latency_ms"] for r in rows}):
         for ds in dict.fromkeys(r["dataset"] for r in rows if r["latency_ms"] == lat):
             lines += [f"## link latency {lat:g} ms, {ds}", "",
-                      "| mode | n (err) | tok/s | speedup (medians) | speedup (median ratio) | tokens/round "
-                      "| accepted/round | mean k | width | nodes/round | draft ms/round | rounds | round ms "
-                      "| link/compute/draft/overhead % | floor % | accuracy | identical | max top-2 gap at a divergence |",
-                      "|" + "---|" * 18]
+                      "| mode | n (err) | tok/s | speedup (medians) | speedup (median ratio) | vs ar-relay "
+                      "| tokens/round | accepted/round | mean k | width | nodes/round | draft ms/round | rounds "
+                      "| round ms | link/compute/draft/overhead % | floor % | accuracy | identical "
+                      "| max top-2 gap at a divergence |",
+                      "|" + "---|" * 19]
             for r in rows:
                 if r["latency_ms"] != lat or r["dataset"] != ds:
                     continue
@@ -210,7 +218,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                 lines.append(
                     f"| {r['mode']} | {r['n']} ({r['errors']}) | {_fmt(r['tokens_per_s_median'])} "
                     f"| {_fmt(r['speedup_ratio_of_medians'], '.2f', 'x')} "
-                    f"| {_fmt(r['speedup_median_of_ratios'], '.2f', 'x')} | {_fmt(r['tokens_per_round'])} "
+                    f"| {_fmt(r['speedup_median_of_ratios'], '.2f', 'x')} "
+                    f"| {_fmt(r['vs_relay_median_of_ratios'], '.2f', 'x')} | {_fmt(r['tokens_per_round'])} "
                     f"| {_fmt(r['accepted_per_round'])} | {_fmt(r['mean_k'])} | {_fmt(r['mean_width'])} "
                     f"| {_fmt(r['nodes_per_round'], '.1f')} | {_fmt(r['draft_ms_per_round'], '.0f')} "
                     f"| {_fmt(r['rounds_mean'], '.1f')} "

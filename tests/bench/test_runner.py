@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from dsdnode.bench.modes import parse_mode, parse_modes
-from dsdnode.bench.report import Divergence, PromptResult, aggregate
+from dsdnode.bench.report import Divergence, PromptResult, aggregate, markdown
 from dsdnode.bench.runner import BenchConfig, BenchResumeError, BenchRun
 from dsdnode.cli import main
 
@@ -44,6 +44,14 @@ def test_speedups_come_from_the_same_prompts():
     assert auto["speedup_ratio_of_medians"] == pytest.approx(3.5 / 2.0)
     assert auto["speedup_median_of_ratios"] == pytest.approx(2.0)  # median of 3/1 and 4/4
     assert auto["tokens_per_round"] == 2.0
+    assert auto["vs_relay_median_of_ratios"] is None  # no ar-relay in this run
+    records += [rec("ar-relay", 0, 0.5), rec("ar-relay", 1, 1.0)]  # none for prompt 2
+    rows = {r["mode"]: r for r in aggregate(records, ["ar-push", "ar-relay", "dsd-auto"])}
+    assert rows["dsd-auto"]["vs_relay_median_of_ratios"] == pytest.approx(5.0)  # median of 3/0.5 and 4/1
+    assert rows["ar-push"]["vs_relay_median_of_ratios"] == pytest.approx(3.0)  # median of 1/0.5, 4/1
+    assert rows["ar-relay"]["speedup_median_of_ratios"] == pytest.approx(0.375)  # median of 0.5/1, 1/4
+    table = markdown({"command": "dsdnode bench"}, list(rows.values()))
+    assert "| vs ar-relay |" in table and "| 5.00x |" in table
 
 
 @pytest.mark.heavy
