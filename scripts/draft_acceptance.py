@@ -6,6 +6,7 @@ per round, then the mean and the median draft time per token. Compare settings b
 
     python scripts/draft_acceptance.py --dataset gsm8k --prompts 4 --no-draft-int8 --draft-vocab 0
     python scripts/draft_acceptance.py --dataset gsm8k --prompts 4   # the CPU default
+    python scripts/draft_acceptance.py --dataset gsm8k --prompts 4 --threads 2
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--draft-vocab", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the bench's client default is 1)")
     a = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     m = load_client_models(a.model, a.draft, "bfloat16", "cpu", a.draft_int8, a.draft_vocab)
     target = [Span.load(m.target_dir, 0, load_config(m.target_dir).num_hidden_layers, m.dtype, "cpu")]
     settings = GenerationSettings(max_new_tokens=a.max_new_tokens, overlap=False,

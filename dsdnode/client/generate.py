@@ -267,10 +267,12 @@ class Generator:
         nxt = _Predraft(growth, 2 * shape.depth + 1) if self.settings.overlap and shape.depth > 0 else None
         try:
             out = await forward
+            if nxt is not None:  # the draft step under way ends beside verification, not before it
+                nxt.stop.set()
+            result = self._verify(tree, self.head.logits(out.hidden))
         finally:
             if nxt is not None:
                 await nxt.finish()
-        result = self._verify(tree, self.head.logits(out.hidden))
         round_s = time.perf_counter() - t_round
         # the next round's draft, if the text went on through the tree grown ahead (accepted drafts and bonus)
         on = growth.tree.follow(result.tokens) if nxt is not None else None

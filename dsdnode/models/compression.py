@@ -4,7 +4,8 @@ A draft only proposes; the target verifies every token, so a draft made cheaper 
 speed and acceptance, never the output (greedy text stays the target's, sampling keeps the
 target's distribution). On a CPU a draft forward is bound by reading the weights: int8 linear maps
 (torch's dynamic quantization, per-channel scales, activations in float32; the MLP's down
-projection stays float32, see FLOAT_MAPS) read about half the bytes of bfloat16, and a head over
+projection is not quantized, see FLOAT_MAPS, and keeps the checkpoint's bfloat16 weights where the
+CPU has bfloat16 instructions) read about half the bytes of bfloat16, and a head over
 the 32k most frequent of 151k tokens reads a fifth of the head's. BENCHMARKS.md has what each costs
 in acceptance and saves in draft time (scripts/draft_acceptance.py measures it).
 
@@ -50,20 +51,45 @@ class DraftCompression:
         return chosen
 
     def describe(self) -> str:
-        parts = (["int8 layers"] if self.int8 else []) + ([f"{self.vocab}-token head"] if self.vocab else [])
+        int8 = f"int8 layers ({'bfloat16' if cpu_has_bfloat16() else 'float32'} down projections)"
+        parts = ([int8] if self.int8 else []) + ([f"{self.vocab}-token head"] if self.vocab else [])
         return ", ".join(parts) or "uncompressed"
 
 
-# Linear maps left in float32: the MLP's down projection reads the gated activations, whose outliers
+# Linear maps not quantized: the MLP's down projection reads the gated activations, whose outliers
 # per-tensor dynamic activation quantization clips; with it in int8 too, math drafts lost a fifth of
-# their accepted tokens (BENCHMARKS.md).
+# their accepted tokens (BENCHMARKS.md). In float32 these maps were half the bytes a draft forward
+# read; HalfLinear keeps them in the checkpoint's bfloat16.
 FLOAT_MAPS = ("down_proj",)
 
 
-def quantize_int8(span: Span) -> Span:
+class HalfLinear(nn.Module):
+    """A linear map of a float32 span with bfloat16 weights: half the bytes to read, and on a CPU with
+    bfloat16 instructions (AVX512-BF16, AMX) a faster kernel. The draft's checkpoints are bfloat16, so
+    the weights are exactly the checkpoint's; only this map's input is rounded to bfloat16, as in the
+    uncompressed bfloat16 draft."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.bias = None if linear.bias is None else \
+            nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions (without them torch emulates bfloat16 maps, slower
+    than float32 ones)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def quantize_int8(span: Span, half_float_maps: bool | None = None) -> Span:
     """The span, changed in place, with its linear maps in int8 (per-output-channel scales) but for
-    FLOAT_MAPS; the span must be float32 on the CPU (dynamic quantization quantizes float32 weights
-    and runs CPU kernels)."""
+    FLOAT_MAPS, which get bfloat16 weights (HalfLinear) where half_float_maps (None: where the CPU has
+    bfloat16 instructions) and stay float32 otherwise; the span must be float32 on the CPU (dynamic
+    quantization quantizes float32 weights and runs CPU kernels)."""
     if span.dtype != torch.float32 or span.device.type != "cpu":
         raise ValueError(f"int8 quantization needs a float32 span on the CPU, got {span.dtype} on {span.device}")
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -72,7 +98,13 @@ def quantize_int8(span: Span) -> Span:
               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in FLOAT_MAPS}
     with warnings.catch_warnings():  # torch 2.13 points to torchao for new code; these kernels are torch's own
         warnings.simplefilter("ignore")
-        return quantize_dynamic(span, chosen, dtype=torch.qint8, inplace=True)
+        span = quantize_dynamic(span, chosen, dtype=torch.qint8, inplace=True)
+    if cpu_has_bfloat16() if half_float_maps is None else half_float_maps:
+        for name, module in list(span.named_modules()):
+            parent, _, attr = name.rpartition(".")
+            if isinstance(module, nn.Linear) and attr in FLOAT_MAPS:
+                setattr(span.get_submodule(parent), attr, HalfLinear(module))
+    return span
 
 
 def frequent_tokens(vocab_size: int, count: int, keep: set[int]) -> torch.Tensor:

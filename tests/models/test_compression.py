@@ -8,7 +8,8 @@ import torch
 
 from dsdnode.client.generate import GenerationSettings, Generator
 from dsdnode.client.local import LocalChain, split_layers
-from dsdnode.models.compression import DEFAULT_CPU_VOCAB, DraftCompression, frequent_tokens, quantize_int8
+from dsdnode.models.compression import (DEFAULT_CPU_VOCAB, DraftCompression, HalfLinear, frequent_tokens,
+                                        quantize_int8)
 from dsdnode.models.head import Head
 from dsdnode.models.span import Span
 from dsdnode.speculative.controller import ControllerSettings
@@ -48,13 +49,17 @@ def test_a_reduced_head_scores_its_tokens_as_the_full_one_and_no_others():
     assert torch.isinf(part[:, outside]).all() and (part[:, outside] < 0).all()
 
 
-def test_int8_layers_stay_close_and_need_a_float32_cpu_span():
-    model = tiny_model("llama", seed=2)
+@pytest.mark.parametrize("half", [False, True])
+def test_int8_layers_stay_close_and_need_a_float32_cpu_span(half):
+    model = tiny_model("llama", seed=2).to(torch.bfloat16).float()  # weights a bfloat16 checkpoint holds
     span = Span.of_model(model, 0, 6)
-    quantized = quantize_int8(Span.of_model(copy.deepcopy(model), 0, 6))
-    kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in quantized.named_modules() if "proj" in name}
-    assert kinds["down_proj"] is torch.nn.Linear  # FLOAT_MAPS: its input's outliers would be clipped
-    assert kinds["up_proj"] is not torch.nn.Linear and kinds["q_proj"] is not torch.nn.Linear
+    quantized = quantize_int8(Span.of_model(copy.deepcopy(model), 0, 6), half_float_maps=half)
+    kinds = {name.rsplit(".", 1)[-1]: m for name, m in quantized.named_modules() if "proj" in name}
+    # FLOAT_MAPS: its input's outliers would be clipped; its weights are the checkpoint's in either dtype
+    assert type(kinds["down_proj"]) is (HalfLinear if half else torch.nn.Linear)
+    assert kinds["down_proj"].weight.dtype == (torch.bfloat16 if half else torch.float32)
+    assert torch.equal(kinds["down_proj"].weight.float(), model.model.layers[-1].mlp.down_proj.weight)
+    assert type(kinds["up_proj"]) is not torch.nn.Linear and type(kinds["q_proj"]) is not torch.nn.Linear
     hidden = Head.of_model(model).embed_tokens([5, 6, 7, 8])
     exact = span(hidden, span.new_cache(8), 0)
     approx = quantized(hidden.to(torch.bfloat16), quantized.new_cache(8), 0)  # casts its input to float32
@@ -62,6 +67,15 @@ def test_int8_layers_stay_close_and_need_a_float32_cpu_span():
     assert (approx - exact).norm() / exact.norm() < 0.05
     with pytest.raises(ValueError, match="float32 span on the CPU"):
         quantize_int8(Span.of_model(copy.deepcopy(model).to(torch.bfloat16), 0, 6))
+
+
+def test_the_down_projection_is_bfloat16_where_the_cpu_has_bfloat16_instructions(monkeypatch):
+    import dsdnode.models.compression as compression
+    model = tiny_model("qwen2", seed=2)
+    for native in (False, True):
+        monkeypatch.setattr(compression, "cpu_has_bfloat16", lambda: native)
+        span = quantize_int8(Span.of_model(copy.deepcopy(model), 0, 2))
+        assert isinstance(span.layers[0].mlp.down_proj, HalfLinear) == native
 
 
 @pytest.mark.parametrize("shape", [TreeShape(1, 4), TreeShape(3, 3)])
