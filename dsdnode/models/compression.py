@@ -85,10 +85,10 @@ def cpu_has_bfloat16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def quantize_int8(span: Span, half_float_maps: bool | None = None) -> Span:
+def quantize_int8(span: Span) -> Span:
     """The span, changed in place, with its linear maps in int8 (per-output-channel scales) but for
-    FLOAT_MAPS, which get bfloat16 weights (HalfLinear) where half_float_maps (None: where the CPU has
-    bfloat16 instructions) and stay float32 otherwise; the span must be float32 on the CPU (dynamic
+    FLOAT_MAPS, which get bfloat16 weights (HalfLinear) where the CPU has bfloat16 instructions and
+    stay float32 otherwise (what DraftCompression.describe says); the span must be float32 on the CPU (dynamic
     quantization quantizes float32 weights and runs CPU kernels)."""
     if span.dtype != torch.float32 or span.device.type != "cpu":
         raise ValueError(f"int8 quantization needs a float32 span on the CPU, got {span.dtype} on {span.device}")
@@ -99,7 +99,7 @@ def quantize_int8(span: Span, half_float_maps: bool | None = None) -> Span:
     with warnings.catch_warnings():  # torch 2.13 points to torchao for new code; these kernels are torch's own
         warnings.simplefilter("ignore")
         span = quantize_dynamic(span, chosen, dtype=torch.qint8, inplace=True)
-    if cpu_has_bfloat16() if half_float_maps is None else half_float_maps:
+    if cpu_has_bfloat16():
         for name, module in list(span.named_modules()):
             parent, _, attr = name.rpartition(".")
             if isinstance(module, nn.Linear) and attr in FLOAT_MAPS:
