@@ -31,6 +31,7 @@ from libp2p.peer.id import ID
 from libp2p.records.validator import Validator
 
 from .protocol import PROTOCOL_VERSION
+from ..errors import PeerError
 
 if TYPE_CHECKING:
     from libp2p.kad_dht.kad_dht import KadDHT
@@ -48,7 +49,7 @@ VALUE_REPLICAS_ASKED = 3  # routing-table neighbours asked for a value besides i
 LOOKUP_CACHE_SIZE = 1024  # records kept by DHT.lookup (each until it expires)
 
 
-class RecordRejected(ValueError):
+class RecordRejected(PeerError, ValueError):
     """A span record failed verification; `reason` says why."""
 
     def __init__(self, reason: str) -> None:

@@ -56,6 +56,7 @@ from dsdnode.net.latency import LinkLatency
 from dsdnode.net.reachability import CLIENT, PRIVATE, PUBLIC, UNKNOWN, Reachability
 from dsdnode.net.relay import RelayLimits, RelayService, Reservation
 from dsdnode.net.stream import FrameTooLarge, Stream
+from dsdnode.errors import BadValue, PeerError, UserError
 
 __all__ = ["BootstrapUnreachable", "FrameTooLarge", "ListenError", "NodeInfo", "NodeStopped", "P2PNode", "PeerInfo",
            "PeerUnreachable", "Reachability", "RelayLimits", "Stream", "StreamClosed", "check_listen_address"]
@@ -108,7 +109,7 @@ if not os.environ.get("LIBP2P_DEBUG"):
     logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
 
 
-class PeerUnreachable(ConnectionError):
+class PeerUnreachable(PeerError, ConnectionError):
     """Could not connect to the peer or negotiate the protocol in time."""
 
 
@@ -116,7 +117,7 @@ class BootstrapUnreachable(PeerUnreachable):
     """None of the bootstrap peers answered a node that cannot work alone (a client)."""
 
 
-class ListenError(OSError):
+class ListenError(UserError, OSError):
     """The node cannot listen where it was asked to: the port is taken or the address is not this machine's."""
 
 
@@ -132,9 +133,9 @@ def check_listen_address(host: str, port: int) -> None:
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
-        raise ValueError(f"listen host must be an IPv4 address such as 127.0.0.1 or 0.0.0.0, got {host!r}") from None
+        raise BadValue(f"listen host must be an IPv4 address such as 127.0.0.1 or 0.0.0.0, got {host!r}") from None
     if not 0 <= port <= 65535:
-        raise ValueError(f"listen port must be in 0..65535, got {port}")
+        raise BadValue(f"listen port must be in 0..65535, got {port}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -260,7 +261,7 @@ class P2PNode:
             boot = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in bootstrap]
             announced = [multiaddr.Multiaddr(a) for a in announce]
         except Exception as exc:
-            raise ValueError(f"bad bootstrap/announce multiaddr (need /ip4/H/tcp/P/p2p/ID): {exc}") from None
+            raise BadValue(f"bad bootstrap/announce multiaddr (need /ip4/H/tcp/P/p2p/ID): {exc}") from None
         node = cls(identity or load_or_create_identity(None), latency, max_frame_bytes)
         node._announce = announced
         node._assume_private = assume_private
