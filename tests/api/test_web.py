@@ -51,7 +51,7 @@ def swarm(workdir, smollm2_dir):
 
 @pytest.fixture(scope="module")
 def api(swarm, workdir):
-    api = ApiProcess(["--bootstrap", swarm.bootstrap_addrs[0]], workdir / "api.log", api_key=API_KEY)
+    api = ApiProcess(["--bootstrap", swarm.bootstrap_addrs[0]], workdir / "api.log", api_key=API_KEY, timeout_s=300)
     yield api
     api.stop()
 
