@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from ..net.dht import SpanRecord, coverage
+from ..net.records import SpanRecord, coverage
 
 log = logging.getLogger(__name__)
 
