@@ -17,7 +17,7 @@ import heapq
 import logging
 from dataclasses import dataclass
 
-from ..net.dht import SpanRecord, coverage
+from ..net.records import SpanRecord, coverage
 from ..net.p2p import P2PNode, PeerInfo
 from ..net.relay import is_circuit
 from ..errors import BadValue, PeerError

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..net.dht import SpanRecord
+from ..net.records import SpanRecord
 from ..net.p2p import P2PNode, Stream, StreamClosed
 from ..dtypes import dtype_name
 from ..net.protocol import SESSION_PROTOCOL

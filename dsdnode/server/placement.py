@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from ..net.dht import SpanRecord, coverage
 from ..errors import BadValue
+from ..net.records import SpanRecord, coverage
 
 log = logging.getLogger(__name__)
 
