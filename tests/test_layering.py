@@ -10,6 +10,7 @@ or around a circle."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dsdnode"
@@ -51,6 +52,7 @@ def imports(path: Path, modules: set[str]) -> set[str]:
     return {m for m in found if m in modules and m != me}
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     return {m: imports(p, set(paths)) for m, p in paths.items()}
