@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..net.dht import SpanRecord
+from ..net.records import SpanRecord
 from ..net.p2p import P2PNode, PeerInfo, Stream
 from ..net.protocol import SESSION_PROTOCOL
 from ..net.stream import close_quietly

@@ -1,20 +1,17 @@
 """Measure frame echo RTT between two processes and the asyncio<->trio bridge overhead.
 
-Run: .venv/bin/python tests/net/bench_p2p.py   (not a test: timings belong in benchmarks)
+Run from the repository root: .venv/bin/python -m tests.net.bench_p2p   (not a test: timings belong in
+benchmarks)
 """
 
 import asyncio
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.helpers.p2p_node import ECHO, NodeProcess  # noqa: E402
-
-from dsdnode.net.p2p import P2PNode  # noqa: E402
+from dsdnode.net.p2p import P2PNode
+from tests.helpers.p2p_node import ECHO, NodeProcess
 
 REPEATS = 50
 
@@ -36,8 +33,8 @@ async def trio_side_rtts(stream, size: int) -> list[float]:
 
     async def one() -> float:
         start = time.perf_counter()
-        await stream._t_send(payload)
-        await stream._t_recv(10)
+        await stream.trio_send(payload)
+        await stream.trio_recv(10)
         return time.perf_counter() - start
 
     return [await stream._bridge.call(one) for _ in range(REPEATS)]
@@ -56,7 +53,7 @@ async def main() -> None:
             crossings = []
             for _ in range(2000):
                 start = time.perf_counter()
-                await node._bridge.call(noop)
+                await node.host.bridge.call(noop)
                 crossings.append(time.perf_counter() - start)
             print(f"bridge round trip (asyncio->trio->asyncio, no-op): median "
                   f"{statistics.median(crossings) * 1e3:.3f} ms, p90 "
