@@ -82,13 +82,17 @@ class LocalSwarm:
     """A bootstrap peer plus servers covering `spans` of `model`; use as a context manager."""
 
     def __init__(self, model: str, spans: list[tuple[int, int]], workdir: Path, *, link_latency_ms: float = 0.0,
-                 threads: int = 1, dtype: str = "bfloat16", extra_args: list[str] = (), relayed: int = 0):
+                 threads: int = 1, dtype: str = "bfloat16", extra_args: list[str] = (), relayed: int = 0,
+                 own_networks: bool = False):
         """`relayed`: the last N servers act as if behind a NAT (--assume-private): every connection
         to them crosses a relay (the bootstrap peer or a server that offers one), which adds the
-        emulated link latency when it forwards, so a relayed link costs what two links cost."""
+        emulated link latency when it forwards, so a relayed link costs what two links cost.
+        `own_networks`: server i listens on loopback network 127.0.(i+1).0/24, so a client observes
+        each server in a network group of its own, as it would servers of different operators (an
+        audit needs an auditor of another group than the audited server, client/audit.py)."""
         if not 0 <= relayed <= len(spans):
             raise ValueError(f"cannot relay {relayed} of {len(spans)} servers")
-        self.relayed = relayed
+        self.relayed, self.own_networks = relayed, own_networks
         self.model, self.spans, self.workdir = model, spans, Path(workdir)
         self.link_latency_ms, self.threads, self.dtype, self.extra_args = link_latency_ms, threads, dtype, list(extra_args)
         self.bootstrap: NodeProcess | None = None
@@ -112,6 +116,8 @@ class LocalSwarm:
         """Start one more server (not added to .servers when called directly); `args` come last, so
         they override the swarm's own (e.g. another --link-latency-ms for this server)."""
         index = len(self.servers) if index is None else index
+        if self.own_networks:
+            args = ["--host", f"127.0.{index % 250 + 1}.1", *args]
         args = ["--model", self.model, "--layers", f"{start}:{end}", "--bootstrap", self.bootstrap.addr,
                 "--link-latency-ms", str(self.link_latency_ms), "--dtype", self.dtype,
                 "--announce-interval", "2", *self.extra_args, *args]

@@ -92,7 +92,7 @@ class Engine:
         try:
             options = GenerateOptions(max_tokens, "auto" if k == "auto" else int(k), self.settings.k_max,
                                       req.temperature, req.top_p, req.seed, req.adaptive, self.settings.tau,
-                                      self.settings.overlap)
+                                      self.settings.overlap, require_audit=req.dsd_require_audit)
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
         return Completion(self, ids, options, req.stops)
@@ -144,6 +144,11 @@ class Completion:
     @property
     def text(self) -> str:
         return self.stream.text
+
+    @property
+    def unaudited_layers(self) -> list[tuple[int, int]]:
+        """Layer ranges of the answer no independent server audited (known once it is done)."""
+        return self.generation.unaudited_layers if self.generation is not None else []
 
     async def run(self, emit: Callable[[str], None] | None = None) -> str:
         """Generate; call emit with each new piece of text; return the whole text."""
