@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -78,6 +79,19 @@ def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | No
     return NodeProcess(proc, ready, log_path, lines)
 
 
+def own_network_args(n: int, port: int) -> list[str]:
+    """Server flags to be reached at 127.0.n.1:port only (its announced address), a loopback network
+    of its own. It listens on every interface: a peer that checks its reachability dials it back at
+    the IP it saw the server come from, which on loopback is 127.0.0.1 whatever it listens on."""
+    return ["--host", "0.0.0.0", "--port", str(port), "--announce-addr", f"/ip4/127.0.{n}.1/tcp/{port}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class LocalSwarm:
     """A bootstrap peer plus servers covering `spans` of `model`; use as a context manager."""
 
@@ -87,7 +101,7 @@ class LocalSwarm:
         """`relayed`: the last N servers act as if behind a NAT (--assume-private): every connection
         to them crosses a relay (the bootstrap peer or a server that offers one), which adds the
         emulated link latency when it forwards, so a relayed link costs what two links cost.
-        `own_networks`: server i listens on loopback network 127.0.(i+1).0/24, so a client observes
+        `own_networks`: server i is reached at 127.0.(i+1).1 (`own_network_args`), so a client observes
         each server in a network group of its own, as it would servers of different operators (an
         audit needs an auditor of another group than the audited server, client/audit.py)."""
         if not 0 <= relayed <= len(spans):
@@ -117,7 +131,7 @@ class LocalSwarm:
         they override the swarm's own (e.g. another --link-latency-ms for this server)."""
         index = len(self.servers) if index is None else index
         if self.own_networks:
-            args = ["--host", f"127.0.{index % 250 + 1}.1", *args]
+            args = [*own_network_args(index % 250 + 1, _free_port()), *args]
         args = ["--model", self.model, "--layers", f"{start}:{end}", "--bootstrap", self.bootstrap.addr,
                 "--link-latency-ms", str(self.link_latency_ms), "--dtype", self.dtype,
                 "--announce-interval", "2", *self.extra_args, *args]

@@ -89,11 +89,12 @@ def test_a_span_shaped_to_evade_audits_is_audited_piecewise(swarm, honest, parts
 
 def test_a_record_that_claims_another_network_is_counted_where_it_was_reached(swarm, honest, parts, expected_long,
                                                                                bans):
-    """A server on 127.0.7.1 announces an address in H1's network first. With one record per group
-    and layer, a claimed group would have let it push H1 out of view; counted in the group it was
-    reached in, it is flagged, it may not audit, and H1 stays routable."""
-    port = free_port()
-    spoof = ["--host", "127.0.7.1", "--port", str(port), "--announce-addr", f"/ip4/127.0.2.77/tcp/{port}",
+    """A server reached at 127.0.7.1 announces an address in H1's network first (nothing answers
+    there). With one record per group and layer, a claimed group would have let it push H1 out of
+    view; counted in the group it was reached in, it is flagged, it may not audit, and H1 stays
+    routable."""
+    port, nothing_there = free_port(), free_port()
+    spoof = ["--host", "0.0.0.0", "--port", str(port), "--announce-addr", f"/ip4/127.0.2.77/tcp/{nothing_there}",
              "--announce-addr", f"/ip4/127.0.7.1/tcp/{port}"]
     with servers(swarm, (15, 30, [*SLOWER, *spoof])) as (spoofer,):
         result, chain, _ = attack(swarm, parts, [*honest, spoofer], history(honest),

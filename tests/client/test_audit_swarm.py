@@ -26,7 +26,9 @@ from dsdnode.speculative.controller import ControllerSettings
 from dsdnode.speculative.draft import Drafter
 from tests.client.test_failover import (MODEL, SOAK, client_chain, generate, parts,  # noqa: F401 (fixtures)
                                        servers, swarm)
+from dsdnode.local_swarm import own_network_args
 from tests.helpers.faulty_server import LAUNCHER
+from tests.helpers.ports import free_port
 
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(900)]  # real processes on a shared machine
 NEW_TOKENS = 48
@@ -40,8 +42,10 @@ def honest(swarm):
 
 
 def on_net(n: int) -> list[str]:
-    """Listen on loopback network 127.0.n.0/24: a network group of its own, as the client observes it."""
-    return ["--host", f"127.0.{n}.1"]
+    """Be reached at 127.0.n.1 (a network group of its own, as the client observes it): announce only
+    that address. The server listens on every interface, because a peer that checks its reachability
+    dials it back at the address it saw it come from, and on loopback that is 127.0.0.1."""
+    return own_network_args(n, free_port())
 
 
 @pytest.fixture(scope="module")
