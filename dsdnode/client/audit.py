@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from ..net.dht import SpanRecord
+from ..net.records import SpanRecord
 from ..net.p2p import P2PNode, PeerInfo, Stream
 from ..net.protocol import SESSION_PROTOCOL
 from ..net.stream import close_quietly
@@ -48,6 +48,7 @@ from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSe
                         WireLimits, decode, encode)
 from .bans import BanList
 from .standing import Standing
+from ..errors import PeerError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ AUDIT_TIMEOUT_S = 20.0  # one shadow-session exchange (open, or a catch-up block
 AUDITOR_TRIES = 2  # auditors tried for one hop before the hop counts as unauditable this time
 
 
-class AuditUnavailable(RuntimeError):
+class AuditUnavailable(PeerError, RuntimeError):
     """The auditor could not do the work (refused, unreachable, slow, unusable reply)."""
 
     def __init__(self, message: str, peer: str = ""):

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 
-from ..net.dht import SpanRecord
+from ..net.records import SpanRecord
 from ..net.p2p import P2PNode
 from .bans import BanList
 from .routing import Candidate, Hop, NoRoute, best_chain, ping_records, relayed_only, same_weights

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..net.dht import SpanRecord
+from ..net.records import SpanRecord
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..net.dht import SpanRecord
+from ..net.records import SpanRecord
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.protocol import DTYPE_NAMES, SESSION_PROTOCOL
 from ..net.stream import close_quietly
@@ -45,6 +45,7 @@ from .pacing import PaceWatch
 from .router import Router
 from .routing import Hop, NoRoute
 from .standing import Standing, TrustSettings, hop_compute_s
+from ..errors import PeerError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class AuditsRequired(NoRoute):
     """The chain was told to refuse rather than release outputs no independent server audited."""
 
 
-class ChainFailure(RuntimeError):
+class ChainFailure(PeerError, RuntimeError):
     """A fault of the chain; `suspects` maps each peer it is blamed on to why."""
 
     def __init__(self, message: str, suspects: dict[str, str] | None = None, retry_after_s: float | None = None):
