@@ -18,8 +18,8 @@ hop's. A disagreement asks a second panel drawn from yet other groups:
     keyed by peer id and observed group) -- but only if every server of both panels has a measured
     history with this client (it served this client's own sessions); otherwise the hop is only
     excluded for this chain;
-  - the second panel agrees with the hop, and its servers have a history: the first panel's servers
-    are the liars (a one-server panel is convicted if the hop has a history too, else excluded);
+  - the second panel agrees with the hop, and either has a history: the first panel's servers are
+    the liars (a one-server panel is convicted if both have a history, else excluded for the chain);
   - otherwise (no second panel, it agrees with neither, or a party has no history) nothing is
     settled: the hop is excluded for this chain, and so is every server of either panel without a
     history (two fresh Sybil ids cannot take turns framing honest servers and then serve the span
@@ -490,7 +490,8 @@ class Auditor:
                 return self._convict(h.peer_id, (h.start, h.end), bad,
                                      f"wrong outputs for {where} from position {bad} (independent auditors "
                                      f"{names} and {others} agree with each other)")
-            if with_hop and not with_first and self._vouched(others):  # the first panel lied; the hop's work stands
+            if with_hop and not with_first and (self._vouched(others) or self._vouched([h.peer_id])):
+                # the first panel lied: the hop's work stands (two agree, one of them known to this client)
                 h.audited = min(upto, self.low_water)
                 if len(first) == 1 and self._vouched([h.peer_id, *others]):
                     return self._convict(names[0], (h.start, h.end), None,
