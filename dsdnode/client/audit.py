@@ -220,7 +220,7 @@ class HopLog:
     inputs: torch.Tensor  # [1, max_length, H]
     outputs: torch.Tensor
     audited: int = 0  # positions [0, audited) of this hop agree with an auditor (or had none)
-    panel: Panel = ()  # who audits this hop on this route (kept while it answers and stays eligible)
+    panel: Panel = ()  # who audited this hop last (its shadow sessions are reused if drawn again)
     shadows: list[ShadowSession] = field(default_factory=list)  # one per piece of the panel
     block_start: int = 0  # where the last block was written (a token tree's kept path moves there)
 
@@ -356,7 +356,7 @@ class Auditor:
             return Verdict()
         failed = 0
         for _ in range(MAX_DRAWS):
-            panel = h.panel if self._still_eligible(h) else self._draw(h, set())
+            panel = self._draw(h, set())  # anew for every audit: no one can tell when it will audit
             if panel is None or failed == AUDITOR_TRIES:
                 break
             try:
@@ -390,12 +390,6 @@ class Auditor:
         known to compute in another dtype than the hop."""
         eligible = [(r, g) for r, g in self.eligible(h) if (r.peer_id, h.compute_dtype) not in self._unlike]
         return draw_panel(eligible, h.start, h.end, avoid, self.rng)
-
-    def _still_eligible(self, h: HopLog) -> bool:
-        if not h.panel:
-            return False
-        now = {(r.peer_id, g) for r, g in self.eligible(h)}
-        return all((p.peer_id, p.group) in now for p in h.panel)
 
     async def _recompute(self, h: HopLog, panel: Panel, start: int, upto: int, inputs: torch.Tensor) -> torch.Tensor:
         """The panel's outputs of positions [start, upto) (its shadow sessions caught up first)."""
