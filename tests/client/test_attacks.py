@@ -114,6 +114,7 @@ def test_a_slow_walking_hop_is_replaced_mid_generation(swarm, honest, parts, exp
     print(f"\nslow-walking: failovers {chain.failovers}, excluded {chain.excluded}, "
           f"penalty {chain.standing.penalty(walker.peer_id)}")
     assert chain.excluded.get(walker.peer_id) == "slow_walking" and chain.standing.penalty(walker.peer_id) > 1
+    assert not {h.peer_id for h in honest} & set(chain.excluded)  # the honest replica it was replaced by stays
     assert walker.peer_id not in {p for p, _, _ in chain.route}
     assert result.tokens == expected_long and streamed == expected_long
 
