@@ -107,7 +107,7 @@ def test_a_record_that_claims_another_network_is_counted_where_it_was_reached(sw
 
 
 def test_a_slow_walking_hop_is_replaced_mid_generation(swarm, honest, parts, expected_long, bans):
-    """A 15:30 hop with right outputs doubles its delay on every block (50 ms, 100 ms, ...): the client
+    """A 15:30 hop with right outputs doubles its delay on every block (100 ms, 200 ms, ...): the client
     replaces it with the idle replica within a few blocks and lowers its standing."""
     with servers(swarm, (15, 30, on_net(8), [*LAUNCHER, "slowwalk"])) as (walker,):
         result, chain, streamed = attack(swarm, parts, [*honest, walker], {**history(honest), walker.peer_id: 0.0005})

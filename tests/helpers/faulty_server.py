@@ -8,8 +8,8 @@ Run as `python tests/helpers/faulty_server.py FAULT start ARGS...`: the same dae
   scaled     every output x 1.01 (a slight, systematic error)
   weights    every weight of the span multiplied by (1 + 0.01 N(0, 1)) at load (other weights than
              it announces, like a server of a fine-tuned or corrupted copy)
-  slowwalk   right outputs, but from the 13th small block on each one waits twice as long as the last
-             (50 ms, 100 ms, ...): a hop that slow-walks the client under a deadline that follows it
+  slowwalk   right outputs, but from the 11th small block on each one waits twice as long as the last
+             (100 ms, 200 ms, ...): a hop that slow-walks the client under a deadline that follows it
   badnext    refuses every session that names a next hop with bad_next_hop, blaming that (honest) hop
   claim      announces a throughput of 1e6 tokens/s, whatever it measured (a Sybil's claim)
 Flavours combine with "+" (e.g. noise+claim).
@@ -48,8 +48,8 @@ def _inject(fault: str) -> None:
 
         def slow_forward(self, hidden, *args, **kwargs):
             out = honest_forward(self, hidden, *args, **kwargs)
-            if hidden.shape[1] <= 16 and (n := next(decode_blocks)) > 12:  # 6 blocks measure its throughput
-                time.sleep(min(0.05 * 2 ** (n - 13), 60.0))
+            if hidden.shape[1] <= 16 and (n := next(decode_blocks)) > 10:  # 6 blocks measure its throughput
+                time.sleep(min(0.1 * 2 ** (n - 11), 60.0))
             return out
 
         Span.forward = slow_forward
