@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -75,17 +76,34 @@ def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | No
     return NodeProcess(proc, ready, log_path, lines)
 
 
+def own_network_args(n: int, port: int) -> list[str]:
+    """Server flags to be reached at 127.0.n.1:port only (its announced address), a loopback network
+    of its own. It listens on every interface: a peer that checks its reachability dials it back at
+    the IP it saw the server come from, which on loopback is 127.0.0.1 whatever it listens on."""
+    return ["--host", "0.0.0.0", "--port", str(port), "--announce-addr", f"/ip4/127.0.{n}.1/tcp/{port}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class LocalSwarm:
     """A bootstrap peer plus servers covering `spans` of `model`; use as a context manager."""
 
     def __init__(self, model: str, spans: list[tuple[int, int]], workdir: Path, *, link_latency_ms: float = 0.0,
-                 threads: int = 1, dtype: str = "bfloat16", extra_args: list[str] = (), relayed: int = 0):
+                 threads: int = 1, dtype: str = "bfloat16", extra_args: list[str] = (), relayed: int = 0,
+                 own_networks: bool = False):
         """`relayed`: the last N servers act as if behind a NAT (--assume-private): every connection
         to them crosses a relay (the bootstrap peer or a server that offers one), which adds the
-        emulated link latency when it forwards, so a relayed link costs what two links cost."""
+        emulated link latency when it forwards, so a relayed link costs what two links cost.
+        `own_networks`: server i is reached at 127.0.(i+1).1 (`own_network_args`), so a client observes
+        each server in a network group of its own, as it would servers of different operators (an
+        audit needs an auditor of another group than the audited server, client/audit.py)."""
         if not 0 <= relayed <= len(spans):
             raise ValueError(f"cannot relay {relayed} of {len(spans)} servers")
-        self.relayed = relayed
+        self.relayed, self.own_networks = relayed, own_networks
         self.model, self.spans, self.workdir = model, spans, Path(workdir)
         self.link_latency_ms, self.threads, self.dtype, self.extra_args = link_latency_ms, threads, dtype, list(extra_args)
         self.bootstrap: NodeProcess | None = None
@@ -109,6 +127,8 @@ class LocalSwarm:
         """Start one more server (not added to .servers when called directly); `args` come last, so
         they override the swarm's own (e.g. another --link-latency-ms for this server)."""
         index = len(self.servers) if index is None else index
+        if self.own_networks:
+            args = [*own_network_args(index % 250 + 1, _free_port()), *args]
         args = ["--model", self.model, "--layers", f"{start}:{end}", "--bootstrap", self.bootstrap.addr,
                 "--link-latency-ms", str(self.link_latency_ms), "--dtype", self.dtype,
                 "--announce-interval", "2", *self.extra_args, *args]

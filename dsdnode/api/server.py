@@ -176,7 +176,17 @@ async def _respond(engine: Engine, req: CompletionRequest | ChatCompletionReques
         text = await job.run()
     except Exception as e:
         raise _server_error(e) from None
-    return shape.whole(text, job.finish_reason, Usage(job.prompt_tokens, job.completion_tokens))
+    body = shape.whole(text, job.finish_reason, Usage(job.prompt_tokens, job.completion_tokens))
+    body["dsd_unaudited_layers"] = [list(span) for span in job.unaudited_layers]
+    return JSONResponse(body, headers={UNAUDITED_HEADER: unaudited_header(job.unaudited_layers)})
+
+
+UNAUDITED_HEADER = "X-Dsdnode-Unaudited-Layers"
+
+
+def unaudited_header(layers: list[tuple[int, int]]) -> str:
+    """START:END of each layer range no independent server audited, comma-separated ("none": all audited)."""
+    return ",".join(f"{a}:{b}" for a, b in layers) or "none"
 
 
 async def _start_stream(job: Completion, shape: ResponseShape, include_usage: bool) -> AsyncIterator[str]:
@@ -214,6 +224,7 @@ async def _events(job: Completion, task: asyncio.Task, pieces: asyncio.Queue, sh
             closing = shape.chunk(None, job.finish_reason)
             if job.report_stats:  # our knob dsd_stats: how the generation went, for the web chat
                 closing["dsd"] = job.stats()
+            closing["dsd_unaudited_layers"] = [list(span) for span in job.unaudited_layers]  # known only now
             yield _event(closing)
             if include_usage:
                 yield _event(shape.usage_chunk(Usage(job.prompt_tokens, job.completion_tokens)))

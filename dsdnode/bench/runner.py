@@ -208,7 +208,7 @@ class BenchRun:
         try:
             with LocalSwarm(c.model, split_layers(n_layers, c.servers) * c.replicas, workdir, link_latency_ms=lat,
                             threads=c.threads, dtype=dtype_name(self.client.dtype),
-                            extra_args=["--device", c.device], relayed=c.relayed) as swarm:
+                            extra_args=["--device", c.device], relayed=c.relayed, own_networks=True) as swarm:
                 asyncio.run(self._client(swarm, lat))
         except Exception as e:
             self.errors.append(f"latency {lat:g} ms: {type(e).__name__}: {e}")
@@ -249,7 +249,8 @@ class BenchRun:
     async def _generate(self, node: P2PNode, mode: Mode, ids: list[int], max_new: int) -> tuple[GenerationResult, int]:
         c, cl = self.config, self.client
         if mode.relay not in self.services:
-            # every server of the local swarm is on loopback, one network group: consider them all
+            # each replica of a span is on a loopback network of its own (own_networks), so replicas
+            # audit each other; consider every record (a span's replicas come in several groups)
             chains = SwarmChains(c.model, cl.head.config, [], cl.dtype, weights=cl.weights,
                                  relay=mode.relay, node=node,
                                  trust=TrustSettings(max_records_per_group=c.servers * c.replicas))

@@ -44,6 +44,9 @@ class Chain(Protocol):
     n_hops: int
     failovers: int  # how many times the chain was rebuilt around a fault so far
     route: list[tuple[str, int, int]]  # (peer id, or "local", first layer, end layer) of each hop
+    # layer ranges whose outputs were released without an audit (no independent server could recompute
+    # them); a chain whose trust settings require audits refuses (AuditUnavailable) instead
+    unaudited_layers: list[tuple[int, int]]
 
     async def start_session(self, max_length: int) -> None:
         """Open a fresh session (empty KV caches with room for max_length positions) on every hop."""

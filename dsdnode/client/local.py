@@ -24,6 +24,7 @@ class LocalChain:
         self.n_hops = len(spans)
         self.failovers = 0  # in-process spans do not fail
         self.route = [("local", s.start, s.end) for s in spans]
+        self.unaudited_layers: list[tuple[int, int]] = []  # in-process spans: the user's own, nothing to audit
         self.link_latency_s = link_latency_s
         self.caches: list[SpanCache] = []
 

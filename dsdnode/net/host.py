@@ -27,6 +27,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p import new_host
+from libp2p.connection_types import ConnectionType
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -200,6 +201,26 @@ class Host:
     async def ping(self, peer: PeerInfo, timeout: float = 10.0) -> float:
         """Round-trip time in seconds of one 8-byte echo frame (emulated latency included)."""
         return await self.bridge.call(self._t_ping, peer, timeout)
+
+    async def connected_ip(self, peer_id: str) -> tuple[str, bool] | None:
+        """The IP address of the open connection to `peer_id` as the transport sees it (not what the
+        peer announces), and whether that connection goes through a relay (the IP is then the
+        relay's); None without an open connection."""
+        async def read() -> tuple[str, bool] | None:
+            for conn in self.libp2p.get_network().get_connections(ID.from_base58(peer_id)):
+                try:
+                    if conn.is_closed:
+                        continue
+                    remote = conn.muxed_conn.get_remote_address()
+                    relayed = conn.muxed_conn.get_connection_type() == ConnectionType.RELAYED
+                except Exception as exc:  # a connection type that does not say
+                    log.debug("no remote address for %s: %r", peer_id, exc)
+                    continue
+                if remote:
+                    return str(remote[0]), relayed
+            return None
+
+        return await self.bridge.call(read)
 
     async def stop(self) -> None:
         """Stop the host and join its thread; safe to call repeatedly and concurrently."""

@@ -165,6 +165,10 @@ class P2PNode:
         """Round-trip time in seconds of one 8-byte echo frame (emulated latency included)."""
         return await self.host.ping(peer, timeout)
 
+    async def connected_ip(self, peer_id: str) -> tuple[str, bool] | None:
+        """See Host.connected_ip: the transport's view of where `peer_id` is, for observed network groups."""
+        return await self.host.connected_ip(peer_id)
+
     async def stop(self) -> None:
         """Stop the host and join its thread; safe to call repeatedly and concurrently."""
         await self.host.stop()

@@ -227,6 +227,8 @@ def test_completion_equals_generate_with_usage_and_length(local_api, client_mode
     prompt_tokens = len(client_models.tokenizer(PROMPT)["input_ids"])
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, N)
     assert reply.usage.total_tokens == prompt_tokens + N
+    whole = post(local_api, "/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 2})
+    assert whole.headers["X-Dsdnode-Unaudited-Layers"] == "none" and whole.json()["dsd_unaudited_layers"] == []
     metrics = httpx.get(local_api.root + "/metrics", timeout=10)  # scraped from the live API process
     assert metrics.status_code == 200
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -332,6 +334,10 @@ def test_swarm_backed_api_matches_generate_and_serves_two_at_once(expected, tmp_
             chat, completion = asyncio.run(two_at_once(api))
             single = api.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0,
                                                      extra_body={"dsd_k": 4})
+            # one server per span: no independent server can audit either hop, and the answer says so
+            body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4}
+            unaudited = post(api, "/completions", body, key=None)
+            refused = post(api, "/completions", {**body, "dsd_require_audit": True}, key=None)
             for server in swarm.servers:  # every server gone: a clear 503, for a stream too, before any 200
                 swarm.kill(server)
             with pytest.raises(openai.InternalServerError, match="swarm could not serve") as failed:
@@ -355,6 +361,9 @@ def test_swarm_backed_api_matches_generate_and_serves_two_at_once(expected, tmp_
     assert "no live servers" in unready.json()["error"]["message"]
     assert completion == single.choices[0].text == expected["completion"]
     assert chat == expected["chat"]
+    assert unaudited.status_code == 200 and unaudited.headers["X-Dsdnode-Unaudited-Layers"] == "0:15,15:30"
+    assert unaudited.json()["dsd_unaudited_layers"] == [[0, 15], [15, 30]]
+    assert refused.status_code == 503 and "cannot be audited" in refused.json()["error"]["message"]
 
 
 def test_the_web_page_and_its_json_on_a_local_chain(local_api):
