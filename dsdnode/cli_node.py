@@ -21,6 +21,18 @@ def node_type(name: str) -> click.ParamType:
     return setting_type(NodeSettings, name)
 
 
+def node_links(s: NodeSettings):
+    """The node's emulated links: its --link-config file, else --link-latency-ms to every peer."""
+    from .net.latency import LinkLatency
+
+    if s.link_config:
+        try:
+            return LinkLatency.load(s.link_config)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    return LinkLatency(s.link_latency_ms)
+
+
 def bootstrap_list(bootstrap, peers_file) -> list[str]:
     addrs = list(bootstrap)
     if peers_file:
@@ -47,6 +59,9 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
 @click.option("--threads", type=node_type("threads"), default=None, help="torch threads (0: all cores).")
 @click.option("--link-latency-ms", type=node_type("link_latency_ms"), default=None,
               help="Emulated delay before every outbound frame.")
+@click.option("--link-config", default=None,
+              help="TOML file with a [links] table (per-peer delays, jitter, uplink cap) to emulate WAN links; "
+                   "replaces --link-latency-ms. `dsdnode bench --wan` writes these.")
 @click.option("--cache-budget-mb", type=node_type("cache_budget_mb"), default=None,
               help="KV cache memory for all sessions.")
 @click.option("--max-memory", "max_memory_mb", type=node_type("max_memory_mb"), default=None,
@@ -90,7 +105,6 @@ async def run_node(s: NodeSettings) -> None:
     from .models.span import Span
     from .models.weights import load_config, weights_digest
     from .net.identity import load_or_create_identity
-    from .net.latency import LinkLatency
     from .net.p2p import P2PNode
     from .net.protocol import DTYPE_NAMES
     from .server.batching import BatchSettings
@@ -117,7 +131,7 @@ async def run_node(s: NodeSettings) -> None:
     install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file),
-                               latency=LinkLatency(s.link_latency_ms), announce=s.announce_addrs,
+                               latency=node_links(s), announce=s.announce_addrs,
                                relay_service=s.relay_service, assume_private=s.assume_private)
     try:
         if s.layers == "auto":
@@ -146,7 +160,6 @@ async def run_node(s: NodeSettings) -> None:
 async def run_bootstrap_peer(s: NodeSettings) -> None:
     """A peer that serves no layers: it only keeps the DHT reachable (a stable public entry point)."""
     from .net.identity import load_or_create_identity
-    from .net.latency import LinkLatency
     from .net.p2p import P2PNode
     from .server.daemon import install_stop_triggers
     from .server.metrics import bootstrap_metrics
@@ -155,7 +168,7 @@ async def run_bootstrap_peer(s: NodeSettings) -> None:
     install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs,
-                               latency=LinkLatency(s.link_latency_ms), relay_service=s.relay_service)
+                               latency=node_links(s), relay_service=s.relay_service)
     metrics = bootstrap_metrics(node)
     try:
         if s.metrics_port:

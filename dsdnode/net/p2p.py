@@ -52,7 +52,7 @@ from dsdnode.net.bridge import Bridge, NodeStopped, StreamClosed
 from dsdnode.net.dht import DHT
 from dsdnode.net.identity import load_or_create_identity
 from dsdnode.net import reachability, relay
-from dsdnode.net.latency import LinkLatency
+from dsdnode.net.latency import LinkEmulator, LinkLatency
 from dsdnode.net.reachability import CLIENT, PRIVATE, PUBLIC, UNKNOWN, Reachability
 from dsdnode.net.relay import RelayLimits, RelayService, Reservation
 from dsdnode.net.stream import FrameTooLarge, Stream
@@ -204,6 +204,7 @@ class P2PNode:
     def __init__(self, keypair: KeyPair, latency: LinkLatency | None, max_frame_bytes: int) -> None:
         self.keypair = keypair
         self.latency = latency
+        self.link = LinkEmulator(latency) if latency is not None else None  # jitter draws, uplink bucket
         self.max_frame_bytes = max_frame_bytes
         self.peer_id: str = ID.from_pubkey(keypair.public_key).to_base58()
         self.addrs: list[str] = []
@@ -443,7 +444,7 @@ class P2PNode:
             return
         if self._relay_offer is not None:
             self.relay = RelayService(self._host, self._relay_offer,
-                                      self.latency.delay_s if self.latency else (lambda _peer: 0.0))
+                                      self.link.delay_s if self.link else (lambda _peer: 0.0))
             self.relay.register()
             log.info("offering a relay service (%d reservations, %d circuits, %d MiB and %.0f s per circuit)",
                      self._relay_offer.max_reservations, self._relay_offer.max_circuits,
@@ -582,7 +583,7 @@ class P2PNode:
         return None
 
     def _wrap(self, raw: Any) -> Stream:
-        return Stream(raw, self._bridge, self.latency, self.max_frame_bytes)
+        return Stream(raw, self._bridge, self.link, self.max_frame_bytes)
 
     def _register(self, protocol: str) -> None:
         async def on_stream(raw: Any) -> None:
@@ -657,7 +658,7 @@ class P2PNode:
         except Exception as exc:
             raise PeerUnreachable(f"cannot open {protocol} to {peer.peer_id}: {exc!r}") from None
         if max_frame_bytes is not None:
-            return Stream(raw, self._bridge, self.latency, max_frame_bytes)
+            return Stream(raw, self._bridge, self.link, max_frame_bytes)
         return self._wrap(raw)
 
     async def _t_connect(self, pid: ID, addrs: list[multiaddr.Multiaddr], circuits: list[str]) -> None:
