@@ -46,6 +46,7 @@ class GenerateOptions:
     width_max: int = 1  # widest token tree with k="auto" (1: chains of drafts only)
     lookup: bool = False  # add prompt-lookup branches (n-gram matches in the text so far) to each draft
     audit: bool = True  # have other servers recheck the chain's work (swarm chains; client/audit.py)
+    prefill_pipeline: bool = True  # send the prompt's chunks back to back, so the hops overlap them
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -90,6 +91,7 @@ class GenerateOptions:
                                           width_max=self.width_max if fixed is None else 1),
             adaptive=AdaptiveSettings(enabled=self.adaptive, tau=self.tau),
             lookup=self.lookup,
+            prefill_pipeline=self.prefill_pipeline,
         )
 
 
@@ -154,6 +156,8 @@ class SwarmChains:
         from .standing import Standing, TrustSettings
         self.trust = trust or TrustSettings()
         self.standing = Standing(self.trust)  # what one generation measured, the next routes on
+        from .prefill import PrefillMeter
+        self.meter = PrefillMeter()  # what blocks cost on our chains: prefill chunks are sized by it
 
     async def start(self) -> None:
         if self.node is None:
@@ -176,7 +180,7 @@ class SwarmChains:
         trust = self.trust if audit else replace(self.trust, audit_rate=0.0)
         return RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
                            weights=self.weights, dtype=self.dtype, relay=self.relay, trust=trust,
-                           standing=self.standing)
+                           standing=self.standing, meter=self.meter)
 
     async def stop(self) -> None:
         if self.node is not None and self._own_node:
