@@ -26,6 +26,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import BadValue
+
 JITTER_KINDS = ("none", "exponential", "normal", "pareto")
 DEFAULT_BURST_BYTES = 16 * 1024  # what an idle uplink sends at once (about a TCP initial window)
 
@@ -34,7 +36,7 @@ def _check_ms(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number of milliseconds, got {value!r}")
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0 ms, got {value!r}")
+        raise BadValue(f"{name} must be finite and >= 0 ms, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,10 @@ class JitterSettings:
 
     def __post_init__(self) -> None:
         if self.kind not in JITTER_KINDS:
-            raise ValueError(f"jitter kind must be one of {', '.join(JITTER_KINDS)}, got {self.kind!r}")
+            raise BadValue(f"jitter kind must be one of {', '.join(JITTER_KINDS)}, got {self.kind!r}")
         _check_ms("jitter scale_ms", self.scale_ms)
         if not (isinstance(self.shape, (int, float)) and math.isfinite(self.shape) and self.shape > 1):
-            raise ValueError(f"jitter shape must be > 1, got {self.shape!r}")
+            raise BadValue(f"jitter shape must be > 1, got {self.shape!r}")
 
     def sample_ms(self, rng: random.Random) -> float:
         if self.kind == "none" or self.scale_ms == 0:
@@ -100,9 +102,9 @@ class LinkLatency:
         for value in (self.per_peer_ms or {}).values():
             _check_ms("latency", value)
         if not isinstance(self.uplink_mbit, (int, float)) or not math.isfinite(self.uplink_mbit) or self.uplink_mbit < 0:
-            raise ValueError(f"uplink_mbit must be finite and >= 0 (0: unlimited), got {self.uplink_mbit!r}")
+            raise BadValue(f"uplink_mbit must be finite and >= 0 (0: unlimited), got {self.uplink_mbit!r}")
         if not isinstance(self.burst_bytes, int) or self.burst_bytes < 1:
-            raise ValueError(f"burst_bytes must be an int >= 1, got {self.burst_bytes!r}")
+            raise BadValue(f"burst_bytes must be an int >= 1, got {self.burst_bytes!r}")
 
     def base_ms(self, peer_id: str) -> float:
         """The one-way delay to `peer_id` before jitter."""
@@ -133,10 +135,10 @@ class LinkLatency:
         """From a [links] table; unknown keys are an error (a typo must not silently mean 0)."""
         known = {"default_ms", "per_peer_ms", "jitter", "uplink_mbit", "burst_bytes", "seed"}
         if not isinstance(table, dict) or set(table) - known:
-            raise ValueError(f"[links] may hold only {', '.join(sorted(known))}; got {sorted(table)}")
+            raise BadValue(f"[links] may hold only {', '.join(sorted(known))}; got {sorted(table)}")
         jitter = table.get("jitter", {})
         if not isinstance(jitter, dict) or set(jitter) - {"kind", "scale_ms", "shape"}:
-            raise ValueError(f"[links.jitter] may hold only kind, scale_ms, shape; got {jitter!r}")
+            raise BadValue(f"[links.jitter] may hold only kind, scale_ms, shape; got {jitter!r}")
         return cls(default_ms=table.get("default_ms", 0.0), per_peer_ms=dict(table.get("per_peer_ms", {})) or None,
                    jitter=JitterSettings(**jitter), uplink_mbit=table.get("uplink_mbit", 0.0),
                    burst_bytes=table.get("burst_bytes", DEFAULT_BURST_BYTES), seed=table.get("seed"))
@@ -147,7 +149,7 @@ class LinkLatency:
         try:
             return cls.from_table(tomllib.loads(Path(path).read_text()).get("links", {}))
         except (OSError, tomllib.TOMLDecodeError, TypeError, ValueError) as e:
-            raise ValueError(f"link config {path}: {e}") from None
+            raise BadValue(f"link config {path}: {e}") from None
 
 
 class TokenBucket:
@@ -157,7 +159,7 @@ class TokenBucket:
 
     def __init__(self, rate_bytes_per_s: float, burst_bytes: int):
         if not (math.isfinite(rate_bytes_per_s) and rate_bytes_per_s > 0) or burst_bytes < 1:
-            raise ValueError(f"need a rate > 0 and a burst >= 1, got {rate_bytes_per_s!r}, {burst_bytes!r}")
+            raise BadValue(f"need a rate > 0 and a burst >= 1, got {rate_bytes_per_s!r}, {burst_bytes!r}")
         self.rate, self.burst = float(rate_bytes_per_s), float(burst_bytes)
         self.tokens = self.burst
         self.at: float | None = None

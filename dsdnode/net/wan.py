@@ -27,6 +27,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from ..errors import BadValue
 from .latency import JitterSettings, LinkLatency
 
 
@@ -42,7 +43,7 @@ def _symmetric(rows: dict[str, dict[str, float]]) -> dict[frozenset[str], float]
     for a, row in rows.items():
         for b, ms in row.items():
             if a == b or not isinstance(ms, (int, float)) or ms < 0:
-                raise ValueError(f"bad RTT {a} -> {b}: {ms!r}")
+                raise BadValue(f"bad RTT {a} -> {b}: {ms!r}")
             both.setdefault(frozenset((a, b)), []).append(float(ms))
     return {pair: statistics.fmean(values) for pair, values in both.items()}
 
@@ -62,7 +63,7 @@ class WanProfile:
 
     def __post_init__(self) -> None:
         if bool(self.sites) == (self.uniform_rtt_ms is not None):
-            raise ValueError(f"profile {self.name!r}: give either sites or uniform_rtt_ms")
+            raise BadValue(f"profile {self.name!r}: give either sites or uniform_rtt_ms")
         for a in self.sites:
             for b in self.sites:
                 if a != b:
@@ -77,7 +78,7 @@ class WanProfile:
         pair = frozenset((a, b))
         rtt = self.extra_rtt_ms.get(pair, rtt_matrix()[1].get(pair))
         if rtt is None:
-            raise ValueError(f"profile {self.name!r}: no RTT between {a!r} and {b!r}")
+            raise BadValue(f"profile {self.name!r}: no RTT between {a!r} and {b!r}")
         return rtt
 
     def site(self, index: int) -> str:
@@ -133,14 +134,14 @@ def load_profile(name_or_path: str) -> WanProfile:
         return PROFILES[name_or_path]
     path = Path(name_or_path)
     if not path.suffix == ".toml":
-        raise ValueError(f"unknown WAN profile {name_or_path!r}: one of {', '.join(PROFILES)}, or a .toml file")
+        raise BadValue(f"unknown WAN profile {name_or_path!r}: one of {', '.join(PROFILES)}, or a .toml file")
     try:
         table = tomllib.loads(path.read_text()).get("wan")
         if not isinstance(table, dict):
-            raise ValueError("no [wan] table")
+            raise BadValue("no [wan] table")
         known = {"name", "sites", "uniform_rtt_ms", "jitter", "uplink_mbit", "rtt_ms", "base"}
         if set(table) - known:
-            raise ValueError(f"unknown keys {sorted(set(table) - known)} (known: {', '.join(sorted(known))})")
+            raise BadValue(f"unknown keys {sorted(set(table) - known)} (known: {', '.join(sorted(known))})")
         base = PROFILES[table["base"]] if "base" in table else None
         fields = {k: v for k, v in table.items() if k in {"sites", "uniform_rtt_ms", "uplink_mbit"}}
         if "sites" in fields:
@@ -154,4 +155,4 @@ def load_profile(name_or_path: str) -> WanProfile:
         return replace(base, name=name, note=f"from {path}", **fields) if base else \
             WanProfile(name, note=f"from {path}", **fields)
     except (OSError, tomllib.TOMLDecodeError, TypeError, KeyError, ValueError) as e:
-        raise ValueError(f"WAN profile {path}: {e}") from None
+        raise BadValue(f"WAN profile {path}: {e}") from None
