@@ -29,7 +29,7 @@ from dsdnode.client.service import ClientService, GenerateOptions, SwarmChains
 from dsdnode.client.standing import TrustSettings
 from dsdnode.local_swarm import LocalSwarm
 from dsdnode.net.p2p import P2PNode
-from dsdnode.net.protocol import DTYPE_NAMES
+from dsdnode.dtypes import dtype_name
 from dsdnode.net.wan import load_profile
 
 
@@ -89,7 +89,7 @@ def main() -> None:
     ids = long_prompt(client.tokenizer, args.prompt_tokens)
     spans = split_layers(client.head.config.num_hidden_layers, args.servers)
     with tempfile.TemporaryDirectory() as work:
-        with LocalSwarm(args.model, spans, Path(work), dtype=DTYPE_NAMES[client.dtype], wan=profile, wan_seed=0) as swarm:
+        with LocalSwarm(args.model, spans, Path(work), dtype=dtype_name(client.dtype), wan=profile, wan_seed=0) as swarm:
             runs = asyncio.run(measure(swarm, client, ids, args.repeats, args.servers, args.model))
     ttft = {mode: [r["ttft_s"] for r in runs if r["prefill"] == mode] for mode in ("sequential", "pipelined")}
     same = len({tuple(r["tokens"]) for r in runs}) == 1

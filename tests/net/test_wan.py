@@ -141,7 +141,7 @@ def test_profile_delays_and_uplink_cap_are_observed_between_processes(tmp_path):
         rtts, blob_s, size = asyncio.run(main())
     assert size == blob
     assert min(rtts) >= rtt * 0.98, rtts
-    assert statistics.median(rtts) < rtt + 0.05, rtts  # generous: a shared machine
+    assert statistics.median(rtts) < rtt + 0.15, rtts  # generous: a shared, loaded machine
     uplink_s = (blob - theirs.burst_bytes) / 1e6  # 8 Mbit/s = 1 MB/s
     assert blob_s >= rtt + uplink_s * 0.98, blob_s
-    assert blob_s < rtt + uplink_s + 0.3, blob_s
+    assert blob_s < rtt + uplink_s + 0.6, blob_s
