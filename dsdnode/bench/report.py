@@ -161,7 +161,7 @@ def _row(lat: float, ds: str, mode: str, mine: list[PromptResult], base: dict, r
         "max_divergence_gap": max((r.divergence.top2_gap for r in ok if r.divergence), default=None),
         "ttft_s_median": _median([r.ttft_s for r in ok if r.ttft_s]),
         "prefill_chunk_median": _median([r.prefill_chunk for r in ok if r.prefill_chunk]),
-        "prefill_kb_per_link": _mean([r.prefill_bytes / 1e3 for r in ok if r.prefill_bytes]),
+        "prefill_kb_per_link": mean_or_none([r.prefill_bytes / 1e3 for r in ok if r.prefill_bytes]),
         "round_kb_per_link": sum(sum(r.block_bytes) for r in ok) / 1e3 / rounds if rounds else None,
         "round_kb_to_client": sum(sum(r.reply_bytes) for r in ok) / 1e3 / rounds if rounds else None,
     }
