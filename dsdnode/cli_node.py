@@ -36,6 +36,9 @@ def node_type(name: str) -> click.ParamType:
 @click.option("--threads", type=node_type("threads"), default=None, help="torch threads (0: all cores).")
 @click.option("--link-latency-ms", type=node_type("link_latency_ms"), default=None,
               help="Emulated delay before every outbound frame.")
+@click.option("--link-config", default=None,
+              help="TOML file with a [links] table (per-peer delays, jitter, uplink cap) to emulate WAN links; "
+                   "replaces --link-latency-ms. `dsdnode bench --wan` writes these.")
 @click.option("--cache-budget-mb", type=node_type("cache_budget_mb"), default=None,
               help="KV cache memory for all sessions.")
 @click.option("--max-memory", "max_memory_mb", type=node_type("max_memory_mb"), default=None,

@@ -84,6 +84,7 @@ class NodeSettings:
     dtype: str | None = one_of(None, HIDDEN_DTYPES)  # None: the device's default (devices.default_dtype)
     threads: int = bounded(0, 0)  # torch threads (0: all cores)
     link_latency_ms: float = bounded(0.0, 0)  # emulated delay before every outbound frame
+    link_config: str | None = None  # TOML [links] table: per-peer delays, jitter, uplink cap (replaces the above)
     cache_budget_mb: int = bounded(2048, 1)  # KV cache memory for all sessions together
     max_memory_mb: int = bounded(0, 0)  # layers=auto: most memory for weights + KV cache (0: what the device has)
     max_session_length: int = bounded(4096, 1)

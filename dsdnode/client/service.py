@@ -51,6 +51,7 @@ class GenerateOptions:
     lookup: bool = False  # add prompt-lookup branches (n-gram matches in the text so far) to each draft
     audit: bool = True  # have other servers recheck the chain's work (swarm chains; client/audit.py)
     require_audit: bool = False  # refuse (AuditsRequired) rather than return outputs no independent server audited
+    prefill_pipeline: bool = True  # send the prompt's chunks back to back, so the hops overlap them
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -97,6 +98,7 @@ class GenerateOptions:
                                           width_max=self.width_max if fixed is None else 1),
             adaptive=AdaptiveSettings(enabled=self.adaptive, tau=self.tau),
             lookup=self.lookup,
+            prefill_pipeline=self.prefill_pipeline,
         )
 
 
@@ -161,6 +163,8 @@ class SwarmChains:
         from .standing import Standing, TrustSettings
         self.trust = trust or TrustSettings()
         self.standing = Standing(self.trust)  # what one generation measured, the next routes on
+        from .prefill import PrefillMeter
+        self.meter = PrefillMeter()  # what blocks cost on our chains: prefill chunks are sized by it
 
     async def start(self) -> None:
         if self.node is None:
@@ -184,7 +188,7 @@ class SwarmChains:
                  else replace(self.trust, audit_rate=0.0))
         return RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
                            weights=self.weights, dtype=self.dtype, relay=self.relay, trust=trust,
-                           standing=self.standing)
+                           standing=self.standing, meter=self.meter)
 
     async def stop(self) -> None:
         if self.node is not None and self._own_node:

@@ -43,6 +43,7 @@ from .bans import BanList
 from .deadlines import DeadlineSettings, PassDeadline
 from .interface import UNCHECKED, ChainOutput, Checkpoint, TreeBlock
 from .pacing import PaceWatch
+from .prefill import DEFAULT_POSITION_SHARE, PrefillCosts, PrefillMeter, choose_chunk
 from .router import Router
 from .routing import Hop, NoRoute
 from .standing import Standing, TrustSettings, hop_compute_s
@@ -83,10 +84,12 @@ class RemoteChain:
     def __init__(self, node: P2PNode, model: str, num_layers: int, hidden_size: int, *, weights: str,
                  dtype: torch.dtype = torch.bfloat16, relay: bool = False, max_failovers: int = 8,
                  deadlines: DeadlineSettings = DeadlineSettings(), max_block: int = 64,
-                 trust: TrustSettings = TrustSettings(), standing: Standing | None = None, bans: BanList | None = None):
+                 trust: TrustSettings = TrustSettings(), standing: Standing | None = None, bans: BanList | None = None,
+                 meter: PrefillMeter | None = None):
         """weights: digest of the weights this client's head comes from; only servers of the same
         weights are chained. standing: shared by the chains of one client (what one learnt, the next
-        routes on)."""
+        routes on). meter: what blocks cost on this client's chains, shared likewise (prefill chunks)."""
+        self.meter = meter or PrefillMeter()
         self.node, self.model, self.num_layers, self.hidden_size = node, model, num_layers, hidden_size
         self.weights = weights
         self.dtype, self.dtype_name = dtype, dtype_name(dtype)
@@ -156,6 +159,35 @@ class RemoteChain:
         # a replayed (re)opened session holds the committed prefix already compacted: nothing to keep
         return await self._with_failover(lambda replayed: self._pass(hidden, commit_len, tree,
                                                                      None if replayed else kept))
+
+    async def prefill(self, hidden: torch.Tensor, chunk: int | None = None) -> list[ChainOutput]:
+        if not self._max_length:
+            raise ChainFailure("no open session: call start_session first")
+        positions = hidden.shape[1]
+        chunk = min(chunk or choose_chunk(self.prefill_costs(), positions, self.max_block), self.max_block)
+        starts = list(range(0, positions, chunk))
+        self._remember(hidden, 0)
+        self._committed, self.verified = 0, 0
+        blocks = [(hidden[:, at:at + chunk], at) for at in starts]
+
+        async def run(replayed: bool) -> list[ChainOutput]:
+            if self.relay:  # the client carries every block: nothing to overlap
+                return [await self._pass(block, at) for block, at in blocks]
+            return await self._steps_through(0, blocks, len(self.legs))
+
+        try:
+            return await self._with_failover(run)  # a failover replays nothing (committed 0) and runs it all again
+        finally:
+            self._committed = starts[-1]  # where a chunk-by-chunk prefill would stand
+
+    def prefill_costs(self) -> PrefillCosts:
+        """The costs a prefill's chunk is chosen by: measured ones, else the route's (each hop's advertised
+        one-position step, half of each ping's round trip, bandwidth unknown)."""
+        records = [leg.hop.candidate for leg in self.legs]
+        step = sum(1.0 / max(c.record.throughput, 1e-3) for c in records) / max(1, len(records))
+        rtt = sum(c.rtt_s or 0.0 for c in records) / max(1, len(records))
+        fallback = PrefillCosts(self.n_hops, step, step * DEFAULT_POSITION_SHARE, rtt / 2, 0.0)
+        return self.meter.costs(self.n_hops, fallback)
 
     # ---- audits -------------------------------------------------------------------------
     async def checkpoint(self) -> Checkpoint:
@@ -330,7 +362,8 @@ class RemoteChain:
         limits = WireLimits(hidden_size=self.hidden_size, max_block=self.max_block, max_length=self._max_length)
         while True:
             try:
-                msg = decode(await leg.stream.recv(), limits)
+                frame = await leg.stream.recv()
+                msg = decode(frame, limits)
             except (StreamClosed, ConnectionError) as e:
                 await results.put(ChainFailure(f"lost the stream to {leg.peer_id}: {e}", {leg.peer_id: "lost"}))
                 return
@@ -338,7 +371,7 @@ class RemoteChain:
                 await results.put(ChainFailure(f"bad reply from {leg.peer_id}: {e}", {leg.peer_id: "bad_reply"}))
                 return
             if isinstance(msg, ForwardResult):
-                await results.put((leg, msg, time.monotonic()))
+                await results.put((leg, msg, time.monotonic(), len(frame)))
             elif isinstance(msg, ErrorReply) and msg.session_id in (None, self.session_id):
                 await results.put(await self._refusal(leg.peer_id, msg, self._pushes_to(leg)))
             else:
@@ -366,20 +399,32 @@ class RemoteChain:
                             tree: TreeBlock | None = None, kept: list[int] | None = None) -> ChainOutput:
         """Send a block to one leg and wait, until a deadline measured from earlier passes, for the
         outputs of `hops` hops from there (each hop's copy; the last one's is the result)."""
-        self._step += 1
-        step, positions = self._step, hidden.shape[1]
+        return (await self._steps_through(leg_index, [(hidden, commit_len)], hops, tree, kept))[0]
+
+    async def _steps_through(self, leg_index: int, blocks: list[tuple[torch.Tensor, int]], hops: int,
+                             tree: TreeBlock | None = None, kept: list[int] | None = None) -> list[ChainOutput]:
+        """Send blocks (hidden, commit_len) to one leg back to back -- its hops work on them as a
+        pipeline -- and wait for every block's outputs of `hops` hops; one ChainOutput per block.
+        Only the first block met no queue: it alone teaches deadlines, standing and the meter."""
         legs = self.legs[leg_index:leg_index + hops]
-        sent = TensorPayload.from_torch(hidden)
+        first = self._step + 1
+        sent: dict[int, tuple[int, int, TensorPayload, int]] = {}  # step -> (positions, commit_len, payload, bytes)
         t0 = time.monotonic()
-        try:
-            mask = None if tree is None else TensorPayload.from_torch(tree.mask)
-            await legs[0].stream.send(encode(Forward(self.session_id, step, commit_len, sent, mask, [],
-                                                     None if tree is None else tree.positions, kept)))
-        except (StreamClosed, ConnectionError) as e:
-            raise ChainFailure(f"cannot send to {legs[0].peer_id}: {e}", {legs[0].peer_id: "lost"}) from None
-        deadline, extended = self.deadline.seconds(positions), False
-        got: dict[int, tuple[ForwardResult, torch.Tensor, float]] = {}  # hop (from leg_index) -> output
-        while len(got) < hops:
+        for hidden, commit_len in blocks:
+            self._step += 1
+            payload = TensorPayload.from_torch(hidden)
+            try:
+                mask = None if tree is None else TensorPayload.from_torch(tree.mask)
+                frame = encode(Forward(self.session_id, self._step, commit_len, payload, mask, [],
+                                       None if tree is None else tree.positions, kept))
+                await legs[0].stream.send(frame)
+            except (StreamClosed, ConnectionError) as e:
+                raise ChainFailure(f"cannot send to {legs[0].peer_id}: {e}", {legs[0].peer_id: "lost"}) from None
+            sent[self._step] = (hidden.shape[1], commit_len, payload, len(frame))
+        deadline = sum(self.deadline.seconds(n) for n, *_ in sent.values())
+        extended = False
+        got: dict[tuple[int, int], tuple[ForwardResult, torch.Tensor, float, int]] = {}  # (step, hop) -> output
+        while len(got) < len(blocks) * hops:
             try:
                 item = await asyncio.wait_for(self._results.get(), max(0.0, t0 + deadline - time.monotonic()))
             except TimeoutError:
@@ -388,40 +433,48 @@ class RemoteChain:
                     raise ChainFailure(f"no answer within {deadline:.1f} s and {sorted(hung)} do not answer pings",
                                        {p: "hung" for p in hung}) from None
                 if not extended:  # every hop is alive: perhaps busy with other sessions; wait patiently
-                    deadline, extended = max(deadline, self.deadline.patient_seconds(positions)), True
+                    patient = sum(self.deadline.patient_seconds(n) for n, *_ in sent.values())
+                    deadline, extended = max(deadline, patient), True
                     continue
                 raise ChainFailure(f"no answer within {deadline:.1f} s though every hop answers pings",
-                                   self._stalled(legs, got)) from None
+                                   self._stalled(legs, got, len(sent))) from None
             if isinstance(item, ChainFailure):
                 raise item
-            sender, result, at = item
-            if result.step_id < step:
+            sender, result, at, size = item
+            if result.step_id < first:
                 continue  # a late answer to a step we gave up on
             hop = legs.index(sender) if sender in legs else -1
-            got[hop] = (result, self._check(sender, result, step, positions, hop + 1), at)
-        self.deadline.observe(positions, got[hops - 1][2] - t0)
-        self._check_digests(legs, sent, [got[j][0] for j in range(hops)])
-        arrivals = [got[j][2] for j in range(hops)]
-        shares = hop_compute_s(t0, arrivals, [leg.hop.candidate.rtt_s for leg in legs])
-        for leg, compute in zip(legs, shares):
-            self.standing.measured(leg.hop.candidate.record, leg.hop.end - leg.hop.start, compute)
-        stamps = [got[j][0].timings[-1] for j in range(hops)]
-        self._replace.update(self.pace.observe(
-            [leg.peer_id for leg in legs], shares, [max(0.0, s.send_time - s.recv_time) for s in stamps], positions,
-            [self.router.replica_s(leg.peer_id, leg.hop.start, leg.hop.end) for leg in legs]))
-        inputs = [hidden] + [got[j][1] for j in range(hops - 1)]
-        for j in range(hops):
-            self.auditor.record(leg_index + j, commit_len, inputs[j], got[j][1], kept, tree is not None)
-        t = got[hops - 1][0].timings
-        return ChainOutput(got[hops - 1][1], [x.compute_s for x in t],
-                           [max(0.0, b.recv_time - a.send_time) for a, b in zip(t, t[1:])])
+            step = result.step_id if result.step_id in sent else first  # another step fails the check
+            got[(step, hop)] = (result, self._check(sender, result, step, sent[step][0], hop + 1), at, size)
+        outputs = []
+        for step, (positions, commit_len, payload, size) in sent.items():
+            mine = [got[(step, j)] for j in range(hops)]
+            self._check_digests(legs, payload, [g[0] for g in mine])
+            t = mine[-1][0].timings
+            links = [max(0.0, b.recv_time - a.send_time) for a, b in zip(t, t[1:])]
+            if step == first:
+                self.deadline.observe(positions, mine[-1][2] - t0)
+                arrivals = [g[2] for g in mine]
+                shares = hop_compute_s(t0, arrivals, [leg.hop.candidate.rtt_s for leg in legs])
+                for leg, compute in zip(legs, shares):
+                    self.standing.measured(leg.hop.candidate.record, leg.hop.end - leg.hop.start, compute)
+                self.meter.observe(positions, [x.compute_s for x in t], links)
+                stamps = [g[0].timings[-1] for g in mine]
+                self._replace.update(self.pace.observe(
+                    [leg.peer_id for leg in legs], shares, [max(0.0, s.send_time - s.recv_time) for s in stamps],
+                    positions, [self.router.replica_s(leg.peer_id, leg.hop.start, leg.hop.end) for leg in legs]))
+            inputs = [blocks[step - first][0]] + [g[1] for g in mine[:-1]]
+            for j in range(hops):
+                self.auditor.record(leg_index + j, commit_len, inputs[j], mine[j][1], kept, tree is not None)
+            outputs.append(ChainOutput(mine[-1][1], [x.compute_s for x in t], links, size, sum(g[3] for g in mine)))
+        return outputs
 
-    def _stalled(self, legs: list[_Leg], got: dict) -> dict[str, str]:
+    def _stalled(self, legs: list[_Leg], got: dict[tuple[int, int], tuple], steps: int) -> dict[str, str]:
         """Whom a pass that never finished is blamed on, though every hop answers pings: the first hop
         whose output copy did not come -- not every hop of the chain. Its predecessor may have withheld
         the push instead; the client cannot tell which, so the predecessor is blamed too once the hops
         after it have stalled before."""
-        j = next(i for i in range(len(legs)) if i not in got)
+        j = next(i for i in range(len(legs)) if sum(1 for _, hop in got if hop == i) < steps)
         suspects = {legs[j].peer_id: "stalled"}
         if j > 0 and not self.relay:
             before = legs[j - 1].peer_id

@@ -46,7 +46,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from dsdnode.errors import BadValue, PeerError, UserError
 from dsdnode.net import relay
 from dsdnode.net.bridge import Bridge, StreamClosed
-from dsdnode.net.latency import LinkLatency
+from dsdnode.net.latency import LinkEmulator, LinkLatency
 from dsdnode.net.stream import FrameTooLarge, Stream
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class Host:
     def __init__(self, keypair: KeyPair, latency: LinkLatency | None, max_frame_bytes: int) -> None:
         self.keypair = keypair
         self.latency = latency
+        self.link = LinkEmulator(latency) if latency is not None else None  # jitter draws, uplink bucket
         self.max_frame_bytes = max_frame_bytes
         self.peer_id: str = ID.from_pubkey(keypair.public_key).to_base58()
         self.addrs: list[str] = []  # how peers dial us now (direct, or our relays' circuit addresses)
@@ -296,7 +297,7 @@ class Host:
 
     def wrap(self, raw: Any, max_frame_bytes: int | None = None) -> Stream:
         """A framed Stream over a raw libp2p stream (trio thread)."""
-        return Stream(raw, self.bridge, self.latency, max_frame_bytes or self.max_frame_bytes)
+        return Stream(raw, self.bridge, self.link, max_frame_bytes or self.max_frame_bytes)
 
     def _register(self, protocol: str) -> None:
         async def on_stream(raw: Any) -> None:

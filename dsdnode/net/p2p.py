@@ -232,7 +232,7 @@ class P2PNode:
             return
         if self._relay_offer is not None:
             self.relay = RelayService(host.libp2p, self._relay_offer,
-                                      self.latency.delay_s if self.latency else (lambda _peer: 0.0))
+                                      self.host.link.delay_s if self.host.link else (lambda _peer: 0.0))
             self.relay.register()
             log.info("offering a relay service (%d reservations, %d circuits, %d MiB and %.0f s per circuit)",
                      self._relay_offer.max_reservations, self._relay_offer.max_circuits,
