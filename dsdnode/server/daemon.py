@@ -31,13 +31,15 @@ import torch
 from .. import __version__
 from ..models.span import Block, Span
 from ..net.dht import SpanRecord
+from ..net.groups import network_group
 from ..net.protocol import DTYPE_NAMES, HIDDEN_DTYPES, SESSION_PROTOCOL
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.stream import FRAME_BODY_TIMEOUT_S, close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
-                        TensorPayload, WireError, WireLimits, decode, digest, encode, short)
+                        TensorPayload, WireError, WireLimits, decode, digest, encode, frame_ceiling, short)
 from .batching import BatchSettings, Batcher
 from .metrics import server_metrics
+from .next_hops import DialRate, allowed_hop, open_next_hop
 from .sessions import ClientLimits, Session, SessionError, SessionTable
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,14 @@ class Server:
     def __init__(self, node: P2PNode, model: str, span: Span, *, weights: str, cache_budget_bytes: int,
                  max_length: int, max_block: int, idle_s: float, announce_interval_s: float, record_ttl_s: float,
                  frame_body_timeout_s: float = FRAME_BODY_TIMEOUT_S, batching: BatchSettings = BatchSettings(),
-                 client_limits: ClientLimits = ClientLimits()):
+                 client_limits: ClientLimits = ClientLimits(), local_swarm: bool = False):
         self.node, self.model, self.span, self.weights = node, model, span, weights
         self.frame_body_timeout_s = frame_body_timeout_s
-        self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s, client_limits)
+        self.local_swarm = local_swarm  # loopback peers are groups of their own, any next-hop address goes
+        self.dial_rate = DialRate()
+        self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s, client_limits, self._reclaimed)
+        # no stream of this node reads a frame longer than the largest valid block message
+        node.max_frame_bytes = min(node.max_frame_bytes, frame_ceiling(span.config.hidden_size, max_block))
         self.limits = WireLimits(hidden_size=span.config.hidden_size, max_block=max_block, max_length=max_length,
                                  max_frame_bytes=node.max_frame_bytes)
         self.announce_interval_s, self.record_ttl_s = announce_interval_s, record_ttl_s
@@ -134,10 +140,17 @@ class Server:
             await asyncio.sleep(min(10.0, self.table.idle_s / 2))
             for sid in self.table.expired():
                 session = self.table.close(sid)  # frees the cache now, even if its client's stream stays open
-                log.info("session %s idle for %.0f s: closed", sid, self.table.idle_s)
-                # in a task: a client that reads nothing must not hold up the expiry of everyone else
-                self._spawn(self._send(session.client, ErrorReply("unknown_session", "session expired (idle)", sid)))
-                self._spawn(close_quietly(session.next_stream))
+                log.info("session %s idle: closed", sid)
+                self._tell_closed(session, "session expired (idle)")
+
+    def _reclaimed(self, session: Session) -> None:
+        log.info("session %s idle while its memory was needed: closed", session.session_id)
+        self._tell_closed(session, "session closed (idle while the server needed its memory)")
+
+    def _tell_closed(self, session: Session, why: str) -> None:
+        # in a task: a client that reads nothing must not hold up anyone else
+        self._spawn(self._send(session.client, ErrorReply("unknown_session", why, session.session_id)))
+        self._spawn(close_quietly(session.next_stream))
 
     # ---- streams ------------------------------------------------------------------------
     async def handle_stream(self, stream: Stream) -> None:
@@ -201,25 +214,26 @@ class Server:
                                                 f"the session asks for {short(msg.weights)}")
         if msg.dtype not in HIDDEN_DTYPES:
             raise SessionError("bad_dtype", f"dtype {short(msg.dtype)} is not one of {sorted(HIDDEN_DTYPES)}")
-        next_hop = await self._next_hop(msg) if msg.next_peer is not None else None
+        group = network_group(stream.remote_ip, stream.remote_peer_id, self.local_swarm)
+        next_hop = await self._next_hop(msg, stream.remote_peer_id, group) if msg.next_peer is not None else None
         session = self.table.open(msg.session_id, msg.start, msg.end, msg.max_length, stream, msg.next_peer,
-                                  msg.prev_peer)
+                                  msg.prev_peer, group)
         self.metrics.sessions_opened.inc()
         if next_hop is not None:
             try:
-                session.next_stream = await self.node.open_stream(next_hop, SESSION_PROTOCOL)
-            except Exception as e:
+                session.next_stream = await open_next_hop(self.node, next_hop)
+            except SessionError:
                 self.table.close(msg.session_id)
-                raise SessionError("bad_next_hop",
-                                   f"cannot reach next hop {next_hop.peer_id}: {short(str(e), 200)}") from None
+                raise
             self._spawn(self._relay_errors(session))
         await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id, DTYPE_NAMES[self.span.dtype]))
         return session
 
-    async def _next_hop(self, msg: OpenSession) -> PeerInfo:
+    async def _next_hop(self, msg: OpenSession, opener: str, group: str) -> PeerInfo:
         """Where this hop pushes its output: the addresses of next_peer's own signed, live span record
-        of this model, which must continue the session at layer msg.end. A client names only a peer
-        id, so it cannot make a server dial an address of its choosing."""
+        of this model, which must continue the session at layer msg.end, and of those only the ones
+        this node may dial (next_hops.py: the record's signer chose them), at a rate per opener."""
+        self.dial_rate.take(opener, group)
         try:
             rec = await asyncio.wait_for(self.node.dht.lookup(self.model, msg.next_peer), NEXT_HOP_LOOKUP_TIMEOUT_S)
         except Exception as e:  # asyncio.TimeoutError included: no record we can trust
@@ -234,7 +248,7 @@ class Server:
         if rec.weights != self.weights:
             raise SessionError("bad_next_hop", f"next peer {rec.peer_id} serves other weights of {self.model!r} "
                                                f"({short(rec.weights)}, not {self.weights})")
-        return PeerInfo(rec.peer_id, tuple(rec.addrs))
+        return allowed_hop(PeerInfo(rec.peer_id, tuple(rec.addrs)), self.local_swarm)
 
     async def _close(self, session_id: str) -> None:
         session = self.table.close(session_id)
@@ -263,7 +277,7 @@ class Server:
             hidden = incoming.to(session.span.dtype)
             tree = None if msg.attention_mask is None else msg.attention_mask.to_torch()
             positions = None if msg.positions is None else torch.tensor([msg.positions])
-            self.table.admit_block(session, hidden.shape[1], self.batcher.queued_by(session.owner))
+            self.table.admit_block(session, msg.commit_len, hidden.shape[1], self.batcher.queued_by(session.owner))
             block = Block(hidden, cache, msg.commit_len, tree, positions, msg.kept)
             try:  # with the blocks of other sessions queued meanwhile (batching.py); the cache checks
                 # commit_len and kept against what it holds (ValueError)
