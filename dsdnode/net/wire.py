@@ -175,6 +175,10 @@ class OpenSession:
     opener sends them itself, on this stream); blocks from anyone else are refused. weights: the
     digest of the weights the client's head was loaded from (models.weights.weights_digest); a
     server holding other weights refuses with wrong_weights, so a chain never mixes checkpoints.
+    session_id: this hop's id of the session, and next_session_id the next hop's (what this hop's
+    pushes carry; None: the same). A client gives every hop an id of its own, so no hop learns the
+    id of a session at a hop it does not push to, and a server keys sessions by (opener, id) and
+    pushed blocks by (prev_peer, id): nobody can take an id before its client opens it.
     """
 
     session_id: str
@@ -186,6 +190,7 @@ class OpenSession:
     prev_peer: str | None
     dtype: str
     weights: str
+    next_session_id: str | None = None
 
 
 @dataclass

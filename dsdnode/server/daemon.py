@@ -40,7 +40,7 @@ from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTim
 from .batching import BatchSettings, Batcher
 from .metrics import server_metrics
 from .next_hops import DialRate, allowed_hop, open_next_hop
-from .sessions import ClientLimits, Session, SessionError, SessionTable
+from .sessions import ClientLimits, Session, SessionError, SessionKey, SessionTable
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,10 @@ class Server:
         and a record we fail to overwrite still expires on its own."""
         self.stopping = True
         try:
-            for sid in list(self.table.sessions):
-                session = self.table.close(sid)
-                await self._send(session.client, ErrorReply("shutting_down", "server is shutting down", sid))
+            for key in list(self.table.sessions):
+                session = self.table.close(key)
+                await self._send(session.client, ErrorReply("shutting_down", "server is shutting down",
+                                                            session.session_id))
                 await close_quietly(session.next_stream)
             try:
                 await asyncio.wait_for(self.node.dht.withdraw(self.model), WITHDRAW_TIMEOUT_S)
@@ -138,9 +139,9 @@ class Server:
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(min(10.0, self.table.idle_s / 2))
-            for sid in self.table.expired():
-                session = self.table.close(sid)  # frees the cache now, even if its client's stream stays open
-                log.info("session %s idle: closed", sid)
+            for key in self.table.expired():
+                session = self.table.close(key)  # frees the cache now, even if its client's stream stays open
+                log.info("session %s idle: closed", short(session.session_id))
                 self._tell_closed(session, "session expired (idle)")
 
     def _reclaimed(self, session: Session) -> None:
@@ -160,8 +161,8 @@ class Server:
         is freed while this stream may stay open (later frames for it get unknown_session). A stream
         that serves a live session waits for frames as long as the session lives; one that serves
         none (any more) is closed after FIRST_FRAME_TIMEOUT_S without a frame."""
-        opened: str | None = None  # the session this stream opened (its client's stream)
-        serving: str | None = None  # the session this stream last opened or pushed a block into
+        opened: SessionKey | None = None  # the session this stream opened (its client's stream)
+        serving: SessionKey | None = None  # the session this stream last opened or pushed a block into
         try:
             while True:
                 live = serving is not None and serving in self.table.sessions
@@ -182,14 +183,11 @@ class Server:
                     finally:
                         frame = b""  # drop the bytes now: an idle stream must not hold a big bad frame
                     if isinstance(msg, OpenSession) and (opened is None or opened not in self.table.sessions):
-                        await self._open(msg, stream)
-                        opened = serving = msg.session_id
+                        opened = serving = (await self._open(msg, stream)).key
                     elif isinstance(msg, Forward):
-                        await self._forward(msg, stream)
-                        serving = msg.session_id
+                        serving = await self._forward(msg, stream)
                     elif isinstance(msg, CloseSession):
-                        self.table.get(msg.session_id, stream)  # only its opener may close it
-                        await self._close(msg.session_id)
+                        await self._close(self.table.get(msg.session_id, stream).key)  # only its opener may close it
                         return
                     else:
                         raise SessionError("malformed", f"unexpected {type(msg).__name__} on this stream")
@@ -217,13 +215,13 @@ class Server:
         group = network_group(stream.remote_ip, stream.remote_peer_id, self.local_swarm)
         next_hop = await self._next_hop(msg, stream.remote_peer_id, group) if msg.next_peer is not None else None
         session = self.table.open(msg.session_id, msg.start, msg.end, msg.max_length, stream, msg.next_peer,
-                                  msg.prev_peer, group)
+                                  msg.prev_peer, group, msg.next_session_id)
         self.metrics.sessions_opened.inc()
         if next_hop is not None:
             try:
                 session.next_stream = await open_next_hop(self.node, next_hop)
             except SessionError:
-                self.table.close(msg.session_id)
+                self.table.close(session.key)
                 raise
             self._spawn(self._relay_errors(session))
         await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id, DTYPE_NAMES[self.span.dtype]))
@@ -250,12 +248,12 @@ class Server:
                                                f"({short(rec.weights)}, not {self.weights})")
         return allowed_hop(PeerInfo(rec.peer_id, tuple(rec.addrs)), self.local_swarm)
 
-    async def _close(self, session_id: str) -> None:
-        session = self.table.close(session_id)
+    async def _close(self, key: SessionKey) -> None:
+        session = self.table.close(key)
         if session is not None:
             await close_quietly(session.next_stream)
 
-    async def _forward(self, msg: Forward, came_on: Stream) -> None:
+    async def _forward(self, msg: Forward, came_on: Stream) -> SessionKey:
         """Run a block of a session and push it on (or answer the client). Once the block is known to
         come from where the session's opener said, a failure is told to that client directly, from
         this hop: told to the upstream hop, the client would hear it from the wrong one."""
@@ -266,6 +264,7 @@ class Server:
             self.errors[e.code] = self.errors.get(e.code, 0) + 1
             log.debug("session %s failed a block: %s: %s", short(msg.session_id), e.code, e.message)
             await self._send(session.client, ErrorReply(e.code, e.message, msg.session_id, msg.step_id))
+        return session.key
 
     async def _run_block(self, session: Session, msg: Forward) -> None:
         recv_time = time.time()
@@ -295,8 +294,8 @@ class Server:
             payload = TensorPayload.from_torch(out.to(incoming.dtype))  # the next hop gets what we got
             result = ForwardResult(msg.session_id, msg.step_id, payload, timings)
             if session.next_stream is not None:
-                frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings,
-                                       msg.positions, msg.kept))
+                frame = encode(Forward(session.next_session_id, msg.step_id, msg.commit_len, payload,
+                                       msg.attention_mask, timings, msg.positions, msg.kept))
                 try:
                     await session.next_stream.send(frame)
                     self.metrics.bytes_out.inc(len(frame))

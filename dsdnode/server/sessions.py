@@ -10,9 +10,13 @@ history elsewhere). A session that sends no block within OPEN_LEASE_S of opening
 Closing a session (expiry included) drops its cache at once, whoever still holds the Session
 object: memory follows the budget, not the lifetime of streams and tasks that once served it.
 
-A session belongs to the peer that opened it: blocks are taken only from the opener's own stream
-(first hop) or from the upstream peer the opener named (prev_peer); `admits` says whether a stream
-may touch a session, and callers treat "no" exactly like an unknown session id.
+A session belongs to the peer that opened it: it is keyed by (opener's peer id, session id), and
+blocks pushed by the upstream peer the opener named (prev_peer) are found by (prev_peer, session
+id), so a session id taken by someone else is simply another session, never a refusal of the
+client that opens it (ids are bound to the opener's key; a client gives each hop its own id, so
+only that hop and the one pushing to it know it). Blocks are taken only from the opener's own
+stream (first hop) or from prev_peer; `admits` says whether a stream may touch a session, and
+callers treat "no" exactly like an unknown session id.
 
 Admission is fair between clients, and a client is both the peer id that opens sessions and the
 network group of the address its connection comes from (`net/groups.py`: a /24 or /48; peer ids
@@ -51,6 +55,9 @@ class ClientLimits:
     max_cache_share: float = 0.5  # of the cache budget, per peer id and per network group
 
 
+SessionKey = tuple[str | None, str]  # (opener's peer id, session id)
+
+
 class SessionError(Exception):
     """Becomes an ErrorReply with this code (and, for "busy", a retry hint)."""
 
@@ -69,6 +76,7 @@ class Session:
     prev_peer: str | None  # peer id that pushes blocks in (None: the opener sends them)
     group: str = ""  # the opener's network group (net/groups.py)
     max_length: int = 0  # the most positions its cache may grow to
+    next_session_id: str | None = None  # the id of this session at the next hop (what pushes carry)
     next_stream: Stream | None = None
     last_used: float = field(default_factory=time.monotonic)
     opened: float = field(default_factory=time.monotonic)
@@ -80,6 +88,10 @@ class Session:
     def owner(self) -> str | None:
         """Peer id of the client that opened the session."""
         return getattr(self.client, "remote_peer_id", None)
+
+    @property
+    def key(self) -> SessionKey:
+        return self.owner, self.session_id
 
     @property
     def closed(self) -> bool:
@@ -106,7 +118,8 @@ class SessionTable:
         self.span, self.budget, self.max_length, self.idle_s = span, budget_bytes, max_length, idle_s
         self.limits = limits
         self.on_reclaim = on_reclaim  # told of each idle session closed to make room (to tell its client)
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[SessionKey, Session] = {}
+        self._pushed: dict[tuple[str, str], Session] = {}  # (prev_peer, session id) -> its session
 
     @property
     def used_bytes(self) -> int:
@@ -119,16 +132,17 @@ class SessionTable:
         return max(0, (self.budget - self.used_bytes) // per_token)
 
     def open(self, session_id: str, start: int, end: int, max_length: int, client: Stream,
-             next_peer: str | None = None, prev_peer: str | None = None, group: str = "") -> Session:
+             next_peer: str | None = None, prev_peer: str | None = None, group: str = "",
+             next_session_id: str | None = None) -> Session:
         """Open a session, its cache still empty (there must be room for a first step)."""
-        if session_id in self.sessions:
+        owner = getattr(client, "remote_peer_id", None)
+        if (owner, session_id) in self.sessions or (prev_peer, session_id) in self._pushed:
             raise SessionError("malformed", f"session {session_id} is already open")
         if not self.span.start <= start < end <= self.span.end:
             raise SessionError("wrong_span", f"this server holds layers {self.span.start}:{self.span.end}, "
                                              f"not {start}:{end}")
         if not 0 < max_length <= self.max_length:
             raise SessionError("too_large", f"max_length must be in 1..{self.max_length}, got {max_length}")
-        owner = getattr(client, "remote_peer_id", None)
         held = sum(1 for s in self.sessions.values() if s.owner == owner)
         if owner is not None and held >= self.limits.max_sessions:
             raise SessionError("busy", f"this client already holds {held} sessions here (at most "
@@ -141,8 +155,11 @@ class SessionTable:
                                BUSY_RETRY_AFTER_S)
         span = self.span.sub(start, end)
         self._make_room(cache_bytes(span, min(max_length, GROW_STEP)), owner, group, None)
-        session = Session(session_id, span, span.new_cache(0), client, next_peer, prev_peer, group, max_length)
-        self.sessions[session_id] = session
+        session = Session(session_id, span, span.new_cache(0), client, next_peer, prev_peer, group, max_length,
+                          next_session_id or session_id)
+        self.sessions[session.key] = session
+        if prev_peer is not None:
+            self._pushed[prev_peer, session_id] = session
         return session
 
     def grow(self, session: Session, positions: int) -> None:
@@ -176,7 +193,7 @@ class SessionTable:
                       key=lambda s: s.last_used)
         if self.used_bytes + extra > self.budget >= self.used_bytes - sum(s.cache.nbytes for s in idle) + extra:
             while self.used_bytes + extra > self.budget:  # only when that makes enough room
-                reclaimed = self.close(idle.pop(0).session_id)
+                reclaimed = self.close(idle.pop(0).key)
                 if self.on_reclaim is not None:
                     self.on_reclaim(reclaimed)
         if self.used_bytes + extra > self.budget:
@@ -185,20 +202,25 @@ class SessionTable:
                                BUSY_RETRY_AFTER_S)
 
     def get(self, session_id: str, stream: Stream, forward: bool = False) -> Session:
-        """The open session `session_id` if `stream` may act on it (see Session.admits); a session
-        of someone else is reported exactly like a missing one, so its existence does not leak."""
-        session = self.sessions.get(session_id)
+        """The open session `session_id` of the peer on `stream` (its opener, or for a block its
+        prev_peer) if `stream` may act on it (see Session.admits); a session of someone else is
+        reported exactly like a missing one, so its existence does not leak."""
+        peer = stream.remote_peer_id
+        session = self._pushed.get((peer, session_id)) if forward else None
+        session = session or self.sessions.get((peer, session_id))
         if session is None or not session.admits(stream, forward):
             raise SessionError("unknown_session", f"no open session {session_id!r} on this server")
         session.last_used = time.monotonic()
         return session
 
-    def close(self, session_id: str) -> Session | None:
+    def close(self, key: SessionKey) -> Session | None:
         """Forget the session and free its cache now (a block being computed keeps its own reference
         until it finishes)."""
-        session = self.sessions.pop(session_id, None)
+        session = self.sessions.pop(key, None)
         if session is not None:
             session.cache = None
+            if self._pushed.get((session.prev_peer, session.session_id)) is session:
+                del self._pushed[session.prev_peer, session.session_id]
         return session
 
     def admit_block(self, session: Session, commit_len: int, positions: int, queued: int) -> None:
@@ -220,8 +242,8 @@ class SessionTable:
         since = time.monotonic() - ACTIVE_WITHIN_S
         return sum(1 for s in list(self.sessions.values()) if s.last_used >= since)
 
-    def expired(self) -> list[str]:
+    def expired(self) -> list[SessionKey]:
         """Sessions idle past idle_s, and those that sent no block within OPEN_LEASE_S of opening."""
         now = time.monotonic()
-        return [sid for sid, s in self.sessions.items()
+        return [key for key, s in self.sessions.items()
                 if now - s.last_used > self.idle_s or (s.blocks == 0 and now - s.opened > OPEN_LEASE_S)]

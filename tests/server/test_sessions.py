@@ -32,7 +32,7 @@ def test_the_cache_is_charged_as_its_positions_are_written(span):
     with pytest.raises(SessionError) as e:
         table.admit_block(c, 0, 5, queued=0)  # the budget holds two steps of the whole span
     assert e.value.code == "busy" and "try another server" in e.value.message
-    table.close("a")
+    table.close(a.key)
     table.admit_block(c, 0, 5, queued=0)
     assert table.used_bytes == cache_bytes(span, GROW_STEP) + cache_bytes(span.sub(2, 6), GROW_STEP)
 
@@ -99,7 +99,7 @@ def test_a_session_without_a_first_block_loses_its_lease(span):
     table.admit_block(working, 0, 2, queued=0)
     for session in (silent, working):
         session.opened -= OPEN_LEASE_S + 1
-    assert table.expired() == ["s"]
+    assert table.expired() == [silent.key]
 
 
 @pytest.mark.parametrize("args, code", [
@@ -125,7 +125,7 @@ def test_duplicate_unknown_and_idle_sessions(span):
         table.get("zzz", client)
     assert e.value.code == "unknown_session"
     time.sleep(0.1)
-    assert table.expired() == ["a"]
+    assert table.expired() == [("A", "a")]
     table.get("a", client)  # use refreshes it
     assert table.expired() == []
 
@@ -145,7 +145,7 @@ def test_close_frees_the_cache_even_while_the_session_is_still_referenced(span):
     session = table.open("a", 0, 6, 100, client=FakeStream("A"))
     table.admit_block(session, 0, 4, queued=0)
     keys = weakref.ref(session.cache.keys)
-    assert table.close("a") is session
+    assert table.close(session.key) is session
     gc.collect()
     assert session.closed and keys() is None  # a stream handler holding `session` no longer holds its memory
     assert table.used_bytes == 0
@@ -170,6 +170,22 @@ def test_a_session_admits_only_its_opener_or_the_named_upstream_peer(span):
         table.get("pushed", opener, forward=True)  # nor may the opener skip the upstream hop
 
 
+def test_a_session_id_is_bound_to_its_opener_so_nobody_can_squat_it(span):
+    """Someone who learnt (or guessed) the id a client will use opens it first: that is simply a
+    session of theirs, and the client's own open, blocks and close are untouched by it."""
+    table = SessionTable(span, budget_bytes=1 << 30, max_length=1000, idle_s=60)
+    squatter, client, upstream = FakeStream("S"), FakeStream("C"), FakeStream("U")
+    squat = table.open("x", 0, 6, 10, client=squatter)
+    mine = table.open("x", 0, 6, 10, client=client)
+    assert squat is not mine and table.get("x", client) is mine and table.get("x", squatter) is squat
+    pushed = table.open("y", 0, 6, 10, client=client, prev_peer="U", next_session_id="y-at-next")
+    assert table.get("y", upstream, forward=True) is pushed and pushed.next_session_id == "y-at-next"
+    with pytest.raises(SessionError):  # the named upstream peer already pushes into a session "y"
+        table.open("y", 0, 6, 10, client=squatter, prev_peer="U")
+    table.close(squat.key)
+    assert table.get("x", client) is mine
+
+
 def test_per_client_session_limit_says_busy_with_a_hint_and_spares_other_clients(span):
     table = SessionTable(span, budget_bytes=1 << 30, max_length=1000, idle_s=60,
                          limits=ClientLimits(max_sessions=2, max_queued_positions=16))
@@ -180,7 +196,7 @@ def test_per_client_session_limit_says_busy_with_a_hint_and_spares_other_clients
         table.open("a3", 0, 6, 10, client=FakeStream("A"))  # another stream of the same peer
     assert e.value.code == "busy" and e.value.retry_after_s > 0 and "per client" in e.value.message
     table.open("b1", 0, 6, 10, client=FakeStream("B"))  # someone else is not held up
-    table.close("a1")
+    table.close(("A", "a1"))
     table.open("a3", 0, 6, 10, client=a)  # a closed session frees a place
     assert table.active() == 3
 
