@@ -40,7 +40,7 @@ from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTim
 from .batching import BatchSettings, Batcher
 from .metrics import server_metrics
 from .next_hops import DialRate, allowed_hop, open_next_hop
-from .sessions import ClientLimits, Session, SessionError, SessionKey, SessionTable
+from .sessions import ClientLimits, Session, SessionError, SessionKey, SessionTable, keep_big_allocations_mapped
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class Server:
         self.local_swarm = local_swarm  # loopback peers are groups of their own, any next-hop address goes
         self.dial_rate = DialRate()
         self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s, client_limits, self._reclaimed)
+        keep_big_allocations_mapped()  # a closed session's cache leaves the process, not just the table
         # no stream of this node reads a frame longer than the largest valid block message
         node.max_frame_bytes = min(node.max_frame_bytes, frame_ceiling(span.config.hidden_size, max_block))
         self.limits = WireLimits(hidden_size=span.config.hidden_size, max_block=max_block, max_length=max_length,

@@ -5,7 +5,8 @@ peer's own signed span record (daemon.py). But whoever makes a peer id signs its
 addresses are the opener's choice. Therefore:
 
 - only globally routable addresses are dialled (`net/groups.py`; a circuit address counts by its
-  relay's address), unless the node serves a local swarm (`local_swarm`);
+  relay's address), unless the node serves a local swarm (`local_swarm`), and only those: not the
+  others the peerstore learnt for that peer id from the DHT;
 - every failed dial is answered with one text after the same time (DIAL_S from the start of the
   dial, whatever happened: refused, reset, timed out, wrong peer), so an opener cannot tell an open
   port from a closed one;
@@ -69,7 +70,7 @@ async def open_next_hop(node: P2PNode, peer: PeerInfo) -> Stream:
     """A session stream to `peer`, or "bad_next_hop" with UNREACHABLE exactly DIAL_S after the start."""
     began = time.monotonic()
     try:
-        return await node.open_stream(peer, SESSION_PROTOCOL, timeout=DIAL_S)
+        return await node.open_stream(peer, SESSION_PROTOCOL, timeout=DIAL_S, only_given_addrs=True)
     except Exception:  # whatever failed, the opener learns only that it failed
         await asyncio.sleep(max(0.0, DIAL_S - (time.monotonic() - began)))
         raise SessionError("bad_next_hop", UNREACHABLE.format(peer=peer.peer_id)) from None

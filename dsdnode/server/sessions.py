@@ -106,6 +106,24 @@ class Session:
         return stream is self.client
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def keep_big_allocations_mapped(threshold: int = 1 << 20) -> None:
+    """Have glibc serve allocations of `threshold` bytes and more by mmap, so a freed cache goes back
+    to the system at once. Caches grow by reallocation (doubling); glibc otherwise raises its mmap
+    threshold to the size of each big block freed (up to 32 MiB), and the next smaller caches then
+    come from the heap, which keeps the memory after they are freed: measured, 38 of 68 MB of an
+    expired session stayed resident. Setting the threshold fixes it; no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
+
+
 def cache_bytes(span: Span, length: int) -> int:
     config = span.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
