@@ -40,8 +40,12 @@ class NodeProcess:
 
 
 def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | None = None,
-               parent_pid: int | None = None, launcher: list[str] | None = None) -> NodeProcess:
+               parent_pid: int | None = None, launcher: list[str] | None = None,
+               local_swarm: bool = True) -> NodeProcess:
     """Run `dsdnode start ARGS` and wait for its ready line; its stderr goes to log_path.
+
+    The nodes of a local swarm (one machine, or namespaces on it) say so (`--local-swarm`): their
+    next hops are at loopback or private addresses; local_swarm=False starts one as a public node.
 
     The node runs in its own session (a test's Ctrl-C does not reach it mid-shutdown) and stops
     by itself once parent_pid (default: this process) is gone. `launcher` replaces
@@ -49,7 +53,7 @@ def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | No
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
     log = open(log_path, "w")
     cmd = [*(launcher or [sys.executable, "-m", "dsdnode"]), "start", "--threads", str(threads),
-           "--parent-pid", str(parent_pid or os.getpid()), *args]
+           "--parent-pid", str(parent_pid or os.getpid()), *(["--local-swarm"] if local_swarm else []), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
     lines: list[str] = []
     ready: dict = {}

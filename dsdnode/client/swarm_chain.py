@@ -73,6 +73,7 @@ class _Leg:
     hop: Hop
     stream: Stream
     compute_dtype: str  # what the hop says its layers compute in (audits compare like with like)
+    session_id: str = ""  # this hop's own id of the session (OpenSession.next_session_id says why)
     reader: asyncio.Task | None = None
 
     @property
@@ -274,7 +275,8 @@ class RemoteChain:
     # ---- session ------------------------------------------------------------------------
     async def _open(self) -> None:
         hops = await self.router.route(self._max_length)
-        self.session_id = secrets.token_hex(8)
+        self.session_id = secrets.token_hex(8)  # names the session in logs; each hop gets an id of its own
+        self._hop_ids = [secrets.token_hex(8) for _ in hops]
         self._results = asyncio.Queue()
         opened = await asyncio.gather(*(self._open_leg(hops, i) for i in range(len(hops))), return_exceptions=True)
         legs = [leg for leg in opened if isinstance(leg, _Leg)]
@@ -312,12 +314,14 @@ class RemoteChain:
             raise ChainFailure(f"cannot reach {peer}: {e}", {peer: "unreachable"}) from None
         try:
             prv = hops[i - 1].candidate.record.peer_id if i > 0 and self._next_hop(hops, i - 1) else None
-            await stream.send(encode(OpenSession(self.session_id, self.model, hop.start, hop.end, self._max_length,
-                                                 nxt.peer_id if nxt else None, prv, self.dtype_name, self.weights)))
+            sid = self._hop_ids[i]
+            await stream.send(encode(OpenSession(sid, self.model, hop.start, hop.end, self._max_length,
+                                                 nxt.peer_id if nxt else None, prv, self.dtype_name, self.weights,
+                                                 self._hop_ids[i + 1] if nxt else None)))
             reply = decode(await stream.recv(timeout=OPEN_TIMEOUT_S), WireLimits())
             if isinstance(reply, ErrorReply):
                 raise await self._refusal(peer, reply, nxt)
-            if not isinstance(reply, SessionOpened) or reply.session_id != self.session_id:
+            if not isinstance(reply, SessionOpened) or reply.session_id != sid:
                 raise ChainFailure(f"{peer} answered OpenSession with {type(reply).__name__}", {peer: "bad_reply"})
         except ChainFailure:
             await close_quietly(stream)
@@ -325,7 +329,7 @@ class RemoteChain:
         except Exception as e:  # lost stream, timeout, undecodable reply: that hop's fault
             await close_quietly(stream)
             raise ChainFailure(f"opening a session on {peer} failed: {e!r}", {peer: "bad_reply"}) from None
-        return _Leg(hop, stream, reply.compute_dtype)
+        return _Leg(hop, stream, reply.compute_dtype, sid)
 
     def _pushes_to(self, leg: _Leg) -> SpanRecord | None:
         """The record of the hop `leg` pushes its output to (None: it answers the client, or its
@@ -351,7 +355,7 @@ class RemoteChain:
         if leg.reader:
             leg.reader.cancel()
         try:
-            await asyncio.wait_for(leg.stream.send(encode(CloseSession(self.session_id))), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(leg.stream.send(encode(CloseSession(leg.session_id))), CLOSE_TIMEOUT_S)
         except Exception as e:  # the hop is gone or hung; its session expires there
             log.debug("could not close the session on %s: %r", leg.peer_id, e)
         await close_quietly(leg.stream)
@@ -372,7 +376,7 @@ class RemoteChain:
                 return
             if isinstance(msg, ForwardResult):
                 await results.put((leg, msg, time.monotonic(), len(frame)))
-            elif isinstance(msg, ErrorReply) and msg.session_id in (None, self.session_id):
+            elif isinstance(msg, ErrorReply) and msg.session_id in (None, leg.session_id):
                 await results.put(await self._refusal(leg.peer_id, msg, self._pushes_to(leg)))
             else:
                 await results.put(ChainFailure(f"{leg.peer_id} sent an unexpected {type(msg).__name__}",
@@ -415,7 +419,7 @@ class RemoteChain:
             payload = TensorPayload.from_torch(hidden)
             try:
                 mask = None if tree is None else TensorPayload.from_torch(tree.mask)
-                frame = encode(Forward(self.session_id, self._step, commit_len, payload, mask, [],
+                frame = encode(Forward(legs[0].session_id, self._step, commit_len, payload, mask, [],
                                        None if tree is None else tree.positions, kept))
                 await legs[0].stream.send(frame)
             except (StreamClosed, ConnectionError) as e:
@@ -490,7 +494,7 @@ class RemoteChain:
         problem = None
         if timings == 0:
             problem = f"an answer to step {got.step_id} it was not asked for"
-        elif got.step_id != step or got.session_id != self.session_id:
+        elif got.step_id != step or got.session_id != sender.session_id:
             problem = f"step {got.step_id} of session {got.session_id!r}, expected step {step}"
         elif tuple(h.shape) != (1, positions, self.hidden_size) or h.dtype != self.dtype_name:
             problem = f"hidden {h.dtype}{list(h.shape)}, expected {self.dtype_name}{[1, positions, self.hidden_size]}"

@@ -196,8 +196,9 @@ class Host:
         if self.bridge.token is not None:
             self.bridge.notify(lambda: self._register(protocol))
 
-    async def open_stream(self, peer: PeerInfo, protocol: str, timeout: float = 10.0) -> Stream:
-        return await self.bridge.call(self.trio_open, peer, protocol, timeout)
+    async def open_stream(self, peer: PeerInfo, protocol: str, timeout: float = 10.0, *,
+                          only_given_addrs: bool = False) -> Stream:
+        return await self.bridge.call(self.trio_open, peer, protocol, timeout, None, only_given_addrs)
 
     async def ping(self, peer: PeerInfo, timeout: float = 10.0) -> float:
         """Round-trip time in seconds of one 8-byte echo frame (emulated latency included)."""
@@ -345,8 +346,10 @@ class Host:
             log.exception("handler for %s from %s failed; closing the stream", protocol, stream.remote_peer_id)
 
     async def trio_open(self, peer: PeerInfo, protocol: str, timeout: float,
-                        max_frame_bytes: int | None = None) -> Stream:
-        """Open a framed stream of `protocol` to `peer`, dialing it first if we hold no live connection."""
+                        max_frame_bytes: int | None = None, only_given_addrs: bool = False) -> Stream:
+        """Open a framed stream of `protocol` to `peer`, dialing it first if we hold no live connection.
+        only_given_addrs: dial none of the addresses the peerstore learnt for it elsewhere (the DHT
+        and identify add whatever peers say), only `peer.addrs` (server/next_hops.py filtered them)."""
         try:
             pid = ID.from_base58(peer.peer_id)
             addrs = [_without_p2p(multiaddr.Multiaddr(a)) for a in peer.addrs if not relay.is_circuit(a)]
@@ -364,6 +367,8 @@ class Host:
                         # would answer "No valid connections available": drop it and dial afresh
                         log.info("the connection to %s is closed; dialing again", pid)
                         await network.close_peer(pid)
+                    if only_given_addrs:
+                        self.libp2p.get_peerstore().clear_addrs(pid)
                     await self._t_connect(pid, addrs, circuits)
                 elif addrs:
                     self.libp2p.get_peerstore().add_addrs(pid, addrs, 120)

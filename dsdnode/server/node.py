@@ -91,7 +91,9 @@ async def serve_span(s: NodeSettings) -> None:
                         announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s,
                         frame_body_timeout_s=s.frame_body_timeout_s,
                         batching=BatchSettings(s.max_batch if s.batching else 1, s.batch_window_ms / 1000),
-                        client_limits=ClientLimits(s.max_sessions_per_client, s.max_queued_per_client))
+                        client_limits=ClientLimits(s.max_sessions_per_client, s.max_queued_per_client,
+                                                   s.max_sessions_per_network, s.max_cache_share),
+                        local_swarm=s.local_swarm)
         if s.metrics_port:
             server.metrics.serve(s.host, s.metrics_port)
     except BaseException:
