@@ -21,6 +21,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from ..models.families import kv_bytes
 from ..models.span import Span, SpanCache
 from ..net.p2p import Stream
 
@@ -77,10 +78,7 @@ class Session:
 
 
 def cache_bytes(span: Span, length: int) -> int:
-    config = span.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = span.dtype.itemsize
-    return 2 * (span.end - span.start) * config.num_key_value_heads * head_dim * length * itemsize
+    return kv_bytes(span.config, span.end - span.start, length, span.dtype)
 
 
 class SessionTable:
