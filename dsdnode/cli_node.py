@@ -49,6 +49,9 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
               help="Emulated delay before every outbound frame.")
 @click.option("--cache-budget-mb", type=node_type("cache_budget_mb"), default=None,
               help="KV cache memory for all sessions.")
+@click.option("--quant", type=node_type("quant"), default=None,
+              help="Weight-only quantization of the layers (none, int8, int4; bitsandbytes); clients chain only "
+                   "servers of their own quantization [default: none].")
 @click.option("--max-memory", "max_memory_mb", type=node_type("max_memory_mb"), default=None,
               help="With --layers auto and no --num-layers: MB of memory for weights and KV cache together "
                    "(0: all the device has free).")
@@ -88,7 +91,8 @@ async def run_node(s: NodeSettings) -> None:
     from .devices import describe, resolve_device, resolve_dtype
     from .models.fetch import resolve_model_dir
     from .models.span import Span
-    from .models.weights import load_config, weights_digest
+    from .models.quantization import quantize_layers
+    from .models.weights import load_config, weights_identity
     from .net.identity import load_or_create_identity
     from .net.latency import LinkLatency
     from .net.p2p import P2PNode
@@ -112,7 +116,7 @@ async def run_node(s: NodeSettings) -> None:
         span_range = parse_layers(s.layers, num_layers)
     else:
         width = auto_width(config, device, dtype, num_layers=s.num_layers, cache_budget_mb=s.cache_budget_mb,
-                           max_memory_mb=s.max_memory_mb)
+                           max_memory_mb=s.max_memory_mb, quant=s.quant)
     stop = asyncio.Event()
     install_stop_triggers(stop, s.parent_pid)
     node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
@@ -125,8 +129,9 @@ async def run_node(s: NodeSettings) -> None:
             span_range = choose_span(records, num_layers, width)
             log.info("--layers auto: chose %d:%d", *span_range)
         span = Span.load(model_dir, *span_range, dtype=dtype, device=device)
+        quantize_layers(span.layers, s.quant, dtype)
         log.info("serving layers %d:%d of %s on %s in %s", *span_range, s.model, describe(device), DTYPE_NAMES[dtype])
-        server = Server(node, s.model, span, weights=weights_digest(model_dir), cache_budget_bytes=s.cache_budget_mb << 20,
+        server = Server(node, s.model, span, weights=weights_identity(model_dir, s.quant), cache_budget_bytes=s.cache_budget_mb << 20,
                         max_length=s.max_session_length, max_block=s.max_block, idle_s=s.session_idle_s,
                         announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s,
                         frame_body_timeout_s=s.frame_body_timeout_s,

@@ -83,6 +83,7 @@ class NodeSettings:
     threads: int = bounded(0, 0)  # torch threads (0: all cores)
     link_latency_ms: float = bounded(0.0, 0)  # emulated delay before every outbound frame
     cache_budget_mb: int = bounded(2048, 1)  # KV cache memory for all sessions together
+    quant: str = one_of("none", ("none", "int8", "int4"))  # weight-only quantization of the span's layers
     max_memory_mb: int = bounded(0, 0)  # layers=auto: most memory for weights + KV cache (0: what the device has)
     max_session_length: int = bounded(4096, 1)
     max_block: int = bounded(64, 1)

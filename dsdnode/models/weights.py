@@ -23,7 +23,7 @@ from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
-from .families import attention_implementation, check_supported
+from .families import UnsupportedModel, attention_implementation, check_supported
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
@@ -31,6 +31,11 @@ def load_config(model_dir: Path) -> PretrainedConfig:
     the attention kernel transformers allows it (SDPA, else eager)."""
     config = AutoConfig.from_pretrained(model_dir)
     check_supported(config)
+    quantized = getattr(config, "quantization_config", None)
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else getattr(quantized, "quant_method", "?")
+        raise UnsupportedModel(f"{model_dir} holds pre-quantized weights ({method}): spans read bfloat16/float16/"
+                               "float32 checkpoints; use a dequantized copy (and `dsdnode start --quant` to shrink it)")
     config._attn_implementation = attention_implementation(config)
     return config
 
@@ -117,6 +122,14 @@ class TensorReader:
 
 
 DIGEST_FILE = ".dsdnode-weights-digest"
+
+
+def weights_identity(model_dir: Path, quant: str = "none") -> str:
+    """What span records and sessions name as the weights: the checkpoint's digest, plus the
+    quantization a server applied ("+int8", "+int4"), so a chain never mixes quantized and
+    unquantized hops (their hidden states differ) unless a client asks for that quantization."""
+    digest = weights_digest(model_dir)
+    return digest if quant == "none" else f"{digest}+{quant}"
 
 
 def weights_digest(model_dir: Path) -> str:
