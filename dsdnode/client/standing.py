@@ -22,7 +22,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from ..net.dht import SpanRecord
+from ..net.records import SpanRecord
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..net.dht import SpanRecord
+from ..net.records import SpanRecord
 from ..net.p2p import P2PNode, Stream, StreamClosed
 from ..net.protocol import DTYPE_NAMES, SESSION_PROTOCOL
 from ..net.stream import close_quietly
@@ -42,6 +42,7 @@ from .deadlines import DeadlineSettings, PassDeadline
 from .interface import UNCHECKED, ChainOutput, Checkpoint, TreeBlock
 from .routing import Candidate, Hop, NoRoute, best_chain, ping_records, relayed_only, same_weights
 from .standing import Standing, TrustSettings, hop_compute_s
+from ..errors import PeerError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ DISCOVERY_WAIT_S = 20.0
 RELAY_LOSS_WAIT_S = 20.0
 
 
-class ChainFailure(RuntimeError):
+class ChainFailure(PeerError, RuntimeError):
     """A fault of the chain; `suspects` maps each peer it is blamed on to why."""
 
     def __init__(self, message: str, suspects: dict[str, str] | None = None, retry_after_s: float | None = None):

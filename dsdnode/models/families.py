@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from ..errors import BadValue
+
 # model_type -> (display name, how its forward picks each layer's mask):
 #   "full":     one causal mask for every layer (no sliding window)
 #   "uniform":  every layer slides by config.sliding_window when it is set (Mistral, Mixtral, Phi-3, Qwen3-MoE)
@@ -37,7 +39,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
 LAYER_KINDS = {"full_attention": False, "sliding_attention": True}
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(BadValue):
     """A model dsdnode cannot serve through spans; the message says why, in one line."""
 
 

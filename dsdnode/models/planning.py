@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from ..devices import RESERVE_BYTES
+from ..errors import BadValue
 from .families import check_supported, family_name, kv_bytes
 from .quantization import check_mode, layer_bytes
 from .registry import get_entry
@@ -31,7 +32,7 @@ def parse_memory(text: str) -> int:
     except ValueError:
         value = -1.0
     if unit not in UNITS or value <= 0:
-        raise ValueError(f"memory must be a size such as 24GB or 512MiB, got {text!r}")
+        raise BadValue(f"memory must be a size such as 24GB or 512MiB, got {text!r}")
     return int(value * UNITS[unit])
 
 

@@ -23,11 +23,13 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import BadValue
+
 QUANT_MODES = ("none", "int8", "int4")
 NF4_BLOCK = 64
 
 
-class QuantizationError(ValueError):
+class QuantizationError(BadValue):
     """A quantization mode that cannot be used here; the message says why."""
 
 

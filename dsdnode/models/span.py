@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..devices import synchronize
+from ..errors import BadValue
 from .families import kv_shape, layer_windows
 from .weights import CheckpointLoader, load_config
 
@@ -239,7 +240,7 @@ class Span(nn.Module):
         config = load_config(model_dir)
         n = config.num_hidden_layers
         if not 0 <= start < end <= n:
-            raise ValueError(f"layers {start}:{end} are not a span of this {n}-layer model")
+            raise BadValue(f"layers {start}:{end} are not a span of this {n}-layer model")
         loader = CheckpointLoader(model_dir, config, dtype, device)
         layers = nn.ModuleList(loader.part(f"model.layers.{i}") for i in range(start, end))
         span = cls(config, start, end, layers, loader.part("model.rotary_emb"), dtype)

@@ -23,6 +23,7 @@ from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
+from ..errors import BadValue
 from .families import UnsupportedModel, attention_implementation, check_supported
 
 
@@ -75,12 +76,12 @@ class CheckpointLoader:
                     hf_logging.enable_progress_bar()
             if info.mismatched_keys:
                 key, got, want = sorted(info.mismatched_keys)[0]
-                raise ValueError(f"{self.model_dir}: tensor {key} has shape {list(got)}, the config says {list(want)}")
+                raise BadValue(f"{self.model_dir}: tensor {key} has shape {list(got)}, the config says {list(want)}")
         module = self.model.get_submodule(name)
         self._compute_buffers(module)
         missing = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         if missing:
-            raise ValueError(f"{self.model_dir} has no weights for {name}.{missing[0]}"
+            raise BadValue(f"{self.model_dir} has no weights for {name}.{missing[0]}"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         return module.eval().requires_grad_(False)
 

@@ -15,8 +15,10 @@ from typing import Any
 
 import trio
 
+from ..errors import PeerError
 
-class StreamClosed(ConnectionError):
+
+class StreamClosed(PeerError, ConnectionError):
     """The stream ended (EOF, reset, local close, or the peer/connection died)."""
 
 
@@ -41,7 +43,7 @@ class Bridge:
 
         def spawn() -> None:
             if self.nursery is None:
-                self._deliver(fut, None, NodeStopped("node stopped"))
+                self.deliver(fut, None, NodeStopped("node stopped"))
                 return
             scopes.append(trio.CancelScope())
             self.nursery.start_soon(self._run, fut, scopes[0], fn, args)
@@ -74,12 +76,12 @@ class Bridge:
                     error = exc
         finally:
             try:
-                self.loop.call_soon_threadsafe(self._deliver, fut, result, error)
+                self.loop.call_soon_threadsafe(self.deliver, fut, result, error)
             except RuntimeError:  # the asyncio loop is closed: nobody is waiting
                 pass
 
     @staticmethod
-    def _deliver(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    def deliver(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
         if fut.done():
             return
         if error is not None:

@@ -16,202 +16,35 @@ closest peers in the routing table.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import math
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 import trio
-from libp2p.crypto.keys import KeyPair
-from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
-from libp2p.records.validator import Validator
+from libp2p.peer.peerinfo import PeerInfo as LibPeerInfo
 
-from .protocol import PROTOCOL_VERSION
+from .host import BootstrapUnreachable, root_cause
+from .records import (NAMESPACE, RecordRejected, SpanRecord, SpanValidator, newest, provider_key, sign_record,
+                      valid_for, value_key, verify_record)
 
 if TYPE_CHECKING:
-    from libp2p.kad_dht.kad_dht import KadDHT
-
-    from dsdnode.net.p2p import P2PNode
+    from .host import Host
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "dsdspan"
-MAX_RECORD_BYTES = 4096
-SIGN_DOMAIN = b"dsdnode/span-record/v1\x00"
 WITHDRAW_TTL_S = 600.0  # how long the "no longer serving" marker outlives the withdraw
 PEER_QUERY_TIMEOUT_S = 5.0
 VALUE_REPLICAS_ASKED = 3  # routing-table neighbours asked for a value besides its provider
 LOOKUP_CACHE_SIZE = 1024  # records kept by DHT.lookup (each until it expires)
-
-
-class RecordRejected(ValueError):
-    """A span record failed verification; `reason` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass
-class SpanRecord:
-    """A server's offer: decoder layers [start, end) of `model`, reachable at `addrs`.
-
-    start == end marks a withdrawn span. `issued` (unix time, set by DHT.announce) orders
-    records for the same key; `expires` is when readers must stop trusting this record.
-    """
-
-    model: str
-    start: int
-    end: int
-    peer_id: str
-    addrs: list[str]
-    throughput: float
-    free_cache_tokens: int
-    version: str
-    expires: float
-    issued: float = 0.0
-    device: str = "cpu"  # the kind of device the span computes on: cpu, cuda or mps
-    weights: str = ""  # digest of the model weights served (models.weights.weights_digest)
-    protocol: int = PROTOCOL_VERSION  # wire protocol the peer speaks (net.protocol)
-    # load when issued (routing prefers less loaded servers, --layers auto goes where load is high):
-    active_sessions: int = 0  # sessions that sent a block in the last few seconds
-    queued_positions: int = 0  # positions waiting for compute
-
-    @property
-    def withdrawn(self) -> bool:
-        return self.end <= self.start
-
-
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(SpanRecord)}
-DEVICE_KINDS = frozenset({"cpu", "cuda", "mps"})
-WEIGHTS_DIGEST_MAX = 64
-
-
-def value_key(model: str, peer_id: str) -> str:
-    """Namespaced DHT key (49 bytes, under the 50-byte limit) for one peer's record of a model."""
-    digest = hashlib.blake2b(f"{model}\x00{peer_id}".encode(), digest_size=20).hexdigest()
-    return f"/{NAMESPACE}/{digest}"
-
-
-def provider_key(model: str) -> bytes:
-    """Provider (membership) key for a model: a sha2-256 multihash of the model name."""
-    return b"\x12\x20" + hashlib.sha256(b"dsdnode/model\x00" + model.encode()).digest()
-
-
-def sign_record(rec: SpanRecord, keypair: KeyPair) -> bytes:
-    """msgpack {record, public_key, signature}; raises RecordRejected if over 4 KB."""
-    body = msgpack.packb(dataclasses.asdict(rec), use_bin_type=True)
-    blob = msgpack.packb(
-        {"record": body, "public_key": keypair.public_key.serialize(),
-         "signature": keypair.private_key.sign(SIGN_DOMAIN + body)},
-        use_bin_type=True,
-    )
-    if len(blob) > MAX_RECORD_BYTES:
-        raise RecordRejected(f"oversized: signed record is {len(blob)} bytes > {MAX_RECORD_BYTES}")
-    return blob
-
-
-def verify_record(blob: bytes, now: float | None = None) -> SpanRecord:
-    """Check size, signature, signer == peer_id and expiry; return the record."""
-    if not isinstance(blob, (bytes, bytearray)):
-        raise RecordRejected(f"malformed: expected bytes, got {type(blob).__name__}")
-    if len(blob) > MAX_RECORD_BYTES:
-        raise RecordRejected(f"oversized: {len(blob)} bytes > {MAX_RECORD_BYTES}")
-    try:
-        outer = msgpack.unpackb(blob, raw=False)
-        body, public_key_bytes, signature = outer["record"], outer["public_key"], outer["signature"]
-        if set(outer) != {"record", "public_key", "signature"} or not all(
-            isinstance(b, bytes) for b in (body, public_key_bytes, signature)
-        ):
-            raise ValueError("envelope must hold exactly record/public_key/signature bytes")
-        public_key = deserialize_public_key(public_key_bytes)
-    except Exception as exc:
-        raise RecordRejected(f"malformed: {exc!r}") from None
-    if not public_key.verify(SIGN_DOMAIN + body, signature):
-        raise RecordRejected("bad signature")
-    rec = _parse_record(body)
-    signer = ID.from_pubkey(public_key).to_base58()
-    if signer != rec.peer_id:
-        raise RecordRejected(f"signer {signer} is not the announced peer {rec.peer_id}")
-    now = time.time() if now is None else now
-    if rec.expires <= now:
-        raise RecordRejected(f"expired at {rec.expires:.0f} (now {now:.0f})")
-    return rec
-
-
-def _parse_record(body: bytes) -> SpanRecord:
-    try:
-        fields = msgpack.unpackb(body, raw=False)
-    except Exception as exc:
-        raise RecordRejected(f"malformed: record is not msgpack: {exc!r}") from None
-    if not isinstance(fields, dict):
-        raise RecordRejected("malformed: record is not a map")
-    if fields.get("protocol") != PROTOCOL_VERSION:  # checked first: another version has other fields
-        spoken = fields.get("protocol")
-        spoken = f"dsdnode protocol {spoken!r:.12}" if spoken is not None else "an older dsdnode protocol"
-        raise RecordRejected(f"incompatible: the peer speaks {spoken}, this node speaks {PROTOCOL_VERSION} "
-                             "(one of the two needs an upgrade)")
-    if set(fields) != set(_FIELD_TYPES):
-        raise RecordRejected("malformed: record fields do not match SpanRecord")
-    for name, value in fields.items():
-        kind = _FIELD_TYPES[name]
-        ok = {
-            "str": isinstance(value, str),
-            "int": type(value) is int,
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-            "list[str]": isinstance(value, list) and all(isinstance(a, str) for a in value),
-        }[kind]
-        if not ok:
-            raise RecordRejected(f"malformed: field {name} must be {kind}, got {value!r:.60}")
-    rec = SpanRecord(**fields)
-    if (rec.start < 0 or rec.end < rec.start or rec.free_cache_tokens < 0 or rec.throughput < 0
-            or rec.active_sessions < 0 or rec.queued_positions < 0):
-        raise RecordRejected(f"malformed: bad span [{rec.start}, {rec.end}) or negative counters")
-    if rec.device not in DEVICE_KINDS:
-        raise RecordRejected(f"malformed: device {rec.device!r:.20} is not one of {sorted(DEVICE_KINDS)}")
-    if len(rec.weights) > WEIGHTS_DIGEST_MAX:
-        raise RecordRejected(f"malformed: weights digest longer than {WEIGHTS_DIGEST_MAX} characters")
-    return rec
-
-
-def _newest(records: list[SpanRecord | None]) -> int:
-    """Index of the most recently issued record; on ties the later one (the newer arrival)."""
-    best, best_key = 0, (-math.inf, -math.inf)
-    for i, rec in enumerate(records):
-        key = (rec.issued, rec.expires) if rec is not None else (-math.inf, -math.inf)
-        if key >= best_key:
-            best, best_key = i, key
-    return best
-
-
-class SpanValidator(Validator):
-    """KadDHT validator for /dsdspan/ keys: storing nodes refuse anything verify_record rejects."""
-
-    def validate(self, key: str, value: bytes) -> None:
-        rec = verify_record(value)
-        if key != value_key(rec.model, rec.peer_id):
-            raise RecordRejected(f"key {key} does not belong to {rec.peer_id}'s record of {rec.model}")
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        parsed: list[SpanRecord | None] = []
-        for value in values:
-            try:
-                parsed.append(verify_record(value))
-            except RecordRejected:
-                parsed.append(None)
-        return _newest(parsed)
+BOOTSTRAP_TIMEOUT = 10.0
 
 
 class DHT:
-    """Span announcements for one P2PNode. Methods are asyncio coroutines."""
+    """Span announcements for one node's Host. Public coroutines are asyncio ones."""
 
-    def __init__(self, node: P2PNode) -> None:
-        self._node = node
-        self._kad: KadDHT | None = None
+    def __init__(self, host: Host) -> None:
+        self._host = host
         self._last: dict[str, SpanRecord] = {}
         self._last_issued = 0.0
         self._found: dict[tuple[str, str], SpanRecord] = {}  # lookup() results, until they expire
@@ -224,39 +57,46 @@ class DHT:
         self.last_discovery_partial = False
         self._spreading = False  # a background Kademlia put of our record is running
 
-    def _attach(self, kad: KadDHT) -> None:
-        """Called on the trio thread once the KadDHT exists."""
-        kad.register_validator(NAMESPACE, SpanValidator())
-        self._kad = kad
+    def register_validator(self) -> None:
+        """Called on the trio thread once the host's KadDHT exists."""
+        assert self._host.kad is not None
+        self._host.kad.register_validator(NAMESPACE, SpanValidator())
+
+    def announced(self) -> dict[str, tuple[int, int]]:
+        """The spans this node announces now: its last announcement per model, unless withdrawn or
+        expired (any thread: nothing has to register what it serves a second time)."""
+        now = time.time()
+        last = list(self._last.items())  # one atomic copy: the asyncio thread may announce meanwhile
+        return {m: (r.start, r.end) for m, r in last if not r.withdrawn and r.expires > now}
 
     async def announce(self, rec: SpanRecord) -> None:
         """Publish (or refresh) our record and provider entry; re-announce before `expires`."""
-        if rec.peer_id != self._node.peer_id:
-            raise ValueError(f"record peer_id {rec.peer_id} is not this node ({self._node.peer_id})")
+        if rec.peer_id != self._host.peer_id:
+            raise ValueError(f"record peer_id {rec.peer_id} is not this node ({self._host.peer_id})")
         self._last_issued = max(time.time(), self._last_issued + 1e-6)
         rec = dataclasses.replace(rec, issued=self._last_issued, addrs=list(rec.addrs))
-        blob = sign_record(rec, self._node.keypair)
+        blob = sign_record(rec, self._host.keypair)
         verify_record(blob)  # fail here, not on every storing node, if e.g. already expired
         self._last[rec.model] = rec
-        await self._node._bridge.call(self._t_publish, rec, blob, True)
+        await self._host.bridge.call(self._t_publish, rec, blob, True)
 
     async def withdraw(self, model: str) -> None:
         """Best effort: overwrite our record with a zero-span one so readers drop us at once."""
         last = self._last.get(model)
-        base = last or SpanRecord(model, 0, 0, self._node.peer_id, list(self._node.addrs), 0.0, 0, "", 0.0)
+        base = last or SpanRecord(model, 0, 0, self._host.peer_id, list(self._host.addrs), 0.0, 0, "", 0.0)
         self._last_issued = max(time.time(), self._last_issued + 1e-6)
         rec = dataclasses.replace(base, start=0, end=0, throughput=0.0, free_cache_tokens=0,
                                   expires=time.time() + WITHDRAW_TTL_S, issued=self._last_issued)
         self._last[model] = rec
         try:
-            await self._node._bridge.call(self._t_publish, rec, sign_record(rec, self._node.keypair), False)
+            await self._host.bridge.call(self._t_publish, rec, sign_record(rec, self._host.keypair), False)
         except Exception as exc:
             log.warning("withdrawing %s from the DHT failed: %r", model, exc)
 
     def stats(self) -> dict[str, int]:
         """Health of this node's DHT (read from any thread: plain sizes, no locking needed): peers in
         the routing table, values and provider keys stored here."""
-        kad = self._kad
+        kad = self._host.kad
         if kad is None:
             return {"routing_table_peers": 0, "stored_values": 0, "provider_keys": 0}
         return {"routing_table_peers": kad.routing_table.size(), "stored_values": len(kad.value_store.store),
@@ -264,7 +104,7 @@ class DHT:
 
     async def discover(self, model: str) -> list[SpanRecord]:
         """Live, verified records of every provider of `model` (withdrawn/expired/forged dropped)."""
-        return await self._node._bridge.call(self._t_discover, model)
+        return await self._host.bridge.call(self._t_discover, model)
 
     async def lookup(self, model: str, peer_id: str) -> SpanRecord | None:
         """The newest valid (signed by peer_id, unexpired, not withdrawn) record of `peer_id` for
@@ -280,7 +120,7 @@ class DHT:
             peer = ID.from_base58(peer_id)
         except Exception:
             return None  # not a peer id: nobody can have a record under it
-        rec = await self._node._bridge.call(self._t_fetch_value, model, peer)
+        rec = await self._host.bridge.call(self._t_fetch_value, model, peer)
         if rec is None or rec.withdrawn:
             return None
         if len(self._found) >= LOOKUP_CACHE_SIZE:
@@ -291,6 +131,38 @@ class DHT:
         return rec
 
     # ---- trio side ---------------------------------------------------------------------
+    async def trio_join(self, boot: list[LibPeerInfo], required: bool) -> BootstrapUnreachable | None:
+        """Connect to bootstrap peers and look ourselves up so they (and we) fill routing tables.
+
+        If `required` and no bootstrap peer answers, returns why (the caller raises it, so it is
+        not logged too); otherwise unreachable peers are logged and None is returned."""
+        kad, libp2p = self._host.kad, self._host.libp2p
+        assert kad is not None
+        joined = 0
+        reasons: list[str] = []
+        for info in boot:
+            where = f"{info.peer_id} at {', '.join(str(a) for a in info.addrs)}"
+            reason = f"no answer within {BOOTSTRAP_TIMEOUT:g} s"
+            with trio.move_on_after(BOOTSTRAP_TIMEOUT):
+                try:
+                    await libp2p.connect(info)
+                    await kad.add_peer(info.peer_id, skip_server_mode_check=True)
+                    joined += 1
+                    continue
+                except Exception as exc:
+                    reason = root_cause(exc)
+            log.log(logging.DEBUG if required else logging.WARNING, "bootstrap peer %s unreachable: %s", where, reason)
+            reasons.append(f"{where}: {reason}")
+        if joined:
+            with trio.move_on_after(BOOTSTRAP_TIMEOUT):
+                await kad.peer_routing.find_closest_peers_network(libp2p.get_id().to_bytes())
+            return None
+        if boot and required:
+            return BootstrapUnreachable(f"cannot reach any bootstrap peer ({'; '.join(reasons)})")
+        if boot:
+            log.warning("no bootstrap peer reachable; starting alone")
+        return None
+
     async def _t_publish(self, rec: SpanRecord, blob: bytes, provide: bool) -> None:
         """Store the record and our provider entry (withdrawing: the record, and drop the entry).
 
@@ -299,17 +171,17 @@ class DHT:
         in the whole network go on in the background. They can take 20 s and more: the closest
         peers may include nodes behind a NAT whose private addresses the DHT still lists, and each
         dial to one waits for its timeout."""
-        kad = self._kad
+        kad = self._host.kad
         assert kad is not None
         key, vkey = provider_key(rec.model), value_key(rec.model, rec.peer_id)
         vkey_bytes = vkey.encode()
         if not provide:
             await kad.put_value(vkey, blob)
             kad.provider_store.providing_keys.discard(key)
-            kad.provider_store.providers.get(key, {}).pop(self._node.peer_id, None)
+            kad.provider_store.providers.get(key, {}).pop(self._host.peer_id, None)
             return
         kad.value_store.put(vkey_bytes, blob)
-        connected = set(self._node._host.get_connected_peers())
+        connected = set(self._host.libp2p.get_connected_peers())
         near = [p for p in kad.routing_table.get_peer_ids() if p in connected]
 
         async def store_near(peer: ID) -> None:
@@ -323,14 +195,14 @@ class DHT:
         async with trio.open_nursery() as nursery:
             for peer in near:
                 nursery.start_soon(store_near, peer)
-        nursery = self._node._bridge.nursery
+        nursery = self._host.bridge.nursery
         if not self._spreading and nursery is not None:
             self._spreading = True
             nursery.start_soon(self._t_spread, vkey, blob, key)
 
     async def _t_spread(self, vkey: str, blob: bytes, key: bytes) -> None:
         """The Kademlia puts of one announce (one at a time: a later announce skips it while one runs)."""
-        kad = self._kad
+        kad = self._host.kad
         assert kad is not None
         try:
             async with trio.open_nursery() as nursery:
@@ -342,7 +214,7 @@ class DHT:
             self._spreading = False
 
     async def _t_discover(self, model: str) -> list[SpanRecord]:
-        kad = self._kad
+        kad = self._host.kad
         assert kad is not None
         key = provider_key(model)
         providers: dict[ID, list[Any]] = {p.peer_id: list(p.addrs) for p in kad.provider_store.get_providers(key)}
@@ -365,7 +237,7 @@ class DHT:
 
         async def fetch(peer: ID, addrs: list[Any]) -> None:
             if addrs:
-                self._node._host.get_peerstore().add_addrs(peer, addrs, 3600)
+                self._host.libp2p.get_peerstore().add_addrs(peer, addrs, 3600)
             rec = await self._t_fetch_value(model, peer, unanswered)
             if rec is not None and not rec.withdrawn:
                 records[rec.peer_id] = rec
@@ -379,7 +251,7 @@ class DHT:
     async def _t_fetch_value(self, model: str, peer: ID, unanswered: set[ID] | None = None) -> SpanRecord | None:
         """Newest valid record of `peer` for `model`: from the peer itself and its replicas. A peer
         for which nobody answered with any record is added to `unanswered`."""
-        kad = self._kad
+        kad = self._host.kad
         assert kad is not None
         peer_b58 = peer.to_base58()
         key = value_key(model, peer_b58).encode()
@@ -405,7 +277,7 @@ class DHT:
         # timeout whenever one replica hung.)
         if peer != kad.local_peer_id:
             await ask(peer)
-        if not any(_valid_for(blob, peer_b58, model) for source, blob in blobs if source == peer_b58):
+        if not any(valid_for(blob, peer_b58, model) for source, blob in blobs if source == peer_b58):
             async with trio.open_nursery() as nursery:
                 for source in dict.fromkeys(sources):
                     if source not in (kad.local_peer_id, peer):
@@ -426,7 +298,7 @@ class DHT:
                     unanswered.add(peer)
             return None
         self.incompatible.pop(peer_b58, None)
-        return valid[_newest(valid)]
+        return valid[newest(valid)]
 
     def _dropped(self, peer: str, model: str, source: str, reason: str) -> None:
         """Log a record we cannot use: a warning the first time a peer's record fails for a reason
@@ -442,20 +314,3 @@ class DHT:
             self._warned.clear()
         self._warned.add((peer, reason))
         log.warning("dropping span record of %s for %s (from %s): %s", peer, model, source, reason)
-
-
-def _valid_for(blob: bytes, peer_id: str, model: str) -> bool:
-    try:
-        rec = verify_record(blob)
-    except RecordRejected:
-        return False
-    return rec.peer_id == peer_id and rec.model == model
-
-
-def coverage(records: list[SpanRecord], num_layers: int) -> list[int]:
-    """How many of `records` hold each layer of a model with num_layers layers."""
-    counts = [0] * num_layers
-    for r in records:
-        for i in range(max(0, r.start), min(num_layers, r.end)):
-            counts[i] += 1
-    return counts

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
@@ -28,6 +28,9 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from .relay import connection_is_relayed, recv_control, send_control
+
+if TYPE_CHECKING:
+    from .host import Host
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +154,29 @@ async def check(host: Any, peers: list[ID], ports: list[int]) -> Reachability:
     if reached:
         return Reachability(PUBLIC, reached[0], len(answers), len(asked))
     return Reachability(PRIVATE if answers else UNKNOWN, "", len(answers), len(asked))
+
+
+def dialback_candidates(host: Host, first: list[ID]) -> list[ID]:
+    """Peers to ask for a dial-back: `first` (bootstrap peers), then other connected routing-table peers."""
+    assert host.kad is not None
+    connected = set(host.libp2p.get_connected_peers())
+    ordered = [*first, *host.kad.routing_table.get_peer_ids()]
+    return [p for i, p in enumerate(ordered) if p in connected and p not in ordered[:i]]
+
+
+def listen_ports(host: Host) -> list[int]:
+    """The TCP ports the host listens on (what a dial-back must reach)."""
+    return sorted({int(a.value_for_protocol("tcp")) for a in host.libp2p.get_transport_addrs()})
+
+
+async def stop_listening(host: Host) -> list[multiaddr.Multiaddr]:
+    """Close the host's listeners and return the addresses they listened on.
+
+    Nobody outside can dial a private node, so it stops listening: every peer then reaches it
+    through its relays, also where its listen address would happen to be routable (a peer on the
+    same home network; a node made private with --assume-private on one machine)."""
+    closed = list(host.libp2p.get_transport_addrs())
+    for listener in list(host.libp2p.get_network().listeners.values()):
+        with trio.move_on_after(5):
+            await listener.close()
+    return closed

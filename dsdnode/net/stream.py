@@ -23,6 +23,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 
 from dsdnode.net.bridge import Bridge, StreamClosed
 from dsdnode.net.latency import LinkLatency
+from dsdnode.errors import PeerError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ FRAME_BODY_TIMEOUT_S = 30.0  # from a frame's first byte to its last, plus its s
 MIN_BODY_RATE = 1 << 20  # bytes/s: a slower sender of a started frame gets its stream reset
 
 
-class FrameTooLarge(ValueError):
+class FrameTooLarge(PeerError, ValueError):
     """A frame longer than max_frame_bytes was sent or announced (the stream is reset)."""
 
 
@@ -61,20 +62,20 @@ class Stream:
     # ---- asyncio API -------------------------------------------------------------------
     async def send(self, frame: bytes, timeout: float | None = DEFAULT_SEND_TIMEOUT) -> None:
         """Write one frame after the emulated link delay; resets the stream on timeout."""
-        await self._bridge.call(self._t_send, frame, timeout)
+        await self._bridge.call(self.trio_send, frame, timeout)
 
     async def recv(self, timeout: float | None = None, body_timeout: float = FRAME_BODY_TIMEOUT_S) -> bytes:
         """Next frame. `timeout` bounds the wait for a frame to begin: TimeoutError leaves the stream
         usable. A frame begun but not finished within body_timeout (+ size / MIN_BODY_RATE) resets
         the stream (StreamClosed); StreamClosed/FrameTooLarge end it."""
-        return await self._bridge.call(self._t_recv, timeout, body_timeout)
+        return await self._bridge.call(self.trio_recv, timeout, body_timeout)
 
     async def close(self) -> None:
         """Half-close our side (the peer's recv sees StreamClosed) and stop reading."""
-        await self._bridge.call(self._t_close)
+        await self._bridge.call(self.trio_close)
 
-    # ---- trio side ---------------------------------------------------------------------
-    async def _t_send(self, frame: bytes, timeout: float | None = DEFAULT_SEND_TIMEOUT) -> None:
+    # ---- trio side (trio_* run on the host thread; other net modules call them there) ----
+    async def trio_send(self, frame: bytes, timeout: float | None = DEFAULT_SEND_TIMEOUT) -> None:
         if not isinstance(frame, (bytes, bytearray, memoryview)):
             raise TypeError(f"frame must be bytes, got {type(frame).__name__}")
         size = len(frame)
@@ -99,7 +100,7 @@ class Stream:
         await self._t_reset()
         raise StreamClosed(f"send to {self.remote_peer_id} timed out after {timeout}s; stream reset")
 
-    async def _t_recv(self, timeout: float | None = None, body_timeout: float = FRAME_BODY_TIMEOUT_S) -> bytes:
+    async def trio_recv(self, timeout: float | None = None, body_timeout: float = FRAME_BODY_TIMEOUT_S) -> bytes:
         async with self._recv_lock:
             with trio.move_on_after(math.inf if timeout is None else timeout) as idle:
                 await self._fill(1)
@@ -161,7 +162,7 @@ class Stream:
         self._space_ev.set()
         self._space_ev = trio.Event()
 
-    async def _t_close(self) -> None:
+    async def trio_close(self) -> None:
         if self._closed:
             return
         self._closed = True

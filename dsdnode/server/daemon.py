@@ -30,7 +30,7 @@ import torch
 
 from .. import __version__
 from ..models.span import Block, Span
-from ..net.dht import SpanRecord
+from ..net.records import SpanRecord
 from ..net.protocol import DTYPE_NAMES, HIDDEN_DTYPES, SESSION_PROTOCOL
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.stream import FRAME_BODY_TIMEOUT_S, close_quietly

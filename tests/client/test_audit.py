@@ -20,7 +20,7 @@ from dsdnode.client.local import LocalChain
 from dsdnode.client.standing import Standing, TrustSettings, hop_compute_s, ip_group
 from dsdnode.client.swarm_chain import ChainFailure, RemoteChain
 from dsdnode.models.span import Span
-from dsdnode.net.dht import SpanRecord
+from dsdnode.net.records import SpanRecord
 from dsdnode.net.wire import ForwardResult, HopTiming, TensorPayload, digest
 from dsdnode.speculative.controller import ControllerSettings
 from tests.client.test_generate import make_generator, reference_greedy

@@ -1,7 +1,7 @@
 import pytest
 
 from dsdnode.client.routing import Candidate, NoRoute, best_chain
-from dsdnode.net.dht import SpanRecord
+from dsdnode.net.records import SpanRecord
 
 
 def cand(peer, a, b, rtt_ms, tok_s=100.0):

@@ -23,7 +23,7 @@ from dsdnode.local_swarm import LocalSwarm
 from dsdnode.models.head import Head
 from dsdnode.models.span import Span
 from dsdnode.models.weights import DIGEST_FILE, weights_digest
-from dsdnode.net.dht import SIGN_DOMAIN, RecordRejected, SpanRecord, sign_record, verify_record
+from dsdnode.net.records import SIGN_DOMAIN, RecordRejected, SpanRecord, sign_record, verify_record
 from dsdnode.net.identity import load_or_create_identity
 from dsdnode.net.p2p import P2PNode
 from dsdnode.net.protocol import PROTOCOL_VERSION

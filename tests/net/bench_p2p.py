@@ -36,8 +36,8 @@ async def trio_side_rtts(stream, size: int) -> list[float]:
 
     async def one() -> float:
         start = time.perf_counter()
-        await stream._t_send(payload)
-        await stream._t_recv(10)
+        await stream.trio_send(payload)
+        await stream.trio_recv(10)
         return time.perf_counter() - start
 
     return [await stream._bridge.call(one) for _ in range(REPEATS)]
@@ -56,7 +56,7 @@ async def main() -> None:
             crossings = []
             for _ in range(2000):
                 start = time.perf_counter()
-                await node._bridge.call(noop)
+                await node.host.bridge.call(noop)
                 crossings.append(time.perf_counter() - start)
             print(f"bridge round trip (asyncio->trio->asyncio, no-op): median "
                   f"{statistics.median(crossings) * 1e3:.3f} ms, p90 "

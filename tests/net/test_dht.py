@@ -8,7 +8,7 @@ import msgpack
 import pytest
 from tests.helpers.p2p_node import NodeProcess
 
-from dsdnode.net.dht import (
+from dsdnode.net.records import (
     MAX_RECORD_BYTES,
     RecordRejected,
     SpanRecord,
@@ -139,7 +139,7 @@ def test_discovery_across_processes_drops_forged_records():
 
 
 def test_record_device_kind_is_signed_and_checked():
-    from dsdnode.net.dht import RecordRejected, sign_record, verify_record
+    from dsdnode.net.records import RecordRejected, sign_record, verify_record
 
     key = load_or_create_identity(None)
     peer = ID.from_pubkey(key.public_key).to_base58()

@@ -4,7 +4,7 @@ around relayed hops. The multi-host behaviour is in test_nat.py."""
 import pytest
 
 from dsdnode.client.routing import Candidate, best_chain
-from dsdnode.net.dht import SpanRecord
+from dsdnode.net.records import SpanRecord
 from dsdnode.net.p2p import NodeInfo
 from dsdnode.net.relay import circuit_addr, is_circuit, split_circuit
 

@@ -11,7 +11,7 @@ import time
 import msgpack
 import pytest
 
-from dsdnode.net.dht import SpanRecord
+from dsdnode.net.records import SpanRecord
 from dsdnode.net.p2p import INFO_MAX_BYTES, INFO_PROTOCOL, NodeInfo, P2PNode, PeerInfo
 
 

@@ -26,7 +26,7 @@ from dsdnode.local_swarm import start_node
 from dsdnode.models.fetch import pull
 from dsdnode.models.span import Span
 from dsdnode.models.weights import weights_digest
-from dsdnode.net.dht import SpanRecord
+from dsdnode.net.records import SpanRecord
 from dsdnode.net.identity import load_or_create_identity
 from dsdnode.net.p2p import P2PNode, PeerInfo, StreamClosed
 from dsdnode.net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession,

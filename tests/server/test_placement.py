@@ -1,7 +1,7 @@
 import pytest
 
-from dsdnode.net.dht import SpanRecord
-from dsdnode.net.dht import coverage
+from dsdnode.net.records import SpanRecord
+from dsdnode.net.records import coverage
 from dsdnode.server.placement import choose_span, parse_layers
 
 
