@@ -18,7 +18,6 @@ span records and sessions carry the mode (`quant`), and a client chains only ser
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import nn
