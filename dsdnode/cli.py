@@ -77,7 +77,7 @@ def models_pull(names, source, with_draft) -> None:
 @friendly
 def models_plan(name, memory, quant, cache_budget_mb) -> None:
     """How NAME would be spread over servers of --memory each, from its config alone."""
-    from .models.planning import parse_memory, plan
+    from .server.planning import parse_memory, plan
 
     for line in plan(name, parse_memory(memory), quant, cache_budget_bytes=cache_budget_mb << 20).lines():
         click.echo(line)

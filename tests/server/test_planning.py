@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 from dsdnode.models.families import check_supported, kv_bytes
-from dsdnode.models.planning import parse_memory, plan
+from dsdnode.server.planning import parse_memory, plan
 from dsdnode.models.registry import load_registry
 
 BIG = ["llama-3.1-8b-instruct", "llama-3.1-70b-instruct", "qwen2.5-7b-instruct", "qwen2.5-32b-instruct",

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from ..devices import RESERVE_BYTES
 from ..errors import BadValue
-from .families import check_supported, family_name, kv_bytes
-from .quantization import check_mode, layer_bytes
-from .registry import get_entry
-from .weights import skeleton
+from ..models.families import check_supported, family_name, kv_bytes
+from ..models.quantization import check_mode, layer_bytes
+from ..models.registry import get_entry
+from ..models.weights import skeleton
+from .memory import RESERVE_BYTES
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -46,7 +46,7 @@ def plan_config(name: str) -> tuple[PretrainedConfig, str | None, bool]:
     if entry.config is not None:
         where = entry.config
     else:
-        from .fetch import resolve_model_dir
+        from ..models.fetch import resolve_model_dir
 
         where = resolve_model_dir(name)
     return AutoConfig.from_pretrained(where), entry.draft, True
