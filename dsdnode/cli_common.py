@@ -11,14 +11,15 @@ import typing
 import click
 import uvloop
 
-from .config import Bounds, ConfigError
-from .models.registry import RegistryError
+from . import errors
+from .config import Bounds
+from .errors import DsdnodeError, kind
 
 K_LIMIT = 64  # longest draft block a command accepts (a block of k+1 fits a default server's max_block)
 
 
-class UserError(click.ClickException):
-    """Shown as one line without a traceback."""
+class UserError(click.ClickException, errors.UserError):
+    """A command's error as click shows it: one line ("Error: ..."), exit status 1, no traceback."""
 
 
 def run_async(coro):
@@ -77,17 +78,6 @@ def one_line(exc: BaseException) -> str:
     return " ".join(lines) or type(exc).__name__
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What a user causes and can fix: bad names, configs, values, files, ports, an unreachable or
-    incomplete swarm, a server's refusal. Imported here, lazily: the client is heavy to import."""
-    from .client.routing import NoRoute
-    from .client.swarm_chain import ChainFailure
-
-    # OSError covers FileNotFoundError, PermissionError, ListenError, ConnectionError (PeerUnreachable,
-    # StreamClosed) and TimeoutError (asyncio's too)
-    return RegistryError, ConfigError, ValueError, OSError, NoRoute, ChainFailure
-
-
 def _verbosity() -> int:
     ctx = click.get_current_context(silent=True)
     return ctx.find_root().params.get("verbose", 0) if ctx is not None else 0
@@ -96,8 +86,9 @@ def _verbosity() -> int:
 def friendly(fn):
     """Every error a command ends with becomes one line and a non-zero exit.
 
-    Errors a user can fix are shown as they are; anything else is an internal error, whose
-    traceback `dsdnode -vv` prints."""
+    Whose error it is decides the line (`errors.kind`): the user's and a peer's (or the network's)
+    are shown as they are; anything else -- a bug, whatever its builtin type -- is an internal
+    error, never presented as bad input, with a hint to rerun with -v, which prints its traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -107,11 +98,20 @@ def friendly(fn):
         except KeyboardInterrupt:
             raise click.Abort() from None
         except Exception as e:
-            if isinstance(e, _user_errors()):
-                raise UserError(one_line(e)) from None
-            if _verbosity() >= 2:
-                traceback.print_exc()
-                raise UserError(f"internal error: {type(e).__name__}: {one_line(e)}") from None
-            raise UserError(f"internal error: {type(e).__name__}: {one_line(e)}; "
-                            f"run with -vv (dsdnode -vv COMMAND ...) for the traceback") from None
+            raise UserError(error_line(e, _verbosity())) from None
     return wrapper
+
+
+def error_line(e: BaseException, verbosity: int = 0) -> str:
+    """The one line a command prints for `e` (after click's "Error: "); at verbosity >= 1 an
+    internal error's traceback goes to stderr first."""
+    whose = kind(e)
+    if whose == "user":
+        return one_line(e)
+    if whose == "peer":
+        return one_line(e) if isinstance(e, DsdnodeError) else f"network error: {one_line(e)}"
+    if verbosity >= 1:
+        traceback.print_exception(e)
+        return f"internal error: {type(e).__name__}: {one_line(e)}"
+    return (f"internal error: {type(e).__name__}: {one_line(e)}; "
+            "rerun with -v (dsdnode -v COMMAND ...) for the traceback")

@@ -13,8 +13,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import BadValue
 
-class ConfigError(ValueError):
+
+class ConfigError(BadValue):
     pass
 
 

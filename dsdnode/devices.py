@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from .config import DEVICE_PATTERN, DEVICE_SYNTAX
+from .errors import BadValue
 
 MEMINFO = Path("/proc/meminfo")
 MB = 1 << 20
 
 
-class DeviceError(ValueError):
+class DeviceError(BadValue):
     """A device that was asked for and is not there (shown to the user as one line)."""
 
 
@@ -82,7 +83,7 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return default_dtype(device)
     if name not in HIDDEN_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(sorted(HIDDEN_DTYPES))}, got {name!r}")
+        raise BadValue(f"dtype must be one of {', '.join(sorted(HIDDEN_DTYPES))}, got {name!r}")
     return HIDDEN_DTYPES[name]
 
 

@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .errors import PeerError
+
 PIP_TIMEOUT_S = 600.0
 
 
-class DownloadError(RuntimeError):
+class DownloadError(PeerError, RuntimeError):
     """pip could not fetch the wheel; the message carries pip's last lines."""
 
 

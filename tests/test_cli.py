@@ -112,19 +112,36 @@ def cli(verbose):
 @friendly
 def fail(kind):
     from dsdnode.client.routing import NoRoute
+    from dsdnode.errors import BadValue, InternalError
     from dsdnode.net.p2p import PeerUnreachable
 
     raise {"route": NoRoute("no live servers for layers 0-29 of 30"),
            "peer": PeerUnreachable("cannot reach peer\nsecond line"),
            "timeout": TimeoutError(),
-           "bug": KeyError("boom")}[kind]
+           "refused": ConnectionRefusedError("connection refused"),
+           "file": FileNotFoundError(2, "No such file or directory", "/nowhere/node.toml"),
+           "bad value": BadValue("--layers must look like START:END"),
+           "bug": KeyError("boom"),
+           "value bug": ValueError("not enough values to unpack"),
+           "os bug": OSError(22, "Invalid argument"),
+           "invariant": InternalError("two sessions share a cache")}[kind]
+
+
+HINT = "; rerun with -v (dsdnode -v COMMAND ...) for the traceback"
 
 
 @pytest.mark.parametrize("kind, line", [
     ("route", "Error: no live servers for layers 0-29 of 30"),
     ("peer", "Error: cannot reach peer second line"),
-    ("timeout", "Error: TimeoutError"),
-    ("bug", "Error: internal error: KeyError: 'boom'; run with -vv (dsdnode -vv COMMAND ...) for the traceback"),
+    ("timeout", "Error: network error: TimeoutError"),
+    ("refused", "Error: network error: connection refused"),
+    ("file", "Error: [Errno 2] No such file or directory: '/nowhere/node.toml'"),
+    ("bad value", "Error: --layers must look like START:END"),
+    # what nobody raised for the user is a bug, whatever its builtin type: never shown as bad input
+    ("bug", "Error: internal error: KeyError: 'boom'" + HINT),
+    ("value bug", "Error: internal error: ValueError: not enough values to unpack" + HINT),
+    ("os bug", "Error: internal error: OSError: [Errno 22] Invalid argument" + HINT),
+    ("invariant", "Error: internal error: InternalError: two sessions share a cache" + HINT),
 ])
 def test_errors_end_as_one_line(kind, line):
     result = CliRunner().invoke(cli, ["fail", kind])
@@ -132,11 +149,11 @@ def test_errors_end_as_one_line(kind, line):
     assert result.output.splitlines() == [line]
 
 
-def test_internal_error_traceback_only_with_vv():
-    result = CliRunner().invoke(cli, ["-vv", "fail", "bug"])
+def test_internal_error_traceback_only_with_v():
+    result = CliRunner().invoke(cli, ["-v", "fail", "value bug"])
     assert result.exit_code == 1
-    assert "Traceback" in result.output and "KeyError: 'boom'" in result.output
-    assert result.output.splitlines()[-1] == "Error: internal error: KeyError: 'boom'"
+    assert "Traceback" in result.output and "ValueError: not enough values to unpack" in result.output
+    assert result.output.splitlines()[-1] == "Error: internal error: ValueError: not enough values to unpack"
 
 
 def test_bad_config_value_is_one_line(tmp_path):

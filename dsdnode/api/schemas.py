@@ -17,8 +17,10 @@ from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..errors import DsdnodeError
 
-class ApiError(Exception):
+
+class ApiError(DsdnodeError):
     """An error the client caused (4xx) or we could not avoid (5xx), in OpenAI's error shape."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import BadValue, http_status
 from .engine import Completion, Engine
 from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, ResponseShape, Usage, model_list
 
@@ -147,15 +148,16 @@ def _validation_error(e: RequestValidationError) -> ApiError:
 
 
 def _server_error(e: BaseException) -> ApiError:
-    """What a failure during generation looks like to the client."""
-    from ..client.routing import NoRoute
-    from ..client.swarm_chain import ChainFailure
-
+    """What a failure during generation looks like to the client: whose error it is (`errors.kind`)
+    picks the status -- 400 the request's, 503 the swarm's, 500 a bug."""
     if isinstance(e, ApiError):
         return e
-    if isinstance(e, (ChainFailure, NoRoute, ConnectionError, TimeoutError)):
+    status = http_status(e)
+    if status == 503:
         return ApiError(503, f"the swarm could not serve this request: {e}", type="server_error",
                         code="swarm_unavailable")
+    if status == 400:
+        return ApiError(400, str(e), code="invalid_value")
     log.error("generation failed", exc_info=e)
     return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
 
@@ -237,7 +239,7 @@ async def serve(engine: Engine, host: str, port: int, log_level: str = "warning"
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        raise BadValue(f"cannot listen on {host}:{port}: {e.strerror}") from None
     bound = sock.getsockname()[1]
     try:
         await engine.service.start()  # before uvicorn: an unreachable swarm is one clear error, not a traceback

@@ -28,6 +28,7 @@ import textwrap
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Literal
+from ..errors import BadValue
 
 if TYPE_CHECKING:
     from dsdnode.bench.datasets import Problem
@@ -57,7 +58,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0 or self.memory_bytes <= 0 or self.file_bytes <= 0:
-            raise ValueError(f"limits must be positive: {self}")
+            raise BadValue(f"limits must be positive: {self}")
 
 
 # ---------------------------------------------------------------- GSM8K

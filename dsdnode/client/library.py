@@ -29,6 +29,7 @@ from typing import Literal
 from .loading import encode_prompt
 from .service import ClientService, Generation, GenerateOptions, build_service
 from .streaming import TextStream
+from ..errors import BadValue
 
 _END = object()
 
@@ -65,7 +66,7 @@ class AsyncClient:
             return encode_prompt(self.service.models.tokenizer, prompt, chat)
         vocab = self.service.models.head.config.vocab_size
         if not prompt or any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"a prompt of token ids must be a non-empty list of ints in 0..{vocab - 1}")
+            raise BadValue(f"a prompt of token ids must be a non-empty list of ints in 0..{vocab - 1}")
         return list(prompt)
 
     async def generate(self, prompt: str | list[int], options: GenerateOptions | None = None, *, chat: bool = True,

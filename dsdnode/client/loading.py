@@ -17,6 +17,7 @@ from ..models.registry import get_entry
 from ..models.span import Span
 from ..models.weights import load_config, weights_digest
 from ..speculative.importance import ImportanceScorer
+from ..errors import BadValue
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
 
@@ -72,8 +73,8 @@ def load_client_models(target: str, draft: str | None, dtype: str | None = None,
         draft_dir = resolve_model_dir(draft)
         draft_config = load_config(draft_dir)
         if draft_config.vocab_size != head.config.vocab_size:
-            raise ValueError(f"draft {draft!r} has a vocabulary of {draft_config.vocab_size} tokens, "
-                             f"the target {head.config.vocab_size}: they must share one")
+            raise BadValue(f"draft {draft!r} has a vocabulary of {draft_config.vocab_size} tokens, "
+                           f"the target {head.config.vocab_size}: they must share one")
         draft_head = Head.load(draft_dir, dtype, device)
         if compression.vocab and compression.vocab < draft_config.vocab_size:
             draft_head = draft_head.with_vocabulary(frequent_tokens(draft_config.vocab_size, compression.vocab, stops))

@@ -15,6 +15,7 @@ import torch
 
 from ..models.span import Span, SpanCache
 from .interface import UNCHECKED, ChainOutput, Checkpoint, TreeBlock
+from ..errors import BadValue
 
 
 class LocalChain:
@@ -59,6 +60,6 @@ class LocalChain:
 def split_layers(num_layers: int, n_hops: int) -> list[tuple[int, int]]:
     """Cut num_layers into n_hops contiguous spans as even as possible."""
     if not 1 <= n_hops <= num_layers:
-        raise ValueError(f"cannot split {num_layers} layers into {n_hops} spans")
+        raise BadValue(f"cannot split {num_layers} layers into {n_hops} spans")
     bounds = [round(i * num_layers / n_hops) for i in range(n_hops + 1)]
     return list(zip(bounds, bounds[1:]))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from ..net.records import SpanRecord, coverage
 from ..net.p2p import P2PNode, PeerInfo
 from ..net.relay import is_circuit
+from ..errors import BadValue, PeerError
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 3.0
@@ -38,7 +39,7 @@ LOAD_COST_PER_SESSION = 0.1
 LOAD_SPREAD = 0.3  # the most a client's own preference raises a server's cost (fraction)
 
 
-class NoRoute(RuntimeError):
+class NoRoute(PeerError, RuntimeError):
     """No set of live servers covers every layer."""
 
 
@@ -189,7 +190,7 @@ async def describe_swarm(model: str | None, bootstrap: list[str], num_layers: in
     asked (P2PNode.ask_info), starting from the bootstrap peers and following their routing tables, up
     to SURVEY_MAX_PEERS peers. Joins as a client: nothing is left behind in the swarm."""
     if not bootstrap:
-        raise ValueError("give --bootstrap or --peers: a swarm is found through one of its peers")
+        raise BadValue("give --bootstrap or --peers: a swarm is found through one of its peers")
     node = await P2PNode.start(bootstrap=bootstrap, require_bootstrap=True, client=True)
     try:
         if model is not None:

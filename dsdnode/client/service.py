@@ -20,6 +20,7 @@ from ..speculative.controller import ControllerSettings, DraftLengthController
 from ..speculative.draft import Drafter
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
 from ..speculative.sampling import SamplingSettings
+from ..errors import BadValue
 from .generate import GenerationResult, GenerationSettings, Generator
 from .interface import Chain
 from .loading import ClientModels
@@ -49,19 +50,19 @@ class GenerateOptions:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+            raise BadValue(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if self.k != "auto" and not (isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 0):
-            raise ValueError(f"k must be 'auto' or an int >= 0, got {self.k!r}")
+            raise BadValue(f"k must be 'auto' or an int >= 0, got {self.k!r}")
         if not (isinstance(self.k_max, int) and self.k_max >= 1):
-            raise ValueError(f"k_max must be an int >= 1, got {self.k_max!r}")
+            raise BadValue(f"k_max must be an int >= 1, got {self.k_max!r}")
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise BadValue(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise BadValue(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.width_max, int) and self.width_max >= 1):
-            raise ValueError(f"width_max must be an int >= 1, got {self.width_max!r}")
+            raise BadValue(f"width_max must be an int >= 1, got {self.width_max!r}")
         if not 0 < self.tau <= 1:
-            raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
+            raise BadValue(f"tau must be in (0, 1], got {self.tau!r}")
 
     @property
     def speculative(self) -> bool:
@@ -147,7 +148,7 @@ class SwarmChains:
     def __init__(self, model: str, config, bootstrap: list[str], dtype: torch.dtype, *, weights: str,
                  link_latency_ms: float = 0.0, relay: bool = False, node=None, trust=None):
         if not bootstrap and node is None:
-            raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
+            raise BadValue("give --bootstrap or --peers to join a swarm, or --local to run without one")
         self.model, self.config, self.bootstrap, self.dtype = model, config, list(bootstrap), dtype
         self.link_latency_ms, self.relay, self.weights = link_latency_ms, relay, weights
         self.node, self._own_node = node, node is None
@@ -220,7 +221,7 @@ class ClientService:
         drafter = None
         if s.speculative:
             if m.draft_head is None:
-                raise ValueError("this client has no draft model: use k=0, or load one (draft=...)")
+                raise BadValue("this client has no draft model: use k=0, or load one (draft=...)")
             drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + 2 * s.max_block + 1,
                               s.sampling)
         importance = await self.importance() if s.adaptive.enabled else None
@@ -255,7 +256,7 @@ def check_context(config, tokens: int, what: str) -> None:
     session, and the client says so."""
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and tokens > context:
-        raise ValueError(f"{what} come to {tokens} tokens, more than the model's context ({context} tokens)")
+        raise BadValue(f"{what} come to {tokens} tokens, more than the model's context ({context} tokens)")
 
 
 def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), local: bool = False, hops: int = 4,
@@ -268,11 +269,11 @@ def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), lo
     from .loading import default_draft, load_client_models
 
     if dtype is not None and dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+        raise BadValue(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     if link_latency_ms < 0:
-        raise ValueError(f"link_latency_ms must be >= 0, got {link_latency_ms}")
+        raise BadValue(f"link_latency_ms must be >= 0, got {link_latency_ms}")
     if not local and not bootstrap:
-        raise ValueError("give --bootstrap or --peers to join a swarm, or --local to run without one")
+        raise BadValue("give --bootstrap or --peers to join a swarm, or --local to run without one")
     models = load_client_models(model, default_draft(model) if draft is True else draft or None, dtype, device,
                                 draft_int8, draft_vocab)
     if local:  # the spans share the client's device and dtype

@@ -42,6 +42,7 @@ from .deadlines import DeadlineSettings, PassDeadline
 from .interface import UNCHECKED, ChainOutput, Checkpoint, TreeBlock
 from .routing import Candidate, Hop, NoRoute, best_chain, ping_records, relayed_only, same_weights
 from .standing import Standing, TrustSettings, hop_compute_s
+from ..errors import PeerError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ DISCOVERY_WAIT_S = 20.0
 RELAY_LOSS_WAIT_S = 20.0
 
 
-class ChainFailure(RuntimeError):
+class ChainFailure(PeerError, RuntimeError):
     """A fault of the chain; `suspects` maps each peer it is blamed on to why."""
 
     def __init__(self, message: str, suspects: dict[str, str] | None = None, retry_after_s: float | None = None):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .span import Span
+from ..errors import BadValue
 
 DEFAULT_CPU_VOCAB = 32768
 
@@ -37,7 +38,7 @@ class DraftCompression:
 
     def __post_init__(self) -> None:
         if not isinstance(self.vocab, int) or isinstance(self.vocab, bool) or self.vocab < 0:
-            raise ValueError(f"the draft vocabulary must be a count of tokens >= 0 (0: all), got {self.vocab!r}")
+            raise BadValue(f"the draft vocabulary must be a count of tokens >= 0 (0: all), got {self.vocab!r}")
 
     @classmethod
     def for_device(cls, device: torch.device, int8: bool | None = None, vocab: int | None = None) -> "DraftCompression":
@@ -47,7 +48,7 @@ class DraftCompression:
         cpu = device.type == "cpu"
         chosen = cls(cpu if int8 is None else int8, (DEFAULT_CPU_VOCAB if cpu else 0) if vocab is None else vocab)
         if chosen.int8 and not cpu:
-            raise ValueError(f"an int8 draft runs on the CPU only, not on {device}: use --no-draft-int8")
+            raise BadValue(f"an int8 draft runs on the CPU only, not on {device}: use --no-draft-int8")
         return chosen
 
     def describe(self) -> str:

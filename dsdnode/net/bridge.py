@@ -15,8 +15,10 @@ from typing import Any
 
 import trio
 
+from ..errors import PeerError
 
-class StreamClosed(ConnectionError):
+
+class StreamClosed(PeerError, ConnectionError):
     """The stream ended (EOF, reset, local close, or the peer/connection died)."""
 
 

@@ -42,6 +42,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
+from dsdnode.errors import BadValue, PeerError, UserError
 from dsdnode.net import relay
 from dsdnode.net.bridge import Bridge, StreamClosed
 from dsdnode.net.latency import LinkLatency
@@ -83,7 +84,7 @@ if not os.environ.get("LIBP2P_DEBUG"):
     logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
 
 
-class PeerUnreachable(ConnectionError):
+class PeerUnreachable(PeerError, ConnectionError):
     """Could not connect to the peer or negotiate the protocol in time."""
 
 
@@ -91,7 +92,7 @@ class BootstrapUnreachable(PeerUnreachable):
     """None of the bootstrap peers answered a node that cannot work alone (a client)."""
 
 
-class ListenError(OSError):
+class ListenError(UserError, OSError):
     """The node cannot listen where it was asked to: the port is taken or the address is not this machine's."""
 
 
@@ -107,9 +108,9 @@ def check_listen_address(host: str, port: int) -> None:
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
-        raise ValueError(f"listen host must be an IPv4 address such as 127.0.0.1 or 0.0.0.0, got {host!r}") from None
+        raise BadValue(f"listen host must be an IPv4 address such as 127.0.0.1 or 0.0.0.0, got {host!r}") from None
     if not 0 <= port <= 65535:
-        raise ValueError(f"listen port must be in 0..65535, got {port}")
+        raise BadValue(f"listen port must be in 0..65535, got {port}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

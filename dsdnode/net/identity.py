@@ -17,6 +17,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_private_key
 
 from ..files import write_atomic
+from ..errors import BadValue
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def load_or_create_identity(path: str | os.PathLike[str] | None) -> KeyPair:
         return create_new_key_pair()
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise ValueError(f"identity path {path} is a directory, expected a key file")
+        raise BadValue(f"identity path {path} is a directory, expected a key file")
     if os.path.exists(path):
         return _load(path)
     key_pair = create_new_key_pair()
@@ -47,9 +48,9 @@ def _load(path: str) -> KeyPair:
     try:
         private_key = deserialize_private_key(data)
     except Exception as exc:  # protobuf/nacl raise many types; all mean "not a key"
-        raise ValueError(f"identity file {path} is corrupt (not a libp2p private key): {exc}") from None
+        raise BadValue(f"identity file {path} is corrupt (not a libp2p private key): {exc}") from None
     if not isinstance(private_key, Ed25519PrivateKey) or len(private_key.to_bytes()) != 32:
-        raise ValueError(f"identity file {path} does not hold an Ed25519 private key")
+        raise BadValue(f"identity file {path} does not hold an Ed25519 private key")
     mode = stat.S_IMODE(os.stat(path).st_mode)
     if mode & 0o077:
         log.warning("identity file %s is readable by others (mode %o); expected 0600", path, mode)

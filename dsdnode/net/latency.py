@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from ..errors import BadValue
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class LinkLatency:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"latency must be a number of milliseconds, got {value!r}")
             if not math.isfinite(value) or value < 0:
-                raise ValueError(f"latency must be finite and >= 0 ms, got {value!r}")
+                raise BadValue(f"latency must be finite and >= 0 ms, got {value!r}")
 
     def delay_s(self, peer_id: str) -> float:
         """Seconds to wait before writing a frame to `peer_id`."""

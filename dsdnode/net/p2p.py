@@ -27,6 +27,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as LibPeerInfo
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
+from dsdnode.errors import BadValue
 from dsdnode.net import reachability, relay
 from dsdnode.net.bridge import NodeStopped, StreamClosed
 from dsdnode.net.dht import DHT
@@ -103,7 +104,7 @@ class P2PNode:
             boot = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in bootstrap]
             announced = [multiaddr.Multiaddr(a) for a in announce]
         except Exception as exc:
-            raise ValueError(f"bad bootstrap/announce multiaddr (need /ip4/H/tcp/P/p2p/ID): {exc}") from None
+            raise BadValue(f"bad bootstrap/announce multiaddr (need /ip4/H/tcp/P/p2p/ID): {exc}") from None
         node = cls(identity or load_or_create_identity(None), latency, max_frame_bytes)
         node.host.advertised = announced or None
         node._assume_private = assume_private

@@ -20,6 +20,7 @@ from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
 from libp2p.records.validator import Validator
 
+from ..errors import PeerError
 from .protocol import PROTOCOL_VERSION
 
 NAMESPACE = "dsdspan"
@@ -27,7 +28,7 @@ MAX_RECORD_BYTES = 4096
 SIGN_DOMAIN = b"dsdnode/span-record/v1\x00"
 
 
-class RecordRejected(ValueError):
+class RecordRejected(PeerError, ValueError):
     """A span record failed verification; `reason` says why."""
 
     def __init__(self, reason: str) -> None:

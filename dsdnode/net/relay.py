@@ -41,6 +41,8 @@ from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as LibPeerInfo
 
+from ..errors import BadValue, PeerError
+
 log = logging.getLogger(__name__)
 
 RESERVE_PROTOCOL = TProtocol("/dsdnode/relay/reserve/1.0.0")
@@ -55,7 +57,7 @@ PIPE_CHUNK = 64 * 1024
 PIPE_QUEUE = 64  # chunks in flight per direction while the emulated link delays them
 
 
-class RelayError(ConnectionError):
+class RelayError(PeerError, ConnectionError):
     """A relay refused or failed a reservation or a circuit; the message says why."""
 
 
@@ -89,7 +91,7 @@ def split_circuit(addr: str) -> tuple[str, str]:
     except Exception:
         relay_id = None
     if not relay_id:
-        raise ValueError(f"circuit address {addr!r} names no relay (/p2p/<relay id> before {CIRCUIT})")
+        raise BadValue(f"circuit address {addr!r} names no relay (/p2p/<relay id> before {CIRCUIT})")
     return str(ma.decapsulate(multiaddr.Multiaddr(f"/p2p/{relay_id}"))), str(relay_id)
 
 

@@ -23,6 +23,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 
 from dsdnode.net.bridge import Bridge, StreamClosed
 from dsdnode.net.latency import LinkLatency
+from dsdnode.errors import PeerError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ FRAME_BODY_TIMEOUT_S = 30.0  # from a frame's first byte to its last, plus its s
 MIN_BODY_RATE = 1 << 20  # bytes/s: a slower sender of a started frame gets its stream reset
 
 
-class FrameTooLarge(ValueError):
+class FrameTooLarge(PeerError, ValueError):
     """A frame longer than max_frame_bytes was sent or announced (the stream is reset)."""
 
 

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 import msgpack
 
+from ..errors import PeerError
+
 if TYPE_CHECKING:
     import torch
 
@@ -75,7 +77,7 @@ def cap(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
-class WireError(ValueError):
+class WireError(PeerError, ValueError):
     """A frame that is not a valid message. `code` is one of ERROR_CODES."""
 
     def __init__(self, code: str, message: str) -> None:

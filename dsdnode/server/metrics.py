@@ -14,6 +14,7 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from ..errors import BadValue
 
 # Block compute on a CPU spans ~1 ms (one token, few layers) to seconds (a long prefill chunk).
 COMPUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -53,7 +54,7 @@ class NodeMetrics:
         try:
             self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as e:
-            raise ValueError(f"cannot serve metrics on {host}:{port}: {e.strerror}") from None
+            raise BadValue(f"cannot serve metrics on {host}:{port}: {e.strerror}") from None
 
     def stop(self) -> None:
         if self._http is not None:

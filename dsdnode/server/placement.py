@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from ..errors import BadValue
 from ..net.records import SpanRecord, coverage
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, int]:
     try:
         a, b = (int(x) for x in text.split(":"))
     except ValueError:
-        raise ValueError(f"--layers must look like START:END (e.g. 0:7) or 'auto', got {text!r}") from None
+        raise BadValue(f"--layers must look like START:END (e.g. 0:7) or 'auto', got {text!r}") from None
     if not 0 <= a < b <= num_layers:
-        raise ValueError(f"--layers {text}: this model has layers 0:{num_layers}")
+        raise BadValue(f"--layers {text}: this model has layers 0:{num_layers}")
     return a, b

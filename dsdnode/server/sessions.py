@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ..models.span import Span, SpanCache
 from ..net.p2p import Stream
+from ..errors import PeerError
 
 
 BUSY_RETRY_AFTER_S = 2.0  # the hint a full server gives; clients back off further when it stays full
@@ -38,7 +39,7 @@ class ClientLimits:
     max_queued_positions: int = 512
 
 
-class SessionError(Exception):
+class SessionError(PeerError):
     """Becomes an ErrorReply with this code (and, for "busy", a retry hint)."""
 
     def __init__(self, code: str, message: str, retry_after_s: float | None = None):
