@@ -57,7 +57,7 @@ MAX_ENTRIES_PER_GROUP = 128  # entries one /24 may hold in all (made-up model na
 MAX_KEYS = 4096
 MAX_REQUEST_BYTES = MAX_RECORD_BYTES + 256
 MAX_ANSWER_BYTES = MAX_ENTRIES_PER_KEY * (MAX_RECORD_BYTES + 16) + 64
-QUERY_TIMEOUT_S = 5.0
+QUERY_TIMEOUT_S = 10.0  # 5 s timed out healthy peers on the loaded shared 2-core machine
 CLOSEST_CACHE_S = 15.0  # how long a shard key's closest peers are reused
 CLOSEST_CACHE_KEYS = 1024
 
@@ -246,13 +246,14 @@ class DirectoryService:
 
 
 async def _request(host: Host, peer: ID, body: dict) -> dict:
-    """One directory request; a peer that cannot be reached leaves our routing table (it is gone or
-    does not serve the DHT), one that answers garbage raises ValueError."""
+    """One directory request; a peer we cannot even connect to leaves our routing table (it is gone),
+    one that is merely slow stays (evicting slow peers under load empties the table); one that
+    answers garbage raises ValueError."""
     try:
         stream = await host.trio_open(PeerInfo(peer.to_base58()), DIRECTORY_PROTOCOL, QUERY_TIMEOUT_S,
                                       max_frame_bytes=MAX_ANSWER_BYTES)
     except PeerUnreachable:
-        if host.kad is not None:
+        if host.kad is not None and peer not in host.libp2p.get_connected_peers():
             host.kad.routing_table.remove_peer(peer)
         raise
     try:
