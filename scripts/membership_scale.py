@@ -269,6 +269,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("membership_scale: network namespaces need root")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("membership_scale: terminated"))  # cleanup still runs
     result = run(args)
     line = json.dumps(result)
     print(line)
