@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not heavy" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 -m "not heavy" $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/dsdnode demo

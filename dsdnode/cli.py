@@ -13,7 +13,7 @@ from .cli_common import UserError, friendly
 
 @click.group()
 @click.version_option(__version__, prog_name="dsdnode")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More logging, and the traceback of an internal error (-vv for debug).")
 def main(verbose: int) -> None:
     """dsdnode: one LLM across volunteer machines, fast over slow links via speculative decoding."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]

@@ -7,7 +7,8 @@ import logging
 import click
 
 from .cli_common import K_LIMIT, FiniteFloatRange, friendly, run_async
-from .cli_generate import client_options
+from .cli_options import client_options
+from .config import bootstrap_list
 
 
 @click.command()
@@ -45,7 +46,6 @@ def api(host, port, model, draft, draft_int8, draft_vocab, local, hops, link_lat
 
     from .api.engine import Engine, EngineSettings
     from .api.server import serve
-    from .cli_node import bootstrap_list
     from .client.service import build_service, check_context
 
     if threads:

@@ -10,9 +10,9 @@ from pathlib import Path
 import click
 
 from .cli_common import K_LIMIT, FiniteFloatRange, friendly
-from .cli_generate import DEVICE_HELP, DTYPE_HELP, DeviceType, draft_compression_options
+from .cli_options import DEVICE_HELP, DTYPE_HELP, DeviceType, draft_compression_options
 from .bench.datasets import DEFAULT_GSM8K_STYLE, GSM8K_STYLES
-from .config import DTYPE_NAMES
+from .dtypes import HIDDEN_DTYPES
 
 class ClientCounts(click.ParamType):
     """--clients: a comma list of client counts >= 1, e.g. 1,2,4,8."""
@@ -60,7 +60,7 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--client-threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads of the client.")
 @click.option("--device", type=DeviceType(), default="auto", show_default=True,
               help=DEVICE_HELP + " The client's and every server's.")
-@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None, help=DTYPE_HELP)
+@click.option("--dtype", type=click.Choice(HIDDEN_DTYPES), default=None, help=DTYPE_HELP)
 @click.option("--k-max", type=click.IntRange(1, K_LIMIT), default=8, show_default=True, help="Longest block for the dsd-auto modes.")
 @click.option("--tau", type=FiniteFloatRange(0, 1), default=0.3, show_default=True,
               help="Adaptive verification threshold (dsd-auto-av).")
@@ -90,7 +90,7 @@ def bench(model, draft, servers, replicas, latencies, dataset, gsm8k_style, prom
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
     from .bench.runner import BenchConfig, BenchRun
     from .devices import default_dtype, resolve_device
-    from .net.protocol import DTYPE_NAMES as NAMES
+    from .dtypes import dtype_name
 
     if resume and (out is None or clients is not None or overhead):
         raise click.BadParameter("--resume continues a run of the modes saved in --out: give --out, without "
@@ -114,7 +114,7 @@ def bench(model, draft, servers, replicas, latencies, dataset, gsm8k_style, prom
             for name, value in args.items())
         latencies = latencies or QUICK["latencies"]
     resolved = resolve_device(device)  # a missing device: one line, before any work
-    dtype = dtype or NAMES[default_dtype(resolved)]
+    dtype = dtype or dtype_name(default_dtype(resolved))
     out = Path(out) if out else Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     config = BenchConfig(out=out, model=model, draft=draft, servers=servers, replicas=replicas, latencies_ms=tuple(latencies or (50.0,)),
                          datasets=("humaneval", "gsm8k") if dataset == "both" else (dataset,),

@@ -98,7 +98,7 @@ def friendly(fn):
         except KeyboardInterrupt:
             raise click.Abort() from None
         except Exception as e:
-            raise UserError(error_line(e, _verbosity())) from None
+            raise click.ClickException(error_line(e, _verbosity())) from None  # "Error: ...", exit 1
     return wrapper
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .cli_common import FiniteFloatRange, friendly, run_async
-from .cli_generate import DEVICE_HELP, DeviceType
+from .cli_options import DEVICE_HELP, DeviceType
 
 PROMPTS = [
     ("code", "Write a Python function is_prime(n) that returns True when n is a prime number."),
@@ -34,12 +34,12 @@ def demo(model, servers, link_latency_ms, max_new_tokens, device):
     from .client.loading import default_draft
     from .client.local import split_layers
     from .devices import default_dtype, describe, resolve_device
-    from .net.protocol import DTYPE_NAMES
+    from .dtypes import dtype_name
     from .models.fetch import pull
     from .models.weights import load_config
 
     resolved = resolve_device(device)  # a missing device: one error line before any work
-    dtype = DTYPE_NAMES[default_dtype(resolved)]
+    dtype = dtype_name(default_dtype(resolved))
     click.echo(f"device: {describe(resolved)}, {dtype}", err=True)
     draft = default_draft(model)
     paths = {name: pull(name) for name in dict.fromkeys([model, draft])}

@@ -1,31 +1,20 @@
-"""`dsdnode start` (serve layers) and `dsdnode swarm` (who serves what)."""
+"""`dsdnode start` (serve layers, or the DHT only: server/node.py) and `dsdnode swarm` (who serves what)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import time
 
 import click
 
 from .cli_common import UserError, friendly, run_async, setting_type
-from .cli_generate import DEVICE_HELP, DTYPE_HELP, DeviceType
-from .config import NodeSettings, load_settings, read_peers_file
-
-log = logging.getLogger(__name__)
+from .cli_options import DEVICE_HELP, DTYPE_HELP, DeviceType
+from .config import NodeSettings, bootstrap_list, load_settings
 
 
 def node_type(name: str) -> click.ParamType:
     """The type of the `start` flag for NodeSettings.`name`: the range its config key has."""
     return setting_type(NodeSettings, name)
-
-
-def bootstrap_list(bootstrap, peers_file) -> list[str]:
-    addrs = list(bootstrap)
-    if peers_file:
-        addrs += read_peers_file(peers_file)
-    return addrs
 
 
 @click.command()
@@ -78,94 +67,10 @@ def bootstrap_list(bootstrap, peers_file) -> list[str]:
 @friendly
 def start(config_file, peers_file, **flags):
     """Serve a span of a model's layers to the swarm until SIGTERM."""
+    from .server.node import run_node
+
     settings = load_settings(NodeSettings, config_file, peers_file=peers_file, **flags)
     run_async(run_node(settings))
-
-
-async def run_node(s: NodeSettings) -> None:
-    import torch
-
-    from .devices import describe, resolve_device, resolve_dtype
-    from .models.fetch import resolve_model_dir
-    from .models.span import Span
-    from .models.weights import load_config, weights_digest
-    from .net.identity import load_or_create_identity
-    from .net.latency import LinkLatency
-    from .net.p2p import P2PNode
-    from .net.protocol import DTYPE_NAMES
-    from .server.batching import BatchSettings
-    from .server.daemon import Server, install_stop_triggers
-    from .server.sessions import ClientLimits
-    from .server.placement import auto_width, choose_span, parse_layers
-
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    if s.layers == "none":
-        await run_bootstrap_peer(s)
-        return
-    device = resolve_device(s.device)
-    dtype = resolve_dtype(s.dtype, device)
-    model_dir = resolve_model_dir(s.model)
-    config = load_config(model_dir)
-    num_layers = config.num_hidden_layers
-    if s.layers != "auto":
-        span_range = parse_layers(s.layers, num_layers)
-    else:
-        width = auto_width(config, device, dtype, num_layers=s.num_layers, cache_budget_mb=s.cache_budget_mb,
-                           max_memory_mb=s.max_memory_mb)
-    stop = asyncio.Event()
-    install_stop_triggers(stop, s.parent_pid)
-    node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
-                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file),
-                               latency=LinkLatency(s.link_latency_ms), announce=s.announce_addrs,
-                               relay_service=s.relay_service, assume_private=s.assume_private)
-    try:
-        if s.layers == "auto":
-            records = await node.dht.discover(s.model) if s.bootstrap or s.peers_file else []
-            span_range = choose_span(records, num_layers, width)
-            log.info("--layers auto: chose %d:%d", *span_range)
-        span = Span.load(model_dir, *span_range, dtype=dtype, device=device)
-        log.info("serving layers %d:%d of %s on %s in %s", *span_range, s.model, describe(device), DTYPE_NAMES[dtype])
-        server = Server(node, s.model, span, weights=weights_digest(model_dir), cache_budget_bytes=s.cache_budget_mb << 20,
-                        max_length=s.max_session_length, max_block=s.max_block, idle_s=s.session_idle_s,
-                        announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s,
-                        frame_body_timeout_s=s.frame_body_timeout_s,
-                        batching=BatchSettings(s.max_batch if s.batching else 1, s.batch_window_ms / 1000),
-                        client_limits=ClientLimits(s.max_sessions_per_client, s.max_queued_per_client))
-        if s.metrics_port:
-            server.metrics.serve(s.host, s.metrics_port)
-    except BaseException:
-        await node.stop()
-        raise
-    try:
-        await server.serve(stop)
-    finally:
-        server.metrics.stop()
-
-
-async def run_bootstrap_peer(s: NodeSettings) -> None:
-    """A peer that serves no layers: it only keeps the DHT reachable (a stable public entry point)."""
-    from .net.identity import load_or_create_identity
-    from .net.latency import LinkLatency
-    from .net.p2p import P2PNode
-    from .server.daemon import install_stop_triggers
-    from .server.metrics import bootstrap_metrics
-
-    stop = asyncio.Event()
-    install_stop_triggers(stop, s.parent_pid)
-    node = await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
-                               bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs,
-                               latency=LinkLatency(s.link_latency_ms), relay_service=s.relay_service)
-    metrics = bootstrap_metrics(node)
-    try:
-        if s.metrics_port:
-            metrics.serve(s.host, s.metrics_port)
-        print(json.dumps({"event": "ready", "peer_id": node.peer_id, "addrs": node.addrs, "role": "bootstrap",
-                          **node.reach_fields()}), flush=True)
-        await stop.wait()
-    finally:
-        metrics.stop()
-        await node.stop()
 
 
 @click.command()
@@ -202,7 +107,7 @@ def swarm(model, bootstrap, peers_file, as_json):
 
 def _print_model(r: dict, peers: bool) -> None:
     """One model's coverage line, after its peers when `peers`."""
-    from .client.routing import _ranges as layer_ranges
+    from .client.routing import layer_ranges
 
     if peers:
         for p in r["peers"]:

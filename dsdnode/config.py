@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dtypes import HIDDEN_DTYPES
 from .errors import BadValue
 
 
@@ -20,7 +21,6 @@ class ConfigError(BadValue):
     pass
 
 
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"  # checked here without importing torch; devices.py resolves
 DEVICE_SYNTAX = "auto, cpu, cuda, cuda:N or mps"
 
@@ -81,7 +81,7 @@ class NodeSettings:
     peers_file: str | None = None  # one multiaddr a line, '#' comments
     identity: str | None = None  # Ed25519 key file, created 0600 if missing
     device: str = matching("auto", DEVICE_PATTERN, DEVICE_SYNTAX)  # auto: CUDA, then MPS, then CPU
-    dtype: str | None = one_of(None, DTYPE_NAMES)  # None: the device's default (devices.default_dtype)
+    dtype: str | None = one_of(None, HIDDEN_DTYPES)  # None: the device's default (devices.default_dtype)
     threads: int = bounded(0, 0)  # torch threads (0: all cores)
     link_latency_ms: float = bounded(0.0, 0)  # emulated delay before every outbound frame
     cache_budget_mb: int = bounded(2048, 1)  # KV cache memory for all sessions together
@@ -159,6 +159,14 @@ def _coerce(key: str, value, hint, path):
             return value
     names = " or ".join(getattr(a, "__name__", str(a)) for a in allowed)
     raise ConfigError(f"{where} must be {names}, got {value!r}")
+
+
+def bootstrap_list(bootstrap, peers_file) -> list[str]:
+    """The bootstrap multiaddrs given one by one (--bootstrap) followed by those of a peers file."""
+    addrs = list(bootstrap)
+    if peers_file:
+        addrs += read_peers_file(peers_file)
+    return addrs
 
 
 def read_peers_file(path: str | Path) -> list[str]:

@@ -5,7 +5,6 @@ bootstrap peer exactly as machines on the internet would."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .ready import parse_ready
 
 READY_TIMEOUT_S = 180.0
 
@@ -56,14 +57,10 @@ def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | No
     def pump():
         for line in proc.stdout:
             lines.append(line)
-            if not got.is_set() and line.startswith("{"):
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event.get("event") == "ready":
-                    ready.update(event)
-                    got.set()
+            event = None if got.is_set() else parse_ready(line)
+            if event is not None:
+                ready.update(event)
+                got.set()
         got.set()
 
     threading.Thread(target=pump, daemon=True).start()

@@ -3,7 +3,6 @@ and what every command says when the device asked for is not there."""
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import sys
@@ -14,10 +13,11 @@ from click.testing import CliRunner
 
 from dsdnode.cli import main
 from dsdnode.config import ConfigError, NodeSettings, load_settings
-from dsdnode.devices import (CPU_SAFETY, MB, RESERVE_BYTES, DeviceError, available_memory_bytes, check_device_spec,
-                             default_dtype, layer_bytes, resolve_device, resolve_dtype)
+from dsdnode.devices import DeviceError, check_device_spec, default_dtype, resolve_device, resolve_dtype
 from dsdnode.models.span import Span
 from dsdnode.models.weights import load_config
+from dsdnode.ready import parse_ready
+from dsdnode.server.memory import CPU_SAFETY, MB, RESERVE_BYTES, available_memory_bytes, layer_bytes
 from dsdnode.server.placement import auto_width
 from tests.helpers.devices import CUDA, needs_gpu
 from tests.helpers.tiny_models import tiny_config
@@ -193,7 +193,7 @@ def test_a_real_server_sizes_its_span_to_max_memory_and_says_its_device(smollm2_
         node.proc.wait(30)
     log = (tmp_path / "server.log").read_text()
     assert f"--layers auto: {expected} of 30 layers" in log and "on cpu in float32" in log
-    assert json.loads(node.lines[0])["event"] == "ready"
+    assert parse_ready(node.lines[0]) is not None
 
 
 @pytest.mark.heavy

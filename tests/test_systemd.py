@@ -4,7 +4,6 @@ Environment, as systemd would run it, from an empty HOME. The server must find t
 steps pulled (in the cache the unit names, not the installing user's), its config, its peers file
 and a writable identity path; and systemd-analyze must accept the installed unit."""
 
-import json
 import os
 import shlex
 import shutil
@@ -15,6 +14,8 @@ import threading
 from pathlib import Path
 
 import pytest
+
+from dsdnode.ready import parse_ready
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "install-systemd.sh"
@@ -105,8 +106,9 @@ def test_the_service_command_starts_from_the_installed_files(installed):
 
     def pump():
         for line in proc.stdout:
-            if line.startswith("{") and not got.is_set():
-                ready.update(json.loads(line))
+            event = None if got.is_set() else parse_ready(line)
+            if event is not None:
+                ready.update(event)
                 got.set()
         got.set()
 

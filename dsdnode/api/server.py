@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BadValue, http_status
+from ..ready import print_ready
 from .engine import Completion, Engine
 from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, ResponseShape, Usage, model_list
 
@@ -255,7 +256,7 @@ async def serve(engine: Engine, host: str, port: int, log_level: str = "warning"
             await asyncio.sleep(0.05)
         if server.started:
             url = f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{bound}/v1"
-            print(json.dumps({"event": "ready", "url": url, "model": engine.name}), flush=True)
+            print_ready(url=url, model=engine.name)
         await task
         if not server.started:
             raise RuntimeError("the API server failed to start (see the log above)")

@@ -36,12 +36,12 @@ from ..devices import describe
 from ..local_swarm import LocalSwarm
 from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode
-from ..net.protocol import DTYPE_NAMES
+from ..dtypes import dtype_name
 from .machine import machine_info
 from .modes import parse_mode
-from .report import _fmt, _mean, write_json
+from .report import fmt_cell, mean_or_none, write_json
 from .datasets import DEFAULT_GSM8K_STYLE, GSM8K_STYLES
-from .runner import ROUTE_WAIT_S, WARMUP_TOKENS, _terminate, load_prompts
+from .runner import ROUTE_WAIT_S, WARMUP_TOKENS, exit_on_signal, load_prompts
 from ..errors import BadValue, PeerError
 
 
@@ -127,7 +127,7 @@ class ClientsRun:
         c.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(c.client_threads)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminate)  # a killed run still stops its swarm and saves
+            signal.signal(signal.SIGTERM, exit_on_signal)  # a killed run still stops its swarm and saves
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.status = "running"
         self.machine = machine_info()
@@ -159,7 +159,7 @@ class ClientsRun:
                 self.log(f"[batching {'on' if batching else 'off'}] starting {c.servers} servers (logs: {workdir})")
                 swarms[batching] = stack.enter_context(LocalSwarm(
                     c.model, split_layers(n_layers, c.servers), workdir, link_latency_ms=c.latency_ms,
-                    threads=c.threads, dtype=DTYPE_NAMES[self.client.dtype], extra_args=extra))
+                    threads=c.threads, dtype=dtype_name(self.client.dtype), extra_args=extra))
             asyncio.run(self._clients(swarms))
 
     async def _clients(self, swarms: dict[bool, LocalSwarm]) -> None:
@@ -211,9 +211,9 @@ class ClientsRun:
         self.waves.append({"clients": n, "batching": batching, "wall_s": wall, "loadavg_1m_before": load,
                            "loadavg_1m_after": os.getloadavg()[0]})
         row = self.rows()[-1]
-        self.log(f"[batching {'on' if batching else 'off'}] {n} clients: {_fmt(row['aggregate_tokens_per_s'])} tok/s "
-                 f"aggregate, per client p50 {_fmt(row['per_client_tokens_per_s_p50'])} "
-                 f"p95 {_fmt(row['per_client_tokens_per_s_p95'])}, {wall:.1f} s, load {load:.2f}")
+        self.log(f"[batching {'on' if batching else 'off'}] {n} clients: {fmt_cell(row['aggregate_tokens_per_s'])} tok/s "
+                 f"aggregate, per client p50 {fmt_cell(row['per_client_tokens_per_s_p50'])} "
+                 f"p95 {fmt_cell(row['per_client_tokens_per_s_p95'])}, {wall:.1f} s, load {load:.2f}")
 
     async def _one(self, service: ClientService, i: int, n: int, batching: bool, t0: float) -> ClientRecord:
         c, p = self.config, self.prompts[i]
@@ -251,8 +251,8 @@ class ClientsRun:
                 "per_client_tokens_per_s_p50": statistics.median(rates) if rates else None,
                 "per_client_tokens_per_s_p95": percentile(rates, 95),
                 "per_client_tokens_per_s_min": min(rates, default=None),
-                "accepted_per_round": _mean([r.mean_accepted for r in ok]),
-                "mean_k": _mean([r.mean_k for r in ok]),
+                "accepted_per_round": mean_or_none([r.mean_accepted for r in ok]),
+                "mean_k": mean_or_none([r.mean_k for r in ok]),
                 "failovers": sum(r.failovers for r in ok),
                 "same_tokens": f"{sum(compared)}/{len(compared)}",
                 "loadavg_1m_before": w["loadavg_1m_before"], "loadavg_1m_after": w["loadavg_1m_after"],
@@ -313,10 +313,10 @@ class ClientsRun:
                  "| mean k | failovers | same tokens | wall s | load 1m before/after | errors |",
                  "|" + "---|" * 13]
         for r in rows:
-            lines.append(f"| {'on' if r['batching'] else 'off'} | {r['clients']} | {_fmt(r['aggregate_tokens_per_s'])} "
-                         f"| {_fmt(r['per_client_tokens_per_s_p50'])} | {_fmt(r['per_client_tokens_per_s_p95'])} "
-                         f"| {_fmt(r['per_client_tokens_per_s_min'])} | {_fmt(r['accepted_per_round'])} "
-                         f"| {_fmt(r['mean_k'])} | {r['failovers']} | {r['same_tokens']} | {r['wall_s']:.1f} "
+            lines.append(f"| {'on' if r['batching'] else 'off'} | {r['clients']} | {fmt_cell(r['aggregate_tokens_per_s'])} "
+                         f"| {fmt_cell(r['per_client_tokens_per_s_p50'])} | {fmt_cell(r['per_client_tokens_per_s_p95'])} "
+                         f"| {fmt_cell(r['per_client_tokens_per_s_min'])} | {fmt_cell(r['accepted_per_round'])} "
+                         f"| {fmt_cell(r['mean_k'])} | {r['failovers']} | {r['same_tokens']} | {r['wall_s']:.1f} "
                          f"| {r['loadavg_1m_before']:.2f}/{r['loadavg_1m_after']:.2f} | {r['errors']} |")
         targets = self.targets(rows)
         if targets:
@@ -324,8 +324,8 @@ class ClientsRun:
                           "| p50 client vs 1 client alone (target >= 0.5x) |", "|---|---|---|---|"]
             for t in targets:
                 lines.append(f"| {'on' if t['batching'] else 'off'} | {t['clients']} "
-                             f"| {_fmt(t['aggregate_vs_one_client'], '.2f', 'x')} "
-                             f"| {_fmt(t['p50_client_vs_one_client'], '.2f', 'x')} |")
+                             f"| {fmt_cell(t['aggregate_vs_one_client'], '.2f', 'x')} "
+                             f"| {fmt_cell(t['p50_client_vs_one_client'], '.2f', 'x')} |")
         return "\n".join(lines) + "\n"
 
 

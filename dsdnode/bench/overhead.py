@@ -27,6 +27,7 @@ from ..local_swarm import LocalSwarm
 from ..models.fetch import resolve_model_dir
 from ..models.weights import load_config, weights_digest
 from ..net.p2p import P2PNode
+from ..dtypes import torch_dtype
 from ..net.wire import Forward, TensorPayload, WireLimits, decode, encode
 
 ROUTE_WAIT_S = 60.0
@@ -154,7 +155,7 @@ def run_overhead(c: OverheadConfig) -> OverheadResult:
     torch.set_num_threads(1)
     model_dir = resolve_model_dir(c.model)
     config = load_config(model_dir)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[c.dtype]
+    dtype = torch_dtype(c.dtype)
     size, enc, dec, to_t, from_t = _codec(config.hidden_size, c.positions, dtype)
     result = OverheadResult({**asdict(c), "out": str(c.out)}, size, enc, dec, to_t, from_t)
     spans = [(i, i + 1) for i in range(c.max_hops)]

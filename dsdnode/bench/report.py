@@ -96,7 +96,8 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _mean(values: list[float]) -> float | None:
+def mean_or_none(values: list[float]) -> float | None:
+    """The mean, or None for no values (a table shows it as a dash)."""
     return sum(values) / len(values) if values else None
 
 
@@ -144,7 +145,7 @@ def _row(lat: float, ds: str, mode: str, mine: list[PromptResult], base: dict, r
         "mean_width": sum(sum(r.widths) for r in ok) / rounds if rounds else None,
         "nodes_per_round": sum(sum(r.nodes) for r in ok) / rounds if rounds else None,
         "draft_ms_per_round": sum(sum(r.draft_ms) for r in ok) / rounds if rounds else None,
-        "rounds_mean": _mean([r.rounds for r in ok]),
+        "rounds_mean": mean_or_none([r.rounds for r in ok]),
         "round_ms_mean": 1e3 * decode / rounds if rounds else None,
         "split_fraction": {k: v / decode for k, v in split.items()} if decode > 0 and rounds else None,
         "floor_fraction": (split["link_s"] + split["compute_s"]) / decode if decode > 0 and rounds else None,
@@ -167,7 +168,8 @@ def results_payload(meta: dict[str, Any], records: list[PromptResult], modes: li
     return {**meta, "aggregates": aggregate(records, modes), "prompts": [asdict(r) for r in records]}
 
 
-def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+def fmt_cell(value, spec: str = ".2f", suffix: str = "") -> str:
+    """A table cell: the value formatted, or a dash for None."""
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
@@ -216,17 +218,17 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                 split = "/".join(f"{100 * sp[k]:.0f}" for k in ("link_s", "compute_s", "draft_s", "overhead_s")) \
                     if sp else "–"
                 lines.append(
-                    f"| {r['mode']} | {r['n']} ({r['errors']}) | {_fmt(r['tokens_per_s_median'])} "
-                    f"| {_fmt(r['speedup_ratio_of_medians'], '.2f', 'x')} "
-                    f"| {_fmt(r['speedup_median_of_ratios'], '.2f', 'x')} "
-                    f"| {_fmt(r['vs_relay_median_of_ratios'], '.2f', 'x')} | {_fmt(r['tokens_per_round'])} "
-                    f"| {_fmt(r['accepted_per_round'])} | {_fmt(r['mean_k'])} | {_fmt(r['mean_width'])} "
-                    f"| {_fmt(r['nodes_per_round'], '.1f')} | {_fmt(r['draft_ms_per_round'], '.0f')} "
-                    f"| {_fmt(r['rounds_mean'], '.1f')} "
-                    f"| {_fmt(r['round_ms_mean'], '.0f')} | {split} "
-                    f"| {_fmt(None if r['floor_fraction'] is None else 100 * r['floor_fraction'], '.0f')} "
-                    f"| {_fmt(None if r['accuracy'] is None else 100 * r['accuracy'], '.0f', '%')} "
+                    f"| {r['mode']} | {r['n']} ({r['errors']}) | {fmt_cell(r['tokens_per_s_median'])} "
+                    f"| {fmt_cell(r['speedup_ratio_of_medians'], '.2f', 'x')} "
+                    f"| {fmt_cell(r['speedup_median_of_ratios'], '.2f', 'x')} "
+                    f"| {fmt_cell(r['vs_relay_median_of_ratios'], '.2f', 'x')} | {fmt_cell(r['tokens_per_round'])} "
+                    f"| {fmt_cell(r['accepted_per_round'])} | {fmt_cell(r['mean_k'])} | {fmt_cell(r['mean_width'])} "
+                    f"| {fmt_cell(r['nodes_per_round'], '.1f')} | {fmt_cell(r['draft_ms_per_round'], '.0f')} "
+                    f"| {fmt_cell(r['rounds_mean'], '.1f')} "
+                    f"| {fmt_cell(r['round_ms_mean'], '.0f')} | {split} "
+                    f"| {fmt_cell(None if r['floor_fraction'] is None else 100 * r['floor_fraction'], '.0f')} "
+                    f"| {fmt_cell(None if r['accuracy'] is None else 100 * r['accuracy'], '.0f', '%')} "
                     f"({r['finished']}/{r['n'] - r['errors']} ended) "
-                    f"| {r['identical_count'] or '–'} | {_fmt(r['max_divergence_gap'], '.3f')} |")
+                    f"| {r['identical_count'] or '–'} | {fmt_cell(r['max_divergence_gap'], '.3f')} |")
             lines.append("")
     return "\n".join(lines)

@@ -37,7 +37,7 @@ from ..devices import describe
 from ..models.fetch import resolve_model_dir
 from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode
-from ..net.protocol import DTYPE_NAMES
+from ..dtypes import dtype_name
 from .accuracy import evaluate
 from .datasets import DEFAULT_GSM8K_STYLE, GSM8K_STYLES, Problem, format_prompt, load_dataset
 from .machine import machine_info, source_digest
@@ -129,7 +129,7 @@ class BenchRun:
         c.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(c.client_threads)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminate)  # a killed run still stops its swarm and saves
+            signal.signal(signal.SIGTERM, exit_on_signal)  # a killed run still stops its swarm and saves
         self.machine = machine_info()
         command_line = self.command
         if self.resume:
@@ -207,7 +207,7 @@ class BenchRun:
                  f"(logs: {workdir})")
         try:
             with LocalSwarm(c.model, split_layers(n_layers, c.servers) * c.replicas, workdir, link_latency_ms=lat,
-                            threads=c.threads, dtype=DTYPE_NAMES[self.client.dtype],
+                            threads=c.threads, dtype=dtype_name(self.client.dtype),
                             extra_args=["--device", c.device], relayed=c.relayed) as swarm:
                 asyncio.run(self._client(swarm, lat))
         except Exception as e:
@@ -359,7 +359,8 @@ def load_prompts(tok, datasets: tuple[str, ...], n: int, gsm8k_style: str = DEFA
     return sorted(out, key=lambda p: p.index)
 
 
-def _terminate(signum, frame) -> None:
+def exit_on_signal(signum, frame) -> None:
+    """A SIGTERM handler that unwinds (so the swarm's processes are stopped on the way out)."""
     raise SystemExit(f"terminated by signal {signum}")
 
 

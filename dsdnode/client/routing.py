@@ -162,12 +162,12 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
     covered = sorted({i for c in candidates for i in range(c.record.start, min(c.record.end, num_layers))})
     missing = [i for i in range(num_layers) if i not in covered]
     if missing:
-        raise NoRoute(f"no live servers for layers {_ranges(missing)} of {num_layers}")
+        raise NoRoute(f"no live servers for layers {layer_ranges(missing)} of {num_layers}")
     raise NoRoute(f"no chain of live servers covers every layer with free cache for {session_length} positions"
                   if session_length else "no chain of live servers covers every layer")
 
 
-def _ranges(layers: list[int]) -> str:
+def layer_ranges(layers: list[int]) -> str:
     out, start = [], None
     for i, x in enumerate(layers):
         if start is None:

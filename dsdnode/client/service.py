@@ -265,11 +265,11 @@ def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), lo
                   draft_vocab: int | None = None) -> ClientService:
     """Load the client's models and make its chain source (blocking: loads weights); start() it in
     the event loop that will generate. See library.AsyncClient.connect for the arguments."""
-    from ..config import DTYPE_NAMES
+    from ..dtypes import HIDDEN_DTYPES
     from .loading import default_draft, load_client_models
 
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise BadValue(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    if dtype is not None and dtype not in HIDDEN_DTYPES:
+        raise BadValue(f"dtype must be one of {', '.join(HIDDEN_DTYPES)}, got {dtype!r}")
     if link_latency_ms < 0:
         raise BadValue(f"link_latency_ms must be >= 0, got {link_latency_ms}")
     if not local and not bootstrap:

@@ -32,7 +32,8 @@ import torch
 
 from ..net.records import SpanRecord
 from ..net.p2p import P2PNode, Stream, StreamClosed
-from ..net.protocol import DTYPE_NAMES, SESSION_PROTOCOL
+from ..dtypes import dtype_name
+from ..net.protocol import SESSION_PROTOCOL
 from ..net.stream import close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, SessionOpened,
                         TensorPayload, WireLimits, decode, digest, encode)
@@ -93,7 +94,7 @@ class RemoteChain:
         routes on)."""
         self.node, self.model, self.num_layers, self.hidden_size = node, model, num_layers, hidden_size
         self.weights = weights
-        self.dtype, self.dtype_name = dtype, DTYPE_NAMES[dtype]
+        self.dtype, self.dtype_name = dtype, dtype_name(dtype)
         self.trust, self.standing, self.bans = trust, standing or Standing(trust), bans or BanList()
         self.auditor = Auditor(node, model, weights, self.dtype_name, hidden_size, max_block, self._auditors_for,
                                self.standing, self.bans)

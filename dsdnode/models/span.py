@@ -165,14 +165,6 @@ def batch_mask(blocks: Sequence[Block], width: int, device: torch.device | str) 
     return mask
 
 
-@dataclass
-class SpanInfo:
-    start: int
-    end: int
-    hidden_size: int
-    num_layers: int  # of the whole model
-
-
 class Span(nn.Module):
     """Decoder layers [start, end) and the rotary embedding they need."""
 
@@ -181,10 +173,6 @@ class Span(nn.Module):
         self.config, self.start, self.end = config, start, end
         self.layers, self.rotary = layers, rotary
         self.loaded_keys: list[str] = []
-
-    @property
-    def info(self) -> SpanInfo:
-        return SpanInfo(self.start, self.end, self.config.hidden_size, self.config.num_hidden_layers)
 
     @property
     def dtype(self) -> torch.dtype:

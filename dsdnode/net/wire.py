@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import msgpack
 
+from ..dtypes import HIDDEN_DTYPES, WIRE_DTYPES, dtype_name, torch_dtype
 from ..errors import PeerError
 
 if TYPE_CHECKING:
@@ -49,8 +50,6 @@ ERROR_CODES = frozenset(
     {"malformed", "too_large", "bad_dtype", "bad_shape", "unknown_session", "busy",
      "wrong_span", "wrong_weights", "internal", "shutting_down", "bad_next_hop"}
 )
-HIDDEN_DTYPES = frozenset({"float32", "bfloat16", "float16"})
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "bool": 1}
 MAX_DIMS = 8
 MAX_ID_CHARS = 256  # session ids, model names, peer ids, error codes
 MAX_TIMINGS = 256  # one HopTiming per hop; a longer list is an attack, not a chain
@@ -109,21 +108,19 @@ class TensorPayload:
     def from_torch(cls, t: torch.Tensor) -> TensorPayload:
         import torch
 
-        names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-                 torch.int64: "int64", torch.bool: "bool"}
-        if t.dtype not in names:
-            raise WireError("bad_dtype", f"cannot send a tensor of dtype {t.dtype}")
+        try:
+            name = dtype_name(t.dtype)
+        except ValueError:
+            raise WireError("bad_dtype", f"cannot send a tensor of dtype {t.dtype}") from None
         t = t.detach().to("cpu").contiguous()
         # numpy has no bfloat16: reinterpret the same 2-byte words as int16.
         raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-        return cls(names[t.dtype], tuple(t.shape), raw.numpy().tobytes())
+        return cls(name, tuple(t.shape), raw.numpy().tobytes())
 
     def to_torch(self) -> torch.Tensor:
         import torch
 
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                  "int64": torch.int64, "bool": torch.bool}
-        dtype = dtypes[self.dtype]
+        dtype = torch_dtype(self.dtype)
         if not self.data:
             return torch.empty(self.shape, dtype=dtype)
         return torch.frombuffer(bytearray(self.data), dtype=dtype).reshape(self.shape)
@@ -344,8 +341,8 @@ def _bounds(limits: WireLimits) -> _Bounds:
     if limits.hidden_size is None:
         bin_bytes = limits.max_frame_bytes
     else:  # the largest tensor a message may carry: a hidden block or its attention mask
-        hidden = limits.max_block * limits.hidden_size * max(ITEMSIZE[d] for d in HIDDEN_DTYPES)
-        bin_bytes = max(hidden, limits.max_block * limits.max_length * ITEMSIZE["bool"])
+        hidden = limits.max_block * limits.hidden_size * max(WIRE_DTYPES[d] for d in HIDDEN_DTYPES)
+        bin_bytes = max(hidden, limits.max_block * limits.max_length * WIRE_DTYPES["bool"])
     # positions and kept are lists of up to max_block ints each; _ITEMS_CAP counts them at _ARRAY_CAP
     longer = max(0, limits.max_block - _ARRAY_CAP)
     return _Bounds(depth=_DEPTH_CAP, items=_ITEMS_CAP + 2 * longer, map_len=_MAP_CAP,
@@ -506,11 +503,11 @@ def _check_step(step_id: int, timings: list[HopTiming]) -> None:
 
 
 def _check_tensor(t: TensorPayload, name: str) -> None:
-    if t.dtype not in ITEMSIZE:
-        raise WireError("bad_dtype", f"{name} dtype {short(t.dtype)} not in {sorted(ITEMSIZE)}")
+    if t.dtype not in WIRE_DTYPES:
+        raise WireError("bad_dtype", f"{name} dtype {short(t.dtype)} not in {sorted(WIRE_DTYPES)}")
     if len(t.shape) > MAX_DIMS or any(d < 0 for d in t.shape):
         raise WireError("bad_shape", f"{name} shape {short(list(t.shape))} has negative or too many dims")
-    expected = math.prod(t.shape) * ITEMSIZE[t.dtype]
+    expected = math.prod(t.shape) * WIRE_DTYPES[t.dtype]
     if len(t.data) != expected:
         raise WireError("bad_shape", f"{name} has {len(t.data)} data bytes, shape {list(t.shape)} "
                                      f"of {t.dtype} needs {expected}")

@@ -18,10 +18,7 @@ freed at once even while its client's stream stays open."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import signal
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +27,12 @@ import torch
 
 from .. import __version__
 from ..models.span import Block, Span
+from ..dtypes import HIDDEN_DTYPES, dtype_name
 from ..net.records import SpanRecord
-from ..net.protocol import DTYPE_NAMES, HIDDEN_DTYPES, SESSION_PROTOCOL
+from ..net.protocol import SESSION_PROTOCOL
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.stream import FRAME_BODY_TIMEOUT_S, close_quietly
+from ..ready import print_ready
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
                         TensorPayload, WireError, WireLimits, decode, digest, encode, short)
 from .batching import BatchSettings, Batcher
@@ -83,10 +82,9 @@ class Server:
         except asyncio.TimeoutError:
             log.warning("the first announce took over %.0f s: clients may not find this server for a while",
                         FIRST_ANNOUNCE_WAIT_S)
-        print(json.dumps({"event": "ready", "peer_id": self.node.peer_id, "addrs": self.node.addrs, "model": self.model,
-                          "start": self.span.start, "end": self.span.end, "device": self.span.device.type,
-                          "weights": self.weights, "throughput": round(self.throughput, 2),
-                          **self.node.reach_fields()}), flush=True)
+        print_ready(peer_id=self.node.peer_id, addrs=self.node.addrs, model=self.model, start=self.span.start,
+                    end=self.span.end, device=self.span.device.type, weights=self.weights,
+                    throughput=round(self.throughput, 2), **self.node.reach_fields())
         try:
             await stop.wait()
         finally:
@@ -219,7 +217,7 @@ class Server:
                 raise SessionError("bad_next_hop",
                                    f"cannot reach next hop {next_hop.peer_id}: {short(str(e), 200)}") from None
             self._spawn(self._relay_errors(session))
-        await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id, DTYPE_NAMES[self.span.dtype]))
+        await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id, dtype_name(self.span.dtype)))
         return session
 
     async def _next_hop(self, msg: OpenSession) -> PeerInfo:
@@ -281,7 +279,6 @@ class Server:
                 raise SessionError("internal", f"the forward failed: {short(str(e), 200)}") from None
             del cache  # the session owns its cache: once it closes, the memory must go
             out, compute_s = done.hidden, done.compute_s
-            session.tokens_served += hidden.shape[1]
             self.metrics.observe_block(hidden.shape[1], compute_s)
             timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time(), digest(msg.hidden))]
             payload = TensorPayload.from_torch(out.to(incoming.dtype))  # the next hop gets what we got
@@ -339,35 +336,3 @@ def measure_throughput(span: Span, repeats: int = 5) -> float:
         span.forward(hidden, cache, i)
         times.append(time.perf_counter() - t0)
     return 1.0 / statistics.median(times[1:])
-
-
-PARENT_POLL_S = 1.0
-_WATCHES: set[asyncio.Task] = set()
-
-
-def install_stop_triggers(stop: asyncio.Event, parent_pid: int = 0) -> None:
-    """Set `stop` on SIGTERM/SIGINT and, if parent_pid is set, once that process is gone.
-
-    The parent watch is for launchers (tests, `dsdnode bench`, the demo) that start nodes in
-    their own sessions: if the launcher is SIGKILLed it cannot signal them, and without the
-    watch they would serve forever."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if parent_pid:
-        task = loop.create_task(_stop_when_gone(parent_pid, stop))
-        _WATCHES.add(task)  # the loop holds tasks only weakly
-        task.add_done_callback(_WATCHES.discard)
-
-
-async def _stop_when_gone(pid: int, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            log.warning("parent process %d is gone: shutting down", pid)
-            stop.set()
-            return
-        except PermissionError:
-            pass  # it exists, owned by someone else
-        await asyncio.sleep(PARENT_POLL_S)

@@ -14,9 +14,9 @@ log = logging.getLogger(__name__)
 def auto_width(config, device, dtype, *, num_layers: int, cache_budget_mb: int, max_memory_mb: int = 0,
                available_bytes: int | None = None) -> int:
     """How many layers `--layers auto` takes: num_layers when given (> 0), else as many as the
-    device's memory holds after the KV-cache budget (devices.MemoryPlan). available_bytes: the
+    device's memory holds after the KV-cache budget (memory.MemoryPlan). available_bytes: the
     device's free memory (None: measured; tests pass a figure)."""
-    from ..devices import MB, memory_plan
+    from .memory import MB, memory_plan
 
     total = config.num_hidden_layers
     if num_layers:

@@ -58,7 +58,6 @@ class Session:
     next_stream: Stream | None = None
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one block at a time, in order
-    tokens_served: int = 0
 
     @property
     def owner(self) -> str | None:

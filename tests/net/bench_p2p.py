@@ -1,20 +1,17 @@
 """Measure frame echo RTT between two processes and the asyncio<->trio bridge overhead.
 
-Run: .venv/bin/python tests/net/bench_p2p.py   (not a test: timings belong in benchmarks)
+Run from the repository root: .venv/bin/python -m tests.net.bench_p2p   (not a test: timings belong in
+benchmarks)
 """
 
 import asyncio
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.helpers.p2p_node import ECHO, NodeProcess  # noqa: E402
-
-from dsdnode.net.p2p import P2PNode  # noqa: E402
+from dsdnode.net.p2p import P2PNode
+from tests.helpers.p2p_node import ECHO, NodeProcess
 
 REPEATS = 50
 

@@ -11,7 +11,7 @@ from dsdnode.local_swarm import LocalSwarm, start_node
 from dsdnode.net.p2p import P2PNode, PeerInfo
 from dsdnode.net.wire import ErrorReply, OpenSession, SessionOpened, WireLimits, decode, encode
 from dsdnode.net.protocol import SESSION_PROTOCOL as PROTOCOL
-from dsdnode.server.daemon import PARENT_POLL_S
+from dsdnode.server.node import PARENT_POLL_S
 
 pytestmark = pytest.mark.heavy
 
