@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # System packages dsdnode needs: libgmp-dev and a C compiler (fastecdsa, a libp2p dependency,
 # builds from source), and iptables (the NAT tests build a "home router" network namespace that
-# masquerades; iproute2 provides ip and tc). Installs only what is missing; needs root or sudo for that.
+# masquerades; iproute2 provides ip and tc), and chromium (the web UI's tests drive Debian's headless
+# browser through Playwright). Installs only what is missing; needs root or sudo for that.
 set -euo pipefail
 need=()
-for pkg in libgmp-dev gcc python3-dev iptables iproute2; do
+for pkg in libgmp-dev gcc python3-dev iptables iproute2 chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # python3-dev is Debian's; a pyenv/python.org Python ships its own headers

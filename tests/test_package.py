@@ -24,7 +24,9 @@ def test_built_wheel_installs_and_runs_outside_the_checkout(tmp_path, smollm2_di
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path / "dist"), str(src)], check=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("dsdnode-*.whl")
-    assert "dsdnode/models/registry.toml" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dsdnode/models/registry.toml" in names
+    assert {"dsdnode/api/web/index.html", "dsdnode/api/web/app.js", "dsdnode/api/web/style.css"} <= set(names)
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)

@@ -95,7 +95,7 @@ class Engine:
                                       self.settings.overlap)
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
-        return Completion(self, ids, options, req.stops)
+        return Completion(self, ids, options, req.stops, req.dsd_stats)
 
     def _prompt_ids(self, req: CompletionRequest) -> list[int]:
         prompt = req.prompt
@@ -123,8 +123,10 @@ class Engine:
 class Completion:
     """One request's generation: its own chain session and drafter, text cut at stop strings."""
 
-    def __init__(self, engine: Engine, ids: list[int], options: GenerateOptions, stops: list[str]):
+    def __init__(self, engine: Engine, ids: list[int], options: GenerateOptions, stops: list[str],
+                 report_stats: bool = False):
         self.engine, self.ids, self.options, self.stops = engine, ids, options, stops
+        self.report_stats = report_stats  # the request asked for dsd_stats
         self.finish_reason: str | None = None
         self.generation: Generation | None = None  # None when a stop string ended generation
         self.stream = TextStream(engine.client.tokenizer, lambda text: None, stops)
@@ -144,6 +146,20 @@ class Completion:
     @property
     def text(self) -> str:
         return self.stream.text
+
+    def stats(self) -> dict | None:
+        """How the generation went, for a stream's closing chunk (the web chat shows it): None when a
+        stop string ended it early (the generation's figures were never gathered)."""
+        g = self.generation
+        if g is None:
+            return None
+        r = g.result
+        audit = None if g.audit is None else {"audits": g.audit.audits, "positions": g.audit.positions,
+                                              "unaudited": g.audit.unaudited, "mismatches": g.audit.mismatches}
+        return {"tokens": len(r.tokens), "tokens_per_s": r.tokens_per_s, "prefill_s": r.prefill_s,
+                "decode_s": r.decode_s, "speculative": self.options.speculative, "rounds": len(r.rounds),
+                "accepted_per_round": r.mean_accepted, "k": r.mean_k, "failovers": g.failovers,
+                "route": [{"peer_id": p, "start": a, "end": b} for p, a, b in g.route], "audit": audit}
 
     async def run(self, emit: Callable[[str], None] | None = None) -> str:
         """Generate; call emit with each new piece of text; return the whole text."""

@@ -63,6 +63,7 @@ class _Request(BaseModel):
     function_call: str | dict | None = None
     dsd_k: Literal["auto"] | int = "auto"  # draft length: "auto" (chosen each round), a fixed k, 0 = no drafting
     adaptive: bool = False  # adaptive (lossy) verification
+    dsd_stats: bool = False  # a stream's closing chunk carries `dsd`: speed, drafts accepted, route, audits
 
     @model_validator(mode="before")
     @classmethod

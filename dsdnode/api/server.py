@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import BadValue, http_status
 from ..ready import print_ready
 from .engine import Completion, Engine
+from .web import add_web_routes
 from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, ResponseShape, Usage, model_list
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest):
         return await _respond(engine, req, chat=True)
 
+    add_web_routes(app, engine)  # the page at / (no key: it holds no data), /v1/swarm and /v1/stats
     return app
 
 
@@ -209,7 +211,10 @@ async def _events(job: Completion, task: asyncio.Task, pieces: asyncio.Queue, sh
         if error is not None:
             yield "event: error\n" + _event(_server_error(error).body())
         else:
-            yield _event(shape.chunk(None, job.finish_reason))
+            closing = shape.chunk(None, job.finish_reason)
+            if job.report_stats:  # our knob dsd_stats: how the generation went, for the web chat
+                closing["dsd"] = job.stats()
+            yield _event(closing)
             if include_usage:
                 yield _event(shape.usage_chunk(Usage(job.prompt_tokens, job.completion_tokens)))
         yield "data: [DONE]\n\n"

@@ -7,6 +7,10 @@ between hops."""
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 
 from .generate import GenerationResult
@@ -15,6 +19,35 @@ SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
 ROUND_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RATES = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)
 COUNTS = tuple(range(0, 17))
+RECENT_GENERATIONS = 120  # generations the web UI's live charts keep (ClientMetrics.recent)
+
+
+@dataclass(frozen=True)
+class GenerationPoint:
+    """One finished generation as the web UI charts it: histograms sum generations up, the charts
+    show how each one went (per-round figures are means over its rounds)."""
+
+    at: float  # unix time it finished
+    tokens: int
+    tokens_per_s: float
+    rounds: int
+    accepted_per_round: float
+    k: float  # mean draft length (the tree's depth)
+    tree_nodes: float  # mean tree nodes sent per round (k for a chain of drafts)
+    hop_link_ms: list[float]  # mean per link between consecutive hops, in round order
+    failovers: int
+
+    @classmethod
+    def of(cls, result: GenerationResult, failovers: int) -> GenerationPoint:
+        n = max(1, len(result.rounds))
+        links = max((len(r.hop_link_s) for r in result.rounds), default=0)
+        link_ms = [1e3 * sum(r.hop_link_s[i] for r in result.rounds if len(r.hop_link_s) > i)
+                   / max(1, sum(len(r.hop_link_s) > i for r in result.rounds)) for i in range(links)]
+        return cls(time.time(), len(result.tokens), result.tokens_per_s, len(result.rounds), result.mean_accepted,
+                   result.mean_k, sum(r.nodes or r.k for r in result.rounds) / n, link_ms, failovers)
+
+    def body(self) -> dict:
+        return asdict(self)
 
 
 class ClientMetrics:
@@ -41,6 +74,7 @@ class ClientMetrics:
                                   ["link"], buckets=ROUND_SECONDS, registry=r)
         self.failovers = Counter("dsdnode_client_failovers", "Chains rebuilt around a fault.", registry=r)
         ProcessCollector(registry=r)
+        self.recent: deque[GenerationPoint] = deque(maxlen=RECENT_GENERATIONS)
 
     def observe(self, result: GenerationResult, elapsed_s: float, ttft_s: float | None, failovers: int) -> None:
         self.generations.labels("ok").inc()
@@ -51,6 +85,7 @@ class ClientMetrics:
             self.tokens_per_s.observe(result.tokens_per_s)
         self.tokens.inc(len(result.tokens))
         self.failovers.inc(failovers)
+        self.recent.append(GenerationPoint.of(result, failovers))
         for r in result.rounds:
             self.k.observe(r.k)
             self.accepted.observe(r.accepted)

@@ -194,15 +194,18 @@ async def describe_swarm(model: str | None, bootstrap: list[str], num_layers: in
     node = await P2PNode.start(bootstrap=bootstrap, require_bootstrap=True, client=True)
     try:
         if model is not None:
-            return await _describe_model(node, model, num_layers)
+            return await describe_model(node, model, num_layers)
         survey = await survey_models(node)
-        reports = [await _describe_model(node, m, None) for m in sorted(survey.served)]
+        reports = [await describe_model(node, m, None) for m in sorted(survey.served)]
         return {"models": reports, "peers_asked": survey.asked, "peers_answered": survey.answered}
     finally:
         await node.stop()
 
 
-async def _describe_model(node: P2PNode, model: str, num_layers: int | None) -> dict:
+async def describe_model(node: P2PNode, model: str, num_layers: int | None) -> dict:
+    """One model's part of describe_swarm, through a node that is already running (the HTTP API's
+    swarm view asks through the client's own node): its records, which peers answer a ping (with
+    the RTT measured here), what each says of its reachability, coverage, and this client's bans."""
     records = await node.dht.discover(model)
     live_candidates = await ping_records(node, records)
     live = {c.record.peer_id: c.rtt_s for c in live_candidates}

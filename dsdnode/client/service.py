@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Callable, Literal, Protocol
 
 import torch
 
@@ -26,6 +26,9 @@ from .interface import Chain
 from .loading import ClientModels
 from .metrics import ClientMetrics
 from .streaming import StopText
+
+if TYPE_CHECKING:  # the swarm's modules load only when a swarm chain is used
+    from .audit import AuditStats
 
 
 SEEDED_K = 4  # draft length of a seeded, sampled generation asked for k="auto" (see GenerateOptions.reproducible)
@@ -247,7 +250,22 @@ class ClientService:
                 self.controllers[s.controller] = generator.controller
         self.metrics.observe(result, time.perf_counter() - t0, first[0] if first else None, chain.failovers)
         text = m.tokenizer.decode(result.tokens, skip_special_tokens=True)
-        return Generation(text, result, list(chain.route), chain.failovers)
+        auditor = getattr(chain, "auditor", None)  # swarm chains audit; in-process chains have nothing to audit
+        return Generation(text, result, list(chain.route), chain.failovers, auditor.stats if auditor else None)
+
+    async def next_token_logits(self, ids: list[int]) -> torch.Tensor:
+        """The target's float32 logits [vocab] for the token after `ids`, from a session of its own
+        (prefilled in chunks as a generation prefills, not audited): how close a greedy choice was,
+        e.g. where two decodings of one prompt part (`dsdnode demo` checks near-ties so)."""
+        chunk = GenerationSettings().prefill_chunk
+        chain = self.chains.new_chain(audit=False)
+        await chain.start_session(len(ids))
+        try:
+            for at in range(0, len(ids), chunk):
+                out = await chain.forward(self.models.head.embed_tokens(ids[at:at + chunk]), at)
+            return self.models.head.logits(out.hidden)[-1]
+        finally:
+            await chain.close()
 
 
 def check_context(config, tokens: int, what: str) -> None:
@@ -290,6 +308,7 @@ class Generation:
     result: GenerationResult  # tokens, rounds (k, accepted, timings), prefill and decode time
     route: list[tuple[str, int, int]]  # (peer id or "local", start, end) of the chain that finished it
     failovers: int
+    audit: AuditStats | None = None  # what the chain's audits checked (None: a chain that does not audit)
 
     @property
     def tokens(self) -> list[int]:

@@ -355,3 +355,27 @@ def test_swarm_backed_api_matches_generate_and_serves_two_at_once(expected, tmp_
     assert "no live servers" in unready.json()["error"]["message"]
     assert completion == single.choices[0].text == expected["completion"]
     assert chat == expected["chat"]
+
+
+def test_the_web_page_and_its_json_on_a_local_chain(local_api):
+    """The page loads without the key (it holds no data); its JSON needs the key like every /v1 route;
+    a stream with dsd_stats closes with the generation's figures (the browser tests: test_web.py)."""
+    page = httpx.get(local_api.root + "/", timeout=30)
+    assert page.status_code == 200 and "/ui/app.js" in page.text and "http" not in page.text.replace("http-equiv", "")
+    assert httpx.get(local_api.root + "/ui/app.js", timeout=30).headers["content-type"].startswith("text/javascript")
+    assert httpx.get(local_api.root + "/ui/nothing.js", timeout=30).status_code == 404
+    assert httpx.get(local_api.url + "/swarm", timeout=30).status_code == 401
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    swarm = httpx.get(local_api.url + "/swarm", timeout=30, headers=auth).json()
+    assert [(p["peer_id"], p["start"], p["end"]) for p in swarm["peers"]] == [("local", 0, 15), ("local", 15, 30)]
+    assert swarm["uncovered_layers"] == [] and swarm["coverage"] == [1] * 30 and swarm["route"]["ready"]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "temperature": 0,
+            "stream": True, "dsd_stats": True, "dsd_k": 4}
+    with httpx.stream("POST", local_api.url + "/chat/completions", json=body, timeout=60, headers=auth) as reply:
+        chunks = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: {")]
+    dsd = chunks[-1]["dsd"]
+    assert chunks[-1]["choices"][0]["finish_reason"] and all("dsd" not in c for c in chunks[:-1])
+    assert dsd["tokens"] <= 8 and dsd["speculative"] and dsd["rounds"] >= 1 and dsd["audit"] is None
+    assert dsd["route"] == [{"peer_id": "local", "start": 0, "end": 15}, {"peer_id": "local", "start": 15, "end": 30}]
+    stats = httpx.get(local_api.url + "/stats", timeout=30, headers=auth).json()["generations"]
+    assert stats and stats[-1]["tokens"] == dsd["tokens"] and stats[-1]["rounds"] == dsd["rounds"]

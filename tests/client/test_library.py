@@ -80,3 +80,19 @@ def test_generations_move_the_client_metrics(client):
     assert sample("dsdnode_client_drafts_total", [("verdict", "proposed")]) >= sum(r.k for r in out.result.rounds)
     assert sample("dsdnode_client_round_network_seconds_count") >= len(out.result.rounds)
     assert sample("dsdnode_client_generations_total", [("outcome", "ok")]) >= 1
+    point = client.service.metrics.recent[-1]  # what the web UI's live charts plot
+    assert (point.tokens, point.rounds, point.failovers) == (len(out.tokens), len(out.result.rounds), 0)
+    assert point.accepted_per_round == pytest.approx(out.result.mean_accepted)
+    assert point.k == pytest.approx(out.result.mean_k) and point.hop_link_ms == []  # no links in-process
+
+
+def test_next_token_logits_pick_the_greedy_tokens(client):
+    """The target's logits after a prefix (what `dsdnode demo` checks near-ties with) choose what
+    greedy decoding chose there."""
+    ids = client.service.models.tokenizer("def fibonacci(n):\n    ")["input_ids"]
+    plain = client.generate(ids, max_new_tokens=6, k=0).tokens
+
+    async def argmaxes():
+        async with await dsdnode.connect_async(MODEL, local=True, hops=2, draft=False, dtype="float32") as c:
+            return [int((await c.service.next_token_logits(ids + plain[:i])).argmax()) for i in (0, 3, 5)]
+    assert asyncio.run(argmaxes()) == [plain[0], plain[3], plain[5]]
