@@ -28,11 +28,16 @@ from .config import bootstrap_list
 @click.option("--overlap/--no-overlap", default=True, show_default=True,
               help="Draft the next block while the current one is in flight.")
 @click.option("--api-key", envvar="DSDNODE_API_KEY", show_envvar=True, default=None,
-              help="Require 'Authorization: Bearer KEY' on /v1 routes (401 without it); /health and /ready stay "
-                   "open. Prefer the environment variable: a flag shows in the process list.")
+              help="Require 'Authorization: Bearer KEY' on every route but /health (401 without it). Prefer the "
+                   "environment variable: a flag shows in the process list.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Generations running at once; more wait in a queue.")
+@click.option("--max-queued", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Generations waiting for a place; beyond it: 429 with Retry-After.")
 @friendly
 def api(host, port, model, draft, draft_int8, draft_vocab, local, hops, link_latency_ms, bootstrap, peers_file, device,
-        dtype, threads, max_tokens_limit, max_prompt_tokens, k_max, tau, overlap, api_key):
+        dtype, threads, max_tokens_limit, max_prompt_tokens, k_max, tau, overlap, api_key, max_concurrent,
+        max_queued):
     """Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's API), with
     /health (liveness), /ready (a route through the swarm exists) and /metrics (Prometheus).
 
@@ -45,6 +50,7 @@ def api(host, port, model, draft, draft_int8, draft_vocab, local, hops, link_lat
     import torch
 
     from .api.engine import Engine, EngineSettings
+    from .api.guard import GuardSettings
     from .api.server import serve
     from .client.service import build_service, check_context
 
@@ -58,4 +64,6 @@ def api(host, port, model, draft, draft_int8, draft_vocab, local, hops, link_lat
     settings = EngineSettings(k_max=k_max, tau=tau, overlap=overlap, max_tokens_limit=max_tokens_limit,
                               max_prompt_tokens=max_prompt_tokens)
     log_level = "info" if logging.getLogger().getEffectiveLevel() <= logging.INFO else "warning"
-    run_async(serve(Engine(model, service, settings), host, port, log_level, api_key))
+    guard = GuardSettings.for_prompts(max_prompt_tokens, api_key=api_key, max_concurrent=max_concurrent,
+                                      max_queued=max_queued)
+    run_async(serve(Engine(model, service, settings), host, port, log_level, guard))

@@ -43,6 +43,13 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
               help="Servers per span (auditing needs at least 2; a third settles a disputed audit).")
 @click.option("--link-latency-ms", "latencies", type=FiniteFloatRange(min=0), multiple=True,
               help="Emulated one-way latency of every link; repeat for a sweep (a fresh swarm each). [default: 50]")
+@click.option("--wan", default=None, metavar="PROFILE",
+              help="Emulate WAN links instead of --link-latency-ms: lan, metro, continental, intercontinental, "
+                   "home-uplink, or a TOML file with a [wan] table (per-pair delays from a real city RTT matrix, "
+                   "jitter, uplink caps; see dsdnode/net/wan.py).")
+@click.option("--prefill", type=click.Choice(["pipelined", "sequential"]), default="pipelined", show_default=True,
+              help="Send a prompt's chunks back to back (the hops overlap them) or each after the last came back "
+                   "(to compare time to first token).")
 @click.option("--dataset", type=click.Choice(["humaneval", "gsm8k", "both"]), default="both", show_default=True)
 @click.option("--gsm8k-style", type=click.Choice(GSM8K_STYLES), default=DEFAULT_GSM8K_STYLE, show_default=True,
               help="How GSM8K answers are asked for: 'steps', the model's own step-by-step answer (the setting of "
@@ -84,7 +91,7 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--overhead-hops", type=click.IntRange(2, 16), default=6, show_default=True,
               help="Longest chain of --overhead.")
 @friendly
-def bench(model, draft, servers, replicas, latencies, dataset, gsm8k_style, prompts, max_new_tokens, modes, out, threads,
+def bench(model, draft, servers, replicas, latencies, wan, prefill, dataset, gsm8k_style, prompts, max_new_tokens, modes, out, threads,
           client_threads, device, dtype, k_max, tau, clients, relayed, draft_int8, draft_vocab, resume, quick, overhead,
           overhead_hops):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
@@ -112,7 +119,15 @@ def bench(model, draft, servers, replicas, latencies, dataset, gsm8k_style, prom
         model, draft, servers, prompts, max_new_tokens, modes, dtype, draft_int8, draft_vocab = (
             value if given(name) else QUICK[name]
             for name, value in args.items())
-        latencies = latencies or QUICK["latencies"]
+        latencies = latencies or (QUICK["latencies"] if wan is None else ())
+    if wan is not None:
+        from .net.wan import load_profile
+        if latencies:
+            raise click.BadParameter("give --wan or --link-latency-ms, not both", param_hint="--wan")
+        try:
+            latencies = (round(load_profile(wan).mean_one_way_ms, 2),)  # the runs' label: mean one-way delay
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--wan") from None
     resolved = resolve_device(device)  # a missing device: one line, before any work
     dtype = dtype or dtype_name(default_dtype(resolved))
     out = Path(out) if out else Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -121,9 +136,12 @@ def bench(model, draft, servers, replicas, latencies, dataset, gsm8k_style, prom
                          gsm8k_style=gsm8k_style, prompts=prompts,
                          max_new_tokens=max_new_tokens, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                          threads=threads, client_threads=client_threads, dtype=dtype, device=device, k_max=k_max,
-                         tau=tau, relayed=relayed, draft_int8=draft_int8, draft_vocab=draft_vocab)
+                         tau=tau, relayed=relayed, draft_int8=draft_int8, draft_vocab=draft_vocab, wan=wan,
+                         prefill_pipeline=prefill == "pipelined")
     command = " ".join(["dsdnode", *map(shlex.quote, sys.argv[1:])]) if "bench" in sys.argv[1:] else \
         f"dsdnode bench (called in-process) {config}"
+    if clients is not None and wan is not None:
+        raise click.BadParameter("--wan applies to the modes run, not to --clients", param_hint="--wan")
     if clients is not None and relayed:
         raise click.BadParameter("--relayed applies to the modes run, not to --clients", param_hint="--relayed")
     if clients is not None:

@@ -30,11 +30,20 @@ def generate(prompt, model, draft, draft_int8, draft_vocab, local, hops, link_la
                    link_latency_ms=link_latency_ms, draft_int8=draft_int8, draft_vocab=draft_vocab)
     out = run_async(_generate(model, connect, prompt, not raw, options))
     click.echo()
+    if out.unaudited_layers:
+        click.echo(unaudited_warning(out.unaudited_layers), err=True)
     if stats:
         for i, r in enumerate(out.result.rounds):
             click.echo(f"round {i}: k={r.k} accepted={r.accepted} relaxed={r.relaxed} round={r.round_s*1e3:.1f}ms "
                        f"draft={r.draft_s*1e3:.1f}ms hops={[round(c*1e3, 1) for c in r.hop_compute_s]}ms", err=True)
     click.echo(out.result.summary(), err=True)
+
+
+def unaudited_warning(layers: list[tuple[int, int]]) -> str:
+    """The one line that tells a user some of the text was computed by servers no one checked."""
+    spans = ", ".join(f"{a}:{b}" for a, b in layers)
+    return (f"warning: layers {spans} were not audited (no server of another network group could recompute "
+            f"them); --require-audit refuses instead")
 
 
 async def _generate(model, connect, prompt, chat, options):

@@ -36,6 +36,9 @@ def node_type(name: str) -> click.ParamType:
 @click.option("--threads", type=node_type("threads"), default=None, help="torch threads (0: all cores).")
 @click.option("--link-latency-ms", type=node_type("link_latency_ms"), default=None,
               help="Emulated delay before every outbound frame.")
+@click.option("--link-config", default=None,
+              help="TOML file with a [links] table (per-peer delays, jitter, uplink cap) to emulate WAN links; "
+                   "replaces --link-latency-ms. `dsdnode bench --wan` writes these.")
 @click.option("--cache-budget-mb", type=node_type("cache_budget_mb"), default=None,
               help="KV cache memory for all sessions.")
 @click.option("--max-memory", "max_memory_mb", type=node_type("max_memory_mb"), default=None,
@@ -56,6 +59,13 @@ def node_type(name: str) -> click.ParamType:
               help="Open sessions one client (peer id) may hold here; past it: busy [default: 16].")
 @click.option("--max-queued-per-client", type=node_type("max_queued_per_client"), default=None,
               help="Positions one client may have waiting for compute here; past it: busy [default: 512].")
+@click.option("--max-sessions-per-network", type=node_type("max_sessions_per_network"), default=None,
+              help="Open sessions the peers of one /24 (IPv6: /48) may hold here; past it: busy [default: 32].")
+@click.option("--max-cache-share", type=node_type("max_cache_share"), default=None,
+              help="Share of the KV cache budget one client, and one /24 (/48), may hold [default: 0.5].")
+@click.option("--local-swarm", "local_swarm", is_flag=True, default=None,
+              help="A swarm on one machine or a private network: allow loopback and private next-hop and relay "
+                   "addresses, and count each loopback peer as a network of its own (tests, bench, demo).")
 @click.option("--parent-pid", type=node_type("parent_pid"), default=None,
               help="Shut down (as on SIGTERM) once this process is gone; for launchers of local swarms.")
 @click.option("--relay-service/--no-relay-service", "relay_service", default=None,

@@ -48,6 +48,8 @@ def generation_options(fn):
                      help="Draft the next block while the current one is in flight."),
         click.option("--audit/--no-audit", default=True, show_default=True,
                      help="Have other servers recheck the swarm's work; tokens are shown once checked."),
+        click.option("--require-audit", is_flag=True,
+                     help="Refuse rather than return text some layers of which no independent server could audit."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -84,6 +84,7 @@ class NodeSettings:
     dtype: str | None = one_of(None, HIDDEN_DTYPES)  # None: the device's default (devices.default_dtype)
     threads: int = bounded(0, 0)  # torch threads (0: all cores)
     link_latency_ms: float = bounded(0.0, 0)  # emulated delay before every outbound frame
+    link_config: str | None = None  # TOML [links] table: per-peer delays, jitter, uplink cap (replaces the above)
     cache_budget_mb: int = bounded(2048, 1)  # KV cache memory for all sessions together
     max_memory_mb: int = bounded(0, 0)  # layers=auto: most memory for weights + KV cache (0: what the device has)
     max_session_length: int = bounded(4096, 1)
@@ -99,6 +100,11 @@ class NodeSettings:
     max_batch: int = bounded(16, 1)  # blocks per forward
     max_sessions_per_client: int = bounded(16, 1)  # open sessions one client (peer id) may hold here
     max_queued_per_client: int = bounded(512, 1)  # positions one client may have waiting for compute here
+    max_sessions_per_network: int = bounded(32, 1)  # open sessions the peers of one /24 (/48) may hold here
+    max_cache_share: float = bounded(0.5, 0, 1, low_open=True)  # of cache_budget_mb, per client and per network
+    # a swarm on one machine or a private network (tests, bench, demo): next hops may be dialled at
+    # loopback and private addresses, and each loopback peer is a network group of its own
+    local_swarm: bool = False
     parent_pid: int = bounded(0, 0)  # stop once this process is gone (0: off); set by local-swarm launchers
     relay_service: bool = True  # offer a circuit relay to unreachable peers while this node is not known private
     assume_private: bool = False  # skip the dial-back check and behave as a node nobody can dial (bench, tests)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,8 +40,12 @@ class NodeProcess:
 
 
 def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | None = None,
-               parent_pid: int | None = None, launcher: list[str] | None = None) -> NodeProcess:
+               parent_pid: int | None = None, launcher: list[str] | None = None,
+               local_swarm: bool = True) -> NodeProcess:
     """Run `dsdnode start ARGS` and wait for its ready line; its stderr goes to log_path.
+
+    The nodes of a local swarm (one machine, or namespaces on it) say so (`--local-swarm`): their
+    next hops are at loopback or private addresses; local_swarm=False starts one as a public node.
 
     The node runs in its own session (a test's Ctrl-C does not reach it mid-shutdown) and stops
     by itself once parent_pid (default: this process) is gone. `launcher` replaces
@@ -48,7 +53,7 @@ def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | No
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
     log = open(log_path, "w")
     cmd = [*(launcher or [sys.executable, "-m", "dsdnode"]), "start", "--threads", str(threads),
-           "--parent-pid", str(parent_pid or os.getpid()), *args]
+           "--parent-pid", str(parent_pid or os.getpid()), *(["--local-swarm"] if local_swarm else []), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
     lines: list[str] = []
     ready: dict = {}
@@ -75,17 +80,41 @@ def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | No
     return NodeProcess(proc, ready, log_path, lines)
 
 
+def own_network_args(n: int, port: int) -> list[str]:
+    """Server flags to be reached at 127.0.n.1:port only (its announced address), a loopback network
+    of its own. It listens on every interface: a peer that checks its reachability dials it back at
+    the IP it saw the server come from, which on loopback is 127.0.0.1 whatever it listens on."""
+    return ["--host", "0.0.0.0", "--port", str(port), "--announce-addr", f"/ip4/127.0.{n}.1/tcp/{port}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class LocalSwarm:
     """A bootstrap peer plus servers covering `spans` of `model`; use as a context manager."""
 
     def __init__(self, model: str, spans: list[tuple[int, int]], workdir: Path, *, link_latency_ms: float = 0.0,
-                 threads: int = 1, dtype: str = "bfloat16", extra_args: list[str] = (), relayed: int = 0):
+                 threads: int = 1, dtype: str = "bfloat16", extra_args: list[str] = (), relayed: int = 0,
+                 own_networks: bool = False, wan=None, wan_seed: int | None = None):
         """`relayed`: the last N servers act as if behind a NAT (--assume-private): every connection
         to them crosses a relay (the bootstrap peer or a server that offers one), which adds the
-        emulated link latency when it forwards, so a relayed link costs what two links cost."""
+        emulated link latency when it forwards, so a relayed link costs what two links cost.
+        `own_networks`: server i is reached at 127.0.(i+1).1 (`own_network_args`), so a client observes
+        each server in a network group of its own, as it would servers of different operators (an
+        audit needs an auditor of another group than the audited server, client/audit.py).
+
+        `wan` (a net.wan.WanProfile) replaces link_latency_ms: the client (whose node must use
+        `client_identity` and `client_links`) sits at the profile's first site, server i at site i+1;
+        each node gets its per-peer delays, jitter and uplink cap as a --link-config file."""
         if not 0 <= relayed <= len(spans):
             raise ValueError(f"cannot relay {relayed} of {len(spans)} servers")
-        self.relayed = relayed
+        self.relayed, self.own_networks, self.wan, self.wan_seed = relayed, own_networks, wan, wan_seed
+        self.client_identity = None  # with `wan`: the key pair and links the client's node must use
+        self.client_links = None
+        self._link_args: dict[str, list[str]] = {}
         self.model, self.spans, self.workdir = model, spans, Path(workdir)
         self.link_latency_ms, self.threads, self.dtype, self.extra_args = link_latency_ms, threads, dtype, list(extra_args)
         self.bootstrap: NodeProcess | None = None
@@ -93,9 +122,12 @@ class LocalSwarm:
 
     def __enter__(self) -> "LocalSwarm":
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.wan is not None:
+            self._write_links()
         try:
             relay_args = ["--link-latency-ms", str(self.link_latency_ms)] if self.relayed else []
-            self.bootstrap = start_node(["--layers", "none", *relay_args], self.workdir / "bootstrap.log")
+            self.bootstrap = start_node(["--layers", "none", *relay_args, *self._link_args.get("bootstrap", [])],
+                                        self.workdir / "bootstrap.log")
             for i, (a, b) in enumerate(self.spans):
                 private = i >= len(self.spans) - self.relayed
                 self.servers.append(self.add_server(a, b, i, args=["--assume-private"] if private else []))
@@ -109,11 +141,32 @@ class LocalSwarm:
         """Start one more server (not added to .servers when called directly); `args` come last, so
         they override the swarm's own (e.g. another --link-latency-ms for this server)."""
         index = len(self.servers) if index is None else index
+        if self.own_networks:
+            args = [*own_network_args(index % 250 + 1, _free_port()), *args]
         args = ["--model", self.model, "--layers", f"{start}:{end}", "--bootstrap", self.bootstrap.addr,
                 "--link-latency-ms", str(self.link_latency_ms), "--dtype", self.dtype,
-                "--announce-interval", "2", *self.extra_args, *args]
+                "--announce-interval", "2", *self._link_args.get(f"server{index}", []), *self.extra_args, *args]
         return start_node(args, self.workdir / f"server{index}-{start}-{end}.log", self.threads, env=env,
                           launcher=launcher)
+
+    def _write_links(self) -> None:
+        """Identity keys for every node (so the peer ids are known before anyone starts) and each
+        node's --link-config from the WAN profile; node order: client, servers, bootstrap."""
+        from libp2p.peer.id import ID
+
+        from .net.identity import load_or_create_identity
+
+        keys, links = self.workdir / "keys", self.workdir / "links"
+        links.mkdir(parents=True, exist_ok=True)
+        names = ["client", *(f"server{i}" for i in range(len(self.spans))), "bootstrap"]
+        pairs = {name: load_or_create_identity(keys / f"{name}.key") for name in names}
+        ids = [ID.from_pubkey(pairs[name].public_key).to_base58() for name in names]
+        for name, settings in zip(names, self.wan.node_links(ids, self.wan_seed)):
+            path = links / f"{name}.toml"
+            path.write_text(settings.to_toml())
+            self._link_args[name] = ["--identity", str(keys / f"{name}.key"), "--link-config", str(path)]
+            if name == "client":
+                self.client_identity, self.client_links = pairs[name], settings
 
     @property
     def bootstrap_addrs(self) -> list[str]:

@@ -92,7 +92,7 @@ class Engine:
         try:
             options = GenerateOptions(max_tokens, "auto" if k == "auto" else int(k), self.settings.k_max,
                                       req.temperature, req.top_p, req.seed, req.adaptive, self.settings.tau,
-                                      self.settings.overlap)
+                                      self.settings.overlap, require_audit=req.dsd_require_audit)
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
         return Completion(self, ids, options, req.stops, req.dsd_stats)
@@ -159,7 +159,12 @@ class Completion:
         return {"tokens": len(r.tokens), "tokens_per_s": r.tokens_per_s, "prefill_s": r.prefill_s,
                 "decode_s": r.decode_s, "speculative": self.options.speculative, "rounds": len(r.rounds),
                 "accepted_per_round": r.mean_accepted, "k": r.mean_k, "failovers": g.failovers,
-                "route": [{"peer_id": p, "start": a, "end": b} for p, a, b in g.route], "audit": audit}
+                "route": [{"peer_id": p, "start": a, "end": b} for p, a, b in g.route], "audit": audit,
+                "unaudited_layers": [list(span) for span in g.unaudited_layers]}
+    @property
+    def unaudited_layers(self) -> list[tuple[int, int]]:
+        """Layer ranges of the answer no independent server audited (known once it is done)."""
+        return self.generation.unaudited_layers if self.generation is not None else []
 
     async def run(self, emit: Callable[[str], None] | None = None) -> str:
         """Generate; call emit with each new piece of text; return the whole text."""

@@ -5,7 +5,7 @@ way we cannot honour (tools, JSON mode, penalties, logit_bias, n > 1, logprobs, 
 suffix) is rejected with a 400 (`unsupported_value`, naming the field) unless it has its neutral
 value (no tools, response_format text, penalties 0, ...), so stock clients that send defaults
 work and no request is silently answered differently from what it asked; fields that do not change
-the answer (user, metadata, store, ...) are ignored. `dsd_k` and `adaptive` are our own knobs, sent
+the answer (user, metadata, store, ...) are ignored. `dsd_k`, `adaptive` and `dsd_require_audit` are our own knobs, sent
 by OpenAI clients through `extra_body`."""
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class _Request(BaseModel):
     dsd_k: Literal["auto"] | int = "auto"  # draft length: "auto" (chosen each round), a fixed k, 0 = no drafting
     adaptive: bool = False  # adaptive (lossy) verification
     dsd_stats: bool = False  # a stream's closing chunk carries `dsd`: speed, drafts accepted, route, audits
+    dsd_require_audit: bool = False  # refuse (503) rather than return text some layers of which no one audited
 
     @model_validator(mode="before")
     @classmethod

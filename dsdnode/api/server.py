@@ -9,17 +9,19 @@ the request gets a 503 in OpenAI's error format like a whole answer would; an er
 (the swarm lost every route mid-answer) is sent as an `error` event, which OpenAI clients raise.
 
 `/health` (liveness: the process serves HTTP) and `/ready` (a route exists now; see
-Engine.readiness) are for load balancers and supervisors and need no API key; with an API key every
-/v1 route needs `Authorization: Bearer KEY` and answers 401 in OpenAI's format without it."""
+Engine.readiness) are for load balancers and supervisors. Before any route runs, `guard.py` checks
+the API key (with one, every path but /health needs `Authorization: Bearer KEY` and answers 401 in
+OpenAI's format without it), the body size (413), and how many generations run and wait (429 with
+Retry-After beyond the queue). Prompts are tokenized in a worker thread, never on the event loop."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -32,6 +34,7 @@ from ..errors import BadValue, http_status
 from ..ready import print_ready
 from .engine import Completion, Engine
 from .web import add_web_routes
+from .guard import GuardSettings, RequestGuard, is_public_bind
 from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, ResponseShape, Usage, model_list
 
 log = logging.getLogger(__name__)
@@ -57,26 +60,12 @@ the returned text (a stop string's cut included, what came after it not).
 else 503."""
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
-    """The routes over a started engine (serve() starts and stops its service); with `api_key`,
-    /v1 routes need it as a Bearer token."""
+def create_app(engine: Engine, guard: GuardSettings = GuardSettings()) -> FastAPI:
+    """The routes over a started engine (serve() starts and stops its service), behind `guard`
+    (API key, body size, generations at once: guard.py)."""
     app = FastAPI(title="dsdnode", description=API_DESCRIPTION)
     created = int(time.time())
-
-    if api_key:
-        expected = f"Bearer {api_key}".encode()
-
-        @app.middleware("http")
-        async def _auth(request: Request, call_next):
-            if request.url.path.startswith("/v1"):
-                given = request.headers.get("authorization")
-                if given is None:
-                    return _api_error_response(ApiError(
-                        401, "You didn't provide an API key: send it as 'Authorization: Bearer KEY'",
-                        code="invalid_api_key"))
-                if not hmac.compare_digest(given.encode(), expected):
-                    return _api_error_response(ApiError(401, "Incorrect API key provided", code="invalid_api_key"))
-            return await call_next(request)
+    app.add_middleware(RequestGuard, settings=guard)
 
     @app.get("/health")
     async def health() -> dict:
@@ -85,7 +74,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus text: request latency, time to first token, tokens/s, k and accepted drafts per
-        round, network time per round, failovers, process (like /health, no API key needed)."""
+        round, network time per round, failovers, process."""
         return Response(generate_latest(engine.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready")
@@ -165,8 +154,11 @@ def _server_error(e: BaseException) -> ApiError:
     return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
 
 
+_TOKENIZER = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # off the loop, one prompt at a time
+
+
 async def _respond(engine: Engine, req: CompletionRequest | ChatCompletionRequest, chat: bool):
-    job = engine.prepare(req)
+    job = await asyncio.get_running_loop().run_in_executor(_TOKENIZER, engine.prepare, req)
     shape = ResponseShape(engine.name, chat)
     if req.stream:
         events = await _start_stream(job, shape, req.include_usage)
@@ -176,7 +168,17 @@ async def _respond(engine: Engine, req: CompletionRequest | ChatCompletionReques
         text = await job.run()
     except Exception as e:
         raise _server_error(e) from None
-    return shape.whole(text, job.finish_reason, Usage(job.prompt_tokens, job.completion_tokens))
+    body = shape.whole(text, job.finish_reason, Usage(job.prompt_tokens, job.completion_tokens))
+    body["dsd_unaudited_layers"] = [list(span) for span in job.unaudited_layers]
+    return JSONResponse(body, headers={UNAUDITED_HEADER: unaudited_header(job.unaudited_layers)})
+
+
+UNAUDITED_HEADER = "X-Dsdnode-Unaudited-Layers"
+
+
+def unaudited_header(layers: list[tuple[int, int]]) -> str:
+    """START:END of each layer range no independent server audited, comma-separated ("none": all audited)."""
+    return ",".join(f"{a}:{b}" for a, b in layers) or "none"
 
 
 async def _start_stream(job: Completion, shape: ResponseShape, include_usage: bool) -> AsyncIterator[str]:
@@ -214,6 +216,7 @@ async def _events(job: Completion, task: asyncio.Task, pieces: asyncio.Queue, sh
             closing = shape.chunk(None, job.finish_reason)
             if job.report_stats:  # our knob dsd_stats: how the generation went, for the web chat
                 closing["dsd"] = job.stats()
+            closing["dsd_unaudited_layers"] = [list(span) for span in job.unaudited_layers]  # known only now
             yield _event(closing)
             if include_usage:
                 yield _event(shape.usage_chunk(Usage(job.prompt_tokens, job.completion_tokens)))
@@ -234,9 +237,16 @@ def _event(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def serve(engine: Engine, host: str, port: int, log_level: str = "warning", api_key: str | None = None) -> None:
+async def serve(engine: Engine, host: str, port: int, log_level: str = "warning",
+                guard: GuardSettings = GuardSettings()) -> None:
     """Listen on host:port (0: any free port), print a JSON ready line with the URL, serve until a signal."""
     import uvicorn
+
+    if guard.api_key is None and is_public_bind(host):
+        log.warning("=" * 78)
+        log.warning("the API listens on %s WITHOUT an API key: anyone who can reach this port can use the "
+                    "swarm through it. Set DSDNODE_API_KEY (or --api-key), or listen on 127.0.0.1.", host)
+        log.warning("=" * 78)
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -253,7 +263,7 @@ async def serve(engine: Engine, host: str, port: int, log_level: str = "warning"
         sock.close()
         raise
     try:
-        config = uvicorn.Config(create_app(engine, api_key), loop="none", log_level=log_level,
+        config = uvicorn.Config(create_app(engine, guard), loop="none", log_level=log_level,
                                 timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve(sockets=[sock]))

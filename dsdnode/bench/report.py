@@ -71,6 +71,11 @@ class PromptResult:
     warm_start: bool = False  # the draft-length controller began with a round cost learned on earlier prompts
     n_hops: int = 0
     n_links: int = 0  # links crossed per round
+    ttft_s: float = 0.0  # time to first token: prefill and the first round
+    prefill_chunk: int = 0  # positions per prefill block
+    prefill_bytes: int = 0  # the prompt's blocks on each link
+    block_bytes: list[int] = field(default_factory=list)  # every round's block on each link
+    reply_bytes: list[int] = field(default_factory=list)  # every round: bytes back to the client (all hops' copies)
     split: TimeSplit = field(default_factory=TimeSplit)
     stopped: str = ""
     identical_to_baseline: bool | None = None
@@ -154,6 +159,11 @@ def _row(lat: float, ds: str, mode: str, mine: list[PromptResult], base: dict, r
         "identical_to_baseline": all(compared) if compared else None,
         "identical_count": f"{sum(compared)}/{len(compared)}" if compared else None,
         "max_divergence_gap": max((r.divergence.top2_gap for r in ok if r.divergence), default=None),
+        "ttft_s_median": _median([r.ttft_s for r in ok if r.ttft_s]),
+        "prefill_chunk_median": _median([r.prefill_chunk for r in ok if r.prefill_chunk]),
+        "prefill_kb_per_link": mean_or_none([r.prefill_bytes / 1e3 for r in ok if r.prefill_bytes]),
+        "round_kb_per_link": sum(sum(r.block_bytes) for r in ok) / 1e3 / rounds if rounds else None,
+        "round_kb_to_client": sum(sum(r.reply_bytes) for r in ok) / 1e3 / rounds if rounds else None,
     }
 
 
@@ -199,6 +209,12 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "- tok/s: decode only (prefill excluded; hf-assisted: generate() minus a separately timed prefill)",
         "- speedup: vs ar-push, as ratio of median tok/s / median of per-prompt ratios; "
         "vs ar-relay: median of per-prompt ratios (where ar-relay ran)",
+        *([f"- WAN profile `{s['wan']}` (`--wan`): per-pair delays from a city RTT matrix, jitter, uplink caps "
+           "(dsdnode/net/wan.py); the latency in headings is its mean one-way delay, and the split's link share "
+           "counts it"] if s.get("wan") else []),
+        f"- prefill: {'pipelined (chunks back to back)' if s.get('prefill_pipeline', True) else 'chunk by chunk'}; "
+        "TTFT: prefill and the first round; bytes: frames on the wire (each link carries a round's block once, "
+        "and every hop also sends the client a copy of its output)",
         "- split: link (rounds x links x latency) / server compute / draft / client overhead, % of decode time; "
         "floor: link + compute",
         "",
@@ -230,5 +246,11 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                     f"| {fmt_cell(None if r['accuracy'] is None else 100 * r['accuracy'], '.0f', '%')} "
                     f"({r['finished']}/{r['n'] - r['errors']} ended) "
                     f"| {r['identical_count'] or '–'} | {fmt_cell(r['max_divergence_gap'], '.3f')} |")
+            lines += ["", "| mode | TTFT s (median) | prefill chunk | prefill kB per link | kB per round per link "
+                          "| kB per round back to the client |", "|" + "---|" * 6]
+            lines += [f"| {r['mode']} | {fmt_cell(r['ttft_s_median'])} | {fmt_cell(r['prefill_chunk_median'], '.0f')} "
+                      f"| {fmt_cell(r['prefill_kb_per_link'], '.1f')} | {fmt_cell(r['round_kb_per_link'], '.1f')} "
+                      f"| {fmt_cell(r['round_kb_to_client'], '.1f')} |"
+                      for r in rows if r["latency_ms"] == lat and r["dataset"] == ds and r.get("ttft_s_median")]
             lines.append("")
     return "\n".join(lines)

@@ -38,6 +38,7 @@ from ..models.fetch import resolve_model_dir
 from ..net.latency import LinkLatency
 from ..net.p2p import P2PNode
 from ..dtypes import dtype_name
+from ..net.wan import load_profile
 from .accuracy import evaluate
 from .datasets import DEFAULT_GSM8K_STYLE, GSM8K_STYLES, Problem, format_prompt, load_dataset
 from .machine import machine_info, source_digest
@@ -78,8 +79,12 @@ class BenchConfig:
     tau: float = 0.3
     draft_int8: bool | None = None  # None: the device's default (models/compression.py)
     draft_vocab: int | None = None
+    wan: str | None = None  # a WAN profile (net/wan.py) or its TOML file; replaces latencies_ms
+    prefill_pipeline: bool = True  # False: each prompt chunk waits for the one before (to compare TTFT)
 
     def __post_init__(self) -> None:
+        if self.wan is not None:
+            load_profile(self.wan)  # a bad profile: one error before any work
         if self.servers < 1 or self.replicas < 1 or self.prompts < 1 or self.max_new_tokens < 2:
             raise BadValue("--servers, --replicas and --prompts must be >= 1 and --max-new-tokens >= 2")
         if not self.latencies_ms or any(lat < 0 for lat in self.latencies_ms):
@@ -202,20 +207,23 @@ class BenchRun:
         if all((lat, p.problem.dataset, p.index) in self.done for p in self.prompts):
             return  # finished in an earlier session
         n_layers = self.client.head.config.num_hidden_layers
-        workdir = c.out / "swarm" / f"{lat:g}ms"
+        wan = load_profile(c.wan) if c.wan is not None else None
+        workdir = c.out / "swarm" / (f"{lat:g}ms" if wan is None else wan.name)
         self.log(f"[{lat:g} ms] starting {c.servers} x {c.replicas} servers over {n_layers} layers of {c.model} "
-                 f"(logs: {workdir})")
+                 f"{'' if wan is None else 'with WAN profile ' + wan.describe() + ' '}(logs: {workdir})")
         try:
             with LocalSwarm(c.model, split_layers(n_layers, c.servers) * c.replicas, workdir, link_latency_ms=lat,
                             threads=c.threads, dtype=dtype_name(self.client.dtype),
-                            extra_args=["--device", c.device], relayed=c.relayed) as swarm:
+                            extra_args=["--device", c.device], relayed=c.relayed, own_networks=True,
+                            wan=wan, wan_seed=0) as swarm:
                 asyncio.run(self._client(swarm, lat))
         except Exception as e:
             self.errors.append(f"latency {lat:g} ms: {type(e).__name__}: {e}")
             self.log(f"[{lat:g} ms] FAILED: {e}")
 
     async def _client(self, swarm: LocalSwarm, lat: float) -> None:
-        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, latency=LinkLatency(lat), client=True)
+        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, client=True, identity=swarm.client_identity,
+                                   latency=swarm.client_links or LinkLatency(lat))
         self.services.clear()
         try:
             await self._warm_up(node)
@@ -249,12 +257,13 @@ class BenchRun:
     async def _generate(self, node: P2PNode, mode: Mode, ids: list[int], max_new: int) -> tuple[GenerationResult, int]:
         c, cl = self.config, self.client
         if mode.relay not in self.services:
-            # every server of the local swarm is on loopback, one network group: consider them all
+            # each replica of a span is on a loopback network of its own (own_networks), so replicas
+            # audit each other; consider every record (a span's replicas come in several groups)
             chains = SwarmChains(c.model, cl.head.config, [], cl.dtype, weights=cl.weights,
                                  relay=mode.relay, node=node,
                                  trust=TrustSettings(max_records_per_group=c.servers * c.replicas))
             self.services[mode.relay] = ClientService(cl, chains)
-        out = await self.services[mode.relay].generate(ids, mode.options(max_new, c.k_max, c.tau))
+        out = await self.services[mode.relay].generate(ids, mode.options(max_new, c.k_max, c.tau, c.prefill_pipeline))
         return out.result, len(out.route)
 
     async def _one(self, node: P2PNode, mode: Mode, p: _Prompt, lat: float) -> PromptResult:
@@ -376,6 +385,8 @@ def _fill_swarm(rec: PromptResult, result: GenerationResult, hops: int, links: i
     rec.draft_ms = [round(1e3 * r.draft_s, 2) for r in rounds]
     rec.predrafted, rec.round_ms = [r.predrafted for r in rounds], [round(1e3 * r.round_s, 2) for r in rounds]
     rec.n_hops, rec.n_links = hops, links
+    rec.ttft_s, rec.prefill_chunk, rec.prefill_bytes = result.first_token_s, result.prefill_chunk, result.prefill_bytes
+    rec.block_bytes, rec.reply_bytes = [r.block_bytes for r in rounds], [r.reply_bytes for r in rounds]
     link = len(rounds) * links * lat / 1000
     compute = sum(sum(r.hop_compute_s) for r in rounds)
     draft = sum(r.draft_s for r in rounds)

@@ -1,26 +1,39 @@
-"""Audits: another server recomputes a hop's work, so a server that returns wrong activations is caught.
+"""Audits: other servers recompute a hop's work, so a server that returns wrong activations is caught.
 
 Every hop sends the client a copy of the output it pushed on, and stamps a digest of the input it
 received (server/daemon.py); the client checks each round that hop i's input digest matches hop
 i-1's copy (or the block the client sent), so a hop cannot send the client one thing and push
 another. The client keeps, per hop of the current route, the hop's input and output at every
-position. An audit of a hop opens a shadow session on another server that serves the same layers,
-sends it the hop's recorded inputs of every position since the last audit of that hop (one catch-up
-block, cheap per position; a new shadow session first catches up from position 0) and compares the
-outputs with the hop's copies, position by position, within a tolerance measured per dtype. The
-audited hop sees nothing: every block it serves is treated the same, audited or not.
+position. An audit of a hop recomputes the positions since its last audit on a panel: one other
+server that serves the hop's layers, or, when no single server does, several servers that serve
+them piecewise (the client chains their shadow sessions). Outputs are compared position by position
+within a tolerance measured per dtype. The audited hop sees nothing: every block it serves is
+treated the same, audited or not.
 
-A mismatch is settled by a third server for those layers: whichever of the two it agrees with is
-right; the other is convicted (banned, client/bans.py) and excluded, and the generation rolls back
-to the first wrong position and recomputes on a route without it. With no third server, the audited
-hop is excluded for the session (not banned) and the generation rolls back all the same. A span no
-other server serves cannot be audited: its positions are released (logged once, counted in AuditStats.unaudited)."""
+Independence (one operator may run many peer ids, client/standing.py): a panel is drawn at random
+among the eligible servers (not excluded, not banned, not of a banned network group, not flagged for
+announcing addresses it was not reached at) whose observed network group differs from the audited
+hop's. A disagreement asks a second panel drawn from yet other groups:
+  - both panels agree with each other against the hop: the hop is convicted (banned, client/bans.py,
+    keyed by peer id and observed group) -- but only if every server of both panels has a measured
+    history with this client (it served this client's own sessions); otherwise the hop is only
+    excluded for this chain;
+  - the second panel agrees with the hop, and either has a history: the first panel's servers are
+    the liars (a one-server panel is convicted if both have a history, else excluded for the chain);
+  - otherwise (no second panel, it agrees with neither, or a party has no history) nothing is
+    settled: the hop is excluded for this chain, and so is every server of either panel without a
+    history (two fresh Sybil ids cannot take turns framing honest servers and then serve the span
+    themselves, nor vouch for each other), the generation rolls back to the first disputed position,
+    and the new route is audited after its first round. A hop no panel can
+cover cannot be audited: its layers are reported (`unaudited_layers`), and a chain that must be
+audited refuses (client/swarm_chain.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import random
 import secrets
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,7 +47,7 @@ from ..net.stream import close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, SessionOpened, TensorPayload,
                         WireLimits, decode, encode)
 from .bans import BanList
-from .standing import Standing, record_group
+from .standing import Standing
 from ..errors import PeerError
 
 log = logging.getLogger(__name__)
@@ -47,15 +60,30 @@ log = logging.getLogger(__name__)
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
 
 
-def tolerance(compute_dtype: str, wire_dtype: str) -> float:
-    """Outputs computed in one dtype and sent in another differ by the coarser one's tolerance."""
-    return max(TOLERANCE[compute_dtype], TOLERANCE[wire_dtype])
+# The mean of those differences over the positions one audit compares (at least WINDOW_MIN of them):
+# rounding differences average out, a steady perturbation does not. bfloat16, SmolLM2 on code text
+# (scripts/audit_tolerance.py, BENCHMARKS.md "Audit tolerance"): the largest honest mean over 30
+# positions 1.7e-2, so 0.04 leaves a margin of 2.4x and catches a 5 % perturbation, which the
+# per-position bound of 0.1 lets through. float32 needs none (its per-position bound catches 1 %).
+WINDOW_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.04, "float16": 0.04}
+WINDOW_MIN = 8
+
+
+def tolerance(compute_dtype: str, wire_dtype: str) -> tuple[float, float]:
+    """(per position, window mean): outputs computed in one dtype and sent in another differ by the
+    coarser one's tolerances."""
+    return (max(TOLERANCE[compute_dtype], TOLERANCE[wire_dtype]),
+            max(WINDOW_TOLERANCE[compute_dtype], WINDOW_TOLERANCE[wire_dtype]))
 AUDIT_TIMEOUT_S = 20.0  # one shadow-session exchange (open, or a catch-up block)
 AUDITOR_TRIES = 2  # auditors tried for one hop before the hop counts as unauditable this time
 
 
 class AuditUnavailable(PeerError, RuntimeError):
     """The auditor could not do the work (refused, unreachable, slow, unusable reply)."""
+
+    def __init__(self, message: str, peer: str = ""):
+        super().__init__(message)
+        self.peer = peer
 
 
 class UnlikeAuditor(AuditUnavailable):
@@ -74,6 +102,16 @@ def first_mismatch(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> i
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
+def disagreement(got: torch.Tensor, want: torch.Tensor, tolerances: tuple[float, float]) -> int | None:
+    """Where two recomputations of the same positions disagree: the first position beyond the
+    per-position tolerance, else 0 when the mean difference over the window (WINDOW_MIN positions or
+    more) exceeds the window tolerance; None: they agree."""
+    bad = first_mismatch(got, want, tolerances[0])
+    if bad is None and got.shape[1] >= WINDOW_MIN and not float(relative_diff(got, want).mean()) <= tolerances[1]:
+        return 0
+    return bad
+
+
 class ShadowSession:
     """A session on an auditing server, fed by the client itself (request/response on one stream)."""
 
@@ -90,7 +128,7 @@ class ShadowSession:
             stream = await node.open_stream(PeerInfo(record.peer_id, tuple(record.addrs)), SESSION_PROTOCOL,
                                             timeout=AUDIT_TIMEOUT_S)
         except Exception as e:
-            raise AuditUnavailable(f"cannot reach auditor {record.peer_id}: {e!r}") from None
+            raise AuditUnavailable(f"cannot reach auditor {record.peer_id}: {e!r}", record.peer_id) from None
         shadow = cls(record, stream, secrets.token_hex(8), limits)
         opened = await shadow._ask(OpenSession(shadow.session_id, model, start, end, max_length, None, None, dtype, weights),
                                    SessionOpened)
@@ -107,7 +145,7 @@ class ShadowSession:
                                           TensorPayload.from_torch(block), None, []), ForwardResult)
             if got.step_id != self._step or tuple(got.hidden.shape) != tuple(block.shape):
                 raise AuditUnavailable(f"auditor {self.record.peer_id} answered a block with step {got.step_id}, "
-                                       f"shape {list(got.hidden.shape)}")
+                                       f"shape {list(got.hidden.shape)}", self.record.peer_id)
             outs.append(got.hidden.to_torch())
         self.length = commit_len + hidden.shape[1]
         return torch.cat(outs, dim=1)
@@ -117,10 +155,10 @@ class ShadowSession:
             await self.stream.send(encode(msg))
             reply = decode(await self.stream.recv(timeout=AUDIT_TIMEOUT_S), self.limits)
         except Exception as e:
-            raise AuditUnavailable(f"auditor {self.record.peer_id}: {e!r}") from None
+            raise AuditUnavailable(f"auditor {self.record.peer_id}: {e!r}", self.record.peer_id) from None
         if isinstance(reply, ErrorReply) or not isinstance(reply, want):
             what = f"{reply.code}: {reply.message}" if isinstance(reply, ErrorReply) else type(reply).__name__
-            raise AuditUnavailable(f"auditor {self.record.peer_id} answered {what}")
+            raise AuditUnavailable(f"auditor {self.record.peer_id} answered {what}", self.record.peer_id)
         return reply
 
     async def close(self) -> None:
@@ -129,6 +167,46 @@ class ShadowSession:
         except Exception:
             pass
         await close_quietly(self.stream)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One server of an audit panel, the layers it recomputes, and its observed network group."""
+
+    record: SpanRecord
+    group: str
+    start: int
+    end: int
+
+    @property
+    def peer_id(self) -> str:
+        return self.record.peer_id
+
+
+Panel = tuple[Piece, ...]
+
+
+def panel_key(panel: Panel) -> tuple[tuple[str, int, int], ...]:
+    return tuple((p.peer_id, p.start, p.end) for p in panel)
+
+
+def draw_panel(eligible: list[tuple[SpanRecord, str]], start: int, end: int, avoid: set[str],
+               rng: random.Random) -> Panel | None:
+    """A random panel that recomputes layers [start, end) from servers (record, observed group) whose
+    groups are not in `avoid`: from each layer boundary, one of the servers that reach farthest, at
+    random (so a server that covers the whole range is always preferred to pieces). None: no panel
+    covers the range."""
+    pool = [(r, g) for r, g in eligible if g not in avoid and r.start < end and r.end > start]
+    rng.shuffle(pool)
+    pieces, p = [], start
+    while p < end:
+        here = [(r, g) for r, g in pool if r.start <= p < r.end]
+        if not here:
+            return None
+        r, g = max(here, key=lambda rg: min(rg[0].end, end))  # the first of equal reach: a random one
+        pieces.append(Piece(r, g, p, min(r.end, end)))
+        p = pieces[-1].end
+    return tuple(pieces)
 
 
 @dataclass
@@ -142,7 +220,8 @@ class HopLog:
     inputs: torch.Tensor  # [1, max_length, H]
     outputs: torch.Tensor
     audited: int = 0  # positions [0, audited) of this hop agree with an auditor (or had none)
-    shadow: ShadowSession | None = None
+    panel: Panel = ()  # who audited this hop last (its shadow sessions are reused if drawn again)
+    shadows: list[ShadowSession] = field(default_factory=list)  # one per piece of the panel
     block_start: int = 0  # where the last block was written (a token tree's kept path moves there)
 
     def keep(self, kept: list[int]) -> None:
@@ -173,28 +252,35 @@ class AuditStats:
     positions: int = 0  # hop positions checked against an auditor
     unaudited: int = 0  # hop positions released without an auditor
     mismatches: int = 0
+    piecewise: int = 0  # audits whose panel had more than one server
     rounds_to_detection: list[int] = field(default_factory=list)  # rounds since the wrong position was computed
+
+
+MAX_DRAWS = 8  # panels drawn for one audit, those that compute in another dtype included
 
 
 class Auditor:
     """The audit state of one chain: per-hop logs of the current route and the audits of them.
 
-    `auditors(log)` gives the records that may audit a hop (same layers, not the hop, not excluded or
-    banned), best first."""
+    `eligible(log)` gives the servers (record, observed group) that may sit on a panel auditing a hop:
+    serving some of its layers, of another group than the hop's, not excluded, banned or flagged.
+    `group_of(peer)` is a peer's observed group (what a ban is keyed by, besides its id)."""
 
     def __init__(self, node: P2PNode, model: str, weights: str, dtype: str, hidden_size: int, max_block: int,
-                 auditors: Callable[[HopLog], list[SpanRecord]], standing: Standing, bans: BanList):
+                 eligible: Callable[[HopLog], list[tuple[SpanRecord, str]]], group_of: Callable[[str], str],
+                 standing: Standing, bans: BanList, rng: random.Random | None = None):
         self.node, self.model, self.weights, self.dtype, self.max_block = node, model, weights, dtype, max_block
         self.hidden_size = hidden_size
-        self.auditors, self.standing, self.bans = auditors, standing, bans
+        self.eligible, self.group_of, self.standing, self.bans = eligible, group_of, standing, bans
+        self.rng = rng or random.SystemRandom()  # an attacker must not predict who audits
         self.logs: list[HopLog] = []
         self.max_length = 0
         self.filled = 0  # positions [0, filled) have been computed on this route
         self.low_water = 0  # least commit_len since the running audit took its snapshot
         self.stats = AuditStats()
+        self.unaudited_layers: set[tuple[int, int]] = set()  # hop layer ranges released without any audit
         self.round = 0
         self._computed_at: torch.Tensor | None = None  # round in which each position was last computed
-        self._warned: set[tuple[int, int]] = set()
         self._unlike: set[tuple[str, str]] = set()  # (auditor peer, compute dtype) pairs known not to match
 
     async def new_route(self, hops: list[tuple[SpanRecord, int, int, str]], max_length: int,
@@ -207,6 +293,17 @@ class Auditor:
         self.filled = self.low_water = 0
         if self._computed_at is None or self._computed_at.numel() != max_length:
             self._computed_at = torch.zeros(max_length, dtype=torch.long)
+
+    def note_unauditable(self) -> bool:
+        """Note the hops of a new route that no panel could audit (as far as eligibility tells before
+        asking) in unaudited_layers; whether any hop can be audited."""
+        able = [self._draw(h, set()) is not None for h in self.logs]
+        for h, ok in zip(self.logs, able):
+            if not ok and (h.start, h.end) not in self.unaudited_layers:
+                self.unaudited_layers.add((h.start, h.end))
+                log.info("layers %d:%d cannot be audited: no server of another network group serves them; "
+                         "their results are used unchecked", h.start, h.end)
+        return any(able)
 
     def record(self, hop: int, commit_len: int, inputs: torch.Tensor, outputs: torch.Tensor,
                kept: list[int] | None = None, tree: bool = False) -> None:
@@ -257,128 +354,163 @@ class Auditor:
     async def _audit_hop(self, h: HopLog, start: int, upto: int, inputs: torch.Tensor, outputs: torch.Tensor) -> Verdict:
         if start >= upto:
             return Verdict()
-        tried = 0
-        for rec in self._like(h):
-            if tried == AUDITOR_TRIES:
+        failed = 0
+        for _ in range(MAX_DRAWS):
+            panel = self._draw(h, set())  # anew for every audit: no one can tell when it will audit
+            if panel is None or failed == AUDITOR_TRIES:
                 break
-            tried += 1
             try:
-                got = await self._recompute(h, rec, start, upto, inputs)
-            except UnlikeAuditor:
-                tried -= 1
-                await self._drop_shadow(h)
-                continue
+                got = await self._recompute(h, panel, start, upto, inputs)
             except AuditUnavailable as e:
-                log.info("audit of %s (layers %d:%d) could not run on %s: %s", h.peer_id, h.start, h.end,
-                         rec.peer_id, e)
-                self.standing.failed(rec.peer_id, "failed an audit session")
-                await self._drop_shadow(h)
+                await self._drop_shadows(h)
+                if not isinstance(e, UnlikeAuditor):
+                    failed += 1
+                    log.info("audit of %s (layers %d:%d) could not run: %s", h.peer_id, h.start, h.end, e)
+                    self.standing.failed(e.peer, "failed an audit session")
                 continue
             self.stats.audits += 1
+            self.stats.piecewise += len(panel) > 1
             self.stats.positions += upto - start
-            bad = first_mismatch(got, outputs[:, start:upto], self._tolerance(h))
+            bad = disagreement(got, outputs[:, start:upto], self._tolerance(h))
             if bad is None:
                 h.audited = min(upto, self.low_water)  # a rollback meanwhile drops positions past it
                 return Verdict()
             self.stats.mismatches += 1
-            return await self._dispute(h, rec, start, upto, start + bad, inputs, outputs, got)
-        if (h.start, h.end) not in self._warned:
-            self._warned.add((h.start, h.end))
-            log.info("layers %d:%d cannot be audited: no other server %s; their results are used unchecked",
-                        h.start, h.end, "answered" if tried else "serves them")
+            return await self._dispute(h, panel, start, upto, start + bad, inputs, outputs, got)
+        if (h.start, h.end) not in self.unaudited_layers:
+            self.unaudited_layers.add((h.start, h.end))
+            log.info("layers %d:%d cannot be audited: no independent server %s; their results are used unchecked",
+                     h.start, h.end, "answered" if failed else "serves them")
         self.stats.unaudited += upto - start
         h.audited = min(upto, self.low_water)
         return Verdict()
 
-    async def _recompute(self, h: HopLog, rec: SpanRecord, start: int, upto: int, inputs: torch.Tensor) -> torch.Tensor:
-        """The auditor's outputs of positions [start, upto) (its shadow session caught up first)."""
-        if h.shadow is None or h.shadow.record.peer_id != rec.peer_id:
-            await self._drop_shadow(h)
-            h.shadow = await self._open_shadow(h, rec)
-        begin = min(h.shadow.length, start)  # a new shadow session catches up from position 0
-        out = await h.shadow.run(inputs[:, begin:upto], begin, self.max_block)
+    def _draw(self, h: HopLog, avoid: set[str]) -> Panel | None:
+        """A random panel for the hop from servers of groups not in `avoid` (nor the hop's), less those
+        known to compute in another dtype than the hop."""
+        eligible = [(r, g) for r, g in self.eligible(h) if (r.peer_id, h.compute_dtype) not in self._unlike]
+        return draw_panel(eligible, h.start, h.end, avoid, self.rng)
+
+    async def _recompute(self, h: HopLog, panel: Panel, start: int, upto: int, inputs: torch.Tensor) -> torch.Tensor:
+        """The panel's outputs of positions [start, upto) (its shadow sessions caught up first)."""
+        if panel_key(h.panel) != panel_key(panel) or not h.shadows:
+            await self._drop_shadows(h)
+            h.shadows = await self._open_panel(h, panel)
+            h.panel = panel
+        begin = min(h.shadows[0].length, start)  # new shadow sessions catch up from position 0
+        out = await self._run(h.shadows, inputs[:, begin:upto], begin)
         return out[:, start - begin:]
 
-    async def _open_shadow(self, h: HopLog, rec: SpanRecord) -> ShadowSession:
-        """A shadow session on `rec` for the hop's layers; UnlikeAuditor if it computes in another dtype."""
+    async def _run(self, shadows: list[ShadowSession], hidden: torch.Tensor, commit_len: int) -> torch.Tensor:
+        for shadow in shadows:  # piece by piece: each piece's output is the next one's input
+            hidden = await shadow.run(hidden, commit_len, self.max_block)
+        return hidden
+
+    async def _open_panel(self, h: HopLog, panel: Panel) -> list[ShadowSession]:
+        shadows: list[ShadowSession] = []
+        try:
+            for piece in panel:
+                shadows.append(await self._open_shadow(h, piece))
+        except BaseException:
+            await asyncio.gather(*(s.close() for s in shadows))
+            raise
+        return shadows
+
+    async def _open_shadow(self, h: HopLog, piece: Piece) -> ShadowSession:
+        """A shadow session on `piece`'s server for its layers; UnlikeAuditor if it computes in another dtype."""
         limits = WireLimits(hidden_size=self.hidden_size, max_block=self.max_block, max_length=self.max_length)
-        shadow = await ShadowSession.open(self.node, rec, self.model, self.weights, h.start, h.end, self.max_length, self.dtype,
-                                          limits)
+        shadow = await ShadowSession.open(self.node, piece.record, self.model, self.weights, piece.start, piece.end,
+                                          self.max_length, self.dtype, limits)
         if shadow.compute_dtype != h.compute_dtype:
             await shadow.close()
-            self._unlike.add((rec.peer_id, h.compute_dtype))
-            raise UnlikeAuditor(f"{rec.peer_id} computes in {shadow.compute_dtype}, {h.peer_id} in {h.compute_dtype}")
+            self._unlike.add((piece.peer_id, h.compute_dtype))
+            raise UnlikeAuditor(f"{piece.peer_id} computes in {shadow.compute_dtype}, {h.peer_id} in {h.compute_dtype}",
+                                piece.peer_id)
         return shadow
 
-    def _like(self, h: HopLog) -> list[SpanRecord]:
-        """The hop's auditor candidates, less those known to compute in another dtype."""
-        return [r for r in self.auditors(h) if (r.peer_id, h.compute_dtype) not in self._unlike]
-
-    def _tolerance(self, h: HopLog) -> float:
+    def _tolerance(self, h: HopLog) -> tuple[float, float]:
         return tolerance(h.compute_dtype, self.dtype)
 
-    async def _dispute(self, h: HopLog, auditor: SpanRecord, start: int, upto: int, bad: int,
-                       inputs: torch.Tensor, outputs: torch.Tensor, audit_out: torch.Tensor) -> Verdict:
-        """The hop and its auditor disagree from position `bad`: a third server decides."""
-        rel = float(relative_diff(audit_out[:, bad - start:bad - start + 1], outputs[:, bad:bad + 1])[0])
-        log.warning("audit: %s (layers %d:%d, %s) and auditor %s disagree from position %d (relative difference "
-                    "%.3g, tolerance %.3g); asking a third server", h.peer_id, h.start, h.end, h.compute_dtype,
-                    auditor.peer_id, bad, rel, self._tolerance(h))
-        await self._drop_shadow(h)
-        third_out = None
-        for rec in self._like(h):
-            if rec.peer_id == auditor.peer_id:
+    def _vouched(self, peers: list[str]) -> bool:
+        """Every one of `peers` has served this client's own sessions (may take part in a conviction)."""
+        return all(self.standing.has_history(p) for p in peers)
+
+    async def _second_opinion(self, h: HopLog, first: Panel, upto: int,
+                              inputs: torch.Tensor) -> tuple[Panel, torch.Tensor] | None:
+        """Outputs [0, upto) of a second random panel, from groups that are neither the hop's nor the
+        first panel's (None: no such panel answered)."""
+        avoid = {p.group for p in first}
+        for _ in range(AUDITOR_TRIES):
+            panel = self._draw(h, avoid)
+            if panel is None:
+                return None
+            try:
+                shadows = await self._open_panel(h, panel)
+            except AuditUnavailable as e:
+                log.info("second opinion from %s failed: %s", [p.peer_id for p in panel], e)
+                avoid |= {p.group for p in panel}
                 continue
             try:
-                shadow = await self._open_shadow(h, rec)
-                try:
-                    third_out = (await shadow.run(inputs[:, :upto], 0, self.max_block))[:, start:]
-                finally:
-                    await shadow.close()
-                third = rec
-                break
-            except UnlikeAuditor:
-                continue
+                return panel, await self._run(shadows, inputs[:, :upto], 0)
             except AuditUnavailable as e:
-                log.info("third opinion from %s failed: %s", rec.peer_id, e)
-                self.standing.failed(rec.peer_id, "failed an audit session")
+                log.info("second opinion from %s failed: %s", [p.peer_id for p in panel], e)
+                self.standing.failed(e.peer, "failed an audit session")
+                avoid |= {p.group for p in panel}
+            finally:
+                await asyncio.gather(*(s.close() for s in shadows))
+        return None
+
+    async def _dispute(self, h: HopLog, first: Panel, start: int, upto: int, bad: int,
+                       inputs: torch.Tensor, outputs: torch.Tensor, first_out: torch.Tensor) -> Verdict:
+        """The hop and a first panel disagree from position `bad`: a second, independent panel decides
+        (see the module's docstring for the rules)."""
+        tol = self._tolerance(h)
+        rel = float(relative_diff(first_out[:, bad - start:], outputs[:, bad:upto]).mean())
+        names = [p.peer_id for p in first]
+        log.warning("audit: %s (layers %d:%d, %s) and auditor(s) %s disagree from position %d (relative difference "
+                    "%.3g from there on average, tolerances %s); asking a second, independent panel", h.peer_id, h.start, h.end,
+                    h.compute_dtype, names, bad, rel, tol)
+        await self._drop_shadows(h)
         where = f"layers {h.start}:{h.end} of {self.model}"
-        if third_out is not None:
-            with_auditor = first_mismatch(third_out, audit_out, self._tolerance(h)) is None
-            with_hop = first_mismatch(third_out, outputs[:, start:upto], self._tolerance(h)) is None
-            if with_auditor and not with_hop:
-                return self._convict(h.record, (h.start, h.end), bad,
-                                     f"wrong outputs for {where} from position {bad} (auditors {auditor.peer_id} "
-                                     f"and {third.peer_id} agree with each other)")
-            if with_hop and not with_auditor:  # the auditor lied; the hop's work stands
-                self._convict(auditor, (h.start, h.end), None,
-                              f"wrong outputs auditing {where} (the audited {h.peer_id} and {third.peer_id} agree)")
+        panelists = list(names)
+        second = await self._second_opinion(h, first, upto, inputs)
+        if second is not None:
+            panel, second_out = second[0], second[1][:, start:]
+            others = [p.peer_id for p in panel]
+            panelists += others
+            with_first = disagreement(second_out, first_out, tol) is None
+            with_hop = disagreement(second_out, outputs[:, start:upto], tol) is None
+            if with_first and not with_hop and self._vouched(panelists):
+                return self._convict(h.peer_id, (h.start, h.end), bad,
+                                     f"wrong outputs for {where} from position {bad} (independent auditors "
+                                     f"{names} and {others} agree with each other)")
+            if with_hop and not with_first and (self._vouched(others) or self._vouched([h.peer_id])):
+                # the first panel lied: the hop's work stands (two agree, one of them known to this client)
                 h.audited = min(upto, self.low_water)
-                return Verdict(convicted={auditor.peer_id: "wrong_results"})
-        # no third opinion, or it agrees with neither: trust neither for this session
-        log.warning("audit of %s (%s) unresolved: excluding it for this session", h.peer_id, where)
-        self.standing.failed(h.peer_id, "audit unresolved")
-        return Verdict(bad, excluded={h.peer_id: "disputed_results"})
+                if len(first) == 1 and self._vouched([h.peer_id, *others]):
+                    return self._convict(names[0], (h.start, h.end), None,
+                                         f"wrong outputs auditing {where} (the audited {h.peer_id} and {others} agree)")
+                log.warning("audit of %s: auditor(s) %s disagree with it and with %s; excluding them for this session",
+                            h.peer_id, names, others)
+                return Verdict(excluded={p: "disputed_results" for p in names})
+        # not settled (one disagreement, no second panel, or parties without a history): no conviction;
+        # the hop and every party without a history are avoided, and the new route is audited again
+        excluded = {h.peer_id: "disputed_results"}
+        excluded.update({p: "disputed without a history" for p in panelists if not self.standing.has_history(p)})
+        log.warning("audit of %s (%s) not settled: excluding %s for this session", h.peer_id, where, sorted(excluded))
+        return Verdict(bad, excluded=excluded)
 
-    def _convict(self, rec: SpanRecord, layers: tuple[int, int], bad: int | None, reason: str) -> Verdict:
-        self.bans.add(rec.peer_id, self.model, layers, reason)
-        self.standing.failed(rec.peer_id, reason)
-        return Verdict(bad, convicted={rec.peer_id: "wrong_results"})
+    def _convict(self, peer: str, layers: tuple[int, int], bad: int | None, reason: str) -> Verdict:
+        self.bans.add(peer, self.model, layers, reason, group=self.group_of(peer))
+        self.standing.failed(peer, reason)
+        return Verdict(bad, convicted={peer: "wrong_results"})
 
-    async def _drop_shadow(self, h: HopLog) -> None:
-        if h.shadow is not None:
-            shadow, h.shadow = h.shadow, None
-            await shadow.close()
+    async def _drop_shadows(self, h: HopLog) -> None:
+        shadows, h.shadows, h.panel = h.shadows, [], ()
+        await asyncio.gather(*(s.close() for s in shadows))
 
     async def close(self) -> None:
-        await asyncio.gather(*(self._drop_shadow(h) for h in self.logs))
-
-
-def prefer_other_groups(records: list[SpanRecord], audited: SpanRecord, standing: Standing) -> list[SpanRecord]:
-    """Auditors from another network group than the audited server first (two peer ids of one operator
-    would vouch for each other), then by standing."""
-    group = record_group(audited)
-    return sorted(records, key=lambda r: (record_group(r) == group, standing.penalty(r.peer_id), r.peer_id))
+        await asyncio.gather(*(self._drop_shadows(h) for h in self.logs))
 
 
 def audit_every(rate: float) -> int:

@@ -32,6 +32,8 @@ from ..speculative.verify import VerifyResult, verify_tree_adaptive, verify_tree
 from .interface import Chain, Checkpoint, TreeBlock
 from ..errors import BadValue
 
+SEQUENTIAL_PREFILL_CHUNK = 64  # positions per block of an unpipelined prefill (a server's default max_block)
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -39,7 +41,9 @@ class GenerationSettings:
     speculative: bool = True  # False: plain autoregressive decoding (the baseline)
     overlap: bool = True  # draft the next block while this one is in flight (seeded sampling is
     # reproducible only without it and with a fixed k: both depend on timing)
-    prefill_chunk: int = 64  # prompt positions sent per chain pass during prefill
+    prefill_chunk: int | None = None  # prompt positions per block during prefill (None: the chain chooses
+    # from measured link and compute costs, client/prefill.py; 64 without pipelining)
+    prefill_pipeline: bool = True  # send the prompt's chunks back to back, so the hops overlap them
     lookup: bool = False  # add prompt-lookup branches (n-gram matches in the text so far) to each tree
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     controller: ControllerSettings = field(default_factory=ControllerSettings)
@@ -66,6 +70,8 @@ class RoundStats:
     hop_link_s: list[float] = field(default_factory=list)  # between consecutive hops (swarm chains)
     width: int = 1  # tree width drafted (1: a chain of k drafts; k is the tree's depth)
     nodes: int = 0  # tree nodes sent (drafts and prompt-lookup candidates)
+    block_bytes: int = 0  # the block's frame on each link of the chain (swarm chains)
+    reply_bytes: int = 0  # what came back to the client: the result and every hop's copy
 
 
 @dataclass
@@ -76,6 +82,9 @@ class GenerationResult:
     decode_s: float
     stopped: str  # "eos" or "length"
     warm_start: bool = False  # the controller began with a round cost learned by earlier generations
+    first_token_s: float = 0.0  # time to first token: the prefill and the first round
+    prefill_chunk: int = 0  # positions per prefill block
+    prefill_bytes: int = 0  # the prompt's blocks on each link of the chain (swarm chains)
 
     @property
     def tokens_per_s(self) -> float:
@@ -153,8 +162,9 @@ class Generator:
         kept: list[int] | None = None  # the last block's accepted path, when it was a tree
         try:
             t0 = time.perf_counter()
-            ahead = await self._prefill(prompt, self._clipped(controller, s.max_new_tokens))
+            ahead, prefill = await self._prefill(prompt, self._clipped(controller, s.max_new_tokens))
             prefill_s, t_decode = time.perf_counter() - t0, time.perf_counter()
+            first_token_s = 0.0
             tokens, rounds, stopped, emitted = list(prompt), [], "length", len(prompt)
             path = [0]  # the last block's accepted path (block indices; 0 is the token it started from)
             rerouted = False  # an audit rolled back: the chain is routed anew in the next round
@@ -176,6 +186,7 @@ class Generator:
                         new, stopped = new[:eos_at], "eos"
                     tokens.extend(new)
                     rounds.append(stats)
+                    first_token_s = first_token_s or time.perf_counter() - t0
                     if s.speculative and (self.chain.failovers != failovers or rerouted
                                           or len(stats.hop_compute_s) != controller.n_hops):
                         # a new chain (perhaps with another number of hops) costs something else, and this
@@ -194,7 +205,7 @@ class Generator:
                     continue
                 emitted = self._emit(tokens, emitted, check, on_tokens)
             return GenerationResult(tokens[len(prompt):], rounds, prefill_s, time.perf_counter() - t_decode, stopped,
-                                    warm_start)
+                                    warm_start, first_token_s, *prefill)
         finally:
             await self.chain.close()
 
@@ -224,26 +235,35 @@ class Generator:
         shape = controller.choose_shape() if self.settings.speculative else TreeShape(1, 0)
         return TreeShape(shape.width, min(shape.depth, remaining - 1))
 
-    async def _prefill(self, prompt: list[int], shape: TreeShape) -> TreeGrowth | None:
-        """Cache every prompt position but the last, which opens the first round, in the chain.
+    async def _prefill(self, prompt: list[int], shape: TreeShape) -> tuple[TreeGrowth | None, tuple[int, int]]:
+        """Cache every prompt position but the last, which opens the first round, in the chain: in
+        chunks sent back to back (pipelined: the hops overlap them) or one after another.
         Meanwhile, in a worker thread, the draft model prefills too and (with overlap) drafts the first
-        round's tree of `shape`, which is returned; without overlap it caches the same positions."""
+        round's tree of `shape`, which is returned with (chunk, bytes per link); without overlap it
+        caches the same positions."""
         s = self.settings
         first, draft = None, None
         if s.speculative and s.overlap and shape.depth > 0:
             first = _Predraft(TreeGrowth(self.drafter, prompt, shape.width), shape.depth)
         elif s.speculative:
             draft = asyncio.get_running_loop().run_in_executor(None, self.drafter.prefill, prompt)
+        cached = prompt[:-1]
         try:
-            for at in range(0, len(prompt) - 1, s.prefill_chunk):
-                chunk = prompt[at:min(at + s.prefill_chunk, len(prompt) - 1)]
-                await self.chain.forward(self.head.embed_tokens(chunk), at)
+            if not cached:
+                outs, chunk = [], 0
+            elif s.prefill_pipeline:
+                outs = await self.chain.prefill(self.head.embed_tokens(cached), s.prefill_chunk)
+                chunk = outs[0].hidden.shape[1]
+            else:
+                chunk = s.prefill_chunk or SEQUENTIAL_PREFILL_CHUNK
+                outs = [await self.chain.forward(self.head.embed_tokens(cached[at:at + chunk]), at)
+                        for at in range(0, len(cached), chunk)]
         finally:  # the drafter is free again before anything else may use it
             if first is not None:
                 await first.finish()
             if draft is not None:
                 await draft
-        return first.growth if first is not None else None
+        return (first.growth if first is not None else None), (chunk, sum(o.block_bytes for o in outs))
 
     async def _round(self, tokens: list[int], shape: TreeShape, ahead: TreeGrowth | None,
                      kept: list[int] | None):
@@ -278,7 +298,7 @@ class Generator:
         # the next round's draft, if the text went on through the tree grown ahead (accepted drafts and bonus)
         on = growth.tree.follow(result.tokens) if nxt is not None else None
         stats = RoundStats(shape.depth, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s,
-                           predrafted, out.hop_link_s, growth.width, len(tree))
+                           predrafted, out.hop_link_s, growth.width, len(tree), out.block_bytes, out.reply_bytes)
         return result, stats, growth.rerooted(on[-1]) if on else None
 
     @staticmethod

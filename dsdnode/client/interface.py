@@ -15,6 +15,8 @@ class ChainOutput:
     # between consecutive hops: the next hop's receive time minus this hop's send time (two machines'
     # clocks: exact on one machine, off by their skew across machines)
     hop_link_s: list[float] = field(default_factory=list)
+    block_bytes: int = 0  # the block's frame on one link (each hop pushes one of about this size on)
+    reply_bytes: int = 0  # what came back to the client: the result and every hop's copy of its output
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class Chain(Protocol):
     n_hops: int
     failovers: int  # how many times the chain was rebuilt around a fault so far
     route: list[tuple[str, int, int]]  # (peer id, or "local", first layer, end layer) of each hop
+    # layer ranges whose outputs were released without an audit (no independent server could recompute
+    # them); a chain whose trust settings require audits refuses (AuditUnavailable) instead
+    unaudited_layers: list[tuple[int, int]]
 
     async def start_session(self, max_length: int) -> None:
         """Open a fresh session (empty KV caches with room for max_length positions) on every hop."""
@@ -53,6 +58,11 @@ class Chain(Protocol):
         """On every hop: keep the `kept` positions of the previous block (indices into it, gathered to
         its start; None keeps it as it is), then the first commit_len cached positions, and run the
         block (a token tree when `tree` is given) through all hops."""
+
+    async def prefill(self, hidden: torch.Tensor, chunk: int | None = None) -> list[ChainOutput]:
+        """Compute positions [0, len) of a fresh session in chunks of `chunk` positions (None: the
+        chunk the chain's measured costs say is fastest, client/prefill.py), sent back to back where
+        the chain can, so its hops work on successive chunks at once. One output per chunk."""
 
     async def checkpoint(self) -> Checkpoint:
         """After each round: the verdict of an audit that has finished; starts one when due (without

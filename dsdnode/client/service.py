@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal, Protocol
 
 import torch
@@ -50,6 +50,8 @@ class GenerateOptions:
     width_max: int = 1  # widest token tree with k="auto" (1: chains of drafts only)
     lookup: bool = False  # add prompt-lookup branches (n-gram matches in the text so far) to each draft
     audit: bool = True  # have other servers recheck the chain's work (swarm chains; client/audit.py)
+    require_audit: bool = False  # refuse (AuditsRequired) rather than return outputs no independent server audited
+    prefill_pipeline: bool = True  # send the prompt's chunks back to back, so the hops overlap them
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -66,6 +68,8 @@ class GenerateOptions:
             raise BadValue(f"width_max must be an int >= 1, got {self.width_max!r}")
         if not 0 < self.tau <= 1:
             raise BadValue(f"tau must be in (0, 1], got {self.tau!r}")
+        if self.require_audit and not self.audit:
+            raise BadValue("require_audit needs audit: a generation cannot require audits it turns off")
 
     @property
     def speculative(self) -> bool:
@@ -94,6 +98,7 @@ class GenerateOptions:
                                           width_max=self.width_max if fixed is None else 1),
             adaptive=AdaptiveSettings(enabled=self.adaptive, tau=self.tau),
             lookup=self.lookup,
+            prefill_pipeline=self.prefill_pipeline,
         )
 
 
@@ -101,9 +106,9 @@ class ChainSource(Protocol):
     async def start(self) -> None:
         """Called once, inside the event loop that will run the generations."""
 
-    def new_chain(self, audit: bool = True) -> Chain:
-        """A chain for one generation (audited, where the chain can be, unless audit=False); its
-        session opens when generation starts."""
+    def new_chain(self, audit: bool = True, require_audit: bool = False) -> Chain:
+        """A chain for one generation (audited, where the chain can be, unless audit=False; refusing
+        what it cannot audit with require_audit); its session opens when generation starts."""
 
     async def check_route(self) -> str:
         """The chain a generation would use now, in words; raises (NoRoute, ...) if there is none."""
@@ -133,8 +138,8 @@ class LocalChains:
     async def start(self) -> None:
         pass
 
-    def new_chain(self, audit: bool = True) -> Chain:
-        from .local import LocalChain
+    def new_chain(self, audit: bool = True, require_audit: bool = False) -> Chain:
+        from .local import LocalChain  # the user's own process: nothing to audit
         return LocalChain(self.spans, self.link_latency_s)
 
     async def check_route(self) -> str:
@@ -158,6 +163,8 @@ class SwarmChains:
         from .standing import Standing, TrustSettings
         self.trust = trust or TrustSettings()
         self.standing = Standing(self.trust)  # what one generation measured, the next routes on
+        from .prefill import PrefillMeter
+        self.meter = PrefillMeter()  # what blocks cost on our chains: prefill chunks are sized by it
 
     async def start(self) -> None:
         if self.node is None:
@@ -173,14 +180,15 @@ class SwarmChains:
         hops = best_chain(await live_candidates(self.node, self.model, self.weights), self.config.num_hidden_layers)
         return " -> ".join(f"{h.candidate.record.peer_id} [{h.start}:{h.end})" for h in hops)
 
-    def new_chain(self, audit: bool = True) -> Chain:
+    def new_chain(self, audit: bool = True, require_audit: bool = False) -> Chain:
         from dataclasses import replace
 
         from .swarm_chain import RemoteChain
-        trust = self.trust if audit else replace(self.trust, audit_rate=0.0)
+        trust = (replace(self.trust, require_audit=self.trust.require_audit or require_audit) if audit
+                 else replace(self.trust, audit_rate=0.0))
         return RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
                            weights=self.weights, dtype=self.dtype, relay=self.relay, trust=trust,
-                           standing=self.standing)
+                           standing=self.standing, meter=self.meter)
 
     async def stop(self) -> None:
         if self.node is not None and self._own_node:
@@ -228,7 +236,7 @@ class ClientService:
             drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + 2 * s.max_block + 1,
                               s.sampling)
         importance = await self.importance() if s.adaptive.enabled else None
-        chain = self.chains.new_chain(options.audit)
+        chain = self.chains.new_chain(options.audit, options.require_audit)
         generator = Generator(m.head, chain, drafter, s, m.eos_ids, importance, self.controllers.get(s.controller))
         t0, first = time.perf_counter(), []
 
@@ -251,7 +259,8 @@ class ClientService:
         self.metrics.observe(result, time.perf_counter() - t0, first[0] if first else None, chain.failovers)
         text = m.tokenizer.decode(result.tokens, skip_special_tokens=True)
         auditor = getattr(chain, "auditor", None)  # swarm chains audit; in-process chains have nothing to audit
-        return Generation(text, result, list(chain.route), chain.failovers, auditor.stats if auditor else None)
+        return Generation(text, result, list(chain.route), chain.failovers, auditor.stats if auditor else None,
+                          list(chain.unaudited_layers))
 
     async def next_token_logits(self, ids: list[int]) -> torch.Tensor:
         """The target's float32 logits [vocab] for the token after `ids`, from a session of its own
@@ -309,6 +318,8 @@ class Generation:
     route: list[tuple[str, int, int]]  # (peer id or "local", start, end) of the chain that finished it
     failovers: int
     audit: AuditStats | None = None  # what the chain's audits checked (None: a chain that does not audit)
+    # layer ranges whose outputs no independent server audited (see GenerateOptions.require_audit)
+    unaudited_layers: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:

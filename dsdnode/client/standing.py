@@ -5,14 +5,18 @@ A span record is a claim its server signs about itself: the throughput in it can
 (a record claiming 1e6 tokens/s would win every route). The client therefore routes on what it
 measured itself -- the ping RTT, and each hop's share of a pass from the times its output copies
 arrive (see `hop_compute_s`) -- and uses a claim only for a server it has not measured yet, capped
-at a small multiple of what the other servers of the model claim. A claim far above what was
-measured, a refused or failed session, a wrong audit: each lowers the server's standing, which
-multiplies its routing cost.
+at a small multiple of what this client measured of other servers (claims of servers it has not
+measured cannot move the cap: six Sybils claiming 1e6 tokens/s would move a median of claims). A
+claim far above what was measured, a refused or failed session, a wrong audit, a slow-walked pass:
+each marks the server, which multiplies its routing cost; every mark expires after MARK_MEMORY_S.
 
 Sybil limits: one machine can run many peer ids, so records are grouped by network (IPv4 /24,
-IPv6 /48, every loopback address one group) and at most `max_records_per_group` records of one
-group are considered for each layer; a peer that re-announces faster than `min_reannounce_s` keeps
-its older record. Records beyond the limits are ignored (logged at debug)."""
+IPv6 /48) -- the network of the address the client is actually connected to (the router's observed
+group), not the addresses a record lists -- and at most `max_records_per_group` records of one group
+are considered for each layer; a peer that re-announces faster than `min_reannounce_s` keeps its
+older record. Records beyond the limits are ignored (logged at debug). The table of peers is bounded
+(MAX_PEERS, pruned in batches: least recently seen peers without a live mark go first), and nothing
+here scans records x peers."""
 
 from __future__ import annotations
 
@@ -21,14 +25,17 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..net.records import SpanRecord
 
 log = logging.getLogger(__name__)
 
-FAILURE_MEMORY_S = 600.0  # a failure lowers a server's standing for this long
+MARK_MEMORY_S = 600.0  # a mark (failure, false claim, slow-walked pass) lowers a server's standing this long
+MAX_MARKS = 16  # marks kept per peer (the penalty saturates long before)
+MAX_PEERS = 4096  # peers whose standing is kept; beyond, the least recently seen unmarked ones are dropped
 EWMA = 0.3  # weight of a new measurement of a hop's compute
-CLAIM_CAP = 2.0  # an unmeasured server's claimed throughput counts at most this x the median claim
+CLAIM_CAP = 2.0  # an unmeasured server's claim counts at most this x faster than the median measured server
 MIN_OVERCLAIM_S = 0.005  # measured hop times below this are too noisy to call a claim false
 OVERCLAIM_PENALTY = 4.0
 
@@ -36,10 +43,13 @@ OVERCLAIM_PENALTY = 4.0
 @dataclass(frozen=True)
 class TrustSettings:
     """audit_rate: fraction of rounds after which the client audits (0: never, not even at the end).
+    require_audit: with audits on, a generation whose outputs some layers' servers could not have
+    audited by an independent server refuses instead of returning them.
     max_records_per_group: records of one network group considered per layer (local swarms, where
     every server is on loopback, need as many as they have servers per layer)."""
 
     audit_rate: float = 0.1
+    require_audit: bool = False  # refuse (AuditsRequired) rather than release outputs no one could audit
     max_records_per_group: int = 3
     min_reannounce_s: float = 1.0
     overclaim_factor: float = 10.0  # a claim this many times faster than measured is a false claim
@@ -52,8 +62,9 @@ class TrustSettings:
 
 
 def ip_group(addr: str) -> str | None:
-    """The network group of a multiaddr (/ip4/a.b.c.d/... -> a.b.c.0/24; /ip6 -> /48; loopback ->
-    "loopback"); None for addresses without an IP (the peer is then a group of its own)."""
+    """The network group of a multiaddr (/ip4/a.b.c.d/... -> a.b.c.0/24; /ip6 -> /48, loopback
+    included: servers on 127.0.0.1 are one group, on 127.0.1.1 another); None for addresses without
+    an IP (the peer is then a group of its own)."""
     parts = addr.split("/")
     if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
         return None
@@ -61,14 +72,20 @@ def ip_group(addr: str) -> str | None:
         ip = ipaddress.ip_address(parts[2])
     except ValueError:
         return None
-    if ip.is_loopback:
-        return "loopback"
     prefix = 24 if ip.version == 4 else 48
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
+def observed_group(ip: str, relayed: bool) -> str:
+    """The group of a peer the client is connected to at `ip` (a relayed connection: the relay's IP,
+    so peers behind one relay count as one group)."""
+    group = ip_group(f"/ip{6 if ':' in ip else 4}/{ip}") or ip
+    return f"relayed:{group}" if relayed else group
+
+
 def record_group(rec: SpanRecord) -> str:
-    """The group a record counts against: that of its first IP address (the one dialled first)."""
+    """The group a record claims: that of its first IP address (the one dialled first). Only a hint:
+    the router counts a peer against the group it observed (observed_group)."""
     for addr in rec.addrs:
         group = ip_group(addr)
         if group is not None:
@@ -78,10 +95,19 @@ def record_group(rec: SpanRecord) -> str:
 
 @dataclass
 class _Peer:
-    s_per_layer: float | None = None  # measured: seconds per layer of one pass
-    failures: list[float] = field(default_factory=list)  # monotonic times
-    overclaimed: bool = False
+    order: int  # when the client first saw this peer (older first when records compete for a cap)
+    seen: float = 0.0  # monotonic time of the latest mention (pruning drops the stalest)
+    s_per_layer: float | None = None  # measured in this client's own sessions: seconds per layer of one pass
+    marks: list[float] = field(default_factory=list)  # monotonic times of failures and slow passes
+    overclaimed_at: float | None = None
     record: SpanRecord | None = None  # the last record admitted (for the re-announce limit)
+
+    def live_marks(self, now: float) -> int:
+        self.marks = [t for t in self.marks if now - t < MARK_MEMORY_S]
+        return len(self.marks)
+
+    def overclaimed(self, now: float) -> bool:
+        return self.overclaimed_at is not None and now - self.overclaimed_at < MARK_MEMORY_S
 
 
 class Standing:
@@ -90,60 +116,96 @@ class Standing:
     def __init__(self, settings: TrustSettings = TrustSettings()):
         self.settings = settings
         self.peers: dict[str, _Peer] = {}
+        self._seen = 0
 
     def _peer(self, peer_id: str) -> _Peer:
-        return self.peers.setdefault(peer_id, _Peer())
+        p = self.peers.get(peer_id)
+        if p is None:
+            if len(self.peers) >= MAX_PEERS:
+                self._prune()
+            self._seen += 1
+            p = self.peers[peer_id] = _Peer(self._seen)
+        p.seen = time.monotonic()
+        return p
+
+    def _prune(self) -> None:
+        """Drop the least recently seen half of the peers without a live mark (one O(n log n) pass per
+        MAX_PEERS / 2 new peers); marked peers stay until their marks expire."""
+        now = time.monotonic()
+        marked = {k for k, p in self.peers.items() if p.live_marks(now) or p.overclaimed(now)}
+        clean = sorted((k for k in self.peers if k not in marked), key=lambda k: self.peers[k].seen)
+        drop = clean[:max(len(clean) // 2, len(self.peers) - MAX_PEERS + 1)]
+        if len(self.peers) - len(drop) >= MAX_PEERS:  # all marked: the stalest marked go too
+            drop += sorted(marked, key=lambda k: self.peers[k].seen)[:len(self.peers) - len(drop) - MAX_PEERS // 2]
+        for k in drop:
+            del self.peers[k]
 
     # ---- what the client saw ------------------------------------------------------------
     def failed(self, peer_id: str, why: str) -> None:
-        """A refused or failed session, a hung hop, a wrong result: lowers the standing for a while."""
-        self._peer(peer_id).failures.append(time.monotonic())
+        """A refused or failed session, a hung or slow-walking hop, a wrong result: a mark that lowers
+        the standing for MARK_MEMORY_S."""
+        p = self._peer(peer_id)
+        p.marks = p.marks[-(MAX_MARKS - 1):] + [time.monotonic()]
         log.debug("standing of %s lowered: %s", peer_id, why)
 
     def measured(self, rec: SpanRecord, layers: int, compute_s: float) -> None:
-        """A hop's measured time for `layers` of its span in one pass; checked against its claim."""
+        """A hop's measured time for `layers` of its span in one pass of this client's session; checked
+        against its claim."""
         p = self._peer(rec.peer_id)
         per_layer = compute_s / layers
         p.s_per_layer = per_layer if p.s_per_layer is None else (1 - EWMA) * p.s_per_layer + EWMA * per_layer
         claimed = _claimed_s_per_layer(rec)
         if p.s_per_layer * layers > MIN_OVERCLAIM_S and p.s_per_layer > self.settings.overclaim_factor * claimed:
-            if not p.overclaimed:
+            if not p.overclaimed(time.monotonic()):
                 log.info("%s claims %.0f tokens/s over layers %d:%d but measured %.1f ms per layer: a false claim",
                          rec.peer_id, rec.throughput, rec.start, rec.end, p.s_per_layer * 1e3)
-            p.overclaimed = True
+            p.overclaimed_at = time.monotonic()
 
-    # ---- what routing uses --------------------------------------------------------------
+    # ---- what routing and audits use ----------------------------------------------------
+    def measured_s_per_layer(self, peer_id: str) -> float | None:
+        p = self.peers.get(peer_id)
+        return None if p is None else p.s_per_layer
+
+    def has_history(self, peer_id: str) -> bool:
+        """This client measured the peer serving its own sessions (an auditor without such a history
+        cannot convict anyone: a fresh Sybil id has none)."""
+        p = self.peers.get(peer_id)
+        return p is not None and p.s_per_layer is not None
+
     def penalty(self, peer_id: str) -> float:
         """Multiplies the routing cost of a server: 1 for a clean standing."""
         p = self.peers.get(peer_id)
         if p is None:
             return 1.0
         now = time.monotonic()
-        p.failures = [t for t in p.failures if now - t < FAILURE_MEMORY_S]
-        return (1.0 + len(p.failures)) * (OVERCLAIM_PENALTY if p.overclaimed else 1.0)
+        return (1.0 + p.live_marks(now)) * (OVERCLAIM_PENALTY if p.overclaimed(now) else 1.0)
 
     def s_per_layer(self, rec: SpanRecord, records: list[SpanRecord]) -> float:
         """The routing estimate of a server's seconds per layer: measured, else its claim capped at
-        CLAIM_CAP x the median claim of `records` (so an outrageous claim cannot win a route)."""
+        CLAIM_CAP x faster than the median measured server of `records` (no server measured yet: than
+        the slowest claim), so neither an outrageous claim nor many of them can win a route."""
         p = self.peers.get(rec.peer_id)
         if p is not None and p.s_per_layer is not None:
             return p.s_per_layer
-        median = statistics.median(_claimed_s_per_layer(r) for r in records) if records else 0.0
-        return max(_claimed_s_per_layer(rec), median / CLAIM_CAP)
+        measured = [q.s_per_layer for q in (self.peers.get(r.peer_id) for r in records)
+                    if q is not None and q.s_per_layer is not None]
+        ref = statistics.median(measured) if measured else max((_claimed_s_per_layer(r) for r in records), default=0.0)
+        return max(_claimed_s_per_layer(rec), ref / CLAIM_CAP)
 
-    def admit(self, records: list[SpanRecord]) -> list[SpanRecord]:
-        """The records routing may consider: re-announce limit, then at most max_records_per_group
-        per layer from one network group (the best-standing, then longest-known, records first)."""
-        records = [self._rate_limited(r) for r in records]
-        known = list(self.peers)
-        order = sorted(records, key=lambda r: (self.penalty(r.peer_id),
-                                               known.index(r.peer_id) if r.peer_id in known else len(known),
-                                               r.peer_id))
+    def rate_limited(self, records: list[SpanRecord]) -> list[SpanRecord]:
+        """The records as admitted under the re-announce limit (a too fast re-announce keeps the older)."""
+        return [self._rate_limited(r) for r in records]
+
+    def admit(self, records: list[SpanRecord], group_of: Callable[[SpanRecord], str] = record_group) -> list[SpanRecord]:
+        """The records routing may consider: at most max_records_per_group per layer from one network
+        group (group_of: the router passes the observed group), the best-standing, then longest-known,
+        records first."""
+        order = sorted(records, key=lambda r: (self.penalty(r.peer_id), self._peer(r.peer_id).order, r.peer_id))
         used: dict[tuple[str, int], int] = {}
         out = []
         cap = self.settings.max_records_per_group
         for rec in order:
-            group = record_group(rec)
+            group = group_of(rec)
             layers = range(rec.start, rec.end)
             if any(used.get((group, i), 0) >= cap for i in layers):
                 log.debug("ignoring the record of %s (layers %d:%d): %d records of network %s already cover them",

@@ -7,8 +7,9 @@ the block to the next hop itself: 2N links a round instead of N+1.
 
 Failover is one mechanism for every fault. Whatever goes wrong -- a hop refuses the session
 (busy, too small, shutting down), dies, hangs past its deadline, or sends a reply the client cannot
-use -- becomes a ChainFailure naming the suspects. The client excludes them for this chain (a busy
-server only until its retry hint), routes again, opens a new session and replays the committed
+use -- becomes a ChainFailure naming the suspects. The chain's Router (client/router.py: candidates,
+exclusions, standing, the route) excludes them for this chain (a busy server only until its retry
+hint) and routes again; the chain opens a new session and replays the committed
 prefix from the hidden states it kept, so the output is the same as without the fault. Every
 failure excludes at least one peer or waits out a bounded busy period, and the number of
 failovers is bounded: it never loops.
@@ -31,17 +32,20 @@ from dataclasses import dataclass
 import torch
 
 from ..net.records import SpanRecord
-from ..net.p2p import P2PNode, Stream, StreamClosed
+from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..dtypes import dtype_name
 from ..net.protocol import SESSION_PROTOCOL
 from ..net.stream import close_quietly
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, SessionOpened,
                         TensorPayload, WireLimits, decode, digest, encode)
-from .audit import Auditor, HopLog, audit_every, prefer_other_groups
+from .audit import Auditor, audit_every
 from .bans import BanList
 from .deadlines import DeadlineSettings, PassDeadline
 from .interface import UNCHECKED, ChainOutput, Checkpoint, TreeBlock
-from .routing import Candidate, Hop, NoRoute, best_chain, ping_records, relayed_only, same_weights
+from .pacing import PaceWatch
+from .prefill import DEFAULT_POSITION_SHARE, PrefillCosts, PrefillMeter, choose_chunk
+from .router import Router
+from .routing import Hop, NoRoute
 from .standing import Standing, TrustSettings, hop_compute_s
 from ..errors import PeerError
 
@@ -50,17 +54,9 @@ log = logging.getLogger(__name__)
 OPEN_TIMEOUT_S = 15.0  # dial + OpenSession + reply, per hop (the server may look up and dial its next hop)
 SUSPECT_PING_S = 2.0  # after a missed deadline: a hop that does not answer a ping this fast is hung
 CLOSE_TIMEOUT_S = 2.0  # saying goodbye to a hop that may be hung
-BUSY_RETRY_S = 2.0  # a busy server without a retry hint is tried again after this long
-MAX_BUSY_WAIT_S = 30.0  # longest wait for busy servers when no other route exists
-RECORDS_MAX_AGE_S = 60.0  # re-read the DHT when the records we route with are older
-# a client that just joined may not find every server at once (its routing table is still empty, a
-# relayed server's record is slow to come): until its node is this old, a route that misses layers
-# after such a partial look at the DHT is looked for again, with growing pauses
-DISCOVERY_WAIT_S = 20.0
-# a server behind a NAT that does not answer may have lost the relay it was reached through; it
-# reserves a slot on another and re-announces within seconds, so a route that needs it is looked
-# for again, with growing pauses, for this long (a direct server that does not answer is gone)
-RELAY_LOSS_WAIT_S = 20.0
+
+class AuditsRequired(NoRoute):
+    """The chain was told to refuse rather than release outputs no independent server audited."""
 
 
 class ChainFailure(PeerError, RuntimeError):
@@ -77,6 +73,7 @@ class _Leg:
     hop: Hop
     stream: Stream
     compute_dtype: str  # what the hop says its layers compute in (audits compare like with like)
+    session_id: str = ""  # this hop's own id of the session (OpenSession.next_session_id says why)
     reader: asyncio.Task | None = None
 
     @property
@@ -88,15 +85,19 @@ class RemoteChain:
     def __init__(self, node: P2PNode, model: str, num_layers: int, hidden_size: int, *, weights: str,
                  dtype: torch.dtype = torch.bfloat16, relay: bool = False, max_failovers: int = 8,
                  deadlines: DeadlineSettings = DeadlineSettings(), max_block: int = 64,
-                 trust: TrustSettings = TrustSettings(), standing: Standing | None = None, bans: BanList | None = None):
+                 trust: TrustSettings = TrustSettings(), standing: Standing | None = None, bans: BanList | None = None,
+                 meter: PrefillMeter | None = None):
         """weights: digest of the weights this client's head comes from; only servers of the same
         weights are chained. standing: shared by the chains of one client (what one learnt, the next
-        routes on)."""
+        routes on). meter: what blocks cost on this client's chains, shared likewise (prefill chunks)."""
+        self.meter = meter or PrefillMeter()
         self.node, self.model, self.num_layers, self.hidden_size = node, model, num_layers, hidden_size
         self.weights = weights
         self.dtype, self.dtype_name = dtype, dtype_name(dtype)
         self.trust, self.standing, self.bans = trust, standing or Standing(trust), bans or BanList()
-        self.auditor = Auditor(node, model, weights, self.dtype_name, hidden_size, max_block, self._auditors_for,
+        self.router = Router(node, model, num_layers, weights, self.standing, self.bans)
+        self.auditor = Auditor(node, model, weights, self.dtype_name, hidden_size, max_block,
+                               lambda h: self.router.audit_pool(h.peer_id, h.start, h.end), self.router.group_of,
                                self.standing, self.bans)
         self.audit_every = audit_every(trust.audit_rate)
         self.verified = 0  # positions whose outputs are audited (or unauditable), whatever the route
@@ -107,23 +108,33 @@ class RemoteChain:
         self._since_audit = 0
         self.relay, self.max_failovers, self.max_block = relay, max_failovers, max_block
         self.deadline = PassDeadline(deadlines)  # measurements carry over to the next session
+        self.pace = PaceWatch()
+        self._replace: dict[str, str] = {}  # hops to replace before the next pass (slow-walking), and why
+        self._stalled_after: dict[str, int] = {}  # peer -> stalls of the hop after it (its pushes never arrived)
         self.legs: list[_Leg] = []
-        self.excluded: dict[str, str] = {}  # peer id -> why, for the life of this chain
         self.failovers = 0
         self.route: list[tuple[str, int, int]] = []  # (peer id, start, end) of the latest session's hops
         self.session_id = ""
-        self._busy_until: dict[str, float] = {}  # busy peers: monotonic time to try them again
-        self._busy_count: dict[str, int] = {}
-        self._bad_next_hop_reports: dict[str, int] = {}
-        self._reasons: dict[str, str] = {}  # excluded peer -> the failure that excluded it, for error messages
-        self._records: list[SpanRecord] = []  # of servers of our weights
-        self._unusable: dict[str, str] = {}  # providers we cannot chain (other weights or protocol) -> why
-        self._records_at = -RECORDS_MAX_AGE_S
         self._results: asyncio.Queue = asyncio.Queue()
         self._step = 0
         self._history: torch.Tensor | None = None  # inputs of the committed prefix, for replay
         self._max_length = 0
         self._committed = 0
+
+    @property
+    def excluded(self) -> dict[str, str]:
+        """Peers this chain avoids for its life, and why (kept by its Router)."""
+        return self.router.excluded
+
+    @property
+    def unaudited_layers(self) -> list[tuple[int, int]]:
+        return sorted(self.auditor.unaudited_layers) if self.audit_every else []
+
+    def _refuse_unaudited(self) -> None:
+        if self.trust.require_audit and self.auditor.unaudited_layers:
+            layers = ", ".join(f"{a}:{b}" for a, b in sorted(self.auditor.unaudited_layers))
+            raise AuditsRequired(f"layers {layers} of {self.model} cannot be audited (no server of another "
+                                 f"network group serves them, or none answered) and audits are required")
 
     @property
     def n_hops(self) -> int:
@@ -150,6 +161,35 @@ class RemoteChain:
         return await self._with_failover(lambda replayed: self._pass(hidden, commit_len, tree,
                                                                      None if replayed else kept))
 
+    async def prefill(self, hidden: torch.Tensor, chunk: int | None = None) -> list[ChainOutput]:
+        if not self._max_length:
+            raise ChainFailure("no open session: call start_session first")
+        positions = hidden.shape[1]
+        chunk = min(chunk or choose_chunk(self.prefill_costs(), positions, self.max_block), self.max_block)
+        starts = list(range(0, positions, chunk))
+        self._remember(hidden, 0)
+        self._committed, self.verified = 0, 0
+        blocks = [(hidden[:, at:at + chunk], at) for at in starts]
+
+        async def run(replayed: bool) -> list[ChainOutput]:
+            if self.relay:  # the client carries every block: nothing to overlap
+                return [await self._pass(block, at) for block, at in blocks]
+            return await self._steps_through(0, blocks, len(self.legs))
+
+        try:
+            return await self._with_failover(run)  # a failover replays nothing (committed 0) and runs it all again
+        finally:
+            self._committed = starts[-1]  # where a chunk-by-chunk prefill would stand
+
+    def prefill_costs(self) -> PrefillCosts:
+        """The costs a prefill's chunk is chosen by: measured ones, else the route's (each hop's advertised
+        one-position step, half of each ping's round trip, bandwidth unknown)."""
+        records = [leg.hop.candidate for leg in self.legs]
+        step = sum(1.0 / max(c.record.throughput, 1e-3) for c in records) / max(1, len(records))
+        rtt = sum(c.rtt_s or 0.0 for c in records) / max(1, len(records))
+        fallback = PrefillCosts(self.n_hops, step, step * DEFAULT_POSITION_SHARE, rtt / 2, 0.0)
+        return self.meter.costs(self.n_hops, fallback)
+
     # ---- audits -------------------------------------------------------------------------
     async def checkpoint(self) -> Checkpoint:
         self.auditor.round += 1
@@ -164,9 +204,10 @@ class RemoteChain:
                 self._since_audit = 0
                 self._audit_task = asyncio.create_task(self.auditor.audit())
         if rollback is None and self._audit_task is None and not self._auditable:
-            # no other server serves any hop's layers: an audit would only release these positions
+            # no independent server serves any hop's layers: an audit would only release these positions
             # unchecked, so release them now and the text streams as it comes
             self.verified = max(self.verified, self.auditor.filled)
+        self._refuse_unaudited()
         return Checkpoint(self.verified, rollback)
 
     async def finish(self, path: list[int] = (0,)) -> Checkpoint:
@@ -177,6 +218,7 @@ class RemoteChain:
         if rollback is None and self.auditor.audited < self.auditor.filled:
             self._audit_task = asyncio.create_task(self.auditor.audit())
             rollback = await self._verdict()
+        self._refuse_unaudited()
         return Checkpoint(self.verified, rollback)
 
     async def _verdict(self) -> int | None:
@@ -184,8 +226,7 @@ class RemoteChain:
         task, self._audit_task = self._audit_task, None
         verdict = await task
         for peer, why in {**verdict.convicted, **verdict.excluded}.items():
-            self.excluded[peer] = why
-            self._reasons[peer] = f"{peer}: {why} (audit)"
+            self.router.exclude(peer, why, f"{peer}: {why} (audit)")
         if verdict.rollback_to is None:
             self.verified = max(self.verified, self.auditor.audited)
             return None
@@ -194,15 +235,9 @@ class RemoteChain:
         log.warning("audit: rolling back to position %d and re-routing without %s", keep,
                     sorted({**verdict.convicted, **verdict.excluded}))
         self.failovers += 1
+        self._since_audit = self.audit_every - 1  # the new route is audited after its first round
         await self.close()  # the next forward routes anew and replays the kept prefix
         return keep
-
-    def _auditors_for(self, hop: HopLog) -> list[SpanRecord]:
-        """Records that may audit `hop`: serving its layers, not in this chain's exclusions or bans."""
-        banned = self.bans.active()
-        ok = [r for r in self._records if r.start <= hop.start and hop.end <= r.end and r.peer_id != hop.peer_id
-              and r.peer_id not in self.excluded and r.peer_id not in banned and r.peer_id != self.node.peer_id]
-        return prefer_other_groups(ok, hop.record, self.standing)
 
     async def shutdown(self) -> None:
         """Close the session and leave the swarm."""
@@ -227,7 +262,7 @@ class RemoteChain:
                 replayed = failure is not None or not self.legs
                 if replayed:
                     if failure is not None:
-                        self._blame(failure)
+                        self.router.blame(failure.suspects, str(failure), failure.retry_after_s)
                         self.failovers += 1
                     await self.close()
                     await self._open()
@@ -237,80 +272,11 @@ class RemoteChain:
                 failure = e
         raise ChainFailure(f"gave up after {self.max_failovers} failovers; last failure: {failure}")
 
-    def _blame(self, failure: ChainFailure) -> None:
-        now = time.monotonic()
-        for peer, why in failure.suspects.items():
-            if why == "busy":  # the server's hint, doubled each time the same server is still full
-                times = self._busy_count[peer] = self._busy_count.get(peer, 0) + 1
-                wait = (failure.retry_after_s if failure.retry_after_s is not None else BUSY_RETRY_S) * 2 ** (times - 1)
-                self._busy_until[peer] = now + min(max(wait, 0.5), MAX_BUSY_WAIT_S)
-            else:
-                self.excluded[peer] = why
-                self._reasons[peer] = str(failure)[:300]
-                self.standing.failed(peer, why)
-        log.info("chain failure (%s); avoiding %s and re-routing", failure, sorted(failure.suspects))
-
-    async def _route(self) -> list[Hop]:
-        """The best chain over peers not excluded nor busy; waits (bounded) for busy ones, and for
-        servers behind a relay that do not answer (their relay may be gone), if needed."""
-        waited = relay_waited = 0.0
-        fresh = False
-        pause = 1.0
-        while True:
-            now = time.monotonic()
-            if now - self._records_at > RECORDS_MAX_AGE_S:
-                found = self.standing.admit(await self.node.dht.discover(self.model))
-                self._records, self._unusable = same_weights(found, self.weights)
-                self._unusable.update(self.node.dht.incompatible.copy())
-                self._records_at, fresh = now, True
-            busy = {p: t for p, t in self._busy_until.items() if t > now}
-            banned = self.bans.active()
-            usable = [r for r in self._records
-                      if r.peer_id not in self.excluded and r.peer_id not in busy and r.peer_id not in banned]
-            candidates = [Candidate(c.record, c.rtt_s, self.standing.s_per_layer(c.record, self._records),
-                                    self.standing.penalty(c.record.peer_id))
-                          for c in await ping_records(self.node, usable)]
-            answered = {c.record.peer_id for c in candidates}
-            silent_relayed = [r for r in usable if r.peer_id not in answered and relayed_only(r)]
-            try:
-                try:
-                    return best_chain(candidates, self.num_layers, self._max_length, self.node.peer_id)
-                except NoRoute:  # records may be stale: let the servers say whether they are full
-                    return best_chain(candidates, self.num_layers, client_id=self.node.peer_id)
-            except NoRoute as e:
-                if not fresh:  # servers may have joined since we last looked
-                    self._records_at = -RECORDS_MAX_AGE_S
-                    continue
-                young = time.monotonic() + pause - self.node.started_at <= DISCOVERY_WAIT_S
-                partial = young and self.node.dht.last_discovery_partial and not busy and not self.excluded
-                relay_lost = bool(silent_relayed) and relay_waited + pause <= RELAY_LOSS_WAIT_S
-                if partial or relay_lost:
-                    why = ("the DHT answered in part" if partial else
-                           f"{len(silent_relayed)} server(s) behind a relay do not answer: a relay may be gone")
-                    log.info("%s yet (%s); looking again in %.0f s", e, why, pause)
-                    await asyncio.sleep(pause)
-                    relay_waited += 0.0 if partial else pause
-                    self._records_at, pause = -RECORDS_MAX_AGE_S, pause * 2
-                    continue
-                wait = min(busy.values(), default=now) - now
-                if not busy or waited + wait > MAX_BUSY_WAIT_S:
-                    raise NoRoute(f"{e}{self._why_excluded(busy, silent_relayed)}") from None
-                log.info("every route needs a busy server; trying again in %.1f s", wait)
-                await asyncio.sleep(wait)
-                waited += wait
-
-    def _why_excluded(self, busy: dict[str, float], silent_relayed: list[SpanRecord]) -> str:
-        parts = ([self._reasons[p] for p in self.excluded] + [f"{p} is busy" for p in busy]
-                 + [f"{r.peer_id} (behind a relay) does not answer" for r in silent_relayed]
-                 + [f"{p} {why}" for p, why in self._unusable.items()]
-                 + [f"{p} is banned: {b.reason}" for p, b in self.bans.active().items()
-                    if any(r.peer_id == p for r in self._records)])
-        return f"; servers avoided: {'; '.join(parts)}" if parts else ""
-
     # ---- session ------------------------------------------------------------------------
     async def _open(self) -> None:
-        hops = await self._route()
-        self.session_id = secrets.token_hex(8)
+        hops = await self.router.route(self._max_length)
+        self.session_id = secrets.token_hex(8)  # names the session in logs; each hop gets an id of its own
+        self._hop_ids = [secrets.token_hex(8) for _ in hops]
         self._results = asyncio.Queue()
         opened = await asyncio.gather(*(self._open_leg(hops, i) for i in range(len(hops))), return_exceptions=True)
         legs = [leg for leg in opened if isinstance(leg, _Leg)]
@@ -327,7 +293,9 @@ class RemoteChain:
         self.route = [(h.candidate.record.peer_id, h.start, h.end) for h in hops]
         await self.auditor.new_route([(leg.hop.candidate.record, leg.hop.start, leg.hop.end, leg.compute_dtype)
                                       for leg in self.legs], self._max_length, self.dtype)
-        self._auditable = any(map(self._auditors_for, self.auditor.logs))
+        self._auditable = bool(self.audit_every) and self.auditor.note_unauditable()
+        self._refuse_unaudited()
+        self.pace.reset([leg.peer_id for leg in self.legs])
         for leg in self.legs:
             leg.reader = asyncio.create_task(self._read(leg, self._results))
         log.info("session %s along %s", self.session_id, self.route)
@@ -346,12 +314,14 @@ class RemoteChain:
             raise ChainFailure(f"cannot reach {peer}: {e}", {peer: "unreachable"}) from None
         try:
             prv = hops[i - 1].candidate.record.peer_id if i > 0 and self._next_hop(hops, i - 1) else None
-            await stream.send(encode(OpenSession(self.session_id, self.model, hop.start, hop.end, self._max_length,
-                                                 nxt.peer_id if nxt else None, prv, self.dtype_name, self.weights)))
+            sid = self._hop_ids[i]
+            await stream.send(encode(OpenSession(sid, self.model, hop.start, hop.end, self._max_length,
+                                                 nxt.peer_id if nxt else None, prv, self.dtype_name, self.weights,
+                                                 self._hop_ids[i + 1] if nxt else None)))
             reply = decode(await stream.recv(timeout=OPEN_TIMEOUT_S), WireLimits())
             if isinstance(reply, ErrorReply):
-                raise self._refusal(peer, reply, nxt)
-            if not isinstance(reply, SessionOpened) or reply.session_id != self.session_id:
+                raise await self._refusal(peer, reply, nxt)
+            if not isinstance(reply, SessionOpened) or reply.session_id != sid:
                 raise ChainFailure(f"{peer} answered OpenSession with {type(reply).__name__}", {peer: "bad_reply"})
         except ChainFailure:
             await close_quietly(stream)
@@ -359,7 +329,7 @@ class RemoteChain:
         except Exception as e:  # lost stream, timeout, undecodable reply: that hop's fault
             await close_quietly(stream)
             raise ChainFailure(f"opening a session on {peer} failed: {e!r}", {peer: "bad_reply"}) from None
-        return _Leg(hop, stream, reply.compute_dtype)
+        return _Leg(hop, stream, reply.compute_dtype, sid)
 
     def _pushes_to(self, leg: _Leg) -> SpanRecord | None:
         """The record of the hop `leg` pushes its output to (None: it answers the client, or its
@@ -368,23 +338,24 @@ class RemoteChain:
             return None
         return self._next_hop([other.hop for other in self.legs], self.legs.index(leg))
 
-    def _refusal(self, peer: str, reply: ErrorReply, nxt: SpanRecord | None) -> ChainFailure:
-        """Whom an error reply is blamed on: the hop that sent it, or for bad_next_hop the hop it could
-        not reach -- unless the same hop keeps saying that, then the hop itself."""
+    async def _refusal(self, peer: str, reply: ErrorReply, nxt: SpanRecord | None) -> ChainFailure:
+        """Whom an error reply is blamed on: the hop that sent it -- for bad_next_hop ("I cannot reach
+        my next hop") on evidence: the next hop if it does not answer this client's ping either, else
+        the hop that said so (a hop's word alone cannot get an honest neighbour excluded)."""
         message = f"{peer}: {reply.code}: {reply.message}"
         if reply.code == "bad_next_hop" and nxt is not None:
-            reports = self._bad_next_hop_reports[peer] = self._bad_next_hop_reports.get(peer, 0) + 1
-            suspects = {nxt.peer_id: "unreachable from the previous hop"}
-            if reports > 1:
-                suspects[peer] = "cannot reach its next hops"
-            return ChainFailure(message, suspects)
+            try:
+                await self.node.ping(PeerInfo(nxt.peer_id, tuple(nxt.addrs)), timeout=SUSPECT_PING_S)
+            except Exception:
+                return ChainFailure(message, {nxt.peer_id: "unreachable from the previous hop and from this client"})
+            return ChainFailure(f"{message} (it answers this client)", {peer: "cannot reach its next hop"})
         return ChainFailure(message, {peer: reply.code}, reply.retry_after_s if reply.code == "busy" else None)
 
     async def _close_leg(self, leg: _Leg) -> None:
         if leg.reader:
             leg.reader.cancel()
         try:
-            await asyncio.wait_for(leg.stream.send(encode(CloseSession(self.session_id))), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(leg.stream.send(encode(CloseSession(leg.session_id))), CLOSE_TIMEOUT_S)
         except Exception as e:  # the hop is gone or hung; its session expires there
             log.debug("could not close the session on %s: %r", leg.peer_id, e)
         await close_quietly(leg.stream)
@@ -395,7 +366,8 @@ class RemoteChain:
         limits = WireLimits(hidden_size=self.hidden_size, max_block=self.max_block, max_length=self._max_length)
         while True:
             try:
-                msg = decode(await leg.stream.recv(), limits)
+                frame = await leg.stream.recv()
+                msg = decode(frame, limits)
             except (StreamClosed, ConnectionError) as e:
                 await results.put(ChainFailure(f"lost the stream to {leg.peer_id}: {e}", {leg.peer_id: "lost"}))
                 return
@@ -403,9 +375,9 @@ class RemoteChain:
                 await results.put(ChainFailure(f"bad reply from {leg.peer_id}: {e}", {leg.peer_id: "bad_reply"}))
                 return
             if isinstance(msg, ForwardResult):
-                await results.put((leg, msg, time.monotonic()))
-            elif isinstance(msg, ErrorReply) and msg.session_id in (None, self.session_id):
-                await results.put(self._refusal(leg.peer_id, msg, self._pushes_to(leg)))
+                await results.put((leg, msg, time.monotonic(), len(frame)))
+            elif isinstance(msg, ErrorReply) and msg.session_id in (None, leg.session_id):
+                await results.put(await self._refusal(leg.peer_id, msg, self._pushes_to(leg)))
             else:
                 await results.put(ChainFailure(f"{leg.peer_id} sent an unexpected {type(msg).__name__}",
                                                {leg.peer_id: "bad_reply"}))
@@ -415,6 +387,9 @@ class RemoteChain:
     async def _pass(self, hidden: torch.Tensor, commit_len: int, tree: TreeBlock | None = None,
                     kept: list[int] | None = None) -> ChainOutput:
         """One block through every hop: sent to hop 1 (push), or carried hop by hop (relay)."""
+        if self._replace:  # the route works, but a hop walks slowly: fail over before this block
+            replace, self._replace = self._replace, {}
+            raise ChainFailure(f"replacing {sorted(replace)}: {'; '.join(replace.values())}", replace)
         if not self.relay:
             return await self._step_through(0, hidden, commit_len, len(self.legs), tree, kept)
         computes: list[float] = []
@@ -428,20 +403,32 @@ class RemoteChain:
                             tree: TreeBlock | None = None, kept: list[int] | None = None) -> ChainOutput:
         """Send a block to one leg and wait, until a deadline measured from earlier passes, for the
         outputs of `hops` hops from there (each hop's copy; the last one's is the result)."""
-        self._step += 1
-        step, positions = self._step, hidden.shape[1]
+        return (await self._steps_through(leg_index, [(hidden, commit_len)], hops, tree, kept))[0]
+
+    async def _steps_through(self, leg_index: int, blocks: list[tuple[torch.Tensor, int]], hops: int,
+                             tree: TreeBlock | None = None, kept: list[int] | None = None) -> list[ChainOutput]:
+        """Send blocks (hidden, commit_len) to one leg back to back -- its hops work on them as a
+        pipeline -- and wait for every block's outputs of `hops` hops; one ChainOutput per block.
+        Only the first block met no queue: it alone teaches deadlines, standing and the meter."""
         legs = self.legs[leg_index:leg_index + hops]
-        sent = TensorPayload.from_torch(hidden)
+        first = self._step + 1
+        sent: dict[int, tuple[int, int, TensorPayload, int]] = {}  # step -> (positions, commit_len, payload, bytes)
         t0 = time.monotonic()
-        try:
-            mask = None if tree is None else TensorPayload.from_torch(tree.mask)
-            await legs[0].stream.send(encode(Forward(self.session_id, step, commit_len, sent, mask, [],
-                                                     None if tree is None else tree.positions, kept)))
-        except (StreamClosed, ConnectionError) as e:
-            raise ChainFailure(f"cannot send to {legs[0].peer_id}: {e}", {legs[0].peer_id: "lost"}) from None
-        deadline, extended = self.deadline.seconds(positions), False
-        got: dict[int, tuple[ForwardResult, torch.Tensor, float]] = {}  # hop (from leg_index) -> output
-        while len(got) < hops:
+        for hidden, commit_len in blocks:
+            self._step += 1
+            payload = TensorPayload.from_torch(hidden)
+            try:
+                mask = None if tree is None else TensorPayload.from_torch(tree.mask)
+                frame = encode(Forward(legs[0].session_id, self._step, commit_len, payload, mask, [],
+                                       None if tree is None else tree.positions, kept))
+                await legs[0].stream.send(frame)
+            except (StreamClosed, ConnectionError) as e:
+                raise ChainFailure(f"cannot send to {legs[0].peer_id}: {e}", {legs[0].peer_id: "lost"}) from None
+            sent[self._step] = (hidden.shape[1], commit_len, payload, len(frame))
+        deadline = sum(self.deadline.seconds(n) for n, *_ in sent.values())
+        extended = False
+        got: dict[tuple[int, int], tuple[ForwardResult, torch.Tensor, float, int]] = {}  # (step, hop) -> output
+        while len(got) < len(blocks) * hops:
             try:
                 item = await asyncio.wait_for(self._results.get(), max(0.0, t0 + deadline - time.monotonic()))
             except TimeoutError:
@@ -450,28 +437,55 @@ class RemoteChain:
                     raise ChainFailure(f"no answer within {deadline:.1f} s and {sorted(hung)} do not answer pings",
                                        {p: "hung" for p in hung}) from None
                 if not extended:  # every hop is alive: perhaps busy with other sessions; wait patiently
-                    deadline, extended = max(deadline, self.deadline.patient_seconds(positions)), True
+                    patient = sum(self.deadline.patient_seconds(n) for n, *_ in sent.values())
+                    deadline, extended = max(deadline, patient), True
                     continue
                 raise ChainFailure(f"no answer within {deadline:.1f} s though every hop answers pings",
-                                   {leg.peer_id: "slow" for leg in self.legs}) from None
+                                   self._stalled(legs, got, len(sent))) from None
             if isinstance(item, ChainFailure):
                 raise item
-            sender, result, at = item
-            if result.step_id < step:
+            sender, result, at, size = item
+            if result.step_id < first:
                 continue  # a late answer to a step we gave up on
             hop = legs.index(sender) if sender in legs else -1
-            got[hop] = (result, self._check(sender, result, step, positions, hop + 1), at)
-        self.deadline.observe(positions, got[hops - 1][2] - t0)
-        self._check_digests(legs, sent, [got[j][0] for j in range(hops)])
-        arrivals = [got[j][2] for j in range(hops)]
-        for leg, compute in zip(legs, hop_compute_s(t0, arrivals, [leg.hop.candidate.rtt_s for leg in legs])):
-            self.standing.measured(leg.hop.candidate.record, leg.hop.end - leg.hop.start, compute)
-        inputs = [hidden] + [got[j][1] for j in range(hops - 1)]
-        for j in range(hops):
-            self.auditor.record(leg_index + j, commit_len, inputs[j], got[j][1], kept, tree is not None)
-        t = got[hops - 1][0].timings
-        return ChainOutput(got[hops - 1][1], [x.compute_s for x in t],
-                           [max(0.0, b.recv_time - a.send_time) for a, b in zip(t, t[1:])])
+            step = result.step_id if result.step_id in sent else first  # another step fails the check
+            got[(step, hop)] = (result, self._check(sender, result, step, sent[step][0], hop + 1), at, size)
+        outputs = []
+        for step, (positions, commit_len, payload, size) in sent.items():
+            mine = [got[(step, j)] for j in range(hops)]
+            self._check_digests(legs, payload, [g[0] for g in mine])
+            t = mine[-1][0].timings
+            links = [max(0.0, b.recv_time - a.send_time) for a, b in zip(t, t[1:])]
+            if step == first:
+                self.deadline.observe(positions, mine[-1][2] - t0)
+                arrivals = [g[2] for g in mine]
+                shares = hop_compute_s(t0, arrivals, [leg.hop.candidate.rtt_s for leg in legs])
+                for leg, compute in zip(legs, shares):
+                    self.standing.measured(leg.hop.candidate.record, leg.hop.end - leg.hop.start, compute)
+                self.meter.observe(positions, [x.compute_s for x in t], links)
+                stamps = [g[0].timings[-1] for g in mine]
+                self._replace.update(self.pace.observe(
+                    [leg.peer_id for leg in legs], shares, [max(0.0, s.send_time - s.recv_time) for s in stamps],
+                    positions, [self.router.replica_s(leg.peer_id, leg.hop.start, leg.hop.end) for leg in legs]))
+            inputs = [blocks[step - first][0]] + [g[1] for g in mine[:-1]]
+            for j in range(hops):
+                self.auditor.record(leg_index + j, commit_len, inputs[j], mine[j][1], kept, tree is not None)
+            outputs.append(ChainOutput(mine[-1][1], [x.compute_s for x in t], links, size, sum(g[3] for g in mine)))
+        return outputs
+
+    def _stalled(self, legs: list[_Leg], got: dict[tuple[int, int], tuple], steps: int) -> dict[str, str]:
+        """Whom a pass that never finished is blamed on, though every hop answers pings: the first hop
+        whose output copy did not come -- not every hop of the chain. Its predecessor may have withheld
+        the push instead; the client cannot tell which, so the predecessor is blamed too once the hops
+        after it have stalled before."""
+        j = next(i for i in range(len(legs)) if sum(1 for _, hop in got if hop == i) < steps)
+        suspects = {legs[j].peer_id: "stalled"}
+        if j > 0 and not self.relay:
+            before = legs[j - 1].peer_id
+            self._stalled_after[before] = self._stalled_after.get(before, 0) + 1
+            if self._stalled_after[before] > 1:
+                suspects[before] = "its next hops stall"
+        return suspects
 
     def _check(self, sender: _Leg, got: ForwardResult, step: int, positions: int, timings: int) -> torch.Tensor:
         """The hidden states of a reply the client can use (a hop's copy carries `timings` timings, 0:
@@ -480,7 +494,7 @@ class RemoteChain:
         problem = None
         if timings == 0:
             problem = f"an answer to step {got.step_id} it was not asked for"
-        elif got.step_id != step or got.session_id != self.session_id:
+        elif got.step_id != step or got.session_id != sender.session_id:
             problem = f"step {got.step_id} of session {got.session_id!r}, expected step {step}"
         elif tuple(h.shape) != (1, positions, self.hidden_size) or h.dtype != self.dtype_name:
             problem = f"hidden {h.dtype}{list(h.shape)}, expected {self.dtype_name}{[1, positions, self.hidden_size]}"

@@ -47,6 +47,20 @@ class SpanCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    def grow(self, capacity: int) -> None:
+        """Make room for `capacity` positions, keeping what is cached: a server allocates (and charges)
+        a session's cache as its positions are written, not all up front (server/sessions.py)."""
+        if capacity <= self.capacity:
+            return
+        shape = (*self.keys.shape[:3], capacity, self.keys.shape[4])
+        kept = max(self.length, self.write_pos + self.block)  # the last block's rows may still be kept
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(shape)
+            new[:, :, :, :kept] = old[:, :, :, :kept]
+            setattr(self, name, new)
+        self.capacity = capacity
+
     def begin_block(self, commit_len: int, block_len: int, kept: list[int] | None = None) -> None:
         """Keep only the `kept` positions of the last block (indices into it, gathered to its start),
         forget everything after commit_len (the rollback) and make room for block_len positions."""

@@ -27,6 +27,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p import new_host
+from libp2p.connection_types import ConnectionType
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -45,7 +46,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from dsdnode.errors import BadValue, PeerError, UserError
 from dsdnode.net import relay
 from dsdnode.net.bridge import Bridge, StreamClosed
-from dsdnode.net.latency import LinkLatency
+from dsdnode.net.latency import LinkEmulator, LinkLatency
 from dsdnode.net.stream import FrameTooLarge, Stream
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class Host:
     def __init__(self, keypair: KeyPair, latency: LinkLatency | None, max_frame_bytes: int) -> None:
         self.keypair = keypair
         self.latency = latency
+        self.link = LinkEmulator(latency) if latency is not None else None  # jitter draws, uplink bucket
         self.max_frame_bytes = max_frame_bytes
         self.peer_id: str = ID.from_pubkey(keypair.public_key).to_base58()
         self.addrs: list[str] = []  # how peers dial us now (direct, or our relays' circuit addresses)
@@ -194,12 +196,33 @@ class Host:
         if self.bridge.token is not None:
             self.bridge.notify(lambda: self._register(protocol))
 
-    async def open_stream(self, peer: PeerInfo, protocol: str, timeout: float = 10.0) -> Stream:
-        return await self.bridge.call(self.trio_open, peer, protocol, timeout)
+    async def open_stream(self, peer: PeerInfo, protocol: str, timeout: float = 10.0, *,
+                          only_given_addrs: bool = False) -> Stream:
+        return await self.bridge.call(self.trio_open, peer, protocol, timeout, None, only_given_addrs)
 
     async def ping(self, peer: PeerInfo, timeout: float = 10.0) -> float:
         """Round-trip time in seconds of one 8-byte echo frame (emulated latency included)."""
         return await self.bridge.call(self._t_ping, peer, timeout)
+
+    async def connected_ip(self, peer_id: str) -> tuple[str, bool] | None:
+        """The IP address of the open connection to `peer_id` as the transport sees it (not what the
+        peer announces), and whether that connection goes through a relay (the IP is then the
+        relay's); None without an open connection."""
+        async def read() -> tuple[str, bool] | None:
+            for conn in self.libp2p.get_network().get_connections(ID.from_base58(peer_id)):
+                try:
+                    if conn.is_closed:
+                        continue
+                    remote = conn.muxed_conn.get_remote_address()
+                    relayed = conn.muxed_conn.get_connection_type() == ConnectionType.RELAYED
+                except Exception as exc:  # a connection type that does not say
+                    log.debug("no remote address for %s: %r", peer_id, exc)
+                    continue
+                if remote:
+                    return str(remote[0]), relayed
+            return None
+
+        return await self.bridge.call(read)
 
     async def stop(self) -> None:
         """Stop the host and join its thread; safe to call repeatedly and concurrently."""
@@ -275,7 +298,7 @@ class Host:
 
     def wrap(self, raw: Any, max_frame_bytes: int | None = None) -> Stream:
         """A framed Stream over a raw libp2p stream (trio thread)."""
-        return Stream(raw, self.bridge, self.latency, max_frame_bytes or self.max_frame_bytes)
+        return Stream(raw, self.bridge, self.link, max_frame_bytes or self.max_frame_bytes)
 
     def _register(self, protocol: str) -> None:
         async def on_stream(raw: Any) -> None:
@@ -323,8 +346,10 @@ class Host:
             log.exception("handler for %s from %s failed; closing the stream", protocol, stream.remote_peer_id)
 
     async def trio_open(self, peer: PeerInfo, protocol: str, timeout: float,
-                        max_frame_bytes: int | None = None) -> Stream:
-        """Open a framed stream of `protocol` to `peer`, dialing it first if we hold no live connection."""
+                        max_frame_bytes: int | None = None, only_given_addrs: bool = False) -> Stream:
+        """Open a framed stream of `protocol` to `peer`, dialing it first if we hold no live connection.
+        only_given_addrs: dial none of the addresses the peerstore learnt for it elsewhere (the DHT
+        and identify add whatever peers say), only `peer.addrs` (server/next_hops.py filtered them)."""
         try:
             pid = ID.from_base58(peer.peer_id)
             addrs = [_without_p2p(multiaddr.Multiaddr(a)) for a in peer.addrs if not relay.is_circuit(a)]
@@ -342,6 +367,8 @@ class Host:
                         # would answer "No valid connections available": drop it and dial afresh
                         log.info("the connection to %s is closed; dialing again", pid)
                         await network.close_peer(pid)
+                    if only_given_addrs:
+                        self.libp2p.get_peerstore().clear_addrs(pid)
                     await self._t_connect(pid, addrs, circuits)
                 elif addrs:
                     self.libp2p.get_peerstore().add_addrs(pid, addrs, 120)

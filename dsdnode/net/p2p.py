@@ -62,7 +62,6 @@ class P2PNode:
         self.host = Host(keypair, latency, max_frame_bytes)
         self.keypair = keypair
         self.latency = latency
-        self.max_frame_bytes = max_frame_bytes
         self.peer_id = self.host.peer_id
         self.started_at = time.monotonic()  # a node that just joined may not see the whole swarm yet
         self.dht = DHT(self.host)
@@ -147,8 +146,18 @@ class P2PNode:
         """
         self.host.set_stream_handler(protocol, handler)
 
-    async def open_stream(self, peer: PeerInfo, protocol: str, timeout: float = 10.0) -> Stream:
-        return await self.host.open_stream(peer, protocol, timeout)
+    @property
+    def max_frame_bytes(self) -> int:
+        """The longest frame any stream of this node reads (a server lowers it to its own ceiling)."""
+        return self.host.max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        self.host.max_frame_bytes = value
+
+    async def open_stream(self, peer: PeerInfo, protocol: str, timeout: float = 10.0, *,
+                          only_given_addrs: bool = False) -> Stream:
+        return await self.host.open_stream(peer, protocol, timeout, only_given_addrs=only_given_addrs)
 
     async def ask_info(self, peer: PeerInfo, timeout: float = 10.0) -> NodeInfo:
         """What `peer` serves and whom it knows (see NodeInfo); PeerUnreachable or ValueError if it cannot say."""
@@ -164,6 +173,10 @@ class P2PNode:
     async def ping(self, peer: PeerInfo, timeout: float = 10.0) -> float:
         """Round-trip time in seconds of one 8-byte echo frame (emulated latency included)."""
         return await self.host.ping(peer, timeout)
+
+    async def connected_ip(self, peer_id: str) -> tuple[str, bool] | None:
+        """See Host.connected_ip: the transport's view of where `peer_id` is, for observed network groups."""
+        return await self.host.connected_ip(peer_id)
 
     async def stop(self) -> None:
         """Stop the host and join its thread; safe to call repeatedly and concurrently."""
@@ -229,7 +242,7 @@ class P2PNode:
             return
         if self._relay_offer is not None:
             self.relay = RelayService(host.libp2p, self._relay_offer,
-                                      self.latency.delay_s if self.latency else (lambda _peer: 0.0))
+                                      self.host.link.delay_s if self.host.link else (lambda _peer: 0.0))
             self.relay.register()
             log.info("offering a relay service (%d reservations, %d circuits, %d MiB and %.0f s per circuit)",
                      self._relay_offer.max_reservations, self._relay_offer.max_circuits,

@@ -4,7 +4,9 @@ A frame is a 4-byte big-endian length, then the payload; framing stays on the tr
 Each stream has one reader task that moves bytes from the muxer into a bounded buffer, so
 `recv(timeout=...)` can give up at any point without losing bytes (yamux's own read is
 not cancel-safe) and a dead peer surfaces as StreamClosed as soon as the connection drops.
-Emulated link latency is slept in the task writing the frame, so other streams keep flowing.
+Emulated links (latency.py): a frame waits in the sender's task for the node's uplink to carry its
+bytes, then is delivered after the link's one-way delay by a task of its own, in send order, so the
+sender is free meanwhile and other streams keep flowing.
 
 A frame, once begun, must be finished: after its first byte arrives the rest must follow within
 `body_timeout` (plus time for its size at MIN_BODY_RATE), or the stream is reset. An idle stream
@@ -22,7 +24,7 @@ import trio
 from libp2p.network.stream.exceptions import StreamEOF
 
 from dsdnode.net.bridge import Bridge, StreamClosed
-from dsdnode.net.latency import LinkLatency
+from dsdnode.net.latency import LinkEmulator
 from dsdnode.errors import PeerError
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,14 @@ FRAME_BODY_TIMEOUT_S = 30.0  # from a frame's first byte to its last, plus its s
 MIN_BODY_RATE = 1 << 20  # bytes/s: a slower sender of a started frame gets its stream reset
 
 
+def _remote_ip(raw: Any) -> str | None:
+    try:
+        remote = raw.get_remote_address()
+    except Exception:  # a transport without addresses: the caller treats None as unknown
+        return None
+    return str(remote[0]) if remote else None
+
+
 class FrameTooLarge(PeerError, ValueError):
     """A frame longer than max_frame_bytes was sent or announced (the stream is reset)."""
 
@@ -41,13 +51,16 @@ class FrameTooLarge(PeerError, ValueError):
 class Stream:
     """A full-duplex framed stream; methods may be used concurrently from several tasks."""
 
-    def __init__(self, raw: Any, bridge: Bridge, latency: LinkLatency | None, max_frame_bytes: int) -> None:
+    def __init__(self, raw: Any, bridge: Bridge, link: LinkEmulator | None, max_frame_bytes: int) -> None:
         # Created on the trio thread (trio primitives below belong to that run).
         self._bridge = bridge
-        self._latency = latency
+        self._link = link if link is not None and link.settings.emulates else None
+        self._delivered: trio.Event | None = None  # set once the last frame in emulated flight is written
+        self._deliver_at = 0.0  # trio time the last frame in flight is due (frames never overtake)
         self._max_frame_bytes = max_frame_bytes
         self._raw = raw
         self.remote_peer_id: str = raw.muxed_conn.peer_id.to_base58()
+        self.remote_ip: str | None = _remote_ip(raw)  # as the kernel saw it (a relayed one: the relay's)
         self._buf = bytearray()
         self._need = 0  # bytes the pending recv waits for
         self._error: str | None = None  # why no more bytes will arrive
@@ -61,7 +74,8 @@ class Stream:
 
     # ---- asyncio API -------------------------------------------------------------------
     async def send(self, frame: bytes, timeout: float | None = DEFAULT_SEND_TIMEOUT) -> None:
-        """Write one frame after the emulated link delay; resets the stream on timeout."""
+        """Write one frame (with emulated links: once the uplink carried it; it arrives after the
+        link's delay, see the module doc); resets the stream on timeout."""
         await self._bridge.call(self.trio_send, frame, timeout)
 
     async def recv(self, timeout: float | None = None, body_timeout: float = FRAME_BODY_TIMEOUT_S) -> bytes:
@@ -83,11 +97,34 @@ class Stream:
             raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame_bytes {self._max_frame_bytes}")
         if self._closed:
             raise StreamClosed(f"stream to {self.remote_peer_id} is closed")
-        latency = self._latency
-        if latency is not None:
-            delay = latency.delay_s(self.remote_peer_id)
-            if delay > 0:
-                await trio.sleep(delay)
+        link = self._link
+        if link is not None:
+            wait = link.uplink_wait_s(4 + size, trio.current_time())
+            if wait > 0:
+                await trio.sleep(wait)
+            self._deliver_at = max(self._deliver_at, trio.current_time() + link.delay_s(self.remote_peer_id))
+            previous, self._delivered = self._delivered, trio.Event()
+            self._bridge.nursery.start_soon(self._t_deliver, frame, self._deliver_at, previous, self._delivered,
+                                            timeout)  # type: ignore[union-attr]
+            return
+        await self._t_write(frame, timeout)
+
+    async def _t_deliver(self, frame: bytes, at: float, previous: trio.Event | None, done: trio.Event,
+                         timeout: float | None) -> None:
+        """Write a frame in emulated flight when it is due, after the frames sent before it."""
+        try:
+            await trio.sleep_until(at)
+            if previous is not None:
+                await previous.wait()
+            if not self._closed:
+                await self._t_write(frame, timeout)
+        except StreamClosed as e:
+            log.debug("%s", e)
+        finally:
+            done.set()
+
+    async def _t_write(self, frame: bytes, timeout: float | None) -> None:
+        size = len(frame)
         with trio.move_on_after(math.inf if timeout is None else timeout):
             async with self._send_lock:
                 try:
@@ -165,6 +202,9 @@ class Stream:
     async def trio_close(self) -> None:
         if self._closed:
             return
+        if self._delivered is not None:  # the frames in emulated flight go first (a goodbye among them)
+            with trio.move_on_after(DEFAULT_SEND_TIMEOUT):
+                await self._delivered.wait()
         self._closed = True
         self._reader_scope.cancel()
         try:

@@ -148,6 +148,22 @@ def digest(payload: TensorPayload) -> bytes:
     return hashlib.blake2b(payload.data, digest_size=DIGEST_BYTES).digest()
 
 
+# msgpack bytes of one HopTiming at its largest: a peer id of MAX_ID_CHARS 4-byte characters, the
+# digest, three float64s, and the map's keys and headers
+_TIMING_BYTES = MAX_UTF8_BYTES_PER_CHAR * MAX_ID_CHARS + DIGEST_BYTES + 3 * 9 + 96
+_FRAME_SLACK = 64 * 1024  # ids, counters, positions and kept lists, keys and headers of the rest
+
+
+def frame_ceiling(hidden_size: int, max_block: int) -> int:
+    """The largest frame a valid message can be for a receiver that takes blocks of up to max_block
+    positions of hidden_size: a float32 block, its [T, T] tree mask, MAX_TIMINGS hop stamps and
+    slack. A server reads no longer frame (its stream is reset at the length prefix), so a peer
+    cannot make it buffer more than this per stream (0.8 MiB for Qwen2.5-1.5B's 1536 x 64, where a
+    fixed ceiling was 64 MiB)."""
+    return (max_block * hidden_size * ITEMSIZE["float32"] + max_block * max_block * ITEMSIZE["bool"]
+            + MAX_TIMINGS * _TIMING_BYTES + 8 * max_block * 9 + _FRAME_SLACK)
+
+
 @dataclass
 class OpenSession:
     """Open a session for layers [start, end) on the receiving server.
@@ -158,6 +174,10 @@ class OpenSession:
     opener sends them itself, on this stream); blocks from anyone else are refused. weights: the
     digest of the weights the client's head was loaded from (models.weights.weights_digest); a
     server holding other weights refuses with wrong_weights, so a chain never mixes checkpoints.
+    session_id: this hop's id of the session, and next_session_id the next hop's (what this hop's
+    pushes carry; None: the same). A client gives every hop an id of its own, so no hop learns the
+    id of a session at a hop it does not push to, and a server keys sessions by (opener, id) and
+    pushed blocks by (prev_peer, id): nobody can take an id before its client opens it.
     """
 
     session_id: str
@@ -169,6 +189,7 @@ class OpenSession:
     prev_peer: str | None
     dtype: str
     weights: str
+    next_session_id: str | None = None
 
 
 @dataclass

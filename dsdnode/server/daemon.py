@@ -28,16 +28,18 @@ import torch
 from .. import __version__
 from ..models.span import Block, Span
 from ..dtypes import HIDDEN_DTYPES, dtype_name
+from ..net.groups import network_group
 from ..net.records import SpanRecord
 from ..net.protocol import SESSION_PROTOCOL
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.stream import FRAME_BODY_TIMEOUT_S, close_quietly
 from ..ready import print_ready
 from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
-                        TensorPayload, WireError, WireLimits, decode, digest, encode, short)
+                        TensorPayload, WireError, WireLimits, decode, digest, encode, frame_ceiling, short)
 from .batching import BatchSettings, Batcher
 from .metrics import server_metrics
-from .sessions import ClientLimits, Session, SessionError, SessionTable
+from .next_hops import DialRate, allowed_hop, open_next_hop
+from .sessions import ClientLimits, Session, SessionError, SessionKey, SessionTable, keep_big_allocations_mapped
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,15 @@ class Server:
     def __init__(self, node: P2PNode, model: str, span: Span, *, weights: str, cache_budget_bytes: int,
                  max_length: int, max_block: int, idle_s: float, announce_interval_s: float, record_ttl_s: float,
                  frame_body_timeout_s: float = FRAME_BODY_TIMEOUT_S, batching: BatchSettings = BatchSettings(),
-                 client_limits: ClientLimits = ClientLimits()):
+                 client_limits: ClientLimits = ClientLimits(), local_swarm: bool = False):
         self.node, self.model, self.span, self.weights = node, model, span, weights
         self.frame_body_timeout_s = frame_body_timeout_s
-        self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s, client_limits)
+        self.local_swarm = local_swarm  # loopback peers are groups of their own, any next-hop address goes
+        self.dial_rate = DialRate()
+        self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s, client_limits, self._reclaimed)
+        keep_big_allocations_mapped()  # a closed session's cache leaves the process, not just the table
+        # no stream of this node reads a frame longer than the largest valid block message
+        node.max_frame_bytes = min(node.max_frame_bytes, frame_ceiling(span.config.hidden_size, max_block))
         self.limits = WireLimits(hidden_size=span.config.hidden_size, max_block=max_block, max_length=max_length,
                                  max_frame_bytes=node.max_frame_bytes)
         self.announce_interval_s, self.record_ttl_s = announce_interval_s, record_ttl_s
@@ -99,9 +106,10 @@ class Server:
         and a record we fail to overwrite still expires on its own."""
         self.stopping = True
         try:
-            for sid in list(self.table.sessions):
-                session = self.table.close(sid)
-                await self._send(session.client, ErrorReply("shutting_down", "server is shutting down", sid))
+            for key in list(self.table.sessions):
+                session = self.table.close(key)
+                await self._send(session.client, ErrorReply("shutting_down", "server is shutting down",
+                                                            session.session_id))
                 await close_quietly(session.next_stream)
             try:
                 await asyncio.wait_for(self.node.dht.withdraw(self.model), WITHDRAW_TIMEOUT_S)
@@ -136,12 +144,19 @@ class Server:
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(min(10.0, self.table.idle_s / 2))
-            for sid in self.table.expired():
-                session = self.table.close(sid)  # frees the cache now, even if its client's stream stays open
-                log.info("session %s idle for %.0f s: closed", sid, self.table.idle_s)
-                # in a task: a client that reads nothing must not hold up the expiry of everyone else
-                self._spawn(self._send(session.client, ErrorReply("unknown_session", "session expired (idle)", sid)))
-                self._spawn(close_quietly(session.next_stream))
+            for key in self.table.expired():
+                session = self.table.close(key)  # frees the cache now, even if its client's stream stays open
+                log.info("session %s idle: closed", short(session.session_id))
+                self._tell_closed(session, "session expired (idle)")
+
+    def _reclaimed(self, session: Session) -> None:
+        log.info("session %s idle while its memory was needed: closed", session.session_id)
+        self._tell_closed(session, "session closed (idle while the server needed its memory)")
+
+    def _tell_closed(self, session: Session, why: str) -> None:
+        # in a task: a client that reads nothing must not hold up anyone else
+        self._spawn(self._send(session.client, ErrorReply("unknown_session", why, session.session_id)))
+        self._spawn(close_quietly(session.next_stream))
 
     # ---- streams ------------------------------------------------------------------------
     async def handle_stream(self, stream: Stream) -> None:
@@ -151,8 +166,8 @@ class Server:
         is freed while this stream may stay open (later frames for it get unknown_session). A stream
         that serves a live session waits for frames as long as the session lives; one that serves
         none (any more) is closed after FIRST_FRAME_TIMEOUT_S without a frame."""
-        opened: str | None = None  # the session this stream opened (its client's stream)
-        serving: str | None = None  # the session this stream last opened or pushed a block into
+        opened: SessionKey | None = None  # the session this stream opened (its client's stream)
+        serving: SessionKey | None = None  # the session this stream last opened or pushed a block into
         try:
             while True:
                 live = serving is not None and serving in self.table.sessions
@@ -173,14 +188,11 @@ class Server:
                     finally:
                         frame = b""  # drop the bytes now: an idle stream must not hold a big bad frame
                     if isinstance(msg, OpenSession) and (opened is None or opened not in self.table.sessions):
-                        await self._open(msg, stream)
-                        opened = serving = msg.session_id
+                        opened = serving = (await self._open(msg, stream)).key
                     elif isinstance(msg, Forward):
-                        await self._forward(msg, stream)
-                        serving = msg.session_id
+                        serving = await self._forward(msg, stream)
                     elif isinstance(msg, CloseSession):
-                        self.table.get(msg.session_id, stream)  # only its opener may close it
-                        await self._close(msg.session_id)
+                        await self._close(self.table.get(msg.session_id, stream).key)  # only its opener may close it
                         return
                     else:
                         raise SessionError("malformed", f"unexpected {type(msg).__name__} on this stream")
@@ -205,25 +217,26 @@ class Server:
                                                 f"the session asks for {short(msg.weights)}")
         if msg.dtype not in HIDDEN_DTYPES:
             raise SessionError("bad_dtype", f"dtype {short(msg.dtype)} is not one of {sorted(HIDDEN_DTYPES)}")
-        next_hop = await self._next_hop(msg) if msg.next_peer is not None else None
+        group = network_group(stream.remote_ip, stream.remote_peer_id, self.local_swarm)
+        next_hop = await self._next_hop(msg, stream.remote_peer_id, group) if msg.next_peer is not None else None
         session = self.table.open(msg.session_id, msg.start, msg.end, msg.max_length, stream, msg.next_peer,
-                                  msg.prev_peer)
+                                  msg.prev_peer, group, msg.next_session_id)
         self.metrics.sessions_opened.inc()
         if next_hop is not None:
             try:
-                session.next_stream = await self.node.open_stream(next_hop, SESSION_PROTOCOL)
-            except Exception as e:
-                self.table.close(msg.session_id)
-                raise SessionError("bad_next_hop",
-                                   f"cannot reach next hop {next_hop.peer_id}: {short(str(e), 200)}") from None
+                session.next_stream = await open_next_hop(self.node, next_hop)
+            except SessionError:
+                self.table.close(session.key)
+                raise
             self._spawn(self._relay_errors(session))
         await self._send(stream, SessionOpened(msg.session_id, self.node.peer_id, dtype_name(self.span.dtype)))
         return session
 
-    async def _next_hop(self, msg: OpenSession) -> PeerInfo:
+    async def _next_hop(self, msg: OpenSession, opener: str, group: str) -> PeerInfo:
         """Where this hop pushes its output: the addresses of next_peer's own signed, live span record
-        of this model, which must continue the session at layer msg.end. A client names only a peer
-        id, so it cannot make a server dial an address of its choosing."""
+        of this model, which must continue the session at layer msg.end, and of those only the ones
+        this node may dial (next_hops.py: the record's signer chose them), at a rate per opener."""
+        self.dial_rate.take(opener, group)
         try:
             rec = await asyncio.wait_for(self.node.dht.lookup(self.model, msg.next_peer), NEXT_HOP_LOOKUP_TIMEOUT_S)
         except Exception as e:  # asyncio.TimeoutError included: no record we can trust
@@ -238,14 +251,14 @@ class Server:
         if rec.weights != self.weights:
             raise SessionError("bad_next_hop", f"next peer {rec.peer_id} serves other weights of {self.model!r} "
                                                f"({short(rec.weights)}, not {self.weights})")
-        return PeerInfo(rec.peer_id, tuple(rec.addrs))
+        return allowed_hop(PeerInfo(rec.peer_id, tuple(rec.addrs)), self.local_swarm)
 
-    async def _close(self, session_id: str) -> None:
-        session = self.table.close(session_id)
+    async def _close(self, key: SessionKey) -> None:
+        session = self.table.close(key)
         if session is not None:
             await close_quietly(session.next_stream)
 
-    async def _forward(self, msg: Forward, came_on: Stream) -> None:
+    async def _forward(self, msg: Forward, came_on: Stream) -> SessionKey:
         """Run a block of a session and push it on (or answer the client). Once the block is known to
         come from where the session's opener said, a failure is told to that client directly, from
         this hop: told to the upstream hop, the client would hear it from the wrong one."""
@@ -256,6 +269,7 @@ class Server:
             self.errors[e.code] = self.errors.get(e.code, 0) + 1
             log.debug("session %s failed a block: %s: %s", short(msg.session_id), e.code, e.message)
             await self._send(session.client, ErrorReply(e.code, e.message, msg.session_id, msg.step_id))
+        return session.key
 
     async def _run_block(self, session: Session, msg: Forward) -> None:
         recv_time = time.time()
@@ -267,7 +281,7 @@ class Server:
             hidden = incoming.to(session.span.dtype)
             tree = None if msg.attention_mask is None else msg.attention_mask.to_torch()
             positions = None if msg.positions is None else torch.tensor([msg.positions])
-            self.table.admit_block(session, hidden.shape[1], self.batcher.queued_by(session.owner))
+            self.table.admit_block(session, msg.commit_len, hidden.shape[1], self.batcher.queued_by(session.owner))
             block = Block(hidden, cache, msg.commit_len, tree, positions, msg.kept)
             try:  # with the blocks of other sessions queued meanwhile (batching.py); the cache checks
                 # commit_len and kept against what it holds (ValueError)
@@ -284,8 +298,8 @@ class Server:
             payload = TensorPayload.from_torch(out.to(incoming.dtype))  # the next hop gets what we got
             result = ForwardResult(msg.session_id, msg.step_id, payload, timings)
             if session.next_stream is not None:
-                frame = encode(Forward(msg.session_id, msg.step_id, msg.commit_len, payload, msg.attention_mask, timings,
-                                       msg.positions, msg.kept))
+                frame = encode(Forward(session.next_session_id, msg.step_id, msg.commit_len, payload,
+                                       msg.attention_mask, timings, msg.positions, msg.kept))
                 try:
                     await session.next_stream.send(frame)
                     self.metrics.bytes_out.inc(len(frame))

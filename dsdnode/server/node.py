@@ -41,7 +41,13 @@ async def start_p2p(s: NodeSettings, **extra) -> P2PNode:
     """The libp2p node both kinds of node run, from the settings they share."""
     return await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs,
-                               latency=LinkLatency(s.link_latency_ms), relay_service=s.relay_service, **extra)
+                               latency=node_links(s), relay_service=s.relay_service, **extra)
+
+
+def node_links(s: NodeSettings) -> LinkLatency:
+    """The node's emulated links: its --link-config file (BadValue naming it if bad), else
+    --link-latency-ms to every peer."""
+    return LinkLatency.load(s.link_config) if s.link_config else LinkLatency(s.link_latency_ms)
 
 
 async def serve_span(s: NodeSettings) -> None:
@@ -85,7 +91,9 @@ async def serve_span(s: NodeSettings) -> None:
                         announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s,
                         frame_body_timeout_s=s.frame_body_timeout_s,
                         batching=BatchSettings(s.max_batch if s.batching else 1, s.batch_window_ms / 1000),
-                        client_limits=ClientLimits(s.max_sessions_per_client, s.max_queued_per_client))
+                        client_limits=ClientLimits(s.max_sessions_per_client, s.max_queued_per_client,
+                                                   s.max_sessions_per_network, s.max_cache_share),
+                        local_swarm=s.local_swarm)
         if s.metrics_port:
             server.metrics.serve(s.host, s.metrics_port)
     except BaseException:

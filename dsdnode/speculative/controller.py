@@ -30,6 +30,17 @@ Estimation (all online, O(1) per round):
 - L: h0 plus an EMA of the residual round_s - H - draft_s (links, client, transfers).
   Latency lives only here, so a latency change never pollutes the compute slope.
 
+Links (WAN): a round's residual holds the links' latency and the transfer of the block's bytes,
+which grows with the block on a slow uplink (at 20 Mbit/s a 1536-wide bf16 position is 1.2 ms per
+link). So the residual is fitted like compute, R = r0 + t*x, and t (transfer per position, summed
+over the round's links) is added to c: wide trees cost their bytes. Jitter makes R noisy, so both
+its level and its slope use its measured spread: the slope is trusted only once it stands out of
+its own standard error (sigma / sqrt(Sxx) -- under heavy jitter that takes a wider spread of
+block sizes, and until then t is 0, never a guess), and each residual enters the level clipped to
+JITTER_CLIP standard deviations of the residuals so far, so one spike of a heavy-tailed link does
+not swing k for the next rounds (two outliers in a row on the same side are a lasting change and
+count whole); the spread itself is an EMA of squared deviations, which the spikes do raise.
+
 Trees (width w > 1, width_max > 1). A tree of width w and depth k keeps the w best nodes of each
 depth: it sends 1 + w*k positions (compute c each, as above) and costs k batched draft forwards
 (d_w per depth, an EMA per width, never taken below the chain's d: a batch of w rows costs about
@@ -59,6 +70,10 @@ _MIN_SXX = 0.4
 _COMPUTE_FORGET = 0.02
 # Until the slope is identified: the share of a block's compute H assumed to grow with its size x.
 UNIDENTIFIED_TOKEN_SHARE = 0.25
+# A link's per-position transfer cost is believed once it exceeds this many of its standard errors.
+LINK_SLOPE_SIGNIFICANCE = 2.0
+# A round's link time enters the fixed cost's level clipped to this many standard deviations.
+JITTER_CLIP = 2.0
 
 
 @dataclass
@@ -137,8 +152,10 @@ class TimingEstimate:
     """Current cost model: T(k) = fixed_s + (k+1)*token_compute_s + k*draft_token_s."""
 
     fixed_s: float
-    token_compute_s: float
+    token_compute_s: float  # servers' compute and the links' transfer per position
     draft_token_s: float
+    link_position_s: float = 0.0  # of token_compute_s: the links' transfer per position (bandwidth)
+    link_spread_s: float = 0.0  # standard deviation of a round's link time (jitter)
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -182,11 +199,15 @@ def optimal_k(a: float, L: float, c: float, d: float, k_max: int, width: int = 1
 
 
 class _ComputeFit:
-    """Exponentially weighted least squares H = h0 + c*x, with a fallback when x is constant."""
+    """Exponentially weighted least squares H = h0 + c*x, with a fallback when x is constant.
 
-    def __init__(self) -> None:
-        self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
+    significance: with > 0, a slope is trusted only when it exceeds that many of its standard errors
+    (noisy links); until then the fallback share applies (0 for links: no guessed transfer cost)."""
+
+    def __init__(self, unidentified_share: float = UNIDENTIFIED_TOKEN_SHARE, significance: float = 0.0) -> None:
+        self.s0 = self.sx = self.sxx = self.sy = self.sxy = self.syy = 0.0
         self.trusted_slope: float | None = None
+        self.unidentified_share, self.significance = unidentified_share, significance
 
     def add(self, x: float, y: float) -> None:
         keep = 1.0 - _COMPUTE_FORGET
@@ -195,9 +216,18 @@ class _ComputeFit:
         self.sxx = keep * self.sxx + x * x
         self.sy = keep * self.sy + y
         self.sxy = keep * self.sxy + x * y
+        self.syy = keep * self.syy + y * y
         if self.spread() >= _MIN_SXX:
             slope = (self.sxy - self.sx * self.sy / self.s0) / self.spread()
-            self.trusted_slope = max(slope, 0.0)
+            if self.significance <= 0 or slope > self.significance * self.slope_error(slope):
+                self.trusted_slope = max(slope, 0.0)
+
+    def slope_error(self, slope: float) -> float:
+        """Standard error of the slope: residual spread around the line over sqrt(Sxx)."""
+        syy = self.syy - self.sy * self.sy / self.s0
+        sxy = self.sxy - self.sx * self.sy / self.s0
+        residual = max(syy - slope * sxy, 0.0) / max(self.s0 - 2.0, 1.0)
+        return math.sqrt(residual / self.spread())
 
     def spread(self) -> float:
         """Weighted sum of squared deviations of x: how well the slope is determined."""
@@ -206,8 +236,8 @@ class _ComputeFit:
     def fit(self) -> tuple[float, float]:
         """(h0, c) with 0 <= c <= mean(H)/mean(x), so h0 >= 0."""
         x_bar, y_bar = self.sx / self.s0, self.sy / self.s0
-        ratio = y_bar / x_bar
-        slope = ratio * UNIDENTIFIED_TOKEN_SHARE if self.trusted_slope is None else min(self.trusted_slope, ratio)
+        ratio = max(y_bar, 0.0) / x_bar
+        slope = ratio * self.unidentified_share if self.trusted_slope is None else min(self.trusted_slope, ratio)
         return y_bar - slope * x_bar, slope
 
 
@@ -238,7 +268,10 @@ class DraftLengthController:
             raise ValueError(f"n_hops must be an int >= 1, got {n_hops!r}")
         self.n_hops = n_hops
         self._compute = _ComputeFit()
+        self._link = _ComputeFit(unidentified_share=0.0, significance=LINK_SLOPE_SIGNIFICANCE)
         self._residual: float | None = None
+        self._residual_var = 0.0
+        self._last_outlier = 0  # sign of the last round's residual if it lay beyond JITTER_CLIP sigmas
         self._draft: float | None = None
         self._draft_by_width: dict[int, float] = {}
         self._last_k: int | None = None
@@ -260,8 +293,12 @@ class DraftLengthController:
         if self._residual is None:
             return None
         h0, c = self._compute.fit()
-        return TimingEstimate(fixed_s=max(h0 + self._residual, 0.0), token_compute_s=c,
-                              draft_token_s=self._draft or 0.0)
+        _, t = self._link.fit()
+        mean_x = self._link.sx / self._link.s0
+        # the residual's level is its EMA at the mean block; the per-position transfer moves to c
+        return TimingEstimate(fixed_s=max(h0 + self._residual - t * mean_x, 0.0), token_compute_s=c + t,
+                              draft_token_s=self._draft or 0.0, link_position_s=t,
+                              link_spread_s=math.sqrt(self._residual_var))
 
     def expected_round_s(self, k: int) -> float:
         """Predicted T(k) in seconds (NaN before the first observation)."""
@@ -317,8 +354,21 @@ class DraftLengthController:
         compute = math.fsum(obs.hop_compute_s)
         self._compute.add(obs.block, compute)
         residual = obs.round_s - compute - obs.draft_s
-        self._residual = residual if self._residual is None else \
-            self._residual + self.settings.ema * (residual - self._residual)
+        self._link.add(obs.block, residual)
+        if self._residual is None:
+            self._residual = residual
+        else:
+            deviation = clipped = residual - self._residual
+            bound = JITTER_CLIP * math.sqrt(self._residual_var)
+            outlier = 0 if abs(deviation) <= bound else (1 if deviation > 0 else -1)
+            if outlier and outlier != self._last_outlier:  # a lone spike moves the level by JITTER_CLIP sigmas;
+                clipped = min(max(deviation, -bound), bound)  # a second in a row is a lasting change: taken whole,
+            elif outlier:  # and the transfer fit starts over (block sizes chosen before it would confound it)
+                self._link = _ComputeFit(unidentified_share=0.0, significance=LINK_SLOPE_SIGNIFICANCE)
+                self._link.add(obs.block, residual)
+            self._last_outlier = outlier
+            self._residual += self.settings.ema * clipped
+            self._residual_var += self.settings.ema * (deviation * deviation - self._residual_var)
         self._last_k = obs.k
 
     def _validate(self, obs: RoundObservation) -> None:

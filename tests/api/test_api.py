@@ -91,13 +91,15 @@ def expected(smollm2_dir) -> dict[str, str]:
 # ---- an API server over an in-process chain -----------------------------------------------
 @pytest.fixture(scope="module")
 def local_api(smollm2_dir, tmp_path_factory):
-    api = ApiProcess(["--local", "--hops", "2", "--max-tokens-limit", "64", "--max-prompt-tokens", "100"],
+    api = ApiProcess(["--local", "--hops", "2", "--max-tokens-limit", "64", "--max-prompt-tokens", "100",
+                      "--max-concurrent", "1", "--max-queued", "1"],
                      tmp_path_factory.mktemp("api") / "api.log", api_key=API_KEY)
     yield api
     api.stop()
 
 
 API_KEY = "sk-test-0123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def post(api: ApiProcess, path: str, body, key: str | None = API_KEY) -> httpx.Response:
@@ -169,7 +171,7 @@ def test_neutral_values_of_unsupported_fields_are_accepted(local_api):
     assert reply.status_code == 200, reply.text
 
 
-def test_api_key_is_required_on_v1_routes_only(local_api):
+def test_api_key_is_required_on_every_route_but_health(local_api):
     for key, message in ((None, "didn't provide an API key"), ("sk-wrong", "Incorrect API key")):
         reply = post(local_api, "/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1}, key=key)
         assert reply.status_code == 401, reply.text
@@ -179,7 +181,10 @@ def test_api_key_is_required_on_v1_routes_only(local_api):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=local_api.url, api_key="sk-wrong", max_retries=0).models.list()
     assert httpx.get(local_api.root + "/health", timeout=10).json() == {"status": "ok"}
-    ready = httpx.get(local_api.root + "/ready", timeout=30)
+    for path in ("/ready", "/metrics", "/docs", "/openapi.json"):  # they tell an outsider about the swarm
+        reply = httpx.get(local_api.root + path, timeout=30)
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key", (path, reply.text)
+    ready = httpx.get(local_api.root + "/ready", timeout=30, headers=AUTH)
     assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
 
 
@@ -227,7 +232,9 @@ def test_completion_equals_generate_with_usage_and_length(local_api, client_mode
     prompt_tokens = len(client_models.tokenizer(PROMPT)["input_ids"])
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, N)
     assert reply.usage.total_tokens == prompt_tokens + N
-    metrics = httpx.get(local_api.root + "/metrics", timeout=10)  # scraped from the live API process
+    whole = post(local_api, "/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 2})
+    assert whole.headers["X-Dsdnode-Unaudited-Layers"] == "none" and whole.json()["dsd_unaudited_layers"] == []
+    metrics = httpx.get(local_api.root + "/metrics", timeout=10, headers=AUTH)  # scraped from the live API process
     assert metrics.status_code == 200
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(metrics.text) for s in f.samples}
@@ -301,6 +308,66 @@ def test_sampling_with_our_knobs_is_accepted(local_api):
     assert 0 < reply.usage.completion_tokens <= 12
 
 
+def test_a_huge_body_is_refused_before_any_work_and_nothing_stalls(local_api):
+    """A 9 MB prompt used to be tokenized on the event loop (8.4 s, /health waited as long). The body
+    limit follows from --max-prompt-tokens 100 (64 KiB + 64 B a token): 413 at once, whether the
+    length is declared or the body is streamed in chunks."""
+    huge = json.dumps({"model": MODEL, "prompt": "hello " * 1_500_000, "max_tokens": 1})
+    t0 = time.monotonic()
+    declared = post(local_api, "/completions", huge)
+    declared_s = time.monotonic() - t0
+
+    def chunks():
+        for i in range(0, len(huge), 1 << 16):
+            yield huge[i:i + (1 << 16)].encode()
+
+    chunked = httpx.post(local_api.url + "/completions", content=chunks(), timeout=60,
+                         headers={"Content-Type": "application/json", **AUTH})
+    t0 = time.monotonic()
+    health = httpx.get(local_api.root + "/health", timeout=10)
+    health_s = time.monotonic() - t0
+    print(f"9 MB body: 413 in {declared_s:.2f} s; /health then in {health_s * 1000:.0f} ms")
+    for reply in (declared, chunked):
+        assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large", reply.text
+    assert declared_s < 2 and health.status_code == 200 and health_s < 1
+    long_prompt = post(local_api, "/completions", {"model": MODEL, "prompt": "hello " * 2000, "max_tokens": 1})
+    assert long_prompt.status_code == 400 and long_prompt.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_beyond_the_running_and_queued_requests_come_429_with_retry_after(local_api):
+    """--max-concurrent 1 --max-queued 1: a streamed answer holds the one place, the next request
+    waits, the third is told 429 with Retry-After at once; the waiting one is served afterwards."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "stream": True}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as http:
+            async with http.stream("POST", local_api.url + "/completions", json=body) as running:
+                lines = running.aiter_lines()
+                assert (await anext(lines)).startswith("data: {")  # it holds its place now
+                waiting = asyncio.create_task(http.post(local_api.url + "/completions",
+                                                        json={**body, "stream": False, "max_tokens": 2}))
+                await asyncio.sleep(0.5)
+                t0 = time.monotonic()
+                refused = await http.post(local_api.url + "/completions", json={**body, "max_tokens": 2})
+                refused_s = time.monotonic() - t0
+                assert not waiting.done()
+                async for _ in lines:
+                    pass
+            return refused, refused_s, await waiting
+
+    refused, refused_s, waited = asyncio.run(scenario())
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "2", refused.text
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused_s < 2
+    assert waited.status_code == 200 and waited.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_public_bind_is_told_apart_from_loopback():
+    from dsdnode.api.guard import is_public_bind
+
+    assert [is_public_bind(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", "192.0.2.7")] == \
+        [False, False, False, True, True, True]
+
+
 # ---- an API server backed by a real swarm -------------------------------------------------
 async def two_at_once(api: ApiProcess) -> tuple[str, str]:
     client = openai.AsyncOpenAI(base_url=api.url, api_key="unused", max_retries=0, timeout=120)
@@ -332,6 +399,10 @@ def test_swarm_backed_api_matches_generate_and_serves_two_at_once(expected, tmp_
             chat, completion = asyncio.run(two_at_once(api))
             single = api.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0,
                                                      extra_body={"dsd_k": 4})
+            # one server per span: no independent server can audit either hop, and the answer says so
+            body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4}
+            unaudited = post(api, "/completions", body, key=None)
+            refused = post(api, "/completions", {**body, "dsd_require_audit": True}, key=None)
             for server in swarm.servers:  # every server gone: a clear 503, for a stream too, before any 200
                 swarm.kill(server)
             with pytest.raises(openai.InternalServerError, match="swarm could not serve") as failed:
@@ -355,6 +426,9 @@ def test_swarm_backed_api_matches_generate_and_serves_two_at_once(expected, tmp_
     assert "no live servers" in unready.json()["error"]["message"]
     assert completion == single.choices[0].text == expected["completion"]
     assert chat == expected["chat"]
+    assert unaudited.status_code == 200 and unaudited.headers["X-Dsdnode-Unaudited-Layers"] == "0:15,15:30"
+    assert unaudited.json()["dsd_unaudited_layers"] == [[0, 15], [15, 30]]
+    assert refused.status_code == 503 and "cannot be audited" in refused.json()["error"]["message"]
 
 
 def test_the_web_page_and_its_json_on_a_local_chain(local_api):

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dsdnode.client.audit import TOLERANCE, first_mismatch
+from dsdnode.client.audit import TOLERANCE, disagreement, draw_panel, first_mismatch, tolerance
 from dsdnode.client.bans import BanList
 from dsdnode.client.generate import GenerationSettings
 from dsdnode.client.interface import UNCHECKED, Checkpoint
@@ -68,7 +68,8 @@ def test_first_mismatch_finds_the_first_wrong_or_non_finite_position():
 def test_ip_groups():
     assert ip_group("/ip4/203.0.113.7/tcp/1") == ip_group("/ip4/203.0.113.200/tcp/9") == "203.0.113.0/24"
     assert ip_group("/ip4/203.0.114.7/tcp/1") == "203.0.114.0/24"
-    assert ip_group("/ip4/127.0.0.1/tcp/1") == ip_group("/ip4/127.0.0.2/tcp/1") == ip_group("/ip6/::1/tcp/1") == "loopback"
+    assert ip_group("/ip4/127.0.0.1/tcp/1") == ip_group("/ip4/127.0.0.2/tcp/1") == "127.0.0.0/24"
+    assert ip_group("/ip4/127.0.1.1/tcp/1") == "127.0.1.0/24"  # test swarms place "operators" on loopback nets
     assert ip_group("/ip6/2001:db8:1:2::5/tcp/1") == "2001:db8:1::/48"
     assert ip_group("/dns4/example.org/tcp/1") is None
 
@@ -87,10 +88,10 @@ def test_records_of_one_network_are_capped_per_layer():
 def test_a_fast_re_announce_keeps_the_older_record():
     standing = Standing(TrustSettings(min_reannounce_s=5.0))
     first = record("p", "203.0.113.1", throughput=100, issued=1000.0)
-    assert standing.admit([first]) == [first]
-    assert standing.admit([record("p", "203.0.113.1", throughput=1e6, issued=1001.0)]) == [first]
+    assert standing.rate_limited([first]) == [first]
+    assert standing.rate_limited([record("p", "203.0.113.1", throughput=1e6, issued=1001.0)]) == [first]
     later = record("p", "203.0.113.1", throughput=50, issued=1006.0)
-    assert standing.admit([later]) == [later]
+    assert standing.rate_limited([later]) == [later]
 
 
 def test_claims_are_capped_then_replaced_by_measurements_and_a_false_claim_costs_standing():
@@ -197,3 +198,37 @@ def test_swarm_listing_shows_banned_peers_and_why(tmp_path, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "12D3bad  layers  15:30" in out and "BANNED" in out
     assert "banned here until" in out and "wrong outputs for layers 15:30 of m from position 9" in out
+
+
+def test_panels_are_drawn_at_random_from_independent_groups_and_cover_a_hop_piecewise():
+    """Auditors: random among eligible servers, never of an avoided group; one server covering the hop
+    beats pieces; with no such server, several servers cover it piecewise."""
+    rng = random.Random(1)
+    whole = [(record(f"w{i}", f"198.51.{i}.1", 0, 30), f"g{i}") for i in range(4)]
+    drawn = [draw_panel(whole, 0, 30, {"g0"}, rng) for _ in range(200)]
+    assert all(len(p) == 1 and p[0].group != "g0" for p in drawn)
+    assert len({p[0].peer_id for p in drawn}) == 3  # each of the other three is drawn
+    pieces = [(record("a", "198.51.7.1", 0, 15), "g7"), (record("b", "198.51.8.1", 10, 30), "g8")]
+    panel = draw_panel(pieces, 0, 30, set(), rng)
+    assert [(p.peer_id, p.start, p.end) for p in panel] == [("a", 0, 15), ("b", 15, 30)]
+    assert draw_panel(pieces, 0, 30, {"g8"}, rng) is None  # layers 15:30 only in an avoided group
+    assert [p.peer_id for p in draw_panel(pieces + whole[:1], 0, 30, set(), rng)] == ["w0"]
+
+
+def test_a_small_steady_perturbation_fails_the_window_mean_though_every_position_passes():
+    """bfloat16: 5 % on every position is within the per-position bound (0.1) but not the window's
+    mean bound (0.04); honest rounding (about 1-2 % measured) passes both; a short window is not judged
+    by its mean."""
+    gen = torch.Generator().manual_seed(0)
+    want = torch.randn(1, 30, 64, generator=gen)
+
+    def moved(rel: float, positions: int = 30) -> torch.Tensor:
+        noise = torch.randn(1, positions, 64, generator=gen)
+        return want[:, :positions] + noise / noise.norm(dim=-1, keepdim=True) * want[:, :positions].norm(dim=-1, keepdim=True) * rel
+
+    bf16 = tolerance("bfloat16", "bfloat16")
+    assert first_mismatch(moved(0.05), want, bf16[0]) is None
+    assert disagreement(moved(0.05), want, bf16) == 0
+    assert disagreement(moved(0.015), want, bf16) is None
+    assert disagreement(moved(0.05, 4), want[:, :4], bf16) is None
+    assert disagreement(moved(0.2), want, bf16) == 0  # beyond the per-position bound at position 0

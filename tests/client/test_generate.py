@@ -251,7 +251,7 @@ def test_the_draft_prefills_with_the_chain():
     settings = GenerationSettings(max_new_tokens=1, overlap=False)
     gen = make_generator(target, target, 3, 2, settings)
     asyncio.run(gen.chain.start_session(32))
-    assert asyncio.run(gen._prefill(prompt, TreeShape(2, 3))) is None
+    assert asyncio.run(gen._prefill(prompt, TreeShape(2, 3)))[0] is None
     assert gen.drafter.cached == prompt[:-1]
     cold = make_generator(target, target, 3, 2, settings).drafter
     assert gen.drafter.propose_tree(prompt, TreeShape(2, 3)).tokens == cold.propose_tree(prompt, TreeShape(2, 3)).tokens
@@ -267,7 +267,7 @@ def test_the_first_tree_is_drafted_while_the_chain_prefills():
     async def prefill():
         gen = make_generator(target, target, 3, 2, settings, latency_s=0.05)  # time to draft during the prefill
         await gen.chain.start_session(32)
-        return await gen._prefill(prompt, TreeShape(2, 3))
+        return (await gen._prefill(prompt, TreeShape(2, 3)))[0]
     first = asyncio.run(prefill())
     assert first.depth >= 1
     cold = make_generator(target, target, 3, 2, settings).drafter
@@ -298,3 +298,20 @@ def test_greedy_tree_dsd_on_real_weights_equals_target_greedy(smollm2_dir):
         settings = GenerationSettings(max_new_tokens=32, lookup=True, controller=ControllerSettings(k_max=5, width_max=4))
         result = asyncio.run(tree_generator(target, 20, 3, settings).generate(ids))
         assert result.tokens == reference_greedy(target, ids, 32)
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_pipelined_prefill_gives_the_same_tokens_as_chunk_by_chunk(chunk):
+    """A long prompt prefilled as a pipeline (spans overlapping successive chunks) leaves the same
+    caches as one chunk after another: the same tokens, exactly, in float32."""
+    target = tiny_model("llama", seed=5)
+    prompt = torch.randint(0, 97, (150,), generator=torch.Generator().manual_seed(9)).tolist()
+    outputs = {}
+    for pipeline in (False, True):
+        settings = GenerationSettings(max_new_tokens=20, prefill_chunk=chunk, prefill_pipeline=pipeline,
+                                      controller=ControllerSettings(k_fixed=3))
+        result = asyncio.run(make_generator(target, target, 2, 3, settings, latency_s=0.002).generate(prompt))
+        outputs[pipeline] = result.tokens
+        assert result.prefill_chunk == (chunk or 64)
+        assert 0 < result.prefill_s <= result.first_token_s
+    assert outputs[True] == outputs[False] == reference_greedy(target, prompt, 20)

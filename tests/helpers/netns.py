@@ -95,11 +95,14 @@ class Internet:
         _run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname)
         _run("ip", "-n", ns, "link", "set", ifname, "up")
 
-    def public(self, name: str) -> Host:
-        """A host with a public address: anyone on the internet can dial it."""
+    def public(self, name: str, net: str = INTERNET_NET) -> Host:
+        """A host with a public address: anyone on the internet can dial it. `net` (a /24 prefix such as
+        "198.51.100") puts it in another network group than the rest; every host reaches every
+        other on the bridge through an on-link default route, whatever its /24."""
         ns = self._namespace(name)
-        ip = f"{INTERNET_NET}.{10 + len(self.hosts)}"
+        ip = f"{net}.{10 + len(self.hosts)}"
         self._attach(ns, "eth0", ip)
+        _run("ip", "-n", ns, "route", "add", "default", "dev", "eth0")
         host = Host(ns, ip)
         self.hosts.append(host)
         return host

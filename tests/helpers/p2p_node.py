@@ -9,7 +9,7 @@ below and serves requests: announce / withdraw / discover (DHT), ping, forge (in
 forged span record, for validator tests), stop.
 
 Config keys: port, bootstrap (list of multiaddrs), latency_ms, max_frame_bytes,
-identity (key file path or null).
+identity (key file path or null), link_config (a --link-config TOML path: replaces latency_ms).
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ async def _child(config: dict[str, Any]) -> None:
         identity=load_or_create_identity(config.get("identity")),
         port=config.get("port", 0),
         bootstrap=config.get("bootstrap", []),
-        latency=LinkLatency(config.get("latency_ms", 0.0)),
+        latency=LinkLatency.load(config["link_config"]) if config.get("link_config")
+        else LinkLatency(config.get("latency_ms", 0.0)),
         max_frame_bytes=config.get("max_frame_bytes", 64 * 2**20),
     )
     for protocol, handler in _HANDLERS.items():

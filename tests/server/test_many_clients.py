@@ -84,7 +84,7 @@ def test_a_client_past_its_share_is_told_busy_and_routes_around(swarm, parts, ex
                 await holder.start_session(64)
                 # a few tokens: this is about where the session goes (the slow route's 200 ms links)
                 result = await generate(waiter, (head, draft_span, prompts[0]), n=8)
-                return result, list(holder.route), list(waiter.route), dict(waiter._busy_until), waiter.failovers
+                return result, list(holder.route), list(waiter.route), dict(waiter.router.busy_until), waiter.failovers
             finally:
                 await waiter.close()
                 await holder.shutdown()

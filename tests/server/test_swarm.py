@@ -161,3 +161,33 @@ def test_killed_server_mid_generation_gives_the_same_output(swarm, client_parts,
     assert result.tokens == expected
     alive_middle = [s for s in swarm.servers if s.info["start"] == 10 and s.alive()]
     assert len(alive_middle) == 1 and chain.route[1][0] == alive_middle[0].peer_id
+
+
+def test_pipelined_prefill_over_the_swarm_gives_the_same_tokens(swarm, client_parts):
+    """A long prompt sent as chunks back to back (the hops overlap them) gives exactly the tokens of
+    the chunk-by-chunk prefill, and the bytes each link carried are reported."""
+    head, draft_span, ids = client_parts
+    prompt = (ids * 40)[:200]
+
+    async def both():
+        chain = await remote_chain(swarm, head)
+        try:
+            out = {}
+            for pipeline, chunk in ((False, None), (True, 24), (True, None)):
+                s = GenerationSettings(max_new_tokens=4, prefill_chunk=chunk, prefill_pipeline=pipeline,
+                                       controller=ControllerSettings(k_fixed=3))
+                drafter = Drafter(head, [draft_span], 512, s.sampling)
+                out[pipeline, chunk] = await Generator(head, chain, drafter, s, eos_ids=set()).generate(prompt)
+            return out
+        finally:
+            await chain.shutdown()
+    out = asyncio.run(both())
+    tokens = {key: r.tokens for key, r in out.items()}
+    assert len(set(map(tuple, tokens.values()))) == 1, tokens
+    assert out[True, 24].prefill_chunk == 24 and out[False, None].prefill_chunk == 64
+    assert 1 <= out[True, None].prefill_chunk <= 64  # chosen from what the chain measured
+    hidden_bytes = (len(prompt) - 1) * head.config.hidden_size * 4  # float32 on every link
+    for r in out.values():
+        assert hidden_bytes < r.prefill_bytes < hidden_bytes * 1.05
+        assert all(rd.block_bytes > (rd.nodes + 1) * head.config.hidden_size * 4 for rd in r.rounds)
+        assert all(rd.reply_bytes > 3 * rd.block_bytes * 0.9 for rd in r.rounds)  # 3 hops' outputs come back

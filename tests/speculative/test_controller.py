@@ -283,3 +283,44 @@ def test_tree_observations_are_checked():
         fields.update(bad)
         with pytest.raises(ValueError):
             ctrl.observe(RoundObservation(**fields))
+
+
+# ---- links: bandwidth and jitter ------------------------------------------------------------------
+
+def _wan_rounds(controller, rounds, link_s, rng, a=0.8):
+    """Closed loop against a chain whose round link time is link_s(block, rng); compute and drafting
+    are cheap and fixed, acceptance i.i.d. a per depth (chains: width_max 1)."""
+    for _ in range(rounds):
+        shape = controller.choose_shape()
+        k = shape.depth
+        accepted = next((i for i in range(k) if rng.random() > a), k)
+        block = 1 + k
+        controller.observe(RoundObservation(k, accepted, link_s(block, rng) + 0.01 + 0.001 * block + 0.002 * k,
+                                            0.002 * k, [0.005 + 0.0005 * block] * 2))
+
+
+def test_a_slow_uplink_is_measured_per_position_and_shortens_blocks():
+    settings = ControllerSettings(k_max=16)
+    fast, slow = DraftLengthController(settings, 2), DraftLengthController(settings, 2)
+    rng = random.Random(3)
+    _wan_rounds(fast, 200, lambda x, r: 0.3, rng)
+    _wan_rounds(slow, 200, lambda x, r: 0.3 + 0.02 * x, rng)  # 20 ms a position over the round's links
+    assert fast.timing.link_position_s < 1e-9
+    assert slow.timing.link_position_s == pytest.approx(0.02, rel=0.25)
+    assert slow.choose_k() < fast.choose_k()
+
+
+def test_jitter_invents_no_transfer_cost_and_a_spike_barely_moves_the_level():
+    settings = ControllerSettings(k_max=16)
+    jittery = DraftLengthController(settings, 2)
+    rng = random.Random(5)
+    _wan_rounds(jittery, 150, lambda x, r: 0.3 + 0.05 * (r.paretovariate(2.5) - 1), rng)  # heavy tail, no bandwidth cost
+    t = jittery.timing
+    assert t.link_position_s < 0.002 and t.link_spread_s > 0.01
+    before, k_before = t.fixed_s, jittery.choose_k()
+    jittery.observe(RoundObservation(k_before, 0, 3.0, 0.0, [0.01, 0.01]))  # one 3 s stall
+    assert jittery.timing.fixed_s - before < 0.2 * 3.0 / 2  # a plain EMA (0.2) would move it 0.6 s
+    assert abs(jittery.choose_k() - k_before) <= 1
+    for _ in range(25):  # a lasting change still comes through
+        jittery.observe(RoundObservation(4, 2, 1.3, 0.0, [0.01, 0.01]))
+    assert jittery.timing.fixed_s > 1.0

@@ -256,6 +256,7 @@ function statsLine(d) {
       (d.audit.unaudited ? `, ${d.audit.unaudited} without an auditor)` : ")")
       : "not audited (no other server holds these layers)";
     if (d.audit.mismatches) audit += `, ${d.audit.mismatches} mismatches caught`;
+    if (d.unaudited_layers && d.unaudited_layers.length) audit += ` · layers ${d.unaudited_layers.map(r => r.join("-")).join(", ")} unaudited`;
   }
   const dsd = d.speculative ? `${fmt(d.accepted_per_round, 2)} accepted/round, k ${fmt(d.k, 1)}` : "plain decoding";
   return `${d.tokens} tokens · ${fmt(d.tokens_per_s, 2)} tok/s · ${dsd} · ${d.rounds} rounds · ` +

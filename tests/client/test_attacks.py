@@ -1,0 +1,131 @@
+"""Attacks by peers that run several ids or lie about themselves, with real server processes: each
+ends with the honest text (or an explicit refusal) and no honest server banned.
+
+One bootstrap peer and three honest servers live for the module (SmolLM2, float32), each on a
+loopback network of its own (127.0.N.1), so the client observes them in different network groups as
+it would servers of different operators: H0 serves 0:15, H1 and H2 serve 15:30. The client is told
+it measured H0 and H1 fast (a history: they served its sessions before), so the honest route is
+H0 -> H1 and H2 is an honest replica. Each test adds its attacker(s) (tests/helpers/faulty_server.py).
+The expected text is the in-process chain's greedy output."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dsdnode.client.routing import NoRoute
+from dsdnode.client.standing import Standing, TrustSettings
+from dsdnode.client.swarm_chain import RemoteChain
+from tests.client.test_audit_swarm import NEW_TOKENS, bans, expected_long, on_net  # noqa: F401 (fixtures)
+from tests.client.test_failover import MODEL, client_chain, generate, parts, servers, swarm  # noqa: F401
+from tests.helpers.faulty_server import LAUNCHER
+from tests.helpers.ports import free_port
+
+pytestmark = [pytest.mark.heavy, pytest.mark.timeout(900)]
+SLOWER = ["--link-latency-ms", "150"]
+
+
+@pytest.fixture(scope="module")
+def honest(swarm):
+    with servers(swarm, (0, 15, on_net(1)), (15, 30, on_net(2)), (15, 30, [*SLOWER, *on_net(3)])) as nodes:
+        yield nodes
+
+
+def attack(swarm, parts, peers, fast: dict[str, float], trust: TrustSettings = TrustSettings(), n=NEW_TOKENS):
+    """Generate over a client that measured the peers in `fast` (peer -> seconds per layer) before.
+    Returns (result or the NoRoute it ended with, chain, streamed tokens)."""
+    async def main():
+        base = await client_chain(swarm, parts[0], peers)
+        standing = Standing(trust)
+        for rec in await base.node.dht.discover(MODEL):
+            if rec.peer_id in fast:
+                standing.measured(rec, rec.end - rec.start, fast[rec.peer_id] * (rec.end - rec.start))
+        chain = RemoteChain(base.node, MODEL, 30, parts[0].config.hidden_size, weights=base.weights, dtype=base.dtype,
+                            trust=trust, standing=standing)
+        streamed = []
+        try:
+            return await generate(chain, parts, streamed.extend, 2, n), chain, streamed
+        except NoRoute as e:
+            return e, chain, streamed
+        finally:
+            await chain.shutdown()
+    return asyncio.run(main())
+
+
+def history(honest) -> dict[str, float]:
+    h0, h1, _ = honest
+    return {h0.peer_id: 0.002, h1.peer_id: 0.002}
+
+
+def test_colluding_auditors_cannot_frame_honest_servers(swarm, honest, parts, expected_long, bans):
+    """Two colluding ids (two networks) serve 15:30 and compute the same wrong outputs (x1.01), so
+    they agree with each other against any honest hop they audit. Without a history with this client
+    they cannot convict: the text is the honest one, and no honest server is banned."""
+    with servers(swarm, *((15, 30, [*SLOWER, *on_net(n)], [*LAUNCHER, "scaled"]) for n in (4, 5))) as colluders:
+        result, chain, streamed = attack(swarm, parts, [*honest, *colluders], history(honest),
+                                         TrustSettings(audit_rate=0.5))
+    stats = chain.auditor.stats
+    print(f"\nframing: {stats.audits} audits, {stats.mismatches} mismatches, excluded {chain.excluded}, "
+          f"unaudited {chain.unaudited_layers}, route {chain.route}")
+    assert not set(bans.active()) & {h.peer_id for h in honest}
+    assert result.tokens == expected_long and streamed == expected_long
+    assert not {c.peer_id for c in colluders} & {p for p, _, _ in chain.route}
+
+
+def test_a_span_shaped_to_evade_audits_is_audited_piecewise(swarm, honest, parts, expected_long, bans):
+    """A lying server announces 0:30 beside honest 0:15 and 15:30: no single server covers its hop,
+    so H0 and H1 audit it piece by piece; it is caught, and the text is the honest one."""
+    with servers(swarm, (0, 30, on_net(6), [*LAUNCHER, "noise"])) as (bad,):
+        result, chain, streamed = attack(swarm, parts, [*honest, bad], {**history(honest), bad.peer_id: 0.0005})
+    stats = chain.auditor.stats
+    print(f"\nspan shape: {stats.audits} audits ({stats.piecewise} piecewise), {stats.mismatches} mismatches, "
+          f"excluded {chain.excluded}")
+    assert stats.piecewise >= 1 and stats.mismatches >= 1
+    assert chain.excluded.get(bad.peer_id) in ("wrong_results", "disputed_results")
+    assert result.tokens == expected_long and streamed == expected_long
+    assert not set(bans.active()) & {h.peer_id for h in honest}
+
+
+def test_a_record_that_claims_another_network_is_counted_where_it_was_reached(swarm, honest, parts, expected_long,
+                                                                               bans):
+    """A server reached at 127.0.7.1 announces an address in H1's network first (nothing answers
+    there). With one record per group and layer, a claimed group would have let it push H1 out of
+    view; counted in the group it was reached in, it is flagged, it may not audit, and H1 stays
+    routable."""
+    port, nothing_there = free_port(), free_port()
+    spoof = ["--host", "0.0.0.0", "--port", str(port), "--announce-addr", f"/ip4/127.0.2.77/tcp/{nothing_there}",
+             "--announce-addr", f"/ip4/127.0.7.1/tcp/{port}"]
+    with servers(swarm, (15, 30, [*SLOWER, *spoof])) as (spoofer,):
+        result, chain, _ = attack(swarm, parts, [*honest, spoofer], history(honest),
+                                  TrustSettings(max_records_per_group=1))
+    print(f"\nspoofing: groups {chain.router.groups}, flagged {chain.router.flagged}")
+    assert chain.router.groups[spoofer.peer_id] == "127.0.7.0/24"
+    assert spoofer.peer_id in chain.router.flagged
+    assert honest[1].peer_id in {p for p, _, _ in chain.route}
+    assert result.tokens == expected_long
+
+
+def test_a_slow_walking_hop_is_replaced_mid_generation(swarm, honest, parts, expected_long, bans):
+    """A 15:30 hop with right outputs doubles its delay on every block (100 ms, 200 ms, ...): the client
+    replaces it with the idle replica within a few blocks and lowers its standing."""
+    with servers(swarm, (15, 30, on_net(8), [*LAUNCHER, "slowwalk"])) as (walker,):
+        result, chain, streamed = attack(swarm, parts, [*honest, walker], {**history(honest), walker.peer_id: 0.0005})
+    print(f"\nslow-walking: failovers {chain.failovers}, excluded {chain.excluded}, "
+          f"penalty {chain.standing.penalty(walker.peer_id)}")
+    assert chain.excluded.get(walker.peer_id) == "slow_walking" and chain.standing.penalty(walker.peer_id) > 1
+    assert not {h.peer_id for h in honest} & set(chain.excluded)  # the honest replica it was replaced by stays
+    assert walker.peer_id not in {p for p, _, _ in chain.route}
+    assert result.tokens == expected_long and streamed == expected_long
+
+
+def test_a_hop_cannot_get_its_honest_next_hop_excluded(swarm, honest, parts, expected_long, bans):
+    """A 0:15 hop says it cannot reach its next hop, whichever it is. The next hop answers this
+    client's ping, so the blame stays with the hop that said so: no honest server is excluded or
+    loses standing, and the text is the honest one."""
+    with servers(swarm, (0, 15, on_net(9), [*LAUNCHER, "badnext"])) as (liar,):
+        result, chain, streamed = attack(swarm, parts, [*honest, liar], {**history(honest), liar.peer_id: 0.0005})
+    print(f"\nblame shifting: excluded {chain.excluded}")
+    assert chain.excluded == {liar.peer_id: "cannot reach its next hop"}
+    assert all(chain.standing.penalty(h.peer_id) == 1.0 for h in honest)
+    assert result.tokens == expected_long and streamed == expected_long
