@@ -29,7 +29,7 @@ def main(verbose: int) -> None:
 
 @main.group()
 def models() -> None:
-    """List and fetch models."""
+    """List, fetch and plan models."""
 
 
 @models.command("list")
@@ -65,6 +65,22 @@ def models_pull(names, source, with_draft) -> None:
         except PullError as e:
             raise UserError(str(e)) from None
         click.echo(f"{name}: {path}")
+
+
+@models.command("plan")
+@click.argument("name")
+@click.option("--memory", required=True, help="Memory each server gives dsdnode, e.g. 24GB.")
+@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weight-only quantization of the servers' layers.")
+@click.option("--cache-budget-mb", type=int, default=2048, show_default=True,
+              help="KV cache memory each server keeps (as `dsdnode start --cache-budget-mb`).")
+@friendly
+def models_plan(name, memory, quant, cache_budget_mb) -> None:
+    """How NAME would be spread over servers of --memory each, from its config alone."""
+    from .models.planning import parse_memory, plan
+
+    for line in plan(name, parse_memory(memory), quant, cache_budget_bytes=cache_budget_mb << 20).lines():
+        click.echo(line)
 
 
 from .cli_bench import bench  # noqa: E402

@@ -41,6 +41,9 @@ def node_type(name: str) -> click.ParamType:
                    "replaces --link-latency-ms. `dsdnode bench --wan` writes these.")
 @click.option("--cache-budget-mb", type=node_type("cache_budget_mb"), default=None,
               help="KV cache memory for all sessions.")
+@click.option("--quant", type=node_type("quant"), default=None,
+              help="Weight-only quantization of the layers (none, int8, int4; bitsandbytes); clients chain only "
+                   "servers of their own quantization [default: none].")
 @click.option("--max-memory", "max_memory_mb", type=node_type("max_memory_mb"), default=None,
               help="With --layers auto and no --num-layers: MB of memory for weights and KV cache together "
                    "(0: all the device has free).")

@@ -86,6 +86,7 @@ class NodeSettings:
     link_latency_ms: float = bounded(0.0, 0)  # emulated delay before every outbound frame
     link_config: str | None = None  # TOML [links] table: per-peer delays, jitter, uplink cap (replaces the above)
     cache_budget_mb: int = bounded(2048, 1)  # KV cache memory for all sessions together
+    quant: str = one_of("none", ("none", "int8", "int4"))  # weight-only quantization of the span's layers
     max_memory_mb: int = bounded(0, 0)  # layers=auto: most memory for weights + KV cache (0: what the device has)
     max_session_length: int = bounded(4096, 1)
     max_block: int = bounded(64, 1)

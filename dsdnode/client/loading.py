@@ -15,7 +15,7 @@ from ..models.fetch import resolve_model_dir
 from ..models.head import Head
 from ..models.registry import get_entry
 from ..models.span import Span
-from ..models.weights import load_config, weights_digest
+from ..models.weights import load_config, weights_identity
 from ..speculative.importance import ImportanceScorer
 from ..errors import BadValue
 
@@ -56,11 +56,12 @@ def default_draft(target: str) -> str | None:
 
 
 def load_client_models(target: str, draft: str | None, dtype: str | None = None, device: str = "cpu",
-                       draft_int8: bool | None = None, draft_vocab: int | None = None) -> ClientModels:
+                       draft_int8: bool | None = None, draft_vocab: int | None = None,
+                       quant: str = "none") -> ClientModels:
     """device: auto, cpu, cuda, cuda:N or mps (a missing one is a DeviceError, before any model is
     fetched or read); dtype: a name, or None for the device's default (devices.default_dtype);
     draft_int8 / draft_vocab: how the draft is made cheaper (models/compression.py), None: the
-    device's default."""
+    device's default; quant: the servers' quantization this client chains (models/quantization.py)."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     compression = DraftCompression.for_device(device, draft_int8, draft_vocab) if draft else DraftCompression()
@@ -81,7 +82,7 @@ def load_client_models(target: str, draft: str | None, dtype: str | None = None,
         span = Span.load(draft_dir, 0, draft_config.num_hidden_layers, torch.float32 if compression.int8 else dtype,
                          device)
         draft_spans = [quantize_int8(span) if compression.int8 else span]
-    return ClientModels(tokenizer, head, draft_head, draft_spans, stops, target_dir, weights_digest(target_dir),
+    return ClientModels(tokenizer, head, draft_head, draft_spans, stops, target_dir, weights_identity(target_dir, quant),
                         compression)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from .weights import TensorReader, load_config, materialize, skeleton
+from .weights import CheckpointLoader, load_config
 
 
 class Head(nn.Module):
@@ -32,18 +32,17 @@ class Head(nn.Module):
     @classmethod
     def load(cls, model_dir: Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> "Head":
         config = load_config(model_dir)
-        reader = TensorReader(model_dir)
-        borrowed = skeleton(config)
-        embed = materialize(borrowed.model.embed_tokens, reader.with_prefix("model.embed_tokens."), dtype, device)
-        norm = materialize(borrowed.model.norm, reader.with_prefix("model.norm."), dtype, device)
-        if reader.has("lm_head.weight"):
-            lm_head = materialize(borrowed.lm_head, reader.with_prefix("lm_head."), dtype, device)
+        loader = CheckpointLoader(model_dir, config, dtype, device)
+        embed = loader.part("model.embed_tokens")  # Gemma's scales by sqrt(hidden) itself
+        norm = loader.part("model.norm")
+        if loader.reader.has("lm_head.weight"):
+            lm_head = loader.part("lm_head")
         else:  # tied: the output projection is the embedding matrix
             with torch.device("meta"):
                 lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
             lm_head.weight = embed.weight
         head = cls(config, embed, norm, lm_head)
-        head.loaded_keys = reader.read
+        head.loaded_keys = loader.reader.read
         return head
 
     def with_vocabulary(self, ids: torch.Tensor) -> "Head":
@@ -69,6 +68,9 @@ class Head(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[1, T, H] final hidden states (any device, any dtype) -> [T, V] float32 logits on the CPU."""
         logits = self.lm_head(self.norm(hidden.to(self.device, self.dtype)))[0].float().cpu()
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2/3: as their CausalLM forward does
+            logits = torch.tanh(logits / cap) * cap
         if self.vocab_ids is None:
             return logits
         full = torch.full((logits.shape[0], self.config.vocab_size), float("-inf"))

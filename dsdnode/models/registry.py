@@ -46,7 +46,8 @@ class ModelEntry:
     hf_id: str | None = None
     packaged: PackagedSource | None = None
     path: str | None = None
-    draft: str | None = None
+    draft: str | None = None  # None: no small model shares the vocabulary; the client drafts by prompt lookup
+    config: Path | None = None  # a directory with the model's config.json (planning before any download)
 
 
 def registry_files() -> list[Path]:
@@ -88,6 +89,7 @@ def _read_registry(path: Path) -> dict[str, ModelEntry]:
                 packaged=PackagedSource(**packaged) if packaged else None,
                 path=spec.get("path"),
                 draft=spec.get("draft"),
+                config=path.parent / spec["config"] if "config" in spec else None,
             )
         except (TypeError, AttributeError) as e:
             raise RegistryError(f"model {name!r} in {path}: {e}") from None

@@ -4,14 +4,20 @@ Like gpt-fast, the cache is preallocated and rollback is just moving a position:
 positions is written at `commit_len` and everything after it is forgotten in O(1). After a token
 tree, the accepted path is scattered through the last block: `kept` gathers those rows to where
 the block began (O(accepted) copies, nothing recomputed) before the rollback. The layers are
-transformers' own decoder-layer modules, so every Llama/Qwen2-family model works unchanged; we call
-them one by one with an explicit 4-D mask, which lets a block carry any mask (tree verification).
+transformers' own decoder-layer modules (every family of models/families.py); we call them one by
+one with an explicit 4-D mask, which lets a block carry any mask (tree verification). Each layer gets
+the mask its family's own forward would give it: a sliding-window layer's mask also hides the keys
+at positions `window` or more before the query's (the cache records each row's position, so this
+holds after rollbacks, kept tree paths and in a drafter's cache full of tree nodes alike); the
+kernels that refuse SDPA (eager: Gemma 2's softcapping, gpt-oss's sinks) get it as an additive mask.
+Sliding-window layers keep their whole cache (no trimming to the window).
 
 A span lives on one device (weights, caches, compute): whatever hidden states, positions or mask
 it is given move there first, so callers may hand it CPU tensors from the wire."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,22 +27,24 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..devices import synchronize
-from .weights import TensorReader, load_config, materialize, skeleton
 from ..errors import BadValue
+from .families import kv_shape, layer_windows
+from .weights import CheckpointLoader, load_config
 
 
 class SpanCache:
     """Keys and values of one session for the layers of one span.
 
     The attention modules call `update(k, v, layer_idx)`; each writes its block at `write_pos`
-    and attends to everything before it. `length` is the number of valid positions."""
+    and attends to everything before it. `length` is the number of valid positions; `positions`
+    holds each row's position id (a tree's siblings share one), which sliding windows are measured in."""
 
     def __init__(self, config: PretrainedConfig, start: int, end: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (end - start, 1, config.num_key_value_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        kv = kv_shape(config)
+        self.keys = torch.zeros(end - start, 1, kv.heads, capacity, kv.key_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(end - start, 1, kv.heads, capacity, kv.value_dim, dtype=dtype, device=device)
+        self.positions = torch.zeros(capacity, dtype=torch.long, device=device)
         self.start = start
         self.capacity = capacity
         self.length = 0
@@ -52,18 +60,21 @@ class SpanCache:
         a session's cache as its positions are written, not all up front (server/sessions.py)."""
         if capacity <= self.capacity:
             return
-        shape = (*self.keys.shape[:3], capacity, self.keys.shape[4])
         kept = max(self.length, self.write_pos + self.block)  # the last block's rows may still be kept
-        for name in ("keys", "values"):
+        for name in ("keys", "values"):  # keys and values may differ in width (DeepSeek-V3's latent cache)
             old = getattr(self, name)
-            new = old.new_zeros(shape)
+            new = old.new_zeros((*old.shape[:3], capacity, old.shape[4]))
             new[:, :, :, :kept] = old[:, :, :, :kept]
             setattr(self, name, new)
-        self.capacity = capacity
+        positions = self.positions.new_zeros(capacity)
+        positions[:kept] = self.positions[:kept]
+        self.positions, self.capacity = positions, capacity
 
-    def begin_block(self, commit_len: int, block_len: int, kept: list[int] | None = None) -> None:
+    def begin_block(self, commit_len: int, block_len: int, kept: list[int] | None = None,
+                    positions: torch.Tensor | None = None) -> None:
         """Keep only the `kept` positions of the last block (indices into it, gathered to its start),
-        forget everything after commit_len (the rollback) and make room for block_len positions."""
+        forget everything after commit_len (the rollback) and make room for block_len positions,
+        whose position ids are `positions` ([block_len]; default commit_len, commit_len+1, ...)."""
         if kept is not None:
             self._compact(kept)
         if not 0 <= commit_len <= self.length:
@@ -71,6 +82,8 @@ class SpanCache:
         if commit_len + block_len > self.capacity:
             raise ValueError(f"{commit_len} cached + {block_len} new positions exceed the session's {self.capacity}")
         self.write_pos, self.block = commit_len, block_len
+        self.positions[commit_len:commit_len + block_len] = torch.arange(commit_len, commit_len + block_len) \
+            if positions is None else positions
 
     def _compact(self, kept: list[int]) -> None:
         if self.length != self.write_pos + self.block:
@@ -101,6 +114,7 @@ class SpanCache:
             dst, src = (torch.tensor(x, device=self.keys.device) for x in zip(*moved))
             self.keys[:, :, :, dst] = self.keys[:, :, :, src]
             self.values[:, :, :, dst] = self.values[:, :, :, src]
+            self.positions[dst] = self.positions[src]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args, **_kwargs):
         i, end = layer_idx - self.start, self.write_pos + self.block
@@ -127,6 +141,25 @@ def block_mask(commit_len: int, block_len: int, tree_mask: torch.Tensor | None =
         raise ValueError(f"tree mask {list(tree_mask.shape)} does not fit a block of {block_len} after {commit_len}")
     prefix = torch.ones(block_len, commit_len + block_len - width, dtype=torch.bool, device=device)
     return torch.cat([prefix, tree_mask.to(device, torch.bool)], dim=1)[None, None]
+
+
+def layer_masks(visible: torch.Tensor | None, query_pos: torch.Tensor, key_pos: torch.Tensor,
+                windows: set[int | None], dtype: torch.dtype, additive: bool) -> dict[int | None, torch.Tensor | None]:
+    """The mask for each window among `windows` (None: full causal attention), from the [B, 1, T, S]
+    visibility `visible` (block_mask / batch_mask; None: all keys) of queries at positions
+    `query_pos` [B, T] over keys at positions `key_pos` [B, S]: a sliding layer also hides keys
+    `window` or more positions back, as transformers' sliding_window_overlay does. additive: as
+    0 / dtype-min floats (the eager kernels add the mask to the scores), else booleans (SDPA)."""
+    masks: dict[int | None, torch.Tensor | None] = {}
+    for window in windows:
+        mask = visible
+        if window is not None and int(query_pos.max()) >= window:  # else nothing is that far back
+            near = (query_pos[:, None, :, None] - key_pos[:, None, None, :]) < window
+            mask = near if visible is None else visible & near
+        if additive and mask is not None:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        masks[window] = mask
+    return masks
 
 
 @dataclass
@@ -156,9 +189,8 @@ class BatchCache:
         self.width = max(c.write_pos + c.block for c in self.caches)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args, **_kwargs):
-        b, heads, _, dim = key.shape
-        keys = key.new_zeros(b, heads, self.width, dim)
-        values = value.new_zeros(b, heads, self.width, dim)
+        keys = key.new_zeros(*key.shape[:2], self.width, key.shape[3])
+        values = value.new_zeros(*value.shape[:2], self.width, value.shape[3])
         for i, cache in enumerate(self.caches):
             k, v = cache.update(key[i:i + 1, :, :cache.block], value[i:i + 1, :, :cache.block], layer_idx)
             keys[i, :, :k.shape[2]] = k[0]
@@ -180,21 +212,28 @@ def batch_mask(blocks: Sequence[Block], width: int, device: torch.device | str) 
 
 
 class Span(nn.Module):
-    """Decoder layers [start, end) and the rotary embedding they need."""
+    """Decoder layers [start, end) and the rotary embedding they need, in `dtype` (the hidden states'
+    dtype: a few families keep some weights, e.g. norms, in float32)."""
 
-    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: nn.ModuleList, rotary: nn.Module):
+    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: nn.ModuleList, rotary: nn.Module,
+                 dtype: torch.dtype):
         super().__init__()
         self.config, self.start, self.end = config, start, end
-        self.layers, self.rotary = layers, rotary
+        self.layers, self.rotary, self._dtype = layers, rotary, dtype
+        self.windows = layer_windows(config)[start:end]
+        self.additive_masks = config._attn_implementation == "eager"
+        # Gemma 3's rotary embedding differs by layer type (local and global RoPE bases)
+        per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        self.rope_types = list(config.layer_types[start:end]) if per_type else [None] * (end - start)
         self.loaded_keys: list[str] = []
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].input_layernorm.weight.dtype
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return self.layers[0].input_layernorm.weight.device
+        return next(self.layers.parameters()).device
 
     @classmethod
     def load(cls, model_dir: Path, start: int, end: int, dtype: torch.dtype = torch.bfloat16,
@@ -205,21 +244,17 @@ class Span(nn.Module):
         n = config.num_hidden_layers
         if not 0 <= start < end <= n:
             raise BadValue(f"layers {start}:{end} are not a span of this {n}-layer model")
-        reader = TensorReader(model_dir)
-        borrowed = skeleton(config)
-        layers = nn.ModuleList()
-        for i in range(start, end):
-            layers.append(materialize(borrowed.model.layers[i], reader.with_prefix(f"model.layers.{i}."), dtype,
-                                      device))
-        rotary = type(borrowed.model.rotary_emb)(config=config).to(device)
-        span = cls(config, start, end, layers, rotary)
-        span.loaded_keys = reader.read
+        loader = CheckpointLoader(model_dir, config, dtype, device)
+        layers = nn.ModuleList(loader.part(f"model.layers.{i}") for i in range(start, end))
+        span = cls(config, start, end, layers, loader.part("model.rotary_emb"), dtype)
+        span.loaded_keys = loader.reader.read
         return span
 
     @classmethod
     def of_model(cls, model: nn.Module, start: int, end: int) -> "Span":
         """Layers [start, end) of an already loaded transformers CausalLM (shares its weights)."""
-        return cls(model.config, start, end, model.model.layers[start:end], model.model.rotary_emb)
+        layers = model.model.layers[start:end]
+        return cls(model.config, start, end, layers, model.model.rotary_emb, next(layers.parameters()).dtype)
 
     def sub(self, start: int, end: int) -> "Span":
         """Layers [start, end) of this span, sharing their weights (a hop may serve part of its span)."""
@@ -227,7 +262,7 @@ class Span(nn.Module):
             raise ValueError(f"layers {start}:{end} are not inside this span {self.start}:{self.end}")
         if (start, end) == (self.start, self.end):
             return self
-        return Span(self.config, start, end, self.layers[start - self.start:end - self.start], self.rotary)
+        return Span(self.config, start, end, self.layers[start - self.start:end - self.start], self.rotary, self.dtype)
 
     def new_cache(self, capacity: int) -> SpanCache:
         return SpanCache(self.config, self.start, self.end, capacity, self.dtype, self.device)
@@ -252,15 +287,14 @@ class Span(nn.Module):
         device = self.device
         hidden = hidden.to(device, self.dtype)  # a float32 (int8-quantized) draft span after a bfloat16 head
         block_len = hidden.shape[1]
-        cache.begin_block(commit_len, block_len, kept)
         if position_ids is None:
             position_ids = torch.arange(commit_len, commit_len + block_len, device=device)[None]
         position_ids = position_ids.to(device)
-        mask = block_mask(commit_len, block_len, tree_mask, device)
-        rope = self.rotary(hidden, position_ids)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
-                           past_key_values=cache, position_embeddings=rope)
+        cache.begin_block(commit_len, block_len, kept, position_ids[0])
+        masks = layer_masks(block_mask(commit_len, block_len, tree_mask, device), position_ids,
+                            cache.positions[None, :commit_len + block_len], set(self.windows), self.dtype,
+                            self.additive_masks)
+        hidden = self._layers(hidden, position_ids, cache, masks)
         cache.end_block()
         synchronize(device)
         return hidden
@@ -275,8 +309,6 @@ class Span(nn.Module):
         cache is checked (begin_block) before any work, so a bad block fails before it touches the
         others' caches; callers check blocks one by one first to fail only the bad one."""
         device = self.device
-        for b in blocks:
-            b.cache.begin_block(b.commit_len, b.length)
         longest = max(b.length for b in blocks)
         hidden = torch.zeros(len(blocks), longest, self.config.hidden_size, dtype=blocks[0].hidden.dtype,
                              device=device)
@@ -287,13 +319,26 @@ class Span(nn.Module):
                 torch.arange(b.commit_len, b.commit_len + b.length)[None]
             positions[i, :b.length] = own[0].to(device)
             positions[i, b.length:] = positions[i, b.length - 1]
+        for i, b in enumerate(blocks):
+            b.cache.begin_block(b.commit_len, b.length, positions=positions[i, :b.length])
         cache = BatchCache([b.cache for b in blocks])
-        mask = batch_mask(blocks, cache.width, device)
-        rope = self.rotary(hidden, positions)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           position_embeddings=rope)
+        key_pos = torch.zeros(len(blocks), cache.width, dtype=torch.long, device=device)
+        for i, c in enumerate(cache.caches):
+            key_pos[i, :c.write_pos + c.block] = c.positions[:c.write_pos + c.block]
+        masks = layer_masks(batch_mask(blocks, cache.width, device), positions, key_pos, set(self.windows),
+                            self.dtype, self.additive_masks)
+        hidden = self._layers(hidden, positions, cache, masks)
         for b in blocks:
             b.cache.end_block()
         synchronize(device)
         return [hidden[i:i + 1, :b.length] for i, b in enumerate(blocks)]
+
+    def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: SpanCache | BatchCache,
+                masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
+        """Every layer over `hidden`, each with its own window's mask and its own layer type's RoPE."""
+        ropes = {t: self.rotary(hidden, position_ids, t) if t else self.rotary(hidden, position_ids)
+                 for t in set(self.rope_types)}
+        for layer, window, rope_type in zip(self.layers, self.windows, self.rope_types):
+            hidden = layer(hidden, attention_mask=masks[window], position_ids=position_ids,
+                           past_key_values=cache, position_embeddings=ropes[rope_type])
+        return hidden

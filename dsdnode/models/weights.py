@@ -2,7 +2,10 @@
 
 A server holding layers [a, b) must not pay for the other layers: tensors are read one by one from
 the safetensors files by name, and the module classes come from transformers' own implementation
-of the architecture (built on the meta device, so building them costs nothing)."""
+of the architecture (built on the meta device, so building them costs nothing). The checkpoint's
+tensors reach those modules through transformers' own loading code (`convert_and_load_state_dict_in_model`
+with the architecture's conversion mapping), so a checkpoint is read exactly as from_pretrained
+reads it: renamed keys, per-expert tensors fused into one (Mixtral, Qwen-MoE, DeepSeek-V3)."""
 
 from __future__ import annotations
 
@@ -15,18 +18,81 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model
+from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
+
+from ..errors import BadValue
+from .families import UnsupportedModel, attention_implementation, check_supported
 
 
-def load_config(model_dir: Path, attn_implementation: str = "sdpa") -> PretrainedConfig:
+def load_config(model_dir: Path) -> PretrainedConfig:
+    """The model's config, checked to be a family spans run right (families.check_supported), with
+    the attention kernel transformers allows it (SDPA, else eager)."""
     config = AutoConfig.from_pretrained(model_dir)
-    config._attn_implementation = attn_implementation
+    check_supported(config)
+    quantized = getattr(config, "quantization_config", None)
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else getattr(quantized, "quant_method", "?")
+        raise UnsupportedModel(f"{model_dir} holds pre-quantized weights ({method}): spans read bfloat16/float16/"
+                               "float32 checkpoints; use a dequantized copy (and `dsdnode start --quant` to shrink it)")
+    config._attn_implementation = attention_implementation(config)
     return config
 
 
-def skeleton(config: PretrainedConfig) -> nn.Module:
+def skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None) -> nn.Module:
     """The architecture's CausalLM module with no memory behind it, to borrow its classes from."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+
+
+class CheckpointLoader:
+    """Gives named parts of a meta-device model real weights from a checkpoint, one part at a time
+    (a decoder layer, the embeddings), converted as transformers' from_pretrained converts them."""
+
+    def __init__(self, model_dir: Path, config: PretrainedConfig, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.model_dir, self.dtype, self.device = Path(model_dir), dtype, torch.device(device)
+        self.reader = TensorReader(model_dir)
+        self.model = skeleton(config, dtype)
+        self.conversions = get_model_conversion_mapping(self.model)
+
+    def part(self, name: str) -> nn.Module:
+        """The submodule `name` (e.g. "model.layers.3") with every weight read from the checkpoint's
+        tensors under "name." and its non-persistent buffers (rotary frequencies, embedding scale)
+        computed as transformers initializes them. A weight the checkpoint lacks is an error."""
+        keys = self.reader.keys_under(name + ".")
+        if keys:
+            state = {k: self.reader.get(k) for k in keys}
+            config = LoadStateDictConfig(dtype=self.dtype, device_map={"": self.device},
+                                         weight_mapping=self.conversions)
+            progress = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+            finally:
+                if progress:
+                    hf_logging.enable_progress_bar()
+            if info.mismatched_keys:
+                key, got, want = sorted(info.mismatched_keys)[0]
+                raise BadValue(f"{self.model_dir}: tensor {key} has shape {list(got)}, the config says {list(want)}")
+        module = self.model.get_submodule(name)
+        self._compute_buffers(module)
+        missing = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if missing:
+            raise BadValue(f"{self.model_dir} has no weights for {name}.{missing[0]}"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return module.eval().requires_grad_(False)
+
+    def _compute_buffers(self, module: nn.Module) -> None:
+        for owner in module.modules():
+            meta = [n for n, b in owner.named_buffers(recurse=False) if b.is_meta]
+            if not meta:
+                continue
+            for n in meta:
+                setattr(owner, n, torch.empty_like(getattr(owner, n), device=self.device))
+            self.model._init_weights(owner)  # fills only what is not loaded (transformers' _is_hf_initialized)
 
 
 class TensorReader:
@@ -46,12 +112,8 @@ class TensorReader:
     def has(self, key: str) -> bool:
         return key in self.where
 
-    def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        """All tensors whose name starts with prefix, keyed by the rest of the name."""
-        keys = [k for k in self.where if k.startswith(prefix)]
-        if not keys:
-            raise KeyError(f"{self.model_dir} has no tensors under {prefix!r}")
-        return {k[len(prefix):]: self.get(k) for k in keys}
+    def keys_under(self, prefix: str) -> list[str]:
+        return [k for k in self.where if k.startswith(prefix)]
 
     def get(self, key: str) -> torch.Tensor:
         with safe_open(self.where[key], framework="pt") as f:
@@ -60,14 +122,15 @@ class TensorReader:
         return tensor
 
 
-def materialize(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device | str = "cpu") -> nn.Module:
-    """Give a meta-device module real weights on `device` (all of them must be in `state`)."""
-    module.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
-
-
 DIGEST_FILE = ".dsdnode-weights-digest"
+
+
+def weights_identity(model_dir: Path, quant: str = "none") -> str:
+    """What span records and sessions name as the weights: the checkpoint's digest, plus the
+    quantization a server applied ("+int8", "+int4"), so a chain never mixes quantized and
+    unquantized hops (their hidden states differ) unless a client asks for that quantization."""
+    digest = weights_digest(model_dir)
+    return digest if quant == "none" else f"{digest}+{quant}"
 
 
 def weights_digest(model_dir: Path) -> str:

@@ -160,7 +160,7 @@ def frame_ceiling(hidden_size: int, max_block: int) -> int:
     slack. A server reads no longer frame (its stream is reset at the length prefix), so a peer
     cannot make it buffer more than this per stream (0.8 MiB for Qwen2.5-1.5B's 1536 x 64, where a
     fixed ceiling was 64 MiB)."""
-    return (max_block * hidden_size * ITEMSIZE["float32"] + max_block * max_block * ITEMSIZE["bool"]
+    return (max_block * hidden_size * WIRE_DTYPES["float32"] + max_block * max_block * WIRE_DTYPES["bool"]
             + MAX_TIMINGS * _TIMING_BYTES + 8 * max_block * 9 + _FRAME_SLACK)
 
 

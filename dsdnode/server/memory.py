@@ -40,11 +40,13 @@ def available_memory_bytes(device: torch.device, meminfo: Path = MEMINFO) -> int
     return int(match.group(1)) * 1024
 
 
-def layer_bytes(config, dtype: torch.dtype) -> int:
-    """Bytes of the weights of the largest decoder layer of `config`'s model in `dtype`, from the
-    config alone (modules built on the meta device; no weights read)."""
-    layers = skeleton(config).model.layers
-    return max(sum(p.numel() for p in layer.parameters()) for layer in layers) * dtype.itemsize
+def layer_bytes(config, dtype: torch.dtype, quant: str = "none") -> int:
+    """Bytes of the weights of the largest decoder layer of `config`'s model in `dtype`, quantized
+    as `quant` says (models/quantization.py), from the config alone (modules built on the meta
+    device; no weights read)."""
+    from ..models import quantization
+
+    return max(quantization.layer_bytes(layer, quant, dtype) for layer in skeleton(config).model.layers)
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,12 @@ class MemoryPlan:
         return min(fit, num_layers)
 
 
-def memory_plan(device: torch.device, config, dtype: torch.dtype, *, cache_budget_mb: int,
+def memory_plan(device: torch.device, config, dtype: torch.dtype, *, cache_budget_mb: int, quant: str = "none",
                 max_memory_mb: int = 0, available_bytes: int | None = None) -> MemoryPlan:
     """The plan for serving `config`'s layers on `device`. available_bytes: the device's free memory
     (None: measure it; tests pass a figure)."""
     if available_bytes is None:
         available_bytes = available_memory_bytes(device)
     return MemoryPlan(describe(device), available_bytes, max_memory_mb * MB if max_memory_mb else None,
-                      cache_budget_mb * MB, layer_bytes(config, dtype),
+                      cache_budget_mb * MB, layer_bytes(config, dtype, quant),
                       CUDA_SAFETY if device.type == "cuda" else CPU_SAFETY)

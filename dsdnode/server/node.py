@@ -58,7 +58,8 @@ async def serve_span(s: NodeSettings) -> None:
     from ..dtypes import dtype_name
     from ..models.fetch import resolve_model_dir
     from ..models.span import Span
-    from ..models.weights import load_config, weights_digest
+    from ..models.quantization import quantize_layers
+    from ..models.weights import load_config, weights_identity
     from .batching import BatchSettings
     from .daemon import Server
     from .placement import auto_width, choose_span, parse_layers
@@ -75,7 +76,7 @@ async def serve_span(s: NodeSettings) -> None:
         span_range = parse_layers(s.layers, num_layers)
     else:
         width = auto_width(config, device, dtype, num_layers=s.num_layers, cache_budget_mb=s.cache_budget_mb,
-                           max_memory_mb=s.max_memory_mb)
+                           max_memory_mb=s.max_memory_mb, quant=s.quant)
     stop = asyncio.Event()
     install_stop_triggers(stop, s.parent_pid)
     node = await start_p2p(s, assume_private=s.assume_private)
@@ -85,8 +86,10 @@ async def serve_span(s: NodeSettings) -> None:
             span_range = choose_span(records, num_layers, width)
             log.info("--layers auto: chose %d:%d", *span_range)
         span = Span.load(model_dir, *span_range, dtype=dtype, device=device)
+        quantize_layers(span.layers, s.quant, dtype)
         log.info("serving layers %d:%d of %s on %s in %s", *span_range, s.model, describe(device), dtype_name(dtype))
-        server = Server(node, s.model, span, weights=weights_digest(model_dir), cache_budget_bytes=s.cache_budget_mb << 20,
+        server = Server(node, s.model, span, weights=weights_identity(model_dir, s.quant),
+                        cache_budget_bytes=s.cache_budget_mb << 20,
                         max_length=s.max_session_length, max_block=s.max_block, idle_s=s.session_idle_s,
                         announce_interval_s=s.announce_interval_s, record_ttl_s=s.record_ttl_s,
                         frame_body_timeout_s=s.frame_body_timeout_s,

@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def auto_width(config, device, dtype, *, num_layers: int, cache_budget_mb: int, max_memory_mb: int = 0,
-               available_bytes: int | None = None) -> int:
+               available_bytes: int | None = None, quant: str = "none") -> int:
     """How many layers `--layers auto` takes: num_layers when given (> 0), else as many as the
     device's memory holds after the KV-cache budget (memory.MemoryPlan). available_bytes: the
     device's free memory (None: measured; tests pass a figure)."""
@@ -22,7 +22,7 @@ def auto_width(config, device, dtype, *, num_layers: int, cache_budget_mb: int, 
     if num_layers:
         return min(num_layers, total)
     plan = memory_plan(device, config, dtype, cache_budget_mb=cache_budget_mb, max_memory_mb=max_memory_mb,
-                       available_bytes=available_bytes)
+                       available_bytes=available_bytes, quant=quant)
     width = plan.layers(total)
     log.info("--layers auto: %d of %d layers (%.1f MB each) fit %s: %.0f MB usable after a %d MB KV-cache budget",
              width, total, plan.layer_bytes / MB, plan.device, plan.usable_bytes / MB, cache_budget_mb)

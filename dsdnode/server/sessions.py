@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..models.families import kv_bytes
 from ..models.span import Span, SpanCache
 from ..net.p2p import Stream
 from ..errors import PeerError
@@ -124,10 +125,7 @@ def keep_big_allocations_mapped(threshold: int = 1 << 20) -> None:
 
 
 def cache_bytes(span: Span, length: int) -> int:
-    config = span.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = span.dtype.itemsize
-    return 2 * (span.end - span.start) * config.num_key_value_heads * head_dim * length * itemsize
+    return kv_bytes(span.config, span.end - span.start, length, span.dtype)
 
 
 class SessionTable:

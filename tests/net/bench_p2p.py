@@ -4,7 +4,6 @@ Run from the repository root: .venv/bin/python -m tests.net.bench_p2p   (not a t
 benchmarks)
 """
 
-import asyncio
 import statistics
 import time
 

@@ -4,7 +4,6 @@ The client must produce exactly the greedy tokens of the in-process chain, survi
 is killed mid-generation, and the servers must reject bad input with clear errors and keep serving."""
 
 import asyncio
-import os
 
 import pytest
 import torch
