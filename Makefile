@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-membership clean
 
 $(STAMP): pyproject.toml scripts/system-deps.sh
 	bash scripts/system-deps.sh
@@ -30,6 +30,11 @@ demo: install
 
 bench: install
 	$(BIN)/dsdnode bench
+
+# membership at scale: real peers in network namespaces on several /24s (root); MEMBERSHIP_ARGS sizes it
+MEMBERSHIP_ARGS ?= --peers 24 --servers 4 --rounds 4 --trial-after 0 --lookups 20
+bench-membership: install
+	$(BIN)/python scripts/membership_scale.py $(MEMBERSHIP_ARGS) --out bench-results/membership/latest.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -153,9 +153,9 @@ class Router:
             silent_relayed = [r for r in usable if r.peer_id not in answered and relayed_only(r)]
             try:
                 try:
-                    return best_chain(candidates, self.num_layers, session_length)
+                    return best_chain(candidates, self.num_layers, session_length, self.node.peer_id)
                 except NoRoute:  # records may be stale: let the servers say whether they are full
-                    return best_chain(candidates, self.num_layers)
+                    return best_chain(candidates, self.num_layers, client_id=self.node.peer_id)
             except NoRoute as e:
                 if not fresh:  # servers may have joined since we last looked
                     self._records_at = -RECORDS_MAX_AGE_S

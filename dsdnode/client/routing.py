@@ -8,11 +8,19 @@ penalty (client/standing.py: compute measured by this client where it has measur
 announced throughput, capped; failures and false claims raise the penalty). The link back to the
 client is added at the end. A server reached through a relay (its record lists only /p2p-circuit
 addresses) pays the extra link in its measured RTT; at equal cost, the chain with fewer relayed
-hops wins."""
+hops wins.
+
+Load spread: a server's step cost grows with the sessions it announced (LOAD_COST_PER_SESSION), and
+each client adds its own fixed preference of up to LOAD_SPREAD between servers (a hash of its id
+and theirs). Servers re-announce within a second or two when their load changes, so clients that
+arrive apart see each other's sessions; clients that arrive together see the same records, and the
+preference splits them over replicas of near-equal cost instead of all taking the fastest. A
+server clearly faster than LOAD_SPREAD still wins."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import logging
 from dataclasses import dataclass
@@ -28,6 +36,7 @@ RELAYED_PING_TIMEOUT_S = 10.0  # a first ping through a relay also sets up the r
 # added cost of a step per session active at a server, as a fraction of its own: one more block in a
 # batched forward (docs/ARCHITECTURE.md, "Many clients")
 LOAD_COST_PER_SESSION = 0.1
+LOAD_SPREAD = 0.3  # the most a client's own preference raises a server's cost (fraction)
 
 
 class NoRoute(PeerError, RuntimeError):
@@ -109,8 +118,20 @@ async def ping_records(node: P2PNode, records: list[SpanRecord], timeout_s: floa
     return [c for c in await asyncio.gather(*(ping(r) for r in records)) if c is not None]
 
 
-def best_chain(candidates: list[Candidate], num_layers: int, session_length: int = 0) -> list[Hop]:
+def preference(client_id: str, peer_id: str) -> float:
+    """This client's fixed cost factor for a server, in [1, 1 + LOAD_SPREAD): 1 without a client id."""
+    if not client_id:
+        return 1.0
+    digest = hashlib.blake2b(f"{client_id}\x00{peer_id}".encode(), digest_size=8).digest()
+    return 1.0 + LOAD_SPREAD * int.from_bytes(digest, "big") / 2**64
+
+
+def best_chain(candidates: list[Candidate], num_layers: int, session_length: int = 0,
+               client_id: str = "") -> list[Hop]:
     """Least expected time for one decoding step through all layers (Dijkstra over boundaries).
+
+    `client_id` (the client's peer id) spreads clients over replicas of near-equal cost (see the
+    module docstring); without it, equal costs resolve the same way for every client.
 
     With session_length, a server is used for a sub-span only if the free cache it announced holds
     a session that long (its record counts free positions over its whole span, so a sub-span needs
@@ -133,6 +154,7 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
                 if session_length and r.free_cache_tokens * (r.end - r.start) < session_length * (q - p):
                     break
                 step = (c.rtt_s / 2 + c.compute_s(q - p) + (c.rtt_s / 2 if q == num_layers else 0.0)) * c.penalty
+                step *= preference(client_id, r.peer_id)
                 new = (cost + step, relayed + c.relayed, n + 1)
                 if new < best.get(q, (float("inf"), 0, 0))[:3]:
                     best[q] = (*new, chain)

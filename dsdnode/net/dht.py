@@ -1,35 +1,39 @@
-"""Signed, expiring span records on libp2p's Kademlia DHT.
+"""A node's side of the DHT: span announcements, discovery, record lookups and routing-table upkeep.
 
-Membership: every server providing layers of a model is a provider of `provider_key(model)`.
-Metadata: each server stores its SpanRecord under `value_key(model, peer_id)`, signed with
-its libp2p key, so a storing node (and every reader) can check that the record really comes
-from the peer it describes. The storing node fixes the DHT's own expiry at 24 h, so records
-carry their own `expires`; a validator registered with KadDHT refuses forged, expired and
-oversized values, and prefers the most recently issued record for a key.
+Membership: each server files its signed SpanRecord in the membership directory (directory.py:
+sharded keys, storing-side limits per observed network group), and discover() lists it from
+there. Kademlia provider records are not used: py-libp2p keeps 20 per key, first come, for 48 h.
+Metadata lookups: each server also stores its record under `value_key(model, peer_id)` in the
+Kademlia value store, so a server can resolve its next hop's record from the peer itself or its
+replicas (lookup()). A validator registered with KadDHT refuses forged, expired and oversized
+values and prefers the most recently issued record for a key; the value store is bounded per
+signer and evicts in O(1) (BoundedValueStore).
 
-libp2p's get_value/find_providers answer from the local cache once anything is cached,
-which would hide new servers and updates; discover() therefore always asks the network:
-providers from the peers closest to the key, values from the provider itself plus the
-closest peers in the routing table.
+Upkeep (trio_upkeep, for as long as the node runs): bootstrap peers we lost are dialed again (a
+restarted bootstrap peer learns the swarm back and new joiners find everyone through it), our own
+id and a random key are looked up (bucket refresh), routing-table peers we cannot reach are
+evicted, and expired directory entries are swept. A peer that fails a directory request leaves
+the routing table at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
-from typing import TYPE_CHECKING, Any
 
+import msgpack
 import trio
+from libp2p.kad_dht.value_store import ValueStore
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as LibPeerInfo
 
-from .host import BootstrapUnreachable, root_cause
-from .records import (NAMESPACE, RecordRejected, SpanRecord, SpanValidator, newest, provider_key, sign_record,
-                      valid_for, value_key, verify_record)
-
-if TYPE_CHECKING:
-    from .host import Host
+from . import directory
+from .directory import DirectoryClient, DirectoryService, DirectoryStore
+from .host import BootstrapUnreachable, Host, root_cause
+from .records import (NAMESPACE, RecordRejected, SpanRecord, SpanValidator, newest, sign_record, valid_for,
+                      value_key, verify_record)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,11 @@ PEER_QUERY_TIMEOUT_S = 5.0
 VALUE_REPLICAS_ASKED = 3  # routing-table neighbours asked for a value besides its provider
 LOOKUP_CACHE_SIZE = 1024  # records kept by DHT.lookup (each until it expires)
 BOOTSTRAP_TIMEOUT = 10.0
+UPKEEP_INTERVAL_S = 20.0  # bootstrap re-dial, self lookup, bucket refresh, dead-peer eviction
+EVICTION_DIALS_PER_ROUND = 16  # unconnected routing-table peers dialed per upkeep round
+EVICTION_DIAL_TIMEOUT_S = 3.0
+MAX_VALUES = 50_000  # values this node stores for others
+MAX_VALUES_PER_SIGNER = 64  # of which one signing key may hold (made-up model names included)
 
 
 class DHT:
@@ -49,18 +58,24 @@ class DHT:
         self._last_issued = 0.0
         self._found: dict[tuple[str, str], SpanRecord] = {}  # lookup() results, until they expire
         # peers whose records this node cannot use (another protocol version), and why: for error
-        # messages that say why a provider was left out; bounded like the lookup cache
+        # messages that say why a server was left out; bounded like the lookup cache
         self.incompatible: dict[str, str] = {}
         self._warned: set[tuple[str, str]] = set()
-        # whether the last discover() may have missed servers: it asked no peer (a node that just
-        # joined, before its routing table has any), or nobody answered with a provider's record
+        # whether the last discover() may have missed servers: some directory shard had nobody to ask
+        # (a node that just joined, before its routing table has any) or nobody answering
         self.last_discovery_partial = False
         self._spreading = False  # a background Kademlia put of our record is running
+        self.directory = DirectoryService(host, DirectoryStore(time.time))
+        self._directory_client = DirectoryClient(host)
 
-    def register_validator(self) -> None:
-        """Called on the trio thread once the host's KadDHT exists."""
-        assert self._host.kad is not None
-        self._host.kad.register_validator(NAMESPACE, SpanValidator())
+    def register(self) -> None:
+        """Called on the trio thread once the host's KadDHT exists: our validator, a bounded value
+        store in place of py-libp2p's, and the directory service."""
+        kad = self._host.kad
+        assert kad is not None
+        kad.register_validator(NAMESPACE, SpanValidator())
+        kad.value_store = BoundedValueStore(self._host.libp2p, kad.local_peer_id)
+        self._host.libp2p.set_stream_handler(directory.DIRECTORY_PROTOCOL, self.directory.serve)
 
     def announced(self) -> dict[str, tuple[int, int]]:
         """The spans this node announces now: its last announcement per model, unless withdrawn or
@@ -70,7 +85,7 @@ class DHT:
         return {m: (r.start, r.end) for m, r in last if not r.withdrawn and r.expires > now}
 
     async def announce(self, rec: SpanRecord) -> None:
-        """Publish (or refresh) our record and provider entry; re-announce before `expires`."""
+        """Publish (or refresh) our record in the directory and the value store; re-announce before `expires`."""
         if rec.peer_id != self._host.peer_id:
             raise ValueError(f"record peer_id {rec.peer_id} is not this node ({self._host.peer_id})")
         self._last_issued = max(time.time(), self._last_issued + 1e-6)
@@ -95,15 +110,15 @@ class DHT:
 
     def stats(self) -> dict[str, int]:
         """Health of this node's DHT (read from any thread: plain sizes, no locking needed): peers in
-        the routing table, values and provider keys stored here."""
+        the routing table, values and directory entries stored here."""
         kad = self._host.kad
         if kad is None:
-            return {"routing_table_peers": 0, "stored_values": 0, "provider_keys": 0}
+            return {"routing_table_peers": 0, "stored_values": 0, "directory_entries": 0}
         return {"routing_table_peers": kad.routing_table.size(), "stored_values": len(kad.value_store.store),
-                "provider_keys": len(kad.provider_store.providers)}
+                "directory_entries": len(self.directory.store)}
 
     async def discover(self, model: str) -> list[SpanRecord]:
-        """Live, verified records of every provider of `model` (withdrawn/expired/forged dropped)."""
+        """Live, verified records of every server of `model` in the directory (withdrawn/expired/forged dropped)."""
         return await self._host.bridge.call(self._t_discover, model)
 
     async def lookup(self, model: str, peer_id: str) -> SpanRecord | None:
@@ -132,125 +147,174 @@ class DHT:
 
     # ---- trio side ---------------------------------------------------------------------
     async def trio_join(self, boot: list[LibPeerInfo], required: bool) -> BootstrapUnreachable | None:
-        """Connect to bootstrap peers and look ourselves up so they (and we) fill routing tables.
+        """Connect to every bootstrap peer at once and look ourselves up so they (and we) fill routing
+        tables.
 
         If `required` and no bootstrap peer answers, returns why (the caller raises it, so it is
         not logged too); otherwise unreachable peers are logged and None is returned."""
         kad, libp2p = self._host.kad, self._host.libp2p
         assert kad is not None
-        joined = 0
+        reasons = await self._t_dial_bootstrap(boot, logging.DEBUG if required else logging.WARNING)
+        if len(reasons) < len(boot) or not boot:
+            if boot:
+                with trio.move_on_after(BOOTSTRAP_TIMEOUT):
+                    await kad.peer_routing.find_closest_peers_network(libp2p.get_id().to_bytes())
+            return None
+        if required:
+            return BootstrapUnreachable(f"cannot reach any bootstrap peer ({'; '.join(reasons)})")
+        log.warning("no bootstrap peer reachable; starting alone")
+        return None
+
+    async def _t_dial_bootstrap(self, boot: list[LibPeerInfo], level: int) -> list[str]:
+        """Dial every peer of `boot` at once and put those that answer in the routing table; returns
+        why each of the others did not answer."""
+        kad, libp2p = self._host.kad, self._host.libp2p
+        assert kad is not None
         reasons: list[str] = []
-        for info in boot:
+
+        async def dial(info: LibPeerInfo) -> None:
             where = f"{info.peer_id} at {', '.join(str(a) for a in info.addrs)}"
             reason = f"no answer within {BOOTSTRAP_TIMEOUT:g} s"
             with trio.move_on_after(BOOTSTRAP_TIMEOUT):
                 try:
                     await libp2p.connect(info)
                     await kad.add_peer(info.peer_id, skip_server_mode_check=True)
-                    joined += 1
-                    continue
+                    return
                 except Exception as exc:
                     reason = root_cause(exc)
-            log.log(logging.DEBUG if required else logging.WARNING, "bootstrap peer %s unreachable: %s", where, reason)
+            log.log(level, "bootstrap peer %s unreachable: %s", where, reason)
             reasons.append(f"{where}: {reason}")
-        if joined:
-            with trio.move_on_after(BOOTSTRAP_TIMEOUT):
-                await kad.peer_routing.find_closest_peers_network(libp2p.get_id().to_bytes())
-            return None
-        if boot and required:
-            return BootstrapUnreachable(f"cannot reach any bootstrap peer ({'; '.join(reasons)})")
-        if boot:
-            log.warning("no bootstrap peer reachable; starting alone")
-        return None
+
+        async with trio.open_nursery() as nursery:
+            for info in boot:
+                nursery.start_soon(dial, info)
+        return reasons
+
+    async def trio_upkeep(self, boot: list[LibPeerInfo]) -> None:
+        """Keep the routing table fresh for as long as the node runs (see the module docstring)."""
+        kad, libp2p = self._host.kad, self._host.libp2p
+        assert kad is not None
+        while True:
+            await trio.sleep(UPKEEP_INTERVAL_S)
+            try:
+                connected = set(libp2p.get_connected_peers())
+                lost = [info for info in boot if info.peer_id not in connected
+                        or not kad.routing_table.peer_in_table(info.peer_id)]
+                if lost:  # a restarted bootstrap peer knows nobody: tell it we exist, and learn from it
+                    await self._t_dial_bootstrap(lost, logging.DEBUG)
+                with trio.move_on_after(BOOTSTRAP_TIMEOUT):
+                    await kad.peer_routing.find_closest_peers_network(libp2p.get_id().to_bytes())
+                with trio.move_on_after(BOOTSTRAP_TIMEOUT):  # refresh a random bucket
+                    await kad.peer_routing.find_closest_peers_network(os.urandom(32))
+                await self._t_evict_unreachable()
+                self.directory.store.sweep()
+            except Exception as exc:  # upkeep must outlive any one failure
+                log.debug("DHT upkeep round failed: %r", exc)
+
+    async def _t_evict_unreachable(self) -> None:
+        """Dial up to EVICTION_DIALS_PER_ROUND routing-table peers we hold no connection to; drop
+        those that do not answer (py-libp2p alone checks only peers unseen for an hour, 5 per 5 min)."""
+        kad, libp2p = self._host.kad, self._host.libp2p
+        assert kad is not None
+        connected = set(libp2p.get_connected_peers())
+        idle = [p for p in kad.routing_table.get_peer_ids() if p not in connected][:EVICTION_DIALS_PER_ROUND]
+
+        async def check(peer: ID) -> None:
+            with trio.move_on_after(EVICTION_DIAL_TIMEOUT_S):
+                try:
+                    await libp2p.connect(LibPeerInfo(peer, libp2p.get_peerstore().addrs(peer)))
+                    return
+                except Exception as exc:
+                    log.debug("routing-table peer %s unreachable: %s", peer, root_cause(exc))
+            kad.routing_table.remove_peer(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in idle:
+                nursery.start_soon(check, peer)
 
     async def _t_publish(self, rec: SpanRecord, blob: bytes, provide: bool) -> None:
-        """Store the record and our provider entry (withdrawing: the record, and drop the entry).
+        """File the record in the directory and store it as our value (withdrawing: the same, so the
+        withdrawal replaces the live record everywhere).
 
-        Announcing first stores both at the peers we are connected to (a bootstrap peer, relays), so
-        readers find us within a moment, and returns; the Kademlia puts to the key's closest peers
-        in the whole network go on in the background. They can take 20 s and more: the closest
-        peers may include nodes behind a NAT whose private addresses the DHT still lists, and each
-        dial to one waits for its timeout."""
+        The directory put goes to the shard key's closest peers (found by an iterative lookup) and to
+        the peers we are connected to (a bootstrap peer, relays), and returns once they answered. The
+        Kademlia put of the value goes to our connected routing-table peers at once (a next hop asks
+        the peer itself first), then to the key's closest peers in the background: that can take 20 s
+        and more when the closest include nodes behind a NAT whose private addresses the DHT still
+        lists."""
         kad = self._host.kad
         assert kad is not None
-        key, vkey = provider_key(rec.model), value_key(rec.model, rec.peer_id)
+        vkey = value_key(rec.model, rec.peer_id)
         vkey_bytes = vkey.encode()
+        self.directory.store.put(directory.shard_key(rec.model, directory.shard_of(rec.peer_id)), blob,
+                                 self._host.peer_id, "self")
         if not provide:
-            await kad.put_value(vkey, blob)
-            kad.provider_store.providing_keys.discard(key)
-            kad.provider_store.providers.get(key, {}).pop(self._host.peer_id, None)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kad.put_value, vkey, blob)
+                nursery.start_soon(self._directory_client.trio_publish, rec, blob, self._connected_servers())
             return
         kad.value_store.put(vkey_bytes, blob)
-        connected = set(self._host.libp2p.get_connected_peers())
-        near = [p for p in kad.routing_table.get_peer_ids() if p in connected]
+        near = self._connected_servers()
 
         async def store_near(peer: ID) -> None:
             with trio.move_on_after(PEER_QUERY_TIMEOUT_S):
                 try:
                     await kad.value_store._store_at_peer(peer, vkey_bytes, blob)
-                    await kad.provider_store._send_add_provider(peer, key)
                 except Exception as exc:
                     log.debug("storing our record at %s failed: %r", peer, exc)
 
         async with trio.open_nursery() as nursery:
             for peer in near:
                 nursery.start_soon(store_near, peer)
+            nursery.start_soon(self._directory_client.trio_publish, rec, blob, near)
         nursery = self._host.bridge.nursery
         if not self._spreading and nursery is not None:
             self._spreading = True
-            nursery.start_soon(self._t_spread, vkey, blob, key)
+            nursery.start_soon(self._t_spread, vkey, blob)
 
-    async def _t_spread(self, vkey: str, blob: bytes, key: bytes) -> None:
-        """The Kademlia puts of one announce (one at a time: a later announce skips it while one runs)."""
+    def _connected_servers(self) -> list[ID]:
+        kad = self._host.kad
+        assert kad is not None
+        connected = set(self._host.libp2p.get_connected_peers())
+        return [p for p in kad.routing_table.get_peer_ids() if p in connected]
+
+    async def _t_spread(self, vkey: str, blob: bytes) -> None:
+        """The Kademlia put of one announce (one at a time: a later announce skips it while one runs)."""
         kad = self._host.kad
         assert kad is not None
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(kad.put_value, vkey, blob)
-                nursery.start_soon(kad.provider_store.provide, key)
+            await kad.put_value(vkey, blob)
         except Exception as exc:  # e.g. a newer record of ours stored meanwhile; the next announce spreads that
             log.debug("spreading our record failed: %r", exc)
         finally:
             self._spreading = False
 
     async def _t_discover(self, model: str) -> list[SpanRecord]:
-        kad = self._host.kad
-        assert kad is not None
-        key = provider_key(model)
-        providers: dict[ID, list[Any]] = {p.peer_id: list(p.addrs) for p in kad.provider_store.get_providers(key)}
-        closest = await kad.peer_routing.find_closest_peers_network(key)
-
-        async def ask_providers(peer: ID) -> None:
-            with trio.move_on_after(PEER_QUERY_TIMEOUT_S):
-                found, _closer = await kad.provider_store._get_providers_from_peer_with_closers(peer, key)
-                for info in found:
-                    providers.setdefault(info.peer_id, []).extend(info.addrs)
-
-        asked = [peer for peer in closest if peer != kad.local_peer_id]
-        async with trio.open_nursery() as nursery:
-            for peer in asked:
-                nursery.start_soon(ask_providers, peer)
-
-        records: dict[str, SpanRecord] = {}
-
-        unanswered: set[ID] = set()
-
-        async def fetch(peer: ID, addrs: list[Any]) -> None:
-            if addrs:
-                self._host.libp2p.get_peerstore().add_addrs(peer, addrs, 3600)
-            rec = await self._t_fetch_value(model, peer, unanswered)
+        blobs, partial = await self._directory_client.trio_list(model)
+        for shard in range(directory.SHARDS):  # what we store ourselves (we may be a shard's closest peer)
+            blobs.extend(self.directory.store.get(directory.shard_key(model, shard)))
+        by_peer: dict[str, list[SpanRecord | None]] = {}
+        for blob in blobs:
+            try:
+                rec = verify_record(blob)
+            except RecordRejected as exc:
+                signer = _signer_hint(blob)
+                if signer:
+                    self._dropped(signer, model, "directory", exc.reason)
+                continue
+            if rec.model == model:
+                by_peer.setdefault(rec.peer_id, []).append(rec)
+        records = []
+        for peer, recs in by_peer.items():
+            rec = recs[newest(recs)]
             if rec is not None and not rec.withdrawn:
-                records[rec.peer_id] = rec
+                self.incompatible.pop(peer, None)
+                records.append(rec)
+        self.last_discovery_partial = partial
+        return sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
 
-        async with trio.open_nursery() as nursery:
-            for peer, addrs in providers.items():
-                nursery.start_soon(fetch, peer, addrs)
-        self.last_discovery_partial = not asked or bool(unanswered)
-        return sorted(records.values(), key=lambda r: (r.start, r.end, r.peer_id))
-
-    async def _t_fetch_value(self, model: str, peer: ID, unanswered: set[ID] | None = None) -> SpanRecord | None:
-        """Newest valid record of `peer` for `model`: from the peer itself and its replicas. A peer
-        for which nobody answered with any record is added to `unanswered`."""
+    async def _t_fetch_value(self, model: str, peer: ID) -> SpanRecord | None:
+        """Newest valid record of `peer` for `model`: from the peer itself and its replicas."""
         kad = self._host.kad
         assert kad is not None
         peer_b58 = peer.to_base58()
@@ -293,9 +357,7 @@ class DHT:
                 self._dropped(peer_b58, model, source, exc.reason)
         if not valid:
             if not blobs:
-                log.info("provider %s of %s has no reachable span record", peer_b58, model)
-                if unanswered is not None:
-                    unanswered.add(peer)
+                log.info("server %s of %s has no reachable span record", peer_b58, model)
             return None
         self.incompatible.pop(peer_b58, None)
         return valid[newest(valid)]
@@ -314,3 +376,52 @@ class DHT:
             self._warned.clear()
         self._warned.add((peer, reason))
         log.warning("dropping span record of %s for %s (from %s): %s", peer, model, source, reason)
+
+
+def _signer_hint(blob: bytes) -> str:
+    """The peer id a record claims (unverified, for saying whose record was dropped), or ''."""
+    try:
+        peer = msgpack.unpackb(msgpack.unpackb(blob, raw=False)["record"], raw=False)["peer_id"]
+    except Exception:
+        return ""
+    return peer if isinstance(peer, str) else ""
+
+
+class BoundedValueStore(ValueStore):
+    """py-libp2p's value store with O(1) eviction and a limit per signer.
+
+    The original scans all 50,000 values for the oldest on every put, on the thread that carries
+    every stream. Here the dict's insertion order is the arrival order (a re-stored key moves to
+    the end), so the oldest is the first. Each signer (the peer whose signed span record a value
+    holds) may keep MAX_VALUES_PER_SIGNER values; beyond that its own oldest goes, so one key
+    signing records for made-up model names displaces only itself."""
+
+    def __init__(self, host: object, local_peer_id: ID) -> None:
+        super().__init__(host, local_peer_id)  # type: ignore[arg-type]
+        self._by_signer: dict[str, dict[bytes, None]] = {}
+
+    def put(self, key: bytes, value: bytes, validity: float = 0.0) -> None:
+        self.store.pop(key, None)
+        super().put(key, value, validity)
+        self._charge(key, value)
+
+    def put_record(self, key: bytes, record: object) -> None:
+        self.store.pop(key, None)
+        super().put_record(key, record)  # type: ignore[arg-type]
+        self._charge(key, record.value)  # type: ignore[attr-defined]
+
+    def _evict_if_full(self) -> None:
+        while len(self.store) >= MAX_VALUES:
+            del self.store[next(iter(self.store))]
+
+    def _charge(self, key: bytes, value: bytes) -> None:
+        signer = _signer_hint(value)
+        keys = self._by_signer.setdefault(signer, {})
+        keys.pop(key, None)
+        keys[key] = None
+        for old in [k for k in keys if k not in self.store]:  # evicted or expired since
+            del keys[old]
+        while len(keys) > MAX_VALUES_PER_SIGNER:
+            old = next(iter(keys))
+            del keys[old]
+            self.store.pop(old, None)

@@ -186,7 +186,7 @@ class P2PNode:
     def _t_setup(self, listening: bool) -> None:
         """Register our protocols once the libp2p host and its Kademlia exist."""
         libp2p = self.host.libp2p
-        self.dht.register_validator()
+        self.dht.register()
         libp2p.set_stream_handler(INFO_PROTOCOL, info_handler(self.host, self._describe))
         if listening:
             libp2p.set_stream_handler(reachability.DIALBACK_PROTOCOL, reachability.DialbackService(libp2p).serve)
@@ -203,6 +203,7 @@ class P2PNode:
         failure = await self.dht.trio_join(boot, required)
         if failure is not None:
             return failure
+        nursery.start_soon(self.dht.trio_upkeep, boot)
         self.host.addrs = [str(a) for a in self.host.libp2p.get_addrs()]
         if listening:
             await self._t_settle_reachability(nursery, [p.peer_id for p in boot])

@@ -77,11 +77,6 @@ def value_key(model: str, peer_id: str) -> str:
     return f"/{NAMESPACE}/{digest}"
 
 
-def provider_key(model: str) -> bytes:
-    """Provider (membership) key for a model: a sha2-256 multihash of the model name."""
-    return b"\x12\x20" + hashlib.sha256(b"dsdnode/model\x00" + model.encode()).digest()
-
-
 def sign_record(rec: SpanRecord, keypair: KeyPair) -> bytes:
     """msgpack {record, public_key, signature}; raises RecordRejected if over 4 KB."""
     body = msgpack.packb(dataclasses.asdict(rec), use_bin_type=True)

@@ -47,6 +47,7 @@ FIRST_FRAME_TIMEOUT_S = 30.0  # a stream with no live session on it waits this l
 NEXT_HOP_LOOKUP_TIMEOUT_S = 10.0
 WITHDRAW_TIMEOUT_S = 5.0
 FIRST_ANNOUNCE_WAIT_S = 30.0  # "ready" waits this long at most for the first record to be stored
+LOAD_CHECK_S = 1.0  # how often the announcer looks whether our session count changed (then re-announces)
 
 
 class Server:
@@ -126,14 +127,19 @@ class Server:
                           queued_positions=self.batcher.queued_positions)
 
     async def _announce_loop(self, announced: asyncio.Event) -> None:
+        """Announce every announce interval, at once when our addresses change (a relay reserved or
+        lost), and within LOAD_CHECK_S when our session count changes (clients spread by it)."""
         while True:
+            load = len(self.table.sessions)
             try:
                 await self.node.dht.announce(self.record())
             except Exception as e:  # the DHT may be empty right now; try again next interval
                 log.warning("announce failed: %r", e)
             announced.set()
-            # a relay reserved or lost changes how peers reach us: tell the swarm at once
-            await self.node.wait_addrs_changed(self.announce_interval_s)
+            due = time.monotonic() + self.announce_interval_s
+            while time.monotonic() < due and len(self.table.sessions) == load:
+                if await self.node.wait_addrs_changed(min(LOAD_CHECK_S, max(0.0, due - time.monotonic()))):
+                    break
 
     async def _expire_loop(self) -> None:
         while True:

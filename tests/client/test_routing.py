@@ -55,3 +55,25 @@ def test_prefers_the_less_loaded_of_two_equal_servers():
     # load never outweighs a much faster link
     far = cand("b", 0, 28, 400)
     assert spans(best_chain([loaded, far], 28)) == [("a", 0, 28)]
+
+
+def test_concurrent_clients_spread_over_equal_replicas_but_not_over_a_much_faster_one():
+    """Clients that read the same records at once split over replicas of near-equal cost (each has its
+    own preference), and sessions a replica announced push later clients to the other."""
+    import dataclasses
+    import os
+
+    a, b = cand("a", 0, 28, 10), cand("b", 0, 28, 11)  # the fastest by a little
+    clients = [os.urandom(8).hex() for _ in range(200)]
+    picks = [spans(best_chain([a, b], 28, client_id=c))[0][0] for c in clients]
+    assert 0.25 <= picks.count("a") / len(picks) <= 0.75
+    assert all(best_chain([a, b], 28, client_id=c) == best_chain([a, b], 28, client_id=c) for c in clients[:5])
+    fast = cand("a", 0, 28, 10, tok_s=400.0)  # 4x faster compute: everyone takes it
+    assert {spans(best_chain([fast, b], 28, client_id=c))[0][0] for c in clients} == {"a"}
+    # 8 clients arriving one after another, each seeing the sessions the earlier ones opened
+    sessions = {"a": 0, "b": 0}
+    for c in clients[:8]:
+        seen = [Candidate(dataclasses.replace(x.record, active_sessions=sessions[x.record.peer_id]), x.rtt_s)
+                for x in (a, b)]
+        sessions[spans(best_chain(seen, 28, client_id=c))[0][0]] += 1
+    assert max(sessions.values()) <= 5  # busiest replica <= 65 % of 8 sessions

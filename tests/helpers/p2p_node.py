@@ -174,30 +174,33 @@ async def _child(config: dict[str, Any]) -> None:
 
 
 async def _forge(node: Any, model: str, kind: str) -> int:
-    """Provide `model` with a bad record under our own value key, bypassing local validation.
+    """File a bad record of `model` in the directory and the value store, bypassing local validation.
 
     kind "wrong_signer": the record claims another (fresh) peer id but is signed by us.
     kind "expired": our own record, correctly signed, but expired an hour ago.
-    Also pushes the blob to every connected peer; returns how many stored it (should be 0).
+    Pushes the blob to every connected peer (directory and value store); returns how many stores
+    took it (should be 0).
     """
     from libp2p.crypto.ed25519 import create_new_key_pair
     from libp2p.peer.id import ID
 
-    from dsdnode.net.records import SpanRecord, provider_key, sign_record, value_key
+    from dsdnode.net import directory
+    from dsdnode.net.records import SpanRecord, sign_record, value_key
 
     claimed = ID.from_pubkey(create_new_key_pair().public_key).to_base58() if kind == "wrong_signer" else node.peer_id
     expires = time.time() - 3600 if kind == "expired" else time.time() + 3600
     rec = SpanRecord(model, 0, 4, claimed, node.addrs, 100.0, 1000, "forged", expires, time.time())
     blob = sign_record(rec, node.keypair)
     key = value_key(model, node.peer_id).encode()
+    dir_key = directory.shard_key(model, directory.shard_of(claimed))
 
     async def inject() -> int:
         kad = node.host.kad
         kad.value_store.put(key, blob)
-        await kad.provider_store.provide(provider_key(model))
         accepted = 0
         for peer in node.host.libp2p.get_connected_peers():
             accepted += bool(await kad.value_store._store_at_peer(peer, key, blob))
+            accepted += await directory.trio_put_at(node.host, peer, dir_key, blob)
         return accepted
 
     return await node.host.bridge.call(inject)

@@ -1,0 +1,86 @@
+"""One OS process of the membership scale harness (scripts/membership_scale.py): lean DHT peers.
+
+Runs `nodes` P2PNodes (no torch: a DHT peer, a server's network side, or a throw-away id) on one
+address, prints `READY {"nodes": [{"peer_id", "addrs"}, ...]}` and serves JSON-lines requests on
+stdin:
+  {"op": "announce", "model": M, "start": a, "end": b, "ttl": s}  every node announces a span record
+  {"op": "discover", "model": M}  the first node lists M's servers: {"peers": [...], "seconds": t}
+  {"op": "stop"}
+Several nodes per process keep the harness inside a shared machine's memory (each Python process
+with libp2p is ~60 MB); `kill -9` of the process ends all of them at once, as a crash would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+
+
+async def main(config: dict) -> None:
+    from dsdnode.net.identity import load_or_create_identity
+    from dsdnode.net.p2p import P2PNode
+    from dsdnode.net.records import SpanRecord
+
+    client = bool(config.get("client"))
+    nodes = await asyncio.gather(*(
+        P2PNode.start(identity=load_or_create_identity(None), host=config.get("host", "127.0.0.1"),
+                      port=0, bootstrap=config.get("bootstrap", []), client=client, relay_service=False)
+        for _ in range(int(config.get("nodes", 1)))))
+    print("READY " + json.dumps({"nodes": [{"peer_id": n.peer_id, "addrs": n.addrs} for n in nodes]}), flush=True)
+    announcers: list[asyncio.Task] = []
+
+    async def keep_announcing(node: P2PNode, req: dict, first: asyncio.Event) -> None:
+        while True:  # like a server: re-announce before the record expires
+            rec = SpanRecord(req["model"], req["start"], req["end"], node.peer_id, list(node.addrs), 10.0, 4096,
+                             "scale", time.time() + req["ttl"])
+            try:
+                await node.dht.announce(rec)
+            except Exception as exc:
+                logging.warning("announce failed: %r", exc)
+            first.set()
+            await asyncio.sleep(req["ttl"] / 4)
+
+    async def handle(req: dict) -> dict:
+        if req["op"] == "announce":
+            events = [asyncio.Event() for _ in nodes]
+            announcers.extend(asyncio.create_task(keep_announcing(n, req, e)) for n, e in zip(nodes, events))
+            await asyncio.gather(*(e.wait() for e in events))
+            return {}
+        if req["op"] == "discover":
+            start = time.monotonic()
+            records = await nodes[0].dht.discover(req["model"])
+            return {"peers": [r.peer_id for r in records], "seconds": time.monotonic() - start,
+                    "partial": nodes[0].dht.last_discovery_partial}
+        if req["op"] == "stats":
+            return {"stats": [n.dht.stats() for n in nodes]}
+        if req["op"] != "stop":
+            raise ValueError(f"unknown op {req['op']!r}")
+        return {}
+
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            break
+        req = json.loads(line)
+        try:
+            reply = {"ok": True, **await handle(req)}
+        except Exception as exc:
+            reply = {"ok": False, "error": repr(exc)}
+        print(json.dumps(reply), flush=True)
+        if req["op"] == "stop":
+            break
+    for task in announcers:
+        task.cancel()
+    await asyncio.gather(*(n.stop() for n in nodes))
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s peer %(levelname)s %(name)s: %(message)s")
+    uvloop.run(main(json.loads(sys.argv[1])))

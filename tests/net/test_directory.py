@@ -1,0 +1,123 @@
+"""The membership directory's storing side: only verified records, limits per observed network group."""
+
+import time
+
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from dsdnode.net import directory
+from dsdnode.net.directory import DirectoryStore, network_group, shard_key, shard_of
+from dsdnode.net.records import SpanRecord, sign_record, verify_record
+
+MODEL = "test/model"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def signed(model: str = MODEL, *, keypair=None, start: int = 0, end: int = 4, issued: float | None = None,
+           expires_in: float = 120.0, clock: Clock | None = None):
+    """(peer id, directory key, blob) of a fresh record signed by `keypair` (a new one by default)."""
+    keypair = keypair or create_new_key_pair()
+    peer = ID.from_pubkey(keypair.public_key).to_base58()
+    now = clock.now if clock else time.time()
+    rec = SpanRecord(model, start, end, peer, ["/ip4/203.0.113.5/tcp/1"], 10.0, 100, "v", now + expires_in,
+                     now if issued is None else issued)
+    return peer, shard_key(model, shard_of(peer)), sign_record(rec, keypair)
+
+
+def test_network_group_is_the_observed_24():
+    assert network_group("198.51.100.77") == "198.51.100.0/24"
+    assert network_group("198.51.100.77") != network_group("198.51.101.77")
+    assert network_group(None) == "unknown" and network_group("junk") == "unknown"
+    assert network_group("127.0.0.1", peer="A") != network_group("127.0.0.1", peer="B")  # a local swarm
+    assert network_group("198.51.100.77", relayed_via="/ip4/203.0.113.9/tcp/4") == "relay:/ip4/203.0.113.9/tcp/4"
+
+
+def test_stores_only_verified_records_of_their_sender():
+    clock = Clock()
+    store = DirectoryStore(clock)
+    peer, key, blob = signed(clock=clock)
+    other, _, _ = signed(clock=clock)
+    assert "stores only its own" in store.put(key, blob, other, "a")  # relayed by someone else
+    assert store.put(shard_key("other/model", 0), blob, peer, "a") == "record does not belong under this key"
+    assert store.put(key, blob[:-1] + bytes([blob[-1] ^ 1]), peer, "a")  # tampered: refused
+    expired_peer, key_expired, expired = signed(expires_in=-1, clock=clock)
+    assert store.put(key_expired, expired, expired_peer, "a").startswith("expired")
+    assert store.put(key, blob, peer, "a") == ""
+    assert store.get(key) == [blob]
+    clock.now += 121  # it expires: dropped when read, and a sweep finds nothing left
+    assert store.get(key) == [] and len(store) == 0
+
+
+def test_newer_record_of_a_peer_replaces_its_older_one_and_a_withdrawal_replaces_a_live_one():
+    clock = Clock()
+    store = DirectoryStore(clock)
+    keypair = create_new_key_pair()
+    peer, key, first = signed(keypair=keypair, issued=clock.now, clock=clock)
+    _, _, second = signed(keypair=keypair, issued=clock.now + 1, clock=clock)
+    _, _, withdrawn = signed(keypair=keypair, start=0, end=0, issued=clock.now + 2, clock=clock)
+    assert store.put(key, second, peer, "a") == ""
+    assert store.put(key, first, peer, "a") == "an equal or newer record is stored"
+    assert store.put(key, withdrawn, peer, "a") == ""
+    assert [verify_record(b).withdrawn for b in store.get(key)] == [True]
+
+
+def test_fifty_throwaway_ids_from_one_network_hide_no_honest_server():
+    clock = Clock()
+    store = DirectoryStore(clock)
+    honest = []
+    for group in ("198.51.100.0/24", "203.0.113.0/24", "192.0.2.0/24"):
+        for _ in range(3):
+            peer, key, blob = signed(clock=clock)
+            assert store.put(key, blob, peer, group) == ""
+            honest.append((key, blob))
+    for _ in range(50):  # the flood: fresh ids, valid signatures, one network
+        clock.now += 0.01
+        peer, key, blob = signed(clock=clock)
+        assert store.put(key, blob, peer, "10.66.0.0/24") == ""  # it displaces its own network's oldest
+    for key, blob in honest:
+        assert blob in store.get(key)
+    for shard in range(directory.SHARDS):
+        assert store.groups(shard_key(MODEL, shard)).get("10.66.0.0/24", 0) <= directory.MAX_PER_GROUP_PER_KEY
+
+
+def test_one_network_signing_made_up_models_is_capped_in_total():
+    clock = Clock()
+    store = DirectoryStore(clock)
+    keypair = create_new_key_pair()
+    reasons = []
+    for i in range(directory.MAX_ENTRIES_PER_GROUP + 20):
+        peer, key, blob = signed(f"made-up/{i}", keypair=keypair, clock=clock)
+        reasons.append(store.put(key, blob, peer, "10.66.0.0/24"))
+    assert reasons.count("") == directory.MAX_ENTRIES_PER_GROUP
+    assert all("holds" in r for r in reasons[directory.MAX_ENTRIES_PER_GROUP:])
+    peer, key, blob = signed(clock=clock)  # another network still gets in
+    assert store.put(key, blob, peer, "198.51.100.0/24") == ""
+
+
+def test_a_full_key_displaces_the_largest_network_not_a_small_one(monkeypatch):
+    monkeypatch.setattr(directory, "MAX_ENTRIES_PER_KEY", 6)
+    clock = Clock()
+    store = DirectoryStore(clock)
+    keypair_by_shard: dict[int, list] = {}
+    while min((len(v) for v in keypair_by_shard.values()), default=0) < 8 or len(keypair_by_shard) < directory.SHARDS:
+        kp = create_new_key_pair()
+        keypair_by_shard.setdefault(shard_of(ID.from_pubkey(kp.public_key).to_base58()), []).append(kp)
+    pairs = keypair_by_shard[0]
+    stored = []
+    for i, kp in enumerate(pairs[:6]):  # 5 from a big network, 1 from a small one: the key is full
+        clock.now += 1
+        peer, key, blob = signed(keypair=kp, clock=clock)
+        assert store.put(key, blob, peer, "big" if i < 5 else "small") == ""
+        stored.append(blob)
+    clock.now += 1
+    peer, key, blob = signed(keypair=pairs[6], clock=clock)
+    assert store.put(key, blob, peer, "other") == ""  # displaces the big network's oldest
+    assert stored[0] not in store.get(key) and stored[5] in store.get(key)
+    assert store.groups(key) == {"big": 4, "small": 1, "other": 1}
