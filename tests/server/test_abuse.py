@@ -24,7 +24,9 @@ from dsdnode.models.fetch import pull
 from dsdnode.models.weights import weights_digest
 from tests.helpers.netns import Internet, missing_requirements
 
-pytestmark = [pytest.mark.heavy, pytest.mark.timeout(600),
+# Behind `soak` for now (about 4 min of namespaces and swarm on 2 cores; not yet rerun since the
+# merge with the audit and pipelined-prefill work): DSDNODE_SOAK=1 runs it.
+pytestmark = [pytest.mark.heavy, pytest.mark.soak, pytest.mark.timeout(600),
               pytest.mark.skipif(bool(missing_requirements()), reason=missing_requirements())]
 MODEL = "smollm2-135m"
 HIDDEN = 576
