@@ -169,8 +169,9 @@ def test_unusable_reply_excludes_its_sender(swarm, parts, expected):
 
 
 def test_busy_server_is_waited_for(swarm, parts, expected):
-    """The only server is full (another client holds its cache): the client waits for its retry hint."""
-    with servers(swarm, (0, 30, ["--cache-budget-mb", "3"])) as (only,):
+    """The only server is full (another client holds its cache): the client waits for its retry hint.
+    (--max-cache-share 1: one client may hold the whole budget, so one session fills it.)"""
+    with servers(swarm, (0, 30, ["--cache-budget-mb", "3", "--max-cache-share", "1"])) as (only,):
         async def main():
             holder = await client_chain(swarm, parts[0], [only])
             waiter = await client_chain(swarm, parts[0], [only])
