@@ -22,6 +22,7 @@ import json
 import logging
 from dataclasses import dataclass
 
+from ..errors import UserError
 from .schemas import ApiError
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ class GuardSettings:
         return cls(max_body_bytes=BODY_BASE_BYTES + max_prompt_tokens * BODY_BYTES_PER_TOKEN, **kw)
 
 
-class BodyTooLarge(Exception):
-    """A chunked body went past the limit while it was read."""
+class BodyTooLarge(UserError):
+    """A chunked body went past the limit while it was read (the sender's doing: answered 413)."""
 
 
 class RequestGuard:

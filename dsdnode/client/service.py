@@ -21,7 +21,7 @@ from ..speculative.draft import Drafter
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
 from ..speculative.sampling import SamplingSettings
 from ..errors import BadValue
-from .generate import GenerationResult, GenerationSettings, Generator
+from .generate import SEQUENTIAL_PREFILL_CHUNK, GenerationResult, GenerationSettings, Generator
 from .interface import Chain
 from .loading import ClientModels
 from .metrics import ClientMetrics
@@ -266,7 +266,7 @@ class ClientService:
         """The target's float32 logits [vocab] for the token after `ids`, from a session of its own
         (prefilled in chunks as a generation prefills, not audited): how close a greedy choice was,
         e.g. where two decodings of one prompt part (`dsdnode demo` checks near-ties so)."""
-        chunk = GenerationSettings().prefill_chunk
+        chunk = SEQUENTIAL_PREFILL_CHUNK
         chain = self.chains.new_chain(audit=False)
         await chain.start_session(len(ids))
         try:
