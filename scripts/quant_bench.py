@@ -2,29 +2,40 @@
 agreement with bfloat16 on the real model, on this CPU. Usage:
 
     python scripts/quant_bench.py [--model qwen2.5-coder-1.5b] [--problems 20] [--new-tokens 32]
+        [--blocks 1,8,32] [--context 64] [--threads 1] [--out bench-results/quant/qwen2.5-coder-1.5b.json]
 
-Greedy agreement: the share of problems (HumanEval prompts, chat template) whose first
---new-tokens greedy tokens equal the bfloat16 ones, and the mean share of equal tokens up to the
-first difference. The whole model runs as one span in this process (no swarm, no draft)."""
+The whole model runs as one span per mode in this process (no swarm, no draft); the three spans are
+loaded side by side (about 3 + 1.7 + 1.1 GB for the 1.5B). First each mode's memory per layer
+(stored bytes of layer 0 and the mean over all layers, bitsandbytes' scales included) and block
+latency (median of --repeats forwards of a block of B random hidden states after --context cached
+positions). Then, problem by problem (HumanEval, the bench's own chat prompt), each mode's first
+--new-tokens greedy tokens; the JSON is rewritten after every problem, so a run cut short keeps
+what it finished. Greedy agreement: the share of problems whose tokens equal bfloat16's, and the
+mean share of tokens before the first difference."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
-from dsdnode.bench.datasets import load_dataset
-from dsdnode.client.loading import encode_prompt
+from dsdnode.bench.datasets import chat_messages, load_dataset
+from dsdnode.bench.machine import machine_info
+from dsdnode.client.loading import encode_chat
 from dsdnode.models.fetch import resolve_model_dir
 from dsdnode.models.head import Head
 from dsdnode.models.quantization import QUANT_MODES, quantize_layers, stored_bytes
 from dsdnode.models.span import Span
-from transformers import AutoTokenizer
 
 
-def greedy(head, span, ids, n):
+def greedy(head: Head, span: Span, ids: list[int], n: int) -> list[int]:
     cache = span.new_cache(len(ids) + n + 1)
     logits = head.logits(span(head.embed_tokens(ids), cache, 0))
     out = [int(logits[-1].argmax())]
@@ -34,46 +45,90 @@ def greedy(head, span, ids, n):
     return out
 
 
-def block_latency(span, hidden_size, context=256, block=8, repeats=5):
-    cache = span.new_cache(context + block)
+def block_latency(span: Span, hidden_size: int, context: int, blocks: list[int], repeats: int) -> dict[int, float]:
+    """Median seconds of one forward of each block size after `context` cached positions (every
+    block is written at the same positions, as a rolled-back draft block is)."""
+    cache = span.new_cache(context + max(blocks))
     span(torch.randn(1, context, hidden_size, dtype=span.dtype), cache, 0)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        span(torch.randn(1, block, hidden_size, dtype=span.dtype), cache, context)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    latency = {}
+    for block in blocks:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            span(torch.randn(1, block, hidden_size, dtype=span.dtype), cache, context)
+            times.append(time.perf_counter() - t0)
+        latency[block] = statistics.median(times)
+    return latency
 
 
-def main():
+def agreement(outs: list[list[int]], reference: list[list[int]]) -> dict:
+    first_diff = [next((i for i, (x, y) in enumerate(zip(o, r)) if x != y), len(r)) for o, r in zip(outs, reference)]
+    return {"problems": len(outs), "identical": sum(o == r for o, r in zip(outs, reference)),
+            "mean_prefix_share": statistics.mean(d / len(r) for d, r in zip(first_diff, reference)) if outs else None,
+            "first_difference": first_diff}
+
+
+def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--problems", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--blocks", default="1,8,32")
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("bench-results/quant/qwen2.5-coder-1.5b.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    blocks = [int(b) for b in a.blocks.split(",")]
     model_dir = resolve_model_dir(a.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     head = Head.load(model_dir, torch.bfloat16)
-    prompts = [encode_prompt(tok, pr.prompt) for pr in load_dataset("humaneval", a.problems)]
-    reference = None
+    n_layers, hidden = head.config.num_hidden_layers, head.config.hidden_size
+    problems = load_dataset("humaneval", a.problems)
+    prompts = [encode_chat(tok, chat_messages(pr)) for pr in problems]
+    report = {"command": " ".join(["python", "scripts/quant_bench.py", *sys.argv[1:]]), "model": a.model,
+              "threads": a.threads, "new_tokens": a.new_tokens, "context": a.context, "machine": machine_info(),
+              "load_before": os.getloadavg(), "modes": {}, "problems": []}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        a.out.write_text(json.dumps(report, indent=1))
+
+    spans = {}
+    with torch.inference_mode():
+        for mode in QUANT_MODES:
+            span = Span.load(model_dir, 0, n_layers, torch.bfloat16)
+            quantize_layers(span.layers, mode, torch.bfloat16)
+            spans[mode] = span
+            sizes = [stored_bytes(layer) for layer in span.layers]
+            latency = block_latency(span, hidden, a.context, blocks, a.repeats)
+            report["modes"][mode] = {"layer0_bytes": sizes[0], "mean_layer_bytes": statistics.mean(sizes),
+                                     "block_latency_s": latency}
+            print(f"{mode:5} layer 0 {sizes[0] / 2**20:7.2f} MiB, mean layer {statistics.mean(sizes) / 2**20:7.2f} MiB; "
+                  f"whole model, block after {a.context}: " + ", ".join(f"{b}: {s * 1000:.0f} ms" for b, s in latency.items()),
+                  flush=True)
+            save()
+        outs: dict[str, list[list[int]]] = {mode: [] for mode in QUANT_MODES}
+        for problem, ids in zip(problems, prompts):
+            row = {"id": problem.id, "prompt_tokens": len(ids), "tokens": {}, "seconds": {}}
+            for mode, span in spans.items():
+                t0 = time.perf_counter()
+                outs[mode].append(greedy(head, span, ids, a.new_tokens))
+                row["tokens"][mode], row["seconds"][mode] = outs[mode][-1], time.perf_counter() - t0
+            report["problems"].append(row)
+            for mode in QUANT_MODES:
+                report["modes"][mode]["agreement_with_none"] = agreement(outs[mode], outs["none"])
+            report["load_after"] = os.getloadavg()
+            save()
+            same = {m: row["tokens"][m] == row["tokens"]["none"] for m in QUANT_MODES[1:]}
+            print(f"{problem.id} ({len(ids)} prompt tokens): " + ", ".join(
+                f"{m} {'same' if s else 'differs'} ({row['seconds'][m]:.0f} s)" for m, s in same.items())
+                  + f", none {row['seconds']['none']:.0f} s", flush=True)
     for mode in QUANT_MODES:
-        span = Span.load(model_dir, 0, head.config.num_hidden_layers, torch.bfloat16)
-        quantize_layers(span.layers, mode, torch.bfloat16)
-        layer = stored_bytes(span.layers[0])
-        latency = block_latency(span, head.config.hidden_size)
-        t0 = time.perf_counter()
-        outs = [greedy(head, span, ids, a.new_tokens) for ids in prompts]
-        gen_s = time.perf_counter() - t0
-        if reference is None:
-            reference = outs
-        same = sum(o == r for o, r in zip(outs, reference))
-        prefix = statistics.mean(next((i for i, (x, y) in enumerate(zip(o, r)) if x != y), len(r)) / len(r)
-                                 for o, r in zip(outs, reference))
-        print(f"{mode:5} layer {layer / 2**20:7.2f} MiB  block of 8 after 256: {latency * 1000:7.1f} ms  "
-              f"greedy == bf16: {same}/{len(prompts)} problems, {prefix:.0%} of tokens before the first "
-              f"difference  ({gen_s:.0f} s to generate)", flush=True)
+        g = report["modes"][mode]["agreement_with_none"]
+        print(f"{mode:5} greedy == bf16: {g['identical']}/{g['problems']} problems, "
+              f"{g['mean_prefix_share']:.0%} of tokens before the first difference", flush=True)
 
 
 if __name__ == "__main__":
