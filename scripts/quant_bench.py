@@ -2,16 +2,21 @@
 agreement with bfloat16 on the real model, on this CPU. Usage:
 
     python scripts/quant_bench.py [--model qwen2.5-coder-1.5b] [--problems 20] [--new-tokens 32]
-        [--blocks 1,8,32] [--context 64] [--threads 1] [--out bench-results/quant/qwen2.5-coder-1.5b.json]
+        [--blocks 1,8,32] [--context 64] [--latency-modes none,int8,int4] [--threads 1] [--out bench-results/quant/qwen2.5-coder-1.5b.json]
 
 The whole model runs as one span per mode in this process (no swarm, no draft); the three spans are
 loaded side by side (about 3 + 1.7 + 1.1 GB for the 1.5B). First each mode's memory per layer
 (stored bytes of layer 0 and the mean over all layers, bitsandbytes' scales included) and block
 latency (median of --repeats forwards of a block of B random hidden states after --context cached
-positions). Then, problem by problem (HumanEval, the bench's own chat prompt), each mode's first
---new-tokens greedy tokens; the JSON is rewritten after every problem, so a run cut short keeps
-what it finished. Greedy agreement: the share of problems whose tokens equal bfloat16's, and the
-mean share of tokens before the first difference."""
+positions; --blocks "" skips it, --latency-modes limits it to some modes). Then, problem by problem (HumanEval, the bench's own chat prompt),
+bfloat16's first --new-tokens greedy tokens, and each quantized mode's greedy choice at every one of
+those positions given bfloat16's tokens before it (one forward over prompt + tokens: teacher
+forcing). The quantized mode's own greedy text equals bfloat16's up to the first position where its
+choice differs, so this gives exactly how far the two greedy texts agree, at the cost of one block
+instead of --new-tokens decoding steps. The JSON is rewritten after every problem, so a run cut short
+keeps what it finished. Reported per mode: problems whose --new-tokens greedy tokens equal bfloat16's,
+the mean share of tokens before the first difference, and the share of positions whose choice
+given the same prefix equals bfloat16's."""
 
 from __future__ import annotations
 
@@ -61,11 +66,19 @@ def block_latency(span: Span, hidden_size: int, context: int, blocks: list[int],
     return latency
 
 
-def agreement(outs: list[list[int]], reference: list[list[int]]) -> dict:
-    first_diff = [next((i for i, (x, y) in enumerate(zip(o, r)) if x != y), len(r)) for o, r in zip(outs, reference)]
-    return {"problems": len(outs), "identical": sum(o == r for o, r in zip(outs, reference)),
-            "mean_prefix_share": statistics.mean(d / len(r) for d, r in zip(first_diff, reference)) if outs else None,
-            "first_difference": first_diff}
+def forced_choices(head: Head, span: Span, ids: list[int], reference: list[int]) -> list[int]:
+    """The greedy choice at each reference position, given the prompt and the reference before it."""
+    cache = span.new_cache(len(ids) + len(reference))
+    logits = head.logits(span(head.embed_tokens(ids + reference[:-1]), cache, 0))
+    return logits[len(ids) - 1:].argmax(dim=-1).tolist()
+
+
+def agreement(choices: list[list[int]], reference: list[list[int]]) -> dict:
+    first_diff = [next((i for i, (x, y) in enumerate(zip(c, r)) if x != y), len(r)) for c, r in zip(choices, reference)]
+    same = [sum(x == y for x, y in zip(c, r)) for c, r in zip(choices, reference)]
+    return {"problems": len(choices), "identical": sum(d == len(r) for d, r in zip(first_diff, reference)),
+            "mean_prefix_share": statistics.mean(d / len(r) for d, r in zip(first_diff, reference)),
+            "position_share": sum(same) / sum(len(r) for r in reference), "first_difference": first_diff}
 
 
 def main() -> None:
@@ -76,11 +89,12 @@ def main() -> None:
     p.add_argument("--blocks", default="1,8,32")
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--latency-modes", default=",".join(QUANT_MODES), help="modes whose block latency is measured")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("bench-results/quant/qwen2.5-coder-1.5b.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    blocks = [int(b) for b in a.blocks.split(",")]
+    blocks = [int(b) for b in a.blocks.split(",") if b]
     model_dir = resolve_model_dir(a.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     head = Head.load(model_dir, torch.bfloat16)
@@ -102,33 +116,36 @@ def main() -> None:
             quantize_layers(span.layers, mode, torch.bfloat16)
             spans[mode] = span
             sizes = [stored_bytes(layer) for layer in span.layers]
-            latency = block_latency(span, hidden, a.context, blocks, a.repeats)
+            timed = blocks and mode in a.latency_modes.split(",")
+            latency = block_latency(span, hidden, a.context, blocks, a.repeats) if timed else {}
             report["modes"][mode] = {"layer0_bytes": sizes[0], "mean_layer_bytes": statistics.mean(sizes),
                                      "block_latency_s": latency}
-            print(f"{mode:5} layer 0 {sizes[0] / 2**20:7.2f} MiB, mean layer {statistics.mean(sizes) / 2**20:7.2f} MiB; "
-                  f"whole model, block after {a.context}: " + ", ".join(f"{b}: {s * 1000:.0f} ms" for b, s in latency.items()),
-                  flush=True)
+            print(f"{mode:5} layer 0 {sizes[0] / 2**20:7.2f} MiB, mean layer {statistics.mean(sizes) / 2**20:7.2f} MiB"
+                  + (f"; whole model, block after {a.context}: " if latency else "")
+                  + ", ".join(f"{b}: {s * 1000:.0f} ms" for b, s in latency.items()), flush=True)
             save()
-        outs: dict[str, list[list[int]]] = {mode: [] for mode in QUANT_MODES}
+        reference: list[list[int]] = []
+        choices: dict[str, list[list[int]]] = {mode: [] for mode in QUANT_MODES[1:]}
         for problem, ids in zip(problems, prompts):
-            row = {"id": problem.id, "prompt_tokens": len(ids), "tokens": {}, "seconds": {}}
-            for mode, span in spans.items():
+            t0 = time.perf_counter()
+            reference.append(greedy(head, spans["none"], ids, a.new_tokens))
+            row = {"id": problem.id, "prompt_tokens": len(ids), "none_tokens": reference[-1], "choices": {},
+                   "seconds": {"none": time.perf_counter() - t0}}
+            for mode in choices:
                 t0 = time.perf_counter()
-                outs[mode].append(greedy(head, span, ids, a.new_tokens))
-                row["tokens"][mode], row["seconds"][mode] = outs[mode][-1], time.perf_counter() - t0
+                choices[mode].append(forced_choices(head, spans[mode], ids, reference[-1]))
+                row["choices"][mode], row["seconds"][mode] = choices[mode][-1], time.perf_counter() - t0
+                report["modes"][mode]["agreement_with_none"] = agreement(choices[mode], reference)
             report["problems"].append(row)
-            for mode in QUANT_MODES:
-                report["modes"][mode]["agreement_with_none"] = agreement(outs[mode], outs["none"])
             report["load_after"] = os.getloadavg()
             save()
-            same = {m: row["tokens"][m] == row["tokens"]["none"] for m in QUANT_MODES[1:]}
             print(f"{problem.id} ({len(ids)} prompt tokens): " + ", ".join(
-                f"{m} {'same' if s else 'differs'} ({row['seconds'][m]:.0f} s)" for m, s in same.items())
-                  + f", none {row['seconds']['none']:.0f} s", flush=True)
-    for mode in QUANT_MODES:
+                f"{m} first differs at {report['modes'][m]['agreement_with_none']['first_difference'][-1]} "
+                f"({row['seconds'][m]:.0f} s)" for m in choices) + f", none {row['seconds']['none']:.0f} s", flush=True)
+    for mode in choices:
         g = report["modes"][mode]["agreement_with_none"]
-        print(f"{mode:5} greedy == bf16: {g['identical']}/{g['problems']} problems, "
-              f"{g['mean_prefix_share']:.0%} of tokens before the first difference", flush=True)
+        print(f"{mode:5} greedy == bf16: {g['identical']}/{g['problems']} problems, {g['mean_prefix_share']:.0%} of "
+              f"tokens before the first difference, {g['position_share']:.0%} of choices given bf16's prefix", flush=True)
 
 
 if __name__ == "__main__":

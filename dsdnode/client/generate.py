@@ -131,8 +131,8 @@ class _Predraft:
 
 
 class Generator:
-    def __init__(self, head: Head, chain: Chain, drafter: Drafter | PromptLookupDrafter | None, settings: GenerationSettings,
-                 eos_ids: set[int], importance: ImportanceScorer | None = None,
+    def __init__(self, head: Head, chain: Chain, drafter: Drafter | PromptLookupDrafter | None,
+                 settings: GenerationSettings, eos_ids: set[int], importance: ImportanceScorer | None = None,
                  controller: DraftLengthController | None = None):
         """controller: one that earlier generations trained, so this one starts from their estimate
         of the round cost instead of re-learning it in its first rounds (which is most of a short
@@ -302,8 +302,9 @@ class Generator:
         # the next round's draft, if the text went on through the tree grown ahead (accepted drafts and bonus)
         on = growth.tree.follow(result.tokens) if nxt is not None else None
         # k: the depth sent (a lookup's chain may stop short of the shape, or be empty)
-        stats = RoundStats(max(tree.depths(), default=0), result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s,
-                           predrafted, out.hop_link_s, growth.width, len(tree), out.block_bytes, out.reply_bytes)
+        stats = RoundStats(max(tree.depths(), default=0), result.accepted, result.relaxed, round_s, draft_s,
+                           out.hop_compute_s, predrafted, out.hop_link_s, growth.width, len(tree), out.block_bytes,
+                           out.reply_bytes)
         return result, stats, growth.rerooted(on[-1]) if on else None
 
     def _new_growth(self, tokens: list[int], width: int) -> Growth:
