@@ -158,7 +158,12 @@ class DHT:
         if len(reasons) < len(boot) or not boot:
             if boot:
                 with trio.move_on_after(BOOTSTRAP_TIMEOUT):
-                    await kad.peer_routing.find_closest_peers_network(libp2p.get_id().to_bytes())
+                    # twice: py-libp2p adds the peer of an inbound query to its routing table only if
+                    # it has addresses for it already, and takes them from the query's signed record
+                    # after that check; so the first lookup tells our bootstrap peers where we are,
+                    # the second puts us in their tables (else nobody finds us until our next upkeep)
+                    for _ in range(2):
+                        await kad.peer_routing.find_closest_peers_network(libp2p.get_id().to_bytes())
             return None
         if required:
             return BootstrapUnreachable(f"cannot reach any bootstrap peer ({'; '.join(reasons)})")
