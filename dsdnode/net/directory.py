@@ -6,17 +6,17 @@ every later server. The directory keeps the servers' own signed span records ins
 on the storing side what it keeps, from what it observed:
 
 - **Sharded keys.** A server's record lives under `shard_key(model, shard_of(peer_id))`, one of
-  SHARDS keys per model, at REPLICAS of the peers closest to that key (Kademlia distance, found
-  with the DHT's iterative lookup). A reader asks the LOOKUP_WIDTH closest peers of every shard at
-  once, so one lookup costs SHARDS parallel lookups and no peer holds a whole large model's
-  membership.
-- **Confirmed stores.** Two nodes' lookups of one key need not agree, and a busy peer may store a
-  record and answer too late, or not at all. So a publisher counts a put only when the storing
-  peer confirmed it, puts again where it got no answer and goes on to the next closest peers until
-  REPLICAS of the LOOKUP_WIDTH closest hold the record (a repeated put of the same record is
-  confirmed, not refused); a reader asks all LOOKUP_WIDTH. Measured in a 24-peer swarm of network
-  namespaces on a loaded machine: a server whose puts to the 4 closest peers all went unanswered
-  was listed by nobody until it announced again, since readers ask exactly those peers.
+  SHARDS keys per model, at the REPLICAS peers closest to that key (Kademlia distance, found with
+  the DHT's iterative lookup). A reader asks the REPLICAS closest peers of every shard at once, so
+  one lookup costs SHARDS parallel lookups and no peer holds a whole large model's membership.
+- **Confirmed stores, wide enough to overlap.** Two nodes' lookups of one key need not agree (a
+  reader's view lags peers that just joined; a lookup under load ends early), and a busy peer may
+  store a record and answer too late, or not at all. So a publisher counts a put only when the
+  storing peer confirmed it, puts again where no answer came and at the next closest (SPARES) for
+  each one that never answers; a repeated put of the same record is confirmed, not refused.
+  Measured in a 24-peer swarm of network namespaces on a loaded machine: with 4 replicas and one
+  put each, servers whose puts to the 4 closest went unanswered, or whose 4 confirmations came from
+  peers that had just joined, were listed by nobody until they announced again.
 - **Only verified records.** A storing peer keeps a record only if its signature checks, its signer
   is the peer that sent it (over this very connection: a peer stores no record of anyone else), it
   is not expired and it belongs under the key. Expired entries are dropped when a key is read or
@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 
 DIRECTORY_PROTOCOL = TProtocol("/dsdnode/directory/1.0.0")
 SHARDS = 4  # directory keys per model
-REPLICAS = 4  # peers among a shard key's closest that must confirm storing each record
-LOOKUP_WIDTH = 2 * REPLICAS  # closest peers of a shard key a publisher may store at and a reader asks
+REPLICAS = 8  # closest peers of a shard key that store each record; a reader asks as many
+SPARES = 4  # next closest peers a publisher stores at in place of closest ones that do not answer
 PUT_ROUNDS = 3  # a publisher's passes over the closest peers until REPLICAS confirmed
 MAX_ENTRIES_PER_KEY = 256
 MAX_PER_GROUP_PER_KEY = 8  # entries one /24 may hold under one key
@@ -310,7 +310,7 @@ class DirectoryClient:
         now = trio.current_time()
         if cached is not None and not fresh and now - cached[0] < CLOSEST_CACHE_S:
             return cached[1]
-        found = await kad.peer_routing.find_closest_peers_network(key, count=max(count, LOOKUP_WIDTH))
+        found = await kad.peer_routing.find_closest_peers_network(key, count=max(count, REPLICAS + SPARES))
         peers = [p for p in found if p != kad.local_peer_id][:count]
         if len(self._closest) >= CLOSEST_CACHE_KEYS:
             self._closest.clear()
@@ -318,13 +318,13 @@ class DirectoryClient:
         return peers
 
     async def trio_publish(self, rec: SpanRecord, blob: bytes, also: list[ID] = ()) -> int:
-        """Store our record at REPLICAS of the LOOKUP_WIDTH peers closest to its shard key (and at
-        `also`); returns how many of the closest confirmed it.
+        """Store our record at the REPLICAS peers closest to its shard key (and at `also`); returns
+        how many of the closest REPLICAS + SPARES confirmed it.
 
         The first pass puts at the REPLICAS closest and at `also`; each later pass puts again where
-        no confirmation came and at as many of the next closest as confirmations are missing."""
+        no confirmation came and at as many of the SPARES as confirmations are missing."""
         key = shard_key(rec.model, shard_of(rec.peer_id))
-        closest = await self.trio_closest(key, LOOKUP_WIDTH, fresh=True)
+        closest = await self.trio_closest(key, REPLICAS + SPARES, fresh=True)
         confirmed: set[ID] = set()
 
         async def put(peer: ID) -> None:
@@ -376,10 +376,10 @@ class DirectoryClient:
         async def one_shard(shard: int) -> None:
             nonlocal partial
             key = shard_key(model, shard)
-            peers = await self.trio_closest(key, LOOKUP_WIDTH)
+            peers = await self.trio_closest(key, REPLICAS)
             answered = await ask(key, peers)
             if answered < len(peers) // 2 + 1:  # cached peers gone: look again
-                fresh = await self.trio_closest(key, LOOKUP_WIDTH, fresh=True)
+                fresh = await self.trio_closest(key, REPLICAS, fresh=True)
                 answered += await ask(key, [p for p in fresh if p not in peers])
             if not answered:
                 partial = True
