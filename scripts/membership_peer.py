@@ -73,4 +73,7 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s peer %(levelname)s %(name)s: %(message)s")
-    uvloop.run(main(json.loads(sys.argv[1])))
+    config = json.loads(sys.argv[1])
+    if config.get("debug"):  # what each node published where, and which peers a reader asked
+        logging.getLogger("dsdnode.net.directory").setLevel(logging.DEBUG)
+    uvloop.run(main(config))

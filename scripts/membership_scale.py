@@ -59,10 +59,11 @@ class Peers:
 
     live: list[Peers] = []
     count = 0
+    debug = False  # peers log what they publish where and which peers the reader asks
 
     def __init__(self, site: Host, logs: Path, *, nodes: int = 1, bootstrap: list[str] = (),
                  client: bool = False) -> None:
-        config = {"host": site.ip, "nodes": nodes, "bootstrap": list(bootstrap), "client": client}
+        config = {"host": site.ip, "nodes": nodes, "bootstrap": list(bootstrap), "client": client, "debug": Peers.debug}
         Peers.count += 1
         self.site = site
         self.log = logs / f"peer{Peers.count}-{site.ip}.log"
@@ -186,6 +187,8 @@ def run(args: argparse.Namespace) -> dict:
             trial.request("announce", model=MODEL, start=0, end=4, ttl=RECORD_TTL_S, timeout=300)
             listed = time_until_listed(reader, set(trial.ids))
             rounds.append({"departed_before": departed, "listed_s": [listed.get(p) for p in trial.ids]})
+            if len(listed) < len(trial.ids):
+                log(f"  not listed: {[p for p in trial.ids if p not in listed]} ({trial.log.name})")
             trial.kill()
             departed += len(trial.nodes)
             log(f"trial round {r}: listed {sorted(round(v, 2) for v in listed.values())} of {len(trial.ids)} "
@@ -244,8 +247,10 @@ def main() -> None:
     ap.add_argument("--lookups", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--soak-hours", type=float, default=0.0, help="keep the trial rounds going this long")
+    ap.add_argument("--debug-logs", action="store_true", help="peers log where they publish and whom the reader asks")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    Peers.debug = args.debug_logs
     if os.geteuid() != 0:
         sys.exit("membership_scale: network namespaces need root")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("membership_scale: terminated"))  # cleanup still runs

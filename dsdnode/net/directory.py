@@ -317,6 +317,13 @@ class DirectoryClient:
         self._closest[key] = (now, peers)
         return peers
 
+    def _forget(self, key: bytes, peer: ID) -> None:
+        """Drop a peer we could not connect to from the cached closest peers of `key`, so the next
+        lookups within CLOSEST_CACHE_S do not wait on it again (a departed server: a dial timeout)."""
+        cached = self._closest.get(key)
+        if cached is not None and peer in cached[1]:
+            self._closest[key] = (cached[0], [p for p in cached[1] if p != peer])
+
     async def trio_publish(self, rec: SpanRecord, blob: bytes, also: list[ID] = ()) -> int:
         """Store our record at the REPLICAS peers closest to its shard key (and at `also`); returns
         how many of the closest REPLICAS + SPARES confirmed it.
@@ -345,6 +352,9 @@ class DirectoryClient:
             wave = [*unanswered, *[p for p in closest if p not in tried][:missing]]
             if not wave:
                 break
+        log.debug("published %s under shard %d at %d of its %d closest peers (%d tried, %d of `also`): %s",
+                  rec.peer_id, shard_of(rec.peer_id), len(confirmed.intersection(closest)), len(closest),
+                  len(tried), len(confirmed.difference(closest)), [p.to_base58()[-6:] for p in closest])
         return len(confirmed.intersection(closest))
 
     async def trio_list(self, model: str) -> tuple[list[bytes], bool]:
@@ -362,6 +372,8 @@ class DirectoryClient:
                     answer = await _request(self._host, peer, {"op": "get", "key": key})
                 except Exception as exc:
                     log.debug("directory get at %s failed: %r", peer, exc)
+                    if isinstance(exc, PeerUnreachable):
+                        self._forget(key, peer)
                     return
                 records = answer.get("records")
                 if isinstance(records, list):
@@ -383,6 +395,8 @@ class DirectoryClient:
                 answered += await ask(key, [p for p in fresh if p not in peers])
             if not answered:
                 partial = True
+            log.debug("listed shard %d of %s: %d of %s answered", shard, model, answered,
+                      [p.to_base58()[-6:] for p in peers])
 
         async with trio.open_nursery() as nursery:
             for shard in range(SHARDS):
