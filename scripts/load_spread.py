@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from dsdnode.client.local import split_layers
 from dsdnode.client.service import ClientService, GenerateOptions, SwarmChains
 from dsdnode.local_swarm import LocalSwarm
 from dsdnode.net.p2p import P2PNode
+from tests.helpers.jsonl_rpc import print_result
 
 PROMPT = "def fibonacci(n):"
 ROUTE_WAIT_S = 300.0
@@ -102,11 +102,7 @@ def main() -> None:
               "tokens": args.tokens, "waves": per_wave,
               "busiest_share_max": max(s for w in per_wave for s in w["busiest_share"].values()),
               "wall_s": round(time.monotonic() - started, 1)}
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
+    print_result(result, args.out)
 
 
 if __name__ == "__main__":

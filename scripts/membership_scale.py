@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers.jsonl_rpc import RequestChannel
+from tests.helpers.jsonl_rpc import RequestChannel, print_result
 from tests.helpers.netns import Host, Internet
 
 SITES = ["198.51.100", "203.0.113", "192.0.2", "10.1.0", "10.2.0", "10.3.0"]
@@ -254,12 +254,7 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("membership_scale: network namespaces need root")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("membership_scale: terminated"))  # cleanup still runs
-    result = run(args)
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
+    print_result(run(args), args.out)
 
 
 if __name__ == "__main__":

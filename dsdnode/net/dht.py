@@ -199,7 +199,7 @@ class DHT:
 
     async def trio_upkeep(self) -> None:
         """Keep the routing table fresh for as long as the node runs (see the module docstring)."""
-        kad, libp2p = self._host.kad, self._host.libp2p
+        kad = self._host.kad
         assert kad is not None
         while True:
             await trio.sleep(UPKEEP_INTERVAL_S)

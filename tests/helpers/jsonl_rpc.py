@@ -1,7 +1,8 @@
 """Requests to a node in a child process, one JSON line each way over its stdin and stdout.
 
 Used by the tests' node processes (tests/helpers/p2p_node.py) and the membership scale harness
-(scripts/membership_scale.py, scripts/membership_peer.py). The child prints `READY {json}` once it
+(scripts/membership_scale.py, scripts/membership_peer.py); the scripts also print their results as
+one JSON line (print_result). The child prints `READY {json}` once it
 is up, then answers each request line `{"op": ..., ...}` with one line: `{"ok": true, ...}` or
 `{"ok": false, "error": "..."}`; the op "stop" is answered, then ends the child's loop.
 """
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 READY = "READY "
@@ -82,3 +84,12 @@ class RequestChannel:
             if line.startswith(READY) or line.startswith("{"):
                 self._lines.put(line)
         self._lines.put(None)
+
+
+def print_result(result: dict[str, Any], out: Path | None) -> None:
+    """A script's results: one JSON line on stdout, and the same line in `out` (if given)."""
+    line = json.dumps(result)
+    print(line)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(line + "\n")
