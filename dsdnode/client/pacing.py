@@ -6,7 +6,9 @@ failovers while an honest replica sat idle). The pace watch keeps, per hop of th
 baseline of its first decode passes (the median of BASELINE_PASSES; it never rises after) and calls
 a hop slow when SLOW_STRIKES passes in a row exceed SLOW_FACTOR x the lesser of that baseline and
 what an available replica of its layers was measured to cost, plus SLOW_MARGIN_S (room for a loaded
-machine). Only decode-sized blocks count: a replay or a prompt costs more for honest reasons.
+machine). Only decode-sized blocks count: a replay or a prompt costs more for honest reasons. A slow
+hop is replaced only where other servers serve its layers (`Router.can_route_around`): without them a
+slow route still beats none.
 
 Who is slow is decided from evidence: the client measures each hop's share of a pass from when its
 output copy arrived, and the hop stamps when it received the block and when it sent it on. A share

@@ -101,6 +101,20 @@ class Router:
                 and r.peer_id not in self.excluded and r.peer_id not in bans and r.peer_id not in self.flagged
                 and r.peer_id != peer and r.peer_id != self.node.peer_id]
 
+    def can_route_around(self, peer: str, start: int, end: int) -> bool:
+        """Whether other servers (not excluded or banned) together serve layers start:end: replacing a
+        slow `peer` without them would end the generation, not speed it up."""
+        bans = self.bans.active()
+        spans = sorted((r.start, r.end) for r in self.records
+                       if r.start < end and start < r.end and r.peer_id != peer
+                       and r.peer_id not in self.excluded and r.peer_id not in bans)
+        reached = start
+        for a, b in spans:
+            if a > reached:
+                break
+            reached = max(reached, b)
+        return reached >= end
+
     def replica_s(self, peer: str, start: int, end: int) -> float | None:
         """The least measured cost of a pass over layers start:end on another server that serves them all
         and could be routed (None: no such server was measured)."""

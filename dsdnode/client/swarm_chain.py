@@ -464,9 +464,12 @@ class RemoteChain:
                     self.standing.measured(leg.hop.candidate.record, leg.hop.end - leg.hop.start, compute)
                 self.meter.observe(positions, [x.compute_s for x in t], links)
                 stamps = [g[0].timings[-1] for g in mine]
-                self._replace.update(self.pace.observe(
+                slow = self.pace.observe(
                     [leg.peer_id for leg in legs], shares, [max(0.0, s.send_time - s.recv_time) for s in stamps],
-                    positions, [self.router.replica_s(leg.peer_id, leg.hop.start, leg.hop.end) for leg in legs]))
+                    positions, [self.router.replica_s(leg.peer_id, leg.hop.start, leg.hop.end) for leg in legs])
+                hops_of = {leg.peer_id: leg.hop for leg in legs}
+                self._replace.update({p: why for p, why in slow.items()  # slow beats no route at all
+                                      if self.router.can_route_around(p, hops_of[p].start, hops_of[p].end)})
             inputs = [blocks[step - first][0]] + [g[1] for g in mine[:-1]]
             for j in range(hops):
                 self.auditor.record(leg_index + j, commit_len, inputs[j], mine[j][1], kept, tree is not None)

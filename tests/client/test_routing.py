@@ -77,3 +77,19 @@ def test_concurrent_clients_spread_over_equal_replicas_but_not_over_a_much_faste
                 for x in (a, b)]
         sessions[spans(best_chain(seen, 28, client_id=c))[0][0]] += 1
     assert max(sessions.values()) <= 5  # busiest replica <= 65 % of 8 sessions
+
+
+def test_a_slow_hop_is_replaced_only_where_others_serve_its_layers(tmp_path):
+    """Pacing replaces a slow-walking hop mid-generation; where no other servers cover its layers the
+    replacement would end the generation (NoRoute), so the router says it cannot route around."""
+    from dsdnode.client.bans import BanList
+    from dsdnode.client.router import Router
+    from dsdnode.client.standing import Standing
+
+    router = Router(None, "m", 30, "0", Standing(), BanList(tmp_path / "bans.json"))
+    router.records = [SpanRecord("m", a, b, peer, [], 10.0, 1000, "0", 1e12)
+                      for peer, a, b in [("a", 0, 15), ("b", 15, 30), ("c", 0, 10), ("d", 8, 15)]]
+    assert router.can_route_around("a", 0, 15)  # c and d together serve 0:15
+    assert not router.can_route_around("b", 15, 30)  # nobody else serves 15:30
+    router.exclude("d", "lost", "d was lost")
+    assert not router.can_route_around("a", 0, 15)  # 10:15 is left to a alone
