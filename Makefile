@@ -35,9 +35,9 @@ bench: install
 	$(BIN)/dsdnode bench
 
 # membership at scale: real peers in network namespaces on several /24s (root); MEMBERSHIP_ARGS sizes it
-MEMBERSHIP_ARGS ?= --peers 24 --servers 4 --rounds 4 --trial-after 0 --lookups 20
+MEMBERSHIP_ARGS ?= --peers 24 --servers 4 --departures 16 --trials 8 --lookups 20
 bench-membership: install
-	$(BIN)/python scripts/membership_scale.py $(MEMBERSHIP_ARGS) --out bench-results/membership/latest.json
+	PYTHONPATH=$(CURDIR) $(BIN)/python scripts/membership_scale.py $(MEMBERSHIP_ARGS) --out bench-results/membership/latest.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

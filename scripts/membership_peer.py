@@ -2,7 +2,7 @@
 
 Runs `nodes` P2PNodes (no torch: a DHT peer, a server's network side, or a throw-away id) on one
 address, prints `READY {"nodes": [{"peer_id", "addrs"}, ...]}` and serves JSON-lines requests on
-stdin:
+stdin (tests/helpers/jsonl_rpc.py; run with the repository root on PYTHONPATH):
   {"op": "announce", "model": M, "start": a, "end": b, "ttl": s}  every node announces a span record
   {"op": "discover", "model": M}  the first node lists M's servers: {"peers": [...], "seconds": t}
   {"op": "stop"}
@@ -18,6 +18,8 @@ import logging
 import sys
 import time
 
+from tests.helpers.jsonl_rpc import READY, serve_requests
+
 
 async def main(config: dict) -> None:
     from dsdnode.net.identity import load_or_create_identity
@@ -29,7 +31,7 @@ async def main(config: dict) -> None:
         P2PNode.start(identity=load_or_create_identity(None), host=config.get("host", "127.0.0.1"),
                       port=0, bootstrap=config.get("bootstrap", []), client=client, relay_service=False)
         for _ in range(int(config.get("nodes", 1)))))
-    print("READY " + json.dumps({"nodes": [{"peer_id": n.peer_id, "addrs": n.addrs} for n in nodes]}), flush=True)
+    print(READY + json.dumps({"nodes": [{"peer_id": n.peer_id, "addrs": n.addrs} for n in nodes]}), flush=True)
     announcers: list[asyncio.Task] = []
 
     async def keep_announcing(node: P2PNode, req: dict, first: asyncio.Event) -> None:
@@ -60,19 +62,7 @@ async def main(config: dict) -> None:
             raise ValueError(f"unknown op {req['op']!r}")
         return {}
 
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
-            break
-        req = json.loads(line)
-        try:
-            reply = {"ok": True, **await handle(req)}
-        except Exception as exc:
-            reply = {"ok": False, "error": repr(exc)}
-        print(json.dumps(reply), flush=True)
-        if req["op"] == "stop":
-            break
+    await serve_requests(handle)
     for task in announcers:
         task.cancel()
     await asyncio.gather(*(n.stop() for n in nodes))
@@ -83,4 +73,7 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s peer %(levelname)s %(name)s: %(message)s")
-    uvloop.run(main(json.loads(sys.argv[1])))
+    config = json.loads(sys.argv[1])
+    if config.get("debug"):  # what each node published where, and which peers a reader asked
+        logging.getLogger("dsdnode.net.directory").setLevel(logging.DEBUG)
+    uvloop.run(main(config))

@@ -1,8 +1,9 @@
 """The generation loop: autoregressive or speculative, over any chain (local or remote).
 
 One round: draft a token tree (a chain of k drafts is a width-1 tree; prompt-lookup branches may
-be added), embed [last token + tree nodes], one chain pass with the previous round's rollback
-riding on it (commit_len, and the kept path when the previous block was a tree), verify, commit.
+be added; a target without a draft model drafts by prompt lookup alone, speculative/lookup.py),
+embed [last token + tree nodes], one chain pass with the previous round's rollback riding on it
+(commit_len, and the kept path when the previous block was a tree), verify, commit.
 Autoregressive decoding is the same loop with depth 0, so the baseline and DSD share every line
 but the drafting. While a block is in flight the client drafts the next one (the bonus token, then
 a tree of the same shape) on the guess that the draft's own choice at every step (the path of first
@@ -24,6 +25,7 @@ from typing import Callable
 from ..models.head import Head
 from ..speculative.controller import ControllerSettings, DraftLengthController, RoundObservation
 from ..speculative.draft import Drafter, TreeGrowth
+from ..speculative.lookup import LookupGrowth, PromptLookupDrafter
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
 from ..speculative.predraft import Ahead, Predraft, PredraftSettings, RejectionSource
 from ..speculative.sampling import SamplingSettings, make_rng
@@ -31,6 +33,8 @@ from ..speculative.tree import TokenTree, TreeShape, lookup_continuation
 from ..speculative.verify import VerifyResult, verify_tree_adaptive, verify_tree_greedy, verify_tree_sampling
 from .interface import Chain, Checkpoint, TreeBlock
 from ..errors import BadValue
+
+Growth = TreeGrowth | LookupGrowth  # a round's draft, grown depth by depth (a draft model's tree, or a lookup chain)
 
 SEQUENTIAL_PREFILL_CHUNK = 64  # positions per block of an unpipelined prefill (a server's default max_block)
 
@@ -118,8 +122,8 @@ class GenerationResult:
 
 
 class Generator:
-    def __init__(self, head: Head, chain: Chain, drafter: Drafter | None, settings: GenerationSettings,
-                 eos_ids: set[int], importance: ImportanceScorer | None = None,
+    def __init__(self, head: Head, chain: Chain, drafter: Drafter | PromptLookupDrafter | None,
+                 settings: GenerationSettings, eos_ids: set[int], importance: ImportanceScorer | None = None,
                  controller: DraftLengthController | None = None):
         """controller: one that earlier generations trained, so this one starts from their estimate
         of the round cost instead of re-learning it in its first rounds (which is most of a short
@@ -186,7 +190,7 @@ class Generator:
                         controller.reset_timing(len(stats.hop_compute_s))
                         rerouted = False
                     elif s.speculative:
-                        controller.observe(RoundObservation(shape.depth, result.accepted, stats.round_s, stats.draft_s,
+                        controller.observe(RoundObservation(stats.k, result.accepted, stats.round_s, stats.draft_s,
                                                             stats.hop_compute_s, stats.width, stats.nodes, result.ranks))
                     check = await self.chain.checkpoint()
                 if check.rollback_to is not None:  # an audit found a wrong output: generate again from there
@@ -235,7 +239,7 @@ class Generator:
         s = self.settings
         first, draft = None, None
         if s.speculative and s.overlap and shape.depth > 0:
-            first = Predraft(TreeGrowth(self.drafter, prompt, shape.width), shape.depth)
+            first = Predraft(self.drafter.growth(prompt, shape.width), shape.depth)
         elif s.speculative:
             draft = asyncio.get_running_loop().run_in_executor(None, self.drafter.prefill, prompt)
         cached = prompt[:-1]
@@ -263,7 +267,7 @@ class Generator:
 
         Returns the verification, the round's stats and the next round's tree drafted ahead."""
         t_round = time.perf_counter()
-        growth = ahead.growth if ahead is not None else TreeGrowth(self.drafter, tokens, shape.width)
+        growth = ahead.growth if ahead is not None else self._new_growth(tokens, shape.width)
         predrafted = len(growth.tree.truncated(shape.depth))
         if growth.depth < shape.depth:
             await asyncio.get_running_loop().run_in_executor(None, self._grow, growth, shape.depth)
@@ -291,13 +295,20 @@ class Generator:
         # the next round's draft, if the text went on through the tree grown ahead (accepted drafts and bonus)
         on = growth.tree.follow(result.tokens) if nxt is not None else None
         hit = bool(on) and not {b.root for b in growth.branches}.isdisjoint(on)
-        stats = RoundStats(shape.depth, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s,
-                           predrafted, out.hop_link_s, growth.width, len(tree), out.block_bytes, out.reply_bytes,
-                           ahead.source if ahead is not None else "none", len(nxt.rejections) if nxt else 0, hit)
+        # k: the depth sent (a lookup's chain may stop short of the shape, or be empty)
+        stats = RoundStats(max(tree.depths(), default=0), result.accepted, result.relaxed, round_s, draft_s,
+                           out.hop_compute_s, predrafted, out.hop_link_s, growth.width, len(tree), out.block_bytes,
+                           out.reply_bytes, ahead.source if ahead is not None else "none",
+                           len(nxt.rejections) if nxt else 0, hit)
         return result, stats, Ahead(growth.rerooted(on[-1]), "rejection" if hit else "accept") if on else None
 
+    def _new_growth(self, tokens: list[int], width: int) -> Growth:
+        """The drafter's new draft after `tokens`; without a drafter (autoregressive decoding, depth
+        0) an empty tree that is never grown."""
+        return self.drafter.growth(tokens, width) if self.drafter is not None else TreeGrowth(None, tokens, width)
+
     @staticmethod
-    def _grow(growth: TreeGrowth, depth: int) -> None:
+    def _grow(growth: Growth, depth: int) -> None:
         while growth.depth < depth:
             growth.step()
 

@@ -65,6 +65,7 @@ class DHT:
         # (a node that just joined, before its routing table has any) or nobody answering
         self.last_discovery_partial = False
         self._spreading = False  # a background Kademlia put of our record is running
+        self._boot: list[LibPeerInfo] = []  # our bootstrap peers (set when we join)
         self.directory = DirectoryService(host, DirectoryStore(time.time))
         self._directory_client = DirectoryClient(host)
 
@@ -154,11 +155,17 @@ class DHT:
         not logged too); otherwise unreachable peers are logged and None is returned."""
         kad, libp2p = self._host.kad, self._host.libp2p
         assert kad is not None
+        self._boot = list(boot)
         reasons = await self._t_dial_bootstrap(boot, logging.DEBUG if required else logging.WARNING)
         if len(reasons) < len(boot) or not boot:
             if boot:
                 with trio.move_on_after(BOOTSTRAP_TIMEOUT):
-                    await kad.peer_routing.find_closest_peers_network(libp2p.get_id().to_bytes())
+                    # twice: py-libp2p adds the peer of an inbound query to its routing table only if
+                    # it has addresses for it already, and takes them from the query's signed record
+                    # after that check; so the first lookup tells our bootstrap peers where we are,
+                    # the second puts us in their tables (else nobody finds us until our next upkeep)
+                    for _ in range(2):
+                        await kad.peer_routing.find_closest_peers_network(libp2p.get_id().to_bytes())
             return None
         if required:
             return BootstrapUnreachable(f"cannot reach any bootstrap peer ({'; '.join(reasons)})")
@@ -190,26 +197,50 @@ class DHT:
                 nursery.start_soon(dial, info)
         return reasons
 
-    async def trio_upkeep(self, boot: list[LibPeerInfo]) -> None:
+    async def trio_upkeep(self) -> None:
         """Keep the routing table fresh for as long as the node runs (see the module docstring)."""
-        kad, libp2p = self._host.kad, self._host.libp2p
+        kad = self._host.kad
         assert kad is not None
         while True:
             await trio.sleep(UPKEEP_INTERVAL_S)
             try:
-                connected = set(libp2p.get_connected_peers())
-                lost = [info for info in boot if info.peer_id not in connected
-                        or not kad.routing_table.peer_in_table(info.peer_id)]
-                if lost:  # a restarted bootstrap peer knows nobody: tell it we exist, and learn from it
-                    await self._t_dial_bootstrap(lost, logging.DEBUG)
-                with trio.move_on_after(BOOTSTRAP_TIMEOUT):
-                    await kad.peer_routing.find_closest_peers_network(libp2p.get_id().to_bytes())
+                await self._t_rejoin()
                 with trio.move_on_after(BOOTSTRAP_TIMEOUT):  # refresh a random bucket
                     await kad.peer_routing.find_closest_peers_network(os.urandom(32))
                 await self._t_evict_unreachable()
                 self.directory.store.sweep()
             except Exception as exc:  # upkeep must outlive any one failure
                 log.debug("DHT upkeep round failed: %r", exc)
+
+    def _lost_bootstrap(self) -> list[LibPeerInfo]:
+        """Bootstrap peers we hold no connection to, or that left our routing table."""
+        kad = self._host.kad
+        assert kad is not None
+        connected = set(self._host.libp2p.get_connected_peers())
+        return [info for info in self._boot if info.peer_id not in connected
+                or not kad.routing_table.peer_in_table(info.peer_id)]
+
+    async def _t_rejoin(self) -> None:
+        """Dial the bootstrap peers we lost (a restarted one knows nobody: tell it we exist, and learn
+        from it), then look ourselves up."""
+        kad = self._host.kad
+        assert kad is not None
+        lost = self._lost_bootstrap()
+        if lost:
+            await self._t_dial_bootstrap(lost, logging.DEBUG)
+        with trio.move_on_after(BOOTSTRAP_TIMEOUT):
+            await kad.peer_routing.find_closest_peers_network(self._host.libp2p.get_id().to_bytes())
+
+    async def _t_file(self, rec: SpanRecord, blob: bytes, also: list[ID]) -> None:
+        """File our record in the directory. If fewer than REPLICAS peers took it and we lost a
+        bootstrap peer, we know too few peers to find the key's closest: seen under load, where a
+        node that had just joined published to nobody (failed queries had emptied its routing table)
+        and no reader listed it until its next announce. Join again, then file it once more."""
+        stored = await self._directory_client.trio_publish(rec, blob, also)
+        if stored >= directory.REPLICAS or not self._lost_bootstrap():
+            return
+        await self._t_rejoin()
+        await self._directory_client.trio_publish(rec, blob, self._connected_servers())
 
     async def _t_evict_unreachable(self) -> None:
         """Dial up to EVICTION_DIALS_PER_ROUND routing-table peers we hold no connection to; drop
@@ -251,7 +282,7 @@ class DHT:
         if not provide:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(kad.put_value, vkey, blob)
-                nursery.start_soon(self._directory_client.trio_publish, rec, blob, self._connected_servers())
+                nursery.start_soon(self._t_file, rec, blob, self._connected_servers())
             return
         kad.value_store.put(vkey_bytes, blob)
         near = self._connected_servers()
@@ -266,7 +297,7 @@ class DHT:
         async with trio.open_nursery() as nursery:
             for peer in near:
                 nursery.start_soon(store_near, peer)
-            nursery.start_soon(self._directory_client.trio_publish, rec, blob, near)
+            nursery.start_soon(self._t_file, rec, blob, near)
         nursery = self._host.bridge.nursery
         if not self._spreading and nursery is not None:
             self._spreading = True

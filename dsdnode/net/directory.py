@@ -9,6 +9,14 @@ on the storing side what it keeps, from what it observed:
   SHARDS keys per model, at the REPLICAS peers closest to that key (Kademlia distance, found with
   the DHT's iterative lookup). A reader asks the REPLICAS closest peers of every shard at once, so
   one lookup costs SHARDS parallel lookups and no peer holds a whole large model's membership.
+- **Confirmed stores, wide enough to overlap.** Two nodes' lookups of one key need not agree (a
+  reader's view lags peers that just joined; a lookup under load ends early), and a busy peer may
+  store a record and answer too late, or not at all. So a publisher counts a put only when the
+  storing peer confirmed it, puts again where no answer came and at the next closest (SPARES) for
+  each one that never answers; a repeated put of the same record is confirmed, not refused.
+  Measured in a 24-peer swarm of network namespaces on a loaded machine: with 4 replicas and one
+  put each, servers whose puts to the 4 closest went unanswered, or whose 4 confirmations came from
+  peers that had just joined, were listed by nobody until they announced again.
 - **Only verified records.** A storing peer keeps a record only if its signature checks, its signer
   is the peer that sent it (over this very connection: a peer stores no record of anyone else), it
   is not expired and it belongs under the key. Expired entries are dropped when a key is read or
@@ -50,7 +58,9 @@ log = logging.getLogger(__name__)
 
 DIRECTORY_PROTOCOL = TProtocol("/dsdnode/directory/1.0.0")
 SHARDS = 4  # directory keys per model
-REPLICAS = 4  # closest peers of a shard key that store each record; a reader asks as many
+REPLICAS = 8  # closest peers of a shard key that store each record; a reader asks as many
+SPARES = 4  # next closest peers a publisher stores at in place of closest ones that do not answer
+PUT_ROUNDS = 3  # a publisher's passes over the closest peers until REPLICAS confirmed
 MAX_ENTRIES_PER_KEY = 256
 MAX_PER_GROUP_PER_KEY = 8  # entries one /24 may hold under one key
 MAX_ENTRIES_PER_GROUP = 128  # entries one /24 may hold in all (made-up model names included)
@@ -126,6 +136,8 @@ class DirectoryStore:
         self._drop_expired(key, entries, now)
         old = entries.get(sender)
         if old is not None:
+            if old.blob == blob:
+                return ""  # a repeated put (its first answer got lost): stored, as asked
             if (old.record.issued, old.record.expires) >= (rec.issued, rec.expires):
                 return "an equal or newer record is stored"
             self._remove(key, entries, sender)
@@ -298,27 +310,52 @@ class DirectoryClient:
         now = trio.current_time()
         if cached is not None and not fresh and now - cached[0] < CLOSEST_CACHE_S:
             return cached[1]
-        found = await kad.peer_routing.find_closest_peers_network(key, count=max(count, 8))
+        found = await kad.peer_routing.find_closest_peers_network(key, count=max(count, REPLICAS + SPARES))
         peers = [p for p in found if p != kad.local_peer_id][:count]
         if len(self._closest) >= CLOSEST_CACHE_KEYS:
             self._closest.clear()
         self._closest[key] = (now, peers)
         return peers
 
+    def _forget(self, key: bytes, peer: ID) -> None:
+        """Drop a peer we could not connect to from the cached closest peers of `key`, so the next
+        lookups within CLOSEST_CACHE_S do not wait on it again (a departed server: a dial timeout)."""
+        cached = self._closest.get(key)
+        if cached is not None and peer in cached[1]:
+            self._closest[key] = (cached[0], [p for p in cached[1] if p != peer])
+
     async def trio_publish(self, rec: SpanRecord, blob: bytes, also: list[ID] = ()) -> int:
-        """Store our record at the REPLICAS peers closest to its shard key (and at `also`); how many took it."""
+        """Store our record at the REPLICAS peers closest to its shard key (and at `also`); returns
+        how many of the closest REPLICAS + SPARES confirmed it.
+
+        The first pass puts at the REPLICAS closest and at `also`; each later pass puts again where
+        no confirmation came and at as many of the SPARES as confirmations are missing."""
         key = shard_key(rec.model, shard_of(rec.peer_id))
-        targets = list(dict.fromkeys([*await self.trio_closest(key, REPLICAS, fresh=True), *also]))
-        stored = 0
+        closest = await self.trio_closest(key, REPLICAS + SPARES, fresh=True)
+        confirmed: set[ID] = set()
 
         async def put(peer: ID) -> None:
-            nonlocal stored
-            stored += await trio_put_at(self._host, peer, key, blob)
+            if await trio_put_at(self._host, peer, key, blob):
+                confirmed.add(peer)
 
-        async with trio.open_nursery() as nursery:
-            for peer in targets:
-                nursery.start_soon(put, peer)
-        return stored
+        tried: list[ID] = []
+        wave = list(dict.fromkeys([*closest[:REPLICAS], *also]))
+        for _ in range(PUT_ROUNDS):
+            tried.extend(p for p in wave if p not in tried)
+            async with trio.open_nursery() as nursery:
+                for peer in wave:
+                    nursery.start_soon(put, peer)
+            missing = REPLICAS - len(confirmed.intersection(closest))
+            if missing <= 0:
+                break
+            unanswered = [p for p in tried if p in closest and p not in confirmed]
+            wave = [*unanswered, *[p for p in closest if p not in tried][:missing]]
+            if not wave:
+                break
+        log.debug("published %s under shard %d at %d of its %d closest peers (%d tried, %d of `also`): %s",
+                  rec.peer_id, shard_of(rec.peer_id), len(confirmed.intersection(closest)), len(closest),
+                  len(tried), len(confirmed.difference(closest)), [p.to_base58()[-6:] for p in closest])
+        return len(confirmed.intersection(closest))
 
     async def trio_list(self, model: str) -> tuple[list[bytes], bool]:
         """Every record stored under any shard of `model` (unverified: the caller verifies), and
@@ -335,6 +372,8 @@ class DirectoryClient:
                     answer = await _request(self._host, peer, {"op": "get", "key": key})
                 except Exception as exc:
                     log.debug("directory get at %s failed: %r", peer, exc)
+                    if isinstance(exc, PeerUnreachable):
+                        self._forget(key, peer)
                     return
                 records = answer.get("records")
                 if isinstance(records, list):
@@ -351,11 +390,13 @@ class DirectoryClient:
             key = shard_key(model, shard)
             peers = await self.trio_closest(key, REPLICAS)
             answered = await ask(key, peers)
-            if answered < min(len(peers), REPLICAS) // 2 + 1:  # cached peers gone: look again
+            if answered < len(peers) // 2 + 1:  # cached peers gone: look again
                 fresh = await self.trio_closest(key, REPLICAS, fresh=True)
                 answered += await ask(key, [p for p in fresh if p not in peers])
             if not answered:
                 partial = True
+            log.debug("listed shard %d of %s: %d of %s answered", shard, model, answered,
+                      [p.to_base58()[-6:] for p in peers])
 
         async with trio.open_nursery() as nursery:
             for shard in range(SHARDS):

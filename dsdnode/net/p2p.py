@@ -203,7 +203,7 @@ class P2PNode:
         failure = await self.dht.trio_join(boot, required)
         if failure is not None:
             return failure
-        nursery.start_soon(self.dht.trio_upkeep, boot)
+        nursery.start_soon(self.dht.trio_upkeep)
         self.host.addrs = [str(a) for a in self.host.libp2p.get_addrs()]
         if listening:
             await self._t_settle_reachability(nursery, [p.peer_id for p in boot])

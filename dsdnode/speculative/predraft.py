@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass
 
 from .draft import TreeGrowth
+from .lookup import LookupGrowth
 from .tree import TokenTree
 
 
@@ -86,16 +87,17 @@ class Ahead:
     round's, while the chain prefilled), "accept" (the text went through the last block's tree and
     on below it) or "rejection" (a branch drafted for the last block's rejection)."""
 
-    growth: TreeGrowth
+    growth: TreeGrowth | LookupGrowth
     source: str
 
 
 class Predraft:
     """Drafting ahead in a worker thread, while a block is in flight or the chain prefills: grows
     `growth` until its main tree is `depth` deep and its branches (one for each likely rejection of
-    `rejections`, added first) are `branch_depth` deep, its caches are full, or the round stops it."""
+    `rejections`, added first) are `branch_depth` deep, its caches are full, or the round stops it.
+    A prompt lookup's growth (no draft model) has no branches: it only looks up its chain."""
 
-    def __init__(self, growth: TreeGrowth, depth: int, rejections: RejectionSource | None = None,
+    def __init__(self, growth: TreeGrowth | LookupGrowth, depth: int, rejections: RejectionSource | None = None,
                  branch_depth: int = 0):
         self.stop = threading.Event()
         self.growth = growth
@@ -104,15 +106,21 @@ class Predraft:
 
     def _run(self, depth: int, rejections: RejectionSource | None, branch_depth: int) -> None:
         g = self.growth
-        if rejections is not None:  # chosen here, not on the event loop, which is sending the block
+        if rejections is not None and isinstance(g, TreeGrowth):  # chosen here, not on the event loop,
+            # which is sending the block
             self.rejections = likely_rejections(g, rejections.block, rejections.n)
             for r in self.rejections:
                 g.branch(r.node, r.token, r.score)
         while g.has_room() and not self.stop.is_set():
             main = g.depth < depth
-            if not (main or any(b.depth < branch_depth for b in g.branches)):
+            if not self.rejections:
+                if not main:
+                    return
+                g.step()
+            elif main or any(b.depth < branch_depth for b in g.branches):
+                g.step(main, branch_depth)
+            else:
                 return
-            g.step(main, branch_depth)
 
     async def finish(self) -> None:
         self.stop.set()

@@ -2,7 +2,8 @@
 
 Parent side: `NodeProcess.start(**config)` spawns `python p2p_node.py '<json config>'`,
 waits for its READY line and exposes `peer_id`, `addrs`, `peer_info`, `request(op, ...)`
-(JSON-lines RPC over stdin/stdout), `kill()` (SIGKILL, to test peer death) and `stop()`.
+(JSON-lines requests over stdin/stdout, tests/helpers/jsonl_rpc.py), `kill()` (SIGKILL, to test
+peer death) and `stop()`.
 
 Child side (this file run as a script): starts a node on uvloop with the test protocols
 below and serves requests: announce / withdraw / discover (DHT), ping, forge (inject a
@@ -18,44 +19,45 @@ import asyncio
 import dataclasses
 import json
 import os
-import queue
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
+
+from tests.helpers.jsonl_rpc import READY, RequestChannel, serve_requests
 
 ECHO = "/dsdtest/echo/1"  # echoes every frame
 DUPLEX = "/dsdtest/duplex/1"  # sends 5 "tick-i" frames while echoing "echo:"+frame
 BLOB = "/dsdtest/blob/1"  # answers a frame holding a decimal N with N bytes
 RAISE = "/dsdtest/raise/1"  # reads one frame, then raises inside the handler
 DUPLEX_TICKS = 5
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the child imports tests.helpers
 READY_TIMEOUT_S = 90.0  # a contended 2-core machine (the whole suite, other jobs) starts a node in 5-40 s
 
 
 class NodeProcess:
     """A node running in a child process; use as a context manager or call stop()."""
 
-    def __init__(self, proc: subprocess.Popen, ready: dict[str, Any]) -> None:
+    def __init__(self, proc: subprocess.Popen, channel: RequestChannel, ready: dict[str, Any]) -> None:
         self.proc = proc
+        self.channel = channel
         self.peer_id: str = ready["peer_id"]
         self.addrs: list[str] = ready["addrs"]
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._lock = threading.Lock()
-        threading.Thread(target=self._pump, daemon=True).start()
 
     @classmethod
     def start(cls, **config: Any) -> NodeProcess:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
         proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), json.dumps(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
         )
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        line = _readline_before(proc, deadline)
-        if not line.startswith("READY "):
+        channel = RequestChannel(proc, "node process")
+        ready = channel.ready(READY_TIMEOUT_S)
+        if ready is None:
             proc.kill()
-            raise RuntimeError(f"node process did not start (exit {proc.poll()}): {line!r}")
-        return cls(proc, json.loads(line[len("READY "):]))
+            raise RuntimeError(f"node process did not start within {READY_TIMEOUT_S:g} s (exit {proc.poll()})")
+        channel.name = f"node {ready['peer_id']}"
+        return cls(proc, channel, ready)
 
     @property
     def peer_info(self) -> Any:
@@ -65,19 +67,7 @@ class NodeProcess:
 
     def request(self, op: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
         """Send one request and wait for its reply; raises RuntimeError on a child error."""
-        with self._lock:
-            self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")  # type: ignore[union-attr]
-            self.proc.stdin.flush()  # type: ignore[union-attr]
-            try:
-                line = self._lines.get(timeout=timeout)
-            except queue.Empty:
-                raise TimeoutError(f"node {self.peer_id} gave no answer to {op} in {timeout}s") from None
-        if line is None:
-            raise RuntimeError(f"node {self.peer_id} exited (code {self.proc.poll()}) during {op}")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise RuntimeError(f"{op} failed in node {self.peer_id}: {reply.get('error')}")
-        return reply
+        return self.channel.request(op, timeout, **args)
 
     async def arequest(self, op: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
         """request() without blocking the caller's event loop."""
@@ -107,19 +97,6 @@ class NodeProcess:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def _pump(self) -> None:
-        for line in self.proc.stdout:  # type: ignore[union-attr]
-            self._lines.put(line)
-        self._lines.put(None)
-
-
-def _readline_before(proc: subprocess.Popen, deadline: float) -> str:
-    box: list[str] = []
-    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    reader.join(max(0.0, deadline - time.monotonic()))
-    return box[0] if box else ""
-
 
 # ---- child process ------------------------------------------------------------------------
 async def _child(config: dict[str, Any]) -> None:
@@ -138,7 +115,7 @@ async def _child(config: dict[str, Any]) -> None:
     )
     for protocol, handler in _HANDLERS.items():
         node.set_stream_handler(protocol, handler)
-    print("READY " + json.dumps({"peer_id": node.peer_id, "addrs": node.addrs}), flush=True)
+    print(READY + json.dumps({"peer_id": node.peer_id, "addrs": node.addrs}), flush=True)
 
     async def handle(req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]
@@ -157,19 +134,7 @@ async def _child(config: dict[str, Any]) -> None:
             raise ValueError(f"unknown op {op!r}")
         return {}
 
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
-            break
-        req = json.loads(line)
-        try:
-            reply = {"ok": True, **await handle(req)}
-        except Exception as exc:
-            reply = {"ok": False, "error": repr(exc)}
-        print(json.dumps(reply), flush=True)
-        if req["op"] == "stop":
-            break
+    await serve_requests(handle)
     await node.stop()
 
 

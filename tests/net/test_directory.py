@@ -1,12 +1,16 @@
-"""The membership directory's storing side: only verified records, limits per observed network group."""
+"""The membership directory: the storing side (only verified records, limits per observed network group)
+and the publisher (confirmed stores at the closest peers)."""
 
+import asyncio
 import time
 
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 
 from dsdnode.net import directory
 from dsdnode.net.directory import DirectoryStore, network_group, shard_key, shard_of
+from dsdnode.net.p2p import P2PNode
 from dsdnode.net.records import SpanRecord, sign_record, verify_record
 
 MODEL = "test/model"
@@ -121,3 +125,60 @@ def test_a_full_key_displaces_the_largest_network_not_a_small_one(monkeypatch):
     assert store.put(key, blob, peer, "other") == ""  # displaces the big network's oldest
     assert stored[0] not in store.get(key) and stored[5] in store.get(key)
     assert store.groups(key) == {"big": 4, "small": 1, "other": 1}
+
+
+def test_a_repeated_put_of_the_same_record_is_confirmed():
+    """A publisher whose first answer got lost puts again; the storing peer says stored, not refused."""
+    clock = Clock()
+    store = DirectoryStore(clock)
+    peer, key, blob = signed(clock=clock)
+    assert store.put(key, blob, peer, "a") == "" and store.put(key, blob, peer, "a") == ""
+    assert store.get(key) == [blob] and store.groups(key) == {"a": 1}
+
+
+class FirstPutLost(DirectoryStore):
+    """A busy storing peer: the first put of each (key, sender) fails before it is stored or answered
+    (as when its handler is reset or times out), later ones are stored."""
+
+    def __init__(self) -> None:
+        super().__init__(time.time)
+        self.seen: set[tuple[bytes, str]] = set()
+
+    def put(self, key: bytes, blob: bytes, sender: str, group: str) -> str:
+        if (key, sender) not in self.seen:
+            self.seen.add((key, sender))
+            raise RuntimeError("busy: request dropped")
+        return super().put(key, blob, sender, group)
+
+
+def test_a_put_lost_at_the_closest_peers_is_put_again_where_readers_ask():
+    """Readers ask a shard key's closest peers. Measured in a namespaced swarm on a loaded machine: a
+    server's puts to exactly those peers went unanswered, its record landed only elsewhere, and no
+    reader listed it until it announced again. The publisher must put again until the closest hold
+    it. Real libp2p hosts on loopback, in one process."""
+    async def body() -> None:
+        boot = await P2PNode.start(relay_service=False)
+        nodes = [boot]
+        try:
+            addr = f"{boot.addrs[0]}/p2p/{boot.peer_id}"
+            nodes += await asyncio.gather(*(P2PNode.start(bootstrap=[addr], relay_service=False) for _ in range(5)))
+            for node in nodes:
+                node.dht.directory.store = FirstPutLost()
+            server = await P2PNode.start(bootstrap=[addr], relay_service=False)
+            nodes.append(server)
+            rec = SpanRecord(MODEL, 0, 4, server.peer_id, list(server.addrs), 10.0, 100, "v", time.time() + 120)
+            await server.dht.announce(rec)
+            key = shard_key(MODEL, shard_of(server.peer_id))
+            storing = {ID.from_base58(n.peer_id): n for n in nodes[:-1]}
+            closest = sort_peer_ids_by_distance(key, list(storing))[:directory.REPLICAS]
+            holders = [p for p in closest
+                       if any(verify_record(b).peer_id == server.peer_id for b in storing[p].dht.directory.store.get(key))]
+            assert holders == closest, f"{len(holders)} of the {len(closest)} closest peers hold the record"
+            reader = await P2PNode.start(bootstrap=[addr], client=True)
+            nodes.append(reader)
+            assert [r.peer_id for r in await reader.dht.discover(MODEL)] == [server.peer_id]
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    asyncio.run(body())
