@@ -4,7 +4,9 @@ Every swarm mode is greedy (temperature 0), so all but the `-av` modes (adaptive
 lossy by design) must reproduce the `ar-push` baseline token for token. `dsd-tree` lets the
 controller choose token trees up to TREE_WIDTH wide (chains included) and adds prompt-lookup
 branches. Swarm modes audit the servers' work at the default rate (client/audit.py) except
-`dsd-auto-noaudit`, which measures what auditing costs.
+`dsd-auto-noaudit`, which measures what auditing costs. `dsd-tree-nossd` is `dsd-tree` drafting
+ahead only for full acceptance, not for likely rejections (what speculative speculative decoding,
+speculative/predraft.py, gains).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 from ..client.service import GenerateOptions
 from ..errors import BadValue
+from ..speculative.predraft import PredraftSettings
 
 BASELINE = "ar-push"
 RELAY_BASELINE = "ar-relay"  # the client-relayed (Petals-style) loop: results.md also gives speedups over it
@@ -41,13 +44,14 @@ class Mode:
     width_max: int = 1
     lookup: bool = False
     audit: bool = True
+    rejections_ahead: int = PredraftSettings().rejections
 
     def options(self, max_new_tokens: int, k_max: int = 8, tau: float = 0.3,
                 prefill_pipeline: bool = True) -> GenerateOptions:
         k = 0 if not self.speculative else self.k_fixed if self.k_fixed is not None else "auto"
         return GenerateOptions(max_new_tokens=max_new_tokens, k=k, k_max=k_max, adaptive=self.adaptive, tau=tau,
                                width_max=self.width_max, lookup=self.lookup, audit=self.audit,
-                               prefill_pipeline=prefill_pipeline)
+                               prefill_pipeline=prefill_pipeline, rejections_ahead=self.rejections_ahead)
 
 
 def parse_mode(name: str) -> Mode:
@@ -66,13 +70,15 @@ def parse_mode(name: str) -> Mode:
         adaptive = name.endswith("-av")
         return Mode(name, "swarm", speculative=True, adaptive=adaptive, lossless=not adaptive, width_max=TREE_WIDTH,
                     lookup=True)
+    if name == "dsd-tree-nossd":
+        return Mode(name, "swarm", speculative=True, width_max=TREE_WIDTH, lookup=True, rejections_ahead=0)
     if name == "hf-assisted":
         return Mode(name, "hf", speculative=True)
     m = _FIXED_K.match(name)
     if m and 1 <= int(m.group(1)) <= 32:
         return Mode(name, "swarm", speculative=True, k_fixed=int(m.group(1)))
     raise BadValue(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-noaudit, "
-                   "dsd-auto-av, dsd-tree, dsd-tree-av, hf-assisted")
+                   "dsd-auto-av, dsd-tree, dsd-tree-nossd, dsd-tree-av, hf-assisted")
 
 
 def parse_modes(text: str) -> list[Mode]:

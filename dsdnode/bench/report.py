@@ -67,6 +67,9 @@ class PromptResult:
     nodes: list[int] = field(default_factory=list)  # tree nodes sent every round (drafts and lookups)
     draft_ms: list[float] = field(default_factory=list)  # drafting on the critical path, every round
     predrafted: list[int] = field(default_factory=list)  # drafts of every round drafted in the last one's wait
+    ahead: list[str] = field(default_factory=list)  # where every round's tree came from (RoundStats.ahead)
+    rejections: list[int] = field(default_factory=list)  # rejection outcomes drafted ahead in every round's wait
+    rejection_hits: list[bool] = field(default_factory=list)  # every round: it ended in one of them
     round_ms: list[float] = field(default_factory=list)  # wall time of every round
     warm_start: bool = False  # the draft-length controller began with a round cost learned on earlier prompts
     n_hops: int = 0
@@ -164,6 +167,26 @@ def _row(lat: float, ds: str, mode: str, mine: list[PromptResult], base: dict, r
         "prefill_kb_per_link": mean_or_none([r.prefill_bytes / 1e3 for r in ok if r.prefill_bytes]),
         "round_kb_per_link": sum(sum(r.block_bytes) for r in ok) / 1e3 / rounds if rounds else None,
         "round_kb_to_client": sum(sum(r.reply_bytes) for r in ok) / 1e3 / rounds if rounds else None,
+        **_drafted_ahead(ok, rounds),
+    }
+
+
+def _drafted_ahead(ok: list[PromptResult], rounds: int) -> dict[str, Any]:
+    """What drafting ahead for rejections (SSD, speculative/predraft.py) did: the share of rounds
+    that ended in a rejection with branches drafted ahead whose outcome was one of them, and the
+    draft time on the critical path of rounds drafted after the reply ("none") and of rounds that
+    took a branch ("rejection"); saved per round: that difference times the share of such rounds."""
+    tried = [hit for r in ok for k, a, n, hit in zip(r.ks, r.accepted, r.rejections, r.rejection_hits)
+             if n and a < k]
+    draft = {src: [ms for r in ok for ms, a in zip(r.draft_ms, r.ahead) if a == src] for src in ("none", "rejection")}
+    fresh, hit = mean_or_none(draft["none"]), mean_or_none(draft["rejection"])
+    return {
+        "ahead_rounds": {src: sum(a == src for r in ok for a in r.ahead) for src in ("prefill", "accept", "rejection", "none")},
+        "rejection_hit_rate": sum(tried) / len(tried) if tried else None,
+        "draft_ms_fresh": fresh,
+        "draft_ms_after_hit": hit,
+        "draft_ms_saved_per_round": (fresh - hit) * len(draft["rejection"]) / rounds
+        if fresh is not None and hit is not None and rounds else None,
     }
 
 
@@ -252,5 +275,14 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                       f"| {fmt_cell(r['prefill_kb_per_link'], '.1f')} | {fmt_cell(r['round_kb_per_link'], '.1f')} "
                       f"| {fmt_cell(r['round_kb_to_client'], '.1f')} |"
                       for r in rows if r["latency_ms"] == lat and r["dataset"] == ds and r.get("ttft_s_median")]
+            ahead = [r for r in rows if r["latency_ms"] == lat and r["dataset"] == ds and r.get("rejection_hit_rate") is not None]
+            if ahead:
+                lines += ["", "| mode | rounds whose tree was drafted ahead: prefill / accept / rejection / after the reply "
+                              "| rejection hit rate | draft ms after the reply | draft ms after a hit | draft ms saved per round |",
+                          "|" + "---|" * 6]
+                lines += [f"| {r['mode']} | {' / '.join(str(r['ahead_rounds'][k]) for k in ('prefill', 'accept', 'rejection', 'none'))} "
+                          f"| {fmt_cell(100 * r['rejection_hit_rate'], '.0f', '%')} | {fmt_cell(r['draft_ms_fresh'], '.0f')} "
+                          f"| {fmt_cell(r['draft_ms_after_hit'], '.0f')} | {fmt_cell(r['draft_ms_saved_per_round'], '.0f')} |"
+                          for r in ahead]
             lines.append("")
     return "\n".join(lines)

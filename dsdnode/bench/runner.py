@@ -384,6 +384,8 @@ def _fill_swarm(rec: PromptResult, result: GenerationResult, hops: int, links: i
     rec.widths, rec.nodes = [r.width for r in rounds], [r.nodes for r in rounds]
     rec.draft_ms = [round(1e3 * r.draft_s, 2) for r in rounds]
     rec.predrafted, rec.round_ms = [r.predrafted for r in rounds], [round(1e3 * r.round_s, 2) for r in rounds]
+    rec.ahead, rec.rejections = [r.ahead for r in rounds], [r.rejections for r in rounds]
+    rec.rejection_hits = [r.rejection_hit for r in rounds]
     rec.n_hops, rec.n_links = hops, links
     rec.ttft_s, rec.prefill_chunk, rec.prefill_bytes = result.first_token_s, result.prefill_chunk, result.prefill_bytes
     rec.block_bytes, rec.reply_bytes = [r.block_bytes for r in rounds], [r.reply_bytes for r in rounds]

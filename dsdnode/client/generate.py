@@ -18,7 +18,6 @@ the caller sees equals an honest run."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,6 +27,7 @@ from ..speculative.controller import ControllerSettings, DraftLengthController, 
 from ..speculative.draft import Drafter, TreeGrowth
 from ..speculative.lookup import LookupGrowth, PromptLookupDrafter
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
+from ..speculative.predraft import Ahead, Predraft, PredraftSettings, RejectionSource
 from ..speculative.sampling import SamplingSettings, make_rng
 from ..speculative.tree import TokenTree, TreeShape, lookup_continuation
 from ..speculative.verify import VerifyResult, verify_tree_adaptive, verify_tree_greedy, verify_tree_sampling
@@ -52,6 +52,7 @@ class GenerationSettings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+    predraft: PredraftSettings = field(default_factory=PredraftSettings)  # what to draft ahead in flight (overlap)
 
     @property
     def max_block(self) -> int:
@@ -76,6 +77,11 @@ class RoundStats:
     nodes: int = 0  # tree nodes sent (drafts and prompt-lookup candidates)
     block_bytes: int = 0  # the block's frame on each link of the chain (swarm chains)
     reply_bytes: int = 0  # what came back to the client: the result and every hop's copy
+    ahead: str = "none"  # where the round's tree came from: "none" (drafted after the last reply),
+    # "prefill" (drafted while the chain prefilled), "accept" (the last tree grown on below its deepest
+    # nodes) or "rejection" (a branch drafted ahead for the last block's rejection: speculative/predraft.py)
+    rejections: int = 0  # rejection outcomes drafted ahead while this block was in flight
+    rejection_hit: bool = False  # the block ended in one of them: the next round's tree was ready
 
 
 @dataclass
@@ -102,32 +108,17 @@ class GenerationResult:
     def mean_k(self) -> float:
         return sum(r.k for r in self.rounds) / max(1, len(self.rounds))
 
+    @property
+    def rejection_hit_rate(self) -> float | None:
+        """Of the rounds that ended in a rejection while branches were drafted ahead for some, the
+        share whose outcome was one of them (None: no such round)."""
+        tried = [r for r in self.rounds if r.rejections and r.accepted < r.k]
+        return sum(r.rejection_hit for r in tried) / len(tried) if tried else None
+
     def summary(self) -> str:
         return (f"{len(self.tokens)} tokens in {self.decode_s:.2f} s ({self.tokens_per_s:.2f} tok/s), "
                 f"{len(self.rounds)} rounds, mean accepted {self.mean_accepted:.2f}/round, mean k {self.mean_k:.2f}, "
                 f"prefill {self.prefill_s:.2f} s, stopped on {self.stopped}")
-
-
-class _Predraft:
-    """Drafting ahead in a worker thread while a block is in flight (or the chain prefills): grows
-    `growth` depth by depth until it is `depth` deep, its caches are full, or the round stops it.
-
-    In flight, the growth is the round's own tree, grown on below its deepest nodes: whichever of
-    them the text goes on through, with the bonus token among their children, the part below that
-    child is the next round's draft (TreeGrowth.rerooted), drafted while the chain computed."""
-
-    def __init__(self, growth: Growth, depth: int):
-        self.stop = threading.Event()
-        self.growth = growth
-        self.task = asyncio.get_running_loop().run_in_executor(None, self._run, depth)
-
-    def _run(self, depth: int) -> None:
-        while self.growth.depth < depth and self.growth.has_room() and not self.stop.is_set():
-            self.growth.step()
-
-    async def finish(self) -> None:
-        self.stop.set()
-        await self.task
 
 
 class Generator:
@@ -162,7 +153,7 @@ class Generator:
         await self.chain.start_session(len(prompt) + s.max_new_tokens + s.max_block)
         controller = self._controller()
         warm_start = s.speculative and controller.timing is not None
-        ahead: Growth | None = None  # the next round's tree, drafted ahead
+        ahead: Ahead | None = None  # the next round's tree, drafted ahead
         kept: list[int] | None = None  # the last block's accepted path, when it was a tree
         try:
             t0 = time.perf_counter()
@@ -239,7 +230,7 @@ class Generator:
         shape = controller.choose_shape() if self.settings.speculative else TreeShape(1, 0)
         return TreeShape(shape.width, min(shape.depth, remaining - 1))
 
-    async def _prefill(self, prompt: list[int], shape: TreeShape) -> tuple[Growth | None, tuple[int, int]]:
+    async def _prefill(self, prompt: list[int], shape: TreeShape) -> tuple[Ahead | None, tuple[int, int]]:
         """Cache every prompt position but the last, which opens the first round, in the chain: in
         chunks sent back to back (pipelined: the hops overlap them) or one after another.
         Meanwhile, in a worker thread, the draft model prefills too and (with overlap) drafts the first
@@ -248,7 +239,7 @@ class Generator:
         s = self.settings
         first, draft = None, None
         if s.speculative and s.overlap and shape.depth > 0:
-            first = _Predraft(self.drafter.growth(prompt, shape.width), shape.depth)
+            first = Predraft(self.drafter.growth(prompt, shape.width), shape.depth)
         elif s.speculative:
             draft = asyncio.get_running_loop().run_in_executor(None, self.drafter.prefill, prompt)
         cached = prompt[:-1]
@@ -267,16 +258,16 @@ class Generator:
                 await first.finish()
             if draft is not None:
                 await draft
-        return (first.growth if first is not None else None), (chunk, sum(o.block_bytes for o in outs))
+        return (Ahead(first.growth, "prefill") if first is not None else None), (chunk, sum(o.block_bytes for o in outs))
 
-    async def _round(self, tokens: list[int], shape: TreeShape, ahead: Growth | None,
-                     kept: list[int] | None):
+    async def _round(self, tokens: list[int], shape: TreeShape, ahead: Ahead | None,
+                     kept: list[int] | None) -> tuple[VerifyResult, RoundStats, Ahead | None]:
         """Draft a tree of `shape` (taking `ahead`, the tree drafted ahead, where there is one), send
         [last token + nodes] with commit_len = len(tokens)-1 and the last block's kept path, verify.
 
         Returns the verification, the round's stats and the next round's tree drafted ahead."""
         t_round = time.perf_counter()
-        growth = ahead if ahead is not None else self._new_growth(tokens, shape.width)
+        growth = ahead.growth if ahead is not None else self._new_growth(tokens, shape.width)
         predrafted = len(growth.tree.truncated(shape.depth))
         if growth.depth < shape.depth:
             await asyncio.get_running_loop().run_in_executor(None, self._grow, growth, shape.depth)
@@ -288,8 +279,10 @@ class Generator:
         layout = None if tree.is_chain else TreeBlock(tree.block_mask(), tree.positions(commit_len))
         forward = asyncio.ensure_future(
             self.chain.forward(self.head.embed_tokens([tokens[-1]] + tree.tokens), commit_len, layout, kept))
-        # grow on below the deepest nodes: this block's depth, a bonus token, the next block's depth
-        nxt = _Predraft(growth, 2 * shape.depth + 1) if self.settings.overlap and shape.depth > 0 else None
+        # grow on below the deepest nodes (this block's depth, a bonus token, the next block's depth),
+        # and a tree of the next block's depth below each likely rejection
+        nxt = Predraft(growth, 2 * shape.depth + 1, RejectionSource(tree, self.settings.predraft.rejections),
+                       shape.depth) if self.settings.overlap and shape.depth > 0 else None
         try:
             out = await forward
             if nxt is not None:  # the draft step under way ends beside verification, not before it
@@ -301,11 +294,13 @@ class Generator:
         round_s = time.perf_counter() - t_round
         # the next round's draft, if the text went on through the tree grown ahead (accepted drafts and bonus)
         on = growth.tree.follow(result.tokens) if nxt is not None else None
+        hit = bool(on) and not {b.root for b in growth.branches}.isdisjoint(on)
         # k: the depth sent (a lookup's chain may stop short of the shape, or be empty)
         stats = RoundStats(max(tree.depths(), default=0), result.accepted, result.relaxed, round_s, draft_s,
                            out.hop_compute_s, predrafted, out.hop_link_s, growth.width, len(tree), out.block_bytes,
-                           out.reply_bytes)
-        return result, stats, growth.rerooted(on[-1]) if on else None
+                           out.reply_bytes, ahead.source if ahead is not None else "none",
+                           len(nxt.rejections) if nxt else 0, hit)
+        return result, stats, Ahead(growth.rerooted(on[-1]), "rejection" if hit else "accept") if on else None
 
     def _new_growth(self, tokens: list[int], width: int) -> Growth:
         """The drafter's new draft after `tokens`; without a drafter (autoregressive decoding, depth

@@ -21,6 +21,7 @@ from ..speculative.controller import ControllerSettings, DraftLengthController
 from ..speculative.draft import Drafter
 from ..speculative.lookup import PromptLookupDrafter
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
+from ..speculative.predraft import PredraftSettings
 from ..speculative.sampling import SamplingSettings
 from ..errors import BadValue
 from .generate import SEQUENTIAL_PREFILL_CHUNK, GenerationResult, GenerationSettings, Generator
@@ -54,6 +55,8 @@ class GenerateOptions:
     audit: bool = True  # have other servers recheck the chain's work (swarm chains; client/audit.py)
     require_audit: bool = False  # refuse (AuditsRequired) rather than return outputs no independent server audited
     prefill_pipeline: bool = True  # send the prompt's chunks back to back, so the hops overlap them
+    rejections_ahead: int = PredraftSettings().rejections  # with overlap: rejection outcomes of a block in
+    # flight whose next tree is drafted ahead (speculative speculative decoding; 0: full acceptance only)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -70,6 +73,8 @@ class GenerateOptions:
             raise BadValue(f"width_max must be an int >= 1, got {self.width_max!r}")
         if not 0 < self.tau <= 1:
             raise BadValue(f"tau must be in (0, 1], got {self.tau!r}")
+        if not (isinstance(self.rejections_ahead, int) and self.rejections_ahead >= 0):
+            raise BadValue(f"rejections_ahead must be an int >= 0, got {self.rejections_ahead!r}")
         if self.require_audit and not self.audit:
             raise BadValue("require_audit needs audit: a generation cannot require audits it turns off")
 
@@ -101,6 +106,7 @@ class GenerateOptions:
             adaptive=AdaptiveSettings(enabled=self.adaptive, tau=self.tau),
             lookup=self.lookup,
             prefill_pipeline=self.prefill_pipeline,
+            predraft=PredraftSettings(self.rejections_ahead),
         )
 
 
@@ -235,8 +241,9 @@ class ClientService:
         if s.speculative and m.draft_head is None:  # lossless all the same: the target verifies every proposal
             drafter = PromptLookupDrafter()
         elif s.speculative:
-            drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + 2 * s.max_block + 1,
-                              s.sampling)
+            # room for the block, the tree grown below it and a tree below each rejection drafted ahead
+            drafter = Drafter(m.draft_head, m.draft_spans,
+                              len(ids) + s.max_new_tokens + (2 + s.predraft.rejections) * s.max_block + 1, s.sampling)
         importance = await self.importance() if s.adaptive.enabled else None
         chain = self.chains.new_chain(options.audit, options.require_audit)
         generator = Generator(m.head, chain, drafter, s, m.eos_ids, importance, self.controllers.get(s.controller))

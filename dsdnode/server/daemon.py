@@ -39,7 +39,7 @@ from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTim
 from .batching import BatchSettings, Batcher
 from .metrics import server_metrics
 from .next_hops import DialRate, allowed_hop, open_next_hop
-from .sessions import ClientLimits, Session, SessionError, SessionKey, SessionTable, keep_big_allocations_mapped
+from .sessions import OPEN_LEASE_S, ClientLimits, Session, SessionError, SessionKey, SessionTable, keep_big_allocations_mapped
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,10 @@ class Server:
         self.frame_body_timeout_s = frame_body_timeout_s
         self.local_swarm = local_swarm  # loopback peers are groups of their own, any next-hop address goes
         self.dial_rate = DialRate()
-        self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s, client_limits, self._reclaimed)
+        # in a local swarm every hop computes on this machine's cores: a downstream hop's first block
+        # waits for all the upstream compute of a big model there (minutes on a busy CPU), not a lease
+        self.table = SessionTable(span, cache_budget_bytes, max_length, idle_s, client_limits, self._reclaimed,
+                                  open_lease_s=idle_s if local_swarm else OPEN_LEASE_S)
         keep_big_allocations_mapped()  # a closed session's cache leaves the process, not just the table
         # no stream of this node reads a frame longer than the largest valid block message
         node.max_frame_bytes = min(node.max_frame_bytes, frame_ceiling(span.config.hidden_size, max_block))

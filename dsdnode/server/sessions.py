@@ -130,8 +130,10 @@ def cache_bytes(span: Span, length: int) -> int:
 
 class SessionTable:
     def __init__(self, span: Span, budget_bytes: int, max_length: int, idle_s: float,
-                 limits: ClientLimits = ClientLimits(), on_reclaim: Callable[[Session], None] | None = None):
+                 limits: ClientLimits = ClientLimits(), on_reclaim: Callable[[Session], None] | None = None,
+                 open_lease_s: float = OPEN_LEASE_S):
         self.span, self.budget, self.max_length, self.idle_s = span, budget_bytes, max_length, idle_s
+        self.open_lease_s = open_lease_s
         self.limits = limits
         self.on_reclaim = on_reclaim  # told of each idle session closed to make room (to tell its client)
         self.sessions: dict[SessionKey, Session] = {}
@@ -259,7 +261,7 @@ class SessionTable:
         return sum(1 for s in list(self.sessions.values()) if s.last_used >= since)
 
     def expired(self) -> list[SessionKey]:
-        """Sessions idle past idle_s, and those that sent no block within OPEN_LEASE_S of opening."""
+        """Sessions idle past idle_s, and those that sent no block within open_lease_s of opening."""
         now = time.monotonic()
         return [key for key, s in self.sessions.items()
-                if now - s.last_used > self.idle_s or (s.blocks == 0 and now - s.opened > OPEN_LEASE_S)]
+                if now - s.last_used > self.idle_s or (s.blocks == 0 and now - s.opened > self.open_lease_s)]

@@ -13,12 +13,16 @@ is the width-1 tree of depth k."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..models.head import Head
 from ..models.span import Span
 from .sampling import SamplingSettings, logits_to_probs, sample
 from .tree import TokenTree, TreeShape
+
+TOP_SPARE = 4  # draft tokens kept per node beyond the tree's width, as likely corrections (predraft.py)
 
 
 class Drafter:
@@ -64,29 +68,34 @@ class Drafter:
             growth.step()
         return growth.tree
 
-    def _expand(self, tree: TokenTree, frontier, width: int) -> list[tuple[int, float]]:
-        """Add one depth of children to the frontier; returns the new (node, log path probability)."""
+    def _expand(self, tree: TokenTree, frontier, width: int,
+                top: dict[int, list[tuple[float, int]]]) -> list[tuple[int, float]]:
+        """Add one depth of children to the frontier; returns the new (node, log path probability).
+        Each frontier node's best TOP_SPARE + width tokens by the draft go to top[node] (log
+        probability, token): the likely corrections where the target rejects the node's children
+        (predraft.py drafts ahead for them)."""
         new = []
         if self.sampling.greedy:  # the `width` best (node, token) pairs of the depth, best first
             pairs = []
             for node, score, logits in frontier:
-                top = torch.log_softmax(logits, dim=-1).topk(width)
-                pairs += [(score + float(v), node, int(t)) for v, t in zip(top.values, top.indices)]
+                best = torch.log_softmax(logits, dim=-1).topk(min(width + TOP_SPARE, logits.shape[-1]))
+                top[node] = [(float(v), int(t)) for v, t in zip(best.values, best.indices)]
+                pairs += [(score + v, node, t) for v, t in top[node][:width]]
             for score, node, token in sorted(pairs, key=lambda x: -x[0])[:width]:
                 new.append((tree.add(token, node), score))
             return new
         for node, score, logits in frontier:  # i.i.d. draws: `width` at the root, one elsewhere
             q = logits_to_probs(logits, self.sampling)
             tree.dists[node] = q
+            best = q.topk(min(width + TOP_SPARE, q.shape[-1]))
+            top[node] = [(float(v.clamp(min=1e-30).log()), int(t)) for v, t in zip(best.values, best.indices)]
             for _ in range(width if node < 0 else 1):
                 token = sample(q, self.rng)
                 new.append((tree.add(token, node), score + float(q[token].clamp(min=1e-30).log())))
         return new
 
-    def _tree_step(self, tree: TokenTree, new: list[tuple[int, float]], in_cache: list[int],
-                   position: int) -> torch.Tensor:
-        """Run one depth's new nodes (at `position`) after the context and the tree's cached nodes."""
-        nodes = [node for node, _ in new]
+    def _tree_step(self, tree: TokenTree, nodes: list[int], in_cache: list[int], positions: list[int]) -> torch.Tensor:
+        """Run tree nodes (node i at positions[i]) after the context and the tree's cached nodes."""
         seen = in_cache + nodes
         col = {node: j for j, node in enumerate(seen)}
         mask = torch.zeros(len(nodes), len(seen), dtype=torch.bool)
@@ -95,10 +104,9 @@ class Drafter:
                 mask[i, col[node]] = True
                 node = tree.parents[node]
         hidden = self.head.embed_tokens([tree.tokens[n] for n in nodes])
-        positions = torch.full((1, len(nodes)), position)
         commit = len(self.cached) + len(in_cache)
         for span, cache in zip(self.spans, self.caches):
-            hidden = span(hidden, cache, commit, tree_mask=mask, position_ids=positions)
+            hidden = span(hidden, cache, commit, tree_mask=mask, position_ids=torch.tensor([positions]))
         return self.head.logits(hidden)
 
 
@@ -107,7 +115,12 @@ class TreeGrowth:
     (while a block is in flight the round's tree grows on below its deepest nodes; the next round
     takes the part below the text's actual continuation, `rerooted`, and grows it further if it is
     too shallow). Between steps nothing else may use the drafter: its cache holds the context and
-    then the tree's nodes of every depth but the newest."""
+    then the tree's nodes of every depth but the newest.
+
+    Branches (speculative speculative decoding, predraft.py): a token added below a node of the tree
+    after the block was sent, the correction the target is guessed to give where it rejects that
+    node's children; it grows a tree of its own, in the same draft forwards as the main tree, so
+    that the next round's draft is ready if the guess holds."""
 
     def __init__(self, drafter: Drafter, context: list[int], width: int):
         self.drafter, self.context, self.width = drafter, list(context), width
@@ -116,25 +129,51 @@ class TreeGrowth:
         self._newest: list[tuple[int, float]] = []  # the newest depth's (node, log path probability)
         self._in_cache: list[int] = []  # tree nodes whose keys/values the caches hold after the context
         self._scores: dict[int, float] = {}  # every node's log path probability
+        self.top: dict[int, list[tuple[float, int]]] = {}  # a drafted node's best tokens (Drafter._expand)
+        self.branches: list[_Branch] = []
 
-    def step(self) -> None:
-        """Draft one more depth: one draft forward (over the context's new tokens for the first
-        depth, over the newest depth's nodes after that)."""
+    def step(self, main: bool = True, branch_depth: int = 0) -> None:
+        """Draft one more depth in one draft forward: of the main tree (over the context's new tokens
+        for its first depth, over the newest depth's nodes after that) if `main`, and of every
+        branch less than `branch_depth` deep."""
         d = self.drafter
-        if self.depth == 0:
-            frontier = [(-1, 0.0, d._step(self.context))]
+        grow = [b for b in self.branches if b.depth < branch_depth]
+        frontiers = []
+        if main and self.depth == 0:  # a tree has branches only once it has nodes
+            frontiers.append((-1, 0.0, d._step(self.context)))
         else:
-            logits = d._tree_step(self.tree, self._newest, self._in_cache, len(self.context) + self.depth - 1)
-            self._in_cache += [node for node, _ in self._newest]
-            frontier = [(node, score, row) for (node, score), row in zip(self._newest, logits)]
-        self._newest = d._expand(self.tree, frontier, self.width)
-        self._scores.update(self._newest)
-        self.depth += 1
+            fed = ([n for n, _ in self._newest] if main else []) + [n for b in grow for n, _ in b.newest]
+            depths = self.tree.depths()
+            logits = d._tree_step(self.tree, fed, self._in_cache, [len(self.context) + depths[n] - 1 for n in fed])
+            self._in_cache += fed
+            rows = dict(zip(fed, logits))
+            frontiers = [(n, score, rows[n]) for n, score in self._newest] if main else []
+            for b in grow:
+                b.newest = d._expand(self.tree, [(n, score, rows[n]) for n, score in b.newest], self.width, self.top)
+                b.depth += 1
+                self._scores.update(b.newest)
+        if main:
+            self._newest = d._expand(self.tree, frontiers, self.width, self.top)
+            self._scores.update(self._newest)
+            self.depth += 1
+
+    def branch(self, node: int, token: int, score: float) -> int:
+        """Add `token` below `node` (a node whose children are cached: depth < self.depth, or -1)
+        as the root of a branch with log path probability `score`; returns its node."""
+        alt = self.tree.add(token, node)
+        self._scores[alt] = score
+        self.branches.append(_Branch(alt, [(alt, score)]))
+        return alt
+
+    def score(self, node: int) -> float:
+        """A node's log path probability by the draft (the root's: 0)."""
+        return 0.0 if node < 0 else self._scores[node]
 
     def has_room(self) -> bool:
         """Whether the drafter's caches hold one more depth (the step feeds the newest nodes)."""
         capacity = min(cache.capacity for cache in self.drafter.caches)
-        return len(self.context) + len(self._in_cache) + len(self._newest) <= capacity
+        unfed = len(self._newest) + sum(len(b.newest) for b in self.branches)
+        return len(self.context) + len(self._in_cache) + unfed <= capacity
 
     def rerooted(self, node: int) -> "TreeGrowth":
         """The growth of the nodes below `node`, after the context and the path to `node`: the next
@@ -148,9 +187,10 @@ class TreeGrowth:
         path.reverse()
         sub, old = self.tree.subtree(path[-1])
         depths = sub.depths()
-        newest = {n for n, _ in self._newest}
-        if any(n in newest for n in old):
-            depth, unfed = self.depth - len(path), newest
+        newest = {n for n, _ in self._newest} | {n for b in self.branches for n, _ in b.newest}
+        if any(n in newest for n in old):  # (one tree's newest nodes: the main tree's or one branch's)
+            depth = max(dd for n, dd in zip(old, depths) if n in newest)
+            unfed = newest
         else:  # the subtree stops short of the newest depth: its deepest nodes are grown on again
             depth = max(depths, default=0)
             unfed = {old[i] for i, dd in enumerate(depths) if dd == depth}
@@ -165,6 +205,19 @@ class TreeGrowth:
         growth = TreeGrowth(self.drafter, self.context + [self.tree.tokens[n] for n in path], self.width)
         growth.tree, growth.depth = sub, depth
         growth._in_cache = [new_id[n] for n in old if n in row and n not in unfed]
-        growth._newest = [(new_id[n], self._scores[n]) for n in old if n in unfed]
-        growth._scores = {new_id[n]: self._scores[n] for n in old}
+        root_score = self._scores[path[-1]]  # scores below the new root start from 0 there
+        growth._newest = [(new_id[n], self._scores[n] - root_score) for n in old if n in unfed]
+        growth._scores = {new_id[n]: self._scores[n] - root_score for n in old}
+        new_id[path[-1]] = -1
+        growth.top = {new_id[n]: top for n, top in self.top.items() if n in new_id}
         return growth
+
+
+@dataclass
+class _Branch:
+    """A branch of a TreeGrowth: its root node, its newest depth's (node, log path probability) and
+    the depths drafted below the root."""
+
+    root: int
+    newest: list[tuple[int, float]]
+    depth: int = 0

@@ -11,6 +11,7 @@ from dsdnode.models.head import Head
 from dsdnode.models.span import Span
 from dsdnode.speculative.controller import ControllerSettings, DraftLengthController
 from dsdnode.speculative.draft import Drafter
+from dsdnode.speculative.predraft import PredraftSettings
 from dsdnode.speculative.sampling import SamplingSettings
 from dsdnode.speculative.tree import TreeShape
 from tests.helpers.devices import DEVICES
@@ -243,6 +244,28 @@ def test_sampled_trees_are_drafted_while_in_flight_too():
     assert sum(r.predrafted > 0 for r in result.rounds) >= 2, [r.predrafted for r in result.rounds]
 
 
+def test_rejections_drafted_ahead_are_taken_and_stay_lossless():
+    """SSD with a weak draft (rejections are the common outcome): while a block is in flight, trees
+    are drafted below its likeliest rejections; where the target's correction is one of them the
+    next round takes that tree (no fresh draft after the reply), and the text is the target's."""
+    target = tiny_model("qwen2", seed=1)
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    runs = {}
+    for n in (0, 4):
+        settings = GenerationSettings(max_new_tokens=40, predraft=PredraftSettings(rejections=n),
+                                      controller=ControllerSettings(k_max=3, width_max=2))
+        gen = make_generator(target, target, 3, 2, settings, latency_s=0.05)
+        gen.controller = ScriptedShapes(settings.controller, 2, [TreeShape(2, 3)])
+        runs[n] = asyncio.run(gen.generate(prompt))
+        assert runs[n].tokens == reference_greedy(target, prompt, 40)
+    off, on = runs[0].rounds, runs[4].rounds
+    assert not any(r.rejections or r.ahead == "rejection" for r in off) and runs[0].rejection_hit_rate is None
+    assert all(r.rejections == 4 for r in on[:-1])
+    hits = [r for r in on if r.rejection_hit]
+    assert hits and runs[4].rejection_hit_rate > 0
+    assert sum(r.ahead == "rejection" for r in on) == sum(r.rejection_hit for r in on[:-1])
+
+
 def test_the_draft_prefills_with_the_chain():
     """After the prefill the draft has cached the prompt but its last token, so the first proposal
     is one draft forward, and it proposes what a draft without the prefill would."""
@@ -267,7 +290,7 @@ def test_the_first_tree_is_drafted_while_the_chain_prefills():
     async def prefill():
         gen = make_generator(target, target, 3, 2, settings, latency_s=0.05)  # time to draft during the prefill
         await gen.chain.start_session(32)
-        return (await gen._prefill(prompt, TreeShape(2, 3)))[0]
+        return (await gen._prefill(prompt, TreeShape(2, 3)))[0].growth
     first = asyncio.run(prefill())
     assert first.depth >= 1
     cold = make_generator(target, target, 3, 2, settings).drafter

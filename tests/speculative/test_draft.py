@@ -50,7 +50,7 @@ def test_a_rerooted_tree_drafts_what_a_fresh_draft_would(width):
         assert frontier and len(frontier) <= width
         parents = {n: sub.tree.parents[n] for n in frontier}
         drafter = sub.drafter
-        new = drafter._tree_step(sub.tree, sub._newest, sub._in_cache, len(sub.context) + sub.depth - 1)
+        new = drafter._tree_step(sub.tree, frontier, sub._in_cache, [len(sub.context) + sub.depth - 1] * len(frontier))
         for n, row in zip(frontier, new):
             ids = sub.context + [sub.tree.tokens[a] for a in path_to(sub.tree, n)]
             with torch.no_grad():
