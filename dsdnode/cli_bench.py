@@ -60,8 +60,8 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--modes", default="ar-push,ar-relay,dsd-k2,dsd-k4,dsd-k8,dsd-auto,dsd-auto-av,dsd-tree,dsd-tree-av,"
                                  "hf-assisted",
               show_default=True, help="Comma list: ar-push (baseline), ar-relay, dsd-k<K>, dsd-auto, dsd-auto-noaudit, "
-                                      "dsd-auto-av, dsd-tree, dsd-tree-av (token trees and prompt lookup), dsd-tree-nossd (dsd-tree "
-                                      "drafting ahead for full acceptance only), hf-assisted.")
+                                      "dsd-auto-av, dsd-tree, dsd-tree-av (token trees and prompt lookup), dsd-tree-ssd (dsd-tree "
+                                      "drafting ahead for 2 likely rejections too), hf-assisted.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: bench-results/<timestamp>].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per server process.")

@@ -4,9 +4,9 @@ Every swarm mode is greedy (temperature 0), so all but the `-av` modes (adaptive
 lossy by design) must reproduce the `ar-push` baseline token for token. `dsd-tree` lets the
 controller choose token trees up to TREE_WIDTH wide (chains included) and adds prompt-lookup
 branches. Swarm modes audit the servers' work at the default rate (client/audit.py) except
-`dsd-auto-noaudit`, which measures what auditing costs. `dsd-tree-nossd` is `dsd-tree` drafting
-ahead only for full acceptance, not for likely rejections (what speculative speculative decoding,
-speculative/predraft.py, gains).
+`dsd-auto-noaudit`, which measures what auditing costs. `dsd-tree-ssd` is `dsd-tree` drafting
+ahead for its two likeliest rejections too, not only for full acceptance (what speculative
+speculative decoding, speculative/predraft.py, gains or costs).
 """
 
 from __future__ import annotations
@@ -70,15 +70,15 @@ def parse_mode(name: str) -> Mode:
         adaptive = name.endswith("-av")
         return Mode(name, "swarm", speculative=True, adaptive=adaptive, lossless=not adaptive, width_max=TREE_WIDTH,
                     lookup=True)
-    if name == "dsd-tree-nossd":
-        return Mode(name, "swarm", speculative=True, width_max=TREE_WIDTH, lookup=True, rejections_ahead=0)
+    if name == "dsd-tree-ssd":
+        return Mode(name, "swarm", speculative=True, width_max=TREE_WIDTH, lookup=True, rejections_ahead=2)
     if name == "hf-assisted":
         return Mode(name, "hf", speculative=True)
     m = _FIXED_K.match(name)
     if m and 1 <= int(m.group(1)) <= 32:
         return Mode(name, "swarm", speculative=True, k_fixed=int(m.group(1)))
     raise BadValue(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-noaudit, "
-                   "dsd-auto-av, dsd-tree, dsd-tree-nossd, dsd-tree-av, hf-assisted")
+                   "dsd-auto-av, dsd-tree, dsd-tree-ssd, dsd-tree-av, hf-assisted")
 
 
 def parse_modes(text: str) -> list[Mode]:

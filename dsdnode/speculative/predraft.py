@@ -35,9 +35,11 @@ from .tree import TokenTree
 @dataclass(frozen=True)
 class PredraftSettings:
     """rejections: rejection outcomes drafted ahead each round besides full acceptance (0: only
-    full acceptance, the behaviour before SSD)."""
+    full acceptance). Off by default: in the one swarm run so far (a draft that rarely misses,
+    BENCHMARKS.md) the branches slowed the main tree on shared cores more than their hits saved;
+    they should be drafted only where a rejection is likely before they are on by default."""
 
-    rejections: int = 2
+    rejections: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rejections, int) and self.rejections >= 0):

@@ -67,8 +67,8 @@ def test_drafting_ahead_for_rejections_is_counted():
     assert (row["draft_ms_fresh"], row["draft_ms_after_hit"]) == (100.0, 10.0)
     assert row["draft_ms_saved_per_round"] == pytest.approx(90.0 / 4)
     assert "| 1 / 1 / 1 / 1 | 33% | 100 | 10 | 22 |" in markdown({}, [row])
-    assert parse_mode("dsd-tree-nossd").options(16).settings().predraft.rejections == 0
-    assert parse_mode("dsd-tree").options(16).settings().predraft.rejections > 0
+    assert parse_mode("dsd-tree").options(16).settings().predraft.rejections == 0
+    assert parse_mode("dsd-tree-ssd").options(16).settings().predraft.rejections == 2
 
 
 @pytest.mark.heavy
