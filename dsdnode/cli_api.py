@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from .cli_common import K_LIMIT, FiniteFloatRange, friendly, run_async
+from .cli_common import K_LIMIT, FiniteFloatRange, friendly, lookup_notice, run_async
 from .cli_options import client_options
 from .config import bootstrap_list
 
@@ -59,6 +59,8 @@ def api(host, port, model, draft, draft_int8, draft_vocab, local, hops, link_lat
     service = build_service(model, bootstrap=bootstrap_list(bootstrap, peers_file), local=local, hops=hops,
                             draft=draft or True, dtype=dtype, device=device, link_latency_ms=link_latency_ms,
                             draft_int8=draft_int8, draft_vocab=draft_vocab)
+    if service.models.draft_fallback:
+        click.echo(lookup_notice(service.models.draft_fallback), err=True)
     check_context(service.models.head.config, max_prompt_tokens + max_tokens_limit,
                   f"--max-prompt-tokens {max_prompt_tokens} and --max-tokens-limit {max_tokens_limit}")
     settings = EngineSettings(k_max=k_max, tau=tau, overlap=overlap, max_tokens_limit=max_tokens_limit,

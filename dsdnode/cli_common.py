@@ -115,3 +115,8 @@ def error_line(e: BaseException, verbosity: int = 0) -> str:
         return f"internal error: {type(e).__name__}: {one_line(e)}"
     return (f"internal error: {type(e).__name__}: {one_line(e)}; "
             "rerun with -v (dsdnode -v COMMAND ...) for the traceback")
+
+
+def lookup_notice(reason: str) -> str:
+    """The one line that tells a user the drafts come from prompt lookup, not a draft model."""
+    return f"note: {reason}: drafting by prompt lookup (n-gram matches in the text so far)"

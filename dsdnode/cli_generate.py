@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .cli_common import friendly, run_async
+from .cli_common import friendly, lookup_notice, run_async
 from .cli_options import client_options, generate_options, generation_options
 from .config import bootstrap_list
 
@@ -50,5 +50,7 @@ async def _generate(model, connect, prompt, chat, options):
     from .client.library import AsyncClient
 
     async with await AsyncClient.connect(model, **connect) as client:
+        if options.speculative and client.service.models.draft_fallback:
+            click.echo(lookup_notice(client.service.models.draft_fallback), err=True)
         return await client.generate(prompt, options, chat=chat,
                                      on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))

@@ -68,7 +68,8 @@ def client_options(fn):
     options = [
         click.option("--model", default="qwen2.5-coder-1.5b", show_default=True,
                      help="Target model (name or directory)."),
-        click.option("--draft", default=None, help="Draft model (default: the registry's pairing)."),
+        click.option("--draft", default=None, help="Draft model (default: the registry's pairing). With none that "
+                     "shares the target's vocabulary, drafts come from prompt lookup."),
         click.option("--local", is_flag=True, help="Run the target in this process as a chain of spans (no network)."),
         click.option("--hops", type=click.IntRange(min=1), default=4, show_default=True,
                      help="With --local: number of spans in the chain."),

@@ -257,3 +257,13 @@ def test_generate_longer_than_the_servers_allow_is_one_line(smollm2_dir, tmp_pat
         result, _ = dsdnode("generate", "hi", "--model", "smollm2-135m", "--k", "0", "--threads", "1",
                             "--bootstrap", swarm.bootstrap_addrs[0], "--max-new-tokens", "100")
     assert_one_line_error(result, "64")
+
+
+@pytest.mark.heavy
+def test_generate_without_a_draft_model_says_it_drafts_by_prompt_lookup(smollm2_dir):
+    result, _ = dsdnode("generate", "def f(x):", "--model", str(smollm2_dir), "--local", "--hops", "1", "--raw",
+                        "--k", "3", "--threads", "1", "--dtype", "float32", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if "prompt lookup" in line] == [
+        "note: no draft model was given: drafting by prompt lookup (n-gram matches in the text so far)"]
+    assert "8 tokens in" in result.stderr

@@ -83,12 +83,7 @@ class Engine:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; this server allows at most "
                                 f"{self.settings.max_prompt_tokens}", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
-        k = req.dsd_k
-        if self.client.draft_head is None:
-            if k not in ("auto", 0):
-                raise ApiError(400, "this server has no draft model: dsd_k must be 0 or 'auto'", param="dsd_k",
-                               code="invalid_value")
-            k = 0
+        k = req.dsd_k  # without a draft model, drafts come from prompt lookup
         try:
             options = GenerateOptions(max_tokens, "auto" if k == "auto" else int(k), self.settings.k_max,
                                       req.temperature, req.top_p, req.seed, req.adaptive, self.settings.tau,
@@ -157,7 +152,8 @@ class Completion:
         audit = None if g.audit is None else {"audits": g.audit.audits, "positions": g.audit.positions,
                                               "unaudited": g.audit.unaudited, "mismatches": g.audit.mismatches}
         return {"tokens": len(r.tokens), "tokens_per_s": r.tokens_per_s, "prefill_s": r.prefill_s,
-                "decode_s": r.decode_s, "speculative": self.options.speculative, "rounds": len(r.rounds),
+                "decode_s": r.decode_s, "speculative": self.options.speculative, "drafting": g.drafting,
+                "rounds": len(r.rounds),
                 "accepted_per_round": r.mean_accepted, "k": r.mean_k, "failovers": g.failovers,
                 "route": [{"peer_id": p, "start": a, "end": b} for p, a, b in g.route], "audit": audit,
                 "unaudited_layers": [list(span) for span in g.unaudited_layers]}

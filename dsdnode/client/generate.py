@@ -1,8 +1,9 @@
 """The generation loop: autoregressive or speculative, over any chain (local or remote).
 
 One round: draft a token tree (a chain of k drafts is a width-1 tree; prompt-lookup branches may
-be added), embed [last token + tree nodes], one chain pass with the previous round's rollback
-riding on it (commit_len, and the kept path when the previous block was a tree), verify, commit.
+be added; a target without a draft model drafts by prompt lookup alone, speculative/lookup.py),
+embed [last token + tree nodes], one chain pass with the previous round's rollback riding on it
+(commit_len, and the kept path when the previous block was a tree), verify, commit.
 Autoregressive decoding is the same loop with depth 0, so the baseline and DSD share every line
 but the drafting. While a block is in flight the client drafts the next one (the bonus token, then
 a tree of the same shape) on the guess that the draft's own choice at every step (the path of first
@@ -25,12 +26,15 @@ from typing import Callable
 from ..models.head import Head
 from ..speculative.controller import ControllerSettings, DraftLengthController, RoundObservation
 from ..speculative.draft import Drafter, TreeGrowth
+from ..speculative.lookup import LookupGrowth, PromptLookupDrafter
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
 from ..speculative.sampling import SamplingSettings, make_rng
 from ..speculative.tree import TokenTree, TreeShape, lookup_continuation
 from ..speculative.verify import VerifyResult, verify_tree_adaptive, verify_tree_greedy, verify_tree_sampling
 from .interface import Chain, Checkpoint, TreeBlock
 from ..errors import BadValue
+
+Growth = TreeGrowth | LookupGrowth  # a round's draft, grown depth by depth (a draft model's tree, or a lookup chain)
 
 SEQUENTIAL_PREFILL_CHUNK = 64  # positions per block of an unpipelined prefill (a server's default max_block)
 
@@ -112,7 +116,7 @@ class _Predraft:
     them the text goes on through, with the bonus token among their children, the part below that
     child is the next round's draft (TreeGrowth.rerooted), drafted while the chain computed."""
 
-    def __init__(self, growth: TreeGrowth, depth: int):
+    def __init__(self, growth: Growth, depth: int):
         self.stop = threading.Event()
         self.growth = growth
         self.task = asyncio.get_running_loop().run_in_executor(None, self._run, depth)
@@ -127,8 +131,8 @@ class _Predraft:
 
 
 class Generator:
-    def __init__(self, head: Head, chain: Chain, drafter: Drafter | None, settings: GenerationSettings,
-                 eos_ids: set[int], importance: ImportanceScorer | None = None,
+    def __init__(self, head: Head, chain: Chain, drafter: Drafter | PromptLookupDrafter | None,
+                 settings: GenerationSettings, eos_ids: set[int], importance: ImportanceScorer | None = None,
                  controller: DraftLengthController | None = None):
         """controller: one that earlier generations trained, so this one starts from their estimate
         of the round cost instead of re-learning it in its first rounds (which is most of a short
@@ -158,7 +162,7 @@ class Generator:
         await self.chain.start_session(len(prompt) + s.max_new_tokens + s.max_block)
         controller = self._controller()
         warm_start = s.speculative and controller.timing is not None
-        ahead: TreeGrowth | None = None  # the next round's tree, drafted ahead
+        ahead: Growth | None = None  # the next round's tree, drafted ahead
         kept: list[int] | None = None  # the last block's accepted path, when it was a tree
         try:
             t0 = time.perf_counter()
@@ -195,7 +199,7 @@ class Generator:
                         controller.reset_timing(len(stats.hop_compute_s))
                         rerouted = False
                     elif s.speculative:
-                        controller.observe(RoundObservation(shape.depth, result.accepted, stats.round_s, stats.draft_s,
+                        controller.observe(RoundObservation(stats.k, result.accepted, stats.round_s, stats.draft_s,
                                                             stats.hop_compute_s, stats.width, stats.nodes, result.ranks))
                     check = await self.chain.checkpoint()
                 if check.rollback_to is not None:  # an audit found a wrong output: generate again from there
@@ -235,7 +239,7 @@ class Generator:
         shape = controller.choose_shape() if self.settings.speculative else TreeShape(1, 0)
         return TreeShape(shape.width, min(shape.depth, remaining - 1))
 
-    async def _prefill(self, prompt: list[int], shape: TreeShape) -> tuple[TreeGrowth | None, tuple[int, int]]:
+    async def _prefill(self, prompt: list[int], shape: TreeShape) -> tuple[Growth | None, tuple[int, int]]:
         """Cache every prompt position but the last, which opens the first round, in the chain: in
         chunks sent back to back (pipelined: the hops overlap them) or one after another.
         Meanwhile, in a worker thread, the draft model prefills too and (with overlap) drafts the first
@@ -244,7 +248,7 @@ class Generator:
         s = self.settings
         first, draft = None, None
         if s.speculative and s.overlap and shape.depth > 0:
-            first = _Predraft(TreeGrowth(self.drafter, prompt, shape.width), shape.depth)
+            first = _Predraft(self.drafter.growth(prompt, shape.width), shape.depth)
         elif s.speculative:
             draft = asyncio.get_running_loop().run_in_executor(None, self.drafter.prefill, prompt)
         cached = prompt[:-1]
@@ -265,14 +269,14 @@ class Generator:
                 await draft
         return (first.growth if first is not None else None), (chunk, sum(o.block_bytes for o in outs))
 
-    async def _round(self, tokens: list[int], shape: TreeShape, ahead: TreeGrowth | None,
+    async def _round(self, tokens: list[int], shape: TreeShape, ahead: Growth | None,
                      kept: list[int] | None):
         """Draft a tree of `shape` (taking `ahead`, the tree drafted ahead, where there is one), send
         [last token + nodes] with commit_len = len(tokens)-1 and the last block's kept path, verify.
 
         Returns the verification, the round's stats and the next round's tree drafted ahead."""
         t_round = time.perf_counter()
-        growth = ahead if ahead is not None else TreeGrowth(self.drafter, tokens, shape.width)
+        growth = ahead if ahead is not None else self._new_growth(tokens, shape.width)
         predrafted = len(growth.tree.truncated(shape.depth))
         if growth.depth < shape.depth:
             await asyncio.get_running_loop().run_in_executor(None, self._grow, growth, shape.depth)
@@ -297,12 +301,19 @@ class Generator:
         round_s = time.perf_counter() - t_round
         # the next round's draft, if the text went on through the tree grown ahead (accepted drafts and bonus)
         on = growth.tree.follow(result.tokens) if nxt is not None else None
-        stats = RoundStats(shape.depth, result.accepted, result.relaxed, round_s, draft_s, out.hop_compute_s,
-                           predrafted, out.hop_link_s, growth.width, len(tree), out.block_bytes, out.reply_bytes)
+        # k: the depth sent (a lookup's chain may stop short of the shape, or be empty)
+        stats = RoundStats(max(tree.depths(), default=0), result.accepted, result.relaxed, round_s, draft_s,
+                           out.hop_compute_s, predrafted, out.hop_link_s, growth.width, len(tree), out.block_bytes,
+                           out.reply_bytes)
         return result, stats, growth.rerooted(on[-1]) if on else None
 
+    def _new_growth(self, tokens: list[int], width: int) -> Growth:
+        """The drafter's new draft after `tokens`; without a drafter (autoregressive decoding, depth
+        0) an empty tree that is never grown."""
+        return self.drafter.growth(tokens, width) if self.drafter is not None else TreeGrowth(None, tokens, width)
+
     @staticmethod
-    def _grow(growth: TreeGrowth, depth: int) -> None:
+    def _grow(growth: Growth, depth: int) -> None:
         while growth.depth < depth:
             growth.step()
 

@@ -46,7 +46,9 @@ class AsyncClient:
                       device: str = "auto", link_latency_ms: float = 0.0, relay: bool = False,
                       draft_int8: bool | None = None, draft_vocab: int | None = None) -> AsyncClient:
         """model: a registry name or a directory. draft: True for the registry's pairing, False for
-        none (then only k=0 works), or a model name/directory. local: run the target in this process
+        none, or a model name/directory; with no draft model sharing the target's vocabulary,
+        generations with k != 0 draft by prompt lookup (Generation.drafting says which drafted;
+        service.models.draft_fallback says why). local: run the target in this process
         as `hops` spans (no network); otherwise join the swarm through `bootstrap` multiaddrs.
         device: where the head, the draft (and with local, the spans) compute: auto (CUDA, then
         MPS, then CPU), cpu, cuda, cuda:N or mps. dtype: None for the device's default (bfloat16;

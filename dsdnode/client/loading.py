@@ -17,7 +17,6 @@ from ..models.registry import get_entry
 from ..models.span import Span
 from ..models.weights import load_config, weights_identity
 from ..speculative.importance import ImportanceScorer
-from ..errors import BadValue
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
 
@@ -32,6 +31,9 @@ class ClientModels:
     target_dir: Path
     weights: str  # digest of the target's weights: a swarm client chains only servers of the same
     draft_compression: DraftCompression
+    # why no draft model is loaded, in words (speculative generations then draft by prompt lookup,
+    # speculative/lookup.py); None: a draft model is loaded
+    draft_fallback: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -61,7 +63,10 @@ def load_client_models(target: str, draft: str | None, dtype: str | None = None,
     """device: auto, cpu, cuda, cuda:N or mps (a missing one is a DeviceError, before any model is
     fetched or read); dtype: a name, or None for the device's default (devices.default_dtype);
     draft_int8 / draft_vocab: how the draft is made cheaper (models/compression.py), None: the
-    device's default; quant: the servers' quantization this client chains (models/quantization.py)."""
+    device's default; quant: the servers' quantization this client chains (models/quantization.py).
+    A draft that does not share the target's vocabulary is not loaded: draft_fallback says why, and
+    speculative generations draft by prompt lookup (a draft over other token ids cannot propose
+    the target's tokens)."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     compression = DraftCompression.for_device(device, draft_int8, draft_vocab) if draft else DraftCompression()
@@ -69,13 +74,14 @@ def load_client_models(target: str, draft: str | None, dtype: str | None = None,
     head = Head.load(target_dir, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     stops = eos_ids(tokenizer, head.config)
-    draft_head, draft_spans = None, []
+    draft_head, draft_spans, fallback = None, [], no_draft_reason(target) if not draft else None
     if draft:
         draft_dir = resolve_model_dir(draft)
         draft_config = load_config(draft_dir)
         if draft_config.vocab_size != head.config.vocab_size:
-            raise BadValue(f"draft {draft!r} has a vocabulary of {draft_config.vocab_size} tokens, "
-                           f"the target {head.config.vocab_size}: they must share one")
+            fallback = (f"the draft {draft!r} has a vocabulary of {draft_config.vocab_size} tokens, the target "
+                        f"{head.config.vocab_size}")
+    if draft and fallback is None:
         draft_head = Head.load(draft_dir, dtype, device)
         if compression.vocab and compression.vocab < draft_config.vocab_size:
             draft_head = draft_head.with_vocabulary(frequent_tokens(draft_config.vocab_size, compression.vocab, stops))
@@ -83,7 +89,17 @@ def load_client_models(target: str, draft: str | None, dtype: str | None = None,
                          device)
         draft_spans = [quantize_int8(span) if compression.int8 else span]
     return ClientModels(tokenizer, head, draft_head, draft_spans, stops, target_dir, weights_identity(target_dir, quant),
-                        compression)
+                        compression if draft_head is not None else DraftCompression(), fallback)
+
+
+def no_draft_reason(target: str) -> str:
+    """Why a client given no draft model has none, in words."""
+    try:
+        entry = get_entry(target)
+    except ValueError:
+        return "no draft model was given"
+    return (f"no draft model shares the vocabulary of {entry.name}" if entry.draft is None
+            else "no draft model was loaded")
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, config) -> set[int]:

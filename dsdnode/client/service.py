@@ -2,7 +2,8 @@
 
 Every entry point (the library API, `dsdnode generate`, the HTTP API, the bench, the demo) goes
 through ClientService, so a generation is assembled the same way everywhere: a chain from the
-service's chain source (in-process spans or the swarm), a drafter with its own KV cache, the
+service's chain source (in-process spans or the swarm), a drafter with its own KV cache (prompt
+lookup where the client holds no draft model: ClientModels.draft_fallback says why), the
 adaptive verifier's token classes when asked for, and a draft-length controller carried over from
 earlier generations with the same settings (a fresh controller spends most of a short answer
 re-learning the round cost)."""
@@ -18,6 +19,7 @@ import torch
 
 from ..speculative.controller import ControllerSettings, DraftLengthController
 from ..speculative.draft import Drafter
+from ..speculative.lookup import PromptLookupDrafter
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
 from ..speculative.sampling import SamplingSettings
 from ..errors import BadValue
@@ -230,9 +232,9 @@ class ClientService:
         check_context(m.head.config, len(ids) + s.max_new_tokens,
                       f"the prompt ({len(ids)} tokens) and max_new_tokens {s.max_new_tokens}")
         drafter = None
-        if s.speculative:
-            if m.draft_head is None:
-                raise BadValue("this client has no draft model: use k=0, or load one (draft=...)")
+        if s.speculative and m.draft_head is None:  # lossless all the same: the target verifies every proposal
+            drafter = PromptLookupDrafter()
+        elif s.speculative:
             drafter = Drafter(m.draft_head, m.draft_spans, len(ids) + s.max_new_tokens + 2 * s.max_block + 1,
                               s.sampling)
         importance = await self.importance() if s.adaptive.enabled else None
@@ -260,7 +262,7 @@ class ClientService:
         text = m.tokenizer.decode(result.tokens, skip_special_tokens=True)
         auditor = getattr(chain, "auditor", None)  # swarm chains audit; in-process chains have nothing to audit
         return Generation(text, result, list(chain.route), chain.failovers, auditor.stats if auditor else None,
-                          list(chain.unaudited_layers))
+                          list(chain.unaudited_layers), drafting_of(drafter))
 
     async def next_token_logits(self, ids: list[int]) -> torch.Tensor:
         """The target's float32 logits [vocab] for the token after `ids`, from a session of its own
@@ -320,7 +322,15 @@ class Generation:
     audit: AuditStats | None = None  # what the chain's audits checked (None: a chain that does not audit)
     # layer ranges whose outputs no independent server audited (see GenerateOptions.require_audit)
     unaudited_layers: list[tuple[int, int]] = field(default_factory=list)
+    drafting: str = "draft model"  # what proposed the drafts: "draft model", "prompt lookup" or "none" (k=0)
 
     @property
     def tokens(self) -> list[int]:
         return self.result.tokens
+
+
+def drafting_of(drafter: Drafter | PromptLookupDrafter | None) -> str:
+    """Generation.drafting: what proposed a generation's drafts."""
+    if drafter is None:
+        return "none"
+    return "prompt lookup" if isinstance(drafter, PromptLookupDrafter) else "draft model"

@@ -106,3 +106,11 @@ def kv_shape(config: PretrainedConfig) -> KVShape:
 def kv_bytes(config: PretrainedConfig, layers: int, positions: int, dtype: torch.dtype) -> int:
     """Bytes of KV cache for `positions` positions of `layers` layers."""
     return kv_shape(config).bytes_per_position(dtype) * layers * positions
+
+
+def sliding_kv_bytes(config: PretrainedConfig, block: int, dtype: torch.dtype) -> int:
+    """Bytes of KV cache the sliding-window layers would need at any session length if each kept only
+    its window and one block of `block` positions (a block's first query sees window - 1 keys before
+    it). Planning figure only: span caches (models/span.py) keep every position in every layer."""
+    per_position = kv_shape(config).bytes_per_position(dtype)
+    return sum(per_position * (window + block) for window in layer_windows(config) if window is not None)

@@ -18,6 +18,7 @@ span records and sessions carry the mode (`quant`), and a client chains only ser
 
 from __future__ import annotations
 
+import logging
 
 import torch
 from torch import nn
@@ -44,12 +45,20 @@ def quantized_maps(layer: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
             for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
 
 
+def _not_a_cast_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
 def quantize_layers(layers: nn.ModuleList, mode: str, dtype: torch.dtype) -> nn.ModuleList:
     """The layers, changed in place, with their linear maps quantized (`mode` "none": unchanged)."""
     check_mode(mode)
     if mode == "none":
         return layers
     import bitsandbytes as bnb
+
+    # int8 matmuls take float16 inputs: bitsandbytes logs a warning at every matmul of another dtype
+    # (seven per layer per block in bfloat16), which would fill a server's log; the cast is expected
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_a_cast_notice)
 
     for layer in layers:
         for parent, attr, linear in quantized_maps(layer):

@@ -1,6 +1,8 @@
 """How a model would be spread over volunteers, from its config alone (nothing downloaded or loaded):
 bytes per layer (in the serving dtype, or quantized), layers per server of a given memory, servers
-needed, KV cache per 1k positions, and which draft the client would use."""
+needed, KV cache per 1k positions, and which draft the client would use. For sliding-window
+families it also says what the sliding layers would hold if trimmed to their window (span caches
+keep every position today: docs/ARCHITECTURE.md, "Sliding-window KV")."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import BadValue
-from ..models.families import check_supported, family_name, kv_bytes
+from ..models.families import check_supported, family_name, kv_bytes, layer_windows, sliding_kv_bytes
 from ..models.quantization import check_mode, layer_bytes
 from ..models.registry import get_entry
 from ..models.weights import skeleton
@@ -66,6 +68,9 @@ class ServingPlan:
     layers_per_server: int
     draft: str | None
     registry: bool
+    windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention)
+    sliding_kv_bytes: int = 0  # what the sliding layers would hold, trimmed to window + a block (not done yet)
+    block: int = 64  # the largest block a server takes (its --max-block)
 
     @property
     def servers(self) -> int:
@@ -79,6 +84,12 @@ class ServingPlan:
                f"  weights per layer: {self.layer_bytes / gib:.3f} GiB (the largest layer)",
                f"  KV cache per 1k positions: {self.kv_bytes_per_1k / gib:.3f} GiB for all layers "
                f"({self.kv_bytes_per_1k / self.num_layers / 2**20:.2f} MiB per layer, {dtype})"]
+        sliding = [w for w in self.windows if w is not None]
+        if sliding:
+            out.append(f"  sliding-window layers: {len(sliding)} of {self.num_layers} (window {max(sliding)}); "
+                       f"trimmed to window + a {self.block}-position block they would need "
+                       f"{self.sliding_kv_bytes / 2**20:.1f} MiB in all at any length, but servers do not trim "
+                       f"yet: the KV figure above counts every position of every layer")
         if self.layers_per_server:
             out += [f"  layers per server with {self.memory_bytes / 1e9:g} GB: {self.layers_per_server} "
                     f"(after {RESERVE_BYTES >> 20} MiB reserve and a {self.cache_budget_bytes >> 20} MiB KV budget)",
@@ -96,7 +107,9 @@ class ServingPlan:
 
 
 def plan(name: str, memory_bytes: int, quant: str = "none", dtype: torch.dtype = torch.bfloat16,
-         cache_budget_bytes: int = 2048 << 20) -> ServingPlan:
+         cache_budget_bytes: int = 2048 << 20, block: int = 64) -> ServingPlan:
+    """block: the largest block a server takes (--max-block), which a trimmed sliding layer keeps
+    beside its window."""
     check_mode(quant)
     config, draft, registry = plan_config(name)
     check_supported(config)
@@ -106,4 +119,4 @@ def plan(name: str, memory_bytes: int, quant: str = "none", dtype: torch.dtype =
     per_server = min(config.num_hidden_layers, max(0, usable // biggest))
     return ServingPlan(name, family_name(config), config.num_hidden_layers, quant, dtype, biggest, memory_bytes,
                        cache_budget_bytes, kv_bytes(config, config.num_hidden_layers, 1024, dtype), per_server,
-                       draft, registry)
+                       draft, registry, tuple(layer_windows(config)), sliding_kv_bytes(config, block, dtype), block)

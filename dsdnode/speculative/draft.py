@@ -52,9 +52,14 @@ class Drafter:
         if len(prompt) > 1:
             self._feed(prompt[:-1])
 
+    def growth(self, context: list[int], width: int) -> "TreeGrowth":
+        """A tree after `context`, to be grown depth by depth (the generation loop's way to draft;
+        speculative/lookup.py's PromptLookupDrafter answers the same call without a model)."""
+        return TreeGrowth(self, context, width)
+
     def propose_tree(self, context: list[int], shape: TreeShape) -> TokenTree:
         """A tree of shape.depth depths after `context` (tree.py says how nodes are chosen)."""
-        growth = TreeGrowth(self, context, shape.width)
+        growth = self.growth(context, shape.width)
         while growth.depth < shape.depth:
             growth.step()
         return growth.tree
