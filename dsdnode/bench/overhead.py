@@ -105,7 +105,7 @@ def _codec(hidden_size: int, positions: int, dtype: torch.dtype) -> tuple[int, f
 
 
 def _slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     return b, my - b * mx
