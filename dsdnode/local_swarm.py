@@ -156,7 +156,7 @@ class LocalSwarm:
                 try:
                     self.servers.append(node.wait_ready())
                 except BaseException:
-                    for other in launched:  # none is in .servers yet or any more: stop them here
+                    for other in launched:  # the ones not waited for yet are in no list stop() reads
                         if other.proc.poll() is None:
                             os.killpg(other.proc.pid, signal.SIGKILL)
                             other.proc.wait(10)

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 
-from ..net.records import SpanRecord
+from ..net.records import SpanRecord, coverage
 from ..net.p2p import P2PNode
 from .bans import BanList
 from .routing import Candidate, Hop, NoRoute, best_chain, ping_records, relayed_only, same_weights
@@ -105,15 +105,9 @@ class Router:
         """Whether other servers (not excluded or banned) together serve layers start:end: replacing a
         slow `peer` without them would end the generation, not speed it up."""
         bans = self.bans.active()
-        spans = sorted((r.start, r.end) for r in self.records
-                       if r.start < end and start < r.end and r.peer_id != peer
-                       and r.peer_id not in self.excluded and r.peer_id not in bans)
-        reached = start
-        for a, b in spans:
-            if a > reached:
-                break
-            reached = max(reached, b)
-        return reached >= end
+        others = [r for r in self.records
+                  if r.peer_id != peer and r.peer_id not in self.excluded and r.peer_id not in bans]
+        return all(coverage(others, self.num_layers)[start:end])
 
     def replica_s(self, peer: str, start: int, end: int) -> float | None:
         """The least measured cost of a pass over layers start:end on another server that serves them all

