@@ -25,14 +25,16 @@ def _fork_server(tmp_path_factory):
         yield
         return
     from dsdnode import local_swarm
-    from tests.helpers.forkserver import ForkServer
+    from tests.helpers import forkserver
 
-    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
+    server = forkserver.ForkServer(tmp_path_factory.mktemp("forkserver"))
     local_swarm.spawn = server.spawn
+    forkserver.active = server
     try:
         yield
     finally:
         local_swarm.spawn = subprocess.Popen
+        forkserver.active = None
         server.stop()
 
 

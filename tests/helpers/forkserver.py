@@ -168,9 +168,9 @@ def serve(path: str, parent_pid: int) -> None:
 class ForkedProcess:
     """A child of the fork server, driven like a subprocess.Popen (the parts tests use)."""
 
-    def __init__(self, conn: socket.socket, pid: int, args: list[str], stdout) -> None:
-        self._conn, self.pid, self.args, self.stdout = conn, pid, args, stdout
-        self.stdin = self.stderr = None
+    def __init__(self, conn: socket.socket, pid: int, args: list[str], stdout, stderr=None) -> None:
+        self._conn, self.pid, self.args, self.stdout, self.stderr = conn, pid, args, stdout, stderr
+        self.stdin = None
         self.returncode: int | None = None
         self._buffer = b""
         self._lock = threading.Lock()
@@ -258,20 +258,22 @@ class ForkServer:
         changed = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
         return not any(k.startswith(IMPORT_TIME_ENV) for k in changed)
 
-    def spawn(self, cmd: list[str], *, stdout, stderr, env: dict, **kwargs):
-        """Start `cmd` (`python -m MODULE ...` or `python SCRIPT ...`) as a fork of the server when it
-        can be, else as a plain subprocess.Popen(cmd, ...). A fork needs stdout=PIPE (read as text),
-        stderr a file and a new session, as local_swarm.launch_node asks."""
-        request = self._request(cmd, env)
-        if (request is None or stdout != subprocess.PIPE or not hasattr(stderr, "fileno")
-                or kwargs != {"text": True, "start_new_session": True} or not self._usable(env)):
-            return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, **kwargs)
-        read_end, write_end = os.pipe()
+    def spawn(self, cmd: list[str], *, stdout, stderr, env: dict | None = None, cwd=None, **kwargs):
+        """Start `cmd` (`python -m MODULE ...` or `python tests/helpers/faulty_server.py ...`) as a fork
+        of the server when it can be, else as subprocess.Popen(cmd, ...). A fork needs stdout=PIPE (read
+        as text) and stderr PIPE or a file."""
+        env = dict(os.environ) if env is None else env
+        request = self._request(cmd, env, str(cwd or os.getcwd()))
+        if (request is None or stdout != subprocess.PIPE or not (stderr == subprocess.PIPE or hasattr(stderr, "fileno"))
+                or not set(kwargs.items()) <= {("text", True), ("start_new_session", True)} or not self._usable(env)):
+            return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=cwd, **kwargs)
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe() if stderr == subprocess.PIPE else (None, stderr.fileno())
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(self.path)
             body = json.dumps(request).encode()
-            socket.send_fds(conn, [len(body).to_bytes(4, "big") + body], [write_end, stderr.fileno()])
+            socket.send_fds(conn, [len(body).to_bytes(4, "big") + body], [out_write, err_write])
             reply = b""
             while not reply.endswith(b"\n"):
                 chunk = conn.recv(64)
@@ -281,22 +283,66 @@ class ForkServer:
         except OSError:
             reply = b""
         finally:
-            os.close(write_end)
+            os.close(out_write)
+            if err_read is not None:
+                os.close(err_write)
         if not reply.startswith(b"pid "):
             conn.close()
-            os.close(read_end)
-            return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, **kwargs)
-        return ForkedProcess(conn, int(reply.split()[1]), cmd, os.fdopen(read_end, "r"))
+            for fd in (out_read, err_read):
+                if fd is not None:
+                    os.close(fd)
+            return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=cwd, **kwargs)
+        return ForkedProcess(conn, int(reply.split()[1]), cmd, os.fdopen(out_read, "r"),
+                             None if err_read is None else os.fdopen(err_read, "r"))
 
     @staticmethod
-    def _request(cmd: list[str], env: dict) -> dict | None:
-        if not cmd or cmd[0] != sys.executable or len(cmd) < 2:
+    def _request(cmd: list[str], env: dict, cwd: str) -> dict | None:
+        if len(cmd) < 2 or cmd[0] != sys.executable:
             return None
         if cmd[1] == "-m" and len(cmd) >= 3:
-            return {"module": cmd[2], "args": cmd[3:], "env": env, "cwd": os.getcwd()}
+            return {"module": cmd[2], "args": cmd[3:], "env": env, "cwd": cwd}
         if os.path.basename(cmd[1]) in FORKABLE_SCRIPTS:
-            return {"script": cmd[1], "args": cmd[2:], "env": env, "cwd": os.getcwd()}
+            return {"script": cmd[1], "args": cmd[2:], "env": env, "cwd": cwd}
         return None
+
+
+active: ForkServer | None = None  # this test process's fork server (tests/conftest.py)
+
+
+def popen(cmd: list[str], **kwargs):
+    """subprocess.Popen, forked from the active fork server where it can be."""
+    return (active.spawn if active else subprocess.Popen)(cmd, **kwargs)
+
+
+def run(cmd: list[str], *, timeout: float, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True, timeout=...), forked where it can be."""
+    if active is None:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    proc = active.spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd, text=True)
+    if isinstance(proc, subprocess.Popen):
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    texts: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda name=name, f=f: texts.__setitem__(name, f.read()), daemon=True)
+               for name, f in (("out", proc.stdout), ("err", proc.stderr))]
+    for reader in readers:
+        reader.start()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    for reader in readers:
+        reader.join(10)
+    proc.stdout.close()
+    proc.stderr.close()
+    return subprocess.CompletedProcess(cmd, proc.returncode, texts.get("out", ""), texts.get("err", ""))
 
 
 if __name__ == "__main__":
