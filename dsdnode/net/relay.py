@@ -63,7 +63,7 @@ HEARTBEAT_S = 5.0
 HEARTBEAT_TIMEOUT_S = 3 * HEARTBEAT_S
 PIPE_CHUNK = 64 * 1024
 PIPE_QUEUE = 16  # chunks in flight per direction while the emulated link delays them (1 MiB at most)
-IDLE_BYTES = 4096  # a circuit that carries less than this in circuit_idle_s is idle (a yamux ping is ~40 B)
+IDLE_BYTES = 4096  # a circuit that carries less than this in circuit_idle_s is idle (a yamux ping is a few dozen bytes)
 
 
 class RelayError(PeerError, ConnectionError):

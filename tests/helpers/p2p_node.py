@@ -11,10 +11,11 @@ forged span record, for validator tests), stop.
 
 Config keys: host, port, bootstrap (list of multiaddrs), latency_ms, max_frame_bytes,
 identity (key file path or null), link_config (a --link-config TOML path: replaces latency_ms),
-local_swarm, assume_private, relay_limits (RelayLimits fields), lie_dialback (answer every dial-back
-request "reached", without dialling: a lying peer). The READY line also carries reachability,
-relay_service and relays (P2PNode.reach_fields). Ops for relay tests: blob (fetch N bytes from a
-peer's BLOB protocol, timed), connections (addresses of our open connections to a peer).
+client (listen nowhere), local_swarm, assume_private, relay_service, relay_limits, lie_dialback
+(answer every dial-back request "reached", without dialling: a lying peer). The READY line also
+carries reachability, relay_service and relays (P2PNode.reach_fields). Ops for relay tests: blob
+(fetch N bytes from a peer's BLOB protocol, timed), connections (addresses of our open connections
+to a peer).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ async def _child(config: dict[str, Any]) -> None:
         else LinkLatency(config.get("latency_ms", 0.0)),
         max_frame_bytes=config.get("max_frame_bytes", 64 * 2**20),
         local_swarm=config.get("local_swarm", False), assume_private=config.get("assume_private", False),
-        relay_limits=RelayLimits(**config.get("relay_limits", {})),
+        relay_service=config.get("relay_service", True), relay_limits=RelayLimits(**config.get("relay_limits", {})),
+        client=config.get("client", False),
     )
     for protocol, handler in _HANDLERS.items():
         node.set_stream_handler(protocol, handler)

@@ -62,7 +62,7 @@ def swarm(smollm2_dir, tmp_path_factory):
             host = net.public(f"relay{i}", net=network)
             sw.relays.append((host, sw.start(host, f"relay{i}", ["--layers", "none", *sw.bootstrap])))
         liar_host = net.public("liar", net="192.0.2")
-        liar = NodeProcess.start(netns=liar_host.ns, host=liar_host.ip, lie_dialback=True,
+        liar = NodeProcess.start(netns=liar_host.ns, host=liar_host.ip, lie_dialback=True, relay_service=False,
                                  bootstrap=[sw.relays[0][1].addr])
         liar_host.processes.append(liar.proc)
         homes = [net.home("srv0", uplink_mbit=100), net.home("srv1", uplink_mbit=100)]
