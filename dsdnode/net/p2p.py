@@ -266,10 +266,16 @@ class P2PNode:
     async def _t_recheck_unknown(self, nursery: trio.Nursery, boot: list[ID], ports: list[int]) -> None:
         """A node no quorum of peers could judge yet (the first bootstrap peer, which starts alone; one
         that only peers of one network dialled back) asks again once more peers have joined."""
+        said_private = False
         while self.reachability.status == UNKNOWN:
             await trio.sleep(RECHECK_UNKNOWN_S)
             found = await reachability.check(self.host.libp2p, reachability.dialback_candidates(self.host, boot),
                                              ports, self.local_swarm)
+            if found.status == PRIVATE and not said_private:  # a serving node stops listening on two in a row only
+                said_private = True
+                log.info("reachability check: %s; asking again before acting on it", found.describe())
+                continue
+            said_private = False
             if found.status != UNKNOWN:
                 self.reachability = found
                 log.info("reachability: %s", found.describe())

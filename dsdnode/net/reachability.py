@@ -7,9 +7,12 @@ QUORUM_GROUPS different network groups (the /24 or /48 the asker's connection to
 net/groups.py: never what a peer claims) make the node `public` (at the address dialled, which is
 how a node on 0.0.0.0 behind a forwarded port learns its public address too): one lying peer, or
 any number of throw-away ids in one network, cannot make a NATed node believe it is public and keep
-it from reserving a relay. Short of that quorum, any failed dial-back makes it `private` (a public
-node taken for private still works, through relays; a private one taken for public is unreachable);
-only successes from one group, or no answer, leave it `unknown` (asked again later).
+it from reserving a relay. Short of that quorum, failed dial-backs at least as many as successful
+ones make it `private` (a lying "yes" beside an honest "no" must not keep a NATed node from its
+relays; a public node taken for private still works, through relays, while a private one taken for
+public is unreachable); otherwise, or with no answer, it is `unknown`: it listens, relays and asks
+again later (turning private only when two checks in a row say so, so that one dial-back lost to a
+slow moment does not make a serving node stop listening).
 
 Why not py-libp2p 0.8.1's `host/autonat`: its dial-back calls `host.connect`, which returns at once
 when any connection to the peer exists, and the asker is always connected to the peer it asks (it
@@ -174,7 +177,8 @@ def judge(answers: list[tuple[str, str | None]], asked: int) -> Reachability:
     reached us at, or None if it could not)."""
     reached = [(g, a) for g, a in answers if a]
     confirmed = len({g for g, _ in reached})
-    status = (PUBLIC if confirmed >= QUORUM_GROUPS else PRIVATE if len(reached) < len(answers) else UNKNOWN)
+    failed = len(answers) - len(reached)
+    status = PUBLIC if confirmed >= QUORUM_GROUPS else PRIVATE if failed and failed >= len(reached) else UNKNOWN
     return Reachability(status, reached[0][1] if status == PUBLIC else "", len(answers), asked, confirmed)
 
 

@@ -20,6 +20,7 @@ HERE = "/ip4/203.0.113.7/tcp/4001"
     ([(A, HERE), (B, HERE)], PUBLIC),
     ([(A, HERE), (B, None)], PRIVATE),  # a liar's "yes" and an honest "no": relays are reserved
     ([(A, HERE), (B, HERE), (B, None)], PUBLIC),  # a quorum outvotes one "no"
+    ([(A, HERE), (A, HERE), (B, None)], UNKNOWN),  # one lost dial-back does not stop a node listening
     ([(A, None)], PRIVATE),
     ([], UNKNOWN),
 ])
