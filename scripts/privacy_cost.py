@@ -44,8 +44,13 @@ def one(model: str, bootstrap: str, private: int, new: int, repeats: int) -> dic
         for k in (0, 4):
             runs = [c.generate(PROMPT, chat=False, max_new_tokens=new, k=k) for _ in range(repeats)]
             rounds = [r.round_s for g in runs for r in g.result.rounds]
+            # the client's own layers: the first hop's compute of each round (on separate machines, what
+            # the client adds to a round; here client and server share the cores, so a round's time moves
+            # between them rather than grows)
+            local = [r.hop_compute_s[0] for g in runs for r in g.result.rounds] if private else [0.0]
             out[f"k{k}"] = {"generation_s": round(statistics.median(g.result.decode_s for g in runs), 3),
                             "round_ms": round(1e3 * statistics.median(rounds), 2),
+                            "private_layers_ms_per_round": round(1e3 * statistics.median(local), 2),
                             "route": [list(h) for h in runs[0].route][:1],
                             "tokens_equal": len({tuple(g.tokens) for g in runs}) == 1}
         out["client_peak_rss_mb"] = round(rss_mb(), 1)
