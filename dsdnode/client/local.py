@@ -32,7 +32,7 @@ class LocalChain:
         self.caches: list[SpanCache] = []
 
     async def start_session(self, max_length: int) -> None:
-        self.caches = [s.new_cache(max_length) for s in self.spans]
+        self.caches = [s.new_cache(max_length, trim_windows=True) for s in self.spans]
 
     async def _link(self) -> None:
         if self.link_latency_s > 0:

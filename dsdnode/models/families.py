@@ -109,8 +109,16 @@ def kv_bytes(config: PretrainedConfig, layers: int, positions: int, dtype: torch
 
 
 def sliding_kv_bytes(config: PretrainedConfig, block: int, dtype: torch.dtype) -> int:
-    """Bytes of KV cache the sliding-window layers would need at any session length if each kept only
-    its window and one block of `block` positions (a block's first query sees window - 1 keys before
-    it). Planning figure only: span caches (models/span.py) keep every position in every layer."""
+    """Bytes of KV cache the sliding-window layers hold at any session length in a server (their
+    caches trimmed to window - 1 positions before a block and the block: models/span.py), with blocks
+    of at most `block` positions."""
     per_position = kv_shape(config).bytes_per_position(dtype)
-    return sum(per_position * (window + block) for window in layer_windows(config) if window is not None)
+    return sum(per_position * (window - 1 + block) for window in layer_windows(config) if window is not None)
+
+
+def held_kv_bytes(config: PretrainedConfig, positions: int, block: int, dtype: torch.dtype) -> int:
+    """Bytes of KV cache a server holds for a session of `positions` positions over every layer:
+    every position in full-attention layers, at most window - 1 + `block` in sliding ones."""
+    per_position = kv_shape(config).bytes_per_position(dtype)
+    return sum(per_position * (positions if window is None else min(positions, window - 1 + block))
+               for window in layer_windows(config))

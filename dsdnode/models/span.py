@@ -10,7 +10,8 @@ the mask its family's own forward would give it: a sliding-window layer's mask a
 at positions `window` or more before the query's (the cache records each row's position, so this
 holds after rollbacks, kept tree paths and in a drafter's cache full of tree nodes alike); the
 kernels that refuse SDPA (eager: Gemma 2's softcapping, gpt-oss's sinks) get it as an additive mask.
-Sliding-window layers keep their whole cache (no trimming to the window).
+A server's and a local chain's caches trim sliding-window layers to their window and the block after
+it (SpanCache, trim_windows).
 
 A span lives on one device (weights, caches, compute): whatever hidden states, positions or mask
 it is given move there first, so callers may hand it CPU tensors from the wire."""
@@ -28,22 +29,98 @@ from transformers import PretrainedConfig
 
 from ..devices import synchronize
 from ..errors import BadValue
-from .families import kv_shape, layer_windows
+from .families import KVShape, kv_shape, layer_windows
 from .weights import CheckpointLoader, load_config
+
+
+class _Rows:
+    """Keys and values of some layers of a span for a run of consecutive cache rows: row `base + i`
+    is held at index i. Full-attention layers hold every row (base 0); sliding-window layers, when
+    their cache trims, only the rows from `base` on (SpanCache.begin_block moves it)."""
+
+    def __init__(self, layers: int, kv: KVShape, rows: int, dtype: torch.dtype, device: torch.device | str):
+        self.keys = torch.zeros(layers, 1, kv.heads, rows, kv.key_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(layers, 1, kv.heads, rows, kv.value_dim, dtype=dtype, device=device)
+        self.base = 0
+
+    @property
+    def rows(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def row_bytes(self) -> int:
+        k, v = self.keys, self.values
+        return k.shape[0] * k.shape[2] * (k.shape[4] * k.element_size() + v.shape[4] * v.element_size())
+
+    def resize(self, rows: int, end: int) -> None:
+        """Hold `rows` rows, keeping the held rows before `end`."""
+        used = max(0, min(end - self.base, rows, self.rows))
+        for name in ("keys", "values"):  # keys and values may differ in width (DeepSeek-V3's latent cache)
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:3], rows, old.shape[4]))
+            new[:, :, :, :used] = old[:, :, :, :used]
+            setattr(self, name, new)
+
+    def move_base(self, base: int, end: int) -> None:
+        """Forget the rows before `base` (>= self.base), keeping those up to `end`, moved down."""
+        shift, used = base - self.base, end - base
+        if shift > 0 and used > 0:
+            for t in (self.keys, self.values):
+                t[:, :, :, :used] = t[:, :, :, shift:shift + used].clone()
+        self.base = base
+
+    def gather(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if not self.keys.shape[0]:  # no layers here
+            return
+        self.keys[:, :, :, dst - self.base] = self.keys[:, :, :, src - self.base]
+        self.values[:, :, :, dst - self.base] = self.values[:, :, :, src - self.base]
+
+    def write(self, i: int, key: torch.Tensor, value: torch.Tensor, start: int, end: int):
+        """Write layer i's rows [start, end); return its held rows up to end."""
+        self.keys[i, :, :, start - self.base:end - self.base] = key
+        self.values[i, :, :, start - self.base:end - self.base] = value
+        return self.keys[i, :, :, :end - self.base], self.values[i, :, :, :end - self.base]
 
 
 class SpanCache:
     """Keys and values of one session for the layers of one span.
 
     The attention modules call `update(k, v, layer_idx)`; each writes its block at `write_pos`
-    and attends to everything before it. `length` is the number of valid positions; `positions`
-    holds each row's position id (a tree's siblings share one), which sliding windows are measured in."""
+    and attends to everything before it. `length` is the number of valid rows; `positions` holds
+    each row's position id (a tree's siblings share one), which sliding windows are measured in.
+
+    trim_windows: sliding-window layers keep only the rows a later block can still see. A query at
+    position q sees keys at positions > q - window; a block's queries sit at positions >= its
+    commit_len (the wire checks it), and no row's position exceeds its row (a chain's position is
+    its row, a tree node's depth is at most its index; begin_block checks it). So once a block
+    starts at commit_len, rows before commit_len - window + 1 are never seen again by a block that
+    starts at commit_len or later: those layers forget them by moving a base offset (gpt-fast
+    style: rollback stays moving a position; rows are moved down only when the held ones run out),
+    holding at most window - 1 + the longest block. A later block that rolls back past what they
+    hold is refused (ValueError): exact or refused, never wrong. Clients roll back within the last
+    block only (servers, LocalChain); the drafter, which re-roots trees several depths deep and
+    rolls back to the longest prefix it shares with the text, keeps every row. gpt-oss's sinks and
+    Gemma's softcapping act on the scores of keys the window lets through, so forgetting keys it
+    hides changes nothing there either. The full-attention layers keep every row."""
 
     def __init__(self, config: PretrainedConfig, start: int, end: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", trim_windows: bool = False):
         kv = kv_shape(config)
-        self.keys = torch.zeros(end - start, 1, kv.heads, capacity, kv.key_dim, dtype=dtype, device=device)
-        self.values = torch.zeros(end - start, 1, kv.heads, capacity, kv.value_dim, dtype=dtype, device=device)
+        windows = layer_windows(config)[start:end]
+        trimmed = [w for w in windows if w is not None] if trim_windows else []
+        self.window = max(trimmed, default=None)  # the widest trimmed window (None: no layer trims)
+        self.full = _Rows(len(windows) - len(trimmed), kv, capacity, dtype, device)
+        self.sliding = _Rows(len(trimmed), kv, 0, dtype, device)
+        counts = {id(self.full): 0, id(self.sliding): 0}
+        self.slots: list[tuple[_Rows, int]] = []  # each layer's rows and its index among them
+        for w in windows:
+            rows = self.sliding if trim_windows and w is not None else self.full
+            self.slots.append((rows, counts[id(rows)]))
+            counts[id(rows)] += 1
         self.positions = torch.zeros(capacity, dtype=torch.long, device=device)
         self.start = start
         self.capacity = capacity
@@ -52,38 +129,73 @@ class SpanCache:
         self.block = 0
 
     @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+    def keys(self) -> torch.Tensor:
+        """The full-attention layers' keys (every layer's when none trims): [layers, 1, heads, rows, dim]."""
+        return self.full.keys
 
-    def grow(self, capacity: int) -> None:
-        """Make room for `capacity` positions, keeping what is cached: a server allocates (and charges)
-        a session's cache as its positions are written, not all up front (server/sessions.py)."""
-        if capacity <= self.capacity:
-            return
+    @property
+    def nbytes(self) -> int:
+        return self.full.nbytes + self.sliding.nbytes
+
+    @property
+    def window_start(self) -> int:
+        """The first row the sliding-window layers hold (0 when they keep every row)."""
+        return self.sliding.base
+
+    def _sliding_rows(self, capacity: int, block: int) -> int:
+        return min(capacity, max(self.sliding.rows, self.window - 1 + block)) if self.window is not None else 0
+
+    def nbytes_for(self, capacity: int, block: int) -> int:
+        """Bytes this cache holds once grown for `capacity` positions and a block of `block` (grow)."""
+        capacity = max(capacity, self.capacity)
+        return self.full.row_bytes * capacity + self.sliding.row_bytes * self._sliding_rows(capacity, block)
+
+    def grow(self, capacity: int, block: int = 0) -> None:
+        """Make room for `capacity` positions and, in trimmed sliding layers, for a block of `block`
+        after their window, keeping what is cached: a server allocates (and charges, nbytes_for) a
+        session's cache as its positions are written, not all up front (server/sessions.py)."""
         kept = max(self.length, self.write_pos + self.block)  # the last block's rows may still be kept
-        for name in ("keys", "values"):  # keys and values may differ in width (DeepSeek-V3's latent cache)
-            old = getattr(self, name)
-            new = old.new_zeros((*old.shape[:3], capacity, old.shape[4]))
-            new[:, :, :, :kept] = old[:, :, :, :kept]
-            setattr(self, name, new)
-        positions = self.positions.new_zeros(capacity)
-        positions[:kept] = self.positions[:kept]
-        self.positions, self.capacity = positions, capacity
+        if capacity > self.capacity:
+            self.full.resize(capacity, kept)
+            positions = self.positions.new_zeros(capacity)
+            positions[:kept] = self.positions[:kept]
+            self.positions, self.capacity = positions, capacity
+        rows = self._sliding_rows(self.capacity, block)
+        if rows > self.sliding.rows:
+            self.sliding.resize(rows, kept)
 
     def begin_block(self, commit_len: int, block_len: int, kept: list[int] | None = None,
                     positions: torch.Tensor | None = None) -> None:
         """Keep only the `kept` positions of the last block (indices into it, gathered to its start),
         forget everything after commit_len (the rollback) and make room for block_len positions,
-        whose position ids are `positions` ([block_len]; default commit_len, commit_len+1, ...)."""
+        whose position ids are `positions` ([block_len]; default commit_len, commit_len+1, ...).
+        Calling it again for the same block changes nothing more (servers check a block first)."""
         if kept is not None:
             self._compact(kept)
         if not 0 <= commit_len <= self.length:
             raise ValueError(f"commit_len {commit_len} is outside the cached 0..{self.length} positions")
         if commit_len + block_len > self.capacity:
             raise ValueError(f"{commit_len} cached + {block_len} new positions exceed the session's {self.capacity}")
+        rows = torch.arange(commit_len, commit_len + block_len, device=self.positions.device)
+        positions = rows if positions is None else positions.to(self.positions.device)
+        if self.window is not None:
+            self._hold_window(commit_len, block_len, positions, rows)
         self.write_pos, self.block = commit_len, block_len
-        self.positions[commit_len:commit_len + block_len] = torch.arange(commit_len, commit_len + block_len) \
-            if positions is None else positions
+        self.positions[commit_len:commit_len + block_len] = positions
+
+    def _hold_window(self, commit_len: int, block_len: int, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        """Make the trimmed sliding layers hold rows commit_len - window + 1 .. commit_len + block_len."""
+        first = max(0, commit_len - self.window + 1)
+        if first < self.sliding.base:
+            raise ValueError(f"commit_len {commit_len} rolls back past the rows the sliding-window layers still "
+                             f"hold (from {self.sliding.base}): a block may roll back within the last block only")
+        if bool((positions > rows).any()) or bool((positions < commit_len).any()):
+            raise ValueError(f"a block's positions must lie between its commit_len {commit_len} and its rows")
+        end = commit_len + block_len
+        if end - self.sliding.base > self.sliding.rows:
+            self.sliding.move_base(first, commit_len)  # rows from commit_len on are this block's to write
+            if end - first > self.sliding.rows:  # (a server grew it beforehand, and charged it: grow)
+                self.sliding.resize(end - first, commit_len)
 
     def _compact(self, kept: list[int]) -> None:
         if self.length != self.write_pos + self.block:
@@ -109,18 +221,18 @@ class SpanCache:
 
     def _gather(self, start: int, rows: list[int]) -> None:
         """Move the positions `rows` (increasing, each >= start) to start, start+1, ..."""
+        if start < self.sliding.base:
+            raise ValueError(f"rows from {start} on: the sliding-window layers hold rows from {self.sliding.base} only")
         moved = [(start + j, r) for j, r in enumerate(rows) if r != start + j]
         if moved:  # rows increase, so every one moves towards the start: gather, then write
-            dst, src = (torch.tensor(x, device=self.keys.device) for x in zip(*moved))
-            self.keys[:, :, :, dst] = self.keys[:, :, :, src]
-            self.values[:, :, :, dst] = self.values[:, :, :, src]
+            dst, src = (torch.tensor(x, device=self.positions.device) for x in zip(*moved))
+            self.full.gather(dst, src)
+            self.sliding.gather(dst, src)
             self.positions[dst] = self.positions[src]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args, **_kwargs):
-        i, end = layer_idx - self.start, self.write_pos + self.block
-        self.keys[i, :, :, self.write_pos:end] = key
-        self.values[i, :, :, self.write_pos:end] = value
-        return self.keys[i, :, :, :end], self.values[i, :, :, :end]
+        rows, i = self.slots[layer_idx - self.start]
+        return rows.write(i, key, value, self.write_pos, self.write_pos + self.block)
 
 
 def block_mask(commit_len: int, block_len: int, tree_mask: torch.Tensor | None = None,
@@ -144,22 +256,36 @@ def block_mask(commit_len: int, block_len: int, tree_mask: torch.Tensor | None =
 
 
 def layer_masks(visible: torch.Tensor | None, query_pos: torch.Tensor, key_pos: torch.Tensor,
-                windows: set[int | None], dtype: torch.dtype, additive: bool) -> dict[int | None, torch.Tensor | None]:
+                windows: set[int | None], dtype: torch.dtype, additive: bool,
+                held: Sequence[tuple[int, int]] = ()) -> dict[int | None, torch.Tensor | None]:
     """The mask for each window among `windows` (None: full causal attention), from the [B, 1, T, S]
     visibility `visible` (block_mask / batch_mask; None: all keys) of queries at positions
     `query_pos` [B, T] over keys at positions `key_pos` [B, S]: a sliding layer also hides keys
-    `window` or more positions back, as transformers' sliding_window_overlay does. additive: as
-    0 / dtype-min floats (the eager kernels add the mask to the scores), else booleans (SDPA)."""
+    `window` or more positions back, as transformers' sliding_window_overlay does. held: per batch
+    row, the rows [start, end) that row's sliding-window layers hold (SpanCache.window_start): their
+    masks cover those keys only. additive: as 0 / dtype-min floats (the eager kernels add the mask
+    to the scores), else booleans (SDPA)."""
     masks: dict[int | None, torch.Tensor | None] = {}
     for window in windows:
         mask = visible
         if window is not None and int(query_pos.max()) >= window:  # else nothing is that far back
             near = (query_pos[:, None, :, None] - key_pos[:, None, None, :]) < window
             mask = near if visible is None else visible & near
+        if window is not None and any(start for start, _ in held):  # (then some query is a window past 0)
+            mask = held_columns(mask, held)
         if additive and mask is not None:
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
         masks[window] = mask
     return masks
+
+
+def held_columns(mask: torch.Tensor, held: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Row b's mask over the key rows [start_b, end_b) alone, moved to the left, the batch padded to
+    the longest (padding hidden): the keys a trimmed sliding layer holds (SpanCache._hold_window)."""
+    out = mask.new_zeros((len(held), *mask.shape[1:3], max(end - start for start, end in held)))
+    for b, (start, end) in enumerate(held):
+        out[b, :, :, :end - start] = mask[b % mask.shape[0], :, :, start:end]
+    return out
 
 
 @dataclass
@@ -182,17 +308,20 @@ class BatchCache:
     """The caches of a batch of sessions, seen by the attention modules as one cache of B rows.
 
     `update` writes each row's own block (its padding dropped) into its own session's cache and
-    returns every row's keys and values padded to the longest; the batch mask hides the padding."""
+    returns every row's keys and values padded to the longest (a trimmed sliding layer's: the rows
+    it holds); the batch mask hides the padding."""
 
     def __init__(self, caches: Sequence[SpanCache]):
         self.caches = list(caches)
         self.width = max(c.write_pos + c.block for c in self.caches)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_args, **_kwargs):
-        keys = key.new_zeros(*key.shape[:2], self.width, key.shape[3])
-        values = value.new_zeros(*value.shape[:2], self.width, value.shape[3])
-        for i, cache in enumerate(self.caches):
-            k, v = cache.update(key[i:i + 1, :, :cache.block], value[i:i + 1, :, :cache.block], layer_idx)
+        held = [cache.update(key[i:i + 1, :, :cache.block], value[i:i + 1, :, :cache.block], layer_idx)
+                for i, cache in enumerate(self.caches)]
+        width = max(k.shape[2] for k, _ in held)
+        keys = key.new_zeros(*key.shape[:2], width, key.shape[3])
+        values = value.new_zeros(*value.shape[:2], width, value.shape[3])
+        for i, (k, v) in enumerate(held):
             keys[i, :, :k.shape[2]] = k[0]
             values[i, :, :v.shape[2]] = v[0]
         return keys, values
@@ -264,8 +393,9 @@ class Span(nn.Module):
             return self
         return Span(self.config, start, end, self.layers[start - self.start:end - self.start], self.rotary, self.dtype)
 
-    def new_cache(self, capacity: int) -> SpanCache:
-        return SpanCache(self.config, self.start, self.end, capacity, self.dtype, self.device)
+    def new_cache(self, capacity: int, trim_windows: bool = False) -> SpanCache:
+        """trim_windows: for owners that roll back within the last block only (SpanCache)."""
+        return SpanCache(self.config, self.start, self.end, capacity, self.dtype, self.device, trim_windows)
 
     @torch.inference_mode()
     def forward(
@@ -291,9 +421,10 @@ class Span(nn.Module):
             position_ids = torch.arange(commit_len, commit_len + block_len, device=device)[None]
         position_ids = position_ids.to(device)
         cache.begin_block(commit_len, block_len, kept, position_ids[0])
+        end = commit_len + block_len
         masks = layer_masks(block_mask(commit_len, block_len, tree_mask, device), position_ids,
-                            cache.positions[None, :commit_len + block_len], set(self.windows), self.dtype,
-                            self.additive_masks)
+                            cache.positions[None, :end], set(self.windows), self.dtype, self.additive_masks,
+                            [(cache.window_start, end)])
         hidden = self._layers(hidden, position_ids, cache, masks)
         cache.end_block()
         synchronize(device)
@@ -326,7 +457,8 @@ class Span(nn.Module):
         for i, c in enumerate(cache.caches):
             key_pos[i, :c.write_pos + c.block] = c.positions[:c.write_pos + c.block]
         masks = layer_masks(batch_mask(blocks, cache.width, device), positions, key_pos, set(self.windows),
-                            self.dtype, self.additive_masks)
+                            self.dtype, self.additive_masks,
+                            [(c.window_start, c.write_pos + c.block) for c in cache.caches])
         hidden = self._layers(hidden, positions, cache, masks)
         for b in blocks:
             b.cache.end_block()

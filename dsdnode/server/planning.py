@@ -1,8 +1,8 @@
 """How a model would be spread over volunteers, from its config alone (nothing downloaded or loaded):
 bytes per layer (in the serving dtype, or quantized), layers per server of a given memory, servers
-needed, KV cache per 1k positions, and which draft the client would use. For sliding-window
-families it also says what the sliding layers would hold if trimmed to their window (span caches
-keep every position today: docs/ARCHITECTURE.md, "Sliding-window KV")."""
+needed, KV cache per 1k positions, and which draft the client would use. Sliding-window layers
+are counted as servers hold them: trimmed to their window and a block (docs/ARCHITECTURE.md,
+"Sliding-window KV")."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import BadValue
-from ..models.families import check_supported, family_name, kv_bytes, layer_windows, sliding_kv_bytes
+from ..models.families import check_supported, family_name, held_kv_bytes, layer_windows, sliding_kv_bytes
 from ..models.quantization import check_mode, layer_bytes
 from ..models.registry import get_entry
 from ..models.weights import skeleton
@@ -64,12 +64,12 @@ class ServingPlan:
     layer_bytes: int  # the largest layer's weights
     memory_bytes: int  # per server
     cache_budget_bytes: int  # per server, for KV caches (a server's --cache-budget-mb)
-    kv_bytes_per_1k: int  # the whole model, 1024 positions, in dtype
+    kv_bytes_per_1k: int  # what servers hold for 1024 positions of the whole model, in dtype
     layers_per_server: int
     draft: str | None
     registry: bool
     windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention)
-    sliding_kv_bytes: int = 0  # what the sliding layers would hold, trimmed to window + a block (not done yet)
+    sliding_kv_bytes: int = 0  # what the sliding layers hold at any length (window - 1 + a block each)
     block: int = 64  # the largest block a server takes (its --max-block)
 
     @property
@@ -87,9 +87,8 @@ class ServingPlan:
         sliding = [w for w in self.windows if w is not None]
         if sliding:
             out.append(f"  sliding-window layers: {len(sliding)} of {self.num_layers} (window {max(sliding)}); "
-                       f"trimmed to window + a {self.block}-position block they would need "
-                       f"{self.sliding_kv_bytes / 2**20:.1f} MiB in all at any length, but servers do not trim "
-                       f"yet: the KV figure above counts every position of every layer")
+                       f"servers trim them to the window and a {self.block}-position block: "
+                       f"{self.sliding_kv_bytes / 2**20:.1f} MiB in all at any length (counted in the KV figure)")
         if self.layers_per_server:
             out += [f"  layers per server with {self.memory_bytes / 1e9:g} GB: {self.layers_per_server} "
                     f"(after {RESERVE_BYTES >> 20} MiB reserve and a {self.cache_budget_bytes >> 20} MiB KV budget)",
@@ -118,5 +117,5 @@ def plan(name: str, memory_bytes: int, quant: str = "none", dtype: torch.dtype =
     usable = memory_bytes - RESERVE_BYTES - cache_budget_bytes
     per_server = min(config.num_hidden_layers, max(0, usable // biggest))
     return ServingPlan(name, family_name(config), config.num_hidden_layers, quant, dtype, biggest, memory_bytes,
-                       cache_budget_bytes, kv_bytes(config, config.num_hidden_layers, 1024, dtype), per_server,
+                       cache_budget_bytes, held_kv_bytes(config, 1024, block, dtype), per_server,
                        draft, registry, tuple(layer_windows(config)), sliding_kv_bytes(config, block, dtype), block)

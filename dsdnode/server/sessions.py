@@ -9,6 +9,9 @@ RECLAIM_IDLE_S (most idle first), then answers "busy" (the client fails over, re
 history elsewhere). A session that sends no block within OPEN_LEASE_S of opening is closed.
 Closing a session (expiry included) drops its cache at once, whoever still holds the Session
 object: memory follows the budget, not the lifetime of streams and tasks that once served it.
+Sliding-window layers are trimmed to their window and the block after it (SpanCache, trim_windows:
+a client rolls back within its last block only), and a session is charged what its cache holds, so
+a model with sliding layers (Mistral, Gemma 2/3, gpt-oss) fits more and longer sessions.
 
 A session belongs to the peer that opened it: it is keyed by (opener's peer id, session id), and
 blocks pushed by the upstream peer the opener named (prev_peer) are found by (prev_peer, session
@@ -32,7 +35,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..models.families import kv_bytes
 from ..models.span import Span, SpanCache
 from ..net.p2p import Stream
 from ..errors import PeerError
@@ -124,10 +126,6 @@ def keep_big_allocations_mapped(threshold: int = 1 << 20) -> None:
         pass
 
 
-def cache_bytes(span: Span, length: int) -> int:
-    return kv_bytes(span.config, span.end - span.start, length, span.dtype)
-
-
 class SessionTable:
     def __init__(self, span: Span, budget_bytes: int, max_length: int, idle_s: float,
                  limits: ClientLimits = ClientLimits(), on_reclaim: Callable[[Session], None] | None = None,
@@ -145,8 +143,11 @@ class SessionTable:
         return sum(s.cache.nbytes for s in list(self.sessions.values()) if s.cache is not None)
 
     def free_tokens(self) -> int:
-        """How many more positions (over the whole span) fit in the budget."""
-        per_token = cache_bytes(self.span, 1)
+        """How many more positions (over the whole span) fit in the budget: counted in the
+        full-attention layers, which grow with every position (in all layers when every layer
+        slides: each new session's window costs that much)."""
+        cache = self.span.new_cache(0, trim_windows=True)
+        per_token = cache.full.row_bytes or cache.sliding.row_bytes
         return max(0, (self.budget - self.used_bytes) // per_token)
 
     def open(self, session_id: str, start: int, end: int, max_length: int, client: Stream,
@@ -172,28 +173,34 @@ class SessionTable:
                                        f"{self.limits.max_group_sessions} per network); try another server",
                                BUSY_RETRY_AFTER_S)
         span = self.span.sub(start, end)
-        self._make_room(cache_bytes(span, min(max_length, GROW_STEP)), owner, group, None)
-        session = Session(session_id, span, span.new_cache(0), client, next_peer, prev_peer, group, max_length,
+        cache = span.new_cache(0, trim_windows=True)
+        first = min(max_length, GROW_STEP)
+        self._make_room(cache.nbytes_for(first, first), owner, group, None)
+        session = Session(session_id, span, cache, client, next_peer, prev_peer, group, max_length,
                           next_session_id or session_id)
         self.sessions[session.key] = session
         if prev_peer is not None:
             self._pushed[prev_peer, session_id] = session
         return session
 
-    def grow(self, session: Session, positions: int) -> None:
-        """Give the session's cache room for `positions`, charging the budget for what it allocates
-        (doubling, at least GROW_STEP, at most its max_length). "busy" if the budget, or the share of
-        its peer id or network, has no room."""
-        cache = session.cache
-        if cache is None or positions <= cache.capacity:
+    def grow(self, session: Session, commit_len: int, block: int) -> None:
+        """Give the session's cache room for a block of `block` positions after `commit_len`, charging
+        the budget for what it allocates (full-attention layers: doubling, at least GROW_STEP, at
+        most its max_length; trimmed sliding layers: their window and the longest block so far).
+        "busy" if the budget, or the share of its peer id or network, has no room."""
+        cache, positions = session.cache, commit_len + block
+        if cache is None:
             return
-        if positions > session.max_length:
-            raise SessionError("too_large", f"{positions} positions exceed the session's max_length "
-                                            f"{session.max_length}")
-        capacity = min(session.max_length, max(positions, 2 * cache.capacity, GROW_STEP))
-        extra = cache_bytes(session.span, capacity) - cache.nbytes
-        self._make_room(extra, session.owner, session.group, session)
-        cache.grow(capacity)
+        capacity = cache.capacity
+        if positions > capacity:
+            if positions > session.max_length:
+                raise SessionError("too_large", f"{positions} positions exceed the session's max_length "
+                                                f"{session.max_length}")
+            capacity = min(session.max_length, max(positions, 2 * cache.capacity, GROW_STEP))
+        extra = cache.nbytes_for(capacity, block) - cache.nbytes
+        if extra > 0:
+            self._make_room(extra, session.owner, session.group, session)
+        cache.grow(capacity, block)  # (when every layer slides, only the position ids grow)
 
     def _make_room(self, extra: int, owner: str | None, group: str, asking: Session | None) -> None:
         """Check that `extra` more bytes fit the budget and the shares of `owner` and `group`; when
@@ -252,7 +259,7 @@ class SessionTable:
         cached = session.cache.length if session.cache is not None else 0
         if not 0 <= commit_len <= cached:  # checked before growing: a bogus commit_len must not allocate
             raise SessionError("bad_shape", f"commit_len {commit_len} is outside the cached 0..{cached} positions")
-        self.grow(session, commit_len + positions)
+        self.grow(session, commit_len, positions)
         session.blocks += 1
 
     def active(self) -> int:

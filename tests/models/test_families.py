@@ -1,9 +1,10 @@
 """Every family dsdnode serves, through spans loaded from a checkpoint, equals transformers in float32.
 
 Tiny random checkpoints (tests/helpers/tiny_models.py: 4 layers, sliding windows of 12 positions,
-mixed layer types, MoE with per-expert tensors as transformers saves them) with prompts longer than
-the window: chained spans give the whole model's logits in prefill, blocks, rollback, token trees
-and batched blocks, and greedy DSD (chains and trees) gives transformers' greedy tokens."""
+mixed layer types, MoE with per-expert tensors as transformers saves them) with texts five windows
+long: chained spans, their sliding layers trimmed to the window as servers trim them, give the whole
+model's logits in prefill, blocks, rollback, token trees and batched blocks, and greedy DSD (chains
+and trees) gives transformers' greedy tokens (over 60 positions for Mistral, Gemma 2 and gpt-oss)."""
 
 import asyncio
 
@@ -23,6 +24,9 @@ from tests.client.test_generate import TREE_SHAPES, ScriptedShapes, reference_gr
 from tests.helpers.tiny_models import FAMILIES, WINDOW, save_tiny_family
 
 CUTS = [(0, 1), (1, 3), (3, 4)]
+# greedy DSD over 60 positions (five windows) for one family of each sliding kind: uniform windows,
+# alternating with softcapping, alternating with sinks; 40 positions for the others (suite time)
+LONG_GREEDY = {"mistral": 44, "gemma2": 44, "gpt_oss": 44}
 
 
 def whole_model(model_dir):
@@ -49,53 +53,64 @@ def test_spans_equal_transformers(family, tmp_path):
     head = Head.load(model_dir, torch.float32)
     spans = [Span.load(model_dir, a, b, torch.float32) for a, b in CUTS]
     check_forward(whole, head, spans)
-    check_greedy_dsd(whole, head, spans, Span.load(model_dir, 0, 2, torch.float32))
+    check_greedy_dsd(whole, head, spans, Span.load(model_dir, 0, 2, torch.float32), LONG_GREEDY.get(family, 24))
 
 
 def check_forward(whole, head, spans):
-    """Prefill, a block, a rollback, a token tree with its kept path, a batched block."""
-    caches = [s.new_cache(64) for s in spans]
-    ids = torch.randint(3, 97, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    ref = reference(whole, ids)
-    assert len(ids) > 2 * WINDOW
+    """Prefill, chain blocks each rolled back in part, a token tree with its kept path, a batched
+    block: 69 positions, over five windows, in caches that trim their sliding layers (as servers'
+    do), which stay window - 1 + the longest block long while the full layers hold every position."""
+    caches = [s.new_cache(96, trim_windows=True) for s in spans]
+    ids = torch.randint(3, 97, (64,), generator=torch.Generator().manual_seed(1)).tolist()
 
     def close(got, want):
         assert (got - want).abs().max() < 1e-4, (got - want).abs().max()
 
-    close(run(head, spans, caches, ids[:25], 0), ref[:25])  # prefill, longer than the window
-    close(run(head, spans, caches, ids[25:30], 25), ref[25:30])  # a block
-    other = [(t + 1) % 97 for t in ids[27:31]]  # roll back 3, a different block of 4
-    close(run(head, spans, caches, other, 27), reference(whole, ids[:27] + other)[27:])
-    # a tree after 31 positions: root r, r -> {a, b}, a -> c; the next block keeps the path r a c
-    text = ids[:27] + other
-    tokens, parents = [50, 51, 52, 53], [-1, 0, 0, 1]
+    text = ids[:16]
+    close(run(head, spans, caches, text, 0), reference(whole, text))  # prefill, longer than the window
+    while len(text) < 60:  # blocks of 6 after the text: 4 right, 2 wrong, rolled back by the next block
+        block = ids[len(text):len(text) + 4] + [(t + 1) % 97 for t in ids[len(text) + 4:len(text) + 6]]
+        close(run(head, spans, caches, block, len(text)), reference(whole, text + block)[len(text):])
+        text = text + block[:4]
+    # a tree after the text: root r, r -> {a, b}, a -> c; the next block keeps the path r a c
+    n, tokens, parents = len(text), [50, 51, 52, 53], [-1, 0, 0, 1]
     mask = torch.zeros(4, 4, dtype=torch.bool)
     for i, p in enumerate(parents):
         mask[i] = mask[p] if p >= 0 else mask[i]
         mask[i, i] = True
-    tree_logits = run(head, spans, caches, tokens, 31, mask, torch.tensor([[31, 32, 32, 33]]))
+    tree_logits = run(head, spans, caches, tokens, n, mask, torch.tensor([[n, n + 1, n + 1, n + 2]]))
     path_text = text + [50, 51, 53]
     fresh = reference(whole, path_text + [60, 61])
-    close(tree_logits[[0, 1, 3]], fresh[31:34])
+    close(tree_logits[[0, 1, 3]], fresh[n:n + 3])
     close(tree_logits[2], reference(whole, text + [50, 52])[-1])
-    close(run(head, spans, caches, [60, 61], 34, kept=[0, 1, 3]), fresh[34:])
-    # batched: this session's next token together with a fresh session's prefill
-    other_caches = [s.new_cache(64) for s in spans]
+    close(run(head, spans, caches, [60, 61], n + 3, kept=[0, 1, 3]), fresh[n + 3:])
+    # batched: this session's next token together with a fresh session's prefill (other window starts)
+    other_caches = [s.new_cache(96, trim_windows=True) for s in spans]
     h = [head.embed_tokens([62]), head.embed_tokens(ids[:20])]
     for span, mine, theirs in zip(spans, caches, other_caches):
-        h = span.forward_batch([Block(h[0], mine, 36), Block(h[1], theirs, 0)])
+        h = span.forward_batch([Block(h[0], mine, n + 5), Block(h[1], theirs, 0)])
     close(head.logits(h[0]), reference(whole, path_text + [60, 61, 62])[-1:])
-    close(head.logits(h[1]), ref[:20])
+    close(head.logits(h[1]), reference(whole, ids[:20]))
+    for span, cache in zip(spans, caches):  # what each cache holds after 69 positions
+        sliding = sum(w is not None for w in span.windows)
+        assert cache.full.keys.shape[0] == len(span.windows) - sliding and cache.full.rows == 96
+        assert cache.sliding.keys.shape[0] == sliding
+        if sliding:
+            # window - 1 + the longest block (the prefill's), not the 69 positions the full layers hold
+            assert cache.window_start > 0 and cache.sliding.rows <= WINDOW - 1 + 16
+            assert cache.sliding.nbytes == cache.sliding.rows * cache.sliding.row_bytes
+            with pytest.raises(ValueError, match="rolls back past"):  # refused, never answered wrong
+                cache.begin_block(cache.window_start, 1)
 
 
-def check_greedy_dsd(whole, head, spans, weak_draft):
-    """24 tokens after a 16-token prompt: chains with a 2-layer draft of the same checkpoint (weak:
+def check_greedy_dsd(whole, head, spans, weak_draft, new_tokens):
+    """`new_tokens` after a 16-token prompt: chains with a 2-layer draft of the same checkpoint (weak:
     blocks partly accepted, rolled back), then trees of several shapes drafted by the whole model."""
     prompt = torch.randint(3, 97, (16,), generator=torch.Generator().manual_seed(2)).tolist()
-    want = reference_greedy(whole, prompt, 24)
+    want = reference_greedy(whole, prompt, new_tokens)
     rounds = []
     for width, draft in ((1, [weak_draft]), (4, spans)):
-        settings = GenerationSettings(max_new_tokens=24, controller=ControllerSettings(
+        settings = GenerationSettings(max_new_tokens=new_tokens, controller=ControllerSettings(
             k_max=5, width_max=width, k_fixed=4 if width == 1 else None))
         gen = Generator(head, LocalChain(spans), Drafter(head, draft, 256, settings.sampling), settings, eos_ids=set())
         if width > 1:

@@ -54,13 +54,16 @@ def test_plan_of_moe_and_lookup_fallback():
     assert kv_bytes(deepseek_like, 1, 1, torch.bfloat16) == (512 + 64) * 2  # MLA caches one latent
 
 
-def test_plan_counts_what_trimmed_sliding_layers_would_hold():
-    """gpt-oss-120b: 18 of 36 layers slide over 128 positions; trimmed to window + a 64-position block
-    they would hold 18 x 192 positions of 8 KV heads x 64 x (k, v) in bfloat16, whatever the length."""
+def test_plan_counts_what_trimmed_sliding_layers_hold():
+    """gpt-oss-120b: 18 of 36 layers slide over 128 positions; trimmed to window - 1 + a 64-position
+    block they hold 18 x 191 positions of 8 KV heads x 64 x (k, v) in bfloat16, whatever the length,
+    and the KV per 1k positions counts that beside the full layers' 1024 positions."""
     p = plan("gpt-oss-120b", parse_memory("80GB"))
     assert p.windows.count(128) == 18 and p.windows.count(None) == 18
-    assert p.sliding_kv_bytes == 18 * (128 + 64) * 8 * 64 * 2 * 2
-    assert any("sliding-window layers: 18 of 36 (window 128)" in line and "do not trim" in line for line in p.lines())
+    per_position = 8 * 64 * 2 * 2
+    assert p.sliding_kv_bytes == 18 * (128 - 1 + 64) * per_position
+    assert p.kv_bytes_per_1k == 18 * 1024 * per_position + p.sliding_kv_bytes
+    assert any("sliding-window layers: 18 of 36 (window 128)" in line and "servers trim" in line for line in p.lines())
     full = plan("qwen3-8b", parse_memory("24GB"))
     assert full.sliding_kv_bytes == 0 and not any("sliding" in line for line in full.lines())
 

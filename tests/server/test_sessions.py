@@ -3,10 +3,15 @@ import time
 import pytest
 import torch
 
+from dsdnode.models.families import kv_bytes
 from dsdnode.models.span import Span
-from dsdnode.server.sessions import (GROW_STEP, ClientLimits, OPEN_LEASE_S, RECLAIM_IDLE_S, SessionError, SessionTable,
-                                     cache_bytes)
+from dsdnode.server.sessions import GROW_STEP, ClientLimits, OPEN_LEASE_S, RECLAIM_IDLE_S, SessionError, SessionTable
 from tests.helpers.tiny_models import tiny_model
+
+
+def cache_bytes(span: Span, length: int) -> int:
+    """A full-attention span's cache of `length` positions."""
+    return kv_bytes(span.config, span.end - span.start, length, span.dtype)
 
 
 @pytest.fixture
