@@ -59,6 +59,7 @@ class Peers:
 
     live: list[Peers] = []
     count = 0
+    verdicts: dict[str, int] = {}  # reachability verdict -> listening nodes that reached it, over the run
     debug = False  # peers log what they publish where and which peers the reader asks
 
     def __init__(self, site: Host, logs: Path, *, nodes: int = 1, bootstrap: list[str] = (),
@@ -81,6 +82,8 @@ class Peers:
         if ready is None:
             raise RuntimeError(f"peer process {self.log.name} did not start; its log ends:\n{self.log.read_text()[-1500:]}")
         self.nodes = ready["nodes"]
+        for n in self.nodes:
+            Peers.verdicts[n["reachability"]] = Peers.verdicts.get(n["reachability"], 0) + 1
         return self
 
     @property
@@ -117,10 +120,10 @@ def discover(reader: Peers) -> tuple[set[str], float | None]:
     return set(reply["peers"]), reply["seconds"]
 
 
-def time_until_listed(reader: Peers, wanted: set[str]) -> dict[str, float]:
-    """Seconds from now until a discover() that lists each of `wanted` returned (absent: none within
-    LIST_TIMEOUT_S, counted from when the last discover() started)."""
-    since = time.monotonic()
+def time_until_listed(reader: Peers, wanted: set[str], since: float | None = None) -> dict[str, float]:
+    """Seconds from `since` (monotonic; default now) until a discover() that lists each of `wanted`
+    returned (absent: none within LIST_TIMEOUT_S, counted from when the last discover() started)."""
+    since = time.monotonic() if since is None else since
     found: dict[str, float] = {}
     while time.monotonic() - since < LIST_TIMEOUT_S and len(found) < len(wanted):
         listed, seconds = discover(reader)
@@ -184,15 +187,21 @@ def run(args: argparse.Namespace) -> dict:
         r = -1
         while (r := r + 1) * args.round_size < args.trials or time.monotonic() < soak_until:
             trial = group(r, args.round_size).wait_ready()
+            announced_at = time.monotonic()  # listing is timed from the announce request, not its answer
             trial.request("announce", model=MODEL, start=0, end=4, ttl=RECORD_TTL_S, timeout=300)
-            listed = time_until_listed(reader, set(trial.ids))
-            rounds.append({"departed_before": departed, "listed_s": [listed.get(p) for p in trial.ids]})
+            announce_s = time.monotonic() - announced_at
+            listed = time_until_listed(reader, set(trial.ids), since=announced_at)
+            rounds.append({"departed_before": departed, "announce_s": round(announce_s, 2),
+                           "reachability": [n["reachability"] for n in trial.nodes],
+                           "routing_table_at_ready": [n["routing_table_peers"] for n in trial.nodes],
+                           "listed_s": [listed.get(p) for p in trial.ids]})
             if len(listed) < len(trial.ids):
                 log(f"  not listed: {[p for p in trial.ids if p not in listed]} ({trial.log.name})")
             trial.kill()
             departed += len(trial.nodes)
             log(f"trial round {r}: listed {sorted(round(v, 2) for v in listed.values())} of {len(trial.ids)} "
-                f"after {departed - len(trial.nodes)} departures")
+                f"after {departed - len(trial.nodes)} departures (announce took {announce_s:.2f} s; "
+                f"reachability {rounds[-1]['reachability']}, routing tables at ready {rounds[-1]['routing_table_at_ready']})")
 
         lookups = [discover(reader) for _ in range(args.lookups)]
         lookup_s = [s for _, s in lookups if s is not None]
@@ -221,6 +230,7 @@ def run(args: argparse.Namespace) -> dict:
             "lookup_max_s": round(max(lookup_s), 3) if lookup_s else None,
             "honest_hidden_per_lookup_before_flood": lookup_hidden,
             "flood_ids": len(flood.ids), "honest_hidden_per_lookup": hidden, "flood_ids_listed": flood_listed,
+            "reachability_verdicts": Peers.verdicts,
             "wall_s": round(time.monotonic() - started, 1),
         }
     finally:
