@@ -79,7 +79,7 @@ def test_chains_spread_over_replicas_in_proportion_to_capacity():
     assert all(best_chain([a, b], 2, seed=s) == best_chain([b, a], 2, seed=s) for s in seeds[:20])
     assert spans(best_chain([a, cand("b", 0, 2, 11)], 2)) == [("a", 0, 2)]  # no seed: the cheapest
     # 8 chains at once over two equal replicas: as good as a fair coin, which is the best any choice
-    # can do without seeing the others (the busiest holds 63.6 % of 8 on average)
+    # can do without seeing the others (the busiest holds 63.7 % of 8 on average)
     busiest = [max(n := [spans(best_chain([a, b], 2, seed=s))[0][0] for s in seeds[w:w + 8]].count("a"), 8 - n)
                for w in range(0, len(seeds), 8)]
     assert 0.60 <= statistics.mean(busiest) / 8 <= 0.67
