@@ -67,6 +67,7 @@ class DHT:
         self.last_discovery_partial = False
         self._spreading = False  # a background Kademlia put of our record is running
         self._refiling: set[str] = set()  # models whose record a background task files again
+        self._filed: dict[str, tuple[SpanRecord, bytes]] = {}  # model -> the record we filed last, signed
         self._boot: list[LibPeerInfo] = []  # our bootstrap peers (set when we join)
         self.directory = DirectoryService(host, DirectoryStore(time.time))
         self._directory_client = DirectoryClient(host)
@@ -203,10 +204,20 @@ class DHT:
         """Keep the routing table fresh for as long as the node runs (see the module docstring)."""
         kad = self._host.kad
         assert kad is not None
+        alone_pause = 1.0
         while True:
-            await trio.sleep(UPKEEP_INTERVAL_S)
+            # A node that reached none of its bootstrap peers (all busy: measured with 60 peers joining
+            # three at once on a loaded machine, where every dial timed out) tries again soon, not
+            # only at the next round: until it joins it files its record nowhere.
+            alone = bool(self._boot) and len(self._lost_bootstrap()) == len(self._boot)
+            await trio.sleep(min(alone_pause, UPKEEP_INTERVAL_S) if alone else UPKEEP_INTERVAL_S)
+            alone_pause = alone_pause * 2 if alone else 1.0
             try:
                 await self._t_rejoin()
+                if alone and len(self._lost_bootstrap()) < len(self._boot):  # joined at last: file at once
+                    for rec, blob in list(self._filed.values()):
+                        if self._last.get(rec.model) is rec:
+                            await self._t_file(rec, blob, self._connected_servers())
                 with trio.move_on_after(BOOTSTRAP_TIMEOUT):  # refresh a random bucket
                     await kad.peer_routing.find_closest_peers_network(os.urandom(32))
                 await self._t_evict_unreachable()
@@ -249,6 +260,7 @@ class DHT:
         closest peers went unanswered, and no reader listed it until its next announce 30 s later.
         Each new try joins again first (bootstrap peers we lost, a self lookup). The retries run in
         the background, and stop once a newer record of ours for the model replaced this one."""
+        self._filed[rec.model] = (rec, blob)
         stored, found = await self._directory_client.trio_publish(rec, blob, also)
         if not _short(stored, found):
             return
