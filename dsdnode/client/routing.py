@@ -136,8 +136,9 @@ def choice_factor(seed: str, peer_id: str) -> float:
 
 
 def best_chain(candidates: list[Candidate], num_layers: int, session_length: int = 0,
-               seed: str = "") -> list[Hop]:
-    """Least expected time for one decoding step through all layers (Dijkstra over boundaries).
+               seed: str = "", first_layer: int = 0) -> list[Hop]:
+    """Least expected time for one decoding step through layers [first_layer, num_layers) (Dijkstra
+    over boundaries; a client that runs the first layers itself routes from the end of them).
 
     `seed` (random per chain) spreads chains over replicas in proportion to their capacity (see the
     module docstring); without it, the cheapest route wins for every client.
@@ -147,8 +148,8 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
     the same fraction of them). Records are up to one announce interval old: a server that filled up
     since answers "busy" when the session opens, and the client routes around it then."""
     factor = {c.record.peer_id: choice_factor(seed, c.record.peer_id) for c in candidates}
-    best: dict[int, tuple[float, int, int, list[Hop]]] = {0: (0.0, 0, 0, [])}
-    heap = [(0.0, 0, 0, 0, [])]  # (cost, relayed hops, hops, boundary, chain)
+    best: dict[int, tuple[float, int, int, list[Hop]]] = {first_layer: (0.0, 0, 0, [])}
+    heap = [(0.0, 0, 0, first_layer, [])]  # (cost, relayed hops, hops, boundary, chain)
     while heap:
         cost, relayed, n, p, chain = heapq.heappop(heap)
         if p == num_layers:
@@ -170,7 +171,7 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
                     best[q] = (*new, chain)
                     heapq.heappush(heap, (*new, q, chain + [Hop(c, p, q)]))
     covered = sorted({i for c in candidates for i in range(c.record.start, min(c.record.end, num_layers))})
-    missing = [i for i in range(num_layers) if i not in covered]
+    missing = [i for i in range(first_layer, num_layers) if i not in covered]
     if missing:
         raise NoRoute(f"no live servers for layers {layer_ranges(missing)} of {num_layers}")
     raise NoRoute(f"no chain of live servers covers every layer with free cache for {session_length} positions"
