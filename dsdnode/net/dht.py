@@ -366,6 +366,12 @@ class DHT:
 
     async def _t_discover(self, model: str) -> list[SpanRecord]:
         blobs, partial = await self._directory_client.trio_list(model)
+        kad = self._host.kad
+        if partial and kad is not None and kad.routing_table.size() == 0 and self._boot:
+            # we know nobody (seen: a reader whose routing table failed queries emptied while 50 new
+            # ids flooded a loaded swarm listed nothing for minutes): join again, then ask again
+            await self._t_rejoin()
+            blobs, partial = await self._directory_client.trio_list(model)
         for shard in range(directory.SHARDS):  # what we store ourselves (we may be a shard's closest peer)
             blobs.extend(self.directory.store.get(directory.shard_key(model, shard)))
         by_peer: dict[str, list[SpanRecord | None]] = {}

@@ -224,3 +224,34 @@ def test_a_node_that_lost_every_peer_files_its_record_at_once_after_joining_agai
                 await node.stop()
 
     asyncio.run(body())
+
+
+def test_a_reader_that_lost_every_peer_joins_again_and_lists_the_servers():
+    """Seen in the scale harness under a flood on a loaded machine: the reader's routing table
+    emptied and every discover() listed nothing, in milliseconds, for minutes. A discover() with
+    nobody to ask joins again first. Real libp2p hosts on loopback, in one process."""
+    async def body() -> None:
+        boot = await P2PNode.start(relay_service=False)
+        nodes = [boot]
+        try:
+            addr = f"{boot.addrs[0]}/p2p/{boot.peer_id}"
+            nodes += await asyncio.gather(*(P2PNode.start(bootstrap=[addr], relay_service=False) for _ in range(3)))
+            server = nodes[-1]
+            await server.dht.announce(SpanRecord(MODEL, 0, 4, server.peer_id, list(server.addrs), 10.0, 100, "v",
+                                                 time.time() + 120))
+            reader = await P2PNode.start(bootstrap=[addr], client=True)
+            nodes.append(reader)
+
+            async def lose_everyone() -> None:  # on the reader's trio thread
+                libp2p, kad = reader.host.libp2p, reader.host.kad
+                for peer in list(kad.routing_table.get_peer_ids()):
+                    kad.routing_table.remove_peer(peer)
+                    await libp2p.disconnect(peer)
+
+            await reader.host.bridge.call(lose_everyone)
+            assert [r.peer_id for r in await reader.dht.discover(MODEL)] == [server.peer_id]
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    asyncio.run(body())
