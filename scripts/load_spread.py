@@ -90,17 +90,26 @@ def main() -> None:
                         dtype="float32", own_networks=True) as swarm:
             replicas = {span: [p.peer_id for p, s in zip(swarm.servers, [s for s in spans for _ in range(args.replicas)])
                                if s == span] for span in spans}
+            servers = list(swarm.servers)
             routes = [asyncio.run(wave(swarm, models, args.clients, args.tokens)) for _ in range(args.waves)]
-    per_wave = []
+    throughput = {p.peer_id: p.info.get("throughput") for p in servers}  # each server's own measure at start
+    per_wave, totals = [], Counter()
     for wave_routes in routes:
         counts = Counter(peer for route in wave_routes for peer in {p for p, _, _ in route})  # sessions per server
+        totals.update(counts)
         per_span = {f"{a}:{b}": [counts.get(p, 0) for p in peers] for (a, b), peers in replicas.items()}
         per_wave.append({"routes": [[f"{p[-6:]}[{a}:{b})" for p, a, b in route] for route in wave_routes],
                          "sessions_per_replica": per_span,
                          "busiest_share": {k: round(max(v) / max(1, sum(v)), 3) for k, v in per_span.items()}})
+    all_waves = {f"{a}:{b}": [totals.get(p, 0) for p in peers] for (a, b), peers in replicas.items()}
     result = {"model": args.model, "spans": args.spans, "replicas": args.replicas, "clients": args.clients,
               "tokens": args.tokens, "waves": per_wave,
+              "announced_throughput": {f"{a}:{b}": [throughput[p] for p in peers] for (a, b), peers in replicas.items()},
               "busiest_share_max": max(s for w in per_wave for s in w["busiest_share"].values()),
+              "busiest_share_mean": round(sum(s for w in per_wave for s in w["busiest_share"].values())
+                                          / sum(len(w["busiest_share"]) for w in per_wave), 3),
+              "sessions_per_replica_all_waves": all_waves,
+              "busiest_share_all_waves": {k: round(max(v) / max(1, sum(v)), 3) for k, v in all_waves.items()},
               "wall_s": round(time.monotonic() - started, 1)}
     print_result(result, args.out)
 

@@ -31,7 +31,9 @@ async def main(config: dict) -> None:
         P2PNode.start(identity=load_or_create_identity(None), host=config.get("host", "127.0.0.1"),
                       port=0, bootstrap=config.get("bootstrap", []), client=client, relay_service=False)
         for _ in range(int(config.get("nodes", 1)))))
-    print(READY + json.dumps({"nodes": [{"peer_id": n.peer_id, "addrs": n.addrs} for n in nodes]}), flush=True)
+    print(READY + json.dumps({"nodes": [{"peer_id": n.peer_id, "addrs": n.addrs, "reachability": n.reachability.status,
+                                       "routing_table_peers": n.dht.stats()["routing_table_peers"]}
+                                      for n in nodes]}), flush=True)
     announcers: list[asyncio.Task] = []
 
     async def keep_announcing(node: P2PNode, req: dict, first: asyncio.Event) -> None:
@@ -76,4 +78,5 @@ if __name__ == "__main__":
     config = json.loads(sys.argv[1])
     if config.get("debug"):  # what each node published where, and which peers a reader asked
         logging.getLogger("dsdnode.net.directory").setLevel(logging.DEBUG)
+        logging.getLogger("dsdnode.net.p2p").setLevel(logging.INFO)  # each node's reachability verdict
     uvloop.run(main(config))

@@ -51,6 +51,7 @@ RECORD_TTL_S = 120.0
 PEER_SCRIPT = str(Path(__file__).with_name("membership_peer.py"))
 READY_TIMEOUT_S = 900.0  # a shared, oversubscribed 2-core machine took minutes to start 20 processes
 LIST_TIMEOUT_S = 30.0
+JOINING_AT_ONCE = 3  # peer processes started together
 DISCOVER_TIMEOUT_S = 180.0
 
 
@@ -59,6 +60,7 @@ class Peers:
 
     live: list[Peers] = []
     count = 0
+    verdicts: dict[str, int] = {}  # reachability verdict -> listening nodes that reached it, over the run
     debug = False  # peers log what they publish where and which peers the reader asks
 
     def __init__(self, site: Host, logs: Path, *, nodes: int = 1, bootstrap: list[str] = (),
@@ -81,6 +83,8 @@ class Peers:
         if ready is None:
             raise RuntimeError(f"peer process {self.log.name} did not start; its log ends:\n{self.log.read_text()[-1500:]}")
         self.nodes = ready["nodes"]
+        for n in self.nodes:
+            Peers.verdicts[n["reachability"]] = Peers.verdicts.get(n["reachability"], 0) + 1
         return self
 
     @property
@@ -117,12 +121,15 @@ def discover(reader: Peers) -> tuple[set[str], float | None]:
     return set(reply["peers"]), reply["seconds"]
 
 
-def time_until_listed(reader: Peers, wanted: set[str]) -> dict[str, float]:
-    """Seconds from now until a discover() that lists each of `wanted` returned (absent: none within
-    LIST_TIMEOUT_S, counted from when the last discover() started)."""
-    since = time.monotonic()
+def time_until_listed(reader: Peers, wanted: set[str], since: float | None = None) -> dict[str, float]:
+    """Seconds from `since` (monotonic; default now) until a discover() that lists each of `wanted`
+    returned (absent: none within LIST_TIMEOUT_S of this call, counted from when the last discover()
+    started). The reader keeps asking for LIST_TIMEOUT_S from this call, however long the announce
+    before it took, so a slow announce shows as a long time, not as never listed."""
+    polling = time.monotonic()
+    since = polling if since is None else since
     found: dict[str, float] = {}
-    while time.monotonic() - since < LIST_TIMEOUT_S and len(found) < len(wanted):
+    while time.monotonic() - polling < LIST_TIMEOUT_S and len(found) < len(wanted):
         listed, seconds = discover(reader)
         now = time.monotonic() - since
         for peer in wanted & listed:
@@ -149,7 +156,14 @@ def run(args: argparse.Namespace) -> dict:
         boot = [group(i, 1).wait_ready() for i in range(3)]
         bootstrap = [b.addrs[0] for b in boot]
         per = args.per_process
-        dht_procs = [group(i, per) for i in range(max(1, (args.peers - 3 - args.servers) // per))]
+        # peers join a few processes at a time: 60 peers dialing 3 bootstrap peers in the same second
+        # on a loaded 2-core machine timed every join out (a public swarm does not start at once)
+        dht_procs: list[Peers] = []
+        for i in range(max(1, (args.peers - 3 - args.servers) // per)):
+            dht_procs.append(group(i, per))
+            if len(dht_procs) % JOINING_AT_ONCE == 0:
+                for p in dht_procs[-JOINING_AT_ONCE:]:
+                    p.wait_ready()
         servers = [group(i, min(per, args.servers - i)) for i in range(0, args.servers, per)]
         reader = group(3, 1, client=True)
         for p in [*dht_procs, *servers, reader]:
@@ -184,15 +198,21 @@ def run(args: argparse.Namespace) -> dict:
         r = -1
         while (r := r + 1) * args.round_size < args.trials or time.monotonic() < soak_until:
             trial = group(r, args.round_size).wait_ready()
+            announced_at = time.monotonic()  # listing is timed from the announce request, not its answer
             trial.request("announce", model=MODEL, start=0, end=4, ttl=RECORD_TTL_S, timeout=300)
-            listed = time_until_listed(reader, set(trial.ids))
-            rounds.append({"departed_before": departed, "listed_s": [listed.get(p) for p in trial.ids]})
+            announce_s = time.monotonic() - announced_at
+            listed = time_until_listed(reader, set(trial.ids), since=announced_at)
+            rounds.append({"departed_before": departed, "announce_s": round(announce_s, 2),
+                           "reachability": [n["reachability"] for n in trial.nodes],
+                           "routing_table_at_ready": [n["routing_table_peers"] for n in trial.nodes],
+                           "listed_s": [listed.get(p) for p in trial.ids]})
             if len(listed) < len(trial.ids):
                 log(f"  not listed: {[p for p in trial.ids if p not in listed]} ({trial.log.name})")
             trial.kill()
             departed += len(trial.nodes)
             log(f"trial round {r}: listed {sorted(round(v, 2) for v in listed.values())} of {len(trial.ids)} "
-                f"after {departed - len(trial.nodes)} departures")
+                f"after {departed - len(trial.nodes)} departures (announce took {announce_s:.2f} s; "
+                f"reachability {rounds[-1]['reachability']}, routing tables at ready {rounds[-1]['routing_table_at_ready']})")
 
         lookups = [discover(reader) for _ in range(args.lookups)]
         lookup_s = [s for _, s in lookups if s is not None]
@@ -212,7 +232,8 @@ def run(args: argparse.Namespace) -> dict:
             "initial_listed": f"{len(first)}/{len(honest)}",
             "trials": len(trials),
             "trials_listed_within_10s": sum(1 for t in trials if t is not None and t <= 10.0),
-            "trials_listed_within_30s": sum(1 for t in trials if t is not None),
+            "trials_listed_within_30s": sum(1 for t in trials if t is not None and t <= 30.0),
+            "trials_listed_at_all": sum(1 for t in trials if t is not None),
             "trial_listed_s_max": max((t for t in trials if t is not None), default=None),
             "trial_listed_s": [rnd["listed_s"] for rnd in rounds],
             "lookups": len(lookups), "lookups_answered": len(lookup_s),
@@ -221,6 +242,7 @@ def run(args: argparse.Namespace) -> dict:
             "lookup_max_s": round(max(lookup_s), 3) if lookup_s else None,
             "honest_hidden_per_lookup_before_flood": lookup_hidden,
             "flood_ids": len(flood.ids), "honest_hidden_per_lookup": hidden, "flood_ids_listed": flood_listed,
+            "reachability_verdicts": Peers.verdicts,
             "wall_s": round(time.monotonic() - started, 1),
         }
     finally:

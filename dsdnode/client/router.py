@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 
 from ..net.records import SpanRecord, coverage
@@ -63,6 +64,9 @@ class Router:
         self._records_at = -RECORDS_MAX_AGE_S
         self.groups: dict[str, str] = {}  # peer id -> the network group of the address we are connected to
         self.flagged: dict[str, str] = {}  # peer id -> how its record's addresses disagree with what we saw
+        # this chain's draws for spreading over replicas (routing.choice_factor): random per chain, so
+        # concurrent chains, of one node or many, spread; fixed for the chain, so a re-route keeps them
+        self.seed = secrets.token_hex(8)
 
     # ---- what the chain reports -----------------------------------------------------------
     def exclude(self, peer: str, why: str, reason: str) -> None:
@@ -164,11 +168,9 @@ class Router:
             silent_relayed = [r for r in usable if r.peer_id not in answered and relayed_only(r)]
             try:
                 try:
-                    return best_chain(candidates, self.num_layers, session_length, self.node.peer_id,
-                                      self.first_layer)
+                    return best_chain(candidates, self.num_layers, session_length, self.seed, self.first_layer)
                 except NoRoute:  # records may be stale: let the servers say whether they are full
-                    return best_chain(candidates, self.num_layers, client_id=self.node.peer_id,
-                                      first_layer=self.first_layer)
+                    return best_chain(candidates, self.num_layers, seed=self.seed, first_layer=self.first_layer)
             except NoRoute as e:
                 if not fresh:  # servers may have joined since we last looked
                     self._records_at = -RECORDS_MAX_AGE_S

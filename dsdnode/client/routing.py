@@ -11,11 +11,17 @@ addresses) pays the extra link in its measured RTT; at equal cost, the chain wit
 hops wins.
 
 Load spread: a server's step cost grows with the sessions it announced (LOAD_COST_PER_SESSION), and
-each client adds its own fixed preference of up to LOAD_SPREAD between servers (a hash of its id
-and theirs). Servers re-announce within a second or two when their load changes, so clients that
-arrive apart see each other's sessions; clients that arrive together see the same records, and the
-preference splits them over replicas of near-equal cost instead of all taking the fastest. A
-server clearly faster than LOAD_SPREAD still wins."""
+each chain multiplies every server's cost by its own fixed random draw from an exponential
+distribution (choice_factor: a hash of the chain's seed and the server's id). Of replicas whose
+costs are c_1, c_2, ... a chain then picks replica i with probability (1/c_i) / sum(1/c_j), in
+proportion to its estimated capacity: the minimum of independent exponentials with rates 1/c_i.
+Clients that arrive together read the same records (none sees the others' sessions yet), so a
+deterministic choice, or a random preference narrower than the noise between replicas' costs, sends
+them all to the one that looks fastest (with a preference of at most 30 %, 75-80 % of 8 concurrent
+clients took one of two replicas of real servers on a loaded machine: BENCHMARKS.md). Sampling in proportion to capacity splits equal replicas evenly, still
+gives a replica twice as fast two thirds of the clients, and lets sessions announced meanwhile shift
+later clients further. The seed is random per chain, so one node that runs many chains at once (the
+HTTP API) spreads them too, while one chain keeps its choice when it re-routes."""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import asyncio
 import hashlib
 import heapq
 import logging
+import math
 from dataclasses import dataclass
 
 from ..net.records import SpanRecord, coverage
@@ -36,7 +43,6 @@ RELAYED_PING_TIMEOUT_S = 10.0  # a first ping through a relay also sets up the r
 # added cost of a step per session active at a server, as a fraction of its own: one more block in a
 # batched forward (docs/ARCHITECTURE.md, "Many clients")
 LOAD_COST_PER_SESSION = 0.1
-LOAD_SPREAD = 0.3  # the most a client's own preference raises a server's cost (fraction)
 
 
 class NoRoute(PeerError, RuntimeError):
@@ -118,26 +124,30 @@ async def ping_records(node: P2PNode, records: list[SpanRecord], timeout_s: floa
     return [c for c in await asyncio.gather(*(ping(r) for r in records)) if c is not None]
 
 
-def preference(client_id: str, peer_id: str) -> float:
-    """This client's fixed cost factor for a server, in [1, 1 + LOAD_SPREAD): 1 without a client id."""
-    if not client_id:
+def choice_factor(seed: str, peer_id: str) -> float:
+    """This chain's fixed cost factor for a server: an exponential draw (mean 1) from a hash of `seed`
+    and the server's id, so that of replicas the chain picks each in proportion to its capacity (see
+    the module docstring); 1 without a seed (a deterministic choice)."""
+    if not seed:
         return 1.0
-    digest = hashlib.blake2b(f"{client_id}\x00{peer_id}".encode(), digest_size=8).digest()
-    return 1.0 + LOAD_SPREAD * int.from_bytes(digest, "big") / 2**64
+    digest = hashlib.blake2b(f"{seed}\x00{peer_id}".encode(), digest_size=8).digest()
+    uniform = (int.from_bytes(digest, "big") + 1) / 2**64  # in (0, 1]
+    return -math.log(uniform) or 2**-64  # an exact 1.0 draws 0: keep every cost positive
 
 
 def best_chain(candidates: list[Candidate], num_layers: int, session_length: int = 0,
-               client_id: str = "", first_layer: int = 0) -> list[Hop]:
+               seed: str = "", first_layer: int = 0) -> list[Hop]:
     """Least expected time for one decoding step through layers [first_layer, num_layers) (Dijkstra
     over boundaries; a client that runs the first layers itself routes from the end of them).
 
-    `client_id` (the client's peer id) spreads clients over replicas of near-equal cost (see the
-    module docstring); without it, equal costs resolve the same way for every client.
+    `seed` (random per chain) spreads chains over replicas in proportion to their capacity (see the
+    module docstring); without it, the cheapest route wins for every client.
 
     With session_length, a server is used for a sub-span only if the free cache it announced holds
     a session that long (its record counts free positions over its whole span, so a sub-span needs
     the same fraction of them). Records are up to one announce interval old: a server that filled up
     since answers "busy" when the session opens, and the client routes around it then."""
+    factor = {c.record.peer_id: choice_factor(seed, c.record.peer_id) for c in candidates}
     best: dict[int, tuple[float, int, int, list[Hop]]] = {first_layer: (0.0, 0, 0, [])}
     heap = [(0.0, 0, 0, first_layer, [])]  # (cost, relayed hops, hops, boundary, chain)
     while heap:
@@ -155,7 +165,7 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
                 if session_length and r.free_cache_tokens * (r.end - r.start) < session_length * (q - p):
                     break
                 step = (c.rtt_s / 2 + c.compute_s(q - p) + (c.rtt_s / 2 if q == num_layers else 0.0)) * c.penalty
-                step *= preference(client_id, r.peer_id)
+                step *= factor[r.peer_id]
                 new = (cost + step, relayed + c.relayed, n + 1)
                 if new < best.get(q, (float("inf"), 0, 0))[:3]:
                     best[q] = (*new, chain)

@@ -45,6 +45,7 @@ BOOTSTRAP_TIMEOUT = 10.0
 UPKEEP_INTERVAL_S = 20.0  # bootstrap re-dial, self lookup, bucket refresh, dead-peer eviction
 EVICTION_DIALS_PER_ROUND = 16  # unconnected routing-table peers dialed per upkeep round
 EVICTION_DIAL_TIMEOUT_S = 3.0
+REFILE_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # pauses before filing a record again whose filing fell short
 MAX_VALUES = 50_000  # values this node stores for others
 MAX_VALUES_PER_SIGNER = 64  # of which one signing key may hold (made-up model names included)
 
@@ -65,6 +66,8 @@ class DHT:
         # (a node that just joined, before its routing table has any) or nobody answering
         self.last_discovery_partial = False
         self._spreading = False  # a background Kademlia put of our record is running
+        self._refiling: set[str] = set()  # models whose record a background task files again
+        self._filed: dict[str, tuple[SpanRecord, bytes]] = {}  # model -> the record we filed last, signed
         self._boot: list[LibPeerInfo] = []  # our bootstrap peers (set when we join)
         self.directory = DirectoryService(host, DirectoryStore(time.time))
         self._directory_client = DirectoryClient(host)
@@ -201,10 +204,20 @@ class DHT:
         """Keep the routing table fresh for as long as the node runs (see the module docstring)."""
         kad = self._host.kad
         assert kad is not None
+        alone_pause = 1.0
         while True:
-            await trio.sleep(UPKEEP_INTERVAL_S)
+            # A node that reached none of its bootstrap peers (all busy: measured with 60 peers joining
+            # three at once on a loaded machine, where every dial timed out) tries again soon, not
+            # only at the next round: until it joins it files its record nowhere.
+            alone = bool(self._boot) and len(self._lost_bootstrap()) == len(self._boot)
+            await trio.sleep(min(alone_pause, UPKEEP_INTERVAL_S) if alone else UPKEEP_INTERVAL_S)
+            alone_pause = alone_pause * 2 if alone else 1.0
             try:
                 await self._t_rejoin()
+                if alone and len(self._lost_bootstrap()) < len(self._boot):  # joined at last: file at once
+                    for rec, blob in list(self._filed.values()):
+                        if self._last.get(rec.model) is rec:
+                            await self._t_file(rec, blob, self._connected_servers())
                 with trio.move_on_after(BOOTSTRAP_TIMEOUT):  # refresh a random bucket
                     await kad.peer_routing.find_closest_peers_network(os.urandom(32))
                 await self._t_evict_unreachable()
@@ -222,25 +235,56 @@ class DHT:
 
     async def _t_rejoin(self) -> None:
         """Dial the bootstrap peers we lost (a restarted one knows nobody: tell it we exist, and learn
-        from it), then look ourselves up."""
-        kad = self._host.kad
+        from it), then look ourselves up.
+
+        py-libp2p refuses for 60 s to dial a peer whose addresses all failed once (its negative
+        cache), and drops a peer from the routing table when a query's stream to it fails: under load
+        a node that had just joined lost its bootstrap peers that way, and every re-dial within the
+        minute failed at once, so it knew nobody and filed its record nowhere. A bootstrap peer is
+        dialed anyway."""
+        kad, network = self._host.kad, self._host.libp2p.get_network()
         assert kad is not None
         lost = self._lost_bootstrap()
         if lost:
+            for info in lost:
+                network.unblock_peer(info.peer_id)
             await self._t_dial_bootstrap(lost, logging.DEBUG)
         with trio.move_on_after(BOOTSTRAP_TIMEOUT):
             await kad.peer_routing.find_closest_peers_network(self._host.libp2p.get_id().to_bytes())
 
     async def _t_file(self, rec: SpanRecord, blob: bytes, also: list[ID]) -> None:
-        """File our record in the directory. If fewer than REPLICAS peers took it and we lost a
-        bootstrap peer, we know too few peers to find the key's closest: seen under load, where a
-        node that had just joined published to nobody (failed queries had emptied its routing table)
-        and no reader listed it until its next announce. Join again, then file it once more."""
-        stored = await self._directory_client.trio_publish(rec, blob, also)
-        if stored >= directory.REPLICAS or not self._lost_bootstrap():
+        """File our record in the directory, and file it again soon (REFILE_DELAYS_S) while the
+        filing fell short: fewer than REPLICAS closest peers confirmed it although the lookup found
+        more that did not, or nobody confirmed it at all. Seen under load: a node that had just
+        joined published to nobody (failed queries had emptied its routing table), or its puts to the
+        closest peers went unanswered, and no reader listed it until its next announce 30 s later.
+        Each new try joins again first (bootstrap peers we lost, a self lookup). The retries run in
+        the background, and stop once a newer record of ours for the model replaced this one."""
+        self._filed[rec.model] = (rec, blob)
+        stored, found = await self._directory_client.trio_publish(rec, blob, also)
+        if not _short(stored, found):
             return
-        await self._t_rejoin()
-        await self._directory_client.trio_publish(rec, blob, self._connected_servers())
+        nursery = self._host.bridge.nursery
+        if rec.model in self._refiling or nursery is None:
+            return
+        self._refiling.add(rec.model)
+        nursery.start_soon(self._t_refile, rec, blob, stored, found)
+
+    async def _t_refile(self, rec: SpanRecord, blob: bytes, stored: int, found: int) -> None:
+        try:
+            for delay in REFILE_DELAYS_S:
+                await trio.sleep(delay)
+                if self._last.get(rec.model) is not rec:  # announced anew (or withdrawn) meanwhile
+                    return
+                await self._t_rejoin()
+                stored, found = await self._directory_client.trio_publish(rec, blob, self._connected_servers())
+                log.debug("filed %s again after %.0f s: %d of %d closest peers", rec.model, delay, stored, found)
+                if not _short(stored, found):
+                    return
+        except Exception as exc:  # the next announce files it anyway
+            log.debug("filing %s again failed: %r", rec.model, exc)
+        finally:
+            self._refiling.discard(rec.model)
 
     async def _t_evict_unreachable(self) -> None:
         """Dial up to EVICTION_DIALS_PER_ROUND routing-table peers we hold no connection to; drop
@@ -322,6 +366,12 @@ class DHT:
 
     async def _t_discover(self, model: str) -> list[SpanRecord]:
         blobs, partial = await self._directory_client.trio_list(model)
+        kad = self._host.kad
+        if partial and kad is not None and kad.routing_table.size() == 0 and self._boot:
+            # we know nobody (seen: a reader whose routing table failed queries emptied while 50 new
+            # ids flooded a loaded swarm listed nothing for minutes): join again, then ask again
+            await self._t_rejoin()
+            blobs, partial = await self._directory_client.trio_list(model)
         for shard in range(directory.SHARDS):  # what we store ourselves (we may be a shard's closest peer)
             blobs.extend(self.directory.store.get(directory.shard_key(model, shard)))
         by_peer: dict[str, list[SpanRecord | None]] = {}
@@ -407,6 +457,12 @@ class DHT:
             self._warned.clear()
         self._warned.add((peer, reason))
         log.warning("dropping span record of %s for %s (from %s): %s", peer, model, source, reason)
+
+
+def _short(stored: int, found: int) -> bool:
+    """Whether a filing fell short: nobody confirmed it, or fewer than REPLICAS of the closest peers
+    did while the lookup found more (a swarm smaller than REPLICAS is not short)."""
+    return stored == 0 or stored < min(directory.REPLICAS, found)
 
 
 def _signer_hint(blob: bytes) -> str:

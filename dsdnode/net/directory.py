@@ -324,9 +324,9 @@ class DirectoryClient:
         if cached is not None and peer in cached[1]:
             self._closest[key] = (cached[0], [p for p in cached[1] if p != peer])
 
-    async def trio_publish(self, rec: SpanRecord, blob: bytes, also: list[ID] = ()) -> int:
+    async def trio_publish(self, rec: SpanRecord, blob: bytes, also: list[ID] = ()) -> tuple[int, int]:
         """Store our record at the REPLICAS peers closest to its shard key (and at `also`); returns
-        how many of the closest REPLICAS + SPARES confirmed it.
+        how many of the closest REPLICAS + SPARES confirmed it, and how many of them the lookup found.
 
         The first pass puts at the REPLICAS closest and at `also`; each later pass puts again where
         no confirmation came and at as many of the SPARES as confirmations are missing."""
@@ -355,7 +355,7 @@ class DirectoryClient:
         log.debug("published %s under shard %d at %d of its %d closest peers (%d tried, %d of `also`): %s",
                   rec.peer_id, shard_of(rec.peer_id), len(confirmed.intersection(closest)), len(closest),
                   len(tried), len(confirmed.difference(closest)), [p.to_base58()[-6:] for p in closest])
-        return len(confirmed.intersection(closest))
+        return len(confirmed.intersection(closest)), len(closest)
 
     async def trio_list(self, model: str) -> tuple[list[bytes], bool]:
         """Every record stored under any shard of `model` (unverified: the caller verifies), and

@@ -46,6 +46,7 @@ def attack(swarm, parts, peers, fast: dict[str, float], trust: TrustSettings = T
                 standing.measured(rec, rec.end - rec.start, fast[rec.peer_id] * (rec.end - rec.start))
         chain = RemoteChain(base.node, MODEL, 30, parts[0].config.hidden_size, weights=base.weights, dtype=base.dtype,
                             trust=trust, standing=standing)
+        chain.router.seed = ""  # the cheapest route, not a spread over replicas: the faulty server first
         streamed = []
         try:
             return await generate(chain, parts, streamed.extend, 2, n), chain, streamed

@@ -74,6 +74,7 @@ def run(swarm, parts, peers, slow: set[str], trust: TrustSettings, k_fixed=2, n=
         chain = RemoteChain(base.node, MODEL, 30, parts[0].config.hidden_size, weights=base.weights, dtype=base.dtype,
                             trust=trust,
                             standing=standing)
+        chain.router.seed = ""  # the cheapest route, not a spread over replicas: the faulty server first
         try:
             streamed = []
             result = await generate(chain, parts, streamed.extend, k_fixed, n)

@@ -182,3 +182,76 @@ def test_a_put_lost_at_the_closest_peers_is_put_again_where_readers_ask():
                 await node.stop()
 
     asyncio.run(body())
+
+
+def test_a_node_that_lost_every_peer_files_its_record_at_once_after_joining_again():
+    """Seen in a namespaced swarm under load: a node that had just joined lost every peer (py-libp2p
+    drops a peer from the routing table when a query's stream to it fails, and refuses for 60 s to
+    dial a peer whose addresses all failed once), filed its record at nobody, and its re-join failed
+    at once, so no reader listed it until its next announce. It must dial its bootstrap peer anyway
+    and file the record within seconds. Real libp2p hosts on loopback, in one process."""
+    async def body() -> None:
+        boot = await P2PNode.start(relay_service=False)
+        nodes = [boot]
+        try:
+            addr = f"{boot.addrs[0]}/p2p/{boot.peer_id}"
+            nodes += await asyncio.gather(*(P2PNode.start(bootstrap=[addr], relay_service=False) for _ in range(3)))
+            server = await P2PNode.start(bootstrap=[addr], relay_service=False)
+            nodes.append(server)
+
+            async def lose_everyone() -> None:  # on the server's trio thread
+                libp2p, kad = server.host.libp2p, server.host.kad
+                for peer in list(libp2p.get_peerstore().peer_ids()):
+                    if peer != libp2p.get_id():
+                        libp2p.get_network()._negative_peer_cache.mark_failed(str(peer))
+                        kad.routing_table.remove_peer(peer)
+                        await libp2p.disconnect(peer)
+
+            await server.host.bridge.call(lose_everyone)
+            assert server.dht.stats()["routing_table_peers"] == 0
+            started = time.monotonic()
+            await server.dht.announce(SpanRecord(MODEL, 0, 4, server.peer_id, list(server.addrs), 10.0, 100, "v",
+                                                 time.time() + 120))
+            key = shard_key(MODEL, shard_of(server.peer_id))
+            holders: list[str] = []
+            while not holders and time.monotonic() - started < 10:  # peers readers ask, not the server itself
+                holders = [n.peer_id for n in nodes[:-1]
+                           if any(verify_record(b).peer_id == server.peer_id for b in n.dht.directory.store.get(key))]
+                await asyncio.sleep(0.5)
+            assert holders, "no peer holds the record 10 s after the announce"
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    asyncio.run(body())
+
+
+def test_a_reader_that_lost_every_peer_joins_again_and_lists_the_servers():
+    """Seen in the scale harness under a flood on a loaded machine: the reader's routing table
+    emptied and every discover() listed nothing, in milliseconds, for minutes. A discover() with
+    nobody to ask joins again first. Real libp2p hosts on loopback, in one process."""
+    async def body() -> None:
+        boot = await P2PNode.start(relay_service=False)
+        nodes = [boot]
+        try:
+            addr = f"{boot.addrs[0]}/p2p/{boot.peer_id}"
+            nodes += await asyncio.gather(*(P2PNode.start(bootstrap=[addr], relay_service=False) for _ in range(3)))
+            server = nodes[-1]
+            await server.dht.announce(SpanRecord(MODEL, 0, 4, server.peer_id, list(server.addrs), 10.0, 100, "v",
+                                                 time.time() + 120))
+            reader = await P2PNode.start(bootstrap=[addr], client=True)
+            nodes.append(reader)
+
+            async def lose_everyone() -> None:  # on the reader's trio thread
+                libp2p, kad = reader.host.libp2p, reader.host.kad
+                for peer in list(kad.routing_table.get_peer_ids()):
+                    kad.routing_table.remove_peer(peer)
+                    await libp2p.disconnect(peer)
+
+            await reader.host.bridge.call(lose_everyone)
+            assert [r.peer_id for r in await reader.dht.discover(MODEL)] == [server.peer_id]
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    asyncio.run(body())
