@@ -110,6 +110,7 @@ def test_a_faulty_server_is_caught_banned_and_repaired(swarm, honest, parts, exp
     assert all(peer != bad.peer_id for peer, _, _ in chain.route)
 
 
+@pytest.mark.timeout(3600 if SOAK else 900)  # the soak run: 128 tokens, every round audited, on 2 shared cores
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.soak)])
 def test_honest_servers_are_never_flagged(parts, bans, dtype, expected_long, smollm2_dir, tmp_path):
     """Every round audited, in both dtypes: no mismatch (the tolerance holds honest differences). A
