@@ -35,9 +35,9 @@ from .config import bootstrap_list
 @click.option("--max-queued", type=click.IntRange(min=0), default=16, show_default=True,
               help="Generations waiting for a place; beyond it: 429 with Retry-After.")
 @friendly
-def api(host, port, model, draft, draft_int8, draft_vocab, local, hops, link_latency_ms, bootstrap, peers_file, device,
-        dtype, threads, max_tokens_limit, max_prompt_tokens, k_max, tau, overlap, api_key, max_concurrent,
-        max_queued):
+def api(host, port, model, draft, draft_int8, draft_vocab, local, hops, link_latency_ms, private_layers, bootstrap,
+        peers_file, device, dtype, threads, max_tokens_limit, max_prompt_tokens, k_max, tau, overlap, api_key,
+        max_concurrent, max_queued):
     """Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's API), with
     /health (liveness), /ready (a route through the swarm exists) and /metrics (Prometheus).
 
@@ -58,7 +58,7 @@ def api(host, port, model, draft, draft_int8, draft_vocab, local, hops, link_lat
         torch.set_num_threads(threads)
     service = build_service(model, bootstrap=bootstrap_list(bootstrap, peers_file), local=local, hops=hops,
                             draft=draft or True, dtype=dtype, device=device, link_latency_ms=link_latency_ms,
-                            draft_int8=draft_int8, draft_vocab=draft_vocab)
+                            draft_int8=draft_int8, draft_vocab=draft_vocab, private_layers=private_layers)
     if service.models.draft_fallback:
         click.echo(lookup_notice(service.models.draft_fallback), err=True)
     check_context(service.models.head.config, max_prompt_tokens + max_tokens_limit,

@@ -17,8 +17,8 @@ from .config import bootstrap_list
 @click.option("--stats/--no-stats", default=False, help="Print per-round statistics.")
 @generation_options
 @friendly
-def generate(prompt, model, draft, draft_int8, draft_vocab, local, hops, link_latency_ms, bootstrap, peers_file, device,
-             dtype, threads, raw, stats, **gen):
+def generate(prompt, model, draft, draft_int8, draft_vocab, local, hops, link_latency_ms, private_layers, bootstrap,
+             peers_file, device, dtype, threads, raw, stats, **gen):
     """Generate text for PROMPT, streaming it, then print a summary line."""
     import torch
 
@@ -27,7 +27,8 @@ def generate(prompt, model, draft, draft_int8, draft_vocab, local, hops, link_la
     options = generate_options(**gen)
     connect = dict(bootstrap=bootstrap_list(bootstrap, peers_file), local=local, hops=hops,
                    draft=(draft or True) if options.speculative else False, dtype=dtype, device=device,
-                   link_latency_ms=link_latency_ms, draft_int8=draft_int8, draft_vocab=draft_vocab)
+                   link_latency_ms=link_latency_ms, draft_int8=draft_int8, draft_vocab=draft_vocab,
+                   private_layers=private_layers)
     out = run_async(_generate(model, connect, prompt, not raw, options))
     click.echo()
     if out.unaudited_layers:

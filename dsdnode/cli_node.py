@@ -73,7 +73,7 @@ def node_type(name: str) -> click.ParamType:
               help="Shut down (as on SIGTERM) once this process is gone; for launchers of local swarms.")
 @click.option("--relay-service/--no-relay-service", "relay_service", default=None,
               help="Offer a circuit relay to peers behind NATs while this node is publicly reachable "
-                   "[default: on].")
+                   "[default: on]; its limits are the relay_* keys of --config.")
 @click.option("--assume-private", "assume_private", is_flag=True, default=None,
               help="Skip the reachability check and act as a node nobody can dial: reserve relay slots and "
                    "announce only relay addresses (to measure relayed servers on one machine).")

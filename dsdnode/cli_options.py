@@ -75,6 +75,9 @@ def client_options(fn):
                      help="With --local: number of spans in the chain."),
         click.option("--link-latency-ms", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
                      help="Emulated latency of every link of the chain (N+1 links a round)."),
+        click.option("--private-layers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Run the target's first N layers in this process, so no server sees token embeddings "
+                          "(swarm only; costs their memory and compute here: README, Privacy)."),
         click.option("--bootstrap", multiple=True, help="Multiaddr of a swarm peer (repeatable)."),
         click.option("--peers", "peers_file", type=click.Path(dir_okay=False), help="File of bootstrap multiaddrs."),
         click.option("--device", type=DeviceType(), default="auto", show_default=True, help=DEVICE_HELP),

@@ -108,6 +108,17 @@ class NodeSettings:
     local_swarm: bool = False
     parent_pid: int = bounded(0, 0)  # stop once this process is gone (0: off); set by local-swarm launchers
     relay_service: bool = True  # offer a circuit relay to unreachable peers while this node is not known private
+    # the relay's limits (net/relay.py, RelayLimits; unset: its defaults): reservations and circuits in
+    # all and per /24 (/48) of the peers that reserve or dial; per circuit MiB, seconds, MiB/s, idle seconds
+    relay_max_reservations: int | None = bounded(None, 1)
+    relay_max_reservations_per_network: int | None = bounded(None, 1)
+    relay_max_circuits: int | None = bounded(None, 1)
+    relay_max_circuits_per_peer: int | None = bounded(None, 1)
+    relay_max_circuits_per_network: int | None = bounded(None, 1)
+    relay_circuit_mb: int | None = bounded(None, 1)
+    relay_circuit_duration_s: float | None = bounded(None, 0, low_open=True)
+    relay_circuit_idle_s: float | None = bounded(None, 0, low_open=True)
+    relay_circuit_mb_per_s: float | None = bounded(None, 0, low_open=True)
     assume_private: bool = False  # skip the dial-back check and behave as a node nobody can dial (bench, tests)
 
 

@@ -18,6 +18,9 @@ from pathlib import Path
 from .ready import parse_ready
 
 READY_TIMEOUT_S = 180.0
+spawn = subprocess.Popen
+"""How launch_node starts a node process. The test suite swaps in a fork server that has imported
+torch, transformers and libp2p once (tests/helpers/forkserver.py)."""
 
 
 @dataclass
@@ -85,7 +88,7 @@ def launch_node(args: list[str], log_path: Path, threads: int = 1, env: dict | N
     log = open(log_path, "w")
     cmd = [*(launcher or [sys.executable, "-m", "dsdnode"]), "start", "--threads", str(threads),
            "--parent-pid", str(parent_pid or os.getpid()), *(["--local-swarm"] if local_swarm else []), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
+    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
     log.close()  # the child holds its own copy
     node = LaunchedNode(proc, log_path, [], {}, threading.Event())
 

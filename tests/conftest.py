@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import subprocess
 
 import pytest
 import torch
@@ -14,6 +15,27 @@ from tests.helpers.tiny_models import save_tiny_model
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fork_server(tmp_path_factory):
+    """Node processes of this test process fork from one that imported torch, transformers and libp2p
+    once (tests/helpers/forkserver.py); DSDNODE_TEST_FORK=0 starts each one afresh instead."""
+    if os.environ.get("DSDNODE_TEST_FORK") == "0":
+        yield
+        return
+    from dsdnode import local_swarm
+    from tests.helpers import forkserver
+
+    server = forkserver.ForkServer(tmp_path_factory.mktemp("forkserver"))
+    local_swarm.spawn = server.spawn
+    forkserver.active = server
+    try:
+        yield
+    finally:
+        local_swarm.spawn = subprocess.Popen
+        forkserver.active = None
+        server.stop()
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2"])

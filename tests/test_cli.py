@@ -23,6 +23,7 @@ from dsdnode.cli import main
 from dsdnode.cli_common import DraftLength, friendly
 from dsdnode.net.identity import load_or_create_identity
 from tests.helpers.ports import free_port
+from tests.helpers import forkserver
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_TIMEOUT_S = 120.0  # one CLI run, model loading included, on a busy 2-core machine
@@ -167,11 +168,10 @@ def test_bad_config_value_is_one_line(tmp_path):
 # ---- real processes ----------------------------------------------------------------------------
 
 def dsdnode(*args: str, timeout: float = CLI_TIMEOUT_S) -> tuple[subprocess.CompletedProcess, float]:
-    """Run `python -m dsdnode ARGS` with this checkout first on the path; (result, seconds it took)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    """Run `python -m dsdnode ARGS` in this checkout (`-m` puts it first on the path); (result, seconds it
+    took)."""
     began = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "dsdnode", *args], capture_output=True, text=True, env=env,
-                            timeout=timeout, cwd=ROOT)
+    result = forkserver.run([sys.executable, "-m", "dsdnode", *args], timeout=timeout, cwd=ROOT)
     return result, time.monotonic() - began
 
 

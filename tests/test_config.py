@@ -38,6 +38,23 @@ def test_bad_config_files_name_file_and_key(tmp_path, text, error):
     assert str(path) in str(e.value)
 
 
+def test_relay_limits_come_from_the_relay_keys(tmp_path):
+    from dsdnode.net.relay import RelayLimits
+    from dsdnode.server.node import relay_limits
+
+    assert relay_limits(load_settings(NodeSettings, "configs/node.example.toml")) == RelayLimits()  # the same defaults
+    path = tmp_path / "relay.toml"
+    path.write_text("[node]\nrelay_max_reservations_per_network = 1\nrelay_circuit_mb_per_s = 0.5\n"
+                    "relay_circuit_idle_s = 2\nrelay_circuit_mb = 8\n")
+    limits = relay_limits(load_settings(NodeSettings, path))
+    assert (limits.max_reservations_per_group, limits.circuit_bytes_per_s, limits.circuit_idle_s,
+            limits.circuit_bytes) == (1, 1 << 19, 2.0, 8 << 20)
+    assert limits.max_circuits == RelayLimits().max_circuits
+    path.write_text("[node]\nrelay_circuit_mb_per_s = 0\n")
+    with pytest.raises(ConfigError, match="relay_circuit_mb_per_s must be > 0"):
+        load_settings(NodeSettings, path)
+
+
 def test_flags_get_the_same_checks():
     with pytest.raises(ConfigError, match="^settings: port must be in"):
         load_settings(NodeSettings, port=-1)

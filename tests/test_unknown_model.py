@@ -1,13 +1,13 @@
 """An unknown model is reported as unknown, in one line, by every entry point (not as a missing
 draft model or a failure further down)."""
 
-import subprocess
 import sys
 
 import pytest
 
 import dsdnode
 from dsdnode.models.registry import RegistryError
+from tests.helpers import forkserver
 
 UNKNOWN = "no-such-model-xyz"
 
@@ -18,7 +18,7 @@ UNKNOWN = "no-such-model-xyz"
     ["api", "--model", UNKNOWN, "--local", "--port", "0"],
 ])
 def test_cli_says_the_model_is_unknown(args):
-    result = subprocess.run([sys.executable, "-m", "dsdnode", *args], capture_output=True, text=True, timeout=120)
+    result = forkserver.run([sys.executable, "-m", "dsdnode", *args], timeout=120)
     assert result.returncode != 0 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: unknown model '{UNKNOWN}'; known models: "), result.stderr

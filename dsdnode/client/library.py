@@ -44,7 +44,8 @@ class AsyncClient:
     async def connect(cls, model: str, *, bootstrap: list[str] | tuple[str, ...] = (), local: bool = False,
                       hops: int = 4, draft: str | bool = True, dtype: Literal["bfloat16", "float16", "float32"] | None = None,
                       device: str = "auto", link_latency_ms: float = 0.0, relay: bool = False,
-                      draft_int8: bool | None = None, draft_vocab: int | None = None) -> AsyncClient:
+                      draft_int8: bool | None = None, draft_vocab: int | None = None,
+                      private_layers: int = 0) -> AsyncClient:
         """model: a registry name or a directory. draft: True for the registry's pairing, False for
         none, or a model name/directory; with no draft model sharing the target's vocabulary,
         generations with k != 0 draft by prompt lookup (Generation.drafting says which drafted;
@@ -55,11 +56,13 @@ class AsyncClient:
         float16 on GPUs without bfloat16 and on MPS).
         link_latency_ms: emulated delay of every link (benchmarks); relay: carry each block through
         the client between hops (a baseline, slower). draft_int8 / draft_vocab: a cheaper draft
-        (int8 layers; only the most frequent tokens), None: the device's default (both on a CPU)."""
+        (int8 layers; only the most frequent tokens), None: the device's default (both on a CPU).
+        private_layers: run the target's first N layers in this process, so no server sees token
+        embeddings (client/private.py; costs their memory and compute here), swarm only."""
         service = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
             build_service, model, bootstrap=bootstrap, local=local, hops=hops, draft=draft, dtype=dtype,
             device=device, link_latency_ms=link_latency_ms, relay=relay, draft_int8=draft_int8,
-            draft_vocab=draft_vocab))
+            draft_vocab=draft_vocab, private_layers=private_layers))
         await service.start()
         return cls(service)
 

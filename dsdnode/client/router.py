@@ -48,8 +48,11 @@ BANNED_GROUP_PENALTY = 4.0  # routing cost factor of a peer observed in the netw
 
 
 class Router:
-    def __init__(self, node: P2PNode, model: str, num_layers: int, weights: str, standing: Standing, bans: BanList):
+    def __init__(self, node: P2PNode, model: str, num_layers: int, weights: str, standing: Standing, bans: BanList,
+                 first_layer: int = 0):
+        """first_layer: routes start there (the client runs the layers before it: client/private.py)."""
         self.node, self.model, self.num_layers, self.weights = node, model, num_layers, weights
+        self.first_layer = first_layer
         self.standing, self.bans = standing, bans
         self.excluded: dict[str, str] = {}  # peer id -> why, for the life of this chain
         self.records: list[SpanRecord] = []  # of servers of our weights
@@ -161,9 +164,11 @@ class Router:
             silent_relayed = [r for r in usable if r.peer_id not in answered and relayed_only(r)]
             try:
                 try:
-                    return best_chain(candidates, self.num_layers, session_length, self.node.peer_id)
+                    return best_chain(candidates, self.num_layers, session_length, self.node.peer_id,
+                                      self.first_layer)
                 except NoRoute:  # records may be stale: let the servers say whether they are full
-                    return best_chain(candidates, self.num_layers, client_id=self.node.peer_id)
+                    return best_chain(candidates, self.num_layers, client_id=self.node.peer_id,
+                                      first_layer=self.first_layer)
             except NoRoute as e:
                 if not fresh:  # servers may have joined since we last looked
                     self._records_at = -RECORDS_MAX_AGE_S

@@ -127,8 +127,9 @@ def preference(client_id: str, peer_id: str) -> float:
 
 
 def best_chain(candidates: list[Candidate], num_layers: int, session_length: int = 0,
-               client_id: str = "") -> list[Hop]:
-    """Least expected time for one decoding step through all layers (Dijkstra over boundaries).
+               client_id: str = "", first_layer: int = 0) -> list[Hop]:
+    """Least expected time for one decoding step through layers [first_layer, num_layers) (Dijkstra
+    over boundaries; a client that runs the first layers itself routes from the end of them).
 
     `client_id` (the client's peer id) spreads clients over replicas of near-equal cost (see the
     module docstring); without it, equal costs resolve the same way for every client.
@@ -137,8 +138,8 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
     a session that long (its record counts free positions over its whole span, so a sub-span needs
     the same fraction of them). Records are up to one announce interval old: a server that filled up
     since answers "busy" when the session opens, and the client routes around it then."""
-    best: dict[int, tuple[float, int, int, list[Hop]]] = {0: (0.0, 0, 0, [])}
-    heap = [(0.0, 0, 0, 0, [])]  # (cost, relayed hops, hops, boundary, chain)
+    best: dict[int, tuple[float, int, int, list[Hop]]] = {first_layer: (0.0, 0, 0, [])}
+    heap = [(0.0, 0, 0, first_layer, [])]  # (cost, relayed hops, hops, boundary, chain)
     while heap:
         cost, relayed, n, p, chain = heapq.heappop(heap)
         if p == num_layers:
@@ -160,7 +161,7 @@ def best_chain(candidates: list[Candidate], num_layers: int, session_length: int
                     best[q] = (*new, chain)
                     heapq.heappush(heap, (*new, q, chain + [Hop(c, p, q)]))
     covered = sorted({i for c in candidates for i in range(c.record.start, min(c.record.end, num_layers))})
-    missing = [i for i in range(num_layers) if i not in covered]
+    missing = [i for i in range(first_layer, num_layers) if i not in covered]
     if missing:
         raise NoRoute(f"no live servers for layers {layer_ranges(missing)} of {num_layers}")
     raise NoRoute(f"no chain of live servers covers every layer with free cache for {session_length} positions"

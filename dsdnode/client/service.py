@@ -159,14 +159,18 @@ class LocalChains:
 
 class SwarmChains:
     """The swarm: one libp2p node for the service's life (or the caller's), one routed session per
-    generation. relay=True carries each block hop by hop through the client (a baseline)."""
+    generation. relay=True carries each block hop by hop through the client (a baseline).
+    private_span: the target's first layers, run by the client itself so no server sees token
+    embeddings (client/private.py); the swarm is routed from its end."""
 
     def __init__(self, model: str, config, bootstrap: list[str], dtype: torch.dtype, *, weights: str,
-                 link_latency_ms: float = 0.0, relay: bool = False, node=None, trust=None):
+                 link_latency_ms: float = 0.0, relay: bool = False, node=None, trust=None, private_span=None):
         if not bootstrap and node is None:
             raise BadValue("give --bootstrap or --peers to join a swarm, or --local to run without one")
         self.model, self.config, self.bootstrap, self.dtype = model, config, list(bootstrap), dtype
         self.link_latency_ms, self.relay, self.weights = link_latency_ms, relay, weights
+        self.private_span = private_span
+        self.first_layer = private_span.end if private_span is not None else 0
         self.node, self._own_node = node, node is None
         from .standing import Standing, TrustSettings
         self.trust = trust or TrustSettings()
@@ -185,8 +189,10 @@ class SwarmChains:
         """Routing alone (find live servers, choose a chain), without opening a session."""
         from .routing import best_chain, live_candidates
 
-        hops = best_chain(await live_candidates(self.node, self.model, self.weights), self.config.num_hidden_layers)
-        return " -> ".join(f"{h.candidate.record.peer_id} [{h.start}:{h.end})" for h in hops)
+        hops = best_chain(await live_candidates(self.node, self.model, self.weights), self.config.num_hidden_layers,
+                          first_layer=self.first_layer)
+        route = " -> ".join(f"{h.candidate.record.peer_id} [{h.start}:{h.end})" for h in hops)
+        return f"local [0:{self.first_layer}) -> {route}" if self.first_layer else route
 
     def new_chain(self, audit: bool = True, require_audit: bool = False) -> Chain:
         from dataclasses import replace
@@ -194,9 +200,14 @@ class SwarmChains:
         from .swarm_chain import RemoteChain
         trust = (replace(self.trust, require_audit=self.trust.require_audit or require_audit) if audit
                  else replace(self.trust, audit_rate=0.0))
-        return RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
-                           weights=self.weights, dtype=self.dtype, relay=self.relay, trust=trust,
-                           standing=self.standing, meter=self.meter)
+        chain = RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
+                            weights=self.weights, dtype=self.dtype, relay=self.relay, trust=trust,
+                            standing=self.standing, meter=self.meter, first_layer=self.first_layer)
+        if self.private_span is None:
+            return chain
+        from .local import LocalChain
+        from .private import PrivateLayersChain
+        return PrivateLayersChain(LocalChain([self.private_span]), chain)
 
     async def stop(self) -> None:
         if self.node is not None and self._own_node:
@@ -298,7 +309,7 @@ def check_context(config, tokens: int, what: str) -> None:
 def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), local: bool = False, hops: int = 4,
                   draft: str | bool = True, dtype: str | None = None, device: str = "auto",
                   link_latency_ms: float = 0.0, relay: bool = False, draft_int8: bool | None = None,
-                  draft_vocab: int | None = None) -> ClientService:
+                  draft_vocab: int | None = None, private_layers: int = 0) -> ClientService:
     """Load the client's models and make its chain source (blocking: loads weights); start() it in
     the event loop that will generate. See library.AsyncClient.connect for the arguments."""
     from ..dtypes import HIDDEN_DTYPES
@@ -310,14 +321,28 @@ def build_service(model: str, *, bootstrap: list[str] | tuple[str, ...] = (), lo
         raise BadValue(f"link_latency_ms must be >= 0, got {link_latency_ms}")
     if not local and not bootstrap:
         raise BadValue("give --bootstrap or --peers to join a swarm, or --local to run without one")
+    if private_layers and local:
+        raise BadValue("private_layers applies to a swarm; --local runs every layer in this process already")
     models = load_client_models(model, default_draft(model) if draft is True else draft or None, dtype, device,
                                 draft_int8, draft_vocab)
     if local:  # the spans share the client's device and dtype
         chains = LocalChains.load(models.target_dir, hops, models.dtype, link_latency_ms, models.device)
     else:  # hidden states cross the wire in the client's dtype, from and to the CPU
         chains = SwarmChains(model, models.head.config, list(bootstrap), models.dtype,
-                             weights=models.weights, link_latency_ms=link_latency_ms, relay=relay)
+                             weights=models.weights, link_latency_ms=link_latency_ms, relay=relay,
+                             private_span=load_private_span(models, private_layers))
     return ClientService(models, chains)
+
+
+def load_private_span(models: ClientModels, layers: int):
+    """The target's layers [0, layers) on the client's device and dtype, or None for layers=0."""
+    from ..models.span import Span
+
+    num_layers = models.head.config.num_hidden_layers
+    if not 0 <= layers < num_layers:
+        raise BadValue(f"private_layers must be in 0..{num_layers - 1} (the model has {num_layers} layers; "
+                       f"the swarm must run at least one), got {layers}")
+    return Span.load(models.target_dir, 0, layers, models.dtype, models.device) if layers else None
 
 
 @dataclass

@@ -86,16 +86,17 @@ class RemoteChain:
                  dtype: torch.dtype = torch.bfloat16, relay: bool = False, max_failovers: int = 8,
                  deadlines: DeadlineSettings = DeadlineSettings(), max_block: int = 64,
                  trust: TrustSettings = TrustSettings(), standing: Standing | None = None, bans: BanList | None = None,
-                 meter: PrefillMeter | None = None):
+                 meter: PrefillMeter | None = None, first_layer: int = 0):
         """weights: digest of the weights this client's head comes from; only servers of the same
-        weights are chained. standing: shared by the chains of one client (what one learnt, the next
+        weights are chained. first_layer: the chain starts there, taking the output of the layers
+        before it as its input (the client runs those: client/private.py). standing: shared by the chains of one client (what one learnt, the next
         routes on). meter: what blocks cost on this client's chains, shared likewise (prefill chunks)."""
         self.meter = meter or PrefillMeter()
         self.node, self.model, self.num_layers, self.hidden_size = node, model, num_layers, hidden_size
         self.weights = weights
         self.dtype, self.dtype_name = dtype, dtype_name(dtype)
         self.trust, self.standing, self.bans = trust, standing or Standing(trust), bans or BanList()
-        self.router = Router(node, model, num_layers, weights, self.standing, self.bans)
+        self.router = Router(node, model, num_layers, weights, self.standing, self.bans, first_layer)
         self.auditor = Auditor(node, model, weights, self.dtype_name, hidden_size, max_block,
                                lambda h: self.router.audit_pool(h.peer_id, h.start, h.end), self.router.group_of,
                                self.standing, self.bans)

@@ -136,6 +136,23 @@ SetupHook = Callable[[], None]
 RunningHook = Callable[[trio.Nursery], Awaitable[BaseException | None]]
 
 
+
+def connection_ip(libp2p: Any, peer: ID) -> tuple[str, bool] | None:
+    """(IP address, relayed) of an open connection to `peer` as the transport sees it (not what the
+    peer announces; a relayed connection's IP is its relay's); None without one. Trio thread."""
+    for conn in libp2p.get_network().get_connections(peer):
+        try:
+            if conn.is_closed:
+                continue
+            remote = conn.muxed_conn.get_remote_address()
+            relayed = conn.muxed_conn.get_connection_type() == ConnectionType.RELAYED
+        except Exception as exc:  # a connection type that does not say
+            log.debug("no remote address for %s: %r", peer, exc)
+            continue
+        if remote:
+            return str(remote[0]), relayed
+    return None
+
 class Host:
     """A libp2p host in its own trio thread (TCP + Noise + Yamux, Kademlia), usable from asyncio."""
 
@@ -209,18 +226,7 @@ class Host:
         peer announces), and whether that connection goes through a relay (the IP is then the
         relay's); None without an open connection."""
         async def read() -> tuple[str, bool] | None:
-            for conn in self.libp2p.get_network().get_connections(ID.from_base58(peer_id)):
-                try:
-                    if conn.is_closed:
-                        continue
-                    remote = conn.muxed_conn.get_remote_address()
-                    relayed = conn.muxed_conn.get_connection_type() == ConnectionType.RELAYED
-                except Exception as exc:  # a connection type that does not say
-                    log.debug("no remote address for %s: %r", peer_id, exc)
-                    continue
-                if remote:
-                    return str(remote[0]), relayed
-            return None
+            return connection_ip(self.libp2p, ID.from_base58(peer_id))
 
         return await self.bridge.call(read)
 

@@ -70,13 +70,15 @@ class P2PNode:
         self.relay_client = RelayClient(self.host)
         self._relay_offer: RelayLimits | None = None
         self._assume_private = False
+        self.local_swarm = False  # loopback peers are network groups of their own (net/groups.py)
 
     @classmethod
     async def start(cls, *, identity: KeyPair | None = None, host: str = "127.0.0.1", port: int = 0,
                     bootstrap: list[str] | tuple[str, ...] = (), latency: LinkLatency | None = None,
                     max_frame_bytes: int = 64 * 2**20, announce: list[str] | tuple[str, ...] = (),
                     require_bootstrap: bool = False, client: bool = False, relay_service: bool = True,
-                    relay_limits: RelayLimits | None = None, assume_private: bool = False) -> P2PNode:
+                    relay_limits: RelayLimits | None = None, assume_private: bool = False,
+                    local_swarm: bool = False) -> P2PNode:
         """Start the host thread, listen, connect to `bootstrap` peers (/ip4/../tcp/../p2p/<id>).
 
         `client=True` starts a node that only asks: it listens nowhere and runs Kademlia in client
@@ -95,6 +97,8 @@ class P2PNode:
         runs Kademlia in client mode, reserves slots on RELAYS_WANTED relays and advertises their
         circuit addresses instead (`addrs`; `wait_addrs_changed` tells when they change).
         `assume_private` skips the check and acts private (relayed servers on one machine).
+        `local_swarm` (tests, bench, one machine): each loopback peer counts as a network group of its
+        own, for the reachability quorum and the relay's limits per group (net/groups.py).
         """
         if not client:
             check_listen_address(host, port)
@@ -107,6 +111,7 @@ class P2PNode:
         node = cls(identity or load_or_create_identity(None), latency, max_frame_bytes)
         node.host.advertised = announced or None
         node._assume_private = assume_private
+        node.local_swarm = local_swarm
         node._relay_offer = relay_limits or RelayLimits() if relay_service else None
 
         async def running(nursery: trio.Nursery) -> BaseException | None:
@@ -220,44 +225,59 @@ class P2PNode:
             log.info("reachability: private (assumed: --assume-private)")
         else:
             self.reachability = await reachability.check(host.libp2p, reachability.dialback_candidates(host, boot),
-                                                         ports)
+                                                         ports, self.local_swarm)
             log.info("reachability: %s", self.reachability.describe())
         if self.reachability.status == PRIVATE:
-            closed = await reachability.stop_listening(host)
-            if host.advertised is None:
-                # py-libp2p's provider records carry the provider's identify addresses, and peers
-                # drop a provider that has none: keep advertising the closed ones
-                host.advertised = closed
-            kad = host.kad
-            assert kad is not None
-            # nobody can dial us for queries; switching empties the routing table, so refill it
-            known = kad.routing_table.get_peer_ids()
-            await kad.switch_mode(DHTMode.CLIENT)
-            for peer in known:
-                await kad.add_peer(peer, skip_server_mode_check=True)
-            first = trio.Event()
-            nursery.start_soon(self.relay_client.trio_keep, boot, list(host.addrs), first)
-            with trio.move_on_after(2 * relay.CONTROL_TIMEOUT_S):
-                await first.wait()
+            await self._t_go_private(nursery, boot)
             return
         if self._relay_offer is not None:
             self.relay = RelayService(host.libp2p, self._relay_offer,
-                                      self.host.link.delay_s if self.host.link else (lambda _peer: 0.0))
+                                      self.host.link.delay_s if self.host.link else (lambda _peer: 0.0),
+                                      self.local_swarm)
             self.relay.register()
-            log.info("offering a relay service (%d reservations, %d circuits, %d MiB and %.0f s per circuit)",
-                     self._relay_offer.max_reservations, self._relay_offer.max_circuits,
-                     self._relay_offer.circuit_bytes >> 20, self._relay_offer.circuit_duration_s)
+            log.info("offering a relay service (%s)", self._relay_offer.describe())
         if self.reachability.status == UNKNOWN:
-            nursery.start_soon(self._t_recheck_unknown, ports)
+            nursery.start_soon(self._t_recheck_unknown, nursery, boot, ports)
 
-    async def _t_recheck_unknown(self, ports: list[int]) -> None:
-        """A node that started alone (the first bootstrap peer) asks again once peers have joined."""
+    async def _t_go_private(self, nursery: trio.Nursery, boot: list[ID]) -> None:
+        """Nobody outside can dial us: stop listening and offering a relay, run Kademlia in client
+        mode, and reserve relay slots (waits a while for the first search to end)."""
+        host = self.host
+        if self.relay is not None:
+            self.relay.enabled = False  # refuses new reservations and circuits; held ones end at their next beat
+            self.relay = None
+        closed = await reachability.stop_listening(host)
+        if host.advertised is None:
+            # py-libp2p's provider records carry the provider's identify addresses, and peers
+            # drop a provider that has none: keep advertising the closed ones
+            host.advertised = closed
+        kad = host.kad
+        assert kad is not None
+        # nobody can dial us for queries; switching empties the routing table, so refill it
+        known = kad.routing_table.get_peer_ids()
+        await kad.switch_mode(DHTMode.CLIENT)
+        for peer in known:
+            await kad.add_peer(peer, skip_server_mode_check=True)
+        first = trio.Event()
+        nursery.start_soon(self.relay_client.trio_keep, boot, list(host.addrs), first)
+        with trio.move_on_after(2 * relay.CONTROL_TIMEOUT_S):
+            await first.wait()
+
+    async def _t_recheck_unknown(self, nursery: trio.Nursery, boot: list[ID], ports: list[int]) -> None:
+        """A node no quorum of peers could judge yet (the first bootstrap peer, which starts alone; one
+        that only peers of one network dialled back) asks again once more peers have joined."""
+        said_private = False
         while self.reachability.status == UNKNOWN:
             await trio.sleep(RECHECK_UNKNOWN_S)
-            found = await reachability.check(self.host.libp2p, reachability.dialback_candidates(self.host, []), ports)
+            found = await reachability.check(self.host.libp2p, reachability.dialback_candidates(self.host, boot),
+                                             ports, self.local_swarm)
+            if found.status == PRIVATE and not said_private:  # a serving node stops listening on two in a row only
+                said_private = True
+                log.info("reachability check: %s; asking again before acting on it", found.describe())
+                continue
+            said_private = False
             if found.status != UNKNOWN:
                 self.reachability = found
                 log.info("reachability: %s", found.describe())
-                if found.status == PRIVATE and self.relay is not None:
-                    log.warning("this node is not reachable from outside: it keeps its relay service, "
-                                "but nobody can use it; restart it with an open port or behind none")
+                if found.status == PRIVATE:
+                    await self._t_go_private(nursery, boot)

@@ -2,9 +2,17 @@
 
 A node asks a few peers it is connected to; each dials the asker's listen port(s) at the IP it sees
 the request come from, over a fresh TCP connection, and runs the Noise handshake far enough to check
-the asker's identity key, then hangs up and answers. One successful dial-back makes the node
-`public` (at the address dialled, which is how a node on 0.0.0.0 behind a forwarded port learns its
-public address too); answers that all failed make it `private`; no answer leaves it `unknown`.
+the asker's identity key, then hangs up and answers. Successful dial-backs from peers of at least
+QUORUM_GROUPS different network groups (the /24 or /48 the asker's connection to each comes from,
+net/groups.py: never what a peer claims) make the node `public` (at the address dialled, which is
+how a node on 0.0.0.0 behind a forwarded port learns its public address too): one lying peer, or
+any number of throw-away ids in one network, cannot make a NATed node believe it is public and keep
+it from reserving a relay. Short of that quorum, failed dial-backs at least as many as successful
+ones make it `private` (a lying "yes" beside an honest "no" must not keep a NATed node from its
+relays; a public node taken for private still works, through relays, while a private one taken for
+public is unreachable); otherwise, or with no answer, it is `unknown`: it listens, relays and asks
+again later (turning private only when two checks in a row say so, so that one dial-back lost to a
+slow moment does not make a serving node stop listening).
 
 Why not py-libp2p 0.8.1's `host/autonat`: its dial-back calls `host.connect`, which returns at once
 when any connection to the peer exists, and the asker is always connected to the peer it asks (it
@@ -20,17 +28,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import multiaddr
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from .groups import network_group
+from .host import Host, connection_ip
 from .relay import connection_is_relayed, recv_control, send_control
-
-if TYPE_CHECKING:
-    from .host import Host
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,8 @@ DIALBACK_TIMEOUT_S = 5.0  # one dial + Noise handshake
 ASK_TIMEOUT_S = 2 * DIALBACK_TIMEOUT_S + 2.0
 MAX_PORTS = 4
 MAX_CONCURRENT_DIALBACKS = 4
-PEERS_TO_ASK = 3
+PEERS_TO_ASK = 4
+QUORUM_GROUPS = 2  # dial-backs from peers of this many network groups make a node public
 
 PUBLIC, PRIVATE, UNKNOWN, CLIENT = "public", "private", "unknown", "client"
 
@@ -53,15 +61,17 @@ class Reachability:
     addr: str = ""
     answered: int = 0
     asked: int = 0
+    confirmed_groups: int = 0  # network groups of the peers that dialled back successfully
 
     def describe(self) -> str:
+        answers = f"{self.answered} of {self.asked} peers answered, dial-backs from {self.confirmed_groups} network(s)"
         if self.status == PUBLIC:
-            return f"public (dialled back at {self.addr}; {self.answered} of {self.asked} peers answered)"
+            return f"public (dialled back at {self.addr}; {answers})"
         if self.status == PRIVATE:
-            return f"private (none of {self.answered} peers could dial back; behind a NAT or firewall)"
+            return f"private ({answers}, some failed; behind a NAT or firewall)"
         if self.status == CLIENT:
             return "client (listens nowhere)"
-        return f"unknown ({self.answered} of {self.asked} peers answered)"
+        return f"unknown ({answers}; {QUORUM_GROUPS} needed)"
 
 
 class DialbackService:
@@ -126,9 +136,18 @@ class DialbackService:
         return ""
 
 
-async def check(host: Any, peers: list[ID], ports: list[int]) -> Reachability:
-    """Ask up to PEERS_TO_ASK of `peers` (connected ones, not through a relay) to dial `ports` back."""
-    asked = [p for p in peers if not connection_is_relayed(host, p)][:PEERS_TO_ASK]
+async def check(host: Any, peers: list[ID], ports: list[int], local_swarm: bool = False) -> Reachability:
+    """Ask up to PEERS_TO_ASK of `peers` (connected ones, not through a relay; one per network group
+    first) to dial `ports` back. `local_swarm`: each loopback peer is a group of its own."""
+    groups: dict[ID, str] = {}
+    for peer in peers:
+        seen = connection_ip(host, peer)
+        if seen is not None and not seen[1] and not connection_is_relayed(host, peer):
+            groups[peer] = network_group(seen[0], peer.to_base58(), local_swarm)
+    by_group: dict[str, list[ID]] = {}
+    for peer, group in groups.items():
+        by_group.setdefault(group, []).append(peer)
+    asked = [*(ps[0] for ps in by_group.values()), *(p for ps in by_group.values() for p in ps[1:])][:PEERS_TO_ASK]
     answers: dict[ID, str | None] = {}
 
     async def ask(peer: ID) -> None:
@@ -150,10 +169,17 @@ async def check(host: Any, peers: list[ID], ports: list[int]) -> Reachability:
     async with trio.open_nursery() as nursery:
         for peer in asked:
             nursery.start_soon(ask, peer)
-    reached = [a for a in answers.values() if a]
-    if reached:
-        return Reachability(PUBLIC, reached[0], len(answers), len(asked))
-    return Reachability(PRIVATE if answers else UNKNOWN, "", len(answers), len(asked))
+    return judge([(groups[p], a) for p, a in answers.items()], len(asked))
+
+
+def judge(answers: list[tuple[str, str | None]], asked: int) -> Reachability:
+    """The verdict on dial-back answers, each (network group of the answering peer, the address it
+    reached us at, or None if it could not)."""
+    reached = [(g, a) for g, a in answers if a]
+    confirmed = len({g for g, _ in reached})
+    failed = len(answers) - len(reached)
+    status = PUBLIC if confirmed >= QUORUM_GROUPS else PRIVATE if failed and failed >= len(reached) else UNKNOWN
+    return Reachability(status, reached[0][1] if status == PUBLIC else "", len(answers), asked, confirmed)
 
 
 def dialback_candidates(host: Host, first: list[ID]) -> list[ID]:

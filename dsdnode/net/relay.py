@@ -17,10 +17,16 @@ Here a reservation lives exactly as long as its reserve stream: the server sends
 HEARTBEAT_S and the relay echoes it, so either side learns within HEARTBEAT_TIMEOUT_S that the other
 is gone (the server then reserves elsewhere at once).
 
-Limits (RelayLimits): reservations held, circuits at once (in all and per reserved peer), bytes and
-seconds per circuit. A circuit over a limit is cut (both streams reset); the ends see a lost
-connection and fail over as after any fault. A relay never relays for a stream that itself arrived
-through a relay, and only connects a dialer to a peer that holds a reservation and is connected now.
+Limits (RelayLimits): reservations held (in all and per network group of the reserving peers),
+circuits at once (in all, per reserved peer and per network group of the dialers), and per circuit
+its bytes, its duration, its rate (a token bucket shared by both directions: a circuit that sends
+faster is read more slowly, so nothing piles up here) and its idleness (one that carries fewer than
+IDLE_BYTES in circuit_idle_s is cut: yamux's own keep-alive pings do not keep it open). A group is
+the /24 or /48 of the address the reserving or dialing connection comes from (`net/groups.py`),
+never an address a peer claims: peer ids are free, addresses are not. A circuit over a limit is cut
+(both streams reset); the ends see a lost connection and fail over as after any fault. A relay
+never relays for a stream that itself arrived through a relay, and only connects a dialer to a peer
+that holds a reservation and is connected now.
 
 Everything here runs on the libp2p host's trio thread.
 """
@@ -42,6 +48,8 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as LibPeerInfo
 
 from ..errors import BadValue, PeerError
+from .groups import network_group
+from .stream import raw_remote_ip
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +62,8 @@ CONTROL_TIMEOUT_S = 10.0
 HEARTBEAT_S = 5.0
 HEARTBEAT_TIMEOUT_S = 3 * HEARTBEAT_S
 PIPE_CHUNK = 64 * 1024
-PIPE_QUEUE = 64  # chunks in flight per direction while the emulated link delays them
+PIPE_QUEUE = 16  # chunks in flight per direction while the emulated link delays them (1 MiB at most)
+IDLE_BYTES = 4096  # a circuit that carries less than this in circuit_idle_s is idle (a yamux ping is a few dozen bytes)
 
 
 class RelayError(PeerError, ConnectionError):
@@ -64,13 +73,32 @@ class RelayError(PeerError, ConnectionError):
 @dataclass(frozen=True)
 class RelayLimits:
     """What one relay gives away. A circuit carries one connection (all its streams, e.g. every
-    session between a client and a NATed server), so the byte and time limits are per connection."""
+    session between a client and a NATed server), so the per-circuit limits are per connection.
+
+    Why these defaults: a generation's traffic is small (Qwen2.5-1.5B: a block of 5 positions is
+    15-30 KB, a 2,000-token prompt 6-12 MB), so 4 MiB/s per circuit delays only a long prompt's
+    prefill and lets a relay's uplink carry many circuits; an hour and 1 GiB cover thousands of
+    generations over one connection, and a circuit cut at a limit costs its ends one failover (they
+    re-dial a fresh circuit). A circuit idle for 5 minutes (the servers' own session expiry) is
+    cut, so abandoned circuits do not hold slots. 4 reservations per /24 leave room for a household
+    with a few NATed servers; 16 circuits per dialer /24 for a few clients and servers behind one
+    address."""
 
     max_reservations: int = 128
+    max_reservations_per_group: int = 4
     max_circuits: int = 512
-    max_circuits_per_peer: int = 32
-    circuit_bytes: int = 4 << 30
-    circuit_duration_s: float = 6 * 3600.0
+    max_circuits_per_peer: int = 32  # to one reserved peer
+    max_circuits_per_group: int = 16  # from the dialers of one network group
+    circuit_bytes: int = 1 << 30
+    circuit_duration_s: float = 3600.0
+    circuit_idle_s: float = 300.0
+    circuit_bytes_per_s: int = 4 << 20  # both directions together; bursts up to one second's worth
+
+    def describe(self) -> str:
+        return (f"{self.max_reservations} reservations ({self.max_reservations_per_group} per network), "
+                f"{self.max_circuits} circuits ({self.max_circuits_per_group} per network), per circuit "
+                f"{self.circuit_bytes >> 20} MiB, {self.circuit_duration_s:.0f} s, "
+                f"{self.circuit_bytes_per_s / (1 << 20):g} MiB/s, cut after {self.circuit_idle_s:g} s idle")
 
 
 def is_circuit(addr: str) -> bool:
@@ -127,6 +155,18 @@ async def recv_control(raw: Any, timeout: float = CONTROL_TIMEOUT_S) -> dict:
     raise RelayError(f"no control message within {timeout:g} s")
 
 
+async def refuse(raw: Any, reason: str) -> None:
+    """Say no, then wait (bounded) until the peer has read it and hung up: a stream reset at once
+    can overtake the answer, and the peer would learn only that the stream broke."""
+    await send_control(raw, {"ok": False, "reason": reason})
+    with trio.move_on_after(CONTROL_TIMEOUT_S):
+        try:
+            while await raw.read(CONTROL_MAX_BYTES):
+                pass
+        except Exception:  # the peer reset it: it has read what it wanted
+            pass
+
+
 async def _reset(raw: Any) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(2):
         try:
@@ -158,13 +198,42 @@ def connection_is_relayed(host: Any, peer: ID) -> bool:
         return True
 
 
-class RelayService:
-    """The relay side: reservations, and circuits to peers that hold one."""
+@dataclass
+class _Circuit:
+    """One piped circuit: what it may still carry, and when it last carried IDLE_BYTES."""
 
-    def __init__(self, host: Any, limits: RelayLimits, latency_s: Callable[[str], float]) -> None:
-        self.host, self.limits, self._latency_s = host, limits, latency_s
-        self.reservations: dict[ID, object] = {}  # peer -> token of the reserve stream that holds it
+    source: ID
+    target: ID
+    group: str  # the dialer's network group
+    bytes_left: int
+    rate: int  # bytes/s, both directions together
+    tokens: float  # the rate's token bucket (at most one second's worth)
+    refilled: float
+    moved: int = 0  # bytes since `active`
+    active: float = 0.0  # trio time the circuit last carried IDLE_BYTES (or opened)
+
+    async def take(self, n: int) -> None:
+        """Charge n bytes to the bucket; sleep off any debt, so the reader of the faster side waits."""
+        now = trio.current_time()
+        self.tokens = min(float(self.rate), self.tokens + (now - self.refilled) * self.rate) - n
+        self.refilled = now
+        self.moved += n
+        if self.moved >= IDLE_BYTES:
+            self.moved, self.active = 0, now
+        if self.tokens < 0:
+            await trio.sleep(-self.tokens / self.rate)
+
+
+class RelayService:
+    """The relay side: reservations, and circuits to peers that hold one. `local_swarm`: loopback
+    peers count as network groups of their own (net/groups.py)."""
+
+    def __init__(self, host: Any, limits: RelayLimits, latency_s: Callable[[str], float],
+                 local_swarm: bool = False) -> None:
+        self.host, self.limits, self._latency_s, self.local_swarm = host, limits, latency_s, local_swarm
+        self.reservations: dict[ID, tuple[object, str]] = {}  # peer -> (token of its reserve stream, group)
         self.circuits: dict[ID, int] = {}  # reserved peer -> circuits to it now
+        self.group_circuits: dict[str, int] = {}  # dialers' network group -> circuits from it now
         self.enabled = True
 
     def register(self) -> None:
@@ -175,16 +244,20 @@ class RelayService:
     def open_circuits(self) -> int:
         return sum(self.circuits.values())
 
+    def _group(self, raw: Any) -> str:
+        return network_group(raw_remote_ip(raw), _remote(raw).to_base58(), self.local_swarm)
+
     async def _serve_reserve(self, raw: Any) -> None:
         peer = _remote(raw)
         token = object()
         try:
             await recv_control(raw)
-            reason = self._refusal(peer)
+            group = self._group(raw)
+            reason = self._refusal(peer, group)
             if reason:
-                await send_control(raw, {"ok": False, "reason": reason})
+                await refuse(raw, reason)
                 return
-            self.reservations[peer] = token
+            self.reservations[peer] = (token, group)
             log.info("relay: reservation for %s (%d held)", peer, len(self.reservations))
             await send_control(raw, {"ok": True, "heartbeat_s": HEARTBEAT_S,
                                      "circuit_bytes": self.limits.circuit_bytes,
@@ -195,73 +268,91 @@ class RelayService:
         except (RelayError, Exception) as exc:  # a peer's stream may fail in any way; it only ends its reservation
             log.debug("relay: reserve stream of %s ended: %r", peer, exc)
         finally:
-            if self.reservations.get(peer) is token:
+            if self.reservations.get(peer, (None,))[0] is token:
                 del self.reservations[peer]
                 log.info("relay: reservation of %s ended", peer)
             await _reset(raw)
 
-    def _refusal(self, peer: ID) -> str:
+    def _refusal(self, peer: ID, group: str) -> str:
         if not self.enabled:
             return "this node offers no relay service"
         if connection_is_relayed(self.host, peer):
             return "reservations over a relayed connection are refused"
-        if peer not in self.reservations and len(self.reservations) >= self.limits.max_reservations:
+        others = {p: g for p, (_, g) in self.reservations.items() if p != peer}
+        if len(others) >= self.limits.max_reservations:
             return f"relay full ({self.limits.max_reservations} reservations)"
+        if sum(g == group for g in others.values()) >= self.limits.max_reservations_per_group:
+            return f"peers of your network hold {self.limits.max_reservations_per_group} reservations here already"
         return ""
 
     async def _serve_connect(self, raw: Any) -> None:
         source = _remote(raw)
-        target: ID | None = None
-        counted = False
+        circuit: _Circuit | None = None
         stop = None
         try:
             body = await recv_control(raw)
             target = ID.from_base58(str(body.get("target", "")))
-            reason = ("dialer came through a relay" if connection_is_relayed(self.host, source)
+            group = self._group(raw)
+            limits = self.limits
+            reason = ("this node offers no relay service" if not self.enabled
+                      else "dialer came through a relay" if connection_is_relayed(self.host, source)
                       else "target holds no reservation here" if target not in self.reservations
                       else "target is not connected" if not self.host.get_network().connections.get(target)
-                      else f"relay carries {self.limits.max_circuits} circuits already"
-                      if self.open_circuits >= self.limits.max_circuits
-                      else f"target has {self.limits.max_circuits_per_peer} circuits already"
-                      if self.circuits.get(target, 0) >= self.limits.max_circuits_per_peer else "")
+                      else f"relay carries {limits.max_circuits} circuits already"
+                      if self.open_circuits >= limits.max_circuits
+                      else f"target has {limits.max_circuits_per_peer} circuits already"
+                      if self.circuits.get(target, 0) >= limits.max_circuits_per_peer
+                      else f"dialers of your network hold {limits.max_circuits_per_group} circuits here already"
+                      if self.group_circuits.get(group, 0) >= limits.max_circuits_per_group else "")
             if reason:
-                await send_control(raw, {"ok": False, "reason": reason})
+                await refuse(raw, reason)
                 return
+            now = trio.current_time()
+            circuit = _Circuit(source, target, group, limits.circuit_bytes, limits.circuit_bytes_per_s,
+                               float(limits.circuit_bytes_per_s), now, active=now)
             self.circuits[target] = self.circuits.get(target, 0) + 1
-            counted = True
+            self.group_circuits[group] = self.group_circuits.get(group, 0) + 1
             with trio.fail_after(CONTROL_TIMEOUT_S):
                 stop = await self.host.new_stream(target, [STOP_PROTOCOL])
                 await send_control(stop, {"source": source.to_base58()})
                 answer = await recv_control(stop)
             if not answer.get("ok"):
-                await send_control(raw, {"ok": False, "reason": f"target refused: {answer.get('reason', '')}"[:200]})
+                await refuse(raw, f"target refused: {answer.get('reason', '')}"[:200])
                 return
             await send_control(raw, {"ok": True})
-            await self._pipe(raw, stop, source, target)
+            await self._pipe(raw, stop, circuit)
         except Exception as exc:  # bad request, target gone, limits: only this circuit ends
-            log.debug("relay: circuit %s -> %s ended: %r", source, target, exc)
+            log.debug("relay: circuit %s -> %s ended: %r", source, circuit and circuit.target, exc)
         finally:
-            if counted and target is not None:
-                self.circuits[target] -= 1
-                if not self.circuits[target]:
-                    del self.circuits[target]
+            if circuit is not None:
+                for counts, key in ((self.circuits, circuit.target), (self.group_circuits, circuit.group)):
+                    counts[key] -= 1
+                    if not counts[key]:
+                        del counts[key]
             await _reset(raw)
             if stop is not None:
                 await _reset(stop)
 
-    async def _pipe(self, a: Any, b: Any, a_id: ID, b_id: ID) -> None:
+    async def _pipe(self, a: Any, b: Any, circuit: _Circuit) -> None:
         """Copy both ways until either side ends or a limit is reached. Each direction delays its
         chunks by this node's emulated link latency toward the receiver (a relayed link is one more
         link) without holding back the chunks behind them."""
-        budget = [self.limits.circuit_bytes]
         with trio.move_on_after(self.limits.circuit_duration_s) as cut:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._copy, a, b, b_id, budget, nursery.cancel_scope)
-                nursery.start_soon(self._copy, b, a, a_id, budget, nursery.cancel_scope)
+                nursery.start_soon(self._copy, a, b, circuit.target, circuit, nursery.cancel_scope)
+                nursery.start_soon(self._copy, b, a, circuit.source, circuit, nursery.cancel_scope)
+                nursery.start_soon(self._cut_when_idle, circuit, nursery.cancel_scope)
         if cut.cancelled_caught:
-            log.info("relay: circuit %s <-> %s reached its duration limit", a_id, b_id)
+            log.info("relay: circuit %s <-> %s reached its duration limit", circuit.source, circuit.target)
 
-    async def _copy(self, src: Any, dst: Any, dst_id: ID, budget: list[int], done: trio.CancelScope) -> None:
+    async def _cut_when_idle(self, circuit: _Circuit, done: trio.CancelScope) -> None:
+        idle_s = self.limits.circuit_idle_s
+        while trio.current_time() < circuit.active + idle_s:
+            await trio.sleep_until(circuit.active + idle_s)
+        log.info("relay: circuit %s <-> %s idle for %g s: cut", circuit.source, circuit.target, idle_s)
+        done.cancel()
+
+    async def _copy(self, src: Any, dst: Any, dst_id: ID, circuit: _Circuit, done: trio.CancelScope) -> None:
         send, recv = trio.open_memory_channel[tuple[float, bytes]](PIPE_QUEUE)
         delay = self._latency_s(dst_id.to_base58())
 
@@ -280,10 +371,11 @@ class RelayService:
                         chunk = await src.read(PIPE_CHUNK)
                         if not chunk:
                             break
-                        budget[0] -= len(chunk)
-                        if budget[0] < 0:
+                        circuit.bytes_left -= len(chunk)
+                        if circuit.bytes_left < 0:
                             log.info("relay: circuit to %s reached its byte limit", dst_id)
                             break
+                        await circuit.take(len(chunk))
                         await send.send((trio.current_time() + delay, chunk))
         except Exception as exc:
             log.debug("relay: copy to %s ended: %r", dst_id, exc)
@@ -369,7 +461,7 @@ def stop_handler(host: Any, accepts: Callable[[ID], bool]) -> Callable[[Any], An
             body = await recv_control(raw)
             source = ID.from_base58(str(body.get("source", "")))
             if not accepts(relay):
-                await send_control(raw, {"ok": False, "reason": "no reservation with this relay"})
+                await refuse(raw, "no reservation with this relay")
                 await _reset(raw)
                 return
             await send_control(raw, {"ok": True})

@@ -43,7 +43,9 @@ class RelayClient:
 
     async def trio_keep(self, boot: list[ID], direct_addrs: list[str], first: trio.Event) -> None:
         """Hold RELAYS_WANTED reservations for as long as the node runs; replace each lost one. `first`
-        is set once the first is held; `direct_addrs` are advertised while none is."""
+        is set once the first search has ended, whether it found a relay or not (every relay may
+        refuse, e.g. one that holds its limit of reservations from this node's network; start-up
+        need not wait on that); `direct_addrs` are advertised while none is held."""
         self._direct_addrs = list(direct_addrs)
         self._wake = trio.Event()
         failed: dict[ID, float] = {}  # relay -> when it last refused or failed us
@@ -62,8 +64,8 @@ class RelayClient:
                     self.reservations[res.relay_id] = res
                     log.info("reserved a relay slot on %s; reachable at %s", res.relay_id, res.circuit_addr)
                     self._advertise()
+                first.set()
                 if self.reservations:
-                    first.set()
                     warned = False
                 elif not warned:  # once each time the node is left without a relay
                     log.warning("no relay found yet: nobody outside this network can reach this node")

@@ -36,7 +36,9 @@ FRAME_BODY_TIMEOUT_S = 30.0  # from a frame's first byte to its last, plus its s
 MIN_BODY_RATE = 1 << 20  # bytes/s: a slower sender of a started frame gets its stream reset
 
 
-def _remote_ip(raw: Any) -> str | None:
+def raw_remote_ip(raw: Any) -> str | None:
+    """The IP address a raw libp2p stream's connection comes from, as the kernel saw it (a relayed
+    one: the relay's); None if the transport does not say."""
     try:
         remote = raw.get_remote_address()
     except Exception:  # a transport without addresses: the caller treats None as unknown
@@ -60,7 +62,7 @@ class Stream:
         self._max_frame_bytes = max_frame_bytes
         self._raw = raw
         self.remote_peer_id: str = raw.muxed_conn.peer_id.to_base58()
-        self.remote_ip: str | None = _remote_ip(raw)  # as the kernel saw it (a relayed one: the relay's)
+        self.remote_ip: str | None = raw_remote_ip(raw)  # as the kernel saw it (a relayed one: the relay's)
         self._buf = bytearray()
         self._need = 0  # bytes the pending recv waits for
         self._error: str | None = None  # why no more bytes will arrive

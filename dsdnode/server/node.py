@@ -20,7 +20,7 @@ import signal
 from ..config import NodeSettings, bootstrap_list
 from ..net.identity import load_or_create_identity
 from ..net.latency import LinkLatency
-from ..net.p2p import P2PNode
+from ..net.p2p import P2PNode, RelayLimits
 from ..ready import print_ready
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,20 @@ async def start_p2p(s: NodeSettings, **extra) -> P2PNode:
     """The libp2p node both kinds of node run, from the settings they share."""
     return await P2PNode.start(identity=load_or_create_identity(s.identity), host=s.host, port=s.port,
                                bootstrap=bootstrap_list(s.bootstrap, s.peers_file), announce=s.announce_addrs,
-                               latency=node_links(s), relay_service=s.relay_service, **extra)
+                               latency=node_links(s), relay_service=s.relay_service, relay_limits=relay_limits(s),
+                               local_swarm=s.local_swarm, **extra)
+
+
+def relay_limits(s: NodeSettings) -> RelayLimits:
+    """The relay's limits: RelayLimits' defaults, replaced by the relay_* settings given."""
+    given = {"max_reservations": s.relay_max_reservations,
+             "max_reservations_per_group": s.relay_max_reservations_per_network,
+             "max_circuits": s.relay_max_circuits, "max_circuits_per_peer": s.relay_max_circuits_per_peer,
+             "max_circuits_per_group": s.relay_max_circuits_per_network,
+             "circuit_bytes": None if s.relay_circuit_mb is None else s.relay_circuit_mb << 20,
+             "circuit_duration_s": s.relay_circuit_duration_s, "circuit_idle_s": s.relay_circuit_idle_s,
+             "circuit_bytes_per_s": None if s.relay_circuit_mb_per_s is None else int(s.relay_circuit_mb_per_s * 2**20)}
+    return RelayLimits(**{k: v for k, v in given.items() if v is not None})
 
 
 def node_links(s: NodeSettings) -> LinkLatency:

@@ -20,6 +20,7 @@ import pytest
 import dsdnode
 from dsdnode.local_swarm import LocalSwarm
 from dsdnode.client.loading import encode_prompt, load_client_models
+from tests.helpers import forkserver
 
 MODEL = "smollm2-135m"
 PROMPT = "def fibonacci(n):\n    "
@@ -38,8 +39,9 @@ class ApiProcess:
         cmd = [sys.executable, "-m", "dsdnode", "api", "--model", MODEL, "--port", "0", "--dtype", "float32",
                "--threads", "2", *args]
         self.log_path = log_path
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True, env=env,
-                                     start_new_session=True)
+        with open(log_path, "w") as log:
+            self.proc = forkserver.popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                         start_new_session=True)
         ready: dict = {}
         got = threading.Event()
 

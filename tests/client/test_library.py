@@ -1,4 +1,5 @@
-"""The library API (dsdnode.connect / connect_async) on the real SmolLM2 weights, in-process chain."""
+"""The library API (dsdnode.connect / connect_async) on the real SmolLM2 weights: an in-process chain, and
+private layers in front of a one-server swarm."""
 
 from __future__ import annotations
 
@@ -99,3 +100,23 @@ def test_next_token_logits_pick_the_greedy_tokens(client):
         async with await dsdnode.connect_async(MODEL, local=True, hops=2, draft=False, dtype="float32") as c:
             return [int((await c.service.next_token_logits(ids + plain[:i])).argmax()) for i in (0, 3, 5)]
     assert asyncio.run(argmaxes()) == [plain[0], plain[3], plain[5]]
+
+
+@pytest.mark.heavy
+def test_private_layers_keep_the_greedy_text(client, tmp_path):
+    """private_layers=8 (client/private.py): the client runs layers 0:8, the swarm, whose only server
+    holds 8:30 (no route from layer 0 exists), the rest; greedy text in float32 equals the
+    in-process chain's, plain and drafted."""
+    from dsdnode.local_swarm import LocalSwarm
+
+    prompt = "def fibonacci(n):\n    "
+    expected = client.generate(prompt, chat=False, max_new_tokens=24, k=0)
+    with LocalSwarm(MODEL, [(8, 30)], tmp_path, dtype="float32") as swarm, \
+            dsdnode.connect(MODEL, bootstrap=swarm.bootstrap_addrs, private_layers=8, draft=MODEL,
+                            dtype="float32") as private:
+        plain = private.generate(prompt, chat=False, max_new_tokens=24, k=0)
+        drafted = private.generate(prompt, chat=False, max_new_tokens=24, k=3)
+    assert plain.route == [("local", 0, 8), (swarm.servers[0].peer_id, 8, 30)]
+    assert plain.tokens == drafted.tokens == expected.tokens
+    with pytest.raises(ValueError, match="private_layers must be in 0..29"):
+        dsdnode.connect(MODEL, bootstrap=["/ip4/127.0.0.1/tcp/1/p2p/x"], private_layers=30, draft=False)

@@ -112,6 +112,7 @@ class Internet:
         index = len(self.hosts)
         router = self._namespace(f"{name}r")
         self._attach(router, "wan", f"{INTERNET_NET}.{100 + index}")
+        _run("ip", "-n", router, "route", "add", "default", "dev", "wan")  # public hosts of any /24, on-link
         ns = self._namespace(name)
         lan = f"10.{index}.0"
         _run("ip", "link", "add", "lan", "netns", router, "type", "veth", "peer", "name", "eth0", "netns", ns)

@@ -9,8 +9,13 @@ Child side (this file run as a script): starts a node on uvloop with the test pr
 below and serves requests: announce / withdraw / discover (DHT), ping, forge (inject a
 forged span record, for validator tests), stop.
 
-Config keys: port, bootstrap (list of multiaddrs), latency_ms, max_frame_bytes,
-identity (key file path or null), link_config (a --link-config TOML path: replaces latency_ms).
+Config keys: host, port, bootstrap (list of multiaddrs), latency_ms, max_frame_bytes,
+identity (key file path or null), link_config (a --link-config TOML path: replaces latency_ms),
+client (listen nowhere), local_swarm, assume_private, relay_service, relay_limits, lie_dialback
+(answer every dial-back request "reached", without dialling: a lying peer). The READY line also
+carries reachability, relay_service and relays (P2PNode.reach_fields). Ops for relay tests: blob
+(fetch N bytes from a peer's BLOB protocol, timed), connections (addresses of our open connections
+to a peer).
 """
 
 from __future__ import annotations
@@ -43,12 +48,15 @@ class NodeProcess:
         self.channel = channel
         self.peer_id: str = ready["peer_id"]
         self.addrs: list[str] = ready["addrs"]
+        self.ready: dict[str, Any] = ready  # the whole READY line (reachability, relays: P2PNode.reach_fields)
 
     @classmethod
-    def start(cls, **config: Any) -> NodeProcess:
+    def start(cls, netns: str | None = None, **config: Any) -> NodeProcess:
+        """`netns`: run inside that network namespace (tests/helpers/netns.py; give `host` too)."""
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
         proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), json.dumps(config)],
+            [*(["ip", "netns", "exec", netns] if netns else []), sys.executable, os.path.abspath(__file__),
+             json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
         )
         channel = RequestChannel(proc, "node process")
@@ -103,19 +111,25 @@ async def _child(config: dict[str, Any]) -> None:
     from dsdnode.net.records import SpanRecord
     from dsdnode.net.identity import load_or_create_identity
     from dsdnode.net.latency import LinkLatency
-    from dsdnode.net.p2p import P2PNode, PeerInfo
+    from dsdnode.net.p2p import P2PNode, PeerInfo, RelayLimits
+    from libp2p.peer.id import ID
 
+    if config.get("lie_dialback"):
+        _lie_about_dialbacks()
     node = await P2PNode.start(
         identity=load_or_create_identity(config.get("identity")),
-        port=config.get("port", 0),
+        host=config.get("host", "127.0.0.1"), port=config.get("port", 0),
         bootstrap=config.get("bootstrap", []),
         latency=LinkLatency.load(config["link_config"]) if config.get("link_config")
         else LinkLatency(config.get("latency_ms", 0.0)),
         max_frame_bytes=config.get("max_frame_bytes", 64 * 2**20),
+        local_swarm=config.get("local_swarm", False), assume_private=config.get("assume_private", False),
+        relay_service=config.get("relay_service", True), relay_limits=RelayLimits(**config.get("relay_limits", {})),
+        client=config.get("client", False),
     )
     for protocol, handler in _HANDLERS.items():
         node.set_stream_handler(protocol, handler)
-    print(READY + json.dumps({"peer_id": node.peer_id, "addrs": node.addrs}), flush=True)
+    print(READY + json.dumps({"peer_id": node.peer_id, "addrs": node.addrs, **node.reach_fields()}), flush=True)
 
     async def handle(req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]
@@ -128,6 +142,21 @@ async def _child(config: dict[str, Any]) -> None:
             return {"records": [dataclasses.asdict(r) for r in records], "partial": node.dht.last_discovery_partial}
         elif op == "ping":
             return {"rtt": await node.ping(PeerInfo(req["peer_id"], tuple(req["addrs"])))}
+        elif op == "blob":
+            stream = await node.open_stream(PeerInfo(req["peer_id"], tuple(req["addrs"])), BLOB)
+            try:
+                t0 = time.monotonic()
+                await stream.send(str(req["n"]).encode())
+                got = len(await stream.recv(timeout=120))
+                return {"bytes": got, "seconds": time.monotonic() - t0}
+            finally:
+                await stream.close()
+        elif op == "connections":
+            async def addrs() -> list[str]:
+                conns = node.host.libp2p.get_network().get_connections(ID.from_base58(req["peer_id"]))
+                return [str(a) for c in conns if not c.is_closed for a in (c.get_transport_addresses() or [])]
+
+            return {"addrs": await node.host.bridge.call(addrs)}
         elif op == "forge":
             return {"remote_accepted": await _forge(node, req["model"], req["kind"])}
         elif op != "stop":
@@ -136,6 +165,20 @@ async def _child(config: dict[str, Any]) -> None:
 
     await serve_requests(handle)
     await node.stop()
+
+
+def _lie_about_dialbacks() -> None:
+    """Make this process's dial-back service answer every request "reached" without dialling."""
+    from dsdnode.net import reachability
+
+    async def serve(self: Any, raw: Any) -> None:
+        try:
+            await reachability.recv_control(raw)
+            await reachability.send_control(raw, {"ok": True, "addr": "/ip4/198.51.100.1/tcp/4001"})
+        finally:
+            await raw.close()
+
+    reachability.DialbackService.serve = serve
 
 
 async def _forge(node: Any, model: str, kind: str) -> int:

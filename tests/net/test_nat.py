@@ -1,8 +1,10 @@
 """NAT traversal with real processes in separate network stacks (tests/helpers/netns.py).
 
-Three public relays (the first is the bootstrap peer), two SmolLM2 servers each behind its own NAT
-router (the second slower, so routing picks the first while both live), and clients either on the
-public side or behind a NAT of their own. Every process runs `python -m dsdnode` inside its own
+Three public relays (the first is the bootstrap peer; the second in another /24, so the third gets
+dial-backs from two networks and is public), a peer that lies "reached" to every dial-back request,
+two SmolLM2 servers each behind its own NAT router (the second slower, so routing picks the first
+while both live; the first asks the liar first), and clients either on the public side or behind a
+NAT of their own. Every process runs `python -m dsdnode` inside its own
 namespace; the greedy float32 text must equal `dsdnode generate --local`'s. Needs root (CI runs
 as root); skipped with the reason otherwise.
 """
@@ -21,6 +23,7 @@ import pytest
 
 from dsdnode.local_swarm import NodeProcess, start_node
 from tests.helpers.netns import INTERNET_NET, Host, Internet, missing_requirements
+from tests.helpers.p2p_node import NodeProcess
 
 # every test starts real processes (a client imports torch and loads SmolLM2): on a loaded 2-core
 # machine one generation took over 300 s
@@ -55,15 +58,20 @@ def swarm(smollm2_dir, tmp_path_factory):
         sw = Swarm(net, workdir)
         first = net.public("relay0")
         sw.relays.append((first, sw.start(first, "relay0", ["--layers", "none"])))
-        for i in (1, 2):
-            host = net.public(f"relay{i}")
+        for i, network in ((1, "198.51.100"), (2, INTERNET_NET)):
+            host = net.public(f"relay{i}", net=network)
             sw.relays.append((host, sw.start(host, f"relay{i}", ["--layers", "none", *sw.bootstrap])))
+        liar_host = net.public("liar", net="192.0.2")
+        liar = NodeProcess.start(netns=liar_host.ns, host=liar_host.ip, lie_dialback=True, relay_service=False,
+                                 bootstrap=[sw.relays[0][1].addr])
+        liar_host.processes.append(liar.proc)
         homes = [net.home("srv0", uplink_mbit=100), net.home("srv1", uplink_mbit=100)]
-        specs = [(homes[0], "server0", []), (homes[1], "server1", ["--link-latency-ms", "30"])]
+        liar_first = ["--bootstrap", f"{liar.addrs[0]}/p2p/{liar.peer_id}"]
+        specs = [(homes[0], "server0", liar_first), (homes[1], "server1", ["--link-latency-ms", "30"])]
         with ThreadPoolExecutor(2) as pool:  # each start imports torch and loads the model
             started = list(pool.map(lambda s: sw.start(s[0], s[1], ["--model", MODEL, "--layers", "0:30",
                                                                     "--dtype", "float32", "--announce-interval", "2",
-                                                                    *sw.bootstrap, *s[2]]), specs))
+                                                                    *s[2], *sw.bootstrap]), specs))
         sw.servers = list(zip(homes, started))
         yield sw
 
@@ -103,9 +111,9 @@ def generate(bootstrap: list[str], client: Host, on_output=None) -> subprocess.C
 def test_servers_behind_nat_find_themselves_private_and_reserve_relays(swarm):
     for _, relay in swarm.relays:
         assert relay.info["relay_service"] is True
-        assert relay.info["reachability"] in ("public", "unknown")  # the first relay starts alone
-    assert swarm.relays[1][1].info["reachability"] == "public"
-    for _, server in swarm.servers:
+        assert relay.info["reachability"] in ("public", "unknown")  # the first two lack a quorum at first
+    assert swarm.relays[2][1].info["reachability"] == "public"  # dialled back from two networks
+    for _, server in swarm.servers:  # the first asked the liar first: its "yes" did not make it public
         assert server.info["reachability"] == "private"
         assert server.info["relay_service"] is False
         assert len(server.info["relays"]) == 2

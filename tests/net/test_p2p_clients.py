@@ -14,13 +14,14 @@ import pytest
 from dsdnode.cli_generate import unaudited_warning
 from dsdnode.local_swarm import LocalSwarm
 from dsdnode.net.p2p import P2PNode, PeerInfo
+from tests.helpers import forkserver
 
 MODEL = "smollm2-135m"
 SUMMARY = re.compile(r"^\d+ tokens in [\d.]+ s \([\d.]+ tok/s\), .*stopped on \w+$")
 
 
 def dsdnode(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsdnode", *args], capture_output=True, text=True, timeout=timeout)
+    return forkserver.run([sys.executable, "-m", "dsdnode", *args], timeout=timeout)
 
 
 @pytest.fixture(scope="module")

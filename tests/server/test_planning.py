@@ -1,7 +1,6 @@
 """The big-model registry and `models plan`: every entry's shipped config is a supported family whose
 draft shares its vocabulary, and plans follow from the config alone (figures checked by hand)."""
 
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ from transformers import AutoConfig
 from dsdnode.models.families import check_supported, kv_bytes
 from dsdnode.server.planning import parse_memory, plan
 from dsdnode.models.registry import load_registry
+from tests.helpers import forkserver
 
 BIG = ["llama-3.1-8b-instruct", "llama-3.1-70b-instruct", "qwen2.5-7b-instruct", "qwen2.5-32b-instruct",
        "qwen2.5-72b-instruct", "qwen3-8b", "qwen3-32b", "qwen3-30b-a3b", "mixtral-8x7b-instruct", "gpt-oss-20b",
@@ -74,9 +74,8 @@ def test_parse_memory():
 
 def test_plan_cli_prints_the_plan_and_errors_in_one_line():
     run = [sys.executable, "-m", "dsdnode", "models", "plan"]
-    out = subprocess.run([*run, "qwen2.5-72b-instruct", "--memory", "24GB", "--quant", "int4"], capture_output=True,
-                         text=True, timeout=300)
+    out = forkserver.run([*run, "qwen2.5-72b-instruct", "--memory", "24GB", "--quant", "int4"], timeout=300)
     assert out.returncode == 0, out.stderr
     assert "servers needed: 2" in out.stdout and "KV cache per 1k positions: 0.312 GiB" in out.stdout
-    bad = subprocess.run([*run, "qwen3-8b", "--memory", "lots"], capture_output=True, text=True, timeout=300)
+    bad = forkserver.run([*run, "qwen3-8b", "--memory", "lots"], timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "memory must be a size" in bad.stderr
