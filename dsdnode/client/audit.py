@@ -3,12 +3,15 @@
 Every hop sends the client a copy of the output it pushed on, and stamps a digest of the input it
 received (server/daemon.py); the client checks each round that hop i's input digest matches hop
 i-1's copy (or the block the client sent), so a hop cannot send the client one thing and push
-another. The client keeps, per hop of the current route, the hop's input and output at every
-position. An audit of a hop recomputes the positions since its last audit on a panel: one other
-server that serves the hop's layers, or, when no single server does, several servers that serve
-them piecewise (the client chains their shadow sessions). Outputs are compared position by position
-within a tolerance measured per dtype. The audited hop sees nothing: every block it serves is
-treated the same, audited or not.
+another. The client keeps, per hop of the current route, every block the hop was sent (step id,
+commit_len, inputs, token tree, kept path) and the outputs it returned. An audit of a hop sends the
+blocks since its last audit, one by one and shaped as the hop got them, to a panel: one other server
+that serves the hop's layers, or, when no single server does, several servers that serve them
+piecewise (the client chains their shadow sessions). Outputs are compared row by row within a
+tolerance measured per dtype. The audited hop sees nothing: every block it serves is treated the
+same, audited or not. The auditor sees a session from an identity made for that panel, sent blocks
+of the shapes real sessions are sent (what it can still tell: docs/ARCHITECTURE.md, "Shadow
+sessions").
 
 Independence (one operator may run many peer ids, client/standing.py): a panel is drawn at random
 among the eligible servers (not excluded, not banned, not of a banned network group, not flagged for
@@ -54,7 +57,8 @@ log = logging.getLogger(__name__)
 
 # Largest honest difference times a margin (docs/ARCHITECTURE.md, "Trust"): the per-position relative
 # L2 difference between a span run block by block (with rollbacks) and the same positions as one
-# catch-up block, measured at most 1.1e-5 in float32 and 3.2e-2 in bfloat16. float16 was not measured:
+# catch-up block (what audits sent before they replayed the hop's own blocks, so a bound on more than a
+# replay differs by), measured at most 1.1e-5 in float32 and 3.2e-2 in bfloat16. float16 was not measured:
 # it gets bfloat16's. Servers that compute in different dtypes differ far more (up to 0.55 measured,
 # float32 vs bfloat16 on SmolLM2 0:15), so only servers that compute alike are compared.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
@@ -74,7 +78,7 @@ def tolerance(compute_dtype: str, wire_dtype: str) -> tuple[float, float]:
     coarser one's tolerances."""
     return (max(TOLERANCE[compute_dtype], TOLERANCE[wire_dtype]),
             max(WINDOW_TOLERANCE[compute_dtype], WINDOW_TOLERANCE[wire_dtype]))
-AUDIT_TIMEOUT_S = 20.0  # one shadow-session exchange (open, or a catch-up block)
+AUDIT_TIMEOUT_S = 20.0  # a shadow session's answer (to its open, or to one block)
 AUDITOR_TRIES = 2  # auditors tried for one hop before the hop counts as unauditable this time
 
 
@@ -112,14 +116,34 @@ def disagreement(got: torch.Tensor, want: torch.Tensor, tolerances: tuple[float,
     return bad
 
 
+@dataclass(frozen=True)
+class HopBlock:
+    """One block as a hop of the route was sent it -- its step id, commit_len, inputs and token tree
+    -- and the outputs it returned. A shadow session is sent the same blocks (the hop's own block
+    shapes, rolled-back drafts included), so what an auditor sees is what the hop saw."""
+
+    step: int
+    commit_len: int
+    inputs: torch.Tensor  # [1, T, H]
+    outputs: torch.Tensor
+    mask: torch.Tensor | None = None  # a token tree's attention mask (Forward.attention_mask)
+    positions: list[int] | None = None
+    kept: list[int] | None = None
+
+    def first_position(self, row: int) -> int:
+        """Where a wrong output in `row` means the generation must roll back to: the row's own
+        position in a chain block; in a token tree, whose rows are not in sequence, the block's start."""
+        return self.commit_len if self.mask is not None else self.commit_len + row
+
+
 class ShadowSession:
-    """A session on an auditing server, fed by the client itself (request/response on one stream)."""
+    """A session on an auditing server, fed by the client itself (request/response on one stream),
+    opened from an identity of its own (`Auditor` gives every panel a fresh one)."""
 
     def __init__(self, record: SpanRecord, stream: Stream, session_id: str, limits: WireLimits):
         self.record, self.stream, self.session_id, self.limits = record, stream, session_id, limits
         self.compute_dtype = ""
-        self.length = 0  # positions the shadow cache holds
-        self._step = 0
+        self.replayed = 0  # blocks of the hop's log this session has been sent
 
     @classmethod
     async def open(cls, node: P2PNode, record: SpanRecord, model: str, weights: str, start: int, end: int,
@@ -135,24 +159,48 @@ class ShadowSession:
         shadow.compute_dtype = opened.compute_dtype
         return shadow
 
-    async def run(self, hidden: torch.Tensor, commit_len: int, max_block: int) -> torch.Tensor:
-        """Outputs of positions commit_len.. for these inputs, in blocks of at most max_block."""
-        outs = []
-        for at in range(0, hidden.shape[1], max_block):
-            block = hidden[:, at:at + max_block]
-            self._step += 1
-            got = await self._ask(Forward(self.session_id, self._step, commit_len + at,
-                                          TensorPayload.from_torch(block), None, []), ForwardResult)
-            if got.step_id != self._step or tuple(got.hidden.shape) != tuple(block.shape):
-                raise AuditUnavailable(f"auditor {self.record.peer_id} answered a block with step {got.step_id}, "
-                                       f"shape {list(got.hidden.shape)}", self.record.peer_id)
-            outs.append(got.hidden.to_torch())
-        self.length = commit_len + hidden.shape[1]
-        return torch.cat(outs, dim=1)
+    async def run(self, blocks: list[HopBlock], hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This piece's outputs for `blocks` (the next ones of the hop's log), given these inputs: each
+        sent as the hop was sent it. They are sent back to back (the server runs a stream's blocks in
+        order, as it does a prefill's chunks) while the answers are read: one round trip, not one per block."""
+        async def send() -> None:
+            for block, hidden in zip(blocks, hiddens):
+                mask = None if block.mask is None else TensorPayload.from_torch(block.mask)
+                await self._send(Forward(self.session_id, block.step, block.commit_len, TensorPayload.from_torch(hidden),
+                                         mask, [], block.positions, block.kept))
+
+        async def receive() -> list[torch.Tensor]:
+            outs = []
+            for block, hidden in zip(blocks, hiddens):
+                got = await self._receive(ForwardResult)
+                if got.step_id != block.step or tuple(got.hidden.shape) != tuple(hidden.shape):
+                    raise AuditUnavailable(f"auditor {self.record.peer_id} answered a block with step {got.step_id}, "
+                                           f"shape {list(got.hidden.shape)}", self.record.peer_id)
+                outs.append(got.hidden.to_torch())
+                self.replayed += 1
+            return outs
+
+        sending = asyncio.create_task(send())
+        try:
+            outs = await receive()
+        finally:
+            if not sending.done():
+                sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+        return outs
 
     async def _ask(self, msg, want: type):
+        await self._send(msg)
+        return await self._receive(want)
+
+    async def _send(self, msg) -> None:
         try:
             await self.stream.send(encode(msg))
+        except Exception as e:
+            raise AuditUnavailable(f"auditor {self.record.peer_id}: {e!r}", self.record.peer_id) from None
+
+    async def _receive(self, want: type):
+        try:
             reply = decode(await self.stream.recv(timeout=AUDIT_TIMEOUT_S), self.limits)
         except Exception as e:
             raise AuditUnavailable(f"auditor {self.record.peer_id}: {e!r}", self.record.peer_id) from None
@@ -211,30 +259,34 @@ def draw_panel(eligible: list[tuple[SpanRecord, str]], start: int, end: int, avo
 
 @dataclass
 class HopLog:
-    """What one hop of the route was given and returned at every position, and how far it is audited."""
+    """Every block one hop of the route was sent and returned, and how far it is audited."""
 
     record: SpanRecord
     start: int
     end: int
     compute_dtype: str
-    inputs: torch.Tensor  # [1, max_length, H]
-    outputs: torch.Tensor
+    blocks: list[HopBlock] = field(default_factory=list)
+    checked: int = 0  # blocks [0, checked) agree with an auditor (or had none)
     audited: int = 0  # positions [0, audited) of this hop agree with an auditor (or had none)
     panel: Panel = ()  # who audited this hop last (its shadow sessions are reused if drawn again)
     shadows: list[ShadowSession] = field(default_factory=list)  # one per piece of the panel
-    block_start: int = 0  # where the last block was written (a token tree's kept path moves there)
-
-    def keep(self, kept: list[int]) -> None:
-        """After a token tree, keep its accepted path, gathered to the block's start, as every hop does
-        with its cache: the log then holds one input and output per position, as a catch-up block
-        recomputes them."""
-        src = [self.block_start + i for i in kept]
-        for rows in (self.inputs, self.outputs):
-            rows[:, self.block_start:self.block_start + len(kept)] = rows[:, src]
+    node: P2PNode | None = None  # the identity the shadow sessions of `panel` come from
 
     @property
     def peer_id(self) -> str:
         return self.record.peer_id
+
+    def outputs(self, first: int, last: int) -> torch.Tensor:
+        """The hop's outputs of blocks [first, last), row after row."""
+        return torch.cat([b.outputs for b in self.blocks[first:last]], dim=1)
+
+    def rollback_position(self, first: int, row: int) -> int:
+        """The position to roll back to for a wrong output in `row` of the rows of blocks first.."""
+        for block in self.blocks[first:]:
+            if row < block.inputs.shape[1]:
+                return block.first_position(row)
+            row -= block.inputs.shape[1]
+        raise IndexError(row)
 
 
 @dataclass
@@ -249,8 +301,8 @@ class Verdict:
 @dataclass
 class AuditStats:
     audits: int = 0  # hop audits run
-    positions: int = 0  # hop positions checked against an auditor
-    unaudited: int = 0  # hop positions released without an auditor
+    positions: int = 0  # rows of hop blocks checked against an auditor (rolled-back drafts included)
+    unaudited: int = 0  # rows of hop blocks released without an auditor
     mismatches: int = 0
     piecewise: int = 0  # audits whose panel had more than one server
     rounds_to_detection: list[int] = field(default_factory=list)  # rounds since the wrong position was computed
@@ -283,13 +335,10 @@ class Auditor:
         self._computed_at: torch.Tensor | None = None  # round in which each position was last computed
         self._unlike: set[tuple[str, str]] = set()  # (auditor peer, compute dtype) pairs known not to match
 
-    async def new_route(self, hops: list[tuple[SpanRecord, int, int, str]], max_length: int,
-                        dtype: torch.dtype) -> None:
+    async def new_route(self, hops: list[tuple[SpanRecord, int, int, str]], max_length: int) -> None:
         await self.close()
         self.max_length = max_length
-        shape = (1, max_length, self.hidden_size)
-        self.logs = [HopLog(rec, a, b, compute, torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                     for rec, a, b, compute in hops]
+        self.logs = [HopLog(rec, a, b, compute) for rec, a, b, compute in hops]
         self.filled = self.low_water = 0
         if self._computed_at is None or self._computed_at.numel() != max_length:
             self._computed_at = torch.zeros(max_length, dtype=torch.long)
@@ -305,42 +354,37 @@ class Auditor:
                          "their results are used unchecked", h.start, h.end)
         return any(able)
 
-    def record(self, hop: int, commit_len: int, inputs: torch.Tensor, outputs: torch.Tensor,
-               kept: list[int] | None = None, tree: bool = False) -> None:
-        """Log a block a hop computed. kept: the path kept of the hop's previous block (a token tree);
-        tree: this block is a token tree, so only its first row (the token it grows from) is a
-        position in sequence until the next block (or finish) says which path was kept."""
+    def record(self, hop: int, step: int, commit_len: int, inputs: torch.Tensor, outputs: torch.Tensor,
+               kept: list[int] | None = None, mask: torch.Tensor | None = None,
+               positions: list[int] | None = None) -> None:
+        """Log a block a hop was sent (step, commit_len, inputs, the kept path of its previous block, a
+        token tree's mask and positions) and the outputs it returned. A token tree's rows are not
+        positions in sequence: only its first row (the token it grows from) is, until the next block
+        (or finish) says which path was kept."""
         t = inputs.shape[1]
         log_ = self.logs[hop]
-        if kept is not None:
-            log_.keep(kept)
-        log_.block_start = commit_len
-        log_.inputs[:, commit_len:commit_len + t] = inputs
-        log_.outputs[:, commit_len:commit_len + t] = outputs
+        log_.blocks.append(HopBlock(step, commit_len, inputs, outputs, mask, positions, kept))
         log_.audited = min(log_.audited, commit_len)
         if hop == 0:
-            self.filled = commit_len + (1 if tree else t)
+            self.filled = commit_len + (1 if mask is not None else t)
             self.low_water = min(self.low_water, commit_len)
             self._computed_at[commit_len:commit_len + t] = self.round
 
     def keep_last(self, path: list[int]) -> None:
-        """At the end of a generation: the accepted path of the last block joins the audited sequence."""
-        if not self.logs:
-            return
-        if path != list(range(len(path))):
-            for h in self.logs:
-                h.keep(path)
-        self.filled = max(self.filled, self.logs[0].block_start + len(path))
+        """At the end of a generation: the accepted path of the last block joins the audited sequence
+        (every row of the block is audited, so whichever path it is)."""
+        if self.logs and self.logs[0].blocks:
+            self.filled = max(self.filled, self.logs[0].blocks[-1].commit_len + len(path))
 
     @property
     def audited(self) -> int:
         return min((h.audited for h in self.logs), default=0)
 
     async def audit(self) -> Verdict:
-        """Audit every hop's positions since its last audit, hops in parallel."""
+        """Audit every hop's blocks since its last audit, hops in parallel."""
         upto, self.low_water = self.filled, self.filled
-        snapshot = [(h, h.audited, h.inputs[:, :upto].clone(), h.outputs[:, :upto].clone()) for h in self.logs]
-        verdicts = await asyncio.gather(*(self._audit_hop(h, v, upto, i, o) for h, v, i, o in snapshot))
+        snapshot = [(h, h.checked, len(h.blocks)) for h in self.logs]
+        verdicts = await asyncio.gather(*(self._audit_hop(h, first, last, upto) for h, first, last in snapshot))
         verdict = Verdict()
         for v in verdicts:
             verdict.convicted.update(v.convicted)
@@ -351,16 +395,23 @@ class Auditor:
             self.stats.rounds_to_detection.append(self.round - int(self._computed_at[verdict.rollback_to]))
         return verdict
 
-    async def _audit_hop(self, h: HopLog, start: int, upto: int, inputs: torch.Tensor, outputs: torch.Tensor) -> Verdict:
-        if start >= upto:
-            return Verdict()
+    def _passed(self, h: HopLog, last: int, upto: int) -> Verdict:
+        """Blocks [0, last) of the hop stand: so do positions [0, upto) (less what a rollback dropped)."""
+        h.checked = max(h.checked, last)
+        h.audited = min(upto, self.low_water)
+        return Verdict()
+
+    async def _audit_hop(self, h: HopLog, first: int, last: int, upto: int) -> Verdict:
+        if first >= last:
+            return self._passed(h, last, upto)
+        rows = sum(b.inputs.shape[1] for b in h.blocks[first:last])
         failed = 0
         for _ in range(MAX_DRAWS):
             panel = self._draw(h, set())  # anew for every audit: no one can tell when it will audit
             if panel is None or failed == AUDITOR_TRIES:
                 break
             try:
-                got = await self._recompute(h, panel, start, upto, inputs)
+                got = await self._recompute(h, panel, first, last)
             except AuditUnavailable as e:
                 await self._drop_shadows(h)
                 if not isinstance(e, UnlikeAuditor):
@@ -370,20 +421,18 @@ class Auditor:
                 continue
             self.stats.audits += 1
             self.stats.piecewise += len(panel) > 1
-            self.stats.positions += upto - start
-            bad = disagreement(got, outputs[:, start:upto], self._tolerance(h))
+            self.stats.positions += rows
+            bad = disagreement(got, h.outputs(first, last), self._tolerance(h))
             if bad is None:
-                h.audited = min(upto, self.low_water)  # a rollback meanwhile drops positions past it
-                return Verdict()
+                return self._passed(h, last, upto)
             self.stats.mismatches += 1
-            return await self._dispute(h, panel, start, upto, start + bad, inputs, outputs, got)
+            return await self._dispute(h, panel, first, last, upto, bad, got)
         if (h.start, h.end) not in self.unaudited_layers:
             self.unaudited_layers.add((h.start, h.end))
             log.info("layers %d:%d cannot be audited: no independent server %s; their results are used unchecked",
                      h.start, h.end, "answered" if failed else "serves them")
-        self.stats.unaudited += upto - start
-        h.audited = min(upto, self.low_water)
-        return Verdict()
+        self.stats.unaudited += rows
+        return self._passed(h, last, upto)
 
     def _draw(self, h: HopLog, avoid: set[str]) -> Panel | None:
         """A random panel for the hop from servers of groups not in `avoid` (nor the hop's), less those
@@ -391,35 +440,41 @@ class Auditor:
         eligible = [(r, g) for r, g in self.eligible(h) if (r.peer_id, h.compute_dtype) not in self._unlike]
         return draw_panel(eligible, h.start, h.end, avoid, self.rng)
 
-    async def _recompute(self, h: HopLog, panel: Panel, start: int, upto: int, inputs: torch.Tensor) -> torch.Tensor:
-        """The panel's outputs of positions [start, upto) (its shadow sessions caught up first)."""
+    async def _recompute(self, h: HopLog, panel: Panel, first: int, last: int) -> torch.Tensor:
+        """The panel's outputs of blocks [first, last), row after row (its shadow sessions, if new, are
+        sent every block of the route from the first)."""
         if panel_key(h.panel) != panel_key(panel) or not h.shadows:
             await self._drop_shadows(h)
-            h.shadows = await self._open_panel(h, panel)
+            h.node, h.shadows = await self._open_panel(h, panel)
             h.panel = panel
-        begin = min(h.shadows[0].length, start)  # new shadow sessions catch up from position 0
-        out = await self._run(h.shadows, inputs[:, begin:upto], begin)
-        return out[:, start - begin:]
+        begin = h.shadows[0].replayed  # == first for the shadows of the last audit, 0 for new ones
+        outs = await self._run(h.shadows, h.blocks[begin:last])
+        return torch.cat(outs[first - begin:], dim=1)
 
-    async def _run(self, shadows: list[ShadowSession], hidden: torch.Tensor, commit_len: int) -> torch.Tensor:
-        for shadow in shadows:  # piece by piece: each piece's output is the next one's input
-            hidden = await shadow.run(hidden, commit_len, self.max_block)
-        return hidden
+    async def _run(self, shadows: list[ShadowSession], blocks: list[HopBlock]) -> list[torch.Tensor]:
+        hiddens = [b.inputs for b in blocks]
+        for shadow in shadows:  # piece by piece: each piece's outputs are the next one's inputs
+            hiddens = await shadow.run(blocks, hiddens)
+        return hiddens
 
-    async def _open_panel(self, h: HopLog, panel: Panel) -> list[ShadowSession]:
+    async def _open_panel(self, h: HopLog, panel: Panel) -> tuple[P2PNode, list[ShadowSession]]:
+        """Shadow sessions on the panel's servers, from a fresh identity: no server can tell them from
+        the sessions of a client it never saw (docs/ARCHITECTURE.md, "Shadow sessions")."""
+        node = await P2PNode.start(client=True, latency=self.node.latency, max_frame_bytes=self.node.max_frame_bytes)
         shadows: list[ShadowSession] = []
         try:
             for piece in panel:
-                shadows.append(await self._open_shadow(h, piece))
+                shadows.append(await self._open_shadow(h, node, piece))
         except BaseException:
             await asyncio.gather(*(s.close() for s in shadows))
+            await node.stop()
             raise
-        return shadows
+        return node, shadows
 
-    async def _open_shadow(self, h: HopLog, piece: Piece) -> ShadowSession:
+    async def _open_shadow(self, h: HopLog, node: P2PNode, piece: Piece) -> ShadowSession:
         """A shadow session on `piece`'s server for its layers; UnlikeAuditor if it computes in another dtype."""
         limits = WireLimits(hidden_size=self.hidden_size, max_block=self.max_block, max_length=self.max_length)
-        shadow = await ShadowSession.open(self.node, piece.record, self.model, self.weights, piece.start, piece.end,
+        shadow = await ShadowSession.open(node, piece.record, self.model, self.weights, piece.start, piece.end,
                                           self.max_length, self.dtype, limits)
         if shadow.compute_dtype != h.compute_dtype:
             await shadow.close()
@@ -435,37 +490,39 @@ class Auditor:
         """Every one of `peers` has served this client's own sessions (may take part in a conviction)."""
         return all(self.standing.has_history(p) for p in peers)
 
-    async def _second_opinion(self, h: HopLog, first: Panel, upto: int,
-                              inputs: torch.Tensor) -> tuple[Panel, torch.Tensor] | None:
-        """Outputs [0, upto) of a second random panel, from groups that are neither the hop's nor the
-        first panel's (None: no such panel answered)."""
+    async def _second_opinion(self, h: HopLog, first: Panel, last: int) -> tuple[Panel, torch.Tensor] | None:
+        """Outputs of blocks [0, last), row after row, of a second random panel, from groups that are
+        neither the hop's nor the first panel's (None: no such panel answered)."""
         avoid = {p.group for p in first}
         for _ in range(AUDITOR_TRIES):
             panel = self._draw(h, avoid)
             if panel is None:
                 return None
             try:
-                shadows = await self._open_panel(h, panel)
+                node, shadows = await self._open_panel(h, panel)
             except AuditUnavailable as e:
                 log.info("second opinion from %s failed: %s", [p.peer_id for p in panel], e)
                 avoid |= {p.group for p in panel}
                 continue
             try:
-                return panel, await self._run(shadows, inputs[:, :upto], 0)
+                return panel, torch.cat(await self._run(shadows, h.blocks[:last]), dim=1)
             except AuditUnavailable as e:
                 log.info("second opinion from %s failed: %s", [p.peer_id for p in panel], e)
                 self.standing.failed(e.peer, "failed an audit session")
                 avoid |= {p.group for p in panel}
             finally:
                 await asyncio.gather(*(s.close() for s in shadows))
+                await node.stop()
         return None
 
-    async def _dispute(self, h: HopLog, first: Panel, start: int, upto: int, bad: int,
-                       inputs: torch.Tensor, outputs: torch.Tensor, first_out: torch.Tensor) -> Verdict:
-        """The hop and a first panel disagree from position `bad`: a second, independent panel decides
-        (see the module's docstring for the rules)."""
+    async def _dispute(self, h: HopLog, first: Panel, begin: int, last: int, upto: int, bad_row: int,
+                       first_out: torch.Tensor) -> Verdict:
+        """The hop and a first panel disagree on blocks [begin, last) (positions up to `upto`) from row
+        `bad_row` of them: a second, independent panel decides (see the module's docstring for the rules)."""
         tol = self._tolerance(h)
-        rel = float(relative_diff(first_out[:, bad - start:], outputs[:, bad:upto]).mean())
+        outputs = h.outputs(begin, last)
+        bad = h.rollback_position(begin, bad_row)
+        rel = float(relative_diff(first_out[:, bad_row:], outputs[:, bad_row:]).mean())
         names = [p.peer_id for p in first]
         log.warning("audit: %s (layers %d:%d, %s) and auditor(s) %s disagree from position %d (relative difference "
                     "%.3g from there on average, tolerances %s); asking a second, independent panel", h.peer_id, h.start, h.end,
@@ -473,20 +530,20 @@ class Auditor:
         await self._drop_shadows(h)
         where = f"layers {h.start}:{h.end} of {self.model}"
         panelists = list(names)
-        second = await self._second_opinion(h, first, upto, inputs)
+        second = await self._second_opinion(h, first, last)
         if second is not None:
-            panel, second_out = second[0], second[1][:, start:]
+            panel, second_out = second[0], second[1][:, -outputs.shape[1]:]
             others = [p.peer_id for p in panel]
             panelists += others
             with_first = disagreement(second_out, first_out, tol) is None
-            with_hop = disagreement(second_out, outputs[:, start:upto], tol) is None
+            with_hop = disagreement(second_out, outputs, tol) is None
             if with_first and not with_hop and self._vouched(panelists):
                 return self._convict(h.peer_id, (h.start, h.end), bad,
                                      f"wrong outputs for {where} from position {bad} (independent auditors "
                                      f"{names} and {others} agree with each other)")
             if with_hop and not with_first and (self._vouched(others) or self._vouched([h.peer_id])):
                 # the first panel lied: the hop's work stands (two agree, one of them known to this client)
-                h.audited = min(upto, self.low_water)
+                self._passed(h, last, upto)
                 if len(first) == 1 and self._vouched([h.peer_id, *others]):
                     return self._convict(names[0], (h.start, h.end), None,
                                          f"wrong outputs auditing {where} (the audited {h.peer_id} and {others} agree)")
@@ -506,8 +563,10 @@ class Auditor:
         return Verdict(bad, convicted={peer: "wrong_results"})
 
     async def _drop_shadows(self, h: HopLog) -> None:
-        shadows, h.shadows, h.panel = h.shadows, [], ()
+        shadows, node, h.shadows, h.panel, h.node = h.shadows, h.node, [], (), None
         await asyncio.gather(*(s.close() for s in shadows))
+        if node is not None:
+            await node.stop()
 
     async def close(self) -> None:
         await asyncio.gather(*(self._drop_shadows(h) for h in self.logs))

@@ -293,7 +293,7 @@ class RemoteChain:
         self.legs = legs
         self.route = [(h.candidate.record.peer_id, h.start, h.end) for h in hops]
         await self.auditor.new_route([(leg.hop.candidate.record, leg.hop.start, leg.hop.end, leg.compute_dtype)
-                                      for leg in self.legs], self._max_length, self.dtype)
+                                      for leg in self.legs], self._max_length)
         self._auditable = bool(self.audit_every) and self.auditor.note_unauditable()
         self._refuse_unaudited()
         self.pace.reset([leg.peer_id for leg in self.legs])
@@ -473,7 +473,8 @@ class RemoteChain:
                                       if self.router.can_route_around(p, hops_of[p].start, hops_of[p].end)})
             inputs = [blocks[step - first][0]] + [g[1] for g in mine[:-1]]
             for j in range(hops):
-                self.auditor.record(leg_index + j, commit_len, inputs[j], mine[j][1], kept, tree is not None)
+                self.auditor.record(leg_index + j, step, commit_len, inputs[j], mine[j][1], kept,
+                                    None if tree is None else tree.mask, None if tree is None else tree.positions)
             outputs.append(ChainOutput(mine[-1][1], [x.compute_s for x in t], links, size, sum(g[3] for g in mine)))
         return outputs
 

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dsdnode.client.audit import TOLERANCE, disagreement, draw_panel, first_mismatch, tolerance
+from dsdnode.client.audit import (TOLERANCE, HopBlock, HopLog, disagreement, draw_panel, first_mismatch,
+                                  tolerance)
 from dsdnode.client.bans import BanList
 from dsdnode.client.generate import GenerationSettings
 from dsdnode.client.interface import UNCHECKED, Checkpoint
@@ -232,3 +233,18 @@ def test_a_small_steady_perturbation_fails_the_window_mean_though_every_position
     assert disagreement(moved(0.015), want, bf16) is None
     assert disagreement(moved(0.05, 4), want[:, :4], bf16) is None
     assert disagreement(moved(0.2), want, bf16) == 0  # beyond the per-position bound at position 0
+
+
+def test_a_wrong_row_of_the_logged_blocks_rolls_back_to_its_position_or_its_tree_block_start():
+    """An audit compares the rows of a hop's blocks (drafts included); a wrong row of a chain block rolls
+    the generation back to that row's position, one of a token tree to where the tree began."""
+    h = HopLog(record("p", "10.0.0.1"), 0, 10, "float32")
+    rows = lambda t: torch.zeros(1, t, 4)  # noqa: E731
+    h.blocks = [HopBlock(1, 0, rows(8), rows(8)),  # prefill: positions 0..7
+                HopBlock(2, 8, rows(3), rows(3)),  # a chain block: positions 8, 9, 10
+                HopBlock(3, 9, rows(4), rows(4), mask=torch.ones(4, 4, dtype=torch.bool), positions=[9, 10, 10, 11])]
+    assert h.outputs(1, 3).shape == (1, 7, 4)
+    assert [h.rollback_position(0, r) for r in (0, 7, 8, 10)] == [0, 7, 8, 10]
+    assert [h.rollback_position(1, r) for r in (2, 3, 6)] == [10, 9, 9]
+    with pytest.raises(IndexError):
+        h.rollback_position(1, 7)

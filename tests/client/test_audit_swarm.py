@@ -11,6 +11,9 @@ expected text is the in-process chain's greedy output."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+
 import pytest
 import torch
 
@@ -61,7 +64,8 @@ def bans(tmp_path, monkeypatch):
     return BanList(path)
 
 
-def run(swarm, parts, peers, slow: set[str], trust: TrustSettings, k_fixed=2, n=NEW_TOKENS):
+def run(swarm, parts, peers, slow: set[str], trust: TrustSettings, k_fixed=2, n=NEW_TOKENS, avoid: set[str] = set()):
+    """Generate over a client that measured the `slow` peers slow and avoids the `avoid` ones."""
     async def main():
         base = await client_chain(swarm, parts[0], peers)
         # routing would avoid the honest alternates anyway (slower links), but under a heavy machine load a
@@ -75,6 +79,8 @@ def run(swarm, parts, peers, slow: set[str], trust: TrustSettings, k_fixed=2, n=
                             trust=trust,
                             standing=standing)
         chain.router.seed = ""  # the cheapest route, not a spread over replicas: the faulty server first
+        for peer in avoid:
+            chain.router.exclude(peer, "avoided by the test", f"{peer} avoided by the test")
         try:
             streamed = []
             result = await generate(chain, parts, streamed.extend, k_fixed, n)
@@ -105,6 +111,7 @@ def test_a_faulty_server_is_caught_banned_and_repaired(swarm, honest, parts, exp
     assert all(peer != bad.peer_id for peer, _, _ in chain.route)
 
 
+@pytest.mark.timeout(3600 if SOAK else 900)  # the soak run: 128 tokens, every round audited, on 2 shared cores
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.soak)])
 def test_honest_servers_are_never_flagged(parts, bans, dtype, expected_long, smollm2_dir, tmp_path):
     """Every round audited, in both dtypes: no mismatch (the tolerance holds honest differences). A
@@ -137,3 +144,62 @@ def test_honest_servers_are_never_flagged(parts, bans, dtype, expected_long, smo
     assert stats.positions >= 2 * checked and stats.unaudited == 0  # both hops, every position
     if dtype == "float32" and not SOAK:
         assert result.tokens == expected_long[:NEW_TOKENS // 2]
+
+
+def observed(node, since: float, until: float) -> list[dict]:
+    """What an `observe` server (tests/helpers/faulty_server.py) logged between two times."""
+    lines = [json.loads(line.split("OBSERVED ", 1)[1]) for line in node.log_path.read_text().splitlines()
+             if "OBSERVED " in line]
+    return [o for o in lines if since <= o["t"] <= until]
+
+
+def sessions(seen: list[dict]) -> list[tuple[dict, list[tuple]]]:
+    """Each OpenSession seen, with the shapes of the blocks it was sent (as a tuple per block)."""
+    opens = [o for o in seen if o["kind"] == "open"]
+    return [(o, [(b["step"], b["commit_len"], tuple(b["size"]), b["tree"], b["positions"], b["kept"])
+                 for b in seen if b["kind"] == "block" and b["session_id"] == o["session_id"]]) for o in opens]
+
+
+def test_a_shadow_session_is_sent_what_a_real_session_is_sent(swarm, honest, parts, expected_long, bans):
+    """What a server sees of an audit's shadow session and of a real session: server O (15:30, logs
+    what it sees) is first the routed 15:30 hop of a generation, then the only auditor of the 15:30 hop
+    of the same generation by another client (the slow replica avoided). The shadow session comes from
+    an identity that is neither client's, opens the same layers with the same parameters, and is sent
+    the same blocks in the same order: step ids, commit_len, sizes, token trees, kept paths -- the hop's
+    own block shapes, not one catch-up block. What still tells them apart is printed and asserted as
+    such (docs/ARCHITECTURE.md, "Shadow sessions"): a real session of a hop after the first names its
+    previous hop and has its blocks pushed from it, stamped with its timing; a shadow session names
+    no previous hop and gets its blocks from its opener."""
+    h0, h1, h2 = honest
+    with servers(swarm, (15, 30, on_net(11), [*LAUNCHER, "observe"])) as (observer,):
+        t0 = time.time()
+        real_result, real_chain, _ = run(swarm, parts, [*honest, observer], {h1.peer_id, h2.peer_id}, TrustSettings(),
+                                         n=16)
+        t1 = time.time()
+        audit_result, audit_chain, _ = run(swarm, parts, [*honest, observer], {observer.peer_id, h2.peer_id},
+                                           TrustSettings(), n=16, avoid={h2.peer_id})
+        t2 = time.time()
+        as_hop, as_auditor = sessions(observed(observer, t0, t1)), sessions(observed(observer, t1, t2))
+    assert real_result.tokens == audit_result.tokens == expected_long[:16]
+    assert [p for p, _, _ in real_chain.route] == [h0.peer_id, observer.peer_id]
+    assert [p for p, _, _ in audit_chain.route] == [h0.peer_id, h1.peer_id]
+    assert len(as_hop) == 1 and as_auditor, (as_hop, as_auditor)
+    (real, real_blocks), shadows = as_hop[0], as_auditor
+    print(f"\nreal: {real}, {len(real_blocks)} blocks; shadows: {[o for o, _ in shadows]}, "
+          f"{[len(b) for _, b in shadows]} blocks")
+    assert real["opener"] == real_chain.node.peer_id
+    for shadow, blocks in shadows:
+        assert shadow["opener"] not in (real_chain.node.peer_id, audit_chain.node.peer_id, real["opener"])
+        same = ("model", "start", "end", "max_length", "dtype", "weights")
+        assert {k: shadow[k] for k in same} == {k: real[k] for k in same}
+        assert len(shadow["session_id"]) == len(real["session_id"])
+    assert len({o["opener"] for o, _ in shadows}) == len(shadows)  # a fresh identity for every panel
+    # a shadow session sent from the route's first block is sent every block the hop was, shaped alike
+    assert any(blocks == real_blocks for _, blocks in shadows), (real_blocks, [b for _, b in shadows])
+    # what still differs (a real session of a later hop names and is pushed from its previous hop)
+    seen = observed(observer, t0, t2)
+    real_senders = {b["sender"] for b in seen if b["kind"] == "block" and b["session_id"] == real["session_id"]}
+    assert real["prev_peer"] == h0.peer_id and real_senders == {h0.peer_id}
+    for shadow, _ in shadows:
+        senders = {b["sender"] for b in seen if b["kind"] == "block" and b["session_id"] == shadow["session_id"]}
+        assert shadow["prev_peer"] is None and senders == {shadow["opener"]}

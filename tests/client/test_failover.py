@@ -7,6 +7,7 @@ emulated link latency, not hidden. The expected text is the in-process chain's g
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import statistics
@@ -71,19 +72,24 @@ def generate(chain, parts, on_tokens=None, k_fixed=4, n=NEW_TOKENS):
     return Generator(head, chain, drafter, settings, eos_ids=set()).generate(ids, on_tokens)
 
 
+_server_index = itertools.count(100)  # across a module's tests: no two servers write one log
+
+
 @contextmanager
 def servers(swarm, *specs):
-    """Start servers (start, end, extra args[, launcher]); stop each by pid at the end, even if stopped."""
+    """Start servers (start, end, extra args[, launcher]); stop each by pid at the end, even if stopped.
+    Each gets a log of its own in the swarm's folder (server<index>-<start>-<end>.log)."""
     nodes = []
 
-    def start(i, spec):
+    def start(spec):
         begin, end, args, *launcher = spec
-        node = swarm.add_server(begin, end, index=100 + i, args=list(args), launcher=launcher[0] if launcher else None)
+        node = swarm.add_server(begin, end, index=next(_server_index), args=list(args),
+                                launcher=launcher[0] if launcher else None)
         nodes.append(node)
         return node
     try:
         with ThreadPoolExecutor(len(specs)) as pool:  # in parallel: each start imports torch and loads a span
-            started = list(pool.map(start, range(len(specs)), specs))
+            started = list(pool.map(start, specs))
         yield started
     finally:
         for node in nodes:
@@ -101,9 +107,9 @@ def servers(swarm, *specs):
 async def client_chain(swarm, head, peers, latency_ms=0.0, trust: TrustSettings = TrustSettings()) -> RemoteChain:
     """A client that already sees every record of `peers` (a fresh server announces within seconds)."""
     node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, latency=LinkLatency(latency_ms), client=True)
-    want, deadline = {p.peer_id for p in peers}, time.monotonic() + 30
+    want, deadline = {p.peer_id for p in peers}, time.monotonic() + 60  # 30 s was once too short under load
     while not want <= {r.peer_id for r in await node.dht.discover(MODEL)}:
-        assert time.monotonic() < deadline, "servers did not show up in the DHT within 30 s"
+        assert time.monotonic() < deadline, "servers did not show up in the DHT within 60 s"
         await asyncio.sleep(0.5)
     return RemoteChain(node, MODEL, 30, head.config.hidden_size, weights=peers[0].info["weights"],
                        dtype=torch.float32, trust=trust)

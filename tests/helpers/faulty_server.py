@@ -8,10 +8,15 @@ Run as `python tests/helpers/faulty_server.py FAULT start ARGS...`: the same dae
   scaled     every output x 1.01 (a slight, systematic error)
   weights    every weight of the span multiplied by (1 + 0.01 N(0, 1)) at load (other weights than
              it announces, like a server of a fine-tuned or corrupted copy)
-  slowwalk   right outputs, but from the 11th small block on each one waits twice as long as the last
-             (100 ms, 200 ms, ...): a hop that slow-walks the client under a deadline that follows it
+  slowwalk   right outputs, but from the 11th small block on (the 5th of its first session) each one
+             waits twice as long as the last (400 ms, 800 ms, ...): a hop that slow-walks the client
+             under a deadline that follows it
   badnext    refuses every session that names a next hop with bad_next_hop, blaming that (honest) hop
   claim      announces a throughput of 1e6 tokens/s, whatever it measured (a Sybil's claim)
+  observe    honest, but writes what it sees of every session to its log, one `OBSERVED {json}` line
+             per OpenSession and per block: the opener's peer id, the OpenSession's fields, each
+             block's step, commit_len, size, tree, kept path, upstream timings and which peer sent it
+             (what an auditor could use to tell a shadow session from a real one)
 Flavours combine with "+" (e.g. noise+claim).
 """
 
@@ -31,7 +36,7 @@ OUTPUT_FAULTS = {
     "sometimes": lambda out: out + torch.randn_like(out) if next(_blocks) % 20 == 0 else out,
     "scaled": lambda out: out * 1.01,
 }
-FAULTS = (*OUTPUT_FAULTS, "weights", "slowwalk", "badnext", "claim")
+FAULTS = (*OUTPUT_FAULTS, "weights", "slowwalk", "badnext", "claim", "observe")
 LAUNCHER = [sys.executable, os.path.abspath(__file__)]
 
 
@@ -49,7 +54,7 @@ def _inject(fault: str) -> None:
         def slow_forward(self, hidden, *args, **kwargs):
             out = honest_forward(self, hidden, *args, **kwargs)
             if hidden.shape[1] <= 16 and (n := next(decode_blocks)) > 10:  # 6 blocks measure its throughput
-                time.sleep(min(0.1 * 2 ** (n - 11), 60.0))
+                time.sleep(min(0.4 * 2 ** (n - 11), 60.0))
             return out
 
         Span.forward = slow_forward
@@ -57,10 +62,13 @@ def _inject(fault: str) -> None:
     if fault == "badnext":
         from dsdnode.server import daemon
 
-        async def next_hop(self, msg):
+        async def next_hop(self, msg, *args):
             raise daemon.SessionError("bad_next_hop", f"cannot reach next hop {msg.next_peer}")
 
         daemon.Server._next_hop = next_hop
+        return
+    if fault == "observe":
+        _observe()
         return
     if fault == "claim":
         from dsdnode.server import daemon
@@ -85,6 +93,30 @@ def _inject(fault: str) -> None:
         return corrupt(honest(self, hidden, cache, commit_len, *args, **kwargs))
 
     Span.forward = forward
+
+
+def _observe() -> None:
+    import dataclasses
+    import json
+
+    from dsdnode.server import daemon
+
+    def note(**fields) -> None:
+        print("OBSERVED " + json.dumps({"t": time.time(), **fields}), file=sys.stderr, flush=True)
+
+    honest_open, honest_forward = daemon.Server._open, daemon.Server._forward
+
+    async def open_(self, msg, stream):
+        note(kind="open", opener=stream.remote_peer_id, **dataclasses.asdict(msg))
+        return await honest_open(self, msg, stream)
+
+    async def forward(self, msg, came_on):
+        note(kind="block", sender=came_on.remote_peer_id, session_id=msg.session_id, step=msg.step_id,
+             commit_len=msg.commit_len, size=list(msg.hidden.shape), tree=msg.attention_mask is not None,
+             positions=msg.positions, kept=msg.kept, upstream=[t.peer_id for t in msg.timings])
+        return await honest_forward(self, msg, came_on)
+
+    daemon.Server._open, daemon.Server._forward = open_, forward
 
 
 if __name__ == "__main__":
