@@ -13,6 +13,7 @@ import asyncio
 import functools
 import os
 import random
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ import torch
 
 from libp2p.peer.id import ID
 
+from dsdnode import local_swarm
 from dsdnode.local_swarm import start_node
 from dsdnode.models.fetch import pull
 from dsdnode.models.span import Span
@@ -53,8 +55,16 @@ def server(smollm2_dir, tmp_path_factory):
     config = work / "node.toml"
     config.write_text(f"[node]\nsession_idle_s = {IDLE_S}\nframe_body_timeout_s = {BODY_TIMEOUT_S}\n"
                       f"cache_budget_mb = 320\nmax_session_length = {MAX_LENGTH}\n")
-    node = start_node(["--model", MODEL, "--layers", f"{SPAN[0]}:{SPAN[1]}", "--dtype", "float32",
-                       "--config", str(config)], work / "server.log")
+    # a fresh process, not a fork of the test fork server (tests/helpers/forkserver.py): these tests
+    # bound the server's RSS, and a fork's RSS can also grow as it maps pages it shares with the fork
+    # server (a forked server grew 67 MB in one 100k-frame soak fuzz; which of the two it was is not
+    # measured yet)
+    spawn, local_swarm.spawn = local_swarm.spawn, subprocess.Popen
+    try:
+        node = start_node(["--model", MODEL, "--layers", f"{SPAN[0]}:{SPAN[1]}", "--dtype", "float32",
+                           "--config", str(config)], work / "server.log")
+    finally:
+        local_swarm.spawn = spawn
     try:
         yield node
     finally:
