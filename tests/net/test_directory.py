@@ -2,6 +2,7 @@
 and the publisher (confirmed stores at the closest peers)."""
 
 import asyncio
+import contextlib
 import time
 
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -151,17 +152,28 @@ class FirstPutLost(DirectoryStore):
         return super().put(key, blob, sender, group)
 
 
+@contextlib.asynccontextmanager
+async def loopback_dht(peers: int):
+    """A bootstrap host and `peers` DHT hosts on loopback, in this process; yields (bootstrap address,
+    the hosts): a test appends the hosts it starts, and every one is stopped at the end."""
+    boot = await P2PNode.start(relay_service=False)
+    nodes = [boot]
+    try:
+        addr = f"{boot.addrs[0]}/p2p/{boot.peer_id}"
+        nodes += await asyncio.gather(*(P2PNode.start(bootstrap=[addr], relay_service=False) for _ in range(peers)))
+        yield addr, nodes
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
 def test_a_put_lost_at_the_closest_peers_is_put_again_where_readers_ask():
     """Readers ask a shard key's closest peers. Measured in a namespaced swarm on a loaded machine: a
     server's puts to exactly those peers went unanswered, its record landed only elsewhere, and no
     reader listed it until it announced again. The publisher must put again until the closest hold
     it. Real libp2p hosts on loopback, in one process."""
     async def body() -> None:
-        boot = await P2PNode.start(relay_service=False)
-        nodes = [boot]
-        try:
-            addr = f"{boot.addrs[0]}/p2p/{boot.peer_id}"
-            nodes += await asyncio.gather(*(P2PNode.start(bootstrap=[addr], relay_service=False) for _ in range(5)))
+        async with loopback_dht(5) as (addr, nodes):
             for node in nodes:
                 node.dht.directory.store = FirstPutLost()
             server = await P2PNode.start(bootstrap=[addr], relay_service=False)
@@ -177,9 +189,6 @@ def test_a_put_lost_at_the_closest_peers_is_put_again_where_readers_ask():
             reader = await P2PNode.start(bootstrap=[addr], client=True)
             nodes.append(reader)
             assert [r.peer_id for r in await reader.dht.discover(MODEL)] == [server.peer_id]
-        finally:
-            for node in nodes:
-                await node.stop()
 
     asyncio.run(body())
 
@@ -191,11 +200,7 @@ def test_a_node_that_lost_every_peer_files_its_record_at_once_after_joining_agai
     at once, so no reader listed it until its next announce. It must dial its bootstrap peer anyway
     and file the record within seconds. Real libp2p hosts on loopback, in one process."""
     async def body() -> None:
-        boot = await P2PNode.start(relay_service=False)
-        nodes = [boot]
-        try:
-            addr = f"{boot.addrs[0]}/p2p/{boot.peer_id}"
-            nodes += await asyncio.gather(*(P2PNode.start(bootstrap=[addr], relay_service=False) for _ in range(3)))
+        async with loopback_dht(3) as (addr, nodes):
             server = await P2PNode.start(bootstrap=[addr], relay_service=False)
             nodes.append(server)
 
@@ -219,9 +224,6 @@ def test_a_node_that_lost_every_peer_files_its_record_at_once_after_joining_agai
                            if any(verify_record(b).peer_id == server.peer_id for b in n.dht.directory.store.get(key))]
                 await asyncio.sleep(0.5)
             assert holders, "no peer holds the record 10 s after the announce"
-        finally:
-            for node in nodes:
-                await node.stop()
 
     asyncio.run(body())
 
@@ -231,11 +233,7 @@ def test_a_reader_that_lost_every_peer_joins_again_and_lists_the_servers():
     emptied and every discover() listed nothing, in milliseconds, for minutes. A discover() with
     nobody to ask joins again first. Real libp2p hosts on loopback, in one process."""
     async def body() -> None:
-        boot = await P2PNode.start(relay_service=False)
-        nodes = [boot]
-        try:
-            addr = f"{boot.addrs[0]}/p2p/{boot.peer_id}"
-            nodes += await asyncio.gather(*(P2PNode.start(bootstrap=[addr], relay_service=False) for _ in range(3)))
+        async with loopback_dht(3) as (addr, nodes):
             server = nodes[-1]
             await server.dht.announce(SpanRecord(MODEL, 0, 4, server.peer_id, list(server.addrs), 10.0, 100, "v",
                                                  time.time() + 120))
@@ -250,8 +248,5 @@ def test_a_reader_that_lost_every_peer_joins_again_and_lists_the_servers():
 
             await reader.host.bridge.call(lose_everyone)
             assert [r.peer_id for r in await reader.dht.discover(MODEL)] == [server.peer_id]
-        finally:
-            for node in nodes:
-                await node.stop()
 
     asyncio.run(body())
