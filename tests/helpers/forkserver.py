@@ -83,10 +83,11 @@ def _run_child(request: dict, fds: list[int]) -> int:
         else:
             sys.argv = [request["script"], *request["args"]]
             runpy.run_path(request["script"], run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if not isinstance(e.code, int) and e.code is not None:
-            print(e.code, file=sys.stderr)
+    except SystemExit as e:  # as the interpreter exits on it: None is 0, any other non-int is printed and 1
+        code = 0 if e.code is None else e.code
+        if not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
     except BaseException:
@@ -264,9 +265,14 @@ class ForkServer:
         as text) and stderr PIPE or a file."""
         env = dict(os.environ) if env is None else env
         request = self._request(cmd, env, str(cwd or os.getcwd()))
-        if (request is None or stdout != subprocess.PIPE or not (stderr == subprocess.PIPE or hasattr(stderr, "fileno"))
-                or not set(kwargs.items()) <= {("text", True), ("start_new_session", True)} or not self._usable(env)):
-            return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=cwd, **kwargs)
+        forked = None
+        if (request is not None and stdout == subprocess.PIPE and (stderr == subprocess.PIPE or hasattr(stderr, "fileno"))
+                and set(kwargs.items()) <= {("text", True), ("start_new_session", True)} and self._usable(env)):
+            forked = self._fork(cmd, request, stderr)
+        return forked or subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=cwd, **kwargs)
+
+    def _fork(self, cmd: list[str], request: dict, stderr) -> ForkedProcess | None:
+        """Ask the server for the child; None if it refused or is gone."""
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe() if stderr == subprocess.PIPE else (None, stderr.fileno())
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -291,7 +297,7 @@ class ForkServer:
             for fd in (out_read, err_read):
                 if fd is not None:
                     os.close(fd)
-            return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=cwd, **kwargs)
+            return None
         return ForkedProcess(conn, int(reply.split()[1]), cmd, os.fdopen(out_read, "r"),
                              None if err_read is None else os.fdopen(err_read, "r"))
 
