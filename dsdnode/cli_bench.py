@@ -61,7 +61,8 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
                                  "hf-assisted",
               show_default=True, help="Comma list: ar-push (baseline), ar-relay, dsd-k<K>, dsd-auto, dsd-auto-noaudit, "
                                       "dsd-auto-av, dsd-tree, dsd-tree-av (token trees and prompt lookup), dsd-tree-ssd (dsd-tree "
-                                      "drafting ahead for 2 likely rejections too), hf-assisted.")
+                                      "drafting ahead for up to 2 likely rejections too, where the measured odds say it "
+                                      "pays), dsd-tree-ssd-always (for 2 in every round), hf-assisted.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: bench-results/<timestamp>].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per server process.")

@@ -5,8 +5,9 @@ lossy by design) must reproduce the `ar-push` baseline token for token. `dsd-tre
 controller choose token trees up to TREE_WIDTH wide (chains included) and adds prompt-lookup
 branches. Swarm modes audit the servers' work at the default rate (client/audit.py) except
 `dsd-auto-noaudit`, which measures what auditing costs. `dsd-tree-ssd` is `dsd-tree` drafting
-ahead for its two likeliest rejections too, not only for full acceptance (what speculative
-speculative decoding, speculative/predraft.py, gains or costs).
+ahead for up to its two likeliest rejections too, not only for full acceptance, in the rounds where
+the measured odds say it pays (what speculative speculative decoding, speculative/predraft.py, gains
+or costs); `dsd-tree-ssd-always` drafts ahead for both in every round.
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ class Mode:
     lookup: bool = False
     audit: bool = True
     rejections_ahead: int = PredraftSettings().rejections
+    rejections_gated: bool = PredraftSettings().gated
 
     def options(self, max_new_tokens: int, k_max: int = 8, tau: float = 0.3,
                 prefill_pipeline: bool = True) -> GenerateOptions:
         k = 0 if not self.speculative else self.k_fixed if self.k_fixed is not None else "auto"
         return GenerateOptions(max_new_tokens=max_new_tokens, k=k, k_max=k_max, adaptive=self.adaptive, tau=tau,
                                width_max=self.width_max, lookup=self.lookup, audit=self.audit,
-                               prefill_pipeline=prefill_pipeline, rejections_ahead=self.rejections_ahead)
+                               prefill_pipeline=prefill_pipeline, rejections_ahead=self.rejections_ahead,
+                               rejections_gated=self.rejections_gated)
 
 
 def parse_mode(name: str) -> Mode:
@@ -70,15 +73,16 @@ def parse_mode(name: str) -> Mode:
         adaptive = name.endswith("-av")
         return Mode(name, "swarm", speculative=True, adaptive=adaptive, lossless=not adaptive, width_max=TREE_WIDTH,
                     lookup=True)
-    if name == "dsd-tree-ssd":
-        return Mode(name, "swarm", speculative=True, width_max=TREE_WIDTH, lookup=True, rejections_ahead=2)
+    if name in ("dsd-tree-ssd", "dsd-tree-ssd-always"):
+        return Mode(name, "swarm", speculative=True, width_max=TREE_WIDTH, lookup=True, rejections_ahead=2,
+                    rejections_gated=name == "dsd-tree-ssd")
     if name == "hf-assisted":
         return Mode(name, "hf", speculative=True)
     m = _FIXED_K.match(name)
     if m and 1 <= int(m.group(1)) <= 32:
         return Mode(name, "swarm", speculative=True, k_fixed=int(m.group(1)))
     raise BadValue(f"unknown mode {name!r}: use ar-push, ar-relay, dsd-k<1..32>, dsd-auto, dsd-auto-noaudit, "
-                   "dsd-auto-av, dsd-tree, dsd-tree-ssd, dsd-tree-av, hf-assisted")
+                   "dsd-auto-av, dsd-tree, dsd-tree-ssd, dsd-tree-ssd-always, dsd-tree-av, hf-assisted")
 
 
 def parse_modes(text: str) -> list[Mode]:

@@ -181,6 +181,7 @@ def _drafted_ahead(ok: list[PromptResult], rounds: int) -> dict[str, Any]:
     draft = {src: [ms for r in ok for ms, a in zip(r.draft_ms, r.ahead) if a == src] for src in ("none", "rejection")}
     fresh, hit = mean_or_none(draft["none"]), mean_or_none(draft["rejection"])
     return {
+        "branch_rounds": sum(n > 0 for r in ok for n in r.rejections),  # rounds that drafted ahead for rejections
         "ahead_rounds": {src: sum(a == src for r in ok for a in r.ahead) for src in ("prefill", "accept", "rejection", "none")},
         "rejection_hit_rate": sum(tried) / len(tried) if tried else None,
         "draft_ms_fresh": fresh,
@@ -278,9 +279,11 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             ahead = [r for r in rows if r["latency_ms"] == lat and r["dataset"] == ds and r.get("rejection_hit_rate") is not None]
             if ahead:
                 lines += ["", "| mode | rounds whose tree was drafted ahead: prefill / accept / rejection / after the reply "
-                              "| rejection hit rate | draft ms after the reply | draft ms after a hit | draft ms saved per round |",
-                          "|" + "---|" * 6]
+                              "| rounds drafting ahead for rejections | rejection hit rate | draft ms after the reply "
+                              "| draft ms after a hit | draft ms saved per round |",
+                          "|" + "---|" * 7]
                 lines += [f"| {r['mode']} | {' / '.join(str(r['ahead_rounds'][k]) for k in ('prefill', 'accept', 'rejection', 'none'))} "
+                          f"| {r.get('branch_rounds', '–')} "
                           f"| {fmt_cell(100 * r['rejection_hit_rate'], '.0f', '%')} | {fmt_cell(r['draft_ms_fresh'], '.0f')} "
                           f"| {fmt_cell(r['draft_ms_after_hit'], '.0f')} | {fmt_cell(r['draft_ms_saved_per_round'], '.0f')} |"
                           for r in ahead]

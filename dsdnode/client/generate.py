@@ -27,7 +27,7 @@ from ..speculative.controller import ControllerSettings, DraftLengthController, 
 from ..speculative.draft import Drafter, TreeGrowth
 from ..speculative.lookup import LookupGrowth, PromptLookupDrafter
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
-from ..speculative.predraft import Ahead, Predraft, PredraftSettings, RejectionSource
+from ..speculative.predraft import Ahead, AheadGate, Predraft, PredraftSettings, RejectionSource
 from ..speculative.sampling import SamplingSettings, make_rng
 from ..speculative.tree import TokenTree, TreeShape, lookup_continuation
 from ..speculative.verify import VerifyResult, verify_tree_adaptive, verify_tree_greedy, verify_tree_sampling
@@ -138,6 +138,7 @@ class Generator:
         self.head, self.chain, self.drafter, self.settings = head, chain, drafter, settings
         self.controller = controller
         self.eos_ids, self.importance = eos_ids, importance
+        self.gate = AheadGate()  # whether drafting ahead for rejections pays, round by round
         # verification and drafting run in different threads (overlap): one random number generator each
         self.rng = make_rng(settings.sampling)
         if drafter is not None:
@@ -277,14 +278,16 @@ class Generator:
         draft_s = time.perf_counter() - t_round
         commit_len = len(tokens) - 1
         layout = None if tree.is_chain else TreeBlock(tree.block_mask(), tree.positions(commit_len))
+        t_send = time.perf_counter()
         forward = asyncio.ensure_future(
             self.chain.forward(self.head.embed_tokens([tokens[-1]] + tree.tokens), commit_len, layout, kept))
         # grow on below the deepest nodes (this block's depth, a bonus token, the next block's depth),
-        # and a tree of the next block's depth below each likely rejection
-        nxt = Predraft(growth, 2 * shape.depth + 1, RejectionSource(tree, self.settings.predraft.rejections),
+        # and a tree of the next block's depth below each likely rejection worth it
+        nxt = Predraft(growth, 2 * shape.depth + 1, self._rejection_source(tree, shape),
                        shape.depth) if self.settings.overlap and shape.depth > 0 else None
         try:
             out = await forward
+            flight_s = time.perf_counter() - t_send
             if nxt is not None:  # the draft step under way ends beside verification, not before it
                 nxt.stop.set()
             result = self._verify(tree, self.head.logits(out.hidden))
@@ -295,12 +298,24 @@ class Generator:
         # the next round's draft, if the text went on through the tree grown ahead (accepted drafts and bonus)
         on = growth.tree.follow(result.tokens) if nxt is not None else None
         hit = bool(on) and not {b.root for b in growth.branches}.isdisjoint(on)
+        if nxt is not None:
+            self.gate.observe(flight_s, nxt.steps, nxt.share, result.accepted < shape.depth, hit)
         # k: the depth sent (a lookup's chain may stop short of the shape, or be empty)
         stats = RoundStats(max(tree.depths(), default=0), result.accepted, result.relaxed, round_s, draft_s,
                            out.hop_compute_s, predrafted, out.hop_link_s, growth.width, len(tree), out.block_bytes,
                            out.reply_bytes, ahead.source if ahead is not None else "none",
                            len(nxt.rejections) if nxt else 0, hit)
         return result, stats, Ahead(growth.rerooted(on[-1]), "rejection" if hit else "accept") if on else None
+
+    def _rejection_source(self, block: TokenTree, shape: TreeShape) -> RejectionSource:
+        """The rejections of `block` to draft ahead for: up to the settings' count, as many as pay
+        by the gate's measurements when gated (the chance of a full acceptance: the controller's
+        measured acceptance of a depth of this width, to the block's depth)."""
+        p = self.settings.predraft
+        if not (p.rejections and p.gated):
+            return RejectionSource(block, p.rejections)
+        full = self.controller.width_acceptance(shape.width) ** shape.depth
+        return RejectionSource(block, p.rejections, self.gate.odds(full))
 
     def _new_growth(self, tokens: list[int], width: int) -> Growth:
         """The drafter's new draft after `tokens`; without a drafter (autoregressive decoding, depth

@@ -57,6 +57,7 @@ class GenerateOptions:
     prefill_pipeline: bool = True  # send the prompt's chunks back to back, so the hops overlap them
     rejections_ahead: int = PredraftSettings().rejections  # with overlap: rejection outcomes of a block in
     # flight whose next tree is drafted ahead (speculative speculative decoding; 0: full acceptance only)
+    rejections_gated: bool = PredraftSettings().gated  # only in rounds where the measured odds say it pays
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -106,7 +107,7 @@ class GenerateOptions:
             adaptive=AdaptiveSettings(enabled=self.adaptive, tau=self.tau),
             lookup=self.lookup,
             prefill_pipeline=self.prefill_pipeline,
-            predraft=PredraftSettings(self.rejections_ahead),
+            predraft=PredraftSettings(self.rejections_ahead, self.rejections_gated),
         )
 
 

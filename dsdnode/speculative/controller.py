@@ -198,7 +198,7 @@ def optimal_k(a: float, L: float, c: float, d: float, k_max: int, width: int = 1
     return best_k
 
 
-class _ComputeFit:
+class CostFit:
     """Exponentially weighted least squares H = h0 + c*x, with a fallback when x is constant.
 
     significance: with > 0, a slope is trusted only when it exceeds that many of its standard errors
@@ -267,8 +267,8 @@ class DraftLengthController:
         if not isinstance(n_hops, int) or n_hops < 1:
             raise ValueError(f"n_hops must be an int >= 1, got {n_hops!r}")
         self.n_hops = n_hops
-        self._compute = _ComputeFit()
-        self._link = _ComputeFit(unidentified_share=0.0, significance=LINK_SLOPE_SIGNIFICANCE)
+        self._compute = CostFit()
+        self._link = CostFit(unidentified_share=0.0, significance=LINK_SLOPE_SIGNIFICANCE)
         self._residual: float | None = None
         self._residual_var = 0.0
         self._last_outlier = 0  # sign of the last round's residual if it lay beyond JITTER_CLIP sigmas
@@ -364,7 +364,7 @@ class DraftLengthController:
             if outlier and outlier != self._last_outlier:  # a lone spike moves the level by JITTER_CLIP sigmas;
                 clipped = min(max(deviation, -bound), bound)  # a second in a row is a lasting change: taken whole,
             elif outlier:  # and the transfer fit starts over (block sizes chosen before it would confound it)
-                self._link = _ComputeFit(unidentified_share=0.0, significance=LINK_SLOPE_SIGNIFICANCE)
+                self._link = CostFit(unidentified_share=0.0, significance=LINK_SLOPE_SIGNIFICANCE)
                 self._link.add(obs.block, residual)
             self._last_outlier = outlier
             self._residual += self.settings.ema * clipped

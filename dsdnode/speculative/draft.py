@@ -132,13 +132,14 @@ class TreeGrowth:
         self.top: dict[int, list[tuple[float, int]]] = {}  # a drafted node's best tokens (Drafter._expand)
         self.branches: list[_Branch] = []
 
-    def step(self, main: bool = True, branch_depth: int = 0) -> None:
+    def step(self, main: bool = True, branch_depth: int = 0) -> int:
         """Draft one more depth in one draft forward: of the main tree (over the context's new tokens
         for its first depth, over the newest depth's nodes after that) if `main`, and of every
-        branch less than `branch_depth` deep."""
+        branch less than `branch_depth` deep. Returns the rows of tree nodes the forward ran (0 for a
+        first depth, which runs the context's new tokens)."""
         d = self.drafter
         grow = [b for b in self.branches if b.depth < branch_depth]
-        frontiers = []
+        frontiers, fed = [], []
         if main and self.depth == 0:  # a tree has branches only once it has nodes
             frontiers.append((-1, 0.0, d._step(self.context)))
         else:
@@ -156,6 +157,7 @@ class TreeGrowth:
             self._newest = d._expand(self.tree, frontiers, self.width, self.top)
             self._scores.update(self._newest)
             self.depth += 1
+        return len(fed)
 
     def branch(self, node: int, token: int, score: float) -> int:
         """Add `token` below `node` (a node whose children are cached: depth < self.depth, or -1)

@@ -12,6 +12,7 @@ from dsdnode.bench.modes import parse_mode, parse_modes
 from dsdnode.bench.report import Divergence, PromptResult, aggregate, markdown
 from dsdnode.bench.runner import BenchConfig, BenchResumeError, BenchRun
 from dsdnode.cli import main
+from dsdnode.speculative.predraft import PredraftSettings
 
 
 def test_modes_parse_and_reject_unknown_names():
@@ -58,17 +59,19 @@ def test_drafting_ahead_for_rejections_is_counted():
     """Hit rate: of the rounds that ended in a rejection with branches drafted ahead, those whose
     outcome was one; the time saved compares drafts after the reply with drafts taken from a hit."""
     rec = PromptResult(0.0, "gsm8k", "0", 0, "dsd-tree", tokens=[1] * 10, tokens_per_s=1.0, rounds=4, decode_s=1.0,
-                       ks=[3, 3, 3, 3], accepted=[1, 3, 0, 2], rejections=[2, 2, 2, 2],
+                       ks=[3, 3, 3, 3], accepted=[1, 3, 0, 2], rejections=[2, 0, 2, 2],
                        rejection_hits=[True, False, False, False], ahead=["prefill", "rejection", "accept", "none"],
                        draft_ms=[0.0, 10.0, 5.0, 100.0])
     row = aggregate([rec], ["dsd-tree"])[0]
     assert row["ahead_rounds"] == {"prefill": 1, "accept": 1, "rejection": 1, "none": 1}
+    assert row["branch_rounds"] == 3  # the gate drafted no branch in round 1
     assert row["rejection_hit_rate"] == pytest.approx(1 / 3)  # round 1 accepted all: no rejection to guess
     assert (row["draft_ms_fresh"], row["draft_ms_after_hit"]) == (100.0, 10.0)
     assert row["draft_ms_saved_per_round"] == pytest.approx(90.0 / 4)
-    assert "| 1 / 1 / 1 / 1 | 33% | 100 | 10 | 22 |" in markdown({}, [row])
+    assert "| 1 / 1 / 1 / 1 | 3 | 33% | 100 | 10 | 22 |" in markdown({}, [row])
     assert parse_mode("dsd-tree").options(16).settings().predraft.rejections == 0
-    assert parse_mode("dsd-tree-ssd").options(16).settings().predraft.rejections == 2
+    assert parse_mode("dsd-tree-ssd").options(16).settings().predraft == PredraftSettings(2, gated=True)
+    assert parse_mode("dsd-tree-ssd-always").options(16).settings().predraft == PredraftSettings(2, gated=False)
 
 
 @pytest.mark.heavy

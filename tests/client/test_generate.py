@@ -252,7 +252,7 @@ def test_rejections_drafted_ahead_are_taken_and_stay_lossless():
     prompt = [3, 1, 4, 1, 5, 9, 2]
     runs = {}
     for n in (0, 4):
-        settings = GenerationSettings(max_new_tokens=40, predraft=PredraftSettings(rejections=n),
+        settings = GenerationSettings(max_new_tokens=40, predraft=PredraftSettings(rejections=n, gated=False),
                                       controller=ControllerSettings(k_max=3, width_max=2))
         gen = make_generator(target, target, 3, 2, settings, latency_s=0.05)
         gen.controller = ScriptedShapes(settings.controller, 2, [TreeShape(2, 3)])
@@ -264,6 +264,24 @@ def test_rejections_drafted_ahead_are_taken_and_stay_lossless():
     hits = [r for r in on if r.rejection_hit]
     assert hits and runs[4].rejection_hit_rate > 0
     assert sum(r.ahead == "rejection" for r in on) == sum(r.rejection_hit for r in on[:-1])
+
+
+def test_gated_rejections_are_drafted_ahead_once_measured_and_stay_lossless():
+    """Gated (the default): the first round has measured no flight time and drafts no branch; with
+    a weak draft (rejections likely) and a flight that holds the branches, later rounds draft
+    ahead for rejections; the text is the target's either way."""
+    target = tiny_model("qwen2", seed=1)
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    settings = GenerationSettings(max_new_tokens=40, predraft=PredraftSettings(rejections=4),
+                                  controller=ControllerSettings(k_max=3, width_max=2))
+    gen = make_generator(target, target, 3, 2, settings, latency_s=0.05)
+    gen.controller = ScriptedShapes(settings.controller, 2, [TreeShape(2, 3)])
+    result = asyncio.run(gen.generate(prompt))
+    assert result.tokens == reference_greedy(target, prompt, 40)
+    assert result.rounds[0].rejections == 0
+    assert sum(r.rejections > 0 for r in result.rounds) >= len(result.rounds) // 2, [r.rejections for r in result.rounds]
+    assert all(r.rejections <= 4 for r in result.rounds)
+    assert gen.gate.odds(0.5).flight_s >= 0.05  # the chain sleeps 50 ms a block
 
 
 def test_the_draft_prefills_with_the_chain():
