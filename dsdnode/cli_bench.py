@@ -47,6 +47,9 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
               help="Emulate WAN links instead of --link-latency-ms: lan, metro, continental, intercontinental, "
                    "home-uplink, or a TOML file with a [wan] table (per-pair delays from a real city RTT matrix, "
                    "jitter, uplink caps; see dsdnode/net/wan.py).")
+@click.option("--wire", type=click.Choice(["exact", "int8"]), default="exact", show_default=True,
+              help="Hidden states between hops in every mode: exact (lossless), or int8 with a scale per 64 values "
+                   "(lossy; the modes are then compared with ar-push over the same int8 wire).")
 @click.option("--prefill", type=click.Choice(["pipelined", "sequential"]), default="pipelined", show_default=True,
               help="Send a prompt's chunks back to back (the hops overlap them) or each after the last came back "
                    "(to compare time to first token).")
@@ -93,7 +96,7 @@ QUICK = dict(model="smollm2-135m", draft="smollm2-135m", servers=3, prompts=2, m
 @click.option("--overhead-hops", type=click.IntRange(2, 16), default=6, show_default=True,
               help="Longest chain of --overhead.")
 @friendly
-def bench(model, draft, servers, replicas, latencies, wan, prefill, dataset, gsm8k_style, prompts, max_new_tokens, modes, out, threads,
+def bench(model, draft, servers, replicas, latencies, wan, wire, prefill, dataset, gsm8k_style, prompts, max_new_tokens, modes, out, threads,
           client_threads, device, dtype, k_max, tau, clients, relayed, draft_int8, draft_vocab, resume, quick, overhead,
           overhead_hops):
     """Run every mode over a local swarm of real processes; write results.json, results.md and plots to --out."""
@@ -139,7 +142,7 @@ def bench(model, draft, servers, replicas, latencies, wan, prefill, dataset, gsm
                          max_new_tokens=max_new_tokens, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                          threads=threads, client_threads=client_threads, dtype=dtype, device=device, k_max=k_max,
                          tau=tau, relayed=relayed, draft_int8=draft_int8, draft_vocab=draft_vocab, wan=wan,
-                         prefill_pipeline=prefill == "pipelined")
+                         prefill_pipeline=prefill == "pipelined", wire=wire)
     command = " ".join(["dsdnode", *map(shlex.quote, sys.argv[1:])]) if "bench" in sys.argv[1:] else \
         f"dsdnode bench (called in-process) {config}"
     if clients is not None and wan is not None:

@@ -50,6 +50,9 @@ def generation_options(fn):
                      help="Have other servers recheck the swarm's work; tokens are shown once checked."),
         click.option("--require-audit", is_flag=True,
                      help="Refuse rather than return text some layers of which no independent server could audit."),
+        click.option("--wire", type=click.Choice(["exact", "int8"]), default="exact", show_default=True,
+                     help="Hidden states between hops: exact (lossless), or int8 with a scale per 64 values "
+                          "(lossy: about a quarter of float32's bytes; the text may change, BENCHMARKS.md)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -49,12 +49,12 @@ class Mode:
     rejections_gated: bool = PredraftSettings().gated
 
     def options(self, max_new_tokens: int, k_max: int = 8, tau: float = 0.3,
-                prefill_pipeline: bool = True) -> GenerateOptions:
+                prefill_pipeline: bool = True, wire: str = "exact") -> GenerateOptions:
         k = 0 if not self.speculative else self.k_fixed if self.k_fixed is not None else "auto"
         return GenerateOptions(max_new_tokens=max_new_tokens, k=k, k_max=k_max, adaptive=self.adaptive, tau=tau,
                                width_max=self.width_max, lookup=self.lookup, audit=self.audit,
                                prefill_pipeline=prefill_pipeline, rejections_ahead=self.rejections_ahead,
-                               rejections_gated=self.rejections_gated)
+                               rejections_gated=self.rejections_gated, wire=wire)
 
 
 def parse_mode(name: str) -> Mode:

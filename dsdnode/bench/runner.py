@@ -81,6 +81,7 @@ class BenchConfig:
     draft_vocab: int | None = None
     wan: str | None = None  # a WAN profile (net/wan.py) or its TOML file; replaces latencies_ms
     prefill_pipeline: bool = True  # False: each prompt chunk waits for the one before (to compare TTFT)
+    wire: str = "exact"  # hidden states between hops in every mode: exact, or int8 (lossy; net/wire.py)
 
     def __post_init__(self) -> None:
         if self.wan is not None:
@@ -263,7 +264,8 @@ class BenchRun:
                                  relay=mode.relay, node=node,
                                  trust=TrustSettings(max_records_per_group=c.servers * c.replicas))
             self.services[mode.relay] = ClientService(cl, chains)
-        out = await self.services[mode.relay].generate(ids, mode.options(max_new, c.k_max, c.tau, c.prefill_pipeline))
+        out = await self.services[mode.relay].generate(ids, mode.options(max_new, c.k_max, c.tau, c.prefill_pipeline,
+                                                                           c.wire))
         return out.result, len(out.route)
 
     async def _one(self, node: P2PNode, mode: Mode, p: _Prompt, lat: float) -> PromptResult:

@@ -4,7 +4,9 @@ It runs the same protocol as the swarm (block in, final hidden states out, rollb
 commit_len) so the generation loop, the tests and `generate --local` exercise the real algorithm
 without a network. A round crosses N+1 links (client -> hop 1 -> ... -> hop N -> client), each
 delayed by `link_latency_s` with asyncio.sleep, so other work (drafting) proceeds meanwhile.
-Hidden states stay on the spans' device between hops (nothing crosses a wire here)."""
+Hidden states stay on the spans' device between hops (nothing crosses a wire here); with
+wire="int8" they are rounded at every link as an int8 wire session rounds them (net/wire.py), so
+the text is what the swarm gives with that mode."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..models.span import Span, SpanCache
+from ..net.wire import WIRE_MODES, TensorPayload
 from .interface import UNCHECKED, ChainOutput, Checkpoint, TreeBlock
 from ..errors import BadValue
 
@@ -22,8 +25,10 @@ LOCAL_PREFILL_CHUNK = 64  # nothing crosses a wire here: a block a server would 
 
 
 class LocalChain:
-    def __init__(self, spans: list[Span], link_latency_s: float = 0.0):
-        self.spans = spans
+    def __init__(self, spans: list[Span], link_latency_s: float = 0.0, wire: str = "exact"):
+        if wire not in WIRE_MODES:
+            raise BadValue(f"wire must be one of {list(WIRE_MODES)}, got {wire!r}")
+        self.spans, self.wire = spans, wire
         self.n_hops = len(spans)
         self.failovers = 0  # in-process spans do not fail
         self.route = [("local", s.start, s.end) for s in spans]
@@ -46,10 +51,16 @@ class LocalChain:
         for span, cache in zip(self.spans, self.caches):
             await self._link()
             t0 = time.perf_counter()
-            hidden = await loop.run_in_executor(None, span, hidden, cache, commit_len, mask, positions, kept)
+            hidden = await loop.run_in_executor(None, span, self._cross(hidden), cache, commit_len, mask, positions, kept)
             computes.append(time.perf_counter() - t0)
         await self._link()
-        return ChainOutput(hidden, computes)
+        return ChainOutput(self._cross(hidden), computes)
+
+    def _cross(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states as they arrive over a link of this chain's wire mode."""
+        if self.wire == "exact":
+            return hidden
+        return TensorPayload.int8_blocks(hidden).to_torch().to(device=hidden.device, dtype=hidden.dtype)
 
     async def prefill(self, hidden: torch.Tensor, chunk: int | None = None) -> list[ChainOutput]:
         """A pipeline of spans: span i computes chunk j once it arrived (one link after span i-1 passed
@@ -62,7 +73,7 @@ class LocalChain:
         queues: list[asyncio.Queue] = [asyncio.Queue() for _ in range(len(self.spans) + 1)]
 
         def send(i: int, item) -> None:  # over the link into stage i
-            loop.call_later(self.link_latency_s, queues[i].put_nowait, item)
+            loop.call_later(self.link_latency_s, queues[i].put_nowait, (item[0], self._cross(item[1])))
 
         async def stage(i: int, span: Span, cache: SpanCache, pool: ThreadPoolExecutor) -> None:
             for _ in starts:

@@ -23,6 +23,7 @@ from ..speculative.lookup import PromptLookupDrafter
 from ..speculative.importance import AdaptiveSettings, ImportanceScorer
 from ..speculative.predraft import PredraftSettings
 from ..speculative.sampling import SamplingSettings
+from ..net.wire import WIRE_MODES
 from ..errors import BadValue
 from .generate import SEQUENTIAL_PREFILL_CHUNK, GenerationResult, GenerationSettings, Generator
 from .interface import Chain
@@ -58,6 +59,8 @@ class GenerateOptions:
     rejections_ahead: int = PredraftSettings().rejections  # with overlap: rejection outcomes of a block in
     # flight whose next tree is drafted ahead (speculative speculative decoding; 0: full acceptance only)
     rejections_gated: bool = PredraftSettings().gated  # only in rounds where the measured odds say it pays
+    wire: str = "exact"  # hidden states between hops: "exact" (lossless) or "int8" (opt-in, lossy: int8 with a
+    # float16 scale per 64 values, about a quarter of float32's bytes; net/wire.py)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -76,6 +79,8 @@ class GenerateOptions:
             raise BadValue(f"tau must be in (0, 1], got {self.tau!r}")
         if not (isinstance(self.rejections_ahead, int) and self.rejections_ahead >= 0):
             raise BadValue(f"rejections_ahead must be an int >= 0, got {self.rejections_ahead!r}")
+        if self.wire not in WIRE_MODES:
+            raise BadValue(f"wire must be one of {', '.join(WIRE_MODES)}, got {self.wire!r}")
         if self.require_audit and not self.audit:
             raise BadValue("require_audit needs audit: a generation cannot require audits it turns off")
 
@@ -115,9 +120,10 @@ class ChainSource(Protocol):
     async def start(self) -> None:
         """Called once, inside the event loop that will run the generations."""
 
-    def new_chain(self, audit: bool = True, require_audit: bool = False) -> Chain:
+    def new_chain(self, audit: bool = True, require_audit: bool = False, wire: str = "exact") -> Chain:
         """A chain for one generation (audited, where the chain can be, unless audit=False; refusing
-        what it cannot audit with require_audit); its session opens when generation starts."""
+        what it cannot audit with require_audit; hidden states sent as `wire`, net/wire.py WIRE_MODES);
+        its session opens when generation starts."""
 
     async def check_route(self) -> str:
         """The chain a generation would use now, in words; raises (NoRoute, ...) if there is none."""
@@ -147,9 +153,9 @@ class LocalChains:
     async def start(self) -> None:
         pass
 
-    def new_chain(self, audit: bool = True, require_audit: bool = False) -> Chain:
+    def new_chain(self, audit: bool = True, require_audit: bool = False, wire: str = "exact") -> Chain:
         from .local import LocalChain  # the user's own process: nothing to audit
-        return LocalChain(self.spans, self.link_latency_s)
+        return LocalChain(self.spans, self.link_latency_s, wire)
 
     async def check_route(self) -> str:
         return f"{len(self.spans)} local spans"
@@ -195,7 +201,7 @@ class SwarmChains:
         route = " -> ".join(f"{h.candidate.record.peer_id} [{h.start}:{h.end})" for h in hops)
         return f"local [0:{self.first_layer}) -> {route}" if self.first_layer else route
 
-    def new_chain(self, audit: bool = True, require_audit: bool = False) -> Chain:
+    def new_chain(self, audit: bool = True, require_audit: bool = False, wire: str = "exact") -> Chain:
         from dataclasses import replace
 
         from .swarm_chain import RemoteChain
@@ -203,7 +209,7 @@ class SwarmChains:
                  else replace(self.trust, audit_rate=0.0))
         chain = RemoteChain(self.node, self.model, self.config.num_hidden_layers, self.config.hidden_size,
                             weights=self.weights, dtype=self.dtype, relay=self.relay, trust=trust,
-                            standing=self.standing, meter=self.meter, first_layer=self.first_layer)
+                            standing=self.standing, meter=self.meter, first_layer=self.first_layer, wire=wire)
         if self.private_span is None:
             return chain
         from .local import LocalChain
@@ -257,7 +263,7 @@ class ClientService:
             drafter = Drafter(m.draft_head, m.draft_spans,
                               len(ids) + s.max_new_tokens + (2 + s.predraft.rejections) * s.max_block + 1, s.sampling)
         importance = await self.importance() if s.adaptive.enabled else None
-        chain = self.chains.new_chain(options.audit, options.require_audit)
+        chain = self.chains.new_chain(options.audit, options.require_audit, options.wire)
         generator = Generator(m.head, chain, drafter, s, m.eos_ids, importance, self.controllers.get(s.controller))
         t0, first = time.perf_counter(), []
 

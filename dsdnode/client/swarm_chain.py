@@ -36,8 +36,8 @@ from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..dtypes import dtype_name
 from ..net.protocol import SESSION_PROTOCOL
 from ..net.stream import close_quietly
-from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, SessionOpened,
-                        TensorPayload, WireLimits, decode, digest, encode)
+from ..net.wire import (INT8_BLOCKS, WIRE_MODES, CloseSession, ErrorReply, Forward, ForwardResult, OpenSession,
+                        SessionOpened, TensorPayload, WireLimits, decode, digest, encode, hidden_payload)
 from .audit import Auditor, audit_every
 from .bans import BanList
 from .deadlines import DeadlineSettings, PassDeadline
@@ -86,11 +86,17 @@ class RemoteChain:
                  dtype: torch.dtype = torch.bfloat16, relay: bool = False, max_failovers: int = 8,
                  deadlines: DeadlineSettings = DeadlineSettings(), max_block: int = 64,
                  trust: TrustSettings = TrustSettings(), standing: Standing | None = None, bans: BanList | None = None,
-                 meter: PrefillMeter | None = None, first_layer: int = 0):
+                 meter: PrefillMeter | None = None, first_layer: int = 0, wire: str = "exact"):
         """weights: digest of the weights this client's head comes from; only servers of the same
         weights are chained. first_layer: the chain starts there, taking the output of the layers
         before it as its input (the client runs those: client/private.py). standing: shared by the chains of one client (what one learnt, the next
-        routes on). meter: what blocks cost on this client's chains, shared likewise (prefill chunks)."""
+        routes on). meter: what blocks cost on this client's chains, shared likewise (prefill chunks).
+        wire: "exact" (lossless) or "int8" (opt-in, lossy: every hop of every session sends hidden
+        states as int8 blocks, net/wire.py; the client dequantizes what comes back to `dtype`)."""
+        if wire not in WIRE_MODES:
+            raise ValueError(f"wire must be one of {list(WIRE_MODES)}, got {wire!r}")
+        self.wire = wire
+        self.hidden_wire = INT8_BLOCKS if wire == "int8" else dtype_name(dtype)  # what replies must carry
         self.meter = meter or PrefillMeter()
         self.node, self.model, self.num_layers, self.hidden_size = node, model, num_layers, hidden_size
         self.weights = weights
@@ -99,7 +105,7 @@ class RemoteChain:
         self.router = Router(node, model, num_layers, weights, self.standing, self.bans, first_layer)
         self.auditor = Auditor(node, model, weights, self.dtype_name, hidden_size, max_block,
                                lambda h: self.router.audit_pool(h.peer_id, h.start, h.end), self.router.group_of,
-                               self.standing, self.bans)
+                               self.standing, self.bans, wire=self.hidden_wire)
         self.audit_every = audit_every(trust.audit_rate)
         self.verified = 0  # positions whose outputs are audited (or unauditable), whatever the route
         self._audit_task: asyncio.Task | None = None
@@ -318,7 +324,7 @@ class RemoteChain:
             sid = self._hop_ids[i]
             await stream.send(encode(OpenSession(sid, self.model, hop.start, hop.end, self._max_length,
                                                  nxt.peer_id if nxt else None, prv, self.dtype_name, self.weights,
-                                                 self._hop_ids[i + 1] if nxt else None)))
+                                                 self._hop_ids[i + 1] if nxt else None, self.wire)))
             reply = decode(await stream.recv(timeout=OPEN_TIMEOUT_S), WireLimits())
             if isinstance(reply, ErrorReply):
                 raise await self._refusal(peer, reply, nxt)
@@ -417,7 +423,7 @@ class RemoteChain:
         t0 = time.monotonic()
         for hidden, commit_len in blocks:
             self._step += 1
-            payload = TensorPayload.from_torch(hidden)
+            payload = hidden_payload(hidden, self.wire)
             try:
                 mask = None if tree is None else TensorPayload.from_torch(tree.mask)
                 frame = encode(Forward(legs[0].session_id, self._step, commit_len, payload, mask, [],
@@ -501,12 +507,12 @@ class RemoteChain:
             problem = f"an answer to step {got.step_id} it was not asked for"
         elif got.step_id != step or got.session_id != sender.session_id:
             problem = f"step {got.step_id} of session {got.session_id!r}, expected step {step}"
-        elif tuple(h.shape) != (1, positions, self.hidden_size) or h.dtype != self.dtype_name:
-            problem = f"hidden {h.dtype}{list(h.shape)}, expected {self.dtype_name}{[1, positions, self.hidden_size]}"
+        elif tuple(h.shape) != (1, positions, self.hidden_size) or h.dtype != self.hidden_wire:
+            problem = f"hidden {h.dtype}{list(h.shape)}, expected {self.hidden_wire}{[1, positions, self.hidden_size]}"
         elif len(got.timings) != timings:
             problem = f"{len(got.timings)} hop timings, expected {timings}"
         if problem is None:
-            hidden = h.to_torch()
+            hidden = h.to_torch().to(self.dtype)
             if bool(torch.isfinite(hidden).all()):
                 return hidden
             problem = "non-finite hidden states"

@@ -19,6 +19,7 @@ Error codes raised by `decode` (and sent back in ErrorReply):
              bytes longer than the largest tensor the limits allow
   bad_dtype  tensor dtype not allowed where it appears
   bad_shape  shape not [1, T, hidden_size] / mask not [T, T] / data length != shape
+  bad_dtype  (also) int8 blocks in a lossless session or exact hidden states in an int8 one (servers)
   malformed  (also) a tree mask that lets a position see a later one or not itself, positions outside
              the block's own range [commit_len, commit_len+T) or not T of them, kept indices not
              strictly increasing inside [0, max_block)
@@ -45,6 +46,14 @@ from ..errors import PeerError
 
 if TYPE_CHECKING:
     import torch
+
+# Hidden states of a session cross the wire exactly in the session's dtype ("exact", the default:
+# lossless), or, where the client opened the session with wire="int8" (opt-in, lossy), as INT8_BLOCKS:
+# int8 values with a float16 absmax scale per INT8_BLOCK values of each position, a quarter of float32's
+# bytes plus 1/32 for the scales (BENCHMARKS.md has what it saves and what it costs in agreement).
+WIRE_MODES = ("exact", "int8")
+INT8_BLOCKS = "int8_blocks"  # a TensorPayload dtype: data = int8 values, then float16 scales
+INT8_BLOCK = 64
 
 ERROR_CODES = frozenset(
     {"malformed", "too_large", "bad_dtype", "bad_shape", "unknown_session", "busy",
@@ -117,13 +126,49 @@ class TensorPayload:
         raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
         return cls(name, tuple(t.shape), raw.numpy().tobytes())
 
-    def to_torch(self) -> torch.Tensor:
+    @classmethod
+    def int8_blocks(cls, t: torch.Tensor) -> TensorPayload:
+        """t [..., H] rounded to int8 with one absmax scale per INT8_BLOCK values along H (the last
+        block of a row zero-padded), scales as float16; values are quantized against the float16
+        scale they travel with, so the receiver's dequantization is what the sender meant."""
         import torch
 
+        x = t.detach().to("cpu", torch.float32)
+        blocks = -(-x.shape[-1] // INT8_BLOCK)
+        padded = torch.nn.functional.pad(x, (0, blocks * INT8_BLOCK - x.shape[-1])).reshape(*x.shape[:-1], blocks, INT8_BLOCK)
+        scale = (padded.abs().amax(dim=-1, keepdim=True) / 127).to(torch.float16)
+        q = (padded / scale.float().clamp_min(1e-30)).round().clamp(-127, 127).to(torch.int8)
+        values = q.reshape(*x.shape[:-1], blocks * INT8_BLOCK)[..., :x.shape[-1]].contiguous()
+        return cls(INT8_BLOCKS, tuple(x.shape), values.numpy().tobytes() + scale.view(torch.int16).numpy().tobytes())
+
+    def to_torch(self) -> torch.Tensor:
+        """The tensor (int8 blocks: dequantized, as float32)."""
+        import torch
+
+        if self.dtype == INT8_BLOCKS:
+            *lead, width = self.shape
+            n, blocks = math.prod(self.shape), -(-width // INT8_BLOCK)
+            values = torch.frombuffer(bytearray(self.data[:n]), dtype=torch.int8).float().reshape(*lead, width)
+            scale = torch.frombuffer(bytearray(self.data[n:]), dtype=torch.float16).float().reshape(*lead, blocks, 1)
+            padded = torch.nn.functional.pad(values, (0, blocks * INT8_BLOCK - width))
+            return (padded.reshape(*lead, blocks, INT8_BLOCK) * scale).reshape(*lead, blocks * INT8_BLOCK)[..., :width]
         dtype = torch_dtype(self.dtype)
         if not self.data:
             return torch.empty(self.shape, dtype=dtype)
         return torch.frombuffer(bytearray(self.data), dtype=dtype).reshape(self.shape)
+
+
+def payload_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """The data bytes of a tensor of `shape` sent as `dtype` (one of WIRE_DTYPES, or INT8_BLOCKS)."""
+    if dtype == INT8_BLOCKS:
+        width = shape[-1] if shape else 1
+        return math.prod(shape) + 2 * (math.prod(shape) // width if width else 0) * -(-width // INT8_BLOCK)
+    return math.prod(shape) * WIRE_DTYPES[dtype]
+
+
+def hidden_payload(t: torch.Tensor, wire: str) -> TensorPayload:
+    """Hidden states as a session of this wire mode sends them."""
+    return TensorPayload.int8_blocks(t) if wire == "int8" else TensorPayload.from_torch(t)
 
 
 @dataclass
@@ -190,6 +235,7 @@ class OpenSession:
     dtype: str
     weights: str
     next_session_id: str | None = None
+    wire: str = "exact"  # how hidden states cross the wire: one of WIRE_MODES (all hops of a session alike)
 
 
 @dataclass
@@ -486,6 +532,8 @@ def _check(msg: Message, limits: WireLimits) -> None:
             raise WireError("too_large", f"max_length {msg.max_length} exceeds {limits.max_length}")
         if msg.dtype not in HIDDEN_DTYPES:
             raise WireError("bad_dtype", f"session dtype {short(msg.dtype)} not in {sorted(HIDDEN_DTYPES)}")
+        if msg.wire not in WIRE_MODES:
+            raise WireError("malformed", f"wire mode {short(msg.wire)} not in {list(WIRE_MODES)}")
     elif isinstance(msg, Forward):
         _check_step(msg.step_id, msg.timings)
         if msg.commit_len < 0:
@@ -524,11 +572,11 @@ def _check_step(step_id: int, timings: list[HopTiming]) -> None:
 
 
 def _check_tensor(t: TensorPayload, name: str) -> None:
-    if t.dtype not in WIRE_DTYPES:
+    if t.dtype not in WIRE_DTYPES and not (name == "hidden" and t.dtype == INT8_BLOCKS):
         raise WireError("bad_dtype", f"{name} dtype {short(t.dtype)} not in {sorted(WIRE_DTYPES)}")
     if len(t.shape) > MAX_DIMS or any(d < 0 for d in t.shape):
         raise WireError("bad_shape", f"{name} shape {short(list(t.shape))} has negative or too many dims")
-    expected = math.prod(t.shape) * WIRE_DTYPES[t.dtype]
+    expected = payload_bytes(t.dtype, t.shape)
     if len(t.data) != expected:
         raise WireError("bad_shape", f"{name} has {len(t.data)} data bytes, shape {list(t.shape)} "
                                      f"of {t.dtype} needs {expected}")
@@ -536,8 +584,8 @@ def _check_tensor(t: TensorPayload, name: str) -> None:
 
 def _check_hidden(h: TensorPayload, limits: WireLimits) -> int:
     """Validate hidden states [1, T, hidden_size]; returns T."""
-    if h.dtype not in HIDDEN_DTYPES:
-        raise WireError("bad_dtype", f"hidden dtype {short(h.dtype)} not in {sorted(HIDDEN_DTYPES)}")
+    if h.dtype not in HIDDEN_DTYPES and h.dtype != INT8_BLOCKS:
+        raise WireError("bad_dtype", f"hidden dtype {short(h.dtype)} not in {sorted(HIDDEN_DTYPES + (INT8_BLOCKS,))}")
     width_ok = len(h.shape) == 3 and (
         h.shape[2] == limits.hidden_size if limits.hidden_size is not None else h.shape[2] >= 1
     )

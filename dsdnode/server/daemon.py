@@ -34,8 +34,9 @@ from ..net.protocol import SESSION_PROTOCOL
 from ..net.p2p import P2PNode, PeerInfo, Stream, StreamClosed
 from ..net.stream import FRAME_BODY_TIMEOUT_S, close_quietly
 from ..ready import print_ready
-from ..net.wire import (CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession, SessionOpened,
-                        TensorPayload, WireError, WireLimits, decode, digest, encode, frame_ceiling, short)
+from ..net.wire import (INT8_BLOCKS, CloseSession, ErrorReply, Forward, ForwardResult, HopTiming, OpenSession,
+                        SessionOpened, WireError, WireLimits, decode, digest, encode, frame_ceiling,
+                        hidden_payload, short)
 from .batching import BatchSettings, Batcher
 from .metrics import server_metrics
 from .next_hops import DialRate, allowed_hop, open_next_hop
@@ -224,6 +225,7 @@ class Server:
         next_hop = await self._next_hop(msg, stream.remote_peer_id, group) if msg.next_peer is not None else None
         session = self.table.open(msg.session_id, msg.start, msg.end, msg.max_length, stream, msg.next_peer,
                                   msg.prev_peer, group, msg.next_session_id)
+        session.wire = msg.wire
         self.metrics.sessions_opened.inc()
         if next_hop is not None:
             try:
@@ -280,6 +282,10 @@ class Server:
             cache = session.cache
             if cache is None:  # closed (expired, shut down) while this block waited for the lock
                 raise SessionError("unknown_session", f"no open session {msg.session_id!r} on this server")
+            if (msg.hidden.dtype == INT8_BLOCKS) != (session.wire == "int8"):  # no hop turns a lossless
+                # session lossy (nor the reverse): every hop of it sends what its client opened it with
+                raise SessionError("bad_dtype", f"hidden states as {short(msg.hidden.dtype)} in a session whose "
+                                                f"wire is {session.wire!r}")
             incoming = msg.hidden.to_torch()
             hidden = incoming.to(session.span.dtype)
             tree = None if msg.attention_mask is None else msg.attention_mask.to_torch()
@@ -298,7 +304,7 @@ class Server:
             out, compute_s = done.hidden, done.compute_s
             self.metrics.observe_block(hidden.shape[1], compute_s)
             timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time(), digest(msg.hidden))]
-            payload = TensorPayload.from_torch(out.to(incoming.dtype))  # the next hop gets what we got
+            payload = hidden_payload(out.to(incoming.dtype), session.wire)  # the next hop gets what we got
             result = ForwardResult(msg.session_id, msg.step_id, payload, timings)
             if session.next_stream is not None:
                 frame = encode(Forward(session.next_session_id, msg.step_id, msg.commit_len, payload,

@@ -81,6 +81,7 @@ class Session:
     group: str = ""  # the opener's network group (net/groups.py)
     max_length: int = 0  # the most positions its cache may grow to
     next_session_id: str | None = None  # the id of this session at the next hop (what pushes carry)
+    wire: str = "exact"  # how its hidden states travel (net/wire.py WIRE_MODES), in and out alike
     next_stream: Stream | None = None
     last_used: float = field(default_factory=time.monotonic)
     opened: float = field(default_factory=time.monotonic)

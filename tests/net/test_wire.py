@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from dsdnode.net.wire import (
+    INT8_BLOCK,
+    INT8_BLOCKS,
     CloseSession,
     ErrorReply,
     Forward,
@@ -20,6 +22,7 @@ from dsdnode.net.wire import (
     decode,
     digest,
     encode,
+    payload_bytes,
 )
 
 HIDDEN = 16
@@ -332,3 +335,41 @@ def test_hop_timings_carry_an_input_digest_of_fixed_length():
     assert digest(block) == digest(same) and len(digest(block)) == 8
     assert code_of(raw(ok, timings=[vars(HopTiming("p", 1.0, 0.5, 2.0, b"short"))])) == "malformed"
     assert code_of(encode(SessionOpened("s", "p", "int64"))) == "bad_dtype"
+
+
+@pytest.mark.parametrize("width", [64, 576, 100])
+def test_int8_blocks_round_trip_within_half_a_step_of_each_block(width):
+    """Every value comes back within half its block's step (absmax / 127, as the float16 scale sent),
+    a block's largest value exactly to its rounding; the frame is the values plus 2 bytes a block."""
+    x = torch.randn(1, 7, width) * torch.logspace(-3, 3, width)  # blocks of very different scales
+    x[0, 3, 5] = 0.0
+    x[0, 4] = 0.0  # an all-zero position
+    payload = TensorPayload.int8_blocks(x)
+    msg = decode(encode(Forward("s", 1, 0, payload, None, [])), WireLimits(hidden_size=width))
+    back = msg.hidden.to_torch()
+    assert back.dtype == torch.float32 and back.shape == x.shape
+    blocks = -(-width // INT8_BLOCK)
+    assert len(payload.data) == payload_bytes(INT8_BLOCKS, x.shape) == 7 * width + 7 * blocks * 2
+    pad = blocks * INT8_BLOCK - width
+    step = (torch.nn.functional.pad(x, (0, pad)).reshape(1, 7, blocks, INT8_BLOCK).abs().amax(-1, keepdim=True) / 127)
+    step = step.half().float().expand(1, 7, blocks, INT8_BLOCK).reshape(1, 7, -1)[..., :width]
+    assert bool(((back - x).abs() <= step / 2 * 1.001 + 1e-30).all())
+    assert bool((back[0, 4] == 0).all())
+    rel = ((back - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12))[0]
+    assert float(rel[[0, 1, 2, 3, 5, 6]].max()) < 0.02
+
+
+def test_int8_blocks_are_checked_like_any_hidden_payload():
+    good = TensorPayload.int8_blocks(torch.randn(1, 2, 64))
+    short_data = TensorPayload(INT8_BLOCKS, (1, 2, 64), good.data[:-1])
+    with pytest.raises(WireError) as e:
+        decode(encode(Forward("s", 1, 0, short_data, None, [])), WireLimits(hidden_size=64))
+    assert e.value.code == "bad_shape"
+    mask = TensorPayload(INT8_BLOCKS, (2, 2), b"\x01" * 8)  # only hidden states may travel as int8 blocks
+    with pytest.raises(WireError) as e:
+        decode(encode(Forward("s", 1, 0, good, mask, [])), WireLimits(hidden_size=64))
+    assert e.value.code == "bad_dtype"
+    with pytest.raises(WireError) as e:
+        decode(encode(OpenSession("s", "m", 0, 1, 8, None, None, "float32", "w", None, "int4")), WireLimits())
+    assert e.value.code == "malformed"
+    assert OpenSession("s", "m", 0, 1, 8, None, None, "float32", "w").wire == "exact"  # lossless unless asked

@@ -51,10 +51,10 @@ def run(chain, client_parts, n=40, on_tokens=None):
     return Generator(head, chain, drafter, settings(n), eos_ids=set()).generate(ids, on_tokens)
 
 
-async def remote_chain(swarm, head):
+async def remote_chain(swarm, head, wire="exact"):
     node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, client=True)
     return RemoteChain(node, "smollm2-135m", 30, head.config.hidden_size, weights=swarm.servers[0].info["weights"],
-                       dtype=torch.float32)
+                       dtype=torch.float32, wire=wire)
 
 
 def test_swarm_generates_the_in_process_tokens(swarm, client_parts, smollm2_dir):
@@ -73,6 +73,45 @@ def test_swarm_generates_the_in_process_tokens(swarm, client_parts, smollm2_dir)
     assert [(a, b) for _, a, b in route] == [(0, 10), (10, 20), (20, 30)]
     assert all(len(r.hop_compute_s) == 3 for r in result.rounds)
     assert all(len(r.hop_link_s) == 2 and all(0 <= x < 5 for x in r.hop_link_s) for r in result.rounds)
+
+
+def test_int8_wire_gives_the_text_of_local_spans_rounded_alike(swarm, client_parts, smollm2_dir):
+    """The opt-in int8 wire (lossy): a real session whose hops send hidden states as int8 blocks gives
+    exactly the text of in-process spans whose links round them the same way, its blocks are about a
+    quarter of float32's bytes, and a server refuses int8 blocks in a session opened lossless (no
+    hop can turn a client's session lossy)."""
+    spans = [Span.load(smollm2_dir, a, b, torch.float32) for a, b in [(0, 10), (10, 20), (20, 30)]]
+    expected = asyncio.run(run(LocalChain(spans, wire="int8"), client_parts, n=24)).tokens
+    hidden = client_parts[0].config.hidden_size
+
+    async def remote():
+        chain = await remote_chain(swarm, client_parts[0], wire="int8")
+        try:
+            return await run(chain, client_parts, n=24), chain.failovers, dict(chain.excluded)
+        finally:
+            await chain.shutdown()
+    result, failovers, excluded = asyncio.run(remote())
+    assert result.tokens == expected
+    assert failovers == 0 and not excluded  # audits of the rounded outputs accused no honest hop
+    block = (1 + 4) * hidden  # k = 4: 5 positions
+    assert all(0 < r.block_bytes < block * 4 // 3 for r in result.rounds if r.k == 4), [r.block_bytes for r in result.rounds]
+
+    async def lossless_session_refuses_int8():
+        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, client=True)
+        server = swarm.servers[0]
+        try:
+            stream = await node.open_stream(PeerInfo(server.peer_id, tuple(server.info["addrs"])), PROTOCOL)
+            await stream.send(encode(OpenSession("lossless", "smollm2-135m", 0, 10, 64, None, None, "float32",
+                                                 server.info["weights"])))
+            opened = decode(await stream.recv(timeout=20), WireLimits())
+            await stream.send(encode(Forward("lossless", 1, 0, TensorPayload.int8_blocks(torch.randn(1, 2, hidden)),
+                                             None, [])))
+            return opened, decode(await stream.recv(timeout=20), WireLimits())
+        finally:
+            await node.stop()
+    opened, refused = asyncio.run(lossless_session_refuses_int8())
+    assert isinstance(opened, SessionOpened)
+    assert isinstance(refused, ErrorReply) and refused.code == "bad_dtype" and "'exact'" in refused.message
 
 
 def test_bad_input_gets_clear_errors_and_the_daemon_keeps_serving(swarm, client_parts, smollm2_dir):
