@@ -33,6 +33,14 @@ def swarm(smollm2_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def audited_swarm(smollm2_dir, tmp_path_factory):
+    """The same spans, each server on a network of its own: the replicas of 10:20 audit each other."""
+    with LocalSwarm("smollm2-135m", SPANS, tmp_path_factory.mktemp("audited"), dtype="float32",
+                    own_networks=True) as sw:
+        yield sw
+
+
+@pytest.fixture(scope="module")
 def client_parts(smollm2_dir):
     from transformers import AutoTokenizer
     head = Head.load(smollm2_dir, torch.float32)
@@ -75,7 +83,7 @@ def test_swarm_generates_the_in_process_tokens(swarm, client_parts, smollm2_dir)
     assert all(len(r.hop_link_s) == 2 and all(0 <= x < 5 for x in r.hop_link_s) for r in result.rounds)
 
 
-def test_int8_wire_gives_the_text_of_local_spans_rounded_alike(swarm, client_parts, smollm2_dir):
+def test_int8_wire_gives_the_text_of_local_spans_rounded_alike(audited_swarm, client_parts, smollm2_dir):
     """The opt-in int8 wire (lossy): a real session whose hops send hidden states as int8 blocks gives
     exactly the text of in-process spans whose links round them the same way, its blocks are about a
     quarter of float32's bytes, and a server refuses int8 blocks in a session opened lossless (no
@@ -85,20 +93,22 @@ def test_int8_wire_gives_the_text_of_local_spans_rounded_alike(swarm, client_par
     hidden = client_parts[0].config.hidden_size
 
     async def remote():
-        chain = await remote_chain(swarm, client_parts[0], wire="int8")
+        chain = await remote_chain(audited_swarm, client_parts[0], wire="int8")
         try:
-            return await run(chain, client_parts, n=24), chain.failovers, dict(chain.excluded)
+            return await run(chain, client_parts, n=24), chain.failovers, dict(chain.excluded), chain.auditor.stats
         finally:
             await chain.shutdown()
-    result, failovers, excluded = asyncio.run(remote())
+    result, failovers, excluded, audits = asyncio.run(remote())
     assert result.tokens == expected
-    assert failovers == 0 and not excluded  # audits of the rounded outputs accused no honest hop
+    # audits compared the hops' rounded outputs with exact recomputations and accused no honest hop
+    assert audits.positions > 0 and audits.mismatches == 0, audits
+    assert failovers == 0 and not excluded
     block = (1 + 4) * hidden  # k = 4: 5 positions
     assert all(0 < r.block_bytes < block * 4 // 3 for r in result.rounds if r.k == 4), [r.block_bytes for r in result.rounds]
 
     async def lossless_session_refuses_int8():
-        node = await P2PNode.start(bootstrap=swarm.bootstrap_addrs, client=True)
-        server = swarm.servers[0]
+        node = await P2PNode.start(bootstrap=audited_swarm.bootstrap_addrs, client=True)
+        server = audited_swarm.servers[0]
         try:
             stream = await node.open_stream(PeerInfo(server.peer_id, tuple(server.info["addrs"])), PROTOCOL)
             await stream.send(encode(OpenSession("lossless", "smollm2-135m", 0, 10, 64, None, None, "float32",
