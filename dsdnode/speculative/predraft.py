@@ -50,7 +50,8 @@ from .tree import TokenTree
 class PredraftSettings:
     """rejections: at most this many rejection outcomes drafted ahead each round besides full
     acceptance (0: only full acceptance). gated: only as many as have a positive expected gain in
-    that round (AheadGate), else always `rejections`."""
+    that round (AheadGate), else always `rejections`. Off by default (0): in the gated swarm run
+    (BENCHMARKS.md, "Gated drafting ahead") the gate cost nothing, but no branch was hit."""
 
     rejections: int = 0
     gated: bool = True
