@@ -474,7 +474,8 @@ class RemoteChain:
             inputs = [blocks[step - first][0]] + [g[1] for g in mine[:-1]]
             for j in range(hops):
                 self.auditor.record(leg_index + j, step, commit_len, inputs[j], mine[j][1], kept,
-                                    None if tree is None else tree.mask, None if tree is None else tree.positions)
+                                    None if tree is None else tree.mask, None if tree is None else tree.positions,
+                                    queued=step != first)
             outputs.append(ChainOutput(mine[-1][1], [x.compute_s for x in t], links, size, sum(g[3] for g in mine)))
         return outputs
 

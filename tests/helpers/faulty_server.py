@@ -15,8 +15,9 @@ Run as `python tests/helpers/faulty_server.py FAULT start ARGS...`: the same dae
   claim      announces a throughput of 1e6 tokens/s, whatever it measured (a Sybil's claim)
   observe    honest, but writes what it sees of every session to its log, one `OBSERVED {json}` line
              per OpenSession and per block: the opener's peer id, the OpenSession's fields, each
-             block's step, commit_len, size, tree, kept path, upstream timings and which peer sent it
-             (what an auditor could use to tell a shadow session from a real one)
+             block's step, commit_len, size, tree, kept path, upstream timings and which peer sent it,
+             and when it was done with each block (what an auditor could use to tell a shadow session
+             from a real one)
 Flavours combine with "+" (e.g. noise+claim).
 """
 
@@ -114,7 +115,10 @@ def _observe() -> None:
         note(kind="block", sender=came_on.remote_peer_id, session_id=msg.session_id, step=msg.step_id,
              commit_len=msg.commit_len, size=list(msg.hidden.shape), tree=msg.attention_mask is not None,
              positions=msg.positions, kept=msg.kept, upstream=[t.peer_id for t in msg.timings])
-        return await honest_forward(self, msg, came_on)
+        try:
+            return await honest_forward(self, msg, came_on)
+        finally:  # computed and pushed on (or answered): when a client may send its next block
+            note(kind="done", session_id=msg.session_id, step=msg.step_id)
 
     daemon.Server._open, daemon.Server._forward = open_, forward
 
