@@ -225,6 +225,8 @@ class ShadowRoute:
                 self._progress.set()
         except AuditUnavailable as e:
             self.failure = e
+        except Exception as e:  # whatever else went wrong, the audit must not wait for it
+            self.failure = AuditUnavailable(f"the shadow route failed: {e!r}")
         except asyncio.CancelledError:
             self.failure = AuditUnavailable("the shadow route was closed")
             raise
