@@ -294,7 +294,8 @@ class Auditor:
             outs = await route.outputs(last)
         except AuditUnavailable as e:
             log.info("the shadow route %s failed: %s", [p.peer_id for p in route.pieces], e)
-            self.standing.failed(e.peer, "failed an audit session")
+            if e.peer:  # (a stall between two pieces is no one's to blame)
+                self.standing.failed(e.peer, "failed an audit session")
             await self._drop_route()
             return verdicts
         void = last  # blocks from here on are compared on inputs the hop was not sent

@@ -46,6 +46,10 @@ class AuditUnavailable(PeerError, RuntimeError):
         self.peer = peer
 
 
+class AuditStalled(AuditUnavailable):
+    """The auditor sent nothing within AUDIT_TIMEOUT_S."""
+
+
 class UnlikeAuditor(AuditUnavailable):
     """The auditor computes in another dtype than the audited hop: no fault, but no comparison."""
 
@@ -244,7 +248,15 @@ class ShadowRoute:
                                                  block.positions, block.kept), self.pieces[0].peer_id)
         for block, given in zip(blocks, sent):
             got = await asyncio.gather(*(_ask(s, None, ForwardResult, p.peer_id, self.limits)
-                                         for s, p in zip(self.streams, self.pieces)))
+                                         for s, p in zip(self.streams, self.pieces)), return_exceptions=True)
+            for j, result in enumerate(got):
+                if isinstance(result, BaseException):
+                    if isinstance(result, AuditStalled) and j and not isinstance(got[j - 1], BaseException):
+                        # the piece before answered, this one never did: it hung or was never pushed the
+                        # block, which the client cannot tell apart (as in a real route): no one is to blame
+                        raise AuditUnavailable(f"the shadow route stalled between {self.pieces[j - 1].peer_id} and "
+                                               f"{self.pieces[j].peer_id}")
+                    raise result
             for j, (p, result) in enumerate(zip(self.pieces, got)):
                 if (result.step_id != block.step or result.session_id != self.ids[j] or len(result.timings) != j + 1
                         or tuple(result.hidden.shape) != tuple(block.inputs.shape)):
@@ -294,6 +306,8 @@ async def _ask(stream: Stream, msg, want: type, peer: str, limits: WireLimits):
         await _send(stream, msg, peer)
     try:
         reply = decode(await stream.recv(timeout=AUDIT_TIMEOUT_S), limits)
+    except TimeoutError as e:
+        raise AuditStalled(f"auditor {peer}: {e!r}", peer) from None
     except Exception as e:
         raise AuditUnavailable(f"auditor {peer}: {e!r}", peer) from None
     if isinstance(reply, ErrorReply) or not isinstance(reply, want):
