@@ -295,3 +295,22 @@ def test_a_disagreement_in_a_shadow_route_voids_the_comparisons_after_it(tmp_pat
     assert verdicts[1] is None and verdicts[2] is None  # void from block 1 on: audited by panels of their own
     assert route.closed and auditor.shadow is None
     assert auditor.stats.routed == (1 if audits else 0) and auditor.stats.mismatches == (1 if audits else 0)
+
+
+def test_who_a_stall_is_blamed_on_follows_the_stalls_seen_before():
+    """A pass stalled after hop p's copy came and before hop j's (every hop answering pings): a first
+    stall pauses j; p stalling again at another next hop blames p; the same pair again excludes j
+    (unproven); j stalling behind another hop too blames j; a stall at the first hop excludes it."""
+    chain = SimpleNamespace(_stalls=set(), relay=False)
+
+    def stall(*peers, copies=1):  # the first `copies` hops' copies came
+        legs = [SimpleNamespace(peer_id=p) for p in peers]
+        return RemoteChain._stalled(chain, legs, {(1, i): None for i in range(copies)}, 1)
+
+    assert stall("p", "a") == {"a": "stalled"}
+    assert stall("p", "b") == {"p": "its next hops stall"}
+    chain._stalls = set()
+    assert stall("x", "j") == {"j": "stalled"}
+    assert stall("x", "j") == {"j": "stalled again"}
+    assert stall("y", "j") == {"j": "stalls behind several hops"}
+    assert stall("z", "w", copies=0) == {"z": "stalled on the client's block"}
