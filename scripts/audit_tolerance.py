@@ -7,7 +7,7 @@ float32 and bfloat16, then perturbs the hop's outputs by a relative L2 of 1 %, 2
 position (a random direction) and reports how often each check catches it:
   - per position: relative L2 difference > the shipped tolerance (client/audit.py TOLERANCE);
   - window mean: the mean relative L2 difference over an audit window of positions > 2x the largest
-    honest window mean measured here;
+    honest window mean measured here, and > the shipped window bound (client/audit.py WINDOW_TOLERANCE);
   - top-1 (the last range only): the LM head's top token of the final hidden state differs from the
     auditor's on some position of the window.
 Run: PYTHONPATH=. python scripts/audit_tolerance.py --model smollm2-135m"""
@@ -19,7 +19,7 @@ import random
 
 import torch
 
-from dsdnode.client.audit import TOLERANCE, relative_diff
+from dsdnode.client.audit import TOLERANCE, WINDOW_TOLERANCE, relative_diff
 from dsdnode.models.fetch import resolve_model_dir
 from dsdnode.models.head import Head
 from dsdnode.models.span import Span
@@ -96,7 +96,7 @@ def main() -> None:
                   + (f"; honest top-1 agreement on all positions in {sum(top1_honest)}/{len(top1_honest)} prompts"
                      if last else ""))
             for rel in (0.01, 0.02, 0.05):
-                caught = {"position": 0, "window": 0, "top1": 0}
+                caught = {"position": 0, "window": 0, "shipped": 0, "top1": 0}
                 for _ in range(args.trials):
                     h, au = pairs[rng.randrange(len(pairs))]
                     i = rng.randrange(max(1, h.shape[1] - args.window + 1))
@@ -104,11 +104,13 @@ def main() -> None:
                     d = relative_diff(hop_w, aud_w)
                     caught["position"] += bool((d > TOLERANCE[dtype_name]).any())
                     caught["window"] += bool(d.mean() > 2 * honest_window)
+                    caught["shipped"] += bool(d.mean() > WINDOW_TOLERANCE[dtype_name])
                     if last:
                         caught["top1"] += bool((head.logits(hop_w).argmax(-1) != head.logits(aud_w).argmax(-1)).any())
                 print(f"  perturbation {rel:.0%}: caught per position (tolerance {TOLERANCE[dtype_name]:g}) "
                       f"{caught['position']}/{args.trials}, by window mean (> {2 * honest_window:.2e}) "
-                      f"{caught['window']}/{args.trials}"
+                      f"{caught['window']}/{args.trials}, by the shipped window bound (> {WINDOW_TOLERANCE[dtype_name]:g}) "
+                      f"{caught['shipped']}/{args.trials}"
                       + (f", by top-1 {caught['top1']}/{args.trials}" if last else ""))
 
 
