@@ -3,7 +3,8 @@
 A hop computes its span block by block, with drafts that are rolled back; an auditor recomputes the
 same positions as one catch-up block. Their outputs differ by rounding alone. This script measures
 that honest spread per layer range on real text (the model's own embeddings of code prompts), in
-float32 and bfloat16, then perturbs the hop's outputs by a relative L2 of 1 %, 2 % and 5 % per
+float32 and bfloat16 -- from the second range on also chained (a chain of hops vs a chain of
+auditors, the differences accumulated from layer 0: what a shadow route's comparisons see) -- then perturbs the hop's outputs by a relative L2 of 1 %, 2 % and 5 % per
 position (a random direction) and reports how often each check catches it:
   - per position: relative L2 difference > the shipped tolerance (client/audit.py TOLERANCE);
   - window mean: the mean relative L2 difference over an audit window of positions > 2x the largest
@@ -37,10 +38,10 @@ PROMPTS = [
 ]
 
 
-def hop_and_audit(span: Span, x: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a hop's outputs, computed in blocks of 1-6 after rolled-back drafts; an auditor's, one block)."""
+def as_hop(span: Span, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """A hop's outputs, computed in blocks of 1-6 after rolled-back drafts."""
     n = x.shape[1]
-    hop, audit = span.new_cache(n + 8), span.new_cache(n + 8)
+    hop = span.new_cache(n + 8)
     out = torch.zeros_like(x)
     first = min(8, n)
     out[:, :first] = span(x[:, :first], hop, 0)
@@ -50,7 +51,12 @@ def hop_and_audit(span: Span, x: torch.Tensor, rng: random.Random) -> tuple[torc
         span(torch.randn_like(x[:, :t]), hop, pos)  # drafts that were rejected
         out[:, pos:pos + t] = span(x[:, pos:pos + t], hop, pos)
         pos += t
-    return out, span(x, audit, 0)
+    return out
+
+
+def hop_and_audit(span: Span, x: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a hop's outputs; an auditor's, one block) for the same inputs."""
+    return as_hop(span, x, rng), span(x, span.new_cache(x.shape[1] + 8), 0)
 
 
 def perturb(out: torch.Tensor, rel: float, gen: torch.Generator) -> torch.Tensor:
@@ -79,10 +85,20 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(model_dir)
         rng, gen = random.Random(0), torch.Generator().manual_seed(0)
         xs = [head.embed_tokens(tok(p)["input_ids"]) for p in PROMPTS]
+        hs = xs  # a chain of hops' outputs (what a shadow route's mirror of the next hop is compared with)
         for a, b in zip(bounds, bounds[1:]):
             span = Span.load(model_dir, a, b, dtype)
             pairs = [hop_and_audit(span, x, rng) for x in xs]
+            hs = [h if a == 0 else as_hop(span, x, rng) for x, (h, _) in zip(hs, pairs)]
             xs = [au for _, au in pairs]  # the next range's input: this range's (auditor's) output
+            if a > 0:  # hops chained on hops vs auditors chained on auditors: differences accumulated from layer 0
+                chained = [relative_diff(h, au) for h, (_, au) in zip(hs, pairs)]
+                cat = torch.cat(chained)
+                means = [d[i:i + args.window].mean() for d in chained for i in range(0, d.shape[0] - args.window + 1, 5)]
+                print(f"{args.model} {dtype_name} layers 0:{b} chained (what a shadow route compares): honest "
+                      f"relative L2 per position max {float(cat.max()):.2e} p99 {float(cat.quantile(0.99)):.2e} "
+                      f"median {float(cat.median()):.2e}; largest {args.window}-position window mean "
+                      f"{float(max(means)) if means else float(cat.mean()):.2e}")
             diffs = torch.cat([relative_diff(h, au) for h, au in pairs])
             windows = [relative_diff(h, au)[i:i + args.window].mean() for h, au in pairs
                        for i in range(0, h.shape[1] - args.window + 1, 5)]
