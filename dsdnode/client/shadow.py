@@ -8,8 +8,8 @@ off), so what it is sent must look like what a real session is sent:
   and the pieces are chained like a real route: the client opens, from an identity made for this
   shadow route, a session on each piece naming its previous and next piece (ids of their own, as a
   real client gives its hops); it sends the first piece the blocks the route's first hop was sent,
-  one at a time -- the next only once every piece's copy of the last came back, as a real client
-  waits for a pass -- and each piece pushes its output on (stamped with its HopTiming) and sends the
+  one at a time -- each once the route computed it and every piece's copy of the last came back, as
+  a real client waits for a pass -- and each piece pushes its output on (stamped with its HopTiming) and sends the
   opener a copy. So a piece sees what a real hop at its place sees: a previous hop pushing to it,
   a next hop to push to, one block per round, the route's block shapes. A hop whose layers no
   independent server serves is mirrored by its own server, as a feeder: not an audit, only what
@@ -194,7 +194,11 @@ class ShadowRoute:
                 raise
             return stream, opened.compute_dtype
 
-        opened = await asyncio.gather(*(open_one(j) for j in range(len(pieces))), return_exceptions=True)
+        try:
+            opened = await asyncio.gather(*(open_one(j) for j in range(len(pieces))), return_exceptions=True)
+        except BaseException:  # cancelled (the route closed meanwhile): each piece closed its own stream
+            await node.stop()
+            raise
         failures = [e for e in opened if isinstance(e, BaseException)]
         if failures:
             await asyncio.gather(*(close_quietly(o[0]) for o in opened if not isinstance(o, BaseException)))
