@@ -212,6 +212,7 @@ class Auditor:
         self._computed_at: torch.Tensor | None = None  # round in which each position was last computed
         self._unlike: set[tuple[str, str]] = set()  # (auditor peer, compute dtype) pairs known not to match
         self.shadow: ShadowRoute | None = None  # the current route's shadow route, fed as blocks come
+        self._opening: asyncio.Task | None = None  # the shadow route being opened alongside the route's first blocks
         self._grew = asyncio.Event()  # set when the route's first hop logs a block (what feeds the shadow route)
 
     async def new_route(self, hops: list[tuple[SpanRecord, int, int, str]], max_length: int) -> None:
@@ -221,6 +222,11 @@ class Auditor:
         self.filled = self.low_water = 0
         if self._computed_at is None or self._computed_at.numel() != max_length:
             self._computed_at = torch.zeros(max_length, dtype=torch.long)
+
+    def prepare(self) -> None:
+        """Open the new route's shadow route in the background: it is then fed the route's blocks from the
+        first, each as the route computed it (a real session's pace), and is caught up at the first audit."""
+        self._opening = asyncio.create_task(self._shadow_route())
 
     def note_unauditable(self) -> bool:
         """Note the hops of a new route that no panel could audit (as far as eligibility tells before
@@ -287,6 +293,9 @@ class Auditor:
         by a panel of its own), and the shadow route is dropped (a new one is drawn at the next audit)."""
         verdicts: list[Verdict | None] = [None] * len(snapshot)
         last = snapshot[0][2] if snapshot else 0
+        if self._opening is not None:  # the shadow route opened with the route (its outcome is self.shadow)
+            opening, self._opening = self._opening, None
+            await asyncio.gather(opening, return_exceptions=True)
         route = await self._shadow_route() if last else None
         if route is None:
             return verdicts
@@ -561,6 +570,10 @@ class Auditor:
             await node.stop()
 
     async def close(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
         await asyncio.gather(self._drop_route(), *(self._drop_shadows(h) for h in self.logs))
 
 

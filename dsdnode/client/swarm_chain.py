@@ -296,6 +296,8 @@ class RemoteChain:
                                       for leg in self.legs], self._max_length)
         self._auditable = bool(self.audit_every) and self.auditor.note_unauditable()
         self._refuse_unaudited()
+        if self._auditable:
+            self.auditor.prepare()
         self.pace.reset([leg.peer_id for leg in self.legs])
         for leg in self.legs:
             leg.reader = asyncio.create_task(self._read(leg, self._results))
