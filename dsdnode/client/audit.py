@@ -4,14 +4,15 @@ Every hop sends the client a copy of the output it pushed on, and stamps a diges
 received (server/daemon.py); the client checks each round that hop i's input digest matches hop
 i-1's copy (or the block the client sent), so a hop cannot send the client one thing and push
 another. The client keeps, per hop of the current route, every block the hop was sent (step id,
-commit_len, inputs, token tree, kept path) and the outputs it returned. An audit of a hop sends the
-blocks since its last audit, one by one and shaped as the hop got them, to a panel: one other server
-that serves the hop's layers, or, when no single server does, several servers that serve them
-piecewise (the client chains their shadow sessions). Outputs are compared row by row within a
-tolerance measured per dtype. The audited hop sees nothing: every block it serves is treated the
-same, audited or not. The auditor sees a session from an identity made for that panel, sent blocks
-of the shapes real sessions are sent (what it can still tell: docs/ARCHITECTURE.md, "Shadow
-sessions").
+commit_len, inputs, token tree, kept path) and the outputs it returned. Audits compare those
+outputs, row by row within a tolerance measured per dtype, with a shadow route's
+(client/shadow.py): every hop mirrored by a panel -- one other server that serves the hop's layers,
+or several that serve them piecewise -- and the panels chained by pushes like a real route, fed the
+route's blocks as they come, one per round, so that an auditor cannot tell its session from a real
+one. A mirror's inputs are the mirrors' before it, not the hop's, so a disagreement at one hop voids
+the comparisons after it (from where it began); those hops, and every hop of a route that could not
+be mirrored, are audited by a panel of their own fed the hop's inputs back to back (a shadow
+session). The audited hop sees nothing: every block it serves is treated the same, audited or not.
 
 Independence (one operator may run many peer ids, client/standing.py): a panel is drawn at random
 among the eligible servers (not excluded, not banned, not of a banned network group, not flagged for
@@ -37,21 +38,17 @@ import asyncio
 import logging
 import math
 import random
-import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..net.records import SpanRecord
-from ..net.p2p import P2PNode, PeerInfo, Stream
-from ..net.protocol import SESSION_PROTOCOL
-from ..net.stream import close_quietly
-from ..net.wire import (INT8_BLOCKS, CloseSession, ErrorReply, Forward, ForwardResult, OpenSession, SessionOpened,
-                        TensorPayload, WireLimits, decode, encode)
+from ..net.p2p import P2PNode
+from ..net.wire import INT8_BLOCKS, WireLimits
 from .bans import BanList
+from .shadow import AuditUnavailable, HopBlock, Mirror, Piece, ShadowRoute, ShadowSession, UnlikeAuditor
 from .standing import Standing
-from ..errors import PeerError
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +58,10 @@ log = logging.getLogger(__name__)
 # replay differs by), measured at most 1.1e-5 in float32 and 3.2e-2 in bfloat16. float16 was not measured:
 # it gets bfloat16's. Servers that compute in different dtypes differ far more (up to 0.55 measured,
 # float32 vs bfloat16 on SmolLM2 0:15), so only servers that compute alike are compared.
-# Hops of an int8 wire session (net/wire.py) send outputs rounded to int8 blocks, the shadow's come
-# back exact: those get bfloat16's bounds (the rounding's per-position relative L2 difference on real
-# SmolLM2 hidden states is in BENCHMARKS.md, "int8 wire", well inside them).
+# Hops of an int8 wire session (net/wire.py) send outputs rounded to int8 blocks; shadow sessions and
+# routes are opened with the same wire, so they round at the same links and differ from an honest hop
+# only where a value rounds the other way: bfloat16's bounds (the rounding changes a position by
+# 1.2-1.9 % on real hidden states, BENCHMARKS.md "int8 wire").
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1, INT8_BLOCKS: 0.1}
 
 
@@ -81,20 +79,9 @@ def tolerance(compute_dtype: str, wire_dtype: str) -> tuple[float, float]:
     coarser one's tolerances."""
     return (max(TOLERANCE[compute_dtype], TOLERANCE[wire_dtype]),
             max(WINDOW_TOLERANCE[compute_dtype], WINDOW_TOLERANCE[wire_dtype]))
-AUDIT_TIMEOUT_S = 20.0  # a shadow session's answer (to its open, or to one block)
+
+
 AUDITOR_TRIES = 2  # auditors tried for one hop before the hop counts as unauditable this time
-
-
-class AuditUnavailable(PeerError, RuntimeError):
-    """The auditor could not do the work (refused, unreachable, slow, unusable reply)."""
-
-    def __init__(self, message: str, peer: str = ""):
-        super().__init__(message)
-        self.peer = peer
-
-
-class UnlikeAuditor(AuditUnavailable):
-    """The auditor computes in another dtype than the audited hop: no fault, but no comparison."""
 
 
 def relative_diff(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
@@ -117,121 +104,6 @@ def disagreement(got: torch.Tensor, want: torch.Tensor, tolerances: tuple[float,
     if bad is None and got.shape[1] >= WINDOW_MIN and not float(relative_diff(got, want).mean()) <= tolerances[1]:
         return 0
     return bad
-
-
-@dataclass(frozen=True)
-class HopBlock:
-    """One block as a hop of the route was sent it -- its step id, commit_len, inputs and token tree
-    -- and the outputs it returned. A shadow session is sent the same blocks (the hop's own block
-    shapes, rolled-back drafts included), so what an auditor sees is what the hop saw."""
-
-    step: int
-    commit_len: int
-    inputs: torch.Tensor  # [1, T, H]
-    outputs: torch.Tensor
-    mask: torch.Tensor | None = None  # a token tree's attention mask (Forward.attention_mask)
-    positions: list[int] | None = None
-    kept: list[int] | None = None
-
-    def first_position(self, row: int) -> int:
-        """Where a wrong output in `row` means the generation must roll back to: the row's own
-        position in a chain block; in a token tree, whose rows are not in sequence, the block's start."""
-        return self.commit_len if self.mask is not None else self.commit_len + row
-
-
-class ShadowSession:
-    """A session on an auditing server, fed by the client itself (request/response on one stream),
-    opened from an identity of its own (`Auditor` gives every panel a fresh one)."""
-
-    def __init__(self, record: SpanRecord, stream: Stream, session_id: str, limits: WireLimits):
-        self.record, self.stream, self.session_id, self.limits = record, stream, session_id, limits
-        self.compute_dtype = ""
-        self.replayed = 0  # blocks of the hop's log this session has been sent
-
-    @classmethod
-    async def open(cls, node: P2PNode, record: SpanRecord, model: str, weights: str, start: int, end: int,
-                   max_length: int, dtype: str, limits: WireLimits) -> ShadowSession:
-        try:
-            stream = await node.open_stream(PeerInfo(record.peer_id, tuple(record.addrs)), SESSION_PROTOCOL,
-                                            timeout=AUDIT_TIMEOUT_S)
-        except Exception as e:
-            raise AuditUnavailable(f"cannot reach auditor {record.peer_id}: {e!r}", record.peer_id) from None
-        shadow = cls(record, stream, secrets.token_hex(8), limits)
-        opened = await shadow._ask(OpenSession(shadow.session_id, model, start, end, max_length, None, None, dtype, weights),
-                                   SessionOpened)
-        shadow.compute_dtype = opened.compute_dtype
-        return shadow
-
-    async def run(self, blocks: list[HopBlock], hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
-        """This piece's outputs for `blocks` (the next ones of the hop's log), given these inputs: each
-        sent as the hop was sent it. They are sent back to back (the server runs a stream's blocks in
-        order, as it does a prefill's chunks) while the answers are read: one round trip, not one per block."""
-        async def send() -> None:
-            for block, hidden in zip(blocks, hiddens):
-                mask = None if block.mask is None else TensorPayload.from_torch(block.mask)
-                await self._send(Forward(self.session_id, block.step, block.commit_len, TensorPayload.from_torch(hidden),
-                                         mask, [], block.positions, block.kept))
-
-        async def receive() -> list[torch.Tensor]:
-            outs = []
-            for block, hidden in zip(blocks, hiddens):
-                got = await self._receive(ForwardResult)
-                if got.step_id != block.step or tuple(got.hidden.shape) != tuple(hidden.shape):
-                    raise AuditUnavailable(f"auditor {self.record.peer_id} answered a block with step {got.step_id}, "
-                                           f"shape {list(got.hidden.shape)}", self.record.peer_id)
-                outs.append(got.hidden.to_torch())
-                self.replayed += 1
-            return outs
-
-        sending = asyncio.create_task(send())
-        try:
-            outs = await receive()
-        finally:
-            if not sending.done():
-                sending.cancel()
-            await asyncio.gather(sending, return_exceptions=True)
-        return outs
-
-    async def _ask(self, msg, want: type):
-        await self._send(msg)
-        return await self._receive(want)
-
-    async def _send(self, msg) -> None:
-        try:
-            await self.stream.send(encode(msg))
-        except Exception as e:
-            raise AuditUnavailable(f"auditor {self.record.peer_id}: {e!r}", self.record.peer_id) from None
-
-    async def _receive(self, want: type):
-        try:
-            reply = decode(await self.stream.recv(timeout=AUDIT_TIMEOUT_S), self.limits)
-        except Exception as e:
-            raise AuditUnavailable(f"auditor {self.record.peer_id}: {e!r}", self.record.peer_id) from None
-        if isinstance(reply, ErrorReply) or not isinstance(reply, want):
-            what = f"{reply.code}: {reply.message}" if isinstance(reply, ErrorReply) else type(reply).__name__
-            raise AuditUnavailable(f"auditor {self.record.peer_id} answered {what}", self.record.peer_id)
-        return reply
-
-    async def close(self) -> None:
-        try:
-            await asyncio.wait_for(self.stream.send(encode(CloseSession(self.session_id))), 2.0)
-        except Exception:
-            pass
-        await close_quietly(self.stream)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One server of an audit panel, the layers it recomputes, and its observed network group."""
-
-    record: SpanRecord
-    group: str
-    start: int
-    end: int
-
-    @property
-    def peer_id(self) -> str:
-        return self.record.peer_id
 
 
 Panel = tuple[Piece, ...]
@@ -283,13 +155,18 @@ class HopLog:
         """The hop's outputs of blocks [first, last), row after row."""
         return torch.cat([b.outputs for b in self.blocks[first:last]], dim=1)
 
-    def rollback_position(self, first: int, row: int) -> int:
-        """The position to roll back to for a wrong output in `row` of the rows of blocks first.."""
-        for block in self.blocks[first:]:
+    def block_of(self, first: int, row: int) -> int:
+        """The index of the block that holds `row` of the rows of blocks first.."""
+        for i, block in enumerate(self.blocks[first:], first):
             if row < block.inputs.shape[1]:
-                return block.first_position(row)
+                return i
             row -= block.inputs.shape[1]
         raise IndexError(row)
+
+    def rollback_position(self, first: int, row: int) -> int:
+        """The position to roll back to for a wrong output in `row` of the rows of blocks first.."""
+        i = self.block_of(first, row)
+        return self.blocks[i].first_position(row - sum(b.inputs.shape[1] for b in self.blocks[first:i]))
 
 
 @dataclass
@@ -308,6 +185,7 @@ class AuditStats:
     unaudited: int = 0  # rows of hop blocks released without an auditor
     mismatches: int = 0
     piecewise: int = 0  # audits whose panel had more than one server
+    routed: int = 0  # audits compared from a shadow route (the others: a shadow session fed back to back)
     rounds_to_detection: list[int] = field(default_factory=list)  # rounds since the wrong position was computed
 
 
@@ -328,6 +206,7 @@ class Auditor:
         blocks: their rounding is tolerated like bfloat16's, TOLERANCE)."""
         self.node, self.model, self.weights, self.dtype, self.max_block = node, model, weights, dtype, max_block
         self.wire = wire or dtype
+        self.wire_mode = "int8" if self.wire == INT8_BLOCKS else "exact"  # shadows open sessions of the same mode
         self.hidden_size = hidden_size
         self.eligible, self.group_of, self.standing, self.bans = eligible, group_of, standing, bans
         self.rng = rng or random.SystemRandom()  # an attacker must not predict who audits
@@ -340,6 +219,9 @@ class Auditor:
         self.round = 0
         self._computed_at: torch.Tensor | None = None  # round in which each position was last computed
         self._unlike: set[tuple[str, str]] = set()  # (auditor peer, compute dtype) pairs known not to match
+        self.shadow: ShadowRoute | None = None  # the current route's shadow route, fed as blocks come
+        self._opening: asyncio.Task | None = None  # the shadow route being opened alongside the route's first blocks
+        self._grew = asyncio.Event()  # set when the route's first hop logs a block (what feeds the shadow route)
 
     async def new_route(self, hops: list[tuple[SpanRecord, int, int, str]], max_length: int) -> None:
         await self.close()
@@ -348,6 +230,11 @@ class Auditor:
         self.filled = self.low_water = 0
         if self._computed_at is None or self._computed_at.numel() != max_length:
             self._computed_at = torch.zeros(max_length, dtype=torch.long)
+
+    def prepare(self) -> None:
+        """Open the new route's shadow route in the background: it is then fed the route's blocks from the
+        first, each as the route computed it (a real session's pace), and is caught up at the first audit."""
+        self._opening = asyncio.create_task(self._shadow_route())
 
     def note_unauditable(self) -> bool:
         """Note the hops of a new route that no panel could audit (as far as eligibility tells before
@@ -362,16 +249,17 @@ class Auditor:
 
     def record(self, hop: int, step: int, commit_len: int, inputs: torch.Tensor, outputs: torch.Tensor,
                kept: list[int] | None = None, mask: torch.Tensor | None = None,
-               positions: list[int] | None = None) -> None:
+               positions: list[int] | None = None, queued: bool = False) -> None:
         """Log a block a hop was sent (step, commit_len, inputs, the kept path of its previous block, a
         token tree's mask and positions) and the outputs it returned. A token tree's rows are not
         positions in sequence: only its first row (the token it grows from) is, until the next block
         (or finish) says which path was kept."""
         t = inputs.shape[1]
         log_ = self.logs[hop]
-        log_.blocks.append(HopBlock(step, commit_len, inputs, outputs, mask, positions, kept))
+        log_.blocks.append(HopBlock(step, commit_len, inputs, outputs, mask, positions, kept, queued))
         log_.audited = min(log_.audited, commit_len)
         if hop == 0:
+            self._grew.set()
             self.filled = commit_len + (1 if mask is not None else t)
             self.low_water = min(self.low_water, commit_len)
             self._computed_at[commit_len:commit_len + t] = self.round
@@ -387,12 +275,17 @@ class Auditor:
         return min((h.audited for h in self.logs), default=0)
 
     async def audit(self) -> Verdict:
-        """Audit every hop's blocks since its last audit, hops in parallel."""
+        """Audit every hop's blocks since its last audit: from the shadow route, and, for the hops it
+        does not settle, from a shadow session of a panel of its own, hops in parallel."""
         upto, self.low_water = self.filled, self.filled
         snapshot = [(h, h.checked, len(h.blocks)) for h in self.logs]
-        verdicts = await asyncio.gather(*(self._audit_hop(h, first, last, upto) for h, first, last in snapshot))
+        routed = await self._audit_route(snapshot, upto)
+        rest = [(i, self._audit_hop(h, first, last, upto)) for i, (h, first, last) in enumerate(snapshot)
+                if routed[i] is None]
+        for (i, _), v in zip(rest, await asyncio.gather(*(c for _, c in rest))):
+            routed[i] = v
         verdict = Verdict()
-        for v in verdicts:
+        for v in routed:
             verdict.convicted.update(v.convicted)
             verdict.excluded.update(v.excluded)
             if v.rollback_to is not None:
@@ -400,6 +293,112 @@ class Auditor:
         if verdict.rollback_to is not None:
             self.stats.rounds_to_detection.append(self.round - int(self._computed_at[verdict.rollback_to]))
         return verdict
+
+    async def _audit_route(self, snapshot: list[tuple[HopLog, int, int]], upto: int) -> list[Verdict | None]:
+        """Each hop's blocks [first, last) against its mirror in the shadow route, hops in route order.
+        A mirror's inputs are the outputs of the mirrors before it, so a disagreement at a hop voids the
+        comparisons of the hops after it from the block where it began (None: not settled here, audited
+        by a panel of its own), and the shadow route is dropped (a new one is drawn at the next audit)."""
+        verdicts: list[Verdict | None] = [None] * len(snapshot)
+        last = snapshot[0][2] if snapshot else 0
+        if self._opening is not None:  # the shadow route opened with the route (its outcome is self.shadow)
+            opening, self._opening = self._opening, None
+            await asyncio.gather(opening, return_exceptions=True)
+        route = await self._shadow_route() if last else None
+        if route is None:
+            return verdicts
+        try:
+            outs = await route.outputs(last)
+        except AuditUnavailable as e:
+            log.info("the shadow route %s failed: %s", [p.peer_id for p in route.pieces], e)
+            if e.peer:  # (a stall between two pieces is no one's to blame)
+                self.standing.failed(e.peer, "failed an audit session")
+            await self._drop_route()
+            return verdicts
+        void = last  # blocks from here on are compared on inputs the hop was not sent
+        for i, ((h, first, _), mirror) in enumerate(zip(snapshot, route.mirrors)):
+            if first >= last:
+                verdicts[i] = self._passed(h, last, upto)
+                continue
+            if void < last:
+                continue
+            got, rows = torch.cat(outs[i][first:last], dim=1), sum(b.inputs.shape[1] for b in h.blocks[first:last])
+            bad = disagreement(got, h.outputs(first, last), self._tolerance(h))
+            if bad is not None:
+                void = h.block_of(first, bad)
+            if not mirror.audits:  # the hop's own server carried the blocks on: no audit, but a check of the feed
+                if bad is None:
+                    verdicts[i] = self._unaudited(h, last, upto, rows, "serves them")
+                else:
+                    log.warning("audit: %s answered the same blocks of layers %d:%d two ways; excluding it for this "
+                                "session", h.peer_id, h.start, h.end)
+                    verdicts[i] = Verdict(h.rollback_position(first, bad), excluded={h.peer_id: "inconsistent results"})
+                continue
+            self.stats.audits += 1
+            self.stats.routed += 1
+            self.stats.piecewise += len(mirror.pieces) > 1
+            self.stats.positions += rows
+            if bad is None:
+                verdicts[i] = self._passed(h, last, upto)
+                continue
+            self.stats.mismatches += 1
+            verdicts[i] = await self._dispute(h, mirror.pieces, first, last, upto, bad, got)
+        if void < last:
+            await self._drop_route()
+        return verdicts
+
+    async def _shadow_route(self) -> ShadowRoute | None:
+        """The route's shadow route, drawn and opened at random if there is none yet (None: no mirror of
+        any hop would audit it, or none could be opened)."""
+        if self.shadow is not None and self.shadow.failure is None:
+            return self.shadow
+        await self._drop_route()
+        failed = 0
+        for _ in range(MAX_DRAWS):
+            mirrors = self._draw_route()
+            if mirrors is None or failed == AUDITOR_TRIES:
+                return None
+            limits = WireLimits(hidden_size=self.hidden_size, max_block=self.max_block, max_length=self.max_length)
+            try:
+                route = await ShadowRoute.open(mirrors, self.model, self.weights, self.max_length, self.dtype, limits,
+                                               self.node, self.wire_mode)
+            except AuditUnavailable as e:
+                failed += 1
+                log.info("a shadow route could not open: %s", e)
+                self.standing.failed(e.peer, "failed an audit session")
+                continue
+            unlike = {(p.peer_id, self.logs[i].compute_dtype)
+                      for p, i, dtype in zip(route.pieces, route.mirror_of, route.compute_dtypes)
+                      if mirrors[i].audits and dtype != self.logs[i].compute_dtype}
+            if unlike:
+                self._unlike |= unlike
+                await route.close()
+                continue
+            self.shadow = route
+            route.start(self.logs[0].blocks, self._grew)
+            return route
+        return None
+
+    def _draw_route(self) -> list[Mirror] | None:
+        """A mirror for every hop: a random panel (client/shadow.py), else the hop's own server as a
+        feeder; no piece pushes to its own server (a real route never does). None: no mirror audits."""
+        for _ in range(MAX_DRAWS):
+            mirrors = []
+            for h in self.logs:
+                panel = self._draw(h, set())
+                mirrors.append(Mirror(panel, True) if panel else
+                               Mirror((Piece(h.record, self.group_of(h.peer_id), h.start, h.end),), False))
+            if not any(m.audits for m in mirrors):
+                return None
+            pieces = [p for m in mirrors for p in m.pieces]
+            if all(a.peer_id != b.peer_id for a, b in zip(pieces, pieces[1:])):
+                return mirrors
+        return None
+
+    async def _drop_route(self) -> None:
+        route, self.shadow = self.shadow, None
+        if route is not None:
+            await route.close()
 
     def _passed(self, h: HopLog, last: int, upto: int) -> Verdict:
         """Blocks [0, last) of the hop stand: so do positions [0, upto) (less what a rollback dropped)."""
@@ -433,10 +432,14 @@ class Auditor:
                 return self._passed(h, last, upto)
             self.stats.mismatches += 1
             return await self._dispute(h, panel, first, last, upto, bad, got)
+        return self._unaudited(h, last, upto, rows, "answered" if failed else "serves them")
+
+    def _unaudited(self, h: HopLog, last: int, upto: int, rows: int, why: str) -> Verdict:
+        """Blocks [0, last) of the hop are released unchecked: no independent server `why`."""
         if (h.start, h.end) not in self.unaudited_layers:
             self.unaudited_layers.add((h.start, h.end))
             log.info("layers %d:%d cannot be audited: no independent server %s; their results are used unchecked",
-                     h.start, h.end, "answered" if failed else "serves them")
+                     h.start, h.end, why)
         self.stats.unaudited += rows
         return self._passed(h, last, upto)
 
@@ -481,7 +484,7 @@ class Auditor:
         """A shadow session on `piece`'s server for its layers; UnlikeAuditor if it computes in another dtype."""
         limits = WireLimits(hidden_size=self.hidden_size, max_block=self.max_block, max_length=self.max_length)
         shadow = await ShadowSession.open(node, piece.record, self.model, self.weights, piece.start, piece.end,
-                                          self.max_length, self.dtype, limits)
+                                          self.max_length, self.dtype, limits, self.wire_mode)
         if shadow.compute_dtype != h.compute_dtype:
             await shadow.close()
             self._unlike.add((piece.peer_id, h.compute_dtype))
@@ -575,7 +578,11 @@ class Auditor:
             await node.stop()
 
     async def close(self) -> None:
-        await asyncio.gather(*(self._drop_shadows(h) for h in self.logs))
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
+        await asyncio.gather(self._drop_route(), *(self._drop_shadows(h) for h in self.logs))
 
 
 def audit_every(rate: float) -> int:

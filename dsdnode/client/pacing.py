@@ -28,6 +28,18 @@ SLOW_FACTOR = 5.0
 # 5x its baseline + 0.25 s twice in a row (tests/client/test_attacks.py), so 1 s
 SLOW_MARGIN_S = 1.0
 SLOW_STRIKES = 2
+# a hop's share of a pass (net of links) that its own stamps leave more than this unaccounted for, and
+# more than they account for, passed before it says it received the block
+UPSTREAM_SLACK_S = 0.25
+
+
+def came_late(share: float, own: float) -> bool:
+    """Whether a hop's stamps (`own`: from receiving the block to sending it on) put most of its
+    measured share before it received the block -- its predecessor pushed late, or it says so. Such a
+    share is not measured as the hop's speed: a hop that delays its pushes cannot get the next hop
+    rated slow or called a false claimer, and a hop that says so gains no rating either."""
+    return share - own > max(own, UPSTREAM_SLACK_S)
+
 
 
 @dataclass

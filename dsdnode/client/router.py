@@ -41,10 +41,11 @@ DISCOVERY_WAIT_S = 20.0
 # reserves a slot on another and re-announces within seconds, so a route that needs it is looked
 # for again, with growing pauses, for this long (a direct server that does not answer is gone)
 RELAY_LOSS_WAIT_S = 20.0
-# reasons to avoid a peer for the chain that are no evidence against it: the first hop of a pass that
-# stalled (its predecessor may have withheld the push); they exclude for the chain but leave the
-# standing alone
-UNPROVEN = frozenset({"stalled"})
+# a stall at a hop whose predecessor may have withheld the push (client/swarm_chain.py `_stalled`):
+# "stalled" pauses the hop this long; "stalled again" (the same two hops again) and a stall at the first
+# hop of a pass exclude it for the chain; none is evidence enough to lower its standing
+STALL_PAUSE_S = 10.0
+UNPROVEN = frozenset({"stalled", "stalled again", "stalled on the client's block"})
 BANNED_GROUP_PENALTY = 4.0  # routing cost factor of a peer observed in the network group of a banned one
 
 
@@ -76,11 +77,13 @@ class Router:
 
     def blame(self, suspects: dict[str, str], message: str, retry_after_s: float | None = None) -> None:
         """A chain failure blamed on `suspects` (peer -> why): a busy one waits out its hint, doubled each
-        time the same server is still full; any other is excluded, and its standing lowered unless the
-        blame cannot tell two hops apart (UNPROVEN)."""
+        time the same server is still full, a stalled one STALL_PAUSE_S; any other is excluded, and its
+        standing lowered unless the blame cannot tell two hops apart (UNPROVEN)."""
         now = time.monotonic()
         for peer, why in suspects.items():
-            if why == "busy":
+            if why == "stalled":
+                self.busy_until[peer] = now + STALL_PAUSE_S
+            elif why == "busy":
                 times = self._busy_count[peer] = self._busy_count.get(peer, 0) + 1
                 wait = (retry_after_s if retry_after_s is not None else BUSY_RETRY_S) * 2 ** (times - 1)
                 self.busy_until[peer] = now + min(max(wait, 0.5), MAX_BUSY_WAIT_S)

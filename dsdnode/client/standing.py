@@ -37,6 +37,10 @@ MAX_PEERS = 4096  # peers whose standing is kept; beyond, the least recently see
 EWMA = 0.3  # weight of a new measurement of a hop's compute
 CLAIM_CAP = 2.0  # an unmeasured server's claim counts at most this x faster than the median measured server
 MIN_OVERCLAIM_S = 0.005  # measured hop times below this are too noisy to call a claim false
+# a hop over fewer layers (of a longer span) is judged by its speed but not against its claim: its
+# time is mostly what every hop costs (framing, queueing, a loaded machine), which a claim does not
+# cover -- an honest server routed for 1 layer of its 15 measured 10x its claim on a loaded machine
+MIN_JUDGED_LAYERS = 4
 OVERCLAIM_PENALTY = 4.0
 
 
@@ -155,7 +159,8 @@ class Standing:
         per_layer = compute_s / layers
         p.s_per_layer = per_layer if p.s_per_layer is None else (1 - EWMA) * p.s_per_layer + EWMA * per_layer
         claimed = _claimed_s_per_layer(rec)
-        if p.s_per_layer * layers > MIN_OVERCLAIM_S and p.s_per_layer > self.settings.overclaim_factor * claimed:
+        judged = layers >= min(MIN_JUDGED_LAYERS, rec.end - rec.start)
+        if judged and p.s_per_layer * layers > MIN_OVERCLAIM_S and p.s_per_layer > self.settings.overclaim_factor * claimed:
             if not p.overclaimed(time.monotonic()):
                 log.info("%s claims %.0f tokens/s over layers %d:%d but measured %.1f ms per layer: a false claim",
                          rec.peer_id, rec.throughput, rec.start, rec.end, p.s_per_layer * 1e3)

@@ -42,7 +42,7 @@ from .audit import Auditor, audit_every
 from .bans import BanList
 from .deadlines import DeadlineSettings, PassDeadline
 from .interface import UNCHECKED, ChainOutput, Checkpoint, TreeBlock
-from .pacing import PaceWatch
+from .pacing import PaceWatch, came_late
 from .prefill import DEFAULT_POSITION_SHARE, PrefillCosts, PrefillMeter, choose_chunk
 from .router import Router
 from .routing import Hop, NoRoute
@@ -117,7 +117,7 @@ class RemoteChain:
         self.deadline = PassDeadline(deadlines)  # measurements carry over to the next session
         self.pace = PaceWatch()
         self._replace: dict[str, str] = {}  # hops to replace before the next pass (slow-walking), and why
-        self._stalled_after: dict[str, int] = {}  # peer -> stalls of the hop after it (its pushes never arrived)
+        self._stalls: set[tuple[str, str]] = set()  # (hop, next hop) of the passes that stalled between them
         self.legs: list[_Leg] = []
         self.failovers = 0
         self.route: list[tuple[str, int, int]] = []  # (peer id, start, end) of the latest session's hops
@@ -302,6 +302,8 @@ class RemoteChain:
                                       for leg in self.legs], self._max_length)
         self._auditable = bool(self.audit_every) and self.auditor.note_unauditable()
         self._refuse_unaudited()
+        if self._auditable:
+            self.auditor.prepare()
         self.pace.reset([leg.peer_id for leg in self.legs])
         for leg in self.legs:
             leg.reader = asyncio.create_task(self._read(leg, self._results))
@@ -467,12 +469,13 @@ class RemoteChain:
                 self.deadline.observe(positions, mine[-1][2] - t0)
                 arrivals = [g[2] for g in mine]
                 shares = hop_compute_s(t0, arrivals, [leg.hop.candidate.rtt_s for leg in legs])
-                for leg, compute in zip(legs, shares):
-                    self.standing.measured(leg.hop.candidate.record, leg.hop.end - leg.hop.start, compute)
+                own = [max(0.0, s.send_time - s.recv_time) for s in (g[0].timings[-1] for g in mine)]
+                for leg, compute, stamped in zip(legs, shares, own):
+                    if not came_late(compute, stamped):
+                        self.standing.measured(leg.hop.candidate.record, leg.hop.end - leg.hop.start, compute)
                 self.meter.observe(positions, [x.compute_s for x in t], links)
-                stamps = [g[0].timings[-1] for g in mine]
                 slow = self.pace.observe(
-                    [leg.peer_id for leg in legs], shares, [max(0.0, s.send_time - s.recv_time) for s in stamps],
+                    [leg.peer_id for leg in legs], shares, own,
                     positions, [self.router.replica_s(leg.peer_id, leg.hop.start, leg.hop.end) for leg in legs])
                 hops_of = {leg.peer_id: leg.hop for leg in legs}
                 self._replace.update({p: why for p, why in slow.items()  # slow beats no route at all
@@ -480,23 +483,32 @@ class RemoteChain:
             inputs = [blocks[step - first][0]] + [g[1] for g in mine[:-1]]
             for j in range(hops):
                 self.auditor.record(leg_index + j, step, commit_len, inputs[j], mine[j][1], kept,
-                                    None if tree is None else tree.mask, None if tree is None else tree.positions)
+                                    None if tree is None else tree.mask, None if tree is None else tree.positions,
+                                    queued=step != first)
             outputs.append(ChainOutput(mine[-1][1], [x.compute_s for x in t], links, size, sum(g[3] for g in mine)))
         return outputs
 
     def _stalled(self, legs: list[_Leg], got: dict[tuple[int, int], tuple], steps: int) -> dict[str, str]:
         """Whom a pass that never finished is blamed on, though every hop answers pings: the first hop
-        whose output copy did not come -- not every hop of the chain. Its predecessor may have withheld
-        the push instead; the client cannot tell which, so the predecessor is blamed too once the hops
-        after it have stalled before."""
+        whose output copy did not come (j), or the hop that should have pushed to it (p) -- the client
+        cannot tell a hung hop from a withheld push, so it decides from the stalls it saw before:
+          - j stalled before behind another hop: j ("stalls behind several hops");
+          - p's pushes stalled before at another hop: p ("its next hops stall");
+          - the same two stalled before: j is avoided for the chain (unproven: no mark);
+          - otherwise j is only paused (STALL_PAUSE_S, no mark), so a hop that withholds its pushes
+            cannot get the honest servers after it excluded one by one.
+        The first hop of a pass (sent the block by the client itself) is avoided for the chain (no mark)."""
         j = next(i for i in range(len(legs)) if sum(1 for _, hop in got if hop == i) < steps)
-        suspects = {legs[j].peer_id: "stalled"}
-        if j > 0 and not self.relay:
-            before = legs[j - 1].peer_id
-            self._stalled_after[before] = self._stalled_after.get(before, 0) + 1
-            if self._stalled_after[before] > 1:
-                suspects[before] = "its next hops stall"
-        return suspects
+        late = legs[j].peer_id
+        if j == 0 or self.relay:
+            return {late: "stalled on the client's block"}
+        before = legs[j - 1].peer_id
+        seen, self._stalls = self._stalls, self._stalls | {(before, late)}
+        if any(nxt == late and prv != before for prv, nxt in seen):
+            return {late: "stalls behind several hops"}
+        if any(prv == before and nxt != late for prv, nxt in seen):
+            return {before: "its next hops stall"}
+        return {late: "stalled again" if (before, late) in seen else "stalled"}
 
     def _check(self, sender: _Leg, got: ForwardResult, step: int, positions: int, timings: int) -> torch.Tensor:
         """The hidden states of a reply the client can use (a hop's copy carries `timings` timings, 0:

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from dsdnode.client.local import LocalChain
+from dsdnode.client.router import UNPROVEN
 from dsdnode.client.routing import NoRoute
 from dsdnode.client.standing import CLAIM_CAP, Standing, TrustSettings
 from dsdnode.client.swarm_chain import RemoteChain
@@ -32,7 +33,7 @@ from tests.client.test_failover import MODEL, client_chain, generate, parts, ser
 from tests.helpers.faulty_server import LAUNCHER
 from tests.helpers.ports import free_port
 
-# 5 attacks, each one or two attacker processes and a short generation on the module's swarm
+# 7 attacks, each one or two attacker processes and a short generation on the module's swarm
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(600)]
 SLOWER = ["--link-latency-ms", "150"]
 N = 8  # tokens per attack: enough for the attacks decided at routing or the first audits
@@ -160,7 +161,7 @@ def test_a_slow_walking_hop_is_replaced_mid_generation(swarm, honest, parts, exp
     assert chain.excluded.get(walker.peer_id) == "slow_walking" and chain.standing.penalty(walker.peer_id) > 1
     # the replica it was replaced by stays -- unless the machine itself slows it down past the pace bound
     # too (measured once at a load average of 42: the replica was replaced in turn by the slower one)
-    assert {chain.excluded[h.peer_id] for h in honest if h.peer_id in chain.excluded} <= {"slow_walking", "stalled"}
+    assert {chain.excluded[h.peer_id] for h in honest if h.peer_id in chain.excluded} <= {"slow_walking", *UNPROVEN}
     assert walker.peer_id not in {p for p, _, _ in chain.route}
     honest_text(result, streamed, expected, 16)
 
@@ -174,8 +175,37 @@ def test_a_hop_cannot_get_its_honest_next_hop_excluded(swarm, honest, parts, exp
     print(f"\nblame shifting: excluded {chain.excluded}, route {chain.route}, "
           f"penalties {[chain.standing.penalty(h.peer_id) for h in honest]}")
     assert chain.excluded.get(liar.peer_id) == "cannot reach its next hop"
-    # (a pass that misses its deadline on a loaded machine excludes its first late hop as "stalled", for
-    # the chain and without a mark: no evidence against it, and not the liar's doing)
-    assert {chain.excluded[h.peer_id] for h in honest if h.peer_id in chain.excluded} <= {"stalled"}
+    # (passes that miss their deadline on a loaded machine can exclude a late hop for the chain, without
+    # a mark: no evidence against it, and not the liar's doing)
+    assert {chain.excluded[h.peer_id] for h in honest if h.peer_id in chain.excluded} <= UNPROVEN
     assert all(chain.standing.penalty(h.peer_id) == 1.0 for h in honest)
     honest_text(result, streamed, expected)
+
+
+@pytest.mark.parametrize("fault", ["stall", "latepush"])
+def test_a_hop_cannot_get_its_honest_next_hops_excluded_by_withholding_or_delaying_its_pushes(
+        swarm, honest, parts, expected, bans, fault):
+    """A 0:15 hop computes right, sends the client its copy at once, but from its 5th small block on
+    withholds its pushes to the next hop (stall: the pass stalls at the next hop, which looks hung) or
+    holds each back twice as long as the last (latepush: the next hop looks slow). The evidence --
+    which pairs of hops stalled, and each hop's stamps of when it received a block -- lands the blame
+    on the pushing hop, and no honest server ends excluded for the chain or marked: a first stall only
+    pauses the next hop (client/swarm_chain.py `_stalled`), a stall inside an audit's shadow route
+    marks no one, and a share its stamps put before the hop received the block is not measured as its
+    speed (client/pacing.py `came_late`)."""
+    with servers(swarm, (0, 15, on_net(10 if fault == "stall" else 11), [*LAUNCHER, fault])) as (liar,):
+        result, chain, streamed = attack(swarm, parts, [*honest, liar], {**history(honest), liar.peer_id: 0.0005},
+                                         n=16)
+    print(f"\n{fault}: failovers {chain.failovers}, excluded {chain.excluded}, route {chain.route}, "
+          f"penalties liar {chain.standing.penalty(liar.peer_id)}, honest "
+          f"{[chain.standing.penalty(h.peer_id) for h in honest]}, paused {sorted(chain.router.busy_until)}")
+    # the liar is blamed once the evidence points at it (a second stall behind it, or its next hop's
+    # stamps); a route that avoided it since may never have to
+    assert fault == "stall" or chain.excluded.get(liar.peer_id) == "pushed late to its next hop"
+    if liar.peer_id in chain.excluded:
+        assert chain.excluded[liar.peer_id] in ("its next hops stall", "pushed late to its next hop")
+        assert chain.standing.penalty(liar.peer_id) > 1
+    assert not any(h.peer_id in chain.excluded for h in honest)
+    assert all(chain.standing.penalty(h.peer_id) == 1.0 for h in honest)
+    assert liar.peer_id not in {p for p, _, _ in chain.route}
+    honest_text(result, streamed, expected, 16)

@@ -12,12 +12,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dsdnode.client.audit import (TOLERANCE, HopBlock, HopLog, disagreement, draw_panel, first_mismatch,
-                                  tolerance)
+from dsdnode.client.audit import (TOLERANCE, Auditor, HopBlock, HopLog, Verdict, disagreement, draw_panel,
+                                  first_mismatch, tolerance)
 from dsdnode.client.bans import BanList
 from dsdnode.client.generate import GenerationSettings
 from dsdnode.client.interface import UNCHECKED, Checkpoint
 from dsdnode.client.local import LocalChain
+from dsdnode.client.shadow import Mirror, Piece
 from dsdnode.client.standing import Standing, TrustSettings, hop_compute_s, ip_group
 from dsdnode.client.swarm_chain import ChainFailure, RemoteChain
 from dsdnode.models.span import Span
@@ -248,3 +249,68 @@ def test_a_wrong_row_of_the_logged_blocks_rolls_back_to_its_position_or_its_tree
     assert [h.rollback_position(1, r) for r in (2, 3, 6)] == [10, 9, 9]
     with pytest.raises(IndexError):
         h.rollback_position(1, 7)
+
+
+class _Route:
+    """A shadow route that has computed these outputs per mirror (the network part is what
+    tests/client/test_audit_swarm.py runs with real servers)."""
+
+    def __init__(self, mirrors, outs):
+        self.mirrors, self.outs, self.failure, self.closed = mirrors, outs, None, False
+        self.pieces = [p for m in mirrors for p in m.pieces]
+
+    async def outputs(self, last):
+        return self.outs
+
+    async def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("audits", [True, False])
+def test_a_disagreement_in_a_shadow_route_voids_the_comparisons_after_it(tmp_path, audits):
+    """Hop 0 of a 3-hop route disagrees with its mirror in block 1 (of 2): hop 1's mirror computed on
+    the mirrors' inputs, not hop 1's, so its comparison -- though it disagrees too -- is void: hop 1
+    is left to a panel of its own (None), not disputed, and the shadow route is dropped. Hop 0 is
+    disputed (audits: an independent mirror; no second panel here, so excluded for the chain) or,
+    mirrored by its own server (a feeder, no audit), excluded for answering one block two ways; the
+    rollback is to the disputed block's first position."""
+    block = lambda seed, t: torch.randn(1, t, 8, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    hops = [HopLog(record(f"h{i}", f"10.0.{i}.1", 10 * i, 10 * i + 10), 10 * i, 10 * i + 10, "float32")
+            for i in range(3)]
+    for i, h in enumerate(hops):
+        h.blocks = [HopBlock(1, 0, block(i, 4), block(10 + i, 4)), HopBlock(2, 4, block(i, 2), block(20 + i, 2))]
+    # mirror outputs: hop 0's differs in block 1, hop 1's everywhere (as it would after a wrong hop 0)
+    outs = [[hops[0].blocks[0].outputs, hops[0].blocks[1].outputs + 1], [block(99, 4), block(98, 2)],
+            [hops[2].blocks[0].outputs, hops[2].blocks[1].outputs]]
+    mirrors = [Mirror((Piece(record(f"m{i}", f"10.1.{i}.1", 10 * i, 10 * i + 10), f"g{i}", 10 * i, 10 * i + 10),),
+                      audits or i > 0) for i in range(3)]
+    auditor = Auditor(None, "m", "w", "float32", 8, 64, lambda h: [], lambda p: f"group of {p}",
+                      Standing(TrustSettings()), BanList(tmp_path / "bans.json"))
+    auditor.logs, auditor.shadow = hops, _Route(mirrors, outs)
+    route = auditor.shadow
+
+    verdicts = asyncio.run(auditor._audit_route([(h, 0, 2) for h in hops], 6))
+    assert isinstance(verdicts[0], Verdict) and verdicts[0].rollback_to == 4
+    assert verdicts[0].excluded.get("h0") == ("disputed_results" if audits else "inconsistent results")
+    assert verdicts[1] is None and verdicts[2] is None  # void from block 1 on: audited by panels of their own
+    assert route.closed and auditor.shadow is None
+    assert auditor.stats.routed == (1 if audits else 0) and auditor.stats.mismatches == (1 if audits else 0)
+
+
+def test_who_a_stall_is_blamed_on_follows_the_stalls_seen_before():
+    """A pass stalled after hop p's copy came and before hop j's (every hop answering pings): a first
+    stall pauses j; p stalling again at another next hop blames p; the same pair again excludes j
+    (unproven); j stalling behind another hop too blames j; a stall at the first hop excludes it."""
+    chain = SimpleNamespace(_stalls=set(), relay=False)
+
+    def stall(*peers, copies=1):  # the first `copies` hops' copies came
+        legs = [SimpleNamespace(peer_id=p) for p in peers]
+        return RemoteChain._stalled(chain, legs, {(1, i): None for i in range(copies)}, 1)
+
+    assert stall("p", "a") == {"a": "stalled"}
+    assert stall("p", "b") == {"p": "its next hops stall"}
+    chain._stalls = set()
+    assert stall("x", "j") == {"j": "stalled"}
+    assert stall("x", "j") == {"j": "stalled again"}
+    assert stall("y", "j") == {"j": "stalls behind several hops"}
+    assert stall("z", "w", copies=0) == {"z": "stalled on the client's block"}

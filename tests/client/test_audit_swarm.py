@@ -162,46 +162,64 @@ def sessions(seen: list[dict]) -> list[tuple[dict, list[tuple]]]:
                  for b in seen if b["kind"] == "block" and b["session_id"] == o["session_id"]]) for o in opens]
 
 
+def paced(seen: list[dict], session_id: str) -> list[bool]:
+    """For each block of a session after its first: whether it came only once the server was done with
+    the block before it (a client that waits for each pass) rather than while it was at work on it."""
+    blocks = [o for o in seen if o["kind"] == "block" and o["session_id"] == session_id]
+    done = {o["step"]: o["t"] for o in seen if o["kind"] == "done" and o["session_id"] == session_id}
+    return [b["t"] >= done[a["step"]] for a, b in zip(blocks, blocks[1:])]
+
+
 def test_a_shadow_session_is_sent_what_a_real_session_is_sent(swarm, honest, parts, expected_long, bans):
-    """What a server sees of an audit's shadow session and of a real session: server O (15:30, logs
-    what it sees) is first the routed 15:30 hop of a generation, then the only auditor of the 15:30 hop
-    of the same generation by another client (the slow replica avoided). The shadow session comes from
-    an identity that is neither client's, opens the same layers with the same parameters, and is sent
-    the same blocks in the same order: step ids, commit_len, sizes, token trees, kept paths -- the hop's
-    own block shapes, not one catch-up block. What still tells them apart is printed and asserted as
-    such (docs/ARCHITECTURE.md, "Shadow sessions"): a real session of a hop after the first names its
-    previous hop and has its blocks pushed from it, stamped with its timing; a shadow session names
-    no previous hop and gets its blocks from its opener."""
+    """What a server sees of an audit's shadow session and of a real session. Two observing servers
+    (tests/helpers/faulty_server.py `observe`), O1 (0:15) and O2 (15:30), are first the route of a
+    generation, then the only auditors of a generation by another client routed over h0 and h1 (h2
+    avoided): its shadow route is O1 -> O2. At each observer, the shadow session and the real one open
+    the same layers with the same parameters; name a previous hop and a next hop alike (O2's previous
+    hop is O1 in both, O1's next hop is O2 in both); are sent the same blocks in the same order (step
+    ids, commit_len, sizes, token trees, kept paths, from the route's first block); get them the same
+    way (O2: pushed by O1, stamped with O1's timing; O1: from the opener); and get each block only once
+    done with the one before (a client waiting for each pass, not a back-to-back catch-up). What still
+    differs is the opener's id (a fresh one per shadow route): docs/ARCHITECTURE.md, "Shadow sessions"."""
     h0, h1, h2 = honest
-    with servers(swarm, (15, 30, on_net(11), [*LAUNCHER, "observe"])) as (observer,):
+    with servers(swarm, (0, 15, on_net(11), [*LAUNCHER, "observe"]),
+                 (15, 30, on_net(12), [*LAUNCHER, "observe"])) as observers:
+        o1, o2 = observers
+        peers = [*honest, *observers]
         t0 = time.time()
-        real_result, real_chain, _ = run(swarm, parts, [*honest, observer], {h1.peer_id, h2.peer_id}, TrustSettings(),
+        real_result, real_chain, _ = run(swarm, parts, peers, {h0.peer_id, h1.peer_id, h2.peer_id}, TrustSettings(),
                                          n=16)
         t1 = time.time()
-        audit_result, audit_chain, _ = run(swarm, parts, [*honest, observer], {observer.peer_id, h2.peer_id},
-                                           TrustSettings(), n=16, avoid={h2.peer_id})
+        audit_result, audit_chain, _ = run(swarm, parts, peers, {o1.peer_id, o2.peer_id, h2.peer_id}, TrustSettings(),
+                                           n=16, avoid={h2.peer_id})
         t2 = time.time()
-        as_hop, as_auditor = sessions(observed(observer, t0, t1)), sessions(observed(observer, t1, t2))
+        seen = {o.peer_id: (observed(o, t0, t1), observed(o, t1, t2)) for o in observers}
     assert real_result.tokens == audit_result.tokens == expected_long[:16]
-    assert [p for p, _, _ in real_chain.route] == [h0.peer_id, observer.peer_id]
+    assert [p for p, _, _ in real_chain.route] == [o1.peer_id, o2.peer_id]
     assert [p for p, _, _ in audit_chain.route] == [h0.peer_id, h1.peer_id]
-    assert len(as_hop) == 1 and as_auditor, (as_hop, as_auditor)
-    (real, real_blocks), shadows = as_hop[0], as_auditor
-    print(f"\nreal: {real}, {len(real_blocks)} blocks; shadows: {[o for o, _ in shadows]}, "
-          f"{[len(b) for _, b in shadows]} blocks")
-    assert real["opener"] == real_chain.node.peer_id
-    for shadow, blocks in shadows:
-        assert shadow["opener"] not in (real_chain.node.peer_id, audit_chain.node.peer_id, real["opener"])
-        same = ("model", "start", "end", "max_length", "dtype", "weights")
+    stats = audit_chain.auditor.stats
+    assert stats.routed >= 2 and stats.audits == stats.routed and stats.mismatches == 0, stats  # all from the route
+    clients = (real_chain.node.peer_id, audit_chain.node.peer_id)
+    openers = set()
+    for o, prev_hop, next_hop in ((o1.peer_id, None, o2.peer_id), (o2.peer_id, o1.peer_id, None)):
+        (as_hop, as_auditor) = (sessions(part) for part in seen[o])
+        assert len(as_hop) == 1 and len(as_auditor) == 1, (as_hop, as_auditor)  # one shadow route, kept
+        (real, real_blocks), (shadow, shadow_blocks) = as_hop[0], as_auditor[0]
+        print(f"\n{o[-6:]}: real {len(real_blocks)} blocks, paced {paced(seen[o][0], real['session_id'])}; "
+              f"shadow {len(shadow_blocks)} blocks, paced {paced(seen[o][1], shadow['session_id'])}")
+        assert real["opener"] == real_chain.node.peer_id and shadow["opener"] not in clients
+        openers.add(shadow["opener"])
+        same = ("model", "start", "end", "max_length", "dtype", "weights", "prev_peer", "next_peer")
         assert {k: shadow[k] for k in same} == {k: real[k] for k in same}
+        assert (real["prev_peer"], real["next_peer"]) == (prev_hop, next_hop)
         assert len(shadow["session_id"]) == len(real["session_id"])
-    assert len({o["opener"] for o, _ in shadows}) == len(shadows)  # a fresh identity for every panel
-    # a shadow session sent from the route's first block is sent every block the hop was, shaped alike
-    assert any(blocks == real_blocks for _, blocks in shadows), (real_blocks, [b for _, b in shadows])
-    # what still differs (a real session of a later hop names and is pushed from its previous hop)
-    seen = observed(observer, t0, t2)
-    real_senders = {b["sender"] for b in seen if b["kind"] == "block" and b["session_id"] == real["session_id"]}
-    assert real["prev_peer"] == h0.peer_id and real_senders == {h0.peer_id}
-    for shadow, _ in shadows:
-        senders = {b["sender"] for b in seen if b["kind"] == "block" and b["session_id"] == shadow["session_id"]}
-        assert shadow["prev_peer"] is None and senders == {shadow["opener"]}
+        assert (shadow["next_session_id"] is None) == (real["next_session_id"] is None)
+        assert shadow_blocks == real_blocks  # every block of the route, shaped alike
+        for part, session in ((seen[o][0], real), (seen[o][1], shadow)):
+            blocks = [b for b in part if b["kind"] == "block" and b["session_id"] == session["session_id"]]
+            want = {prev_hop} if prev_hop else {session["opener"]}
+            assert {b["sender"] for b in blocks} == want  # pushed by the previous hop, or sent by the opener
+            assert {tuple(b["upstream"]) for b in blocks} == {(prev_hop,) if prev_hop else ()}
+        assert paced(seen[o][1], shadow["session_id"]) == paced(seen[o][0], real["session_id"])
+        assert all(paced(seen[o][1], shadow["session_id"])[1:])  # decode blocks: one per pass
+    assert len(openers) == 1  # one identity for the shadow route, neither client's

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from dsdnode.client.pacing import BASELINE_PASSES, PaceWatch
+from dsdnode.client.pacing import BASELINE_PASSES, PaceWatch, came_late
 
 
 def test_a_hop_that_doubles_its_delay_each_block_is_replaced_within_a_few_passes():
@@ -50,3 +50,10 @@ def test_a_late_push_is_blamed_upstream_once_then_on_the_hop_whose_stamps_say_so
     assert late[-1] == {"a": "pushed late to its next hop"}  # b's stamps: it got the block late
     again = [watch.observe(["c", "b"], [0.03, 3.0], [0.03, 0.03], 4, [None, None]) for _ in range(2)]
     assert again[-1] == {"b": "slow_walking"}  # b blames every predecessor: its own stamps are not believed
+
+
+def test_a_share_spent_before_the_hop_received_the_block_is_not_its_speed():
+    """Its stamps account for the share (noise within 0.25 s, or within what they account for): its
+    own; most of it before the hop says it got the block: not measured as its speed."""
+    assert not came_late(0.30, 0.28) and not came_late(0.2, 0.0) and not came_late(1.0, 0.6)
+    assert came_late(0.45, 0.05) and came_late(3.2, 0.1)

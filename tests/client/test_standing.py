@@ -43,6 +43,18 @@ def test_every_mark_expires_the_false_claim_too(monkeypatch):
     assert standing.penalty("liar") == 1.0
 
 
+def test_a_hop_over_a_few_layers_of_its_span_is_not_judged_against_its_claim():
+    """1 layer of a 10-layer span at 60 ms (per-hop costs, not its layers): no false claim; the same
+    rate over 4 layers or more is one (and so is 1 layer of a 1-layer span, 20x its claim)."""
+    few, many, one = Standing(), Standing(), Standing()
+    rec = record("p", "198.51.100.1", throughput=100.0)  # layers 0:10, 1 ms per layer claimed
+    few.measured(rec, 1, 0.06)
+    many.measured(rec, 4, 0.24)
+    one.measured(record("q", "198.51.100.2", start=0, end=1, throughput=100.0), 1, 0.2)  # 10 ms claimed
+    assert few.penalty("p") == 1.0
+    assert many.penalty("p") == standing_module.OVERCLAIM_PENALTY == one.penalty("q")
+
+
 def test_the_table_stays_bounded_and_keeps_marked_peers(monkeypatch):
     monkeypatch.setattr(standing_module, "MAX_PEERS", 100)
     standing = Standing()

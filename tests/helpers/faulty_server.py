@@ -12,11 +12,18 @@ Run as `python tests/helpers/faulty_server.py FAULT start ARGS...`: the same dae
              waits twice as long as the last (400 ms, 800 ms, ...): a hop that slow-walks the client
              under a deadline that follows it
   badnext    refuses every session that names a next hop with bad_next_hop, blaming that (honest) hop
+  stall      right outputs and a copy to the client, but from its 5th push of a small block on it
+             pushes nothing to its next hop (answering pings all along): the pass stalls at the
+             (honest) next hop, which looks hung
+  latepush   right outputs and a prompt copy to the client, but from its 5th push of a small block on
+             each push to its next hop is held back twice as long as the last (400 ms, 800 ms, ...):
+             the (honest) next hop looks slow
   claim      announces a throughput of 1e6 tokens/s, whatever it measured (a Sybil's claim)
   observe    honest, but writes what it sees of every session to its log, one `OBSERVED {json}` line
              per OpenSession and per block: the opener's peer id, the OpenSession's fields, each
-             block's step, commit_len, size, tree, kept path, upstream timings and which peer sent it
-             (what an auditor could use to tell a shadow session from a real one)
+             block's step, commit_len, size, tree, kept path, upstream timings and which peer sent it,
+             and when it was done with each block (what an auditor could use to tell a shadow session
+             from a real one)
 Flavours combine with "+" (e.g. noise+claim).
 """
 
@@ -36,7 +43,7 @@ OUTPUT_FAULTS = {
     "sometimes": lambda out: out + torch.randn_like(out) if next(_blocks) % 20 == 0 else out,
     "scaled": lambda out: out * 1.01,
 }
-FAULTS = (*OUTPUT_FAULTS, "weights", "slowwalk", "badnext", "claim", "observe")
+FAULTS = (*OUTPUT_FAULTS, "weights", "slowwalk", "badnext", "stall", "latepush", "claim", "observe")
 LAUNCHER = [sys.executable, os.path.abspath(__file__)]
 
 
@@ -67,6 +74,9 @@ def _inject(fault: str) -> None:
 
         daemon.Server._next_hop = next_hop
         return
+    if fault in ("stall", "latepush"):
+        _hold_pushes(fault)
+        return
     if fault == "observe":
         _observe()
         return
@@ -95,6 +105,47 @@ def _inject(fault: str) -> None:
     Span.forward = forward
 
 
+def _hold_pushes(fault: str) -> None:
+    """Wrap every stream this server pushes on: from the 5th small block on, withhold each push
+    (stall) or send it later and later (latepush), while the daemon goes on as if it had been sent
+    (so its copy to the client goes at once)."""
+    import asyncio
+
+    from dsdnode.net.wire import Forward, WireLimits, decode
+    from dsdnode.server import daemon
+
+    pushes = itertools.count(1)
+
+    class Held:
+        def __init__(self, stream):
+            self._stream, self._last = stream, None
+
+        def __getattr__(self, name):
+            return getattr(self._stream, name)
+
+        async def send(self, frame: bytes) -> None:
+            msg = decode(frame, WireLimits())
+            if not isinstance(msg, Forward) or msg.hidden.shape[1] > 16 or (n := next(pushes)) < 5:
+                return await self._stream.send(frame)
+            if fault == "stall":
+                return
+            delay, before = min(0.4 * 2 ** (n - 5), 60.0), self._last
+
+            async def late() -> None:
+                if before is not None:
+                    await before  # pushes stay in order
+                await asyncio.sleep(delay)
+                await self._stream.send(frame)
+            self._last = asyncio.ensure_future(late())
+
+    honest_open = daemon.open_next_hop
+
+    async def open_next_hop(*args, **kwargs):
+        return Held(await honest_open(*args, **kwargs))
+
+    daemon.open_next_hop = open_next_hop
+
+
 def _observe() -> None:
     import dataclasses
     import json
@@ -114,7 +165,10 @@ def _observe() -> None:
         note(kind="block", sender=came_on.remote_peer_id, session_id=msg.session_id, step=msg.step_id,
              commit_len=msg.commit_len, size=list(msg.hidden.shape), tree=msg.attention_mask is not None,
              positions=msg.positions, kept=msg.kept, upstream=[t.peer_id for t in msg.timings])
-        return await honest_forward(self, msg, came_on)
+        try:
+            return await honest_forward(self, msg, came_on)
+        finally:  # computed and pushed on (or answered): when a client may send its next block
+            note(kind="done", session_id=msg.session_id, step=msg.step_id)
 
     daemon.Server._open, daemon.Server._forward = open_, forward
 

@@ -342,6 +342,39 @@ def test_soak_fuzz(server, reference):
 
 # ---- targeted cases ----------------------------------------------------------------------------------------------
 
+def test_oversized_frames_on_fresh_streams_leave_no_buffered_bodies_behind(server, reference):
+    """A 1 MiB frame per stream, each refused at its length prefix: the server resets the stream and
+    must forget the body bytes already in flight at once. yamux kept them (a window, 256 KiB, per
+    stream) for 60 s: 300 such streams grew the server from 550 to 709 MB before `drop_muxer_buffer`."""
+    n = 1 << 20
+    big = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+
+    async def scenario():
+        node = await client_node(server)
+        try:
+            await check_normal_session(server, reference, node, "before-oversize")
+            rss_before = rss_mb(server.proc.pid)
+            resets = 0
+            for _ in range(300):
+                stream = await node.open_stream(peer(server), PROTOCOL)
+                try:
+                    await stream.send(big, timeout=REPLY_TIMEOUT_S)
+                    await stream.recv(timeout=REPLY_TIMEOUT_S)
+                except StreamClosed:
+                    resets += 1
+                finally:
+                    await stream.close()
+            rss_after = await settle_rss(server.proc.pid, rss_before + 20)
+            await check_normal_session(server, reference, node, "after-oversize")
+            return resets, rss_before, rss_after
+        finally:
+            await node.stop()
+
+    resets, rss_before, rss_after = asyncio.run(scenario())
+    assert resets == 300  # every one refused at the prefix, none answered
+    assert rss_after - rss_before < 20, f"RSS {rss_before:.0f} -> {rss_after:.0f} MB after 300 oversized frames"
+
+
 def test_an_expired_session_frees_its_memory_while_its_stream_stays_open(server):
     async def scenario():
         node = await client_node(server)

@@ -252,7 +252,7 @@ function statsLine(d) {
   const route = d.route.map((h) => `${shortId(h.peer_id)} [${h.start}:${h.end})`).join(" → ");
   let audit = "not audited (in-process chain)";
   if (d.audit) {
-    audit = d.audit.audits > 0 ? `audited (${d.audit.audits} audits, ${d.audit.positions} positions checked` +
+    audit = d.audit.audits > 0 ? `audited (${d.audit.audits} audits, ${d.audit.positions} block rows recomputed, drafts included` +
       (d.audit.unaudited ? `, ${d.audit.unaudited} without an auditor)` : ")")
       : "not audited (no other server holds these layers)";
     if (d.audit.mismatches) audit += `, ${d.audit.mismatches} mismatches caught`;
