@@ -10,19 +10,22 @@ client is added at the end. A server reached through a relay (its record lists o
 addresses) pays the extra link in its measured RTT; at equal cost, the chain with fewer relayed
 hops wins.
 
-Load spread: a server's step cost grows with its sessions (LOAD_COST_PER_SESSION) and its announced
-pass time is capped by what this client measured (client/standing.py); both are read fresh from the
-server's load answer (`with_load`: a record is up to an announce old), and
-each chain multiplies every server's cost by its own fixed random draw from an exponential
-distribution (choice_factor: a hash of the chain's seed and the server's id). Of replicas whose
-costs are c_1, c_2, ... a chain then picks replica i with probability (1/c_i) / sum(1/c_j), in
-proportion to its estimated capacity: the minimum of independent exponentials with rates 1/c_i.
-Clients that arrive together read the same records (none sees the others' sessions yet), so a
-deterministic choice, or a random preference narrower than the noise between replicas' costs, sends
-them all to the one that looks fastest (with a preference of at most 30 %, 75-80 % of 8 concurrent
-clients took one of two replicas of real servers on a loaded machine: BENCHMARKS.md). Sampling in proportion to capacity splits equal replicas evenly, still
-gives a replica twice as fast two thirds of the clients, and lets sessions announced meanwhile shift
-later clients further. The seed is random per chain, so one node that runs many chains at once (the
+Load spread: a server's step cost grows with its sessions (LOAD_COST_PER_SESSION), and its pass
+time counts as measured, a claim only capped by what this client measured (client/standing.py);
+both sessions and pass time are read fresh from the server's load answer (`with_load`: a record is
+up to an announce old). Each chain multiplies every server's cost by its own fixed random draw from
+an exponential distribution (choice_factor: a hash of the chain's seed and the server's id). Of
+replicas whose costs are c_1, c_2, ... a chain then picks replica i with probability
+(1/c_i) / sum(1/c_j), in proportion to its estimated capacity: the minimum of independent
+exponentials with rates 1/c_i. Clients that arrive together read the same loads (none sees the
+others' sessions yet), so a deterministic choice, or a random preference narrower than the noise
+between replicas' costs, sends them all to the one that looks fastest (with a preference of at
+most 30 %, 75-80 % of 8 concurrent clients took one of two replicas of real servers on a loaded
+machine: BENCHMARKS.md). Sampling in proportion to capacity splits equal replicas evenly, still
+gives a replica twice as fast two thirds of the clients, and lets load seen meanwhile shift later
+clients further; what a wave's coins leave uneven, the servers even out by refusing sessions a less
+loaded replica can take (server/load.py). The seed is random per chain, so one node that runs many
+chains at once (the
 HTTP API) spreads them too, while one chain keeps its choice when it re-routes."""
 
 from __future__ import annotations
