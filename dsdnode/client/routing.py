@@ -25,8 +25,7 @@ machine: BENCHMARKS.md). Sampling in proportion to capacity splits equal replica
 gives a replica twice as fast two thirds of the clients, and lets load seen meanwhile shift later
 clients further; what a wave's coins leave uneven, the servers even out by refusing sessions a less
 loaded replica can take (server/load.py). The seed is random per chain, so one node that runs many
-chains at once (the
-HTTP API) spreads them too, while one chain keeps its choice when it re-routes."""
+chains at once (the HTTP API) spreads them too, while one chain keeps its choice when it re-routes."""
 
 from __future__ import annotations
 
