@@ -71,8 +71,9 @@ def _inject(fault: str) -> None:
         _observe()
         return
     if fault == "claim":
-        from dsdnode.server import load
-        load.PassClock.throughput = property(lambda self: 1e6)  # whatever its passes take
+        from dsdnode.server import daemon, load
+        load.PassClock.throughput = property(lambda self: 1e6)  # in its record, whatever its passes take
+        daemon.Server.load_status = lambda self: {self.model: (0, 1e-6)}  # and in its load answer
         return
     if fault == "weights":
         honest_load = Span.load.__func__
