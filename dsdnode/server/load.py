@@ -13,8 +13,8 @@ two equal replicas in 29 % of waves. Two things fix that:
   equal, and a loaded one announces what a new session would see.
 - `Admission`: the arrival order at a server is the one place where concurrent clients are
   serialised. A server that holds more open sessions than a replica of the session's layers (same
-  weights, asked over the load answer, at most LOAD_CACHE_S old) answers "busy" with a short retry
-  hint; the client routes to another server at once (client/router.py). Peers are hostile, and a
+  weights, asked over the load answer, at most LOAD_CACHE_S old, the least it said within RECENT_S)
+  answers "busy" with a short retry hint; the client routes to another server at once (client/router.py). Peers are hostile, and a
   replica's load is its claim: one claiming zero load would be sent every client. So a replica's load
   is never taken below the sessions this server sent it within SENT_MEMORY_S: a liar then gets about
   what an equal honest replica would (every other arrival at most), never everything.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from ..net.p2p import P2PNode, PeerInfo
@@ -40,6 +40,7 @@ IDLE_REMEASURE_S = 30.0  # with no pass served for this long, the pass time is m
 REPLICAS_MAX_AGE_S = 30.0  # the replicas of our span are looked up this often (one discover)
 FIRST_LOOKUP_S = 2.0  # while none is known, sooner: 2, 4, 8, ... s (replicas start at about the same time)
 LOAD_CACHE_S = 0.5  # a replica's load answer is reused this long (a wave of opens asks once)
+RECENT_S = 2.0  # a replica holds the least it answered this long ago or since
 LOAD_TIMEOUT_S = 1.0  # a replica that does not answer this fast is not compared with
 SENT_MEMORY_S = 60.0  # a session sent to a replica counts against it this long (about a generation)
 RETRY_AFTER_S = 1.0  # the hint of a load refusal: the client tries another server meanwhile
@@ -75,8 +76,24 @@ class PassClock:
 @dataclass
 class _Replica:
     record: SpanRecord
-    sessions: int | None = None  # its last load answer (None: it did not answer)
+    answers: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, open sessions) lately
+    answered: bool = False  # its last question got an answer
     asked_at: float = -LOAD_CACHE_S
+
+    def heard(self, sessions: int | None) -> None:
+        now = self.asked_at = time.monotonic()
+        self.answered = sessions is not None
+        self.answers = [(t, n) for t, n in self.answers if now - t <= RECENT_S]
+        if sessions is not None:
+            self.answers.append((now, sessions))
+
+    @property
+    def sessions(self) -> int | None:
+        """The least it answered within RECENT_S (None: its last question went unanswered). Seen in a
+        wave of 8 clients over two spans: a chain refused at one hop closes the sessions it had just
+        opened at the others, so a replica's count peaked at sessions that lived a fraction of a
+        second, and a server that compared with the peak took 6 of 8 clients."""
+        return min(n for _, n in self.answers) if self.answered and self.answers else None
 
 
 class Admission:
@@ -105,12 +122,14 @@ class Admission:
         loads = [(max(r.sessions, self._sent(r.record.peer_id, now)), r.record.peer_id)
                  for r in covering if r.sessions is not None]
         if not loads:
+            log.info("no replica of layers %d:%d said its load (of %d asked)", start, end, len(covering))
             return
         least, peer = min(loads)
         if held <= least:
             return
         self.sent.setdefault(peer, []).append(now)
         self.refused += 1
+        log.info("refused a session of layers %d:%d: we hold %d, replica %s %d", start, end, held, peer, least)
         raise SessionError("busy", f"this server holds {held} sessions and replica {peer} of these layers "
                                    f"{least}: open the session there", retry_after_s=RETRY_AFTER_S)
 
@@ -155,11 +174,10 @@ class Admission:
         async def one(r: _Replica) -> None:
             try:
                 load = await self.node.ask_load(PeerInfo(r.record.peer_id, tuple(r.record.addrs)), LOAD_TIMEOUT_S)
-                r.sessions = load[self.model][0] if self.model in load else None
+                r.heard(load[self.model][0] if self.model in load else None)
             except Exception as e:  # gone or slow: not compared with until it answers again
                 log.debug("replica %s gave no load: %r", r.record.peer_id, e)
-                r.sessions = None
-            r.asked_at = time.monotonic()
+                r.heard(None)
 
         await asyncio.gather(*(one(r) for r in replicas))
 
