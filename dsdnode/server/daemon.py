@@ -137,7 +137,7 @@ class Server:
 
     def load_status(self) -> dict[str, tuple[int, float]]:
         """The load answer (net/peer_info.py): open sessions and the pass time as served lately."""
-        return {self.model: (len(self.table.sessions), self.clock.s)}
+        return {self.model: (len(self.table.sessions) + self.admission.pending, self.clock.s)}
 
     async def _announce_loop(self, announced: asyncio.Event) -> None:
         """Announce every announce interval, at once when our addresses change (a relay reserved or
@@ -234,11 +234,11 @@ class Server:
                                                 f"the session asks for {short(msg.weights)}")
         if msg.dtype not in HIDDEN_DTYPES:
             raise SessionError("bad_dtype", f"dtype {short(msg.dtype)} is not one of {sorted(HIDDEN_DTYPES)}")
-        await self.admission.check(msg.start, msg.end)
-        group = network_group(stream.remote_ip, stream.remote_peer_id, self.local_swarm)
-        next_hop = await self._next_hop(msg, stream.remote_peer_id, group) if msg.next_peer is not None else None
-        session = self.table.open(msg.session_id, msg.start, msg.end, msg.max_length, stream, msg.next_peer,
-                                  msg.prev_peer, group, msg.next_session_id)
+        async with self.admission.admit(msg.start, msg.end):
+            group = network_group(stream.remote_ip, stream.remote_peer_id, self.local_swarm)
+            next_hop = await self._next_hop(msg, stream.remote_peer_id, group) if msg.next_peer is not None else None
+            session = self.table.open(msg.session_id, msg.start, msg.end, msg.max_length, stream, msg.next_peer,
+                                      msg.prev_peer, group, msg.next_session_id)
         self.metrics.sessions_opened.inc()
         if next_hop is not None:
             try:

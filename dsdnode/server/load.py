@@ -23,6 +23,7 @@ two equal replicas in 29 % of waves. Two things fix that:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -105,19 +106,32 @@ class Admission:
         self.discover = discover or (lambda: node.dht.discover(model))
         self.replicas: dict[str, _Replica] = {}
         self._asking: asyncio.Task | None = None
+        self.pending = 0  # sessions admitted and not yet in the server's table
         self.sent: dict[str, list[float]] = {}  # replica -> when we refused a session in its favour
         self.refused = 0
+
+    @contextlib.asynccontextmanager
+    async def admit(self, start: int, end: int):
+        """Admits a session of layers start:end (see `check`); it counts as held from here until the
+        block ends (the server puts it in its table by then), so that opens which arrive together,
+        and all wait for the same load answers, do not all see the same count."""
+        await self.check(start, end)
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
     async def check(self, start: int, end: int) -> None:
         """SessionError("busy") if a replica serving layers start:end holds fewer sessions than we would
         with this one, counting at least those we sent it. A server without load never asks anyone."""
-        held = self.open_sessions()
-        if held == 0:
+        if self.open_sessions() + self.pending == 0:
             return
         covering = [r for r in self.replicas.values() if r.record.start <= start and end <= r.record.end]
         if not covering:
             return
         await self._ask(covering)
+        held = self.open_sessions() + self.pending  # after the wait: others may have been admitted meanwhile
         now = time.monotonic()
         loads = [(max(r.sessions, self._sent(r.record.peer_id, now)), r.record.peer_id)
                  for r in covering if r.sessions is not None]

@@ -95,6 +95,33 @@ def test_a_replica_that_claims_no_load_gets_no_more_than_every_other_session():
     asyncio.run(body())
 
 
+def test_sessions_that_arrive_together_are_not_all_admitted_on_one_count():
+    """Opens that arrive together all wait for the same load answer; each must then see those admitted
+    before it (seen: a server read 1 session for each of 6 concurrent opens and took all 6)."""
+    async def body() -> None:
+        replica, server, discover = await _replica_and_server(replica_sessions=0)
+        admission = Admission(server, MODEL, "w", lambda: held[0], discover)
+        held, refused = [0], []
+
+        async def open_one() -> None:
+            try:
+                async with admission.admit(0, 4):
+                    await asyncio.sleep(0.05)  # the server looks up the next hop, then tables the session
+                    held[0] += 1
+            except SessionError:
+                refused.append(1)
+
+        try:
+            await admission.lookup()
+            await asyncio.gather(*(open_one() for _ in range(6)))
+            assert held[0] <= 4 and len(refused) >= 2, (held[0], len(refused))
+        finally:
+            admission.stop()
+            await asyncio.gather(replica.stop(), server.stop())
+
+    asyncio.run(body())
+
+
 @pytest.mark.skipif(not (Path.home() / ".cache/dsdnode/models/smollm2-135m").exists(), reason="needs smollm2-135m")
 def test_concurrent_clients_spread_over_two_real_replicas(tmp_path):
     """Two server processes serve every layer; 6 client nodes start a generation in the same moment, so
