@@ -15,9 +15,11 @@ two equal replicas in 29 % of waves. Two things fix that:
   serialised. A server that holds more open sessions than a replica of the session's layers (same
   weights, asked over the load answer, at most LOAD_CACHE_S old, the least it said within RECENT_S)
   answers "busy" with a short retry hint; the client routes to another server at once (client/router.py). Peers are hostile, and a
-  replica's load is its claim: one claiming zero load would be sent every client. So a replica's load
-  is never taken below the sessions this server sent it within SENT_MEMORY_S: a liar then gets about
-  what an equal honest replica would (every other arrival at most), never everything.
+  replica's load is its claim: one claiming zero load would be sent every client. So a server refuses
+  at most as many sessions as it admitted within BUDGET_MEMORY_S: a liar then gets every other
+  arrival at most, about what an equal honest replica gets, never everything. (Counting a replica as
+  holding at least the sessions sent to it, tried first, kept sessions that had ended counted for a
+  minute: a server took 6 of 8 clients of the next wave.)
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ FIRST_LOOKUP_S = 2.0  # while none is known, sooner: 2, 4, 8, ... s (replicas st
 LOAD_CACHE_S = 0.5  # a replica's load answer is reused this long (a wave of opens asks once)
 RECENT_S = 2.0  # a replica holds the least it answered this long ago or since
 LOAD_TIMEOUT_S = 1.0  # a replica that does not answer this fast is not compared with
-SENT_MEMORY_S = 60.0  # a session sent to a replica counts against it this long (about a generation)
+BUDGET_MEMORY_S = 60.0  # a server refuses at most as many sessions as it admitted this long ago or since
 RETRY_AFTER_S = 1.0  # the hint of a load refusal: the client tries another server meanwhile
 
 
@@ -107,7 +109,8 @@ class Admission:
         self.replicas: dict[str, _Replica] = {}
         self._asking: asyncio.Task | None = None
         self.pending = 0  # sessions admitted and not yet in the server's table
-        self.sent: dict[str, list[float]] = {}  # replica -> when we refused a session in its favour
+        self.admitted_at: list[float] = []  # monotonic times of admissions and refusals lately
+        self.refused_at: list[float] = []
         self.refused = 0
 
     @contextlib.asynccontextmanager
@@ -124,35 +127,37 @@ class Admission:
 
     async def check(self, start: int, end: int) -> None:
         """SessionError("busy") if a replica serving layers start:end holds fewer sessions than we would
-        with this one, counting at least those we sent it. A server without load never asks anyone."""
-        if self.open_sessions() + self.pending == 0:
+        with this one, unless we refused as many sessions as we admitted within BUDGET_MEMORY_S. A
+        server without load never asks anyone."""
+        refusal = await self._refusal(start, end)
+        now = time.monotonic()
+        self.admitted_at = [t for t in self.admitted_at if now - t < BUDGET_MEMORY_S]
+        self.refused_at = [t for t in self.refused_at if now - t < BUDGET_MEMORY_S]
+        if refusal is None or len(self.refused_at) >= len(self.admitted_at):
+            self.admitted_at.append(now)
             return
+        self.refused_at.append(now)
+        self.refused += 1
+        log.info("refused a session of layers %d:%d: %s", start, end, refusal)
+        raise SessionError("busy", f"{refusal}: open the session there", retry_after_s=RETRY_AFTER_S)
+
+    async def _refusal(self, start: int, end: int) -> str | None:
+        """Why a session of layers start:end should go to a less loaded replica (None: it should not)."""
+        if self.open_sessions() + self.pending == 0:
+            return None
         covering = [r for r in self.replicas.values() if r.record.start <= start and end <= r.record.end]
         if not covering:
-            return
+            return None
         await self._ask(covering)
         held = self.open_sessions() + self.pending  # after the wait: others may have been admitted meanwhile
-        now = time.monotonic()
-        loads = [(max(r.sessions, self._sent(r.record.peer_id, now)), r.record.peer_id)
-                 for r in covering if r.sessions is not None]
+        loads = [(r.sessions, r.record.peer_id) for r in covering if r.sessions is not None]
         if not loads:
             log.info("no replica of layers %d:%d said its load (of %d asked)", start, end, len(covering))
-            return
+            return None
         least, peer = min(loads)
         if held <= least:
-            return
-        self.sent.setdefault(peer, []).append(now)
-        self.refused += 1
-        log.info("refused a session of layers %d:%d: we hold %d, replica %s %d", start, end, held, peer, least)
-        raise SessionError("busy", f"this server holds {held} sessions and replica {peer} of these layers "
-                                   f"{least}: open the session there", retry_after_s=RETRY_AFTER_S)
-
-    def _sent(self, peer: str, now: float) -> int:
-        times = self.sent.get(peer)
-        if not times:
-            return 0
-        times[:] = [t for t in times if now - t < SENT_MEMORY_S]
-        return len(times)
+            return None
+        return f"this server holds {held} sessions and replica {peer} of these layers {least}"
 
     async def keep_current(self) -> None:
         """Look the replicas up every REPLICAS_MAX_AGE_S (sooner while none is known), in the

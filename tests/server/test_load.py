@@ -55,11 +55,14 @@ def test_a_server_refuses_sessions_a_less_loaded_replica_can_take():
     async def body() -> None:
         replica, server, discover = await _replica_and_server(replica_sessions=1)
         try:
-            held = [3]
+            held = [0]
             admission = Admission(server, MODEL, "w", lambda: held[0], discover)
             await admission.lookup()
+            for _ in range(2):
+                await admission.check(0, 4)  # we hold 0, then 1: as loaded as the replica at most
+                held[0] += 1
             with pytest.raises(SessionError) as e:
-                await admission.check(0, 4)  # we hold 3, the replica 1
+                await admission.check(0, 4)  # we hold 2, the replica 1
             assert e.value.code == "busy" and e.value.retry_after_s and replica.peer_id in e.value.message
             await admission.check(0, 8)  # the replica does not serve layers 4:8: nowhere else to go
             held[0] = 1
@@ -74,7 +77,7 @@ def test_a_server_refuses_sessions_a_less_loaded_replica_can_take():
 
 def test_a_replica_that_claims_no_load_gets_no_more_than_every_other_session():
     """A hostile replica that always says it holds nothing would be sent every client if its claim were
-    believed; counted as holding at least the sessions sent to it, it gets about half of the arrivals."""
+    believed; a server refuses at most as many sessions as it admits, so the liar gets half at most."""
     async def body() -> None:
         replica, server, discover = await _replica_and_server(replica_sessions=0)
         try:
