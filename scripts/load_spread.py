@@ -80,12 +80,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--waves", type=int, default=3, help="waves of --clients concurrent clients, one after another")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--logs", type=Path, help="keep the servers' logs here (default: a temporary directory)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     models = load_client_models(args.model, None, "float32")
     spans = split_layers(models.head.config.num_hidden_layers, args.spans)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="load-spread-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="load-spread-") as tmp:
+        workdir = args.logs or tmp
         with LocalSwarm(args.model, [s for s in spans for _ in range(args.replicas)], Path(workdir),
                         dtype="float32", own_networks=True) as swarm:
             replicas = {span: [p.peer_id for p, s in zip(swarm.servers, [s for s in spans for _ in range(args.replicas)])

@@ -51,6 +51,8 @@ RECORD_TTL_S = 120.0
 PEER_SCRIPT = str(Path(__file__).with_name("membership_peer.py"))
 READY_TIMEOUT_S = 900.0  # a shared, oversubscribed 2-core machine took minutes to start 20 processes
 LIST_TIMEOUT_S = 30.0
+# with --budget-s, the parts end by these shares of it (what is left is the flood and the teardown)
+DEPARTURES_SHARE, TRIALS_SHARE, LOOKUPS_SHARE = 0.4, 0.65, 0.75
 JOINING_AT_ONCE = 3  # peer processes started together
 DISCOVER_TIMEOUT_S = 180.0
 
@@ -142,6 +144,15 @@ def time_until_listed(reader: Peers, wanted: set[str], since: float | None = Non
 def run(args: argparse.Namespace) -> dict:
     random.seed(args.seed)
     started = time.monotonic()
+
+    def over(share: float) -> bool:
+        """With --budget-s, whether this part of the run must end (its share of the budget is spent), so
+        that a bounded run still measures the trials, the lookups and the flood, on fewer samples."""
+        late = args.budget_s is not None and time.monotonic() - started > share * args.budget_s
+        if late:
+            log(f"budget: {share:.0%} of {args.budget_s:g} s spent, going on to the next part")
+        return late
+
     logs = Path(tempfile.mkdtemp(prefix="membership-scale-"))  # one log per peer process
     log(f"peer logs in {logs}")
     net = Internet()
@@ -185,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
 
         # departures: servers that announce, then die (-9) without withdrawing
         departed = 0
-        while departed < args.departures:
+        while departed < args.departures and not over(DEPARTURES_SHARE):
             batch = group(departed // args.batch, min(args.batch, args.departures - departed)).wait_ready()
             batch.request("announce", model=MODEL, start=0, end=4, ttl=RECORD_TTL_S, timeout=300)
             batch.kill()
@@ -193,10 +204,11 @@ def run(args: argparse.Namespace) -> dict:
             log(f"departures: {departed}")
 
         # trials: new servers, listed or not, then killed -9 as well
+        departed_before_trials = departed
         rounds = []
         soak_until = time.monotonic() + args.soak_hours * 3600
         r = -1
-        while (r := r + 1) * args.round_size < args.trials or time.monotonic() < soak_until:
+        while ((r := r + 1) * args.round_size < args.trials or time.monotonic() < soak_until) and not over(TRIALS_SHARE):
             trial = group(r, args.round_size).wait_ready()
             announced_at = time.monotonic()  # listing is timed from the announce request, not its answer
             trial.request("announce", model=MODEL, start=0, end=4, ttl=RECORD_TTL_S, timeout=300)
@@ -214,7 +226,9 @@ def run(args: argparse.Namespace) -> dict:
                 f"after {departed - len(trial.nodes)} departures (announce took {announce_s:.2f} s; "
                 f"reachability {rounds[-1]['reachability']}, routing tables at ready {rounds[-1]['routing_table_at_ready']})")
 
-        lookups = [discover(reader) for _ in range(args.lookups)]
+        lookups = []
+        while len(lookups) < args.lookups and not over(LOOKUPS_SHARE):
+            lookups.append(discover(reader))
         lookup_s = [s for _, s in lookups if s is not None]
         lookup_hidden = [len(honest - seen) for seen, _ in lookups]
 
@@ -228,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
         trials = [t for rnd in rounds for t in rnd["listed_s"]]
         return {
             "peers": peers_total, "sites": len(SITES), "servers": len(honest), "churn_killed": len(dying) * per,
-            "departures_before_trials": args.departures, "departures": departed,
+            "departures_before_trials": departed_before_trials, "departures": departed,
             "initial_listed": f"{len(first)}/{len(honest)}",
             "trials": len(trials),
             "trials_listed_within_10s": sum(1 for t in trials if t is not None and t <= 10.0),
@@ -269,6 +283,8 @@ def main() -> None:
     ap.add_argument("--lookups", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--soak-hours", type=float, default=0.0, help="keep the trial rounds going this long")
+    ap.add_argument("--budget-s", type=float, help="end departures, trials and lookups early so that the whole "
+                    "run, flood included, takes about this long (the result says how many of each were done)")
     ap.add_argument("--debug-logs", action="store_true", help="peers log where they publish and whom the reader asks")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

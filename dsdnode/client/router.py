@@ -18,6 +18,7 @@ banned peer starts with BANNED_GROUP_PENALTY and may not audit either."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -25,7 +26,7 @@ import time
 from ..net.records import SpanRecord, coverage
 from ..net.p2p import P2PNode
 from .bans import BanList
-from .routing import Candidate, Hop, NoRoute, best_chain, ping_records, relayed_only, same_weights
+from .routing import Candidate, Hop, NoRoute, best_chain, ping_records, relayed_only, same_weights, with_load
 from .standing import Standing, observed_group, record_group
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,9 @@ class Router:
             banned = self.bans.active()
             usable = [r for r in self.records
                       if r.peer_id not in self.excluded and r.peer_id not in busy and r.peer_id not in banned]
-            pinged = await ping_records(self.node, usable)
+            pinged, loads = await asyncio.gather(ping_records(self.node, usable),
+                                                 with_load(self.node, usable, self.model))
+            pinged = [dataclasses.replace(c, record=loads[c.record.peer_id]) for c in pinged]
             await self._observe([c.record for c in pinged])
             admitted = {r.peer_id for r in self.standing.admit([c.record for c in pinged],
                                                                lambda r: self.group_of(r.peer_id))}

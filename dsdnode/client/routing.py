@@ -10,22 +10,27 @@ client is added at the end. A server reached through a relay (its record lists o
 addresses) pays the extra link in its measured RTT; at equal cost, the chain with fewer relayed
 hops wins.
 
-Load spread: a server's step cost grows with the sessions it announced (LOAD_COST_PER_SESSION), and
-each chain multiplies every server's cost by its own fixed random draw from an exponential
-distribution (choice_factor: a hash of the chain's seed and the server's id). Of replicas whose
-costs are c_1, c_2, ... a chain then picks replica i with probability (1/c_i) / sum(1/c_j), in
-proportion to its estimated capacity: the minimum of independent exponentials with rates 1/c_i.
-Clients that arrive together read the same records (none sees the others' sessions yet), so a
-deterministic choice, or a random preference narrower than the noise between replicas' costs, sends
-them all to the one that looks fastest (with a preference of at most 30 %, 75-80 % of 8 concurrent
-clients took one of two replicas of real servers on a loaded machine: BENCHMARKS.md). Sampling in proportion to capacity splits equal replicas evenly, still
-gives a replica twice as fast two thirds of the clients, and lets sessions announced meanwhile shift
-later clients further. The seed is random per chain, so one node that runs many chains at once (the
-HTTP API) spreads them too, while one chain keeps its choice when it re-routes."""
+Load spread: a server's step cost grows with its sessions (LOAD_COST_PER_SESSION), and its pass
+time counts as measured, a claim only capped by what this client measured (client/standing.py);
+both sessions and pass time are read fresh from the server's load answer (`with_load`: a record is
+up to an announce old). Each chain multiplies every server's cost by its own fixed random draw from
+an exponential distribution (choice_factor: a hash of the chain's seed and the server's id). Of
+replicas whose costs are c_1, c_2, ... a chain then picks replica i with probability
+(1/c_i) / sum(1/c_j), in proportion to its estimated capacity: the minimum of independent
+exponentials with rates 1/c_i. Clients that arrive together read the same loads (none sees the
+others' sessions yet), so a deterministic choice, or a random preference narrower than the noise
+between replicas' costs, sends them all to the one that looks fastest (with a preference of at
+most 30 %, 75-80 % of 8 concurrent clients took one of two replicas of real servers on a loaded
+machine: BENCHMARKS.md). Sampling in proportion to capacity splits equal replicas evenly, still
+gives a replica twice as fast two thirds of the clients, and lets load seen meanwhile shift later
+clients further; what a wave's coins leave uneven, the servers even out by refusing sessions a less
+loaded replica can take (server/load.py). The seed is random per chain, so one node that runs many
+chains at once (the HTTP API) spreads them too, while one chain keeps its choice when it re-routes."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import heapq
 import logging
@@ -43,6 +48,7 @@ RELAYED_PING_TIMEOUT_S = 10.0  # a first ping through a relay also sets up the r
 # added cost of a step per session active at a server, as a fraction of its own: one more block in a
 # batched forward (docs/ARCHITECTURE.md, "Many clients")
 LOAD_COST_PER_SESSION = 0.1
+LOAD_TIMEOUT_S = 1.0  # a server that does not say its load this fast is routed by its record's
 
 
 class NoRoute(PeerError, RuntimeError):
@@ -122,6 +128,26 @@ async def ping_records(node: P2PNode, records: list[SpanRecord], timeout_s: floa
 
     records = [r for r in records if r.peer_id != node.peer_id]
     return [c for c in await asyncio.gather(*(ping(r) for r in records)) if c is not None]
+
+
+async def with_load(node: P2PNode, records: list[SpanRecord], model: str,
+                    timeout_s: float = LOAD_TIMEOUT_S) -> dict[str, SpanRecord]:
+    """Each record (by peer id) with the load its server answers now in place of the announced one:
+    open sessions, and the throughput of its pass time as served lately (net/peer_info.py). Both are
+    claims like the record's, read fresher; routing still caps a claimed speed by what it measured
+    and never costs a server below its measured pass (client/standing.py), so a server that claims to
+    be idle gains nothing over what was measured of it. A server that does not answer keeps its record."""
+    async def ask(rec: SpanRecord) -> SpanRecord:
+        try:
+            load = (await node.ask_load(PeerInfo(rec.peer_id, tuple(rec.addrs)), timeout_s)).get(model)
+        except Exception as e:
+            log.debug("peer %s did not say its load: %r", rec.peer_id, e)
+            return rec
+        if load is None or load[1] <= 0:
+            return rec
+        return dataclasses.replace(rec, active_sessions=load[0], throughput=1.0 / load[1])
+
+    return {r.peer_id: r for r in await asyncio.gather(*(ask(r) for r in records))}
 
 
 def choice_factor(seed: str, peer_id: str) -> float:

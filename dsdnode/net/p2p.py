@@ -35,8 +35,8 @@ from dsdnode.net.host import (BootstrapUnreachable, Host, ListenError, PeerInfo,
                               check_listen_address)
 from dsdnode.net.identity import load_or_create_identity
 from dsdnode.net.latency import LinkLatency
-from dsdnode.net.peer_info import (INFO_MAX_BYTES, INFO_PROTOCOL, NodeInfo, info_handler, known_peers,
-                                   trio_ask)
+from dsdnode.net.peer_info import (INFO_MAX_BYTES, INFO_PROTOCOL, LOAD_REQUEST, NodeInfo, info_handler,
+                                   known_peers, trio_ask)
 from dsdnode.net.reachability import CLIENT, PRIVATE, UNKNOWN, Reachability
 from dsdnode.net.relay import RelayLimits, RelayService, Reservation
 from dsdnode.net.relay_client import RelayClient
@@ -71,6 +71,9 @@ class P2PNode:
         self._relay_offer: RelayLimits | None = None
         self._assume_private = False
         self.local_swarm = False  # loopback peers are network groups of their own (net/groups.py)
+        # what the load answer says (peer_info.NodeInfo.load): a server sets it (server/load.py); read
+        # on the trio thread, so it must only read plain attributes
+        self.load_status: Callable[[], dict[str, tuple[int, float]]] = dict
 
     @classmethod
     async def start(cls, *, identity: KeyPair | None = None, host: str = "127.0.0.1", port: int = 0,
@@ -168,6 +171,10 @@ class P2PNode:
         """What `peer` serves and whom it knows (see NodeInfo); PeerUnreachable or ValueError if it cannot say."""
         return await self.host.bridge.call(trio_ask, self.host, peer, timeout)
 
+    async def ask_load(self, peer: PeerInfo, timeout: float = 10.0) -> dict[str, tuple[int, float]]:
+        """What `peer` says its load is now, per model it serves (NodeInfo.load: the short answer)."""
+        return (await self.host.bridge.call(trio_ask, self.host, peer, timeout, LOAD_REQUEST)).load
+
     async def known_peers(self) -> list[PeerInfo]:
         """The peers in this node's DHT routing table, with the addresses it has for them."""
         async def read() -> list[PeerInfo]:
@@ -198,9 +205,9 @@ class P2PNode:
             libp2p.set_stream_handler(relay.STOP_PROTOCOL,
                                       relay.stop_handler(libp2p, self.relay_client.holds_reservation))
 
-    def _describe(self) -> NodeInfo:
-        return NodeInfo(self.peer_id, self.dht.announced(), tuple(known_peers(self.host)),
-                        self.reachability.status, self.relay is not None)
+    def _describe(self, short: bool = False) -> NodeInfo:
+        return NodeInfo(self.peer_id, self.dht.announced(), () if short else tuple(known_peers(self.host)),
+                        self.reachability.status, self.relay is not None, self.load_status())
 
     async def _t_join(self, nursery: trio.Nursery, boot: list[LibPeerInfo], required: bool,
                       listening: bool) -> BaseException | None:

@@ -38,6 +38,7 @@ from ..net.wire import (INT8_BLOCKS, CloseSession, ErrorReply, Forward, ForwardR
                         SessionOpened, WireError, WireLimits, decode, digest, encode, frame_ceiling,
                         hidden_payload, short)
 from .batching import BatchSettings, Batcher
+from .load import Admission, PassClock
 from .metrics import server_metrics
 from .next_hops import DialRate, allowed_hop, open_next_hop
 from .sessions import OPEN_LEASE_S, ClientLimits, Session, SessionError, SessionKey, SessionTable, keep_big_allocations_mapped
@@ -71,7 +72,8 @@ class Server:
                                  max_frame_bytes=node.max_frame_bytes)
         self.announce_interval_s, self.record_ttl_s = announce_interval_s, record_ttl_s
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="span")  # one forward at a time per machine
-        self.throughput = 0.0
+        self.clock = PassClock(0.0)  # measured at start (serve), then from the passes served (load.py)
+        self.admission = Admission(node, model, weights, lambda: len(self.table.sessions))
         self.stopping = False
         self.errors: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -81,11 +83,13 @@ class Server:
 
     # ---- life cycle ---------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> None:
-        self.throughput = await asyncio.get_running_loop().run_in_executor(self.compute, measure_throughput, self.span)
+        self.clock.remeasured(await asyncio.get_running_loop().run_in_executor(self.compute, measure_pass_s, self.span))
+        self.node.load_status = self.load_status
         self.node.set_stream_handler(SESSION_PROTOCOL, self.handle_stream)
         announced = asyncio.Event()
         announcer = asyncio.create_task(self._announce_loop(announced))
         reaper = asyncio.create_task(self._expire_loop())
+        replicas = asyncio.create_task(self.admission.keep_current())
         # "ready" means clients can find us: our first record is stored (bounded: a DHT that is slow
         # to take it should not keep a working server from starting)
         try:
@@ -95,12 +99,13 @@ class Server:
                         FIRST_ANNOUNCE_WAIT_S)
         print_ready(peer_id=self.node.peer_id, addrs=self.node.addrs, model=self.model, start=self.span.start,
                     end=self.span.end, device=self.span.device.type, weights=self.weights,
-                    throughput=round(self.throughput, 2), **self.node.reach_fields())
+                    throughput=round(self.clock.throughput, 2), **self.node.reach_fields())
         try:
             await stop.wait()
         finally:
             announcer.cancel()
             reaper.cancel()
+            replicas.cancel()
             await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -120,21 +125,30 @@ class Server:
             except Exception as e:  # asyncio.TimeoutError included
                 log.warning("could not withdraw the span record (it expires by itself): %r", e)
         finally:
+            self.admission.stop()
             self.batcher.stop()
             self.compute.shutdown(wait=True)
             await self.node.stop()
 
     def record(self) -> SpanRecord:
         return SpanRecord(self.model, self.span.start, self.span.end, self.node.peer_id, list(self.node.addrs),
-                          self.throughput, self.table.free_tokens(), __version__, time.time() + self.record_ttl_s,
+                          self.clock.throughput, self.table.free_tokens(), __version__, time.time() + self.record_ttl_s,
                           device=self.span.device.type, weights=self.weights, active_sessions=self.table.active(),
                           queued_positions=self.batcher.queued_positions)
 
+    def load_status(self) -> dict[str, tuple[int, float]]:
+        """The load answer (net/peer_info.py): open sessions and the pass time as served lately."""
+        return {self.model: (len(self.table.sessions) + self.admission.pending, self.clock.s)}
+
     async def _announce_loop(self, announced: asyncio.Event) -> None:
         """Announce every announce interval, at once when our addresses change (a relay reserved or
-        lost), and within LOAD_CHECK_S when our session count changes (clients spread by it)."""
+        lost), and within LOAD_CHECK_S when our session count changes (clients spread by it). An
+        idle server measures its pass afresh first: the last one served may date from a busy time."""
         while True:
             load = len(self.table.sessions)
+            if self.clock.idle() and not self.table.sessions:
+                self.clock.remeasured(await asyncio.get_running_loop().run_in_executor(
+                    self.compute, measure_pass_s, self.span))
             try:
                 await self.node.dht.announce(self.record())
             except Exception as e:  # the DHT may be empty right now; try again next interval
@@ -221,11 +235,12 @@ class Server:
                                                 f"the session asks for {short(msg.weights)}")
         if msg.dtype not in HIDDEN_DTYPES:
             raise SessionError("bad_dtype", f"dtype {short(msg.dtype)} is not one of {sorted(HIDDEN_DTYPES)}")
-        group = network_group(stream.remote_ip, stream.remote_peer_id, self.local_swarm)
-        next_hop = await self._next_hop(msg, stream.remote_peer_id, group) if msg.next_peer is not None else None
-        session = self.table.open(msg.session_id, msg.start, msg.end, msg.max_length, stream, msg.next_peer,
-                                  msg.prev_peer, group, msg.next_session_id)
-        session.wire = msg.wire
+        async with self.admission.admit(msg.start, msg.end):
+            group = network_group(stream.remote_ip, stream.remote_peer_id, self.local_swarm)
+            next_hop = await self._next_hop(msg, stream.remote_peer_id, group) if msg.next_peer is not None else None
+            session = self.table.open(msg.session_id, msg.start, msg.end, msg.max_length, stream, msg.next_peer,
+                                      msg.prev_peer, group, msg.next_session_id)
+            session.wire = msg.wire
         self.metrics.sessions_opened.inc()
         if next_hop is not None:
             try:
@@ -303,6 +318,8 @@ class Server:
             del cache  # the session owns its cache: once it closes, the memory must go
             out, compute_s = done.hidden, done.compute_s
             self.metrics.observe_block(hidden.shape[1], compute_s)
+            self.clock.served(compute_s, hidden.shape[1], session.span.end - session.span.start,
+                              self.span.end - self.span.start)
             timings = msg.timings + [HopTiming(self.node.peer_id, recv_time, compute_s, time.time(), digest(msg.hidden))]
             payload = hidden_payload(out.to(incoming.dtype), session.wire)  # the next hop gets what we got
             result = ForwardResult(msg.session_id, msg.step_id, payload, timings)
@@ -349,8 +366,8 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
 
-def measure_throughput(span: Span, repeats: int = 5) -> float:
-    """Tokens per second of a one-token step through the span (what decoding costs), for routing."""
+def measure_pass_s(span: Span, repeats: int = 5) -> float:
+    """Seconds of a one-token step through the span (what decoding costs), for routing."""
     cache = span.new_cache(64)
     hidden = torch.zeros(1, 1, span.config.hidden_size, dtype=span.dtype, device=span.device)
     times = []
@@ -358,4 +375,4 @@ def measure_throughput(span: Span, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         span.forward(hidden, cache, i)
         times.append(time.perf_counter() - t0)
-    return 1.0 / statistics.median(times[1:])
+    return statistics.median(times[1:])

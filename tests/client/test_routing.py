@@ -1,6 +1,10 @@
+import asyncio
+
 import pytest
 
-from dsdnode.client.routing import Candidate, NoRoute, best_chain
+from dsdnode.client.routing import Candidate, NoRoute, best_chain, with_load
+from dsdnode.client.standing import Standing
+from dsdnode.net.p2p import P2PNode
 from dsdnode.net.records import SpanRecord
 
 
@@ -108,3 +112,28 @@ def test_a_slow_hop_is_replaced_only_where_others_serve_its_layers(tmp_path):
     assert not router.can_route_around("b", 15, 30)  # nobody else serves 15:30
     router.exclude("d", "lost", "d was lost")
     assert not router.can_route_around("a", 0, 15)  # 10:15 is left to a alone
+
+
+def test_the_fresh_load_a_server_answers_replaces_its_records_but_a_claim_stays_capped():
+    """Real libp2p hosts on loopback: a server answers its load now (4 sessions, 50 ms a pass); the
+    client routes on that rather than its record's (0 sessions, 10 tokens/s). A server that answers
+    nothing for the model keeps its record. A claimed pass 1000x faster than measured elsewhere still
+    counts only CLAIM_CAP x faster than what the client measured."""
+    async def body():
+        busy, quiet, client = await asyncio.gather(P2PNode.start(relay_service=False), P2PNode.start(relay_service=False),
+                                                   P2PNode.start(relay_service=False))
+        try:
+            busy.load_status = lambda: {"m": (4, 0.05)}
+            quiet.load_status = lambda: {"other": (9, 0.5)}
+            recs = [SpanRecord("m", 0, 2, n.peer_id, list(n.addrs), 10.0, 1000, "0", 1e12) for n in (busy, quiet)]
+            fresh = await with_load(client, recs, "m")
+            assert (fresh[busy.peer_id].active_sessions, fresh[busy.peer_id].throughput) == (4, pytest.approx(20.0))
+            assert fresh[quiet.peer_id] is recs[1]
+            standing = Standing()
+            standing.measured(recs[1], 2, 0.2)  # 0.1 s per layer measured of the quiet one
+            liar = SpanRecord("m", 0, 2, "liar", [], 1e6, 1000, "0", 1e12)
+            assert standing.s_per_layer(liar, [recs[1], liar]) == pytest.approx(0.1 / 2)
+        finally:
+            await asyncio.gather(busy.stop(), quiet.stop(), client.stop())
+
+    asyncio.run(body())

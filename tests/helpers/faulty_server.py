@@ -81,8 +81,9 @@ def _inject(fault: str) -> None:
         _observe()
         return
     if fault == "claim":
-        from dsdnode.server import daemon
-        daemon.measure_throughput = lambda span, repeats=5: 1e6
+        from dsdnode.server import daemon, load
+        load.PassClock.throughput = property(lambda self: 1e6)  # in its record, whatever its passes take
+        daemon.Server.load_status = lambda self: {self.model: (0, 1e-6)}  # and in its load answer
         return
     if fault == "weights":
         honest_load = Span.load.__func__
