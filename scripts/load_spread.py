@@ -41,8 +41,8 @@ class RecordedChains(SwarmChains):
         super().__init__(*args, **kwargs)
         self.chains: list = []
 
-    def new_chain(self, audit: bool = True, require_audit: bool = False):
-        chain = super().new_chain(audit, require_audit)
+    def new_chain(self, audit: bool = True, require_audit: bool = False, wire: str = "exact"):
+        chain = super().new_chain(audit, require_audit, wire)
         self.chains.append(chain)
         return chain
 
