@@ -47,7 +47,7 @@ from ..net.records import SpanRecord
 from ..net.p2p import P2PNode
 from ..net.wire import INT8_BLOCKS, WireLimits
 from .bans import BanList
-from .shadow import AuditUnavailable, HopBlock, Mirror, Piece, ShadowRoute, ShadowSession, UnlikeAuditor
+from .shadow import AuditorBusy, AuditUnavailable, HopBlock, Mirror, Piece, ShadowRoute, ShadowSession, UnlikeAuditor
 from .standing import Standing
 
 log = logging.getLogger(__name__)
@@ -311,8 +311,7 @@ class Auditor:
             outs = await route.outputs(last)
         except AuditUnavailable as e:
             log.info("the shadow route %s failed: %s", [p.peer_id for p in route.pieces], e)
-            if e.peer:  # (a stall between two pieces is no one's to blame)
-                self.standing.failed(e.peer, "failed an audit session")
+            self._auditor_failed(e)  # (a stall between two pieces names no one: no one is marked)
             await self._drop_route()
             return verdicts
         void = last  # blocks from here on are compared on inputs the hop was not sent
@@ -365,7 +364,7 @@ class Auditor:
             except AuditUnavailable as e:
                 failed += 1
                 log.info("a shadow route could not open: %s", e)
-                self.standing.failed(e.peer, "failed an audit session")
+                self._auditor_failed(e)
                 continue
             unlike = {(p.peer_id, self.logs[i].compute_dtype)
                       for p, i, dtype in zip(route.pieces, route.mirror_of, route.compute_dtypes)
@@ -422,7 +421,7 @@ class Auditor:
                 if not isinstance(e, UnlikeAuditor):
                     failed += 1
                     log.info("audit of %s (layers %d:%d) could not run: %s", h.peer_id, h.start, h.end, e)
-                    self.standing.failed(e.peer, "failed an audit session")
+                    self._auditor_failed(e)
                 continue
             self.stats.audits += 1
             self.stats.piecewise += len(panel) > 1
@@ -517,7 +516,7 @@ class Auditor:
                 return panel, torch.cat(await self._run(shadows, h.blocks[:last]), dim=1)
             except AuditUnavailable as e:
                 log.info("second opinion from %s failed: %s", [p.peer_id for p in panel], e)
-                self.standing.failed(e.peer, "failed an audit session")
+                self._auditor_failed(e)
                 avoid |= {p.group for p in panel}
             finally:
                 await asyncio.gather(*(s.close() for s in shadows))
@@ -565,6 +564,12 @@ class Auditor:
         excluded.update({p: "disputed without a history" for p in panelists if not self.standing.has_history(p)})
         log.warning("audit of %s (%s) not settled: excluding %s for this session", h.peer_id, where, sorted(excluded))
         return Verdict(bad, excluded=excluded)
+
+    def _auditor_failed(self, e: AuditUnavailable) -> None:
+        """An auditor that failed its session is marked, unless it only said `busy` (a full server, or
+        one that sends sessions to a less loaded replica, is not at fault) or nobody can be named."""
+        if e.peer and not isinstance(e, AuditorBusy):
+            self.standing.failed(e.peer, "failed an audit session")
 
     def _convict(self, peer: str, layers: tuple[int, int], bad: int | None, reason: str) -> Verdict:
         self.bans.add(peer, self.model, layers, reason, group=self.group_of(peer))

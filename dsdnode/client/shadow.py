@@ -50,6 +50,11 @@ class AuditStalled(AuditUnavailable):
     """The auditor sent nothing within AUDIT_TIMEOUT_S."""
 
 
+class AuditorBusy(AuditUnavailable):
+    """The auditor answered `busy` (its budget is full, or a replica of its layers holds fewer
+    sessions: server/load.py): no fault of its own, so, as in routing, no mark."""
+
+
 class UnlikeAuditor(AuditUnavailable):
     """The auditor computes in another dtype than the audited hop: no fault, but no comparison."""
 
@@ -318,5 +323,6 @@ async def _ask(stream: Stream, msg, want: type, peer: str, limits: WireLimits):
         raise AuditUnavailable(f"auditor {peer}: {e!r}", peer) from None
     if isinstance(reply, ErrorReply) or not isinstance(reply, want):
         what = f"{reply.code}: {reply.message}" if isinstance(reply, ErrorReply) else type(reply).__name__
-        raise AuditUnavailable(f"auditor {peer} answered {what}", peer)
+        busy = isinstance(reply, ErrorReply) and reply.code == "busy"
+        raise (AuditorBusy if busy else AuditUnavailable)(f"auditor {peer} answered {what}", peer)
     return reply

@@ -314,3 +314,36 @@ def test_who_a_stall_is_blamed_on_follows_the_stalls_seen_before():
     assert stall("x", "j") == {"j": "stalled again"}
     assert stall("y", "j") == {"j": "stalls behind several hops"}
     assert stall("z", "w", copies=0) == {"z": "stalled on the client's block"}
+
+
+def test_an_auditor_that_answers_busy_is_not_marked():
+    """A server refuses a shadow session as `busy` when its budget is full or a replica of its layers
+    holds fewer sessions (server/load.py): no fault, so no mark -- as routing treats `busy`. Any other
+    failure of an auditor's session marks it."""
+    from dsdnode.client.shadow import AuditorBusy, AuditUnavailable, _ask
+    from dsdnode.net.wire import ErrorReply, SessionOpened, WireLimits, encode
+
+    class Replies:
+        def __init__(self, reply):
+            self.reply = reply
+
+        async def send(self, data):
+            pass
+
+        async def recv(self, timeout=None):
+            return encode(self.reply)
+
+    busy = ErrorReply("busy", "a replica of these layers holds fewer sessions", retry_after_s=1.0)
+    with pytest.raises(AuditorBusy):
+        asyncio.run(_ask(Replies(busy), None, SessionOpened, "B", WireLimits()))
+    with pytest.raises(AuditUnavailable) as refused:
+        asyncio.run(_ask(Replies(ErrorReply("wrong_span", "no")), None, SessionOpened, "W", WireLimits()))
+    assert not isinstance(refused.value, AuditorBusy)
+
+    standing = Standing()
+    auditor = SimpleNamespace(standing=standing)
+    Auditor._auditor_failed(auditor, AuditorBusy("auditor B answered busy", "B"))
+    Auditor._auditor_failed(auditor, AuditUnavailable("a stall between two pieces"))  # names no one
+    assert standing.penalty("B") == 1.0
+    Auditor._auditor_failed(auditor, refused.value)
+    assert standing.penalty("W") == 2.0
