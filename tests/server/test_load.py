@@ -6,6 +6,7 @@ wire); the last one runs real server processes and concurrent clients."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -38,8 +39,10 @@ def test_the_pass_time_follows_served_decoding_passes_not_prefill():
     assert clock.s == 0.020 and not clock.idle()
 
 
-async def _replica_and_server(replica_sessions: int):
-    """A replica host that claims `replica_sessions` open sessions, and the host of the server under test."""
+@contextlib.asynccontextmanager
+async def _admission(replica_sessions: int):
+    """The Admission of a server host whose one replica (a real host on loopback) answers that it holds
+    `replica_sessions` open sessions; yields it, the server's open-session count (held[0]) and the replica."""
     replica = await P2PNode.start(relay_service=False)
     replica.load_status = lambda: {MODEL: (replica_sessions, 0.01)}
     server = await P2PNode.start(relay_service=False)
@@ -48,16 +51,19 @@ async def _replica_and_server(replica_sessions: int):
     async def discover():
         return [rec]
 
-    return replica, server, discover
+    held = [0]
+    admission = Admission(server, MODEL, "w", lambda: held[0], discover)
+    try:
+        await admission.lookup()
+        yield admission, held, replica
+    finally:
+        admission.stop()
+        await asyncio.gather(replica.stop(), server.stop())
 
 
 def test_a_server_refuses_sessions_a_less_loaded_replica_can_take():
     async def body() -> None:
-        replica, server, discover = await _replica_and_server(replica_sessions=1)
-        try:
-            held = [0]
-            admission = Admission(server, MODEL, "w", lambda: held[0], discover)
-            await admission.lookup()
+        async with _admission(replica_sessions=1) as (admission, held, replica):
             for _ in range(2):
                 await admission.check(0, 4)  # we hold 0, then 1: as loaded as the replica at most
                 held[0] += 1
@@ -68,9 +74,6 @@ def test_a_server_refuses_sessions_a_less_loaded_replica_can_take():
             held[0] = 1
             await admission.check(0, 4)  # as loaded as the replica: admitted
             assert admission.refused == 1
-        finally:
-            admission.stop()
-            await asyncio.gather(replica.stop(), server.stop())
 
     asyncio.run(body())
 
@@ -79,11 +82,7 @@ def test_a_replica_that_claims_no_load_gets_no_more_than_every_other_session():
     """A hostile replica that always says it holds nothing would be sent every client if its claim were
     believed; a server refuses at most as many sessions as it admits, so the liar gets half at most."""
     async def body() -> None:
-        replica, server, discover = await _replica_and_server(replica_sessions=0)
-        try:
-            held = [0]
-            admission = Admission(server, MODEL, "w", lambda: held[0], discover)
-            await admission.lookup()
+        async with _admission(replica_sessions=0) as (admission, held, _):
             for _ in range(20):
                 try:
                     await admission.check(0, 4)
@@ -91,9 +90,6 @@ def test_a_replica_that_claims_no_load_gets_no_more_than_every_other_session():
                 except SessionError:
                     pass
             assert admission.refused <= 10 and held[0] >= 10, (held[0], admission.refused)
-        finally:
-            admission.stop()
-            await asyncio.gather(replica.stop(), server.stop())
 
     asyncio.run(body())
 
@@ -102,25 +98,19 @@ def test_sessions_that_arrive_together_are_not_all_admitted_on_one_count():
     """Opens that arrive together all wait for the same load answer; each must then see those admitted
     before it (seen: a server read 1 session for each of 6 concurrent opens and took all 6)."""
     async def body() -> None:
-        replica, server, discover = await _replica_and_server(replica_sessions=0)
-        admission = Admission(server, MODEL, "w", lambda: held[0], discover)
-        held, refused = [0], []
+        async with _admission(replica_sessions=0) as (admission, held, _):
+            refused = []
 
-        async def open_one() -> None:
-            try:
-                async with admission.admit(0, 4):
-                    await asyncio.sleep(0.05)  # the server looks up the next hop, then tables the session
-                    held[0] += 1
-            except SessionError:
-                refused.append(1)
+            async def open_one() -> None:
+                try:
+                    async with admission.admit(0, 4):
+                        await asyncio.sleep(0.05)  # the server looks up the next hop, then tables the session
+                        held[0] += 1
+                except SessionError:
+                    refused.append(1)
 
-        try:
-            await admission.lookup()
             await asyncio.gather(*(open_one() for _ in range(6)))
             assert held[0] <= 4 and len(refused) >= 2, (held[0], len(refused))
-        finally:
-            admission.stop()
-            await asyncio.gather(replica.stop(), server.stop())
 
     asyncio.run(body())
 
