@@ -81,6 +81,9 @@ class Peers:
         self.nodes: list[dict] = []
 
     def wait_ready(self) -> Peers:
+        """Wait for the process's READY line (once: later calls return at once, as it prints one)."""
+        if self.nodes:
+            return self
         ready = self.channel.ready(READY_TIMEOUT_S)
         if ready is None:
             raise RuntimeError(f"peer process {self.log.name} did not start; its log ends:\n{self.log.read_text()[-1500:]}")

@@ -236,7 +236,7 @@ class DirectoryService:
         self.store = store
 
     async def serve(self, raw: Any) -> None:
-        stream = self._host.wrap(raw, MAX_REQUEST_BYTES)
+        stream = self._host.wrap(raw, MAX_REQUEST_BYTES, max_send_bytes=MAX_ANSWER_BYTES)
         sender = raw.muxed_conn.peer_id.to_base58()
         try:
             body = msgpack.unpackb(await stream.trio_recv(timeout=QUERY_TIMEOUT_S), raw=False)

@@ -302,9 +302,10 @@ class Host:
         """What identify and our DHT provider records tell peers our addresses are."""
         return list(self.advertised) if self.advertised is not None else candidates
 
-    def wrap(self, raw: Any, max_frame_bytes: int | None = None) -> Stream:
-        """A framed Stream over a raw libp2p stream (trio thread)."""
-        return Stream(raw, self.bridge, self.link, max_frame_bytes or self.max_frame_bytes)
+    def wrap(self, raw: Any, max_frame_bytes: int | None = None, max_send_bytes: int | None = None) -> Stream:
+        """A framed Stream over a raw libp2p stream (trio thread); it reads frames of at most
+        `max_frame_bytes` and sends frames of at most `max_send_bytes` (default: the same)."""
+        return Stream(raw, self.bridge, self.link, max_frame_bytes or self.max_frame_bytes, max_send_bytes)
 
     def _register(self, protocol: str) -> None:
         async def on_stream(raw: Any) -> None:

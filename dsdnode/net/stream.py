@@ -53,13 +53,17 @@ class FrameTooLarge(PeerError, ValueError):
 class Stream:
     """A full-duplex framed stream; methods may be used concurrently from several tasks."""
 
-    def __init__(self, raw: Any, bridge: Bridge, link: LinkEmulator | None, max_frame_bytes: int) -> None:
+    def __init__(self, raw: Any, bridge: Bridge, link: LinkEmulator | None, max_frame_bytes: int,
+                 max_send_bytes: int | None = None) -> None:
         # Created on the trio thread (trio primitives below belong to that run).
         self._bridge = bridge
         self._link = link if link is not None and link.settings.emulates else None
         self._delivered: trio.Event | None = None  # set once the last frame in emulated flight is written
         self._deliver_at = 0.0  # trio time the last frame in flight is due (frames never overtake)
         self._max_frame_bytes = max_frame_bytes
+        # what we send may be longer than what we read: a directory peer reads requests of a few KiB
+        # and answers with a whole key's records
+        self._max_send_bytes = max_send_bytes or max_frame_bytes
         self._raw = raw
         self.remote_peer_id: str = raw.muxed_conn.peer_id.to_base58()
         self.remote_ip: str | None = raw_remote_ip(raw)  # as the kernel saw it (a relayed one: the relay's)
@@ -95,8 +99,8 @@ class Stream:
         if not isinstance(frame, (bytes, bytearray, memoryview)):
             raise TypeError(f"frame must be bytes, got {type(frame).__name__}")
         size = len(frame)
-        if size > self._max_frame_bytes:
-            raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame_bytes {self._max_frame_bytes}")
+        if size > self._max_send_bytes:
+            raise FrameTooLarge(f"frame of {size} bytes exceeds the send limit of {self._max_send_bytes} bytes")
         if self._closed:
             raise StreamClosed(f"stream to {self.remote_peer_id} is closed")
         link = self._link

@@ -250,3 +250,26 @@ def test_a_reader_that_lost_every_peer_joins_again_and_lists_the_servers():
             assert [r.peer_id for r in await reader.dht.discover(MODEL)] == [server.peer_id]
 
     asyncio.run(body())
+
+
+def test_a_key_holding_more_records_than_one_request_fits_is_listed_whole():
+    """Seen in the scale harness: once a shard key held more records than a request may be long (a
+    few KiB: departed servers' records live until they expire, and a flood adds its own), every
+    storing peer failed to send its answer and readers listed no server of that shard. Real libp2p
+    hosts on loopback, in one process; 40 servers' records stored at every peer."""
+    async def body() -> None:
+        async with loopback_dht(3) as (addr, nodes):
+            servers = set()
+            for i in range(40):
+                peer, key, blob = signed()
+                servers.add(peer)
+                for node in nodes:
+                    assert node.dht.directory.store.put(key, blob, peer, f"10.{i}.0.0/24") == ""
+            biggest = max(sum(map(len, n.dht.directory.store.get(shard_key(MODEL, s)))) for n in nodes[:1]
+                          for s in range(directory.SHARDS))
+            assert biggest > directory.MAX_REQUEST_BYTES
+            reader = await P2PNode.start(bootstrap=[addr], client=True)
+            nodes.append(reader)
+            assert {r.peer_id for r in await reader.dht.discover(MODEL)} == servers
+
+    asyncio.run(body())
