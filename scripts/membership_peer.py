@@ -4,7 +4,9 @@ Runs `nodes` P2PNodes (no torch: a DHT peer, a server's network side, or a throw
 address, prints `READY {"nodes": [{"peer_id", "addrs"}, ...]}` and serves JSON-lines requests on
 stdin (tests/helpers/jsonl_rpc.py; run with the repository root on PYTHONPATH):
   {"op": "announce", "model": M, "start": a, "end": b, "ttl": s}  every node announces a span record
-  {"op": "discover", "model": M}  the first node lists M's servers: {"peers": [...], "seconds": t}
+      (optional "version", "weights", "addrs": what the records claim, as a flood copies them)
+  {"op": "discover", "model": M}  the first node lists M's servers: {"peers": [...], "seconds": t,
+      "records": [{"version", "weights", "addrs", "start", "end"}, ...]}
   {"op": "stop"}
 Several nodes per process keep the harness inside a shared machine's memory (each Python process
 with libp2p is ~60 MB); `kill -9` of the process ends all of them at once, as a crash would.
@@ -38,8 +40,10 @@ async def main(config: dict) -> None:
 
     async def keep_announcing(node: P2PNode, req: dict, first: asyncio.Event) -> None:
         while True:  # like a server: re-announce before the record expires
-            rec = SpanRecord(req["model"], req["start"], req["end"], node.peer_id, list(node.addrs), 10.0, 4096,
-                             "scale", time.time() + req["ttl"])
+            # a flood copies what an honest record says (version, weights digest) and any addresses
+            rec = SpanRecord(req["model"], req["start"], req["end"], node.peer_id, req.get("addrs") or list(node.addrs),
+                             10.0, 4096, req.get("version", "scale"), time.time() + req["ttl"],
+                             weights=req.get("weights", ""))
             try:
                 await node.dht.announce(rec)
             except Exception as exc:
@@ -57,6 +61,8 @@ async def main(config: dict) -> None:
             start = time.monotonic()
             records = await nodes[0].dht.discover(req["model"])
             return {"peers": [r.peer_id for r in records], "seconds": time.monotonic() - start,
+                    "records": [{"version": r.version, "weights": r.weights, "addrs": r.addrs, "start": r.start,
+                                 "end": r.end} for r in records],
                     "partial": nodes[0].dht.last_discovery_partial}
         if req["op"] == "stats":
             return {"stats": [n.dht.stats() for n in nodes]}

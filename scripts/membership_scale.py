@@ -18,6 +18,10 @@ Then:
 6. a flood: `--flood` throw-away ids from one /24 (client-mode nodes: they only send records)
    announce records for the same model; the reader must still list every honest server.
 
+With `--generate N`, two real `dsdnode start` servers of a real model (half its layers each) are in
+the swarm from step 1 on; N `dsdnode generate` runs follow step 5, and N more run during the flood,
+whose ids then also claim the whole real model with records copied from an honest server's.
+
 Prints one JSON line of results (and writes it to --out). Needs root and `ip`; run from the
 repository root with PYTHONPATH=. (`make bench-membership`). Removes every namespace and process it
 made, whatever happens.
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.helpers.jsonl_rpc import RequestChannel, print_result
@@ -51,6 +56,7 @@ RECORD_TTL_S = 120.0
 PEER_SCRIPT = str(Path(__file__).with_name("membership_peer.py"))
 READY_TIMEOUT_S = 900.0  # a shared, oversubscribed 2-core machine took minutes to start 20 processes
 LIST_TIMEOUT_S = 30.0
+ANNOUNCE_TIMEOUT_S = 300.0
 # with --budget-s, the parts end by these shares of it (what is left is the flood and the teardown)
 DEPARTURES_SHARE, TRIALS_SHARE, LOOKUPS_SHARE = 0.4, 0.65, 0.75
 JOINING_AT_ONCE = 3  # peer processes started together
@@ -126,15 +132,41 @@ def discover(reader: Peers) -> tuple[set[str], float | None]:
     return set(reply["peers"]), reply["seconds"]
 
 
-def time_until_listed(reader: Peers, wanted: set[str], since: float | None = None) -> dict[str, float]:
-    """Seconds from `since` (monotonic; default now) until a discover() that lists each of `wanted`
-    returned (absent: none within LIST_TIMEOUT_S of this call, counted from when the last discover()
-    started). The reader keeps asking for LIST_TIMEOUT_S from this call, however long the announce
-    before it took, so a slow announce shows as a long time, not as never listed."""
+class Announce:
+    """The announce request of one peer process, sent from a thread: a client does not wait for a
+    server's announce to end, so the reader asks while it runs."""
+
+    def __init__(self, peers: Peers) -> None:
+        self.started = time.monotonic()
+        self.ended: float | None = None  # when it was answered (or failed)
+        self._future = ThreadPoolExecutor(1).submit(self._send, peers)
+
+    def _send(self, peers: Peers) -> None:
+        try:
+            peers.request("announce", model=MODEL, start=0, end=4, ttl=RECORD_TTL_S, timeout=ANNOUNCE_TIMEOUT_S)
+        finally:
+            self.ended = time.monotonic()
+
+    def seconds(self) -> float:
+        """How long the announce took (raises what it raised)."""
+        self._future.result()
+        return self.ended - self.started  # type: ignore[operator]
+
+
+def time_until_listed(reader: Peers, wanted: set[str], announcing: Announce | None = None) -> dict[str, float]:
+    """Seconds from `announcing` started (default: from now) until a discover() that lists each of
+    `wanted` returned (absent: not listed in time). The reader asks again and again while the
+    announce runs and for LIST_TIMEOUT_S after it ended, so a slow announce shows as a long time,
+    not as never listed."""
     polling = time.monotonic()
-    since = polling if since is None else since
+    since = polling if announcing is None else announcing.started
     found: dict[str, float] = {}
-    while time.monotonic() - polling < LIST_TIMEOUT_S and len(found) < len(wanted):
+
+    def asking() -> bool:
+        ended = polling if announcing is None else announcing.ended
+        return ended is None or time.monotonic() < ended + LIST_TIMEOUT_S
+
+    while asking() and len(found) < len(wanted):
         listed, seconds = discover(reader)
         now = time.monotonic() - since
         for peer in wanted & listed:
@@ -188,6 +220,8 @@ def run(args: argparse.Namespace) -> dict:
         peers_total = 3 + sum(len(p.nodes) for p in dht_procs) + len(honest)
         first = time_until_listed(reader, honest)
         log(f"{peers_total} peers up; reader lists {len(first)}/{len(honest)} servers")
+        idle = idle_cpu(args.idle_s, [p.proc.pid for p in Peers.live], peers_total) if args.idle_s else None
+        model_servers = ModelServers(args.generate_model, sites, bootstrap, logs) if args.generate else None
 
         # churn: half of the DHT peers die (-9), as many new ones join
         dying = random.sample(dht_procs, len(dht_procs) // 2)
@@ -201,7 +235,7 @@ def run(args: argparse.Namespace) -> dict:
         departed = 0
         while departed < args.departures and not over(DEPARTURES_SHARE):
             batch = group(departed // args.batch, min(args.batch, args.departures - departed)).wait_ready()
-            batch.request("announce", model=MODEL, start=0, end=4, ttl=RECORD_TTL_S, timeout=300)
+            batch.request("announce", model=MODEL, start=0, end=4, ttl=RECORD_TTL_S, timeout=ANNOUNCE_TIMEOUT_S)
             batch.kill()
             departed += len(batch.nodes)
             log(f"departures: {departed}")
@@ -213,11 +247,10 @@ def run(args: argparse.Namespace) -> dict:
         r = -1
         while ((r := r + 1) * args.round_size < args.trials or time.monotonic() < soak_until) and not over(TRIALS_SHARE):
             trial = group(r, args.round_size).wait_ready()
-            announced_at = time.monotonic()  # listing is timed from the announce request, not its answer
-            trial.request("announce", model=MODEL, start=0, end=4, ttl=RECORD_TTL_S, timeout=300)
-            announce_s = time.monotonic() - announced_at
-            listed = time_until_listed(reader, set(trial.ids), since=announced_at)
-            rounds.append({"departed_before": departed, "announce_s": round(announce_s, 2),
+            announcing = Announce(trial)  # listing is timed from the announce request, not its answer
+            listed = time_until_listed(reader, set(trial.ids), announcing)
+            announce_s = announcing.seconds()
+            rounds.append({"departed_before": departed, "announce_s": round(announce_s, 2), "load_average": load_average(),
                            "reachability": [n["reachability"] for n in trial.nodes],
                            "routing_table_at_ready": [n["routing_table_peers"] for n in trial.nodes],
                            "listed_s": [listed.get(p) for p in trial.ids]})
@@ -234,17 +267,24 @@ def run(args: argparse.Namespace) -> dict:
             lookups.append(discover(reader))
         lookup_s = [s for _, s in lookups if s is not None]
         lookup_hidden = [len(honest - seen) for seen, _ in lookups]
+        generated = model_servers.generate(args.generate, sites[4]) if model_servers else []
 
         # flood: throw-away ids from one /24
         flood = Peers(flood_site, logs, nodes=args.flood, bootstrap=bootstrap, client=True).wait_ready()
         flood.request("announce", model=MODEL, start=0, end=4, ttl=RECORD_TTL_S, timeout=600)
+        if model_servers:  # records as good as the honest servers' (their version, weights, addresses), whole model
+            honest_record = reader.request("discover", timeout=DISCOVER_TIMEOUT_S, model=args.generate_model)["records"][0]
+            flood.request("announce", model=args.generate_model, start=0, end=model_servers.layers, ttl=RECORD_TTL_S,
+                          version=honest_record["version"], weights=honest_record["weights"],
+                          addrs=honest_record["addrs"], timeout=600)
         after_flood = [discover(reader)[0] for _ in range(5)]
         hidden = [len(honest - seen) for seen in after_flood]
         flood_listed = [len(set(flood.ids) & seen) for seen in after_flood]
+        generated_in_flood = model_servers.generate(args.generate, sites[5]) if model_servers else []
 
         trials = [t for rnd in rounds for t in rnd["listed_s"]]
         return {
-            "peers": peers_total, "sites": len(SITES), "servers": len(honest), "churn_killed": len(dying) * per,
+            "peers": peers_total + (2 if model_servers else 0), "sites": len(SITES), "servers": len(honest), "churn_killed": len(dying) * per,
             "departures_before_trials": departed_before_trials, "departures": departed,
             "initial_listed": f"{len(first)}/{len(honest)}",
             "trials": len(trials),
@@ -259,13 +299,102 @@ def run(args: argparse.Namespace) -> dict:
             "lookup_max_s": round(max(lookup_s), 3) if lookup_s else None,
             "honest_hidden_per_lookup_before_flood": lookup_hidden,
             "flood_ids": len(flood.ids), "honest_hidden_per_lookup": hidden, "flood_ids_listed": flood_listed,
+            **(ModelServers.summary(generated, generated_in_flood) if model_servers else {}),
+            "idle_cpu": idle,
             "reachability_verdicts": Peers.verdicts,
+            "load_average_at_trials": [rnd["load_average"] for rnd in rounds],
             "wall_s": round(time.monotonic() - started, 1),
         }
     finally:
         for p in list(Peers.live):
             p.kill()
         net.close()
+
+
+class ModelServers:
+    """Two real `dsdnode start` servers of a real model (half its layers each, float32, on two
+    sites), in the swarm from its start to its end, and `dsdnode generate` clients on other sites:
+    whether a client still generates after the churn and the departures, and during the flood
+    (whose records claim the whole model, copied from an honest server's, at its addresses)."""
+
+    PROMPT = "def fibonacci(n):"
+    NEW_TOKENS = 8
+    TIMEOUT_S = 600.0  # a client imports torch, loads the model and routes, on a machine the swarm loads
+
+    def __init__(self, model: str, sites: list[Host], bootstrap: list[str], logs: Path) -> None:
+        from dsdnode.local_swarm import launch_node
+        from dsdnode.models.fetch import pull
+
+        self.model, self.logs = model, logs
+        self.layers = json.loads((pull(model, progress=False) / "config.json").read_text())["num_hidden_layers"]
+        self.boot_args = [arg for addr in bootstrap for arg in ("--bootstrap", addr)]
+        half = self.layers // 2
+        launched = []
+        for site, span in ((sites[1], f"0:{half}"), (sites[2], f"{half}:{self.layers}")):
+            node = launch_node(["--host", site.ip, "--model", model, "--layers", span, "--dtype", "float32",
+                                *self.boot_args], logs / f"server-{span.replace(':', '-')}.log",
+                               launcher=site.launcher())
+            site.processes.append(node.proc)
+            launched.append(node)
+        for node in launched:
+            node.wait_ready()
+        log(f"model servers of {model} up (layers 0:{half} and {half}:{self.layers})")
+
+    def generate(self, times: int, site: Host) -> list[dict]:
+        """`times` greedy generations, one after another, each a fresh `dsdnode generate` in `site`."""
+        runs = []
+        for i in range(times):
+            started = time.monotonic()
+            log_path = self.logs / f"generate-{site.ns}-{i}.log"
+            cmd = ["ip", "netns", "exec", site.ns, sys.executable, "-m", "dsdnode", "-v", "generate", "--model",
+                   self.model, "--dtype", "float32", "--threads", "1", "--raw", "--no-audit", "--k", "4",
+                   "--max-new-tokens", str(self.NEW_TOKENS), *self.boot_args, self.PROMPT]
+            with open(log_path, "w") as err:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+                site.processes.append(proc)
+                try:
+                    text, _ = proc.communicate(timeout=self.TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    text, _ = proc.communicate()
+            ok = proc.returncode == 0 and bool(text.strip())
+            runs.append({"ok": ok, "seconds": round(time.monotonic() - started, 1), "text": text})
+            log(f"  generate {i}: {'ok' if ok else f'failed (exit {proc.returncode}, {log_path.name})'} "
+                f"in {runs[-1]['seconds']} s")
+        return runs
+
+    @staticmethod
+    def summary(before: list[dict], during: list[dict]) -> dict:
+        texts = {r["text"] for r in [*before, *during] if r["ok"]}
+        return {"generated_after_departures": f"{sum(r['ok'] for r in before)}/{len(before)}",
+                "generated_during_flood": f"{sum(r['ok'] for r in during)}/{len(during)}",
+                "generate_s": [r["seconds"] for r in [*before, *during]],
+                "generated_texts_identical": len(texts) == 1}
+
+
+def idle_cpu(seconds: float, pids: list[int], peers: int) -> dict:
+    """CPU the swarm spends at rest (upkeep, servers re-announcing, nobody joining or asking): CPU
+    seconds of all peer processes over `seconds`, per peer and minute."""
+    def cpu_s() -> float:
+        total = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
+
+    before, load_before = cpu_s(), load_average()
+    time.sleep(seconds)
+    spent = cpu_s() - before
+    result = {"seconds": seconds, "cpu_s": round(spent, 1), "cpu_s_per_peer_minute": round(spent / peers * 60 / seconds, 3),
+              "load_average": [round(load_before, 2), round(load_average(), 2)]}
+    log(f"at rest: {result}")
+    return result
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average: every peer here shares its cores, so timings follow it."""
+    return os.getloadavg()[0]
 
 
 def log(msg: str) -> None:
@@ -284,6 +413,11 @@ def main() -> None:
     ap.add_argument("--round-size", type=int, default=4, help="new servers per trial round (one process)")
     ap.add_argument("--flood", type=int, default=50, help="throw-away ids in the flood")
     ap.add_argument("--lookups", type=int, default=100)
+    ap.add_argument("--generate", type=int, default=0, help="with two real servers of --generate-model in the "
+                    "swarm throughout: generations after the departures, and as many during the flood")
+    ap.add_argument("--generate-model", default="smollm2-135m", help="a model `dsdnode models pull` fetched")
+    ap.add_argument("--idle-s", type=float, default=0.0, help="measure the CPU the swarm spends at rest this "
+                    "long, once every peer is up")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--soak-hours", type=float, default=0.0, help="keep the trial rounds going this long")
     ap.add_argument("--budget-s", type=float, help="end departures, trials and lookups early so that the whole "

@@ -42,7 +42,11 @@ PEER_QUERY_TIMEOUT_S = 5.0
 VALUE_REPLICAS_ASKED = 3  # routing-table neighbours asked for a value besides its provider
 LOOKUP_CACHE_SIZE = 1024  # records kept by DHT.lookup (each until it expires)
 BOOTSTRAP_TIMEOUT = 10.0
-UPKEEP_INTERVAL_S = 20.0  # bootstrap re-dial, self lookup, bucket refresh, dead-peer eviction
+UPKEEP_INTERVAL_S = 20.0  # bootstrap re-dial, dead-peer eviction, sweep
+# self lookup and a random bucket's refresh: iterative lookups of every node every round were most of
+# a 63-peer swarm's CPU (go-libp2p-kad-dht refreshes every 10 min); a node that re-dials a lost
+# bootstrap peer still looks itself up at once
+REFRESH_INTERVAL_S = 120.0
 EVICTION_DIALS_PER_ROUND = 16  # unconnected routing-table peers dialed per upkeep round
 EVICTION_DIAL_TIMEOUT_S = 3.0
 REFILE_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # pauses before filing a record again whose filing fell short
@@ -205,6 +209,7 @@ class DHT:
         kad = self._host.kad
         assert kad is not None
         alone_pause = 1.0
+        refreshed = trio.current_time()
         while True:
             # A node that reached none of its bootstrap peers (all busy: measured with 60 peers joining
             # three at once on a loaded machine, where every dial timed out) tries again soon, not
@@ -213,13 +218,15 @@ class DHT:
             await trio.sleep(min(alone_pause, UPKEEP_INTERVAL_S) if alone else UPKEEP_INTERVAL_S)
             alone_pause = alone_pause * 2 if alone else 1.0
             try:
-                await self._t_rejoin()
+                refresh = trio.current_time() - refreshed >= REFRESH_INTERVAL_S
+                if await self._t_rejoin(look_up_self=refresh) or refresh:
+                    refreshed = trio.current_time()
+                    with trio.move_on_after(BOOTSTRAP_TIMEOUT):  # refresh a random bucket
+                        await kad.peer_routing.find_closest_peers_network(os.urandom(32))
                 if alone and len(self._lost_bootstrap()) < len(self._boot):  # joined at last: file at once
                     for rec, blob in list(self._filed.values()):
                         if self._last.get(rec.model) is rec:
                             await self._t_file(rec, blob, self._connected_servers())
-                with trio.move_on_after(BOOTSTRAP_TIMEOUT):  # refresh a random bucket
-                    await kad.peer_routing.find_closest_peers_network(os.urandom(32))
                 await self._t_evict_unreachable()
                 self.directory.store.sweep()
             except Exception as exc:  # upkeep must outlive any one failure
@@ -233,9 +240,9 @@ class DHT:
         return [info for info in self._boot if info.peer_id not in connected
                 or not kad.routing_table.peer_in_table(info.peer_id)]
 
-    async def _t_rejoin(self) -> None:
+    async def _t_rejoin(self, look_up_self: bool = True) -> bool:
         """Dial the bootstrap peers we lost (a restarted one knows nobody: tell it we exist, and learn
-        from it), then look ourselves up.
+        from it), then look ourselves up (if we lost one, or `look_up_self`); whether we looked.
 
         py-libp2p refuses for 60 s to dial a peer whose addresses all failed once (its negative
         cache), and drops a peer from the routing table when a query's stream to it fails: under load
@@ -249,8 +256,11 @@ class DHT:
             for info in lost:
                 network.unblock_peer(info.peer_id)
             await self._t_dial_bootstrap(lost, logging.DEBUG)
+        elif not look_up_self:
+            return False
         with trio.move_on_after(BOOTSTRAP_TIMEOUT):
             await kad.peer_routing.find_closest_peers_network(self._host.libp2p.get_id().to_bytes())
+        return True
 
     async def _t_file(self, rec: SpanRecord, blob: bytes, also: list[ID]) -> None:
         """File our record in the directory, and file it again soon (REFILE_DELAYS_S) while the
