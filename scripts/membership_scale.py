@@ -374,7 +374,8 @@ class ModelServers:
 
 def idle_cpu(seconds: float, pids: list[int], peers: int) -> dict:
     """CPU the swarm spends at rest (upkeep, servers re-announcing, nobody joining or asking): CPU
-    seconds of all peer processes over `seconds`, per peer and minute."""
+    seconds of all peer processes over `seconds`, per peer and minute, from 30 s after the last peer
+    joined (the joins' own lookups are over by then)."""
     def cpu_s() -> float:
         total = 0
         for pid in pids:
@@ -383,6 +384,7 @@ def idle_cpu(seconds: float, pids: list[int], peers: int) -> dict:
             total += int(fields[11]) + int(fields[12])  # utime, stime
         return total / os.sysconf("SC_CLK_TCK")
 
+    time.sleep(30)
     before, load_before = cpu_s(), load_average()
     time.sleep(seconds)
     spent = cpu_s() - before
