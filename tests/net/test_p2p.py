@@ -211,3 +211,46 @@ def test_a_frame_begun_must_finish_within_the_body_timeout():
     first, second = asyncio.run(main())
     assert first[:2] == ("frame", b"0123456789")
     assert second[0] == "reset" and "began a frame" in second[1] and 0.9 < second[2] < 3.0
+
+
+def test_peers_that_connected_and_left_do_not_use_up_inbound_slots():
+    """py-libp2p 0.8.1 holds an inbound slot per connection until the whole node stops, not until the
+    connection closes: found in a 63-peer swarm, where after 144 departures and a 50-id flood the
+    bootstrap peers refused every new client. Here the node has 3 slots; 5 peer processes connect
+    and are killed -9 one after another, and a sixth must still get in."""
+    import trio
+
+    async def body() -> None:
+        node = await P2PNode.start(relay_service=False)
+        peers = []
+        try:
+            async def three_slots() -> None:
+                node.host.libp2p.get_network()._inbound_limiter = trio.CapacityLimiter(3)
+
+            await node.host.bridge.call(three_slots)
+            addr = f"{node.addrs[0]}/p2p/{node.peer_id}"
+
+            async def connected(peer_id: str, want: bool) -> bool:
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    peers_now = {p.to_base58() for p in node.host.libp2p.get_connected_peers()}
+                    if (peer_id in peers_now) == want:
+                        return True
+                    await asyncio.sleep(0.2)
+                return False
+
+            for _ in range(5):
+                peer = await asyncio.to_thread(NodeProcess.start, bootstrap=[addr], relay_service=False)
+                peers.append(peer)
+                assert await connected(peer.peer_id, True)
+                peer.kill()
+                assert await connected(peer.peer_id, False)
+            last = await asyncio.to_thread(NodeProcess.start, bootstrap=[addr], relay_service=False)
+            peers.append(last)
+            assert await connected(last.peer_id, True), "a new peer could not connect after 5 had come and gone"
+        finally:
+            for peer in peers:
+                peer.stop()
+            await node.stop()
+
+    asyncio.run(body())
