@@ -34,9 +34,11 @@ log = logging.getLogger(__name__)
 BUSY_RETRY_S = 2.0  # a busy server without a retry hint is tried again after this long
 MAX_BUSY_WAIT_S = 30.0  # longest wait for busy servers when no other route exists
 RECORDS_MAX_AGE_S = 60.0  # re-read the DHT when the records we route with are older
-# a client that just joined may not find every server at once (its routing table is still empty, a
-# relayed server's record is slow to come): until its node is this old, a route that misses layers
-# after such a partial look at the DHT is looked for again, with growing pauses
+# a look at the DHT may answer in part (a client that just joined has an empty routing table; under
+# load, some shard's directory peers do not answer in time: seen in a 63-peer swarm under a 50-id
+# flood, where fresh clients failed at once with "no live servers" while every record was stored):
+# a route that misses layers after such a look is looked for again, with growing pauses, for this
+# long in all (and while the node is this young, for any reason the DHT answered in part)
 DISCOVERY_WAIT_S = 20.0
 # a server behind a NAT that does not answer may have lost the relay it was reached through; it
 # reserves a slot on another and re-announces within seconds, so a route that needs it is looked
@@ -145,7 +147,7 @@ class Router:
     async def route(self, session_length: int) -> list[Hop]:
         """The best chain over peers not excluded nor busy; waits (bounded) for busy ones, and for
         servers behind a relay that do not answer (their relay may be gone), if needed."""
-        waited = relay_waited = 0.0
+        waited = relay_waited = partial_waited = 0.0
         fresh = False
         pause = 1.0
         while True:
@@ -182,7 +184,8 @@ class Router:
                     self._records_at = -RECORDS_MAX_AGE_S
                     continue
                 young = time.monotonic() + pause - self.node.started_at <= DISCOVERY_WAIT_S
-                partial = young and self.node.dht.last_discovery_partial and not busy and not self.excluded
+                patient = young or partial_waited + pause <= DISCOVERY_WAIT_S
+                partial = patient and self.node.dht.last_discovery_partial and not busy and not self.excluded
                 relay_lost = bool(silent_relayed) and relay_waited + pause <= RELAY_LOSS_WAIT_S
                 if partial or relay_lost:
                     why = ("the DHT answered in part" if partial else
@@ -190,6 +193,7 @@ class Router:
                     log.info("%s yet (%s); looking again in %.0f s", e, why, pause)
                     await asyncio.sleep(pause)
                     relay_waited += 0.0 if partial else pause
+                    partial_waited += pause if partial else 0.0
                     self._records_at, pause = -RECORDS_MAX_AGE_S, pause * 2
                     continue
                 wait = min(busy.values(), default=now) - now

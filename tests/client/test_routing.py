@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import pytest
 
@@ -135,5 +136,38 @@ def test_the_fresh_load_a_server_answers_replaces_its_records_but_a_claim_stays_
             assert standing.s_per_layer(liar, [recs[1], liar]) == pytest.approx(0.1 / 2)
         finally:
             await asyncio.gather(busy.stop(), quiet.stop(), client.stop())
+
+    asyncio.run(body())
+
+
+def test_a_client_of_any_age_looks_again_when_the_dht_answered_in_part(tmp_path):
+    """Seen in a 63-peer swarm under a 50-id flood: a client's discover() found only some shards'
+    directory peers answering, and it failed at once with "no live servers" (it looked again only
+    while its node was under 20 s old), though every honest record was stored. A partial answer is
+    looked at again, with growing pauses, whatever the node's age. Real libp2p hosts on loopback; the
+    DHT's answers are scripted (two partial ones, then the server's record)."""
+    from dsdnode.client.bans import BanList
+    from dsdnode.client.router import Router
+    from dsdnode.client.standing import Standing
+
+    async def body():
+        server, client = await asyncio.gather(P2PNode.start(relay_service=False), P2PNode.start(relay_service=False))
+        try:
+            client.started_at -= 3600  # an old node: a long-running API server, say
+            record = SpanRecord("m", 0, 2, server.peer_id, list(server.addrs), 10.0, 1000, "0", time.time() + 120,
+                                weights="w")
+            answers = [[], [], [record]]
+
+            async def discover(model):
+                found = answers.pop(0)
+                client.dht.last_discovery_partial = not found
+                return found
+
+            client.dht.discover = discover
+            router = Router(client, "m", 2, "w", Standing(), BanList(tmp_path / "bans.json"))
+            hops = await router.route(64)
+            assert [h.candidate.record.peer_id for h in hops] == [server.peer_id] and not answers
+        finally:
+            await asyncio.gather(server.stop(), client.stop())
 
     asyncio.run(body())
