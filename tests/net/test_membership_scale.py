@@ -47,6 +47,7 @@ def test_ci_sized_swarm_lists_every_new_server_and_a_flood_hides_none(tmp_path):
 
 @pytest.mark.soak
 @pytest.mark.heavy
+@pytest.mark.timeout(1900)
 @pytest.mark.skipif(bool(missing_requirements()), reason=missing_requirements() or "ok")
 def test_a_50_id_flood_hides_no_honest_server_and_clients_still_generate(tmp_path, smollm2_dir):
     result = run_harness(tmp_path, "--peers", "24", "--servers", "4", "--departures", "16", "--batch", "8",
@@ -59,6 +60,7 @@ def test_a_50_id_flood_hides_no_honest_server_and_clients_still_generate(tmp_pat
 
 @pytest.mark.soak
 @pytest.mark.heavy
+@pytest.mark.timeout(1900)
 @pytest.mark.skipif(bool(missing_requirements()), reason=missing_requirements() or "ok")
 def test_new_servers_are_listed_within_10s_after_departures_and_lookups_are_fast(tmp_path):
     result = run_harness(tmp_path, "--peers", "24", "--servers", "4", "--departures", "16", "--trials", "8",
