@@ -11,8 +11,8 @@ signer and evicts in O(1) (BoundedValueStore).
 
 Upkeep (trio_upkeep, for as long as the node runs): bootstrap peers we lost are dialed again (a
 restarted bootstrap peer learns the swarm back and new joiners find everyone through it), our own
-id and a random key are looked up (bucket refresh), routing-table peers we cannot reach are
-evicted, and expired directory entries are swept. A peer that fails a directory request leaves
+id and a random key are looked up (bucket refresh, every REFRESH_INTERVAL_S), routing-table peers
+we cannot reach are evicted, and expired directory entries are swept. A peer that fails a directory request leaves
 the routing table at once.
 """
 
@@ -43,8 +43,8 @@ VALUE_REPLICAS_ASKED = 3  # routing-table neighbours asked for a value besides i
 LOOKUP_CACHE_SIZE = 1024  # records kept by DHT.lookup (each until it expires)
 BOOTSTRAP_TIMEOUT = 10.0
 UPKEEP_INTERVAL_S = 20.0  # bootstrap re-dial, dead-peer eviction, sweep
-# self lookup and a random bucket's refresh: iterative lookups of every node every round were most of
-# a 63-peer swarm's CPU (go-libp2p-kad-dht refreshes every 10 min); a node that re-dials a lost
+# self lookup and a random bucket's refresh: iterative lookups of every node every round were half of
+# a 63-peer swarm's CPU at rest (go-libp2p-kad-dht refreshes every 10 min); a node that re-dials a lost
 # bootstrap peer still looks itself up at once
 REFRESH_INTERVAL_S = 120.0
 EVICTION_DIALS_PER_ROUND = 16  # unconnected routing-table peers dialed per upkeep round
@@ -219,7 +219,7 @@ class DHT:
             alone_pause = alone_pause * 2 if alone else 1.0
             try:
                 refresh = trio.current_time() - refreshed >= REFRESH_INTERVAL_S
-                if await self._t_rejoin(look_up_self=refresh) or refresh:
+                if await self._t_rejoin(look_up_self=refresh):
                     refreshed = trio.current_time()
                     with trio.move_on_after(BOOTSTRAP_TIMEOUT):  # refresh a random bucket
                         await kad.peer_routing.find_closest_peers_network(os.urandom(32))

@@ -153,6 +153,7 @@ def connection_ip(libp2p: Any, peer: ID) -> tuple[str, bool] | None:
             return str(remote[0]), relayed
     return None
 
+
 def release_inbound_slots_on_close(swarm: Any) -> None:
     """Make each inbound connection give its slot back when it closes.
 
